@@ -1,0 +1,13 @@
+"""retro_kernels: fused kernels for RETRO's retrieval machinery.
+
+Public API:
+    chunked_cross_attention(q, k, v, chunk_size, *, neighbour_mask=None,
+                            scale=None, start_pos=0, backend="auto")
+    retro_kernels.nn: nn.Module layers built on the ops.
+    BackendNotSupported, explain(op, **inputs): why a backend was not used.
+"""
+from .dispatch import BackendNotSupported, explain
+from .ops.chunked_cross_attention import chunked_cross_attention
+
+__all__ = ["chunked_cross_attention", "BackendNotSupported", "explain"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Public ops: validation, backend dispatch and torch custom-op registration."""

@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference implementations: the specification of every op."""

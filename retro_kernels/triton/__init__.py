@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (kernel and launcher side by side)."""
