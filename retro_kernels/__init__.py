@@ -8,6 +8,7 @@ Public API:
 """
 from .dispatch import BackendNotSupported, explain
 from .ops.chunked_cross_attention import chunked_cross_attention
+from . import nn
 
 __all__ = ["chunked_cross_attention", "BackendNotSupported", "explain"]
 __version__ = "0.1.0"

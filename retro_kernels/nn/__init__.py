@@ -1,0 +1,5 @@
+"""nn.Module layers built on the retro_kernels ops."""
+from .chunked_cross_attention import ChunkedCrossAttention
+from .rotary import RotaryEmbedding
+
+__all__ = ["ChunkedCrossAttention", "RotaryEmbedding"]
