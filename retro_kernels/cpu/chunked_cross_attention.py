@@ -1,0 +1,39 @@
+"""Chunked cross-attention on the CPU: the fused C++ kernels of csrc/cpu/chunked_cross_attention.cpp.
+
+Forward: one task per (batch, query chunk, query head), the m x K*R score tile
+in dense fp32 blocks of 64 rows, products through PyTorch's BLAS. Backward: one
+task per (batch, query chunk, kv head), which owns its dq, dk and dv rows:
+deterministic, no atomics. fp16/bf16 inputs are computed in fp32.
+
+Strided inputs are read in place when the head dim has unit stride (and k, v's
+K and R dims flatten); otherwise the kernel makes them contiguous first.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+
+
+def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
+    reasons = []
+    missing = _native.missing_reason("cpu")
+    if missing:
+        reasons.append(missing)
+    if q.device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
+    return reasons
+
+
+def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
+    """(out (B, N, Hq, D) in q's dtype, lse (B, Hq, N) fp32; +inf for rows that see no key)."""
+    ops = _native.load("cpu")
+    return ops.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
+
+
+def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos):
+    """(dq, dk, dv), contiguous, in the inputs' dtypes."""
+    ops = _native.load("cpu")
+    return ops.chunked_cross_attention_bwd(
+        dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos
+    )
