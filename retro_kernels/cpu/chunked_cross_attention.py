@@ -15,11 +15,15 @@ import torch
 from .. import _native
 
 
+# Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
+_OPS = _native.load("cpu")
+_MISSING = _native.missing_reason("cpu")
+
+
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
     reasons = []
-    missing = _native.missing_reason("cpu")
-    if missing:
-        reasons.append(missing)
+    if _MISSING:
+        reasons.append(_MISSING)
     if q.device.type != "cpu":
         reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
     return reasons
@@ -27,13 +31,11 @@ def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
 
 def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
     """(out (B, N, Hq, D) in q's dtype, lse (B, Hq, N) fp32; +inf for rows that see no key)."""
-    ops = _native.load("cpu")
-    return ops.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
+    return _OPS.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
 
 
 def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos):
     """(dq, dk, dv), contiguous, in the inputs' dtypes."""
-    ops = _native.load("cpu")
-    return ops.chunked_cross_attention_bwd(
+    return _OPS.chunked_cross_attention_bwd(
         dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos
     )

@@ -14,6 +14,10 @@ from .. import _native
 
 MAX_HEAD_DIM = 128
 
+# Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
+_OPS = _native.load("cuda") if torch.cuda.is_available() else None
+_MISSING = _native.missing_reason("cuda") if torch.cuda.is_available() else "no CUDA device"
+
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
     reasons = []
@@ -25,22 +29,18 @@ def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
             reasons.append("the CUDA kernels need compute capability 8.0 or newer (sm_80+)")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} does not fit the CUDA kernels' tiles")
-    if q.device.type == "cuda" or torch.cuda.is_available():
-        missing = _native.missing_reason("cuda")
-        if missing:
-            reasons.append(missing)
+    if q.device.type == "cuda" and _MISSING:
+        reasons.append(_MISSING)
     return reasons
 
 
 def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
     """(out (B, N, Hq, D) in q's dtype, lse (B, Hq, N) fp32; +inf for rows that see no key)."""
-    ops = _native.load("cuda")
-    return ops.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
+    return _OPS.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
 
 
 def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos):
     """(dq, dk, dv), contiguous, in the inputs' dtypes."""
-    ops = _native.load("cuda")
-    return ops.chunked_cross_attention_bwd(
+    return _OPS.chunked_cross_attention_bwd(
         dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos
     )
