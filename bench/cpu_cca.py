@@ -5,7 +5,7 @@ PyTorch's scaled_dot_product_attention vs the reference, forward + backward.
 
 `run(quick)` returns one dict per (variant, mask) with times (ms, best and
 median of interleaved repeats), the peak extra memory of one forward+backward
-(measured in a fresh subprocess: peak RSS minus RSS before the call), and the
+(measured in a fresh subprocess: peak RSS, VmHWM, minus RSS before the call), and the
 achieved GFLOP/s as a fraction of a torch.mm (2048 x 2048 fp32) rate measured in
 the same run. FLOPs: forward 4*B*L*Hq*m*K*R*D (QK^T and PV over the N // m
 attending chunks), forward+backward 3.5x that (the backward recomputes QK^T and
@@ -113,6 +113,23 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes():
+    """This process's peak RSS (VmHWM; unlike ru_maxrss it is not inherited from the parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss():
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_child(variant, masked):
     """In this (fresh) process: peak RSS growth of one forward+backward, in bytes."""
     s = SHAPE
@@ -121,10 +138,10 @@ def _peak_child(variant, masked):
     step_fn(variant, *tiny[:3], s["m"], tiny[3])()
     q, k, v, mask = make_inputs(s["B"], s["N"], s["m"], s["K"], s["R"], s["H"], s["D"], masked)
     step = step_fn(variant, q, k, v, s["m"], mask)
+    _reset_peak_rss()
     before = _rss_bytes()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(0, peak - before)
+    return max(0, _peak_rss_bytes() - before)
 
 
 def peak_memory(variant, masked):
