@@ -1,0 +1,35 @@
+"""neighbour_self_attention on the CPU: the fused C++ kernels of csrc/cpu/neighbour_self_attention.cpp.
+
+Contract: see retro_kernels/ops/neighbour_self_attention.py. Forward: one task per score tile
+(per head), dense fp32 tiles of 64 rows, products through PyTorch's BLAS.
+Backward: one task per kv head's tile, owning its dq, dk and dv rows:
+deterministic, no atomics. fp16/bf16 inputs are computed in fp32. Strided
+inputs are read in place when the head dim has unit stride, else made
+contiguous first.
+"""
+from __future__ import annotations
+
+from .. import _native
+
+# Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
+_OPS = _native.load("cpu")
+_MISSING = _native.missing_reason("cpu")
+
+
+def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
+    reasons = []
+    if _MISSING:
+        reasons.append(_MISSING)
+    if q.device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
+    return reasons
+
+
+def forward(q, k, v, neighbour_mask, scale):
+    """(out (B, L, K, R, Hq, D) in q's dtype, lse (B, Hq, L*K*R) fp32)."""
+    return _OPS.neighbour_self_attention_fwd(q, k, v, neighbour_mask, scale)
+
+
+def backward(dout, q, k, v, neighbour_mask, out, lse, scale):
+    """(dq, dk, dv), contiguous, in the inputs' dtypes."""
+    return _OPS.neighbour_self_attention_bwd(dout, q, k, v, neighbour_mask, out, lse, scale)
