@@ -21,7 +21,7 @@ from retro_kernels.reference.neighbour_self_attention import (
 from tests.tolerances import assert_close_to_reference
 
 CPU_MISSING = _native.missing_reason("cpu")
-pytestmark = pytest.mark.skipif(CPU_MISSING is not None, reason=str(CPU_MISSING))
+needs_cpu_ext = pytest.mark.skipif(CPU_MISSING is not None, reason=str(CPU_MISSING))
 
 OPS = {
     "self": (neighbour_self_attention, self_reference, "neighbour_mask"),
@@ -29,10 +29,12 @@ OPS = {
 }
 
 
-def make_inputs(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
+def make_inputs(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype, device="cpu"):
     q = torch.randn(B, L, K, R, Hq, D).to(dtype)
     kv_shape = (B, L, K, R, Hkv, D) if op == "self" else (B, L, M, Hkv, D)
     k, v = torch.randn(kv_shape).to(dtype), torch.randn(kv_shape).to(dtype)
+    if device != "cpu":
+        q, k, v = q.to(device), k.to(device), v.to(device)
     mask_shape = (B, L, K, R) if op == "self" else (B, L, M)
     m = None
     if mask == "random":
@@ -40,30 +42,28 @@ def make_inputs(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
     elif mask == "empty":  # one neighbour (self) / one chunk (cross) with no real token
         m = torch.rand(mask_shape) > 0.3
         m[0, 0] = False
-    return q, k, v, m
+    return q, k, v, None if m is None else m.to(device)
 
 
 def grads(fn, q, k, v, mask_name, mask, dtype=None, **kw):
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
     out = fn(*leaves, **{mask_name: mask}, **kw)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device, out.dtype)
     return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, leaves, dout)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("op", ["self", "cross"])
-@pytest.mark.parametrize(
-    "B, L, K, R, M, Hq, Hkv, D, mask",
-    [
-        (1, 2, 2, 7, 5, 4, 2, 32, "random"),
-        (2, 1, 3, 70, 9, 3, 1, 80, "empty"),
-        (1, 2, 1, 5, 66, 2, 2, 128, None),
-    ],
-)
-def test_cpu_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
+CASES = [
+    (1, 2, 2, 7, 5, 4, 2, 32, "random"),
+    (2, 1, 3, 70, 9, 3, 1, 80, "empty"),
+    (1, 2, 1, 5, 66, 2, 2, 128, None),
+]
+
+
+def check_against_reference(backend, device, op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
     fn, ref, mask_name = OPS[op]
-    q, k, v, m = make_inputs(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype)
-    got = grads(fn, q, k, v, mask_name, m, backend="cpu")
+    q, k, v, m = make_inputs(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype, device)
+    got = [t.cpu() for t in grads(fn, q, k, v, mask_name, m, backend=backend)]
+    q, k, v, m = [None if t is None else t.cpu() for t in (q, k, v, m)]
     want32 = grads(ref, q, k, v, mask_name, m, torch.float32)
     want_lp = grads(ref, q, k, v, mask_name, m) if dtype != torch.float32 else [None] * 4
     for name, g, w32, wlp, x in zip(("out", "dq", "dk", "dv"), got, want32, want_lp, (q, q, k, v)):
@@ -71,6 +71,26 @@ def test_cpu_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
         assert_close_to_reference(f"{op} {name}", g, w32, wlp, factor=2.0 if name == "out" else 3.0)
 
 
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", ["self", "cross"])
+@pytest.mark.parametrize("B, L, K, R, M, Hq, Hkv, D, mask", CASES)
+def test_cpu_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
+    check_against_reference("cpu", "cpu", op, B, L, K, R, M, Hq, Hkv, D, mask, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", ["self", "cross"])
+@pytest.mark.parametrize("B, L, K, R, M, Hq, Hkv, D, mask", CASES + [(2, 4, 2, 128, 64, 8, 2, 64, "random")])
+def test_cuda_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
+    missing = _native.missing_reason("cuda")
+    if missing:
+        pytest.fail(f"a GPU is here but the CUDA extension is not usable: {missing}")
+    check_against_reference("cuda", "cuda", op, B, L, K, R, M, Hq, Hkv, D, mask, dtype)
+
+
+@needs_cpu_ext
 @pytest.mark.parametrize("op", ["self", "cross"])
 def test_cpu_strided_inputs_and_bf16_determinism(op):
     fn, ref, mask_name = OPS[op]
@@ -89,6 +109,7 @@ def test_cpu_strided_inputs_and_bf16_determinism(op):
         assert torch.equal(a, b)
 
 
+@needs_cpu_ext
 def test_cpu_raw_ops_check_their_arguments():
     ops = _native.load("cpu")
     q = torch.randn(1, 1, 2, 3, 2, 8)

@@ -19,14 +19,18 @@ _OPS = _native.load("cuda") if torch.cuda.is_available() else None
 _MISSING = _native.missing_reason("cuda") if torch.cuda.is_available() else "no CUDA device"
 
 
-def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
-    reasons = []
+def device_reasons(q) -> list[str]:
+    """Why the CUDA kernels cannot run on q's device (shared by the three ops)."""
     if q.device.type != "cuda":
-        reasons.append(f"the cuda backend needs CUDA tensors, got {q.device.type}")
-    else:
-        major, _ = torch.cuda.get_device_capability(q.device)
-        if major < 8:
-            reasons.append("the CUDA kernels need compute capability 8.0 or newer (sm_80+)")
+        return [f"the cuda backend needs CUDA tensors, got {q.device.type}"]
+    major, _ = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return ["the CUDA kernels need compute capability 8.0 or newer (sm_80+)"]
+    return []
+
+
+def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
+    reasons = device_reasons(q)
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} does not fit the CUDA kernels' tiles")
     if q.device.type == "cuda" and _MISSING:
