@@ -6,8 +6,8 @@ PyTorch's scaled_dot_product_attention vs the reference, forward + backward.
 `run(quick)` returns one dict per (variant, mask) with times (ms, best and
 median of interleaved repeats), the peak extra memory of one forward+backward
 (measured in a fresh subprocess: peak RSS, VmHWM, minus RSS before the call), and the
-achieved GFLOP/s as a fraction of a torch.mm (2048 x 2048 fp32) rate measured in
-the same run. FLOPs: forward 4*B*L*Hq*m*K*R*D (QK^T and PV over the N // m
+achieved GFLOP/s as a fraction of the torch.mm (2048 x 2048 fp32) rate, timed in
+the same interleaved rounds (best of each). FLOPs: forward 4*B*L*Hq*m*K*R*D (QK^T and PV over the N // m
 attending chunks), forward+backward 3.5x that (the backward recomputes QK^T and
 does four more products).
 """
@@ -95,13 +95,6 @@ def forward_fn(variant, q, k, v, m, mask):
     return fwd
 
 
-def matmul_gflops(reps=5):
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * 2048**3 / best / 1e9
-
-
 def _timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -163,7 +156,9 @@ def run(quick: bool = False) -> list[dict]:
         raise RuntimeError(missing)
     s = SHAPE
     reps = 3 if quick else 10
-    mm_rate = matmul_gflops(3 if quick else 5)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    mm_best = float("inf")  # timed in the same interleaved rounds as the variants
     flops_fwd = 4 * s["B"] * (s["N"] // s["m"]) * s["H"] * s["m"] * s["K"] * s["R"] * s["D"]
     rows = []
     for masked in (False, True):
@@ -175,9 +170,11 @@ def run(quick: bool = False) -> list[dict]:
         times = {name: [] for name in VARIANTS}
         fwd_times = {name: [] for name in VARIANTS}
         for _ in range(reps):  # interleaved, so that load from other processes hits all alike
+            mm_best = min(mm_best, _timed(lambda: torch.mm(a, b)))
             for name in VARIANTS:
                 fwd_times[name].append(_timed(fwds[name]))
                 times[name].append(_timed(steps[name]))
+        mm_rate = 2 * 2048**3 / mm_best / 1e9
         best_sdpa = min(times["pad_sdpa"])
         for name in VARIANTS:
             best = min(times[name])
@@ -212,7 +209,8 @@ def main(argv=None):
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"shape {SHAPE}, fp32, {rows[0]['threads']} threads, torch.mm {rows[0]['matmul_gflops']:.0f} GFLOP/s")
+    print(f"shape {SHAPE}, fp32, {rows[0]['threads']} threads, torch.mm {rows[0]['matmul_gflops']:.0f} / "
+          f"{rows[-1]['matmul_gflops']:.0f} GFLOP/s (unmasked / masked rounds)")
     print(f"{'variant':<10} {'mask':<5} {'fwd ms':>8} {'fwd+bwd ms':>11} {'median':>8} {'x sdpa':>7} "
           f"{'peak MiB':>9} {'GFLOP/s':>8} {'of mm':>6}")
     for r in rows:
