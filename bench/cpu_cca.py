@@ -9,7 +9,8 @@ median of interleaved repeats), the peak extra memory of one forward+backward
 achieved GFLOP/s as a fraction of the torch.mm (2048 x 2048 fp32) rate, timed in
 the same interleaved rounds (best of each). FLOPs: forward 4*B*L*Hq*m*K*R*D (QK^T and PV over the N // m
 attending chunks), forward+backward 3.5x that (the backward recomputes QK^T and
-does four more products).
+does four more products); nominal, also in the masked runs, where the cpu
+kernel skips the masked keys.
 """
 from __future__ import annotations
 
