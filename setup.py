@@ -4,7 +4,8 @@ Native extensions (built with ninja through torch's BuildExtension):
   retro_kernels._C_cpu   csrc/cpu/*.cpp   C++ CPU kernels; built whenever torch is importable
   retro_kernels._C_cuda  csrc/cuda/*.cu   CUDA kernels; built when torch has CUDA and nvcc is
                                           found, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
-RETRO_KERNELS_NO_NATIVE=1 skips both. Without them the package still imports
+RETRO_KERNELS_NO_NATIVE=1 skips both; RETRO_KERNELS_NO_CUDA=1 skips only the CUDA one.
+Without them the package still imports
 and works on the reference and Triton backends. Install with
     pip install --no-build-isolation -e .
 so that the build sees the torch you already have (and pip never pulls
@@ -41,7 +42,8 @@ def native_extensions():
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    if cuda_sources and torch.version.cuda and CUDA_HOME is not None:
+    skip_cuda = os.environ.get("RETRO_KERNELS_NO_CUDA", "0") == "1"
+    if cuda_sources and not skip_cuda and torch.version.cuda and CUDA_HOME is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         extensions.append(CUDAExtension(
             "retro_kernels._C_cuda",
@@ -52,7 +54,8 @@ def native_extensions():
             },
         ))
     elif cuda_sources:
-        why = "torch has no CUDA" if not torch.version.cuda else "nvcc (CUDA_HOME) not found"
+        why = ("RETRO_KERNELS_NO_CUDA=1" if skip_cuda else
+               "torch has no CUDA" if not torch.version.cuda else "nvcc (CUDA_HOME) not found")
         print(f"retro_kernels: {why}; skipping the CUDA kernels")
     if not extensions:
         return [], {}
