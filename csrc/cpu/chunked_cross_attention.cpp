@@ -152,13 +152,14 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
   const int64_t tasks = g.B * n_chunks * g.Hq;
   constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(tasks);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     // per-thread scratch: scores, unmasked-key indices, row statistics, fp32 copies of low-precision tiles
     std::vector<float> scores(BLOCK_M * keys), inv_sum(BLOCK_M);
     std::vector<int64_t> index(keys);
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), o32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
       const int64_t h = task % g.Hq;
       const int64_t c = first_chunk + (task / g.Hq) % n_chunks;
       const int64_t b = task / (g.Hq * n_chunks);
@@ -236,13 +237,14 @@ void backward_kernel(const Geometry& g, const scalar_t* dout, int64_t sdo_b, int
   const int64_t tasks = g.B * n_chunks * g.Hkv;
   constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(tasks);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     std::vector<float> probs(BLOCK_M * keys), dscores(BLOCK_M * keys), delta(BLOCK_M);
     std::vector<int64_t> index(keys);
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), do32(BLOCK_M * D), o32(BLOCK_M * D);
     std::vector<float> dq32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D), dk32(keys * D), dv32(keys * D);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
       const int64_t hk = task % g.Hkv;
       const int64_t c = (task / g.Hkv) % n_chunks;
       const int64_t b = task / (g.Hkv * n_chunks);

@@ -4,10 +4,13 @@
 // (matrix products) goes to the BLAS that PyTorch itself uses.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -24,6 +27,30 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 // Which GEMM is in use ("blas sgemm" or "aten mm"), for the docs and benchmarks.
 const char* gemm_name();
+
+// Tasks handed out one at a time from a shared counter (dynamic scheduling), for use as
+//   TaskQueue queue(tasks);
+//   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
+//     <per-thread scratch>
+//     for (int64_t task = queue.next(); task >= 0; task = queue.next()) { ... }
+//   });
+// A thread that runs slower (its core shared with another process, a costlier task)
+// simply takes fewer tasks. Every task writes only its own outputs, so the results do
+// not depend on which thread ran it.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t tasks) : tasks_(tasks) {}
+  int64_t workers() const { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_)); }
+  // The next task, or -1 when all are taken.
+  int64_t next() {
+    const int64_t task = next_.fetch_add(1, std::memory_order_relaxed);
+    return task < tasks_ ? task : -1;
+  }
+
+ private:
+  const int64_t tasks_;
+  std::atomic<int64_t> next_{0};
+};
 
 // -- softmax passes over a dense score tile S (rows x cols, row-major, ld = cols) --
 // key_bias: nullptr, or one value per column: 0 for a real key, -inf for a masked one.

@@ -72,10 +72,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     float* lp = lse.mutable_data_ptr<float>();
     const int64_t tasks = s.B * s.L * s.K * s.Hq;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    TaskQueue queue(tasks);
+    at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
       BlockScratch scratch(s.R, s.D);
       std::vector<float> bias(s.R), k32(s.R * s.D), v32(s.R * s.D);
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
         const int64_t h = task % s.Hq;
         const int64_t kk = (task / s.Hq) % s.K;
         const int64_t l = (task / (s.Hq * s.K)) % s.L;
@@ -136,11 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
     const int64_t tasks = s.B * s.L * s.K * s.Hkv;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    TaskQueue queue(tasks);
+    at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
       BlockScratch scratch(s.R, s.D);
       std::vector<float> bias(s.R), k32(s.R * s.D), v32(s.R * s.D);
       std::vector<float> dk32(is_f32 ? 0 : s.R * s.D), dv32(is_f32 ? 0 : s.R * s.D);
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
         const int64_t hk = task % s.Hkv;
         const int64_t kk = (task / s.Hkv) % s.K;
         const int64_t l = (task / (s.Hkv * s.K)) % s.L;
