@@ -352,6 +352,8 @@ class Builder:
         chunk_sum = self.manifest.stages["chunk"]["files"]["chunk_start.npy"]["sha256"][:12]
         parts_dir = self.root / f"embed_parts_{chunk_sum}_{part}"
         parts_dir.mkdir(exist_ok=True)
+        for stale in parts_dir.glob("*.tmp*"):  # a part being written when a previous run was killed
+            stale.unlink(missing_ok=True)
         num_parts = -(-num_chunks // part)
         mine = [p for p in range(num_parts) if p % dist.world == dist.rank]
         todo = [p for p in mine if not (parts_dir / f"part_{p:06d}.npy").exists()]
@@ -365,9 +367,8 @@ class Builder:
             bar = self.progress(total=sum(min(part, num_chunks - p * part) for p in todo), desc=desc, unit="chunk")
             for p in todo:
                 ids = np.arange(p * part, min((p + 1) * part, num_chunks))
-                vectors = embedder.embed_token_chunks(tok, self._chunk_tokens(ids))
+                vectors = embedder.embed_token_chunks(tok, self._chunk_tokens(ids), on_batch=bar.update)
                 atomic_save_npy(parts_dir / f"part_{p:06d}.npy", vectors.astype(np.float16))
-                bar.update(ids.size)
             bar.close()
         dist.barrier()  # every rank's parts are on disk
         if dist.rank != 0:
@@ -478,6 +479,7 @@ class Builder:
                         + "\n  ".join(diff) + "\nuse another --out directory, or --overwrite to rebuild it")
                 if not diff:
                     self.manifest = manifest
+                    self._remove_stale_temporaries()
                     return
             # overwrite: remove the old database's files (only a directory that holds a manifest)
             for child in root.iterdir():
@@ -486,8 +488,15 @@ class Builder:
             raise DatabaseError(f"--out {str(root)!r} exists, is not empty, and is not a retrieval database; "
                                 "choose a new or empty directory")
         root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         self.manifest = Manifest.new(root, self.config)
         self.manifest.save()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of writes that a killed run never finished (never a finished file)."""
+        for stale in self.root.glob("*.tmp*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
     def first_unfinished(self) -> str | None:
         for stage in STAGES:

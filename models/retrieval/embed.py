@@ -65,7 +65,8 @@ class Embedder:
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    def embed_texts(self, texts: list[str], on_batch=None) -> np.ndarray:
+        """(len(texts), dim) float32; ``on_batch(n)`` is called after each batch (progress)."""
         torch = self._torch
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -83,9 +84,11 @@ class Embedder:
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # mean over real tokens
                 out[idx] = pooled.cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(idx))
         return out
 
-    def embed_token_chunks(self, lm_tokenizer, chunks: list[np.ndarray]) -> np.ndarray:
+    def embed_token_chunks(self, lm_tokenizer, chunks: list[np.ndarray], on_batch=None) -> np.ndarray:
         """Embed chunks of language-model token ids (detokenised, then re-tokenised)."""
         texts = lm_tokenizer.decode_batch([np.asarray(c).tolist() for c in chunks], skip_special_tokens=True)
-        return self.embed_texts(texts)
+        return self.embed_texts(texts, on_batch=on_batch)

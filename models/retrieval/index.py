@@ -69,6 +69,16 @@ def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     if index.is_trained:
         return index
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if hasattr(ivf, "do_polysemous_training"):
+            # the factory turns it on; it costs minutes (we never search with Hamming filtering)
+            ivf.do_polysemous_training = False
+        # factory_string already sized the lists and codebooks for the sample; no per-run warning
+        ivf.cp.min_points_per_centroid = 1
+        if hasattr(ivf, "pq"):
+            ivf.pq.cp.min_points_per_centroid = 1
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if use_gpu is None:
         use_gpu = gpu_available()
