@@ -255,3 +255,26 @@ def test_manifest_refuses_garbage(tmp_path):
     (tmp_path / "manifest.json").write_text("{garbage")
     with pytest.raises(DatabaseError, match="corrupted"):
         Manifest.load(tmp_path)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_dispatcher_lists_commands_and_rejects_unknown(capsys):
+    from models.__main__ import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["build-db", "--help"])
+    assert e.value.code == 0 and "--corpus" in capsys.readouterr().out
+
+
+def test_cli_build_reports_bad_corpus_clearly(tmp_path, capsys):
+    from models.__main__ import main
+
+    assert main(["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "db")]) == 1
+    err = capsys.readouterr().err
+    assert "error: corpus:" in err and "does not exist" in err
