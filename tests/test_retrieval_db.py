@@ -80,6 +80,9 @@ def test_database_summary_and_streams(db):
     assert train.tokens[n] == db.eos_id
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         train.sequence(0, 50)
+    batch = train.batch([0, train.num_sequences(64) - 1], 64, k=2)  # the last sequence is padded
+    assert batch["tokens"].shape == (2, 65) and batch["neighbours"].shape == (2, 2, 2, 64)
+    assert batch["tokens"][1, -1] == db.pad_id
     text = db.decode(db.doc_tokens(doc))
     assert text == json.loads(Path(db.config["corpus"]).read_text().splitlines()[doc])["text"]
 
