@@ -61,6 +61,11 @@ def load_backend(backend: str, op: str) -> ModuleType:
     return module
 
 
+def implemented_backends(op: str) -> list[str]:
+    """The fused backends whose implementation of `op` imported (they may still refuse inputs)."""
+    return [b for b in FUSED_BACKENDS if isinstance(_MODULES.get((b, op)), ModuleType)]
+
+
 def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
     """Why `backend` cannot run `op` on `inputs` (empty list: it can)."""
     if backend == "reference":
