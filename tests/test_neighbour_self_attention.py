@@ -13,7 +13,7 @@ from tolerances import assert_close_to_reference
 
 OP = "neighbour_self_attention"
 # Every fused backend that exists in this checkout (csrc backends appear once built).
-FUSED = [b for b in dispatch.FUSED_BACKENDS if dispatch.load_backend(b, OP) is not None]
+FUSED = dispatch.implemented_backends(OP)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
