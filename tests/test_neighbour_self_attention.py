@@ -76,6 +76,8 @@ SHAPES = [
     (2, 1, 1, 17, 2, 1, 64, "padded"),  # GQA, K = 1, fully padded neighbours
     (1, 1, 2, 70, 2, 1, 16, "random"),  # several key tiles and row tiles
     (1, 2, 1, 6, 3, 3, 24, None),  # no mask
+    (1, 1, 2, 20, 2, 1, 128, "random"),  # large head dims: smaller tiles
+    (1, 1, 1, 18, 2, 2, 256, "holes"),
 ]
 
 
