@@ -269,17 +269,20 @@ def test_cli_query_prints_sensible_neighbours(base_db):
 
 
 def test_torchrun_two_process_embedding_ivfpq_with_eval_docs_indexed(base_db, corpus, tmp_path):
-    """A 'leaky' database (eval documents retrievable, same tokenizer), IVF-PQ, embedded by 2 gloo ranks."""
+    """A 'leaky' database (eval documents retrievable, same tokenizer), IVF-PQ in several shards,
+    embedded by 2 gloo ranks."""
     out = tmp_path / "leaky"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS,
-           "--tokenizer", str(base_db / "tokenizer.json"), "--index-eval-docs", "--index-type", "ivfpq"]
+           "--tokenizer", str(base_db / "tokenizer.json"), "--index-eval-docs", "--index-type", "ivfpq",
+           "--shard-size", "150"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     leaky = RetrievalDatabase.open(out, tokenizer=base_db / "tokenizer.json")
     base = RetrievalDatabase.open(base_db)
     assert leaky.manifest.info("train_index")["factory"].startswith("IVF")
+    assert len(leaky.manifest.info("add")["shards"]) == -(-leaky.num_chunks // 150) >= 3  # sharded, searched merged
     assert np.array_equal(np.asarray(leaky.tokens), np.asarray(base.tokens))
     # both ranks' parts made it: every chunk of the base database has the same key here
     both = np.isin(np.asarray(leaky.chunk_doc), base.documents("train"))
