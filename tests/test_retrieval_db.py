@@ -44,10 +44,17 @@ def corpus(tmp_path_factory):
     return path
 
 
+def _build_cmd(corpus, out):
+    return [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS]
+
+
 @pytest.fixture(scope="module")
 def base_db(corpus, tmp_path_factory):
+    # Built in a fresh process, like the killed-and-resumed build it is compared with
+    # byte for byte (same thread settings, whatever other tests did to this process).
     out = tmp_path_factory.mktemp("base") / "db"
-    build_database(out, corpus, runtime={"embed_part_size": PART, "progress": False}, log=_quiet, **CONFIG)
+    done = subprocess.run(_build_cmd(corpus, out), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
@@ -194,7 +201,7 @@ def test_resume_after_failure_in_a_later_stage(base_db, tmp_path):
 
 def test_build_killed_during_embedding_resumes_to_the_same_database(corpus, base_db, tmp_path):
     out = tmp_path / "db"
-    cmd = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS]
+    cmd = _build_cmd(corpus, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
