@@ -1,0 +1,119 @@
+"""python -m bench [ops|model|retrieval|all|report] [--device ..] [--dtype ..] [--quick] [--out DIR]
+
+ops        the three attention ops, every backend of ours against every peer
+model      bench/model.py (the RETRO model's training step), if present
+retrieval  bench/retrieval.py (the retriever), if present
+all        ops (+ bench/cpu_cca.py on the CPU), model, retrieval
+report     PNG plots of <out>/*.jsonl into <out>/plots/
+
+Results are printed as a table and appended to <out>/<device-slug>.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import time
+import traceback
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Benchmark modules that other branches provide: (suite name, module, how it is called).
+HOOKS = {
+    "model": ("bench.model", "run(quick, device)"),
+    "retrieval": ("bench.retrieval", "run(quick, device)"),
+    "cpu_cca": ("bench.cpu_cca", "run(quick)"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="ops", choices=("ops", "model", "retrieval", "all", "report"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="default: fp16 and bf16 on cuda (sweeps in fp16), fp32 on cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes, short timings (CI)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default bench/results)")
+    p.add_argument("--no-save", action="store_true", help="print only; append nothing")
+    return p.parse_args(argv)
+
+
+def run_hook(suite: str, quick: bool, device) -> list[dict]:
+    """Rows from another branch's benchmark module, or one 'skipped' row saying why not."""
+    from .common import make_row
+
+    module_name, signature = HOOKS[suite]
+    if importlib.util.find_spec(module_name) is None:
+        reason = f"{module_name} is not here yet (its branch provides {signature})"
+        print(f"skip {suite}: {reason}")
+        return [make_row(suite, suite, "*", "skipped", reason=reason)]
+    try:
+        module = importlib.import_module(module_name)
+        params = inspect.signature(module.run).parameters
+        kwargs = {"quick": quick}
+        if "device" in params:
+            kwargs["device"] = device.type
+        rows = list(module.run(**kwargs))
+    except Exception as e:
+        traceback.print_exc()
+        reason = f"{type(e).__name__}: {e}"
+        print(f"FAILED {suite}: {reason}")
+        return [make_row(suite, suite, "*", "failed", reason=reason)]
+    for r in rows:
+        r.setdefault("suite", suite)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.what == "report":
+        from .report import make_report
+
+        return make_report(args.out)
+
+    import torch
+
+    from . import ops
+    from .common import RunContext, append_jsonl, print_table
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype:
+        dtypes = [args.dtype]
+    else:
+        dtypes = ["fp16", "bf16"] if device.type == "cuda" else ["fp32"]
+
+    t0 = time.perf_counter()
+    ctx = RunContext(device, args.quick)
+    print(f"bench {args.what} on {ctx.device_name} ({torch.get_num_threads()} threads), "
+          f"dtypes {dtypes}, quick={args.quick}, commit {ctx.commit}{' (dirty)' if ctx.dirty else ''}")
+    ctx.measure_peaks(dtypes)
+
+    rows = []
+    if args.what in ("ops", "all"):
+        rows += ops.run(args.quick, device, dtypes)
+        if device.type == "cpu":
+            rows += run_hook("cpu_cca", args.quick, device)
+    if args.what in ("model", "all"):
+        rows += run_hook("model", args.quick, device)
+    if args.what in ("retrieval", "all"):
+        rows += run_hook("retrieval", args.quick, device)
+
+    rows = [ctx.finalize_row(r) for r in rows]
+    print()
+    print_table(rows)
+    if not args.no_save:
+        path = append_jsonl(rows, args.out, ctx.device_slug)
+        print(f"\nappended {len(rows)} rows to {path}")
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {len(rows)} rows, "
+          f"{sum(r['status'] == 'ok' for r in rows)} ok, "
+          f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {n_failed} failed")
+    return 1 if n_failed else 0
