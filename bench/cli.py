@@ -39,6 +39,9 @@ def parse_args(argv=None):
                    help="default: fp16 and bf16 on cuda (sweeps in fp16), fp32 on cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, short timings (CI)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default bench/results)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's own; on a machine shared with other "
+                        "jobs 1 thread, or OMP_WAIT_POLICY=PASSIVE, avoids OpenMP spin-wait stalls)")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing")
     return p.parse_args(argv)
 
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     else:
         dtypes = ["fp16", "bf16"] if device.type == "cuda" else ["fp32"]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     ctx = RunContext(device, args.quick)
     print(f"bench {args.what} on {ctx.device_name} ({torch.get_num_threads()} threads), "

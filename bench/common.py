@@ -345,37 +345,42 @@ def shape_text(shape: dict) -> str:
 
 
 def print_table(rows: list[dict], file=None) -> None:
-    """One line per row: what, shape, impl, time, rates, speedups or the reason it did not run."""
+    """One line per measured row, grouped by problem; then each distinct reason something did not run."""
     file = file or sys.stdout
-    header = f"{'name':<26} {'mode':<8} {'sweep':<10} {'dtype':<5} {'impl':<24} {'ms':>9} " \
-             f"{'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6}  speedup / notes"
-    print(header, file=file)
-    print("-" * len(header), file=file)
+    header = f"{'mode':<8} {'dtype':<5} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} " \
+             f"{'%roof':>6}  speedup (peer time / ours) / notes"
     last_key = None
     for r in rows:
-        key = (r["name"], r.get("mode"), r.get("sweep"), r.get("sweep_value"), r.get("dtype"),
-               json.dumps(r.get("shape"), sort_keys=True))
-        if key != last_key:
-            if r.get("shape"):
-                print(f"  [{shape_text(r['shape'])}]", file=file)
-            last_key = key
-        sweep = r.get("sweep") or ""
-        if r.get("sweep_value") is not None:
-            sweep = f"{sweep}={r['sweep_value']}"
-        line = f"{r['name'][:26]:<26} {str(r.get('mode') or '')[:8]:<8} {sweep[:10]:<10} " \
-               f"{str(r.get('dtype') or '')[:5]:<5} {r['impl'][:24]:<24} "
         if r["status"] != "ok":
-            line += f"{r['status'].upper():>9}  {r.get('reason') or ''}"
-        else:
-            line += f"{_fmt(r.get('time_ms'), '9.3f')} {_fmt(r.get('tflops'), '8.3f')} " \
-                    f"{_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('roofline_pct'), '6.1f')}  "
-            extras = [f"{p} {s:.2f}x" for p, s in (r.get("speedup") or {}).items()]
-            if r.get("metrics"):
-                extras += [f"{k}={_fmt_metric(v)}" for k, v in r["metrics"].items()]
-            if r.get("notes"):
-                extras.append(f"({r['notes']})")
-            line += ", ".join(extras)
-        print(line, file=file)
+            continue
+        key = (r["name"], r.get("sweep"), r.get("sweep_value"), json.dumps(r.get("shape"), sort_keys=True))
+        if key != last_key:
+            sweep = r.get("sweep") or ""
+            if r.get("sweep_value") is not None:
+                sweep = f"{sweep}={r['sweep_value']}"
+            print(f"\n{r['name']}  [{sweep}]  {shape_text(r.get('shape') or {})}", file=file)
+            print(header, file=file)
+            last_key = key
+        line = f"{str(r.get('mode') or '')[:8]:<8} {str(r.get('dtype') or '')[:5]:<5} {r['impl'][:22]:<22} " \
+               f"{_fmt(r.get('time_ms'), '9.3f')} {_fmt(r.get('tflops'), '8.3f')} " \
+               f"{_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('roofline_pct'), '6.1f')}  "
+        extras = [f"{p} {s:.2f}x" for p, s in (r.get("speedup") or {}).items()]
+        if r.get("max_abs_err") is not None and r["impl"] != "reference":
+            extras.append(f"err {r['max_abs_err']:.1e}")
+        if r.get("metrics"):
+            extras += [f"{k}={_fmt_metric(v)}" for k, v in r["metrics"].items()]
+        if r.get("notes"):
+            extras.append(f"({r['notes']})")
+        print(line + ", ".join(extras), file=file)
+    reasons: dict[tuple, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            key = (r["status"], r["name"], r["impl"], r.get("reason") or "")
+            reasons[key] = reasons.get(key, 0) + 1
+    if reasons:
+        print("\nnot measured:", file=file)
+        for (status, name, impl, reason), n in reasons.items():
+            print(f"  {status.upper():<7} {name} / {impl} ({n} rows): {reason}", file=file)
 
 
 def _fmt_metric(v) -> str:

@@ -164,7 +164,7 @@ class CCABench(OpBench):
             return cases
         if quick:
             base = dict(B=1, N=200, m=32, K=2, R=64, Hq=4, Hkv=2, D=32, mask=False)
-            values = {"K": (1, 3), "D": (16, 48), "N": (100, 300), "Hkv": (4, 1)}
+            values = {"K": (3,), "D": (48,), "N": (100,), "Hkv": (1,)}
         else:
             base = dict(B=1, N=512, m=64, K=2, R=128, Hq=8, Hkv=8, D=64, mask=False)
             values = {"K": (1, 2, 4, 8), "D": (32, 64, 128), "N": (256, 512, 1024), "Hkv": (8, 2, 1)}
@@ -210,7 +210,7 @@ class NSABench(OpBench):
             return cases
         if quick:
             base = dict(B=1, L=4, K=2, R=64, Hq=4, Hkv=2, D=32, mask=True)
-            ks = (1, 3)
+            ks = (3,)
         else:
             base = dict(B=1, L=8, K=2, R=128, Hq=8, Hkv=8, D=64, mask=True)
             ks = (1, 4)
@@ -257,7 +257,7 @@ class NCABench(OpBench):
             return cases
         if quick:
             base = dict(B=1, L=4, K=2, R=64, M=32, Hq=4, Hkv=2, D=32, mask=True)
-            ks = (1, 3)
+            ks = (3,)
         else:
             base = dict(B=1, L=8, K=2, R=128, M=64, Hq=8, Hkv=8, D=64, mask=True)
             ks = (1, 4)
