@@ -89,9 +89,11 @@ class OpBench:
 
         return run
 
+    mask_key = "neighbour_mask"
+
     def explain(self, q, k, v, kw) -> dict[str, list[str]]:
-        inputs = {key: val for key, val in kw.items() if isinstance(val, torch.Tensor) or val is None}
-        return retro_kernels.explain(self.name, q=q, k=k, v=v, **inputs)
+        """retro_kernels.explain with the inputs the op's dispatch sees."""
+        return retro_kernels.explain(self.name, q=q, k=k, v=v, **{self.mask_key: kw.get(self.mask_key)})
 
     def cost(self, case: Case, mode: str) -> tuple[float, float]:
         fwd_flops, fwd_bytes, stat_rows = self.forward_cost(case.shape, DTYPES[case.dtype].itemsize)
@@ -124,9 +126,6 @@ class CCABench(OpBench):
         if s.get("mask"):
             kw["neighbour_mask"] = _padding_mask((s["B"], L, s["K"]), s["R"], generator, device)
         return q, k, v, kw
-
-    def explain(self, q, k, v, kw):
-        return retro_kernels.explain(self.name, q=q, k=k, v=v, neighbour_mask=kw.get("neighbour_mask"))
 
     def forward_cost(self, s: dict, elem: int):
         used = s["N"] // s["m"]
@@ -223,6 +222,7 @@ class NCABench(OpBench):
     name = "neighbour_cross_attention"
     label = "NCA"
     peers = peers.NCA_PEERS
+    mask_key = "chunk_mask"
 
     def inputs(self, case, device, generator):
         s = case.shape
@@ -345,12 +345,12 @@ def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str],
         return [make_row("ops", bench.name, "*", "skipped", reason=why)]
     rows = []
     generator = torch.Generator().manual_seed(0)
+    printed_skips = set()
     for case in bench.cases(device, quick, dtypes):
         t0 = time.perf_counter()
         q, k, v, kw = bench.inputs(case, device, generator)
         reference = None
         case_rows = []
-        printed_skips = set()
         for mode in MODES:
             flops, nbytes = bench.cost(case, mode)
             for impl, role, fn, skip, notes in _impls(bench, case, device, quick, q, k, v, kw):
@@ -362,7 +362,7 @@ def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str],
                 if skip:
                     case_rows.append(make_row("ops", bench.name, impl, "skipped", reason=skip, **base))
                     if (impl, skip) not in printed_skips:
-                        log(f"  skip {impl} for {bench.label} {mode}: {skip}")
+                        log(f"  skip {impl} for {bench.label}: {skip}")
                         printed_skips.add((impl, skip))
                     continue
                 try:

@@ -130,8 +130,19 @@ def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, us
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
+    import torch._dynamo
+
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compiled graph per problem shape: raise the recompile limits so that
+    # a sweep never silently falls back to the eager (unfused) flex_attention,
+    # and fail loudly if it ever would.
+    config = torch._dynamo.config
+    for limit, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(config, limit):
+            setattr(config, limit, max(value, getattr(config, limit)))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=False)
 
 
