@@ -51,7 +51,7 @@ def run_hook(suite: str, quick: bool, device) -> list[dict]:
     from .common import make_row
 
     module_name, signature = HOOKS[suite]
-    if importlib.util.find_spec(module_name) is None:
+    if module_name not in sys.modules and importlib.util.find_spec(module_name) is None:
         reason = f"{module_name} is not here yet (its branch provides {signature})"
         print(f"skip {suite}: {reason}")
         return [make_row(suite, suite, "*", "skipped", reason=reason)]

@@ -128,8 +128,8 @@ def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, us
                              BLOCK_SIZE=block)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+@functools.lru_cache(maxsize=4)
+def _compiled_flex(device_type: str = "cpu"):
     import torch._dynamo
 
     from torch.nn.attention.flex_attention import flex_attention
@@ -143,6 +143,12 @@ def _compiled_flex():
             setattr(config, limit, max(value, getattr(config, limit)))
     if hasattr(config, "fail_on_recompile_limit_hit"):
         config.fail_on_recompile_limit_hit = True
+    if device_type == "cuda":
+        # Inductor's single default config on an H100 uses 128-row query tiles
+        # (forward, and the backward's dq pass), which do not divide our
+        # 64-row query blocks: without autotuning it has no valid kernel.
+        # Autotuning also gives FlexAttention its best form.
+        return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -189,7 +195,7 @@ def make_cca_flex(compiled: bool = True):
             def score_mod(score, b, h, q_idx, kv_idx):
                 return torch.where(key_mask[b, kv_idx], score, -float("inf"))
 
-        attend = _compiled_flex() if compiled else flex_attention
+        attend = _compiled_flex(q.device.type) if compiled else flex_attention
         o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
                    enable_gqa=Hq != Hkv)  # (B, Hq, N-m+1, D)
         o = o.transpose(1, 2)
