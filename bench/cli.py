@@ -67,9 +67,33 @@ def run_hook(suite: str, quick: bool, device) -> list[dict]:
         reason = f"{type(e).__name__}: {e}"
         print(f"FAILED {suite}: {reason}")
         return [make_row(suite, suite, "*", "failed", reason=reason)]
+    rows = [r if all(k in r for k in ("name", "impl", "status")) else _wrap_foreign_row(suite, r)
+            for r in rows]
     for r in rows:
         r.setdefault("suite", suite)
     return rows
+
+
+_SHAPE_KEYS = ("B", "N", "m", "K", "R", "M", "L", "H", "Hq", "Hkv", "D", "mask")
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _wrap_foreign_row(suite: str, row: dict) -> dict:
+    """A row that does not follow bench/common.py's schema: keep all of it, under metrics.
+
+    name/impl come from 'name'/'bench' and 'impl'/'variant'/'backend'; the
+    problem-size keys become `shape`; everything else is kept in `metrics`.
+    """
+    from .common import make_row
+
+    rest = dict(row)
+    name = rest.pop("name", None) or rest.pop("bench", None) or suite
+    impl = rest.pop("impl", None) or rest.pop("variant", None) or rest.pop("backend", None) or "?"
+    shape = {k: rest.pop(k) for k in _SHAPE_KEYS if k in rest}
+    dtype = rest.pop("dtype", None)
+    return make_row(suite, str(name), str(impl), rest.pop("status", "ok"), shape=shape,
+                    dtype=_DTYPE_ALIASES.get(dtype, dtype), metrics=rest,
+                    notes="row in the module's own format: its numbers are under metrics")
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._checks import check_neighbour_cross_attention
+from .._checks import check_backend, check_neighbour_cross_attention
 from ..reference import neighbour_cross_attention as reference
 from ._registration import preload_backends, select_backend
 
@@ -139,6 +139,7 @@ def neighbour_cross_attention(
         no real token are zeros.
     """
     scale = check_neighbour_cross_attention(q, k, v, chunk_mask, scale)
+    check_backend(backend, dispatch.BACKENDS)
     name = select_backend(
         backend, OP, q.device, q=q, k=k, v=v, chunk_mask=chunk_mask
     )

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._checks import check_neighbour_self_attention
+from .._checks import check_backend, check_neighbour_self_attention
 from ..reference import neighbour_self_attention as reference
 from ._registration import preload_backends, select_backend
 
@@ -136,6 +136,7 @@ def neighbour_self_attention(
         only. Rows that are padding, or see no real key, are zeros.
     """
     scale = check_neighbour_self_attention(q, k, v, neighbour_mask, scale)
+    check_backend(backend, dispatch.BACKENDS)
     name = select_backend(
         backend, OP, q.device, q=q, k=k, v=v, neighbour_mask=neighbour_mask
     )

@@ -80,14 +80,14 @@ def _nca_fwd_kernel(
     stride_mb, stride_ml, stride_mm,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
     R, n_chunk_rows, n_rows, M, n_heads, n_kv_heads, group, qk_scale,
+    m_blocks,  # ceil(group * K*R / BLOCK_M): row blocks per chunk
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_BLOCKS: tl.constexpr,  # ceil(group * K*R / BLOCK_M)
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # -- which chunk, which rows, which kv head ----------------------------
-    l = (tl.program_id(0) // M_BLOCKS).to(tl.int64)
-    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
+    l = (tl.program_id(0) // m_blocks).to(tl.int64)
+    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
     b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
     h_kv = tl.program_id(1) % n_kv_heads
     h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
@@ -265,8 +265,8 @@ def forward(q, k, v, chunk_mask, scale):
     _nca_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
+        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E, m_blocks,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
         num_warps=4 if block_d <= 64 else 8,
     )

@@ -82,14 +82,14 @@ def _nsa_fwd_kernel(
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
     n_neighbours, R, n_rows, n_heads, n_kv_heads, group, qk_scale,
+    m_blocks,  # ceil(group * R / BLOCK_M): row blocks per neighbour
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_BLOCKS: tl.constexpr,  # ceil(group * R / BLOCK_M)
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # -- which neighbour, which rows, which kv head ------------------------
-    s = (tl.program_id(0) // M_BLOCKS).to(tl.int64)  # neighbour index l * K + k
-    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
+    s = (tl.program_id(0) // m_blocks).to(tl.int64)  # neighbour index l * K + k
+    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
     b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
     h_kv = tl.program_id(1) % n_kv_heads
     l = s // n_neighbours
@@ -273,8 +273,8 @@ def forward(q, k, v, neighbour_mask, scale):
     _nsa_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        K, R, L * K * R, Hq, Hkv, group, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
+        K, R, L * K * R, Hq, Hkv, group, scale * LOG2E, m_blocks,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
         num_warps=4 if block_d <= 64 else 8,
     )
