@@ -28,12 +28,14 @@ def _plot_history(plt, rows: list[dict], out_dir: str) -> list[str]:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("sweep") in ("paper", "base")
           and r.get("time_ms")]
     by_op = defaultdict(list)
-    for r in ok:
-        by_op[r["name"]].append(r)
-    for op, op_rows in by_op.items():
+    for r in ok:  # --quick runs use other shapes: a history of their own
+        by_op[(r["name"], bool(r.get("quick")))].append(r)
+    for (op, quick), op_rows in by_op.items():
         runs = sorted({(r["date"], r["run_id"], (r.get("commit") or "")[:7]) for r in op_rows})
         run_index = {run_id: i for i, (_, run_id, _) in enumerate(runs)}
         modes = sorted({r["mode"] for r in op_rows})
+        names = sorted({_series_key(r) for r in op_rows})
+        colors = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per series in every panel
         fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             series = defaultdict(list)
@@ -42,22 +44,32 @@ def _plot_history(plt, rows: list[dict], out_dir: str) -> list[str]:
                     series[_series_key(r)].append((run_index[r["run_id"]], r["time_ms"]))
             for name, points in sorted(series.items()):
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[name],
                         linestyle="-" if name.startswith("retro_kernels") else "--", label=name)
             ax.set_xticks(range(len(runs)))
             ax.set_xticklabels([f"{d[:16]}\n{c}" for d, _, c in runs], rotation=45, ha="right", fontsize=7)
             ax.set_yscale("log")
             ax.set_ylabel("median ms (lower is better)")
-            ax.set_title(f"{op} {mode}")
+            ax.set_title(f"{op} {mode}{' (--quick shapes)' if quick else ''}")
             ax.grid(True, alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
+        handles = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"history-{slug(op)}.png")
+        path = os.path.join(out_dir, f"history-{slug(op)}{'-quick' if quick else ''}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
 
+
+_IMPL_COLORS = {  # the same colour for an impl in every sweep plot
+    "retro_kernels:triton": "C0", "retro_kernels:cuda": "C1", "retro_kernels:cpu": "C2",
+    "reference": "C7", "sdpa": "C3", "flex_attention": "C4", "flash_attn": "C5",
+    "retro_pytorch": "C6", "sdpa_masked": "C3", "sdpa_repeat": "C8",
+}
 
 _SWEEP_AXES = {
     "K": lambda s: s.get("K"),
@@ -69,10 +81,11 @@ _SWEEP_AXES = {
 
 def _plot_sweeps(plt, rows: list[dict], out_dir: str) -> list[str]:
     written = []
-    runs = sorted({(r["date"], r["run_id"]) for r in rows if r.get("suite") == "ops"})
+    # the latest full run (a --quick run only when there is no full one)
+    runs = sorted({(not r.get("quick"), r["date"], r["run_id"]) for r in rows if r.get("suite") == "ops"})
     if not runs:
         return written
-    latest = runs[-1][1]
+    latest = runs[-1][2]
     ok = [r for r in rows if r.get("run_id") == latest and r.get("status") == "ok"
           and r.get("sweep") not in (None, "paper", "base", "mask") and r.get("time_ms")]
     groups = defaultdict(list)
@@ -97,13 +110,15 @@ def _plot_sweeps(plt, rows: list[dict], out_dir: str) -> list[str]:
         by_impl = defaultdict(list)
         for r in group:
             by_impl[r["impl"]].append(r)
-        for impl, impl_rows in sorted(by_impl.items()):
+        for i, (impl, impl_rows) in enumerate(sorted(by_impl.items())):
             impl_rows.sort(key=lambda r: r["sweep_value"])
             xs = [r["sweep_value"] for r in impl_rows]
             style = "-" if impl.startswith("retro_kernels") else "--"
-            ax_t.plot(xs, [r["time_ms"] for r in impl_rows], marker="o", linestyle=style, label=impl)
-            ax_r.plot(xs, [r.get("roofline_pct") or 0 for r in impl_rows], marker="o", linestyle=style,
+            color = _IMPL_COLORS.get(impl, f"C{(i + 5) % 10}")
+            ax_t.plot(xs, [r["time_ms"] for r in impl_rows], marker="o", linestyle=style, color=color,
                       label=impl)
+            ax_r.plot(xs, [r.get("roofline_pct") or 0 for r in impl_rows], marker="o", linestyle=style,
+                      color=color, label=impl)
         ax_t.set_yscale("log")
         ax_t.set_ylabel("median ms")
         ax_r.set_ylabel("% of measured copy bandwidth (roofline)")
