@@ -141,3 +141,25 @@ def test_every_op_has_cases_in_every_setting():
         s = c.shape
         assert (s["N"], s["m"], s["K"], s["R"], s["Hq"]) == (2048, 64, 2, 128, 16)
         assert 16384 <= s["B"] * s["N"] <= 65536
+
+
+def test_report_draws_history_and_sweeps(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.report import make_report
+
+    ctx = common.RunContext(torch.device("cpu"), quick=False)
+    ctx.peak_gbps, ctx.peak_tflops = 10.0, {"fp32": 0.1}
+    base = dict(B=1, N=64, m=16, K=2, R=8, Hq=2, Hkv=2, D=8, mask=False)
+    rows = []
+    for impl, role in (("retro_kernels:cpu", "ours"), ("sdpa", "peer")):
+        rows.append(common.make_row("ops", "chunked_cross_attention", impl, role=role, mode="fwd",
+                                    sweep="base", shape=base, dtype="fp32", time_ms=1.0, bytes=1e6))
+        for K in (1, 4):
+            rows.append(common.make_row("ops", "chunked_cross_attention", impl, role=role, mode="fwd",
+                                        sweep="K", sweep_value=K, shape={**base, "K": K}, dtype="fp32",
+                                        time_ms=float(K), bytes=1e6))
+    common.append_jsonl([ctx.finalize_row(r) for r in rows], str(tmp_path), "cpu-test")
+    assert make_report(str(tmp_path)) == 0
+    plots = tmp_path / "plots" / "cpu-test"
+    assert (plots / "history-chunked-cross-attention.png").stat().st_size > 0
+    assert (plots / "sweep-chunked-cross-attention-k-fwd.png").stat().st_size > 0
