@@ -16,7 +16,9 @@ import os
 
 from setuptools import find_packages, setup
 
-CPU_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]  # no -march: the .so runs on any x86-64 (see csrc/cpu/common.cpp)
+# No -march: the .so runs on any x86-64; csrc/cpu/common.cpp picks AVX2 code at load time.
+# -fno-trapping-math -fno-math-errno (as PyTorch builds) let GCC vectorise the softmax loops.
+CPU_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def native_extensions():

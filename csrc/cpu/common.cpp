@@ -1,5 +1,6 @@
 // See common.h. The loops here are plain C++ written for the auto-vectoriser
-// (`#pragma omp simd`, no branches in the bodies). On x86-64 with GCC each is
+// (`#pragma omp simd`, no branches in the bodies; built with -fno-trapping-math,
+// as PyTorch is, without which GCC will not if-convert the selects). On x86-64 with GCC each is
 // compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), and the
 // loader picks the clone that the running CPU supports: no -march=native.
 #include "common.h"
@@ -84,7 +85,8 @@ namespace {
 // x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial for exp(r):
 // about 1 ulp, branch-free, so the loops calling it vectorise.
 inline float exp_approx(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
   // round(xc / ln2) with the 1.5 * 2^23 trick (exact for |value| < 2^22, no SSE4.1 needed)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
