@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's own; on a machine shared with other "
                         "jobs 1 thread, or OMP_WAIT_POLICY=PASSIVE, avoids OpenMP spin-wait stalls)")
+    p.add_argument("--sweeps", default=None,
+                   help="comma-separated sweeps to run (paper, base, mask, K, D, N, GQA); default all")
+    p.add_argument("--ops", default=None,
+                   help="comma-separated ops to run (chunked_cross_attention or CCA, NSA, NCA); default all")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing")
     return p.parse_args(argv)
 
@@ -96,6 +100,10 @@ def _wrap_foreign_row(suite: str, row: dict) -> dict:
                     notes="row in the module's own format: its numbers are under metrics")
 
 
+def _split(text: str | None) -> set[str] | None:
+    return {part.strip() for part in text.split(",") if part.strip()} if text else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.what == "report":
@@ -127,8 +135,9 @@ def main(argv=None) -> int:
 
     rows = []
     if args.what in ("ops", "all"):
-        rows += ops.run(args.quick, device, dtypes)
-        if device.type == "cpu":
+        rows += ops.run(args.quick, device, dtypes, sweeps=_split(args.sweeps), op_names=_split(args.ops))
+        wanted = _split(args.ops)
+        if device.type == "cpu" and (not wanted or wanted & {"cpu_cca", "CCA", "chunked_cross_attention"}):
             rows += run_hook("cpu_cca", args.quick, device)
     if args.what in ("model", "all"):
         rows += run_hook("model", args.quick, device)

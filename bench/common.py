@@ -347,10 +347,14 @@ def shape_text(shape: dict) -> str:
 
 
 def print_table(rows: list[dict], file=None) -> None:
-    """One line per measured row, grouped by problem; then each distinct reason something did not run."""
+    """One line per measured row, grouped by problem; then each distinct reason something did not run.
+
+    %roof: percent of the measured copy bandwidth; %mm: percent of the
+    measured matmul FLOP rate (in the row's dtype).
+    """
     file = file or sys.stdout
     header = f"{'mode':<8} {'dtype':<5} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} " \
-             f"{'%roof':>6}  speedup (peer time / ours) / notes"
+             f"{'%roof':>6} {'%mm':>5}  speedup (peer time / ours) / notes"
     last_key = None
     for r in rows:
         if r["status"] != "ok":
@@ -365,7 +369,8 @@ def print_table(rows: list[dict], file=None) -> None:
             last_key = key
         line = f"{str(r.get('mode') or '')[:8]:<8} {str(r.get('dtype') or '')[:5]:<5} {r['impl'][:22]:<22} " \
                f"{_fmt(r.get('time_ms'), '9.3f')} {_fmt(r.get('tflops'), '8.3f')} " \
-               f"{_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('roofline_pct'), '6.1f')}  "
+               f"{_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('roofline_pct'), '6.1f')} " \
+               f"{_fmt(r.get('matmul_pct'), '5.1f')}  "
         extras = [f"{p} {s:.2f}x" for p, s in (r.get("speedup") or {}).items()]
         if r.get("max_abs_err") is not None and r["impl"] != "reference":
             extras.append(f"err {r['max_abs_err']:.1e}")

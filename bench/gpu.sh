@@ -11,7 +11,8 @@
 #   INSTALL=0                    skip the pip installs (torch with CUDA must already be there)
 #   FLASH_ATTN=1                 also try `pip install flash-attn` (builds from source if no
 #                                wheel matches: can take an hour; the peer is skipped without it)
-#   BENCH_ARGS="--dtype bf16"    extra arguments for python -m bench
+#   BENCH_ARGS="--dtype bf16"    extra arguments for python -m bench, e.g. "--sweeps paper,mask"
+#                                to fit a time-limited session (see docs/benchmarks.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -71,6 +71,11 @@ def _padding_mask(shape: tuple, length: int, generator: torch.Generator, device)
     return mask.reshape(*shape, length).to(device)
 
 
+def _randn(shape: tuple, device, dtype) -> torch.Tensor:
+    """Standard normal inputs made on the device (GPU shapes reach GBs; run_op seeds torch)."""
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
 class OpBench:
     name: str
     label: str
@@ -118,10 +123,10 @@ class CCABench(OpBench):
         s = case.shape
         dtype = DTYPES[case.dtype]
         L = s["N"] // s["m"]
-        q = torch.randn(s["B"], s["N"], s["Hq"], s["D"], generator=generator).to(device, dtype)
+        q = _randn((s["B"], s["N"], s["Hq"], s["D"]), device, dtype)
         kv_shape = (s["B"], L, s["K"], s["R"], s["Hkv"], s["D"])
-        k = torch.randn(kv_shape, generator=generator).to(device, dtype)
-        v = torch.randn(kv_shape, generator=generator).to(device, dtype)
+        k = _randn(kv_shape, device, dtype)
+        v = _randn(kv_shape, device, dtype)
         kw = {"chunk_size": s["m"]}
         if s.get("mask"):
             kw["neighbour_mask"] = _padding_mask((s["B"], L, s["K"]), s["R"], generator, device)
@@ -187,9 +192,9 @@ class NSABench(OpBench):
         s = case.shape
         dtype = DTYPES[case.dtype]
         lead = (s["B"], s["L"], s["K"], s["R"])
-        q = torch.randn(*lead, s["Hq"], s["D"], generator=generator).to(device, dtype)
-        k = torch.randn(*lead, s["Hkv"], s["D"], generator=generator).to(device, dtype)
-        v = torch.randn(*lead, s["Hkv"], s["D"], generator=generator).to(device, dtype)
+        q = _randn((*lead, s["Hq"], s["D"]), device, dtype)
+        k = _randn((*lead, s["Hkv"], s["D"]), device, dtype)
+        v = _randn((*lead, s["Hkv"], s["D"]), device, dtype)
         kw = {}
         if s.get("mask"):
             kw["neighbour_mask"] = _padding_mask(lead[:3], s["R"], generator, device)
@@ -227,9 +232,9 @@ class NCABench(OpBench):
     def inputs(self, case, device, generator):
         s = case.shape
         dtype = DTYPES[case.dtype]
-        q = torch.randn(s["B"], s["L"], s["K"], s["R"], s["Hq"], s["D"], generator=generator).to(device, dtype)
-        k = torch.randn(s["B"], s["L"], s["M"], s["Hkv"], s["D"], generator=generator).to(device, dtype)
-        v = torch.randn(s["B"], s["L"], s["M"], s["Hkv"], s["D"], generator=generator).to(device, dtype)
+        q = _randn((s["B"], s["L"], s["K"], s["R"], s["Hq"], s["D"]), device, dtype)
+        k = _randn((s["B"], s["L"], s["M"], s["Hkv"], s["D"]), device, dtype)
+        v = _randn((s["B"], s["L"], s["M"], s["Hkv"], s["D"]), device, dtype)
         kw = {}
         if s.get("mask"):
             mask = torch.ones(s["B"], s["L"], s["M"], dtype=torch.bool)
@@ -338,15 +343,19 @@ def _clear(device):
         torch.cuda.empty_cache()
 
 
-def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str], log=print) -> list[dict]:
+def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str], log=print,
+           sweeps: set[str] | None = None) -> list[dict]:
     why = bench.available()
     if why:
         log(f"skip {bench.name}: {why}")
         return [make_row("ops", bench.name, "*", "skipped", reason=why)]
     rows = []
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # inputs (on the device)
+    generator = torch.Generator().manual_seed(0)  # masks (on the CPU, then moved)
     printed_skips = set()
     for case in bench.cases(device, quick, dtypes):
+        if sweeps and case.sweep not in sweeps:
+            continue
         t0 = time.perf_counter()
         q, k, v, kw = bench.inputs(case, device, generator)
         reference = None
@@ -410,9 +419,13 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup"] = {p: t / r["time_ms"] for p, t in by_mode.get(r["mode"], {}).items()}
 
 
-def run(quick: bool, device: torch.device, dtypes: list[str], log=print) -> list[dict]:
+def run(quick: bool, device: torch.device, dtypes: list[str], log=print,
+        sweeps: set[str] | None = None, op_names: set[str] | None = None) -> list[dict]:
+    """Rows for every op (or those in op_names), every case (or those whose sweep is in sweeps)."""
     rows = []
     for bench in OP_BENCHES:
+        if op_names and bench.name not in op_names and bench.label not in op_names:
+            continue
         log(f"== {bench.name}")
-        rows += run_op(bench, device, quick, dtypes, log)
+        rows += run_op(bench, device, quick, dtypes, log, sweeps)
     return rows

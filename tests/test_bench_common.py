@@ -163,3 +163,9 @@ def test_report_draws_history_and_sweeps(tmp_path):
     plots = tmp_path / "plots" / "cpu-test"
     assert (plots / "history-chunked-cross-attention.png").stat().st_size > 0
     assert (plots / "sweep-chunked-cross-attention-k-fwd.png").stat().st_size > 0
+
+
+def test_sweeps_and_ops_can_be_selected():
+    cpu = torch.device("cpu")
+    assert ops.run(True, cpu, ["fp32"], log=lambda *a: None, sweeps={"no-such-sweep"}) == []
+    assert ops.run(True, cpu, ["fp32"], log=lambda *a: None, op_names={"no-such-op"}) == []
