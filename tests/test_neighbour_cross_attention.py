@@ -13,7 +13,7 @@ from tolerances import assert_close_to_reference
 
 OP = "neighbour_cross_attention"
 # Every fused backend that exists in this checkout (csrc backends appear once built).
-FUSED = [b for b in dispatch.FUSED_BACKENDS if dispatch.load_backend(b, OP) is not None]
+FUSED = dispatch.implemented_backends(OP)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -76,6 +76,8 @@ SHAPES = [
     (2, 2, 1, 9, 5, 2, 1, 64, "empty"),  # GQA, K = 1, a chunk with no token
     (1, 1, 2, 40, 70, 2, 1, 16, "partial"),  # several row tiles and key tiles
     (1, 2, 2, 6, 3, 3, 3, 24, None),  # no mask
+    (1, 1, 2, 9, 20, 2, 1, 128, "partial"),  # large head dims: smaller tiles
+    (1, 2, 1, 5, 18, 2, 2, 256, "holes"),
 ]
 
 

@@ -9,9 +9,8 @@ from retro_kernels.nn import NeighbourEncoderLayer
 from tolerances import FP32_ATOL, FP32_RTOL
 
 FUSED = [
-    b for b in dispatch.FUSED_BACKENDS
-    if dispatch.load_backend(b, "neighbour_self_attention") is not None
-    and dispatch.load_backend(b, "neighbour_cross_attention") is not None
+    b for b in dispatch.implemented_backends("neighbour_self_attention")
+    if b in dispatch.implemented_backends("neighbour_cross_attention")
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

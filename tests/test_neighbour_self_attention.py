@@ -13,7 +13,7 @@ from tolerances import assert_close_to_reference
 
 OP = "neighbour_self_attention"
 # Every fused backend that exists in this checkout (csrc backends appear once built).
-FUSED = [b for b in dispatch.FUSED_BACKENDS if dispatch.load_backend(b, OP) is not None]
+FUSED = dispatch.implemented_backends(OP)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -76,6 +76,8 @@ SHAPES = [
     (2, 1, 1, 17, 2, 1, 64, "padded"),  # GQA, K = 1, fully padded neighbours
     (1, 1, 2, 70, 2, 1, 16, "random"),  # several key tiles and row tiles
     (1, 2, 1, 6, 3, 3, 24, None),  # no mask
+    (1, 1, 2, 20, 2, 1, 128, "random"),  # large head dims: smaller tiles
+    (1, 1, 1, 18, 2, 2, 256, "holes"),
 ]
 
 

@@ -233,11 +233,23 @@ def _nca_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int):
-    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem."""
+def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int, elem_size: int):
+    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem.
+
+    The backward holds about BLOCK_D * (2*BLOCK_M + 3*BLOCK_N) elements of
+    tiles in shared memory; the caps keep that under ~150 KB (A100: 164 KB,
+    H100: 227 KB per block), fp32 tiles being twice as big as 16-bit ones.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(n_query_rows)))
-    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
+    row_bytes = block_d * elem_size
+    if row_bytes <= 256:  # 16-bit D <= 128, fp32 D <= 64
+        max_m, max_n = 64, 64
+    elif row_bytes <= 512:  # 16-bit D = 256, fp32 D = 128
+        max_m, max_n = (64, 32) if elem_size == 2 else (32, 32)
+    else:  # fp32 D = 256
+        max_m, max_n = 32, 16
+    block_m = min(max_m, max(16, triton.next_power_of_2(n_query_rows)))
+    block_n = min(max_n, max(16, triton.next_power_of_2(n_keys)))
     return block_m, block_n, block_d
 
 
@@ -258,7 +270,7 @@ def forward(q, k, v, chunk_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
+    block_m, block_n, block_d = _block_sizes(group * K * R, D, M, q.element_size())
     m_blocks = triton.cdiv(group * K * R, block_m)
     mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
     grid = (L * m_blocks, B * Hkv)
@@ -285,7 +297,7 @@ def backward(dout, q, k, v, chunk_mask, out, lse, scale):
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
     delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
+    block_m, block_n, block_d = _block_sizes(group * K * R, D, M, q.element_size())
     mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
     grid = (L, B * Hkv)
     _nca_bwd_kernel[grid](
