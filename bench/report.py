@@ -81,22 +81,25 @@ _SWEEP_AXES = {
 
 def _plot_sweeps(plt, rows: list[dict], out_dir: str) -> list[str]:
     written = []
-    # the latest full run (a --quick run only when there is no full one)
-    runs = sorted({(not r.get("quick"), r["date"], r["run_id"]) for r in rows if r.get("suite") == "ops"})
-    if not runs:
-        return written
-    latest = runs[-1][2]
-    ok = [r for r in rows if r.get("run_id") == latest and r.get("status") == "ok"
-          and r.get("sweep") not in (None, "paper", "base", "mask") and r.get("time_ms")]
+    # Per (op, sweep, mode): the latest run that has it, full runs before --quick ones.
+    swept = [r for r in rows if r.get("suite") == "ops" and r.get("status") == "ok" and r.get("time_ms")
+             and r.get("sweep") not in (None, "paper", "base", "mask")]
+    latest_of: dict[tuple, tuple] = {}
+    for r in swept:
+        key = (r["name"], r["sweep"], r["mode"])
+        latest_of[key] = max(latest_of.get(key, ()), (not r.get("quick"), r["date"], r["run_id"]))
     groups = defaultdict(list)
-    for r in ok:
-        groups[(r["name"], r["sweep"], r["mode"])].append(r)
+    for r in swept:
+        key = (r["name"], r["sweep"], r["mode"])
+        if r["run_id"] == latest_of[key][2]:
+            groups[key].append(r)
     # The base problem is a point of every sweep (at its own K, D, N, Hq/Hkv).
-    base_rows = [r for r in rows if r.get("run_id") == latest and r.get("status") == "ok"
-                 and r.get("sweep") == "base" and r.get("time_ms")]
     for (op, sweep, mode), group in groups.items():
         axis = _SWEEP_AXES.get(sweep)
         have = {(r["impl"], r["sweep_value"]) for r in group}
+        run_id = group[0]["run_id"]
+        base_rows = [r for r in rows if r.get("run_id") == run_id and r.get("status") == "ok"
+                     and r.get("sweep") == "base" and r.get("time_ms")]
         for r in base_rows:
             if r["name"] == op and r["mode"] == mode and axis and r["dtype"] == group[0]["dtype"]:
                 value = axis(r["shape"])
