@@ -322,7 +322,7 @@ AOT_CCA = """
 from triton_aot import aot_compile, TRITON_TYPE
 from retro_kernels.triton import chunked_cross_attention as cca
 for target, dtype, D, m, has_mask in {configs}:
-    config = cca.launch_config(m, D, 2 * 128)
+    config = cca.launch_config(m, D, 2 * 128, 4 if dtype == "fp32" else 2)
     num_warps = config.pop("num_warps")
     common = dict(HEAD_DIM=D, N_KEYS=2 * 128, HAS_MASK=has_mask, IEEE_DOT=dtype == "fp32", **config)
     t = TRITON_TYPE[dtype]
@@ -342,6 +342,7 @@ def test_triton_kernels_compile_for_gpus():
     configs = [("sm90", "fp16", 64, 64, True), ("sm90", "bf16", 128, 64, True),
                ("sm90", "fp16", 80, 64, False), ("sm90", "bf16", 256, 64, True),
                ("sm90", "fp32", 64, 64, True), ("sm90", "fp16", 32, 1, True),
-               ("sm80", "bf16", 128, 64, True)]
+               ("sm90", "fp32", 256, 64, True), ("sm80", "fp32", 128, 64, True),
+               ("sm80", "bf16", 256, 64, True)]
     out = run_fresh(AOT_CCA.format(configs=configs))
     assert out.count("shared") == len(configs)

@@ -263,15 +263,20 @@ def _cca_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def launch_config(chunk_size: int, head_dim: int, n_keys: int) -> dict:
-    """Tile sizes and warps for both kernels; tl.dot needs every tile dim >= 16.
+def launch_config(chunk_size: int, head_dim: int, n_keys: int, elem_size: int = 2) -> dict:
+    """Tile sizes and warps for both kernels.
 
-    Rows are tiled within one chunk (BLOCK_M <= 64), keys within one chunk's
-    K*R keys; wide heads get narrower key tiles to bound registers.
+    tl.dot needs every tile dim >= 16. Rows are tiled within one chunk, keys
+    within one chunk's K*R keys. Wide rows (large head dims, fp32) get smaller
+    tiles so that the operands fit in shared memory on sm_80 as well as sm_90
+    (checked by compiling for both in tests/test_chunked_cross_attention.py).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(chunk_size)))
-    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
+    row_bytes = block_d * elem_size
+    rows_cap = 64 if elem_size <= 2 or block_d <= 64 else (32 if block_d <= 128 else 16)
+    keys_cap = min(64, max(16, 16384 // row_bytes))
+    block_m = min(rows_cap, max(16, triton.next_power_of_2(chunk_size)))
+    block_n = min(keys_cap, max(16, triton.next_power_of_2(n_keys)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                 num_warps=4 if block_d <= 64 else 8)
 
@@ -294,7 +299,7 @@ def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
         return out, lse
     first_chunk = (start_pos + 1) // chunk_size
     last_chunk = (start_pos + N) // chunk_size
-    config = launch_config(chunk_size, D, K * R)
+    config = launch_config(chunk_size, D, K * R, q.element_size())
     m_blocks = triton.cdiv(chunk_size, config["BLOCK_M"])
     mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
     grid = ((last_chunk - first_chunk + 1) * m_blocks, B * Hq)
@@ -319,7 +324,7 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, N)
-    config = launch_config(chunk_size, D, K * R)
+    config = launch_config(chunk_size, D, K * R, q.element_size())
     mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
     # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
     # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it)
