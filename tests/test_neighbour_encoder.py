@@ -105,7 +105,7 @@ def test_fused_matches_reference(backend, cross_attention):
         if r is None:  # the chunk without cross-attention
             assert g is None, name
             continue
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, r, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -241,12 +241,13 @@ def _nsa_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int, elem_size: int):
-    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem.
+def launch_config(n_query_rows: int, head_dim: int, n_keys: int, elem_size: int) -> dict:
+    """Tile sizes and warps for both kernels; tl.dot needs every tile dim >= 16.
 
-    The backward holds about BLOCK_D * (2*BLOCK_M + 3*BLOCK_N) elements of
-    tiles in shared memory; the caps keep that under ~150 KB (A100: 164 KB,
-    H100: 227 KB per block), fp32 tiles being twice as big as 16-bit ones.
+    Rows and keys are capped by the problem. The backward holds about
+    BLOCK_D * (2*BLOCK_M + 3*BLOCK_N) elements of tiles in shared memory; the
+    caps keep that under ~150 KB (sm_80: 163 KB, sm_90: 227 KB per block),
+    fp32 tiles being twice as big as 16-bit ones.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     row_bytes = block_d * elem_size
@@ -258,7 +259,8 @@ def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int, elem_size: int):
         max_m, max_n = 32, 16
     block_m = min(max_m, max(16, triton.next_power_of_2(n_query_rows)))
     block_n = min(max_n, max(16, triton.next_power_of_2(n_keys)))
-    return block_m, block_n, block_d
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 64 else 8)
 
 
 def _mask_args(neighbour_mask, q):
@@ -278,17 +280,15 @@ def forward(q, k, v, neighbour_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, block_d = _block_sizes(group * R, D, R, q.element_size())
-    m_blocks = triton.cdiv(group * R, block_m)
+    config = launch_config(group * R, D, R, q.element_size())
+    m_blocks = triton.cdiv(group * R, config["BLOCK_M"])
     mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
     grid = (L * K * m_blocks, B * Hkv)
     _nsa_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         K, R, L * K * R, Hq, Hkv, group, scale * LOG2E, m_blocks,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return out, lse
 
@@ -305,15 +305,13 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, scale):
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
     delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    block_m, block_n, block_d = _block_sizes(group * R, D, R, q.element_size())
+    config = launch_config(group * R, D, R, q.element_size())
     mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
     grid = (L * K, B * Hkv)
     _nsa_bwd_kernel[grid](
         q, k, v, mask, dout, lse, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
         K, R, L * K * R, Hq, Hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return dq, dk, dv
