@@ -9,9 +9,8 @@ from retro_kernels.nn import NeighbourEncoderLayer
 from tolerances import FP32_ATOL, FP32_RTOL
 
 FUSED = [
-    b for b in dispatch.FUSED_BACKENDS
-    if dispatch.load_backend(b, "neighbour_self_attention") is not None
-    and dispatch.load_backend(b, "neighbour_cross_attention") is not None
+    b for b in dispatch.implemented_backends("neighbour_self_attention")
+    if b in dispatch.implemented_backends("neighbour_cross_attention")
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,7 +105,7 @@ def test_fused_matches_reference(backend, cross_attention):
         if r is None:  # the chunk without cross-attention
             assert g is None, name
             continue
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, r, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", FUSED)
