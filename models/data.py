@@ -1,0 +1,183 @@
+"""Training and evaluation data: chunk-aligned token sequences with their neighbours.
+
+The unit is the database's chunk: every document is cut into chunks of m
+tokens from its start (the last one padded), and the retriever gives each
+chunk K neighbours of R tokens. Laying the chunks of a set of documents end
+to end gives a stream; a sequence is S = N / m consecutive chunks of it, so
+every chunk of a sequence is a database chunk with precomputed neighbours.
+
+Targets are the next token of the same document; padding and the first token
+of a document are never predicted (target -100). Bits per byte count the
+UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class ChunkedTokens:
+    """Documents cut into chunks of m tokens, in stream order, with their neighbours.
+
+    tokens: (C, m) int token ids, padding where `valid` is False.
+    valid: (C, m) bool.
+    doc: (C,) int document id of each chunk (consecutive chunks of one document are adjacent).
+    neighbours: (C, K, R) int token ids of each chunk's neighbours, or None (no retrieval).
+    neighbour_mask: (C, K, R) bool, True where a neighbour token is real.
+    """
+    tokens: np.ndarray
+    valid: np.ndarray
+    doc: np.ndarray
+    neighbours: Optional[np.ndarray] = None
+    neighbour_mask: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        C, m = self.tokens.shape
+        if self.valid.shape != (C, m) or self.doc.shape != (C,):
+            raise ValueError(f"valid must be {(C, m)} and doc {(C,)}, got {self.valid.shape}, {self.doc.shape}")
+        if self.neighbours is not None:
+            if self.neighbours.ndim != 3 or self.neighbours.shape[0] != C:
+                raise ValueError(f"neighbours must be (C={C}, K, R), got {self.neighbours.shape}")
+            if self.neighbour_mask is None:
+                self.neighbour_mask = np.ones(self.neighbours.shape, dtype=bool)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.tokens.shape[1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def with_neighbours(self, neighbours, neighbour_mask) -> "ChunkedTokens":
+        return ChunkedTokens(self.tokens, self.valid, self.doc, neighbours, neighbour_mask)
+
+    def targets(self) -> np.ndarray:
+        """(C, m) next-token targets in the stream, IGNORE where there is none."""
+        C, m = self.tokens.shape
+        flat_tok = self.tokens.reshape(-1)
+        flat_valid = self.valid.reshape(-1)
+        flat_doc = np.repeat(self.doc, m)
+        nxt = np.full(C * m, IGNORE, dtype=np.int64)
+        ok = flat_valid[1:] & (flat_doc[1:] == flat_doc[:-1])
+        nxt[:-1] = np.where(ok, flat_tok[1:], IGNORE)
+        return nxt.reshape(C, m)
+
+
+def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedTokens:
+    """Cut token arrays (one per document) into chunks of `chunk_size` from each start."""
+    tokens, valid, doc = [], [], []
+    for d, ids in enumerate(docs):
+        ids = np.asarray(ids, dtype=np.int64)
+        n = -(-len(ids) // chunk_size)
+        padded = np.full(n * chunk_size, pad_id, dtype=np.int64)
+        padded[: len(ids)] = ids
+        v = np.zeros(n * chunk_size, dtype=bool)
+        v[: len(ids)] = True
+        tokens.append(padded.reshape(n, chunk_size))
+        valid.append(v.reshape(n, chunk_size))
+        doc.append(np.full(n, d, dtype=np.int64))
+    return ChunkedTokens(np.concatenate(tokens), np.concatenate(valid), np.concatenate(doc))
+
+
+class SequenceBatches:
+    """Batches of S = seq_len / m consecutive chunks, in a seeded order that a resume can replay.
+
+    Sequences start at chunks 0, S, 2S, ... (the last partial one is dropped when
+    there are enough chunks, else padded). Epoch e visits them in the order of a
+    permutation drawn from `seed + e`; `batch(step)` is a pure function of the step,
+    so resuming at step s reproduces exactly the batches a straight run would see.
+    Under DDP each rank takes every world-th sequence of the global batch.
+    """
+
+    def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1, shuffle: bool = True):
+        m = data.chunk_size
+        if seq_len % m:
+            raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
+        self.data, self.S, self.m = data, seq_len // m, m
+        self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
+        self.starts = np.arange(0, max(1, len(data) - self.S + 1), self.S)
+        self.targets = data.targets()
+        if batch_size % world:
+            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.starts
+        return np.random.default_rng(self.seed + epoch).permutation(self.starts)
+
+    def batch(self, step: int) -> dict:
+        """The local share of global batch number `step`."""
+        n = len(self.starts)
+        idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        starts = np.array([self._order(int(i // n))[i % n] for i in idx])
+        return self.gather(starts[self.rank :: self.world])
+
+    def gather(self, starts: np.ndarray) -> dict:
+        """Tensors for sequences starting at the given chunks."""
+        S, m, d = self.S, self.m, self.data
+        rows = starts[:, None] + np.arange(S)[None, :]  # (B, S) chunk rows
+        inside = rows < len(d)
+        rows = np.minimum(rows, len(d) - 1)
+        tokens = np.where(inside[..., None], d.tokens[rows], 0)
+        targets = np.where(inside[..., None], self.targets[rows], IGNORE)
+        out = {
+            "tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
+            "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
+            "chunk_rows": torch.from_numpy(rows),
+        }
+        if d.neighbours is not None:
+            out["neighbours"] = torch.from_numpy(d.neighbours[rows].astype(np.int64))
+            out["neighbour_mask"] = torch.from_numpy(d.neighbour_mask[rows] & inside[..., None, None])
+        return out
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest run of tokens that a and b share (longest common substring)."""
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    eq = a[:, None] == b[None, :]
+    best = 0
+    prev = np.zeros(len(b) + 1, dtype=np.int64)
+    for i in range(len(a)):
+        cur = np.zeros_like(prev)
+        cur[1:] = np.where(eq[i], prev[:-1] + 1, 0)
+        best = max(best, int(cur.max()))
+        prev = cur
+    return best
+
+
+def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
+    """(C,) overlap of each chunk with the neighbours used to predict it.
+
+    Chunk c's tokens are predicted from positions that read the neighbours
+    retrieved with chunk c-1 (DESIGN.md's shift), so its overlap is the longest
+    common token run between chunk c and any of those neighbours, divided by m.
+    A document's first chunk has none: overlap 0.
+    """
+    C, m = data.tokens.shape
+    out = np.zeros(C)
+    if data.neighbours is None:
+        return out
+    for c in range(1, C):
+        if data.doc[c] != data.doc[c - 1]:
+            continue
+        chunk = data.tokens[c][data.valid[c]]
+        best = 0
+        for k in range(data.neighbours.shape[1]):
+            nb = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
+            best = max(best, longest_common_run(chunk, nb))
+        out[c] = best / m
+    return out
+
+
+TokenBytes = Callable[[np.ndarray], np.ndarray]
