@@ -132,3 +132,56 @@ def check_chunked_cross_attention(q, k, v, chunk_size, neighbour_mask, scale, st
         )
     check_mask("neighbour_mask", neighbour_mask, (B, L, K, R), "(B, L, K, R)", q.device)
     return check_scale(scale, D)
+
+
+def check_neighbour_self_attention(q, k, v, neighbour_mask, scale) -> float:
+    """Validate `neighbour_self_attention`'s arguments; return the softmax scale."""
+    check_tensor("q", q, 6, "(B, L, K, R, Hq, D)")
+    check_tensor("k", k, 6, "(B, L, K, R, Hkv, D)")
+    check_tensor("v", v, 6, "(B, L, K, R, Hkv, D)")
+    check_same(("q", "k", "v"), (q, k, v))
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, L, K, R, Hq, D = q.shape
+    if tuple(k.shape[:4]) != (B, L, K, R):
+        raise ValueError(
+            f"k must have (B, L, K, R) = {(B, L, K, R)} like q (B, L, K, R, Hq, D), "
+            f"got {tuple(k.shape[:4])}"
+        )
+    Hkv, kD = k.shape[4], k.shape[5]
+    if kD != D:
+        raise ValueError(f"k must have head dim {D} like q (B, L, K, R, Hq, D), got {kD}")
+    if D < 1 or Hq < 1 or Hkv < 1 or K < 1 or R < 1:
+        raise ValueError(
+            f"q (B, L, K, R, Hq, D) = {tuple(q.shape)} and k (B, L, K, R, Hkv, D) = "
+            f"{tuple(k.shape)} need D, Hq, Hkv, K and R >= 1"
+        )
+    check_heads("q", Hq, "k", Hkv)
+    check_mask("neighbour_mask", neighbour_mask, (B, L, K, R), "(B, L, K, R)", q.device)
+    return check_scale(scale, D)
+
+
+def check_neighbour_cross_attention(q, k, v, chunk_mask, scale) -> float:
+    """Validate `neighbour_cross_attention`'s arguments; return the softmax scale."""
+    check_tensor("q", q, 6, "(B, L, K, R, Hq, D)")
+    check_tensor("k", k, 5, "(B, L, M, Hkv, D)")
+    check_tensor("v", v, 5, "(B, L, M, Hkv, D)")
+    check_same(("q", "k", "v"), (q, k, v))
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, L, K, R, Hq, D = q.shape
+    kB, kL, M, Hkv, kD = k.shape
+    if (kB, kL) != (B, L):
+        raise ValueError(
+            f"k must have (B, L) = {(B, L)} like q (B, L, K, R, Hq, D), got {(kB, kL)}"
+        )
+    if kD != D:
+        raise ValueError(f"k must have head dim {D} like q (B, L, K, R, Hq, D), got {kD}")
+    if D < 1 or Hq < 1 or Hkv < 1 or K < 1 or R < 1 or M < 1:
+        raise ValueError(
+            f"q (B, L, K, R, Hq, D) = {tuple(q.shape)} and k (B, L, M, Hkv, D) = "
+            f"{tuple(k.shape)} need D, Hq, Hkv, K, R and M >= 1"
+        )
+    check_heads("q", Hq, "k", Hkv)
+    check_mask("chunk_mask", chunk_mask, (B, L, M), "(B, L, M)", q.device)
+    return check_scale(scale, D)

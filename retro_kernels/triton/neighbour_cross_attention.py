@@ -1,0 +1,299 @@
+"""Neighbour cross-attention in Triton: fused forward and backward kernels with their launchers.
+
+All K neighbours of chunk l attend to the same M tokens of chunk l. A
+program works on one chunk and one key/value head; its query rows are the
+K*R neighbour tokens of every query head of that kv head's group, flattened
+as row = g * K*R + k * R + r (query head h = h_kv * group + g). So the
+chunk's keys and values are read straight from (B, L, M, Hkv, D) by the
+programs of that (batch, chunk, kv head) only, for all K neighbours and all
+grouped query heads together: nothing repeats them K (or group) times, and
+the chunk mask is applied in-kernel.
+
+Forward: one program per (chunk, block of BLOCK_M rows, batch x kv head);
+online softmax over the chunk's M keys in tiles of BLOCK_N. Rows whose
+every key is masked store zeros and lse = +inf; other rows store the
+natural-log log-sum-exp for the backward.
+
+Backward: one program per (chunk, batch x kv head) owns every query row of
+the chunk for the group and every key of the chunk, so it writes dq, dk and
+dv with no atomics: deterministic. It makes two sweeps over the
+(group*K*R) x M score tile: keys outside (dk, dv), then queries outside (dq).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import triton_reasons
+
+LOG2E = 1.4426950408889634
+
+
+def not_supported_reasons(q, k, v, chunk_mask) -> list[str]:
+    return triton_reasons({"q": q, "k": k, "v": v})
+
+
+# ---------------------------------------------------------------------------
+# Shared address arithmetic
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M: tl.constexpr):
+    """Rows row_start.. of the group: query head, neighbour, token index, in range."""
+    row = row_start + tl.arange(0, BLOCK_M)  # row = g * K*R + k * R + r
+    h = h_kv * group + row // n_chunk_rows
+    i = row % n_chunk_rows  # i = k * R + r: the row's index within the chunk
+    real = row < group * n_chunk_rows
+    return h, i // R, i % R, i, real
+
+
+@triton.jit
+def _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Keys key_start.. of the chunk: their index and which are real tokens."""
+    j = key_start + tl.arange(0, BLOCK_N)
+    real = j < M
+    if HAS_MASK:
+        real = real & (tl.load(mask_base + j * stride_mm, mask=real, other=0) != 0)
+    return j, real
+
+
+@triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; exact fp32 products for fp32 inputs."""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _nca_fwd_kernel(
+    Q, K, V, MASK, OUT, LSE,
+    stride_qb, stride_ql, stride_qk, stride_qr, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vm, stride_vh, stride_vd,
+    stride_mb, stride_ml, stride_mm,
+    stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
+    R, n_chunk_rows, n_rows, M, n_heads, n_kv_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_BLOCKS: tl.constexpr,  # ceil(group * K*R / BLOCK_M)
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    # -- which chunk, which rows, which kv head ----------------------------
+    l = (tl.program_id(0) // M_BLOCKS).to(tl.int64)
+    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
+    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
+    h_kv = tl.program_id(1) % n_kv_heads
+    h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_real = d < HEAD_DIM
+
+    q_ptrs = (Q + b * stride_qb + l * stride_ql + kk[:, None] * stride_qk
+              + r[:, None] * stride_qr + h[:, None] * stride_qh + d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_real[:, None] & d_real[None, :], other=0.0)
+    # the chunk's keys: the same for all K neighbours and all grouped heads
+    k_base = K + b * stride_kb + l * stride_kl + h_kv * stride_kh
+    v_base = V + b * stride_vb + l * stride_vl + h_kv * stride_vh
+    mask_base = MASK + b * stride_mb + l * stride_ml
+
+    # -- online softmax over the chunk's keys, BLOCK_N at a time -----------
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for key_start in range(0, M, BLOCK_N):
+        j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
+        kv_mask = (j < M)[:, None] & d_real[None, :]
+        k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+        # scores, in log2 units so that exp2 can be used
+        scores = _dot(q, tl.trans(k), IEEE_DOT)
+        scores = tl.where(key_real[None, :], scores * qk_scale, float("-inf"))
+
+        # rescale the running sums to the new row maximum; rows that have seen
+        # no real key yet keep max -inf, and subtract 0 instead to avoid NaN
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
+        m_i = m_new
+
+    # -- normalise; rows with no real key output zeros and lse = +inf ------
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    o_ptrs = (OUT + b * stride_ob + l * stride_ol + kk[:, None] * stride_ok
+              + r[:, None] * stride_or + h[:, None] * stride_oh + d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_real[:, None] & d_real[None, :])
+    lse_ptrs = LSE + (b * n_heads + h) * n_rows + l * n_chunk_rows + i
+    tl.store(lse_ptrs, lse, mask=row_real)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT: tl.constexpr):
+    """P = softmax(Q K^T * scale) of one tile, from the forward's log-sum-exp."""
+    scores = _dot(q, tl.trans(k), IEEE_DOT)
+    p = tl.exp2(scores * qk_scale - lse[:, None] * 1.4426950408889634)
+    return tl.where(row_real[:, None] & key_real[None, :], p, 0.0)
+
+
+@triton.jit
+def _nca_bwd_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_ql, stride_qk, stride_qr, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vm, stride_vh, stride_vd,
+    stride_mb, stride_ml, stride_mm,
+    stride_dob, stride_dol, stride_dok, stride_dor, stride_doh, stride_dod,
+    R, n_chunk_rows, n_rows, M, n_chunks, n_heads, n_kv_heads, group, scale, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    # dq, dk, dv are contiguous: (B, L, K*R, Hq, D) and (B, L, M, Hkv, D).
+    l = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
+    h_kv = tl.program_id(1) % n_kv_heads
+    q_base = Q + b * stride_qb + l * stride_ql
+    do_base = DO + b * stride_dob + l * stride_dol
+    k_base = K + b * stride_kb + l * stride_kl + h_kv * stride_kh
+    v_base = V + b * stride_vb + l * stride_vl + h_kv * stride_vh
+    mask_base = MASK + b * stride_mb + l * stride_ml
+    d = tl.arange(0, BLOCK_D)
+    d_real = d < HEAD_DIM
+    n_group_rows = group * n_chunk_rows
+
+    # -- sweep 1: for each key tile, dV = P^T dO and dK = dS^T Q * scale --
+    # summed over the K*R rows of every query head of the group.
+    for key_start in range(0, M, BLOCK_N):
+        j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
+        kv_mask = (j < M)[:, None] & d_real[None, :]
+        k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for row_start in range(0, n_group_rows, BLOCK_M):
+            h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
+            row_mask = row_real[:, None] & d_real[None, :]
+            q = tl.load(q_base + kk[:, None] * stride_qk + r[:, None] * stride_qr
+                        + h[:, None] * stride_qh + d[None, :] * stride_qd, mask=row_mask, other=0.0)
+            do = tl.load(do_base + kk[:, None] * stride_dok + r[:, None] * stride_dor
+                         + h[:, None] * stride_doh + d[None, :] * stride_dod, mask=row_mask, other=0.0)
+            stat = (b * n_heads + h) * n_rows + l * n_chunk_rows + i
+            lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
+            delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
+            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+        kv_out = ((b * n_chunks + l) * M + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
+        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    # -- sweep 2: for each query tile, dQ = dS K * scale -------------------
+    for row_start in range(0, n_group_rows, BLOCK_M):
+        h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
+        row_mask = row_real[:, None] & d_real[None, :]
+        q = tl.load(q_base + kk[:, None] * stride_qk + r[:, None] * stride_qr
+                    + h[:, None] * stride_qh + d[None, :] * stride_qd, mask=row_mask, other=0.0)
+        do = tl.load(do_base + kk[:, None] * stride_dok + r[:, None] * stride_dor
+                     + h[:, None] * stride_doh + d[None, :] * stride_dod, mask=row_mask, other=0.0)
+        stat = (b * n_heads + h) * n_rows + l * n_chunk_rows + i
+        lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
+        delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for key_start in range(0, M, BLOCK_N):
+            j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
+            kv_mask = (j < M)[:, None] & d_real[None, :]
+            k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+        dq_out = ((b * n_chunks + l) * n_chunk_rows + i[:, None]) * n_heads * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :]
+        tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int):
+    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(64, max(16, triton.next_power_of_2(n_query_rows)))
+    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
+    return block_m, block_n, block_d
+
+
+def _mask_args(chunk_mask, q):
+    """The mask as bytes (Triton reads bool pointers as int8), and its strides."""
+    if chunk_mask is None:
+        return q, (0, 0, 0), False  # never read
+    mask = chunk_mask.view(torch.uint8)
+    return mask, mask.stride(), True
+
+
+def forward(q, k, v, chunk_mask, scale):
+    """(out (B, L, K, R, Hq, D), lse (B, Hq, L*K*R) fp32) for the custom op. Any strides."""
+    B, L, K, R, Hq, D = q.shape
+    M, Hkv = k.shape[2], k.shape[3]
+    group = Hq // Hkv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
+    m_blocks = triton.cdiv(group * K * R, block_m)
+    mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
+    grid = (L * m_blocks, B * Hkv)
+    _nca_fwd_kernel[grid](
+        q, k, v, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
+        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=4 if block_d <= 64 else 8,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, chunk_mask, out, lse, scale):
+    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides."""
+    B, L, K, R, Hq, D = q.shape
+    M, Hkv = k.shape[2], k.shape[3]
+    group = Hq // Hkv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
+    delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
+    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
+    mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
+    grid = (L, B * Hkv)
+    _nca_bwd_kernel[grid](
+        q, k, v, mask, dout, lse, delta, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
+        R, K * R, L * K * R, M, L, Hq, Hkv, group, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=4 if block_d <= 64 else 8,
+    )
+    return dq, dk, dv
