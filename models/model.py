@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retro_kernels.nn import ChunkedCrossAttention, RotaryEmbedding
+from retro_kernels.nn import ChunkedCrossAttention, NeighbourEncoderLayer, RotaryEmbedding
 
 from .config import RetroConfig
 
-try:  # the fused neighbour encoder layer (retro_kernels.nn, branch `neighbour`)
-    from retro_kernels.nn import NeighbourEncoderLayer
-except ImportError:  # pragma: no cover - until that layer lands
-    NeighbourEncoderLayer = None
 
 
 # ---------------------------------------------------------------------------
@@ -138,74 +134,15 @@ class DecoderBlock(nn.Module):
 # Retrieval encoder
 # ---------------------------------------------------------------------------
 
-class _PlainNeighbourEncoderLayer(nn.Module):
-    """Stand-in for retro_kernels.nn.NeighbourEncoderLayer until that layer lands.
-
-    Same interface: forward(neighbours (B, L, K, R, d), chunk (B, L, M, d),
-    neighbour_mask (B, L, K, R), chunk_mask (B, L, M)) -> (B, L, K, R, d).
-    """
-
-    def __init__(self, d_model, n_heads, cross_attention, ff_mult=4.0, rotary_base=10000.0, backend="auto"):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.self_norm = nn.RMSNorm(d_model)
-        self.self_qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.self_out = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim - self.head_dim % 2, rotary_base)
-        self.cross_attention = cross_attention
-        if cross_attention:
-            self.cross_norm = nn.RMSNorm(d_model)
-            self.chunk_norm = nn.RMSNorm(d_model)
-            self.cross_q = nn.Linear(d_model, d_model, bias=False)
-            self.cross_kv = nn.Linear(d_model, 2 * d_model, bias=False)
-            self.cross_out = nn.Linear(d_model, d_model, bias=False)
-        self.ff_norm = nn.RMSNorm(d_model)
-        self.ff = FeedForward(d_model, ff_mult, "gelu")
-        self.backend = backend
-
-    def forward(self, neighbours, chunk=None, neighbour_mask=None, chunk_mask=None):
-        B, L, K, R, d = neighbours.shape
-        H, D = self.n_heads, self.head_dim
-        x = neighbours
-        q, k, v = self.self_qkv(self.self_norm(x)).view(B, L, K, R, 3, H, D).unbind(4)
-        pos = torch.arange(R, device=x.device)
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
-        mask = None if neighbour_mask is None else neighbour_mask[..., None, None, :]
-        o = _attend(q, k, v, mask)
-        x = x + self.self_out(o.reshape(B, L, K, R, d))
-        if self.cross_attention and chunk is not None:
-            M = chunk.shape[2]
-            q = self.cross_q(self.cross_norm(x)).view(B, L, K * R, H, D)
-            k, v = self.cross_kv(self.chunk_norm(chunk)).view(B, L, M, 2, H, D).unbind(3)
-            cmask = None if chunk_mask is None else chunk_mask[:, :, None, None, :]
-            o = _attend(q, k, v, cmask)
-            x = x + self.cross_out(o.reshape(B, L, K, R, d))
-        return x + self.ff(self.ff_norm(x))
-
-
-def _attend(q, k, v, key_mask):
-    """softmax(q k^T / sqrt(D)) v over the second-to-last token axis; fully masked rows give 0."""
-    scores = torch.einsum("...qhd,...khd->...hqk", q, k) * q.shape[-1] ** -0.5
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))
-        has_key = key_mask.any(-1, keepdim=True)
-        scores = scores.masked_fill(~has_key, 0.0)
-        p = torch.softmax(scores, -1) * has_key
-    else:
-        p = torch.softmax(scores, -1)
-    return torch.einsum("...hqk,...khd->...qhd", p, v)
-
-
 class RetrievalEncoder(nn.Module):
     """Encodes embedded neighbours, conditioned on the chunk activations they were retrieved for."""
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         heads = cfg.encoder_heads or cfg.n_heads
-        layer_cls = NeighbourEncoderLayer if NeighbourEncoderLayer is not None else _PlainNeighbourEncoderLayer
         self.layers = nn.ModuleList(
-            layer_cls(cfg.d_model, heads, cross_attention=(i + 1) in cfg.encoder_cross_attention_layers,
-                      backend=cfg.kernels)
+            NeighbourEncoderLayer(cfg.d_model, heads, cross_attention=(i + 1) in cfg.encoder_cross_attention_layers,
+                                  rotary_base=cfg.rotary_base, backend=cfg.kernels)
             for i in range(cfg.encoder_layers)
         )
         self.norm = nn.RMSNorm(cfg.d_model)
