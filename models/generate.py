@@ -1,0 +1,98 @@
+"""Sampling with a KV cache and retrieval as chunks complete.
+
+    python -m models generate --checkpoint runs/x --db DIR --prompt "..." [--max-new-tokens 128
+        --temperature 0.8 --top-k 50 --top-p 0.95 --no-retrieval]
+
+The prompt is fed in one forward; then one token at a time. Whenever a chunk
+of m tokens completes, its neighbours are retrieved with its tokens, and the
+next forward (the chunk's last token, the first that may read them) encodes
+them with the chunk's activations and continues chunked cross-attention over
+them through `chunked_cross_attention(..., start_pos=...)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .model import RetroModel
+
+# retriever(list of (m,) token arrays) -> (tokens (n, K, R), mask (n, K, R))
+Retriever = Callable[[list], tuple]
+
+
+@dataclass
+class Generation:
+    tokens: list  # prompt + generated ids
+    prompt_len: int
+    neighbours: list = field(default_factory=list)  # per completed chunk: (K, R) ids
+    neighbour_masks: list = field(default_factory=list)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator) -> int:
+    """One token from (V,) logits: greedy at temperature 0, else top-k, then nucleus (top-p)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Optional[Retriever] = None,
+             temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, seed: int = 0,
+             stop_ids: tuple = (), device="cpu") -> Generation:
+    """Sample a continuation of `prompt` (token ids). Retrieval is on when `retriever` is given."""
+    cfg, m = model.cfg, model.cfg.chunk_size
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    if retriever is not None and not cfg.retrieval:
+        raise ValueError("a retriever was given but the model has retrieval=False")
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = Generation(tokens=list(prompt), prompt_len=len(prompt))
+    K, R = cfg.num_neighbours, cfg.R
+
+    def retrieve_complete_chunks():
+        done = len(out.neighbours)
+        complete = len(out.tokens) // m
+        if complete > done:
+            chunks = [np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)]
+            nb, mask = retriever(chunks)
+            out.neighbours.extend(np.asarray(nb)[:, :K, :R])
+            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
+
+    def neighbour_tensors():
+        if retriever is None:
+            return None, None
+        retrieve_complete_chunks()
+        if not out.neighbours:
+            return torch.zeros(1, 0, K, R, dtype=torch.long, device=device), None
+        nb = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
+        mask = torch.as_tensor(np.stack(out.neighbour_masks), dtype=torch.bool, device=device)[None]
+        return nb, mask
+
+    cache = model.new_cache()
+    nb, mask = neighbour_tensors()
+    x = torch.as_tensor(out.tokens, dtype=torch.long, device=device)[None]
+    logits = model(x, nb, mask, start_pos=0, cache=cache)[0, -1]
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, gen)
+        out.tokens.append(token)
+        if token in stop_ids:
+            break
+        nb, mask = neighbour_tensors()  # retrieves when this token completed a chunk
+        x = torch.tensor([[token]], dtype=torch.long, device=device)
+        logits = model(x, nb, mask, start_pos=len(out.tokens) - 1, cache=cache)[0, -1]
+    return out
