@@ -35,6 +35,7 @@ class RetroConfig:
     encoder_layers: int = 2
     encoder_heads: Optional[int] = None  # None: n_heads
     encoder_cross_attention_layers: tuple = (1,)  # 1-based encoder layers with cross-attention
+    encoder_ff_mult: int = 4  # encoder feed-forward width / d_model
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -67,7 +68,7 @@ class RetroConfig:
                 raise ValueError(f"RetroConfig: {msg}")
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "chunk_size",
-                     "num_neighbours", "cca_every", "encoder_layers"):
+                     "num_neighbours", "cca_every", "encoder_layers", "encoder_ff_mult"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be an int >= 1, got {v!r}")

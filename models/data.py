@@ -181,3 +181,105 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
 
 
 TokenBytes = Callable[[np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# From a retrieval database (models.retrieval)
+# ---------------------------------------------------------------------------
+
+def open_database(path, chunk_size: Optional[int] = None):
+    """Open a built retrieval database, with a clear error when there is none."""
+    from pathlib import Path
+
+    from .retrieval import RetrievalDatabase
+
+    if path is None:
+        raise ValueError("--db is required: the retrieval database directory (build one with "
+                         "`python -m models build-db --out DIR`)")
+    if not (Path(path) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no retrieval database at {str(path)!r} (no manifest.json); build one with "
+                                f"`python -m models build-db --out {path}`")
+    expect = None if chunk_size is None else {"chunk_size": chunk_size}
+    return RetrievalDatabase.open(path, expect_config=expect)
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (special tokens: 0).
+
+    In the byte-level alphabet every byte is one character, so a token's byte
+    count is the length of its string.
+    """
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    out = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for s, i in vocab.items():
+        out[i] = 0 if s in special else len(s)
+    return out
+
+
+def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
+    """A database split ("train" or "eval") as ChunkedTokens with its precomputed neighbours.
+
+    num_neighbours: K to keep from the precomputed table (None: no neighbours).
+    """
+    stream = db.stream(split)
+    m = db.chunk_size
+    chunk_doc = np.asarray(stream.chunk_doc, dtype=np.int64)
+    C = chunk_doc.size
+    if C == 0:
+        raise ValueError(f"the database's {split!r} split is empty")
+    tokens = np.asarray(stream.tokens[: C * m], dtype=np.int64).reshape(C, m)
+    valid = tokens != db.pad_id
+    data = ChunkedTokens(tokens, valid, chunk_doc)
+    if num_neighbours is None:
+        return data
+    if stream.neighbours is None:
+        raise ValueError(f"the database has no precomputed neighbours for its {split!r} split")
+    table = np.asarray(stream.neighbours)
+    if table.shape[1] < num_neighbours:
+        raise ValueError(f"the database precomputed {table.shape[1]} neighbours per chunk; the model needs "
+                         f"{num_neighbours} (rebuild with -k {num_neighbours})")
+    ids, mask = db.chunk_values(table[:, :num_neighbours])
+    return data.with_neighbours(ids, mask)
+
+
+def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> ChunkedTokens:
+    """`data`'s neighbours from the database plus `data`'s own chunks (a "leaky" database).
+
+    Equivalent to an exact (flat) database holding both the database's chunks
+    and those of `data`'s documents: each chunk is embedded with the database's
+    embedder, searched in the database and among `data`'s chunks by L2, and the
+    K nearest of both are kept. A chunk's own document is not excluded, so its
+    nearest neighbour is itself with its continuation: this measures copying.
+    """
+    m, R, K = db.chunk_size, db.neighbour_len, num_neighbours
+    C = len(data)
+    keys = db.embed_chunks([data.tokens[c][data.valid[c]] for c in range(C)])
+    db_dist, db_ids = db.search(keys, K)
+    # data's own chunks that hold document text (not only <|endoftext|>/padding)
+    text = data.valid & (data.tokens != db.eos_id)
+    own = np.flatnonzero(text.any(1))
+    keys = np.asarray(keys, dtype=np.float32)
+    sq = (keys ** 2).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, own] - 2 * keys @ keys[own].T, 0.0)  # (C, own) squared L2
+    own_order = np.argsort(d2, axis=1)[:, :K]
+    own_dist = np.take_along_axis(d2, own_order, 1)
+    db_vals, db_mask = db.chunk_values(db_ids)
+    # values of data's own chunks: the chunk and its continuation within the document
+    flat_tok = data.tokens.reshape(-1)
+    flat_text = text.reshape(-1)
+    flat_doc = np.repeat(data.doc, m)
+    starts = own[own_order] * m  # (C, K)
+    pos = starts[..., None] + np.arange(R)
+    inside = pos < flat_tok.size
+    pos_c = np.minimum(pos, flat_tok.size - 1)
+    own_mask = inside & flat_text[pos_c] & (flat_doc[pos_c] == flat_doc[starts][..., None])
+    own_vals = np.where(own_mask, flat_tok[pos_c], db.pad_id)
+    # merge by distance
+    dist = np.concatenate([db_dist, own_dist], 1)
+    vals = np.concatenate([db_vals, own_vals], 1)
+    mask = np.concatenate([db_mask, own_mask], 1)
+    dist = np.where(np.concatenate([db_ids >= 0, np.ones_like(own_order, bool)], 1), dist, np.inf)
+    best = np.argsort(dist, axis=1, kind="stable")[:, :K]
+    return data.with_neighbours(np.take_along_axis(vals, best[..., None], 1),
+                                np.take_along_axis(mask, best[..., None], 1))

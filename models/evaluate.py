@@ -79,13 +79,15 @@ def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *
     """
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
     tb = np.asarray(byte_lengths)[data.tokens]
+    pred = pred & (tb > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
     out = {
         "bpb": bits_per_byte(nll, pred, tb),
         "tokens": int(pred.sum()),
         "bytes": int(tb[pred].sum()),
         "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
     }
-    if overlap and data.neighbours is not None:
+    out["_per_chunk"] = {"overlap": np.zeros(len(data)), "nll": (nll * pred).sum(1), "bytes": (tb * pred).sum(1)}
+    if overlap and retrieval and data.neighbours is not None:
         ov = chunk_overlap(data)
         rows = []
         for alpha in ALPHAS:
@@ -97,10 +99,10 @@ def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *
     return out
 
 
-def overlap_table_for(results_on: dict, results_off: dict, data_off_pred=None) -> list[dict]:
-    """bpb(alpha) ON, with OFF on the same chunks for comparison."""
+def overlap_rows(on: dict, off: dict) -> list[dict]:
+    """bpb over the chunks with overlap <= alpha (overlap with the neighbours of `on`), ON and OFF."""
     rows = []
-    pc_on, pc_off = results_on["_per_chunk"], results_off["_per_chunk"]
+    pc_on, pc_off = on["_per_chunk"], off["_per_chunk"]
     for alpha in ALPHAS:
         keep = pc_on["overlap"] <= alpha + 1e-9
         b = pc_on["bytes"][keep].sum()
@@ -114,15 +116,18 @@ def overlap_table_for(results_on: dict, results_off: dict, data_off_pred=None) -
 
 
 def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
-    """bpb vs the chunk-overlap threshold alpha, one line per setting."""
+    """bpb vs the chunk-overlap threshold alpha: for each setting, ON (solid) and OFF (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in rows_by_name.items():
-        ax.plot([r["alpha"] for r in rows], [r["bpb"] for r in rows], marker="o", label=name)
+    for i, (name, rows) in enumerate(rows_by_name.items()):
+        color = f"C{i}"
+        alphas = [r["alpha"] for r in rows]
+        ax.plot(alphas, [r["bpb_on"] for r in rows], marker="o", color=color, label=f"{name}: retrieval ON")
+        ax.plot(alphas, [r["bpb_off"] for r in rows], ls="--", color=color, label=f"{name}: same chunks, OFF")
     ax.set_xlabel("max chunk overlap with its neighbours (alpha)")
     ax.set_ylabel("bits per byte")
     ax.set_title(title or "bpb over evaluation chunks with overlap <= alpha")
@@ -144,3 +149,92 @@ def write_report(path: Path, report: dict) -> None:
     from .checkpoint import write_json_atomic
 
     write_json_atomic(Path(path), report)
+
+
+def load_model(checkpoint, kernels: Optional[str] = None, device="cpu") -> RetroModel:
+    from . import checkpoint as ckpt
+
+    cfg = ckpt.load_config(checkpoint)
+    if kernels:
+        cfg.kernels = kernels
+    model = RetroModel(cfg)
+    ckpt.load_model_weights(model, checkpoint)
+    return model.to(device).eval()
+
+
+def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device="cpu", log=print) -> dict:
+    """bpb on the database's held-out documents: OFF, ON, and ON with them in the database."""
+    from .data import from_stream, neighbours_including, token_byte_lengths
+
+    cfg = model.cfg
+    fp = cfg.extra.get("db_fingerprint")
+    if fp and fp != db.fingerprint:
+        log(f"warning: the model was trained with database {fp}, this one is {db.fingerprint}")
+    if db.vocab_size != cfg.vocab_size or db.chunk_size != cfg.chunk_size:
+        raise ValueError(f"the database (vocab {db.vocab_size}, m={db.chunk_size}) does not match the model "
+                         f"(vocab {cfg.vocab_size}, m={cfg.chunk_size})")
+    tb = token_byte_lengths(db.tokenizer)
+    data = from_stream(db, "eval", cfg.num_neighbours if cfg.retrieval else None)
+    results = {"documents": int(np.unique(data.doc).size), "chunks": len(data)}
+    off = evaluate(model, data, tb, retrieval=False, batch_size=batch_size, device=device)
+    results["off"] = off
+    if cfg.retrieval:
+        results["on"] = evaluate(model, data, tb, retrieval=True, batch_size=batch_size, device=device)
+        results["on"]["overlap"] = overlap_rows(results["on"], off)
+        if with_eval_docs:
+            leaky = neighbours_including(db, data, cfg.num_neighbours)
+            r = evaluate(model, leaky, tb, retrieval=True, batch_size=batch_size, device=device)
+            r["overlap"] = overlap_rows(r, off)
+            results["on_with_eval_docs"] = r
+    return results
+
+
+def summary(results: dict) -> dict:
+    """JSON-ready results: the per-chunk arrays dropped."""
+    return {k: public(v) if isinstance(v, dict) else v for k, v in results.items()}
+
+
+def table(results: dict) -> str:
+    rows = [("retrieval OFF", results["off"])]
+    if "on" in results:
+        rows.append(("retrieval ON, database without the held-out documents", results["on"]))
+    if "on_with_eval_docs" in results:
+        rows.append(("retrieval ON, database including them", results["on_with_eval_docs"]))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'setting'.ljust(width)}  bits/byte", f"{'-' * width}  ---------"]
+    lines += [f"{name.ljust(width)}  {r['bpb']:.4f}" for name, r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .data import open_database
+
+    p = argparse.ArgumentParser(prog="python -m models eval",
+                                description="bits per byte on the held-out documents, retrieval ON and OFF")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
+    p.add_argument("--db", required=True, help="the retrieval database (its 'eval' split is evaluated)")
+    p.add_argument("--with-eval-docs", action="store_true",
+                   help="also evaluate with the held-out documents added to the database (measures copying)")
+    p.add_argument("--out", default=None, help="JSON results (default: <checkpoint>/eval.json)")
+    p.add_argument("--plot", default=None, help="PNG of bpb vs chunk overlap (default: beside the JSON)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--kernels", default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, args.kernels, device)
+    db = open_database(args.db, chunk_size=model.cfg.chunk_size)
+    results = run_evaluation(model, db, args.with_eval_docs, args.batch_size, device)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    write_report(out, summary(results))
+    print(table(results))
+    curves = {k: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
+    if curves:
+        plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+        plot_overlap(curves, plot)
+        print(f"wrote {out} and {plot}")
+    return 0

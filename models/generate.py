@@ -96,3 +96,57 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
         x = torch.tensor([[token]], dtype=torch.long, device=device)
         logits = model(x, nb, mask, start_pos=len(out.tokens) - 1, cache=cache)[0, -1]
     return out
+
+
+def database_retriever(db, K: int) -> Retriever:
+    """Retrieve from a database with the chunk's own tokens (nothing excluded)."""
+    def retrieve(chunks):
+        ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])
+        return db.neighbours_for_tokens(ids, K)
+
+    return retrieve
+
+
+def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
+    """The prompt, the continuation, and each chunk's neighbours (decoded)."""
+    m = db.chunk_size
+    lines = ["prompt:", "  " + db.decode(result.tokens[: result.prompt_len]).replace("\n", "\n  "),
+             "continuation:", "  " + db.decode(result.tokens[result.prompt_len:]).replace("\n", "\n  ")]
+    for u, (nb, mask) in enumerate(zip(result.neighbours, result.neighbour_masks)):
+        chunk = db.decode(result.tokens[u * m:(u + 1) * m]).replace("\n", " ")
+        lines.append(f"chunk {u} {chunk[:max_neighbour_chars]!r}")
+        for k in range(nb.shape[0]):
+            text = db.decode(nb[k][mask[k]]).replace("\n", " ")
+            lines.append(f"    neighbour {k}: {text[:max_neighbour_chars]!r}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .data import open_database
+    from .evaluate import load_model
+    from .train import resolve_device
+
+    p = argparse.ArgumentParser(prog="python -m models generate", description="sample from a RETRO model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--db", required=True, help="retrieval database (its tokenizer is the model's)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-retrieval", action="store_true")
+    p.add_argument("--kernels", default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, args.kernels, device)
+    db = open_database(args.db, chunk_size=model.cfg.chunk_size)
+    retriever = None if args.no_retrieval or not model.cfg.retrieval else database_retriever(db, model.cfg.num_neighbours)
+    prompt = db.encode(args.prompt).tolist()
+    result = generate(model, prompt, args.max_new_tokens, retriever, args.temperature, args.top_k, args.top_p,
+                      args.seed, stop_ids=(db.eos_id,), device=device)
+    print(show(db, result))
+    return 0

@@ -142,7 +142,7 @@ class RetrievalEncoder(nn.Module):
         heads = cfg.encoder_heads or cfg.n_heads
         self.layers = nn.ModuleList(
             NeighbourEncoderLayer(cfg.d_model, heads, cross_attention=(i + 1) in cfg.encoder_cross_attention_layers,
-                                  rotary_base=cfg.rotary_base, backend=cfg.kernels)
+                                  ff_mult=cfg.encoder_ff_mult, rotary_base=cfg.rotary_base, backend=cfg.kernels)
             for i in range(cfg.encoder_layers)
         )
         self.norm = nn.RMSNorm(cfg.d_model)

@@ -76,6 +76,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
+
+    On a small shared machine, a thread pool wider than the idle cores makes every
+    op wait for a descheduled thread (here: 100x slower elementwise ops), so
+    the default falls back to 1 thread when the load average says the cores are taken.
+    """
+    if threads is None:
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores, int(cores - load + 0.5)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -254,3 +269,94 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---------------------------------------------------------------------------
+# python -m models train
+# ---------------------------------------------------------------------------
+
+def add_model_arguments(p) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=256)
+    g.add_argument("--layers", type=int, default=6)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=None, help="fewer than --heads: grouped-query attention")
+    g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
+    g.add_argument("--seq-len", type=int, default=512, help="N, a multiple of the database's chunk size")
+    g.add_argument("--neighbours", type=int, default=2, help="K neighbours per chunk")
+    g.add_argument("--cca-start", type=int, default=3, help="first decoder layer with CCA (1-based; paper: 6 or 9)")
+    g.add_argument("--cca-every", type=int, default=3)
+    g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
+    g.add_argument("--kernels", default="auto", help="auto (fused where available) or reference")
+
+
+def add_train_arguments(p) -> None:
+    g = p.add_argument_group("training")
+    d = TrainArgs()
+    g.add_argument("--out", default=d.out, help="checkpoint directory")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
+    g.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation micro-steps")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip", type=float, default=d.clip)
+    g.add_argument("--retrieval-dropout", type=float, default=d.retrieval_dropout,
+                   help="fraction of sequences trained with their neighbours masked")
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--retrofit", default=None, help="a plain decoder checkpoint: freeze it, train CCA + encoder")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_arguments(args, db) -> RetroConfig:
+    cfg = RetroConfig(
+        vocab_size=db.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+        n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
+        num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
+        cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
+        extra={"db_fingerprint": db.fingerprint},
+    )
+    if args.retrofit:
+        base = ckpt.load_config(args.retrofit)
+        cfg = base.replace(retrieval=True, num_neighbours=args.neighbours, cca_start_layer=min(args.cca_start, base.n_layers),
+                           cca_every=args.cca_every, kernels=args.kernels, extra=cfg.extra)
+    return cfg
+
+
+def train_args_from(args) -> TrainArgs:
+    return TrainArgs(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+        retrieval_dropout=args.retrieval_dropout, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        seed=args.seed, resume=args.resume, retrofit=args.retrofit, device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .data import from_stream, open_database, token_byte_lengths
+
+    p = argparse.ArgumentParser(prog="python -m models train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", required=True, help="retrieval database directory (python -m models build-db)")
+    add_model_arguments(p)
+    add_train_arguments(p)
+    args = p.parse_args(argv)
+    db = open_database(args.db)
+    cfg = config_from_arguments(args, db)
+    K = cfg.num_neighbours if cfg.retrieval else None
+    train_data = from_stream(db, "train", K)
+    eval_data = from_stream(db, "eval", K)
+    result = train(cfg, train_data, train_args_from(args), eval_data, token_byte_lengths(db.tokenizer))
+    last = result["history"][-1] if result["history"] else {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result['step']}, last loss {last.get('loss', float('nan')):.4f}, "
+              f"eval {last.get('eval')}, checkpoint in {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
