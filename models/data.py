@@ -88,8 +88,8 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
 class SequenceBatches:
     """Batches of S = seq_len / m consecutive chunks, in a seeded order that a resume can replay.
 
-    Sequences start at chunks 0, S, 2S, ... (the last partial one is dropped when
-    there are enough chunks, else padded). Epoch e visits them in the order of a
+    Sequences start at chunks 0, S, 2S, ... (the last one padded when the chunks
+    run out), so every chunk is in exactly one sequence. Epoch e visits them in the order of a
     permutation drawn from `seed + e`; `batch(step)` is a pure function of the step,
     so resuming at step s reproduces exactly the batches a straight run would see.
     Under DDP each rank takes every world-th sequence of the global batch.
@@ -102,7 +102,7 @@ class SequenceBatches:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
         self.data, self.S, self.m = data, seq_len // m, m
         self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
-        self.starts = np.arange(0, max(1, len(data) - self.S + 1), self.S)
+        self.starts = np.arange(0, len(data), self.S)
         self.targets = data.targets()
         if batch_size % world:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")

@@ -36,12 +36,12 @@ import torch
 # embedding of the database (~30 chunks/s) and training (~1 s per step) set the
 # sizes: a few thousand chunks and a few hundred steps fit in 10 minutes.
 PRESETS = {
-    "full": dict(corpus_bytes=330_000, max_doc_bytes=8_000, vocab_size=2048, chunk_size=32, eval_fraction=0.1,
+    "full": dict(corpus_bytes=215_000, max_doc_bytes=6_000, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
                  d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                 steps=260, batch_size=8, lr=3e-3, warmup=20, eval_every=65, sample_tokens=96),
-    "quick": dict(corpus_bytes=60_000, max_doc_bytes=6_000, vocab_size=1024, chunk_size=32, eval_fraction=0.15,
+                 steps=600, batch_size=4, lr=4e-3, warmup=30, eval_every=150, sample_tokens=96),
+    "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
                   d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                  steps=60, batch_size=8, lr=3e-3, warmup=10, eval_every=0, sample_tokens=40),
+                  steps=80, batch_size=4, lr=4e-3, warmup=10, eval_every=0, sample_tokens=40),
 }
 K = 2  # neighbours per chunk
 
@@ -79,6 +79,10 @@ def demo_corpus(path: Path, corpus_bytes: int, max_doc_bytes: int) -> dict:
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
 
 
+
+from .cli_common import cli_errors
+
+@cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")

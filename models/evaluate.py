@@ -206,6 +206,10 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+
+from .cli_common import cli_errors
+
+@cli_errors
 def main(argv=None) -> int:
     import argparse
 

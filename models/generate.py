@@ -121,6 +121,10 @@ def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
     return "\n".join(lines)
 
 
+
+from .cli_common import cli_errors
+
+@cli_errors
 def main(argv=None) -> int:
     import argparse
 

@@ -34,6 +34,7 @@ from . import checkpoint as ckpt
 from .config import RetroConfig
 from .data import ChunkedTokens, SequenceBatches
 from .evaluate import bits_per_byte, token_nll
+from .cli_common import cli_errors
 from .model import RetroModel, lm_loss
 
 
@@ -337,6 +338,7 @@ def train_args_from(args) -> TrainArgs:
     )
 
 
+@cli_errors
 def main(argv=None) -> int:
     import argparse
 
