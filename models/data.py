@@ -96,7 +96,7 @@ class SequenceBatches:
     """
 
     def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle: bool = True):
+                 rank: int = 0, world: int = 1, shuffle: bool = True, weights: Optional[np.ndarray] = None):
         m = data.chunk_size
         if seq_len % m:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
@@ -104,6 +104,11 @@ class SequenceBatches:
         self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
         self.starts = np.arange(0, len(data), self.S)
         self.targets = data.targets()
+        self.p = None
+        if weights is not None:  # per-sequence sampling weights (an epoch = len(starts) draws)
+            if weights.shape != self.starts.shape or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights must be {self.starts.shape} non-negative numbers, not all zero")
+            self.p = weights / weights.sum()
         if batch_size % world:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
 
@@ -113,13 +118,17 @@ class SequenceBatches:
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.starts
-        return np.random.default_rng(self.seed + epoch).permutation(self.starts)
+        rng = np.random.default_rng(self.seed + epoch)
+        if self.p is not None:
+            return rng.choice(self.starts, size=len(self.starts), p=self.p)
+        return rng.permutation(self.starts)
 
     def batch(self, step: int) -> dict:
         """The local share of global batch number `step`."""
         n = len(self.starts)
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        starts = np.array([self._order(int(i // n))[i % n] for i in idx])
+        orders = {e: self._order(e) for e in np.unique(idx // n).tolist()}
+        starts = np.array([orders[int(i // n)][i % n] for i in idx])
         return self.gather(starts[self.rank :: self.world])
 
     def gather(self, starts: np.ndarray) -> dict:
@@ -154,6 +163,15 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
         best = max(best, int(cur.max()))
         prev = cur
     return best
+
+
+def sequence_overlap_weights(batches: "SequenceBatches", floor: float) -> np.ndarray:
+    """Sampling weight of each sequence: floor + the mean overlap of its chunks with their neighbours."""
+    ov = chunk_overlap(batches.data)
+    S = batches.S
+    padded = np.zeros(len(batches.starts) * S)
+    padded[: len(ov)] = ov
+    return floor + padded.reshape(-1, S).mean(1)
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:

@@ -200,6 +200,8 @@ def run(args) -> int:
     print(f"retrieval {'lowers' if lowered else 'DOES NOT lower'} bits per byte on held-out documents: "
           f"{results['off']['bpb']:.4f} -> {results['on']['bpb']:.4f}")
     print(f"wall time {times['total']:.0f}s; everything is in {out}/")
+    if args.quick:  # a smoke run of the same path; the claim is the full demo's
+        return 0
     return 0 if lowered else 1
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import RetroConfig
-from .data import ChunkedTokens, SequenceBatches
+from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
 from .cli_common import cli_errors
 from .model import RetroModel, lm_loss
@@ -50,6 +50,7 @@ class TrainArgs:
     weight_decay: float = 0.1
     clip: float = 1.0
     retrieval_dropout: float = 0.25
+    overlap_sampling: float = 0.0  # > 0: sample sequences with weight (this + their neighbour overlap); 0: uniform
     eval_every: int = 0  # 0: only at the end
     eval_sequences: int = 32
     ckpt_every: int = 0  # 0: only at the end
@@ -202,6 +203,9 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
 
     micro = a.batch_size // a.accum  # sequences per micro-step over all processes
     batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world)
+    if a.overlap_sampling > 0 and cfg.retrieval:
+        weights = sequence_overlap_weights(batches, a.overlap_sampling)
+        batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world, weights=weights)
     autocast = device.type == "cuda"
     progress = None
     if rank == 0 and a.progress:
