@@ -38,10 +38,12 @@ import torch
 PRESETS = {
     "full": dict(corpus_bytes=215_000, max_doc_bytes=6_000, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
                  d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                 steps=600, batch_size=4, lr=4e-3, warmup=30, eval_every=150, sample_tokens=96),
+                 dropout=0.1, overlap_sampling=0.05, steps=300, batch_size=8, lr=4e-3, warmup=30, eval_every=100,
+                 sample_tokens=96),
     "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
                   d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                  steps=80, batch_size=4, lr=4e-3, warmup=10, eval_every=0, sample_tokens=40),
+                  dropout=0.1, overlap_sampling=0.05, steps=60, batch_size=8, lr=4e-3, warmup=10, eval_every=0,
+                  sample_tokens=40),
 }
 K = 2  # neighbours per chunk
 
@@ -141,11 +143,11 @@ def run(args) -> int:
         vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
         seq_len=preset["seq_len"], chunk_size=db.chunk_size, num_neighbours=K, neighbour_len=db.neighbour_len,
         cca_start_layer=preset["cca_start"], cca_every=preset["cca_every"], encoder_ff_mult=preset["encoder_ff_mult"],
-        kernels=args.kernels,
-        extra={"db_fingerprint": db.fingerprint},
+        dropout=preset["dropout"], kernels=args.kernels, extra={"db_fingerprint": db.fingerprint},
     )
     targs = TrainArgs(out=str(out / "model"), steps=preset["steps"], batch_size=preset["batch_size"],
-                      lr=preset["lr"], warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=8,
+                      lr=preset["lr"], warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32,
+                      overlap_sampling=preset["overlap_sampling"], retrieval_dropout=0.2,
                       seed=args.seed, device=str(device), progress=not args.no_progress)
     if (out / "model").exists():
         shutil.rmtree(out / "model")  # a fresh run each time (the database is reused)
