@@ -14,6 +14,11 @@ from .ops.neighbour_cross_attention import neighbour_cross_attention
 from .ops.neighbour_self_attention import neighbour_self_attention
 from . import nn
 
-__all__ = ["chunked_cross_attention", "BackendNotSupported", "explain"]
-__all__ += ["neighbour_self_attention", "neighbour_cross_attention"]
+__all__ = [
+    "chunked_cross_attention",
+    "neighbour_self_attention",
+    "neighbour_cross_attention",
+    "BackendNotSupported",
+    "explain",
+]
 __version__ = "0.1.0"

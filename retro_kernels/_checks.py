@@ -140,8 +140,6 @@ def check_neighbour_self_attention(q, k, v, neighbour_mask, scale) -> float:
     check_tensor("k", k, 6, "(B, L, K, R, Hkv, D)")
     check_tensor("v", v, 6, "(B, L, K, R, Hkv, D)")
     check_same(("q", "k", "v"), (q, k, v))
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
     B, L, K, R, Hq, D = q.shape
     if tuple(k.shape[:4]) != (B, L, K, R):
         raise ValueError(
@@ -157,6 +155,8 @@ def check_neighbour_self_attention(q, k, v, neighbour_mask, scale) -> float:
             f"{tuple(k.shape)} need D, Hq, Hkv, K and R >= 1"
         )
     check_heads("q", Hq, "k", Hkv)
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
     check_mask("neighbour_mask", neighbour_mask, (B, L, K, R), "(B, L, K, R)", q.device)
     return check_scale(scale, D)
 
@@ -167,8 +167,6 @@ def check_neighbour_cross_attention(q, k, v, chunk_mask, scale) -> float:
     check_tensor("k", k, 5, "(B, L, M, Hkv, D)")
     check_tensor("v", v, 5, "(B, L, M, Hkv, D)")
     check_same(("q", "k", "v"), (q, k, v))
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
     B, L, K, R, Hq, D = q.shape
     kB, kL, M, Hkv, kD = k.shape
     if (kB, kL) != (B, L):
@@ -183,5 +181,7 @@ def check_neighbour_cross_attention(q, k, v, chunk_mask, scale) -> float:
             f"{tuple(k.shape)} need D, Hq, Hkv, K, R and M >= 1"
         )
     check_heads("q", Hq, "k", Hkv)
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
     check_mask("chunk_mask", chunk_mask, (B, L, M), "(B, L, M)", q.device)
     return check_scale(scale, D)

@@ -1,7 +1,8 @@
 """Choosing a backend, and saying why the others were not used.
 
 Each op has a plain-PyTorch "reference" and some fused backends. A fused
-backend is a module `retro_kernels.<backend>.<op>` with three functions:
+backend is a module `retro_kernels.<backend>.<op>` with three functions
+(imported once, by `register_op`, when the op is defined):
 
     not_supported_reasons(**inputs) -> list[str]   # empty when it can serve them
     forward(...)   -> (out, lse)                     # lse: fp32 softmax statistics
@@ -31,23 +32,47 @@ class BackendNotSupported(ValueError):
     """The requested backend cannot run these inputs; the message says why."""
 
 
-def load_backend(backend: str, op: str) -> ModuleType | None:
-    """The module implementing `op` for `backend`, or None if it does not exist."""
-    try:
-        return importlib.import_module(f"retro_kernels.{backend}.{op}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(f"retro_kernels.{backend}"):
-            return None
-        raise
+# (backend, op) -> the backend's module, or why it could not be imported.
+# Filled once per op by `register_op`, when the op's module is imported, so
+# that choosing a backend later is plain lookups (torch.compile traces those).
+_MODULES: dict[tuple[str, str], ModuleType | str] = {}
+
+
+def register_op(op: str) -> None:
+    """Import every fused backend of `op` that exists, recording why others can't be used."""
+    for backend in FUSED_BACKENDS:
+        name = f"retro_kernels.{backend}.{op}"
+        try:
+            _MODULES[backend, op] = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                _MODULES[backend, op] = f"retro_kernels has no {backend} implementation of {op}"
+            else:
+                _MODULES[backend, op] = f"{e.name} is not installed"
+        except ImportError as e:
+            _MODULES[backend, op] = f"the {backend} backend failed to import: {e}"
+
+
+def load_backend(backend: str, op: str) -> ModuleType:
+    """The module implementing `op` for `backend` (it must have imported)."""
+    module = _MODULES.get((backend, op))
+    if not isinstance(module, ModuleType):
+        raise BackendNotSupported(f"backend={backend!r} cannot run {op}: {module}")
+    return module
+
+
+def implemented_backends(op: str) -> list[str]:
+    """The fused backends whose implementation of `op` imported (they may still refuse inputs)."""
+    return [b for b in FUSED_BACKENDS if isinstance(_MODULES.get((b, op)), ModuleType)]
 
 
 def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
     """Why `backend` cannot run `op` on `inputs` (empty list: it can)."""
     if backend == "reference":
         return []
-    module = load_backend(backend, op)
-    if module is None:
-        return [f"retro_kernels has no {backend} implementation of {op}"]
+    module = _MODULES.get((backend, op), f"{op} is not a registered op")
+    if not isinstance(module, ModuleType):
+        return [module]
     return list(module.not_supported_reasons(**inputs))
 
 
@@ -82,10 +107,6 @@ def triton_interpreting() -> bool:
 def triton_reasons(tensors: dict[str, torch.Tensor], max_head_dim: int = 256) -> list[str]:
     """Why the Triton kernels cannot run on these tensors."""
     reasons = []
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        reasons.append("triton is not installed (pip install triton)")
     first = next(iter(tensors.values()))
     if first.device.type != "cuda" and not triton_interpreting():
         reasons.append(

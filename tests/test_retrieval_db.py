@@ -44,10 +44,17 @@ def corpus(tmp_path_factory):
     return path
 
 
+def _build_cmd(corpus, out):
+    return [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS]
+
+
 @pytest.fixture(scope="module")
 def base_db(corpus, tmp_path_factory):
+    # Built in a fresh process, like the killed-and-resumed build it is compared with
+    # byte for byte (same thread settings, whatever other tests did to this process).
     out = tmp_path_factory.mktemp("base") / "db"
-    build_database(out, corpus, runtime={"embed_part_size": PART, "progress": False}, log=_quiet, **CONFIG)
+    done = subprocess.run(_build_cmd(corpus, out), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
@@ -80,6 +87,9 @@ def test_database_summary_and_streams(db):
     assert train.tokens[n] == db.eos_id
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         train.sequence(0, 50)
+    batch = train.batch([0, train.num_sequences(64) - 1], 64, k=2)  # the last sequence is padded
+    assert batch["tokens"].shape == (2, 65) and batch["neighbours"].shape == (2, 2, 2, 64)
+    assert batch["tokens"][1, -1] == db.pad_id
     text = db.decode(db.doc_tokens(doc))
     assert text == json.loads(Path(db.config["corpus"]).read_text().splitlines()[doc])["text"]
 
@@ -191,7 +201,7 @@ def test_resume_after_failure_in_a_later_stage(base_db, tmp_path):
 
 def test_build_killed_during_embedding_resumes_to_the_same_database(corpus, base_db, tmp_path):
     out = tmp_path / "db"
-    cmd = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS]
+    cmd = _build_cmd(corpus, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
@@ -266,17 +276,20 @@ def test_cli_query_prints_sensible_neighbours(base_db):
 
 
 def test_torchrun_two_process_embedding_ivfpq_with_eval_docs_indexed(base_db, corpus, tmp_path):
-    """A 'leaky' database (eval documents retrievable, same tokenizer), IVF-PQ, embedded by 2 gloo ranks."""
+    """A 'leaky' database (eval documents retrievable, same tokenizer), IVF-PQ in several shards,
+    embedded by 2 gloo ranks."""
     out = tmp_path / "leaky"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "models", "build-db", "--corpus", str(corpus), "--out", str(out), *CLI_ARGS,
-           "--tokenizer", str(base_db / "tokenizer.json"), "--index-eval-docs", "--index-type", "ivfpq"]
+           "--tokenizer", str(base_db / "tokenizer.json"), "--index-eval-docs", "--index-type", "ivfpq",
+           "--shard-size", "150"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     leaky = RetrievalDatabase.open(out, tokenizer=base_db / "tokenizer.json")
     base = RetrievalDatabase.open(base_db)
     assert leaky.manifest.info("train_index")["factory"].startswith("IVF")
+    assert len(leaky.manifest.info("add")["shards"]) == -(-leaky.num_chunks // 150) >= 3  # sharded, searched merged
     assert np.array_equal(np.asarray(leaky.tokens), np.asarray(base.tokens))
     # both ranks' parts made it: every chunk of the base database has the same key here
     both = np.isin(np.asarray(leaky.chunk_doc), base.documents("train"))

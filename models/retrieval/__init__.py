@@ -25,7 +25,7 @@ Use (the API the model uses):
     train = db.stream("train")   # TokenStream; same-document neighbours excluded
     evals = db.stream("eval")    # held-out documents (not in the index unless --index-eval-docs)
     n = train.num_sequences(seq_len)             # seq_len: a multiple of m
-    item = train.sequence(i, seq_len, k=None)    # dict of numpy arrays:
+    item = train.sequence(i, seq_len, k=None)    # dict of numpy arrays (train.batch(indices, ...) stacks them):
     #   tokens (seq_len+1,) int64   inputs tokens[:-1], targets tokens[1:]; pad_id = ignore
     #   neighbours (L, K, R) int64, neighbour_mask (L, K, R) bool  (L = seq_len // m)
     #   chunk_doc (L,) document index of each chunk

@@ -78,6 +78,13 @@ class TokenStream:
         ids, mask = self.db.chunk_values(table)
         return {"tokens": tokens, "neighbours": ids, "neighbour_mask": mask, "chunk_doc": chunk_doc}
 
+    def batch(self, indices, seq_len: int, k: int | None = None) -> dict[str, np.ndarray]:
+        """Sequences ``indices`` stacked: tokens ``(B, seq_len + 1)``, neighbours/mask ``(B, L, K, R)``."""
+        items = [self.sequence(int(i), seq_len, k) for i in indices]
+        if not items:
+            raise ValueError("indices: expected at least one sequence index")
+        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
 
 class RetrievalDatabase:
     """A built retrieval database; open it with :meth:`open`."""

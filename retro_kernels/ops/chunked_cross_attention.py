@@ -19,6 +19,7 @@ from .._checks import check_chunked_cross_attention
 from ..reference import chunked_cross_attention as reference
 
 OP = "chunked_cross_attention"
+dispatch.register_op(OP)
 
 
 @torch.library.custom_op("retro_kernels::chunked_cross_attention_fwd", mutates_args=())

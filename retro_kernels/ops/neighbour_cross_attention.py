@@ -6,8 +6,8 @@ The fused backends are registered as two torch custom ops,
 `torch.compile(fullgraph=True)` and fake tensors. The backend name travels as
 a string argument; the custom op calls that backend's module. The reference
 backend is plain PyTorch and is differentiated by autograd directly.
-The backend is chosen by `_registration.select_backend` (dispatch's rules,
-traceable by torch.compile; see that module).
+The backend is chosen by `dispatch.select_backend`; `dispatch.register_op`
+imports the backend modules once, so torch.compile can trace the choice.
 
 Fused-backend contract (`retro_kernels/<backend>/neighbour_cross_attention.py`):
 
@@ -42,9 +42,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._checks import check_neighbour_cross_attention
+from .._checks import check_backend, check_neighbour_cross_attention
 from ..reference import neighbour_cross_attention as reference
-from ._registration import preload_backends, select_backend
 
 OP = "neighbour_cross_attention"
 
@@ -108,7 +107,7 @@ def _backward(ctx, dout, _dlse):
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
 
-preload_backends(OP)  # so that torch.compile can trace the backend choice
+dispatch.register_op(OP)  # import the backends now, so torch.compile can trace the choice
 
 
 def neighbour_cross_attention(
@@ -139,7 +138,8 @@ def neighbour_cross_attention(
         no real token are zeros.
     """
     scale = check_neighbour_cross_attention(q, k, v, chunk_mask, scale)
-    name = select_backend(
+    check_backend(backend, dispatch.BACKENDS)
+    name = dispatch.select_backend(
         backend, OP, q.device, q=q, k=k, v=v, chunk_mask=chunk_mask
     )
     if name == "reference":

@@ -6,8 +6,8 @@ The fused backends are registered as two torch custom ops,
 `torch.compile(fullgraph=True)` and fake tensors. The backend name travels as
 a string argument; the custom op calls that backend's module. The reference
 backend is plain PyTorch and is differentiated by autograd directly.
-The backend is chosen by `_registration.select_backend` (dispatch's rules,
-traceable by torch.compile; see that module).
+The backend is chosen by `dispatch.select_backend`; `dispatch.register_op`
+imports the backend modules once, so torch.compile can trace the choice.
 
 Fused-backend contract (`retro_kernels/<backend>/neighbour_self_attention.py`):
 
@@ -39,9 +39,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._checks import check_neighbour_self_attention
+from .._checks import check_backend, check_neighbour_self_attention
 from ..reference import neighbour_self_attention as reference
-from ._registration import preload_backends, select_backend
 
 OP = "neighbour_self_attention"
 
@@ -105,7 +104,7 @@ def _backward(ctx, dout, _dlse):
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
 
-preload_backends(OP)  # so that torch.compile can trace the backend choice
+dispatch.register_op(OP)  # import the backends now, so torch.compile can trace the choice
 
 
 def neighbour_self_attention(
@@ -136,7 +135,8 @@ def neighbour_self_attention(
         only. Rows that are padding, or see no real key, are zeros.
     """
     scale = check_neighbour_self_attention(q, k, v, neighbour_mask, scale)
-    name = select_backend(
+    check_backend(backend, dispatch.BACKENDS)
+    name = dispatch.select_backend(
         backend, OP, q.device, q=q, k=k, v=v, neighbour_mask=neighbour_mask
     )
     if name == "reference":

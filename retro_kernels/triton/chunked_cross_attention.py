@@ -25,9 +25,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -106,10 +104,7 @@ def _cca_fwd_kernel(
             key_real = key_real & (tl.load(m_ptrs, mask=key_real, other=0) != 0)
 
         # scores, in log2 units so that exp2 can be used
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = dot(q, tl.trans(k), IEEE_DOT)
         s = tl.where(key_real[None, :], s * qk_scale, float("-inf"))
 
         # rescale the running sums to the new row maximum; rows that have seen
@@ -119,10 +114,7 @@ def _cca_fwd_kernel(
         p = tl.exp2(s - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
 
     # -- normalise; rows with no real key output zeros and lse = +inf -----
@@ -139,17 +131,6 @@ def _cca_fwd_kernel(
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------
-
-@triton.jit
-def _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT: tl.constexpr):
-    """P = softmax(Q K^T * scale) of one tile, from the forward's log-sum-exp."""
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
-    return tl.where(row_real[:, None] & key_real[None, :], p, 0.0)
-
 
 @triton.jit
 def _cca_bwd_kernel(
@@ -202,18 +183,11 @@ def _cca_bwd_kernel(
                 stat = (b * n_heads + h) * N + n
                 lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
                 delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-                p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-                if IEEE_DOT:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
+                p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+                dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+                dp = dot(do, tl.trans(v), IEEE_DOT)
                 ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-                if IEEE_DOT:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
         # dk, dv are contiguous (B, L, K*R, Hkv, D)
         kv_out = ((b * n_chunks + u) * N_KEYS + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
         tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=(j < N_KEYS)[:, None] & d_real[None, :])
@@ -244,16 +218,10 @@ def _cca_bwd_kernel(
                 if HAS_MASK:
                     m_ptrs = MASK + b * stride_mb + u * stride_ml + _key_offsets(j, R, stride_mk, stride_mr)
                     key_real = key_real & (tl.load(m_ptrs, mask=key_real, other=0) != 0)
-                p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-                if IEEE_DOT:
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dp = tl.dot(do, tl.trans(v))
+                p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+                dp = dot(do, tl.trans(v), IEEE_DOT)
                 ds = p * (dp - delta[:, None])
-                if IEEE_DOT:
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                else:
-                    dq += tl.dot(ds.to(k.dtype), k)
+                dq += dot(ds.to(k.dtype), k, IEEE_DOT)
             # dq is contiguous (B, N, Hq, D)
             dq_out = ((b * N + n[:, None]) * n_heads + h) * HEAD_DIM + d[None, :]
             tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
@@ -262,22 +230,6 @@ def _cca_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-
-def _block_sizes(chunk_size: int, head_dim: int, n_keys: int):
-    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the chunk."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(chunk_size)))
-    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
-    return block_m, block_n, block_d
-
-
-def _mask_args(neighbour_mask, q):
-    """The mask as bytes (Triton reads bool pointers as int8), and its strides."""
-    if neighbour_mask is None:
-        return q, (0, 0, 0, 0), False  # never read
-    mask = neighbour_mask.view(torch.uint8)
-    return mask, mask.stride(), True
-
 
 def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
     """(out (B, N, Hq, D), lse (B, Hq, N) fp32) for the custom op."""
@@ -289,18 +241,16 @@ def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
         return out, lse
     first_chunk = (start_pos + 1) // chunk_size
     last_chunk = (start_pos + N) // chunk_size
-    block_m, block_n, block_d = _block_sizes(chunk_size, D, K * R)
-    m_blocks = triton.cdiv(chunk_size, block_m)
-    mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
+    config = launch_config(chunk_size, D, K * R, q.element_size())
+    m_blocks = triton.cdiv(chunk_size, config["BLOCK_M"])
+    mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
     grid = ((last_chunk - first_chunk + 1) * m_blocks, B * Hq)
     _cca_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         N, R, chunk_size, start_pos, first_chunk, Hq, Hq // Hkv, scale * LOG2E,
-        HEAD_DIM=D, N_KEYS=K * R,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HEAD_DIM=D, N_KEYS=K * R, M_BLOCKS=m_blocks,
+        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return out, lse
 
@@ -316,8 +266,8 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, N)
-    block_m, block_n, block_d = _block_sizes(chunk_size, D, K * R)
-    mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
+    config = launch_config(chunk_size, D, K * R, q.element_size())
+    mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
     # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
     # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it)
     grid = (L + 1, B * Hkv)
@@ -326,8 +276,6 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
         N, R, chunk_size, start_pos, L, Hq, Hkv, Hq // Hkv, scale, scale * LOG2E,
         HEAD_DIM=D, N_KEYS=K * R,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return dq, dk, dv

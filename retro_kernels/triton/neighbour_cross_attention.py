@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
+from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
 
-LOG2E = 1.4426950408889634
 
 
 def not_supported_reasons(q, k, v, chunk_mask) -> list[str]:
@@ -58,13 +58,6 @@ def _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N: tl.constexpr, HAS_MA
     return j, real
 
 
-@triton.jit
-def _dot(a, b, IEEE_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; exact fp32 products for fp32 inputs."""
-    if IEEE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 # ---------------------------------------------------------------------------
@@ -80,14 +73,14 @@ def _nca_fwd_kernel(
     stride_mb, stride_ml, stride_mm,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
     R, n_chunk_rows, n_rows, M, n_heads, n_kv_heads, group, qk_scale,
+    m_blocks,  # ceil(group * K*R / BLOCK_M): row blocks per chunk
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_BLOCKS: tl.constexpr,  # ceil(group * K*R / BLOCK_M)
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # -- which chunk, which rows, which kv head ----------------------------
-    l = (tl.program_id(0) // M_BLOCKS).to(tl.int64)
-    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
+    l = (tl.program_id(0) // m_blocks).to(tl.int64)
+    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
     b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
     h_kv = tl.program_id(1) % n_kv_heads
     h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
@@ -113,7 +106,7 @@ def _nca_fwd_kernel(
         v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
         # scores, in log2 units so that exp2 can be used
-        scores = _dot(q, tl.trans(k), IEEE_DOT)
+        scores = dot(q, tl.trans(k), IEEE_DOT)
         scores = tl.where(key_real[None, :], scores * qk_scale, float("-inf"))
 
         # rescale the running sums to the new row maximum; rows that have seen
@@ -123,7 +116,7 @@ def _nca_fwd_kernel(
         p = tl.exp2(scores - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
 
     # -- normalise; rows with no real key output zeros and lse = +inf ------
@@ -141,14 +134,6 @@ def _nca_fwd_kernel(
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------
-
-@triton.jit
-def _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT: tl.constexpr):
-    """P = softmax(Q K^T * scale) of one tile, from the forward's log-sum-exp."""
-    scores = _dot(q, tl.trans(k), IEEE_DOT)
-    p = tl.exp2(scores * qk_scale - lse[:, None] * 1.4426950408889634)
-    return tl.where(row_real[:, None] & key_real[None, :], p, 0.0)
-
 
 @triton.jit
 def _nca_bwd_kernel(
@@ -195,11 +180,11 @@ def _nca_bwd_kernel(
             stat = (b * n_heads + h) * n_rows + l * n_chunk_rows + i
             lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
             delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            dp = dot(do, tl.trans(v), IEEE_DOT)
             ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
         kv_out = ((b * n_chunks + l) * M + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
         tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -221,10 +206,10 @@ def _nca_bwd_kernel(
             kv_mask = (j < M)[:, None] & d_real[None, :]
             k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dp = dot(do, tl.trans(v), IEEE_DOT)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+            dq += dot(ds.to(k.dtype), k, IEEE_DOT)
         dq_out = ((b * n_chunks + l) * n_chunk_rows + i[:, None]) * n_heads * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :]
         tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -232,22 +217,6 @@ def _nca_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-
-def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int):
-    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(n_query_rows)))
-    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
-    return block_m, block_n, block_d
-
-
-def _mask_args(chunk_mask, q):
-    """The mask as bytes (Triton reads bool pointers as int8), and its strides."""
-    if chunk_mask is None:
-        return q, (0, 0, 0), False  # never read
-    mask = chunk_mask.view(torch.uint8)
-    return mask, mask.stride(), True
-
 
 def forward(q, k, v, chunk_mask, scale):
     """(out (B, L, K, R, Hq, D), lse (B, Hq, L*K*R) fp32) for the custom op. Any strides."""
@@ -258,17 +227,15 @@ def forward(q, k, v, chunk_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
-    m_blocks = triton.cdiv(group * K * R, block_m)
-    mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
+    config = launch_config(group * K * R, D, M, q.element_size())
+    m_blocks = triton.cdiv(group * K * R, config["BLOCK_M"])
+    mask, mask_strides, has_mask = mask_as_bytes(chunk_mask, q, 3)
     grid = (L * m_blocks, B * Hkv)
     _nca_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E, m_blocks,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return out, lse
 
@@ -285,15 +252,13 @@ def backward(dout, q, k, v, chunk_mask, out, lse, scale):
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
     delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    block_m, block_n, block_d = _block_sizes(group * K * R, D, M)
-    mask, mask_strides, has_mask = _mask_args(chunk_mask, q)
+    config = launch_config(group * K * R, D, M, q.element_size())
+    mask, mask_strides, has_mask = mask_as_bytes(chunk_mask, q, 3)
     grid = (L, B * Hkv)
     _nca_bwd_kernel[grid](
         q, k, v, mask, dout, lse, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
         R, K * R, L * K * R, M, L, Hq, Hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return dq, dk, dv

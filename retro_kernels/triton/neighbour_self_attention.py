@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
+from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
 
-LOG2E = 1.4426950408889634
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -60,13 +60,6 @@ def _real_keys(key_start, R, mask_base, stride_mr, BLOCK_N: tl.constexpr, HAS_MA
     return j, real
 
 
-@triton.jit
-def _dot(a, b, IEEE_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; exact fp32 products for fp32 inputs."""
-    if IEEE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 # ---------------------------------------------------------------------------
@@ -82,14 +75,14 @@ def _nsa_fwd_kernel(
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
     n_neighbours, R, n_rows, n_heads, n_kv_heads, group, qk_scale,
+    m_blocks,  # ceil(group * R / BLOCK_M): row blocks per neighbour
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_BLOCKS: tl.constexpr,  # ceil(group * R / BLOCK_M)
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # -- which neighbour, which rows, which kv head ------------------------
-    s = (tl.program_id(0) // M_BLOCKS).to(tl.int64)  # neighbour index l * K + k
-    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
+    s = (tl.program_id(0) // m_blocks).to(tl.int64)  # neighbour index l * K + k
+    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
     b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
     h_kv = tl.program_id(1) % n_kv_heads
     l = s // n_neighbours
@@ -117,7 +110,7 @@ def _nsa_fwd_kernel(
         v = tl.load(v_base + j[:, None] * stride_vr + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
         # scores, in log2 units so that exp2 can be used
-        scores = _dot(q, tl.trans(k), IEEE_DOT)
+        scores = dot(q, tl.trans(k), IEEE_DOT)
         scores = tl.where(key_real[None, :], scores * qk_scale, float("-inf"))
 
         # rescale the running sums to the new row maximum; rows that have seen
@@ -127,7 +120,7 @@ def _nsa_fwd_kernel(
         p = tl.exp2(scores - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
 
     # -- normalise; padding rows and rows with no real key output zeros, lse = +inf
@@ -145,14 +138,6 @@ def _nsa_fwd_kernel(
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------
-
-@triton.jit
-def _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT: tl.constexpr):
-    """P = softmax(Q K^T * scale) of one tile, from the forward's log-sum-exp."""
-    scores = _dot(q, tl.trans(k), IEEE_DOT)
-    p = tl.exp2(scores * qk_scale - lse[:, None] * 1.4426950408889634)
-    return tl.where(row_real[:, None] & key_real[None, :], p, 0.0)
-
 
 @triton.jit
 def _nsa_bwd_kernel(
@@ -201,11 +186,11 @@ def _nsa_bwd_kernel(
             stat = (b * n_heads + h) * n_rows + s * R + r
             lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
             delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            dp = dot(do, tl.trans(v), IEEE_DOT)
             ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
         kv_out = ((b * n_seq + s) * R + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
         tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -227,10 +212,10 @@ def _nsa_bwd_kernel(
             kv_mask = (j < R)[:, None] & d_real[None, :]
             k = tl.load(k_base + j[:, None] * stride_kr + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + j[:, None] * stride_vr + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            p = _recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dp = _dot(do, tl.trans(v), IEEE_DOT)
+            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
+            dp = dot(do, tl.trans(v), IEEE_DOT)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+            dq += dot(ds.to(k.dtype), k, IEEE_DOT)
         # padding rows (p = 0) store zeros
         row_in = row_start + tl.arange(0, BLOCK_M) < group * R
         dq_out = ((b * n_seq + s) * R + r[:, None]) * n_heads * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :]
@@ -241,22 +226,6 @@ def _nsa_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def _block_sizes(n_query_rows: int, head_dim: int, n_keys: int):
-    """Tile sizes: tl.dot needs every dim >= 16; rows and keys are capped by the problem."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(n_query_rows)))
-    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(n_keys)))
-    return block_m, block_n, block_d
-
-
-def _mask_args(neighbour_mask, q):
-    """The mask as bytes (Triton reads bool pointers as int8), and its strides."""
-    if neighbour_mask is None:
-        return q, (0, 0, 0, 0), False  # never read
-    mask = neighbour_mask.view(torch.uint8)
-    return mask, mask.stride(), True
-
-
 def forward(q, k, v, neighbour_mask, scale):
     """(out (B, L, K, R, Hq, D), lse (B, Hq, L*K*R) fp32) for the custom op. Any strides."""
     B, L, K, R, Hq, D = q.shape
@@ -266,17 +235,15 @@ def forward(q, k, v, neighbour_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, block_d = _block_sizes(group * R, D, R)
-    m_blocks = triton.cdiv(group * R, block_m)
-    mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
+    config = launch_config(group * R, D, R, q.element_size())
+    m_blocks = triton.cdiv(group * R, config["BLOCK_M"])
+    mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
     grid = (L * K * m_blocks, B * Hkv)
     _nsa_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        K, R, L * K * R, Hq, Hkv, group, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=m_blocks,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        K, R, L * K * R, Hq, Hkv, group, scale * LOG2E, m_blocks,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return out, lse
 
@@ -293,15 +260,13 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, scale):
         return dq, dk, dv
     # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
     delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    block_m, block_n, block_d = _block_sizes(group * R, D, R)
-    mask, mask_strides, has_mask = _mask_args(neighbour_mask, q)
+    config = launch_config(group * R, D, R, q.element_size())
+    mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
     grid = (L * K, B * Hkv)
     _nsa_bwd_kernel[grid](
         q, k, v, mask, dout, lse, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
         K, R, L * K * R, Hq, Hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_d <= 64 else 8,
+        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
     )
     return dq, dk, dv

@@ -1,0 +1,1 @@
+"""retro_kernels' benchmark suite: python -m bench --help. See docs/benchmarks.md."""

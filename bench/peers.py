@@ -1,0 +1,451 @@
+"""What a user would run instead of retro_kernels: the peers we measure against.
+
+Every peer has the signature of the op it stands in for, so the benchmark
+calls ours and theirs the same way:
+
+    cca_*(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0)
+        q (B, N, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, N, Hq, D)
+    nsa_*(q, k, v, *, neighbour_mask=None, scale=None)
+        q (B, L, K, R, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, L, K, R, Hq, D)
+    nca_*(q, k, v, *, chunk_mask=None, scale=None)
+        q (B, L, K, R, Hq, D), k/v (B, L, M, Hkv, D) -> (B, L, K, R, Hq, D)
+
+Each is given its best form: views instead of copies wherever the layout
+allows, PyTorch's fastest attention kernel for the device, block masks that
+skip every empty block, caches for what a training loop would build once.
+tests/test_bench_peers.py checks each against the reference, because a wrong
+peer makes every speed ratio a lie. The peers support start_pos=0 only (the
+training case); `unavailable(...)` says why a peer cannot run somewhere.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as _cca_reference
+
+
+def _need_start0(start_pos: int, peer: str) -> None:
+    if start_pos != 0:
+        raise NotImplementedError(f"the {peer} peer is written for start_pos=0 (training) only")
+
+
+def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask with key 0 switched on in rows that see no key, which rows see a key).
+
+    Attention kernels disagree on rows whose every key is masked (NaN, zeros,
+    or a uniform average); the reference outputs zeros. Giving such rows one
+    key keeps every kernel finite, and the caller zeroes their output.
+    """
+    has_key = key_mask.any(dim=-1, keepdim=True)
+    first = torch.zeros_like(key_mask)
+    first[..., 0] = True
+    return key_mask | (first & ~has_key), has_key
+
+
+# ---------------------------------------------------------------------------
+# Chunked cross-attention
+# ---------------------------------------------------------------------------
+
+def cca_reference(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+    """The eager plain-PyTorch reference (retro_kernels' backend="reference")."""
+    return _cca_reference(q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale,
+                          start_pos=start_pos)
+
+
+def _shifted_chunks(q, chunk_size, used):
+    """Pad + reshape: the shifted queries as (B*used, Hq, m, D) (one copy of q: the pad)."""
+    B, N, Hq, D = q.shape
+    m = chunk_size
+    rows = used * m
+    shifted = q[:, m - 1 :]
+    shifted = F.pad(shifted, (0, 0, 0, 0, 0, rows - shifted.shape[1]))[:, :rows]
+    return shifted.reshape(B * used, m, Hq, D).transpose(1, 2)
+
+
+def _unshift(o_rows, B, N, chunk_size):
+    """(B, used*m, Hq, D) attending-chunk rows -> (B, N, Hq, D) with m-1 zero rows in front."""
+    m = chunk_size
+    out = F.pad(o_rows, (0, 0, 0, 0, m - 1, 0))
+    return out[:, :N]
+
+
+def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+    """Pad + reshape + F.scaled_dot_product_attention (+ reshape back + pad).
+
+    Chunks become the batch: (B*L, Hq, m, D) queries against (B*L, Hkv, K*R, D)
+    keys (views of k and v, no copy); grouped heads go to SDPA's enable_gqa.
+    Without a mask SDPA picks its flash kernel; a mask (broadcast, not
+    materialised) sends it to the memory-efficient or math kernel.
+    """
+    _need_start0(start_pos, "sdpa")
+    B, N, Hq, D = q.shape
+    _, _, K, R, Hkv, _ = k.shape
+    m = chunk_size
+    used = N // m
+    if used == 0:
+        return torch.zeros_like(q)
+    qs = _shifted_chunks(q, m, used)
+    ks = k[:, :used].reshape(B * used, K * R, Hkv, D).transpose(1, 2)
+    vs = v[:, :used].reshape(B * used, K * R, Hkv, D).transpose(1, 2)
+    attn_mask, has_key = None, None
+    if neighbour_mask is not None:
+        attn_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B * used, 1, 1, K * R))
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)  # (B*used, Hq, m, D)
+    if has_key is not None:
+        o = o * has_key
+    o = o.transpose(1, 2).reshape(B, used * m, Hq, D)  # a view when SDPA wrote (.., m, Hq, D)
+    return _unshift(o, B, N, m)
+
+
+# -- FlexAttention -----------------------------------------------------------
+
+FLEX_BLOCK = (64, 128)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, used: int,
+                     device: str, block: tuple[int, int]):
+    """The structural block mask: shifted query row r sees the keys of chunk r // m.
+
+    It depends only on the shape, so a training loop builds it once: cached.
+    With block size (m, K*R-multiple) every block is either full or empty.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    m, kr = chunk_size, keys_per_chunk
+
+    def same_chunk(b, h, q_idx, kv_idx):
+        return (q_idx // m) == (kv_idx // kr)
+
+    return create_block_mask(same_chunk, None, None, n_query_rows, used * kr, device=device,
+                             BLOCK_SIZE=block)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_flex(device_type: str = "cpu"):
+    import torch._dynamo
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # One compiled graph per problem shape: raise the recompile limits so that
+    # a sweep never silently falls back to the eager (unfused) flex_attention,
+    # and fail loudly if it ever would.
+    config = torch._dynamo.config
+    for limit, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(config, limit):
+            setattr(config, limit, max(value, getattr(config, limit)))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+    if device_type == "cuda":
+        # Inductor's single default config on an H100 uses 128-row query tiles
+        # (forward, and the backward's dq pass), which do not divide our
+        # 64-row query blocks: without autotuning it has no valid kernel.
+        # Autotuning also gives FlexAttention its best form.
+        return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_block_size(chunk_size: int, keys_per_chunk: int) -> tuple[int, int]:
+    """(64, 128) at the paper's shapes; else blocks that still never straddle a chunk."""
+    q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
+    kv_block = FLEX_BLOCK[1] if keys_per_chunk % FLEX_BLOCK[1] == 0 else keys_per_chunk
+    return q_block, kv_block
+
+
+def make_cca_flex(compiled: bool = True):
+    """FlexAttention peer: shifted queries (a view), a structural block mask, mask as score_mod.
+
+    The queries q[:, m-1:] are already in attending-chunk order, so query
+    block u (m rows) reads exactly the key blocks of chunk u: no wasted
+    blocks. The neighbour mask is a score_mod (the block mask stays a
+    per-shape constant). `compiled=False` runs flex_attention eagerly (its
+    slow reference path; used under --quick on the CPU, where compiling takes
+    about a minute).
+    """
+
+    def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _need_start0(start_pos, "flex_attention")
+        B, N, Hq, D = q.shape
+        _, _, K, R, Hkv, _ = k.shape
+        m = chunk_size
+        used = N // m
+        if used == 0:
+            return torch.zeros_like(q)
+        kr = K * R
+        qs = q[:, m - 1 :].transpose(1, 2)  # (B, Hq, N-m+1, D): a view, already shifted
+        ks = k[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
+        vs = v[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
+        block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device),
+                                      _flex_block_size(m, kr))
+        score_mod = None
+        has_key = None
+        if neighbour_mask is not None:
+            key_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B, used, kr))
+            key_mask = key_mask.reshape(B, used * kr)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(key_mask[b, kv_idx], score, -float("inf"))
+
+        attend = _compiled_flex(q.device.type) if compiled else flex_attention
+        o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                   enable_gqa=Hq != Hkv)  # (B, Hq, N-m+1, D)
+        o = o.transpose(1, 2)
+        if has_key is not None:
+            rows = torch.arange(o.shape[1], device=q.device) // m
+            o = o * has_key.reshape(B, used)[:, rows, None, None]
+        return F.pad(o, (0, 0, 0, 0, m - 1, 0))
+
+    cca_flex_attention.__name__ = "cca_flex_attention" if compiled else "cca_flex_attention_eager"
+    return cca_flex_attention
+
+
+cca_flex_attention = make_cca_flex(compiled=True)
+cca_flex_attention_eager = make_cca_flex(compiled=False)
+
+
+# -- flash-attn --------------------------------------------------------------
+
+def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+    """flash-attn's flash_attn_func on the padded, reshaped chunks (no mask support)."""
+    from flash_attn import flash_attn_func
+
+    _need_start0(start_pos, "flash_attn")
+    if neighbour_mask is not None:
+        raise NotImplementedError("flash_attn_func takes no key mask (neighbour padding)")
+    B, N, Hq, D = q.shape
+    _, _, K, R, Hkv, _ = k.shape
+    m = chunk_size
+    used = N // m
+    if used == 0:
+        return torch.zeros_like(q)
+    qs = _shifted_chunks(q, m, used).transpose(1, 2)  # (B*used, m, Hq, D), contiguous
+    ks = k[:, :used].reshape(B * used, K * R, Hkv, D)
+    vs = v[:, :used].reshape(B * used, K * R, Hkv, D)
+    o = flash_attn_func(qs, ks, vs, softmax_scale=scale)  # GQA native
+    return _unshift(o.reshape(B, used * m, Hq, D), B, N, m)
+
+
+# -- RETRO-pytorch -----------------------------------------------------------
+
+def import_retro_pytorch() -> tuple[types.ModuleType, str | None]:
+    """retro_pytorch.retro_pytorch and a note, importing it even without its retrieval deps.
+
+    retro_pytorch's package __init__ imports its retrieval code, which imports
+    faiss and autofaiss at module level. autofaiss pins numpy<2, so we
+    install retro-pytorch with --no-deps; when faiss/autofaiss are missing we
+    put empty stand-ins in sys.modules for the import (the attention code
+    never touches them) and say so in the note.
+    """
+    stubbed = []
+    for name in ("faiss", "autofaiss"):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            stub = types.ModuleType(name)
+
+            def _missing(*args, _name=name, **kwargs):
+                raise ImportError(f"{_name} is not installed (stand-in for importing retro_pytorch)")
+
+            stub.build_index = _missing  # the one name retro_pytorch imports from autofaiss
+            sys.modules[name] = stub
+            stubbed.append(name)
+    module = importlib.import_module("retro_pytorch.retro_pytorch")
+    note = f"imported with stand-ins for {', '.join(stubbed)}" if stubbed else None
+    return module, note
+
+
+class _Given(torch.nn.Module):
+    """A 'projection' that returns the tensor it was handed for this call."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = None
+
+    def forward(self, _input):
+        return self.value
+
+
+@functools.lru_cache(maxsize=16)
+def _retro_pytorch_cca(chunk_size: int, heads: int, dim_head: int, device: str, dtype: torch.dtype):
+    rp, _ = import_retro_pytorch()
+    dim = heads * dim_head
+    module = rp.ChunkedCrossAttention(chunk_size=chunk_size, dim=dim, heads=heads, dim_head=dim_head)
+    attn = module.cross_attn
+    # Attention part only: our op takes projected q, k, v, so its projections
+    # become identities (q: the input, k: the context, v: handed in per call)
+    # and its learned "null" key/value, which we do not have, is removed.
+    attn.to_q = torch.nn.Identity()
+    attn.to_k = torch.nn.Identity()
+    attn.to_v = _Given()
+    attn.to_out = torch.nn.Identity()
+    attn.null_k = None
+    attn.null_v = None
+    return module.to(device=device, dtype=dtype)
+
+
+def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only.
+
+    Its own shift, reshapes, masking and un-shift run unchanged; projections
+    are identities and the null key/value is removed (see _retro_pytorch_cca).
+    It applies rotary embeddings inside; we pass zero-width ones (rotary dim
+    0), which still cost it one copy of q and k. It has no grouped-query
+    heads: k and v are repeated to Hq heads. Its masked rows get
+    -finfo.max, so a chunk whose every neighbour token is masked averages
+    all keys instead of giving zeros (the reference): compare it on masks
+    that leave each chunk a key. It needs L == N // m exactly: k and v are
+    cut to that (a view).
+    """
+    _need_start0(start_pos, "retro_pytorch")
+    B, N, Hq, D = q.shape
+    _, _, K, R, Hkv, _ = k.shape
+    m = chunk_size
+    used = N // m
+    if used == 0:
+        return torch.zeros_like(q)
+    module = _retro_pytorch_cca(m, Hq, D, str(q.device), q.dtype)
+    attn = module.cross_attn
+    attn.scale = D ** -0.5 if scale is None else scale
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=4)
+        v = v.repeat_interleave(Hq // Hkv, dim=4)
+    context = k[:, :used].reshape(B, used, K, R, Hq * D)
+    attn.to_v.value = v[:, :used].reshape(B * used, K * R, Hq * D)
+    mask = neighbour_mask[:, :used] if neighbour_mask is not None else None
+    no_rotary = (q.new_zeros(1, 1, m, 0), q.new_zeros(1, 1, R, 0))
+    try:
+        out = module(q.reshape(B, N, Hq * D), context=context, context_mask=mask, pos_emb=no_rotary)
+    finally:
+        attn.to_v.value = None
+    return out.reshape(B, N, Hq, D)
+
+
+# ---------------------------------------------------------------------------
+# Neighbour self-attention (encoder, within each neighbour)
+# ---------------------------------------------------------------------------
+
+def nsa_reference(q, k, v, *, neighbour_mask=None, scale=None):
+    from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention
+
+    return neighbour_self_attention(q, k, v, neighbour_mask=neighbour_mask, scale=scale)
+
+
+def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
+    """SDPA per neighbour, (B*L*K, H, R, D), with the (R x R) mask materialised."""
+    B, L, K, R, Hq, D = q.shape
+    Hkv = k.shape[-2]
+    n = B * L * K
+    qs = q.reshape(n, R, Hq, D).transpose(1, 2)
+    ks = k.reshape(n, R, Hkv, D).transpose(1, 2)
+    vs = v.reshape(n, R, Hkv, D).transpose(1, 2)
+    attn_mask = query_ok = None
+    if neighbour_mask is not None:
+        key_ok = neighbour_mask.reshape(n, 1, 1, R)
+        query_ok = neighbour_mask.reshape(n, 1, R, 1)
+        attn_mask, _ = _no_key_fix(key_ok.expand(n, 1, R, R).contiguous())  # materialised
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)  # (n, Hq, R, D)
+    if query_ok is not None:
+        o = o * query_ok  # padding queries output zeros (and rows with no key)
+    return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
+
+
+# ---------------------------------------------------------------------------
+# Neighbour cross-attention (encoder layer 1: neighbours -> their chunk)
+# ---------------------------------------------------------------------------
+
+def nca_reference(q, k, v, *, chunk_mask=None, scale=None):
+    from retro_kernels.reference.neighbour_cross_attention import neighbour_cross_attention
+
+    return neighbour_cross_attention(q, k, v, chunk_mask=chunk_mask, scale=scale)
+
+
+def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
+    """SDPA per chunk: its K*R neighbour tokens against its M tokens, mask materialised."""
+    B, L, K, R, Hq, D = q.shape
+    M, Hkv = k.shape[2], k.shape[3]
+    n = B * L
+    qs = q.reshape(n, K * R, Hq, D).transpose(1, 2)
+    ks = k.reshape(n, M, Hkv, D).transpose(1, 2)
+    vs = v.reshape(n, M, Hkv, D).transpose(1, 2)
+    attn_mask = has_key = None
+    if chunk_mask is not None:
+        full = chunk_mask.reshape(n, 1, 1, M).expand(n, 1, K * R, M).contiguous()  # materialised
+        attn_mask, has_key = _no_key_fix(full)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)  # (n, Hq, K*R, D)
+    if has_key is not None:
+        o = o * has_key
+    return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
+
+
+def nca_sdpa_repeat(q, k, v, *, chunk_mask=None, scale=None):
+    """SDPA per neighbour with the chunk activations repeated K times (RETRO-pytorch's way)."""
+    B, L, K, R, Hq, D = q.shape
+    M, Hkv = k.shape[2], k.shape[3]
+    n = B * L * K
+    qs = q.reshape(n, R, Hq, D).transpose(1, 2)
+    ks = k[:, :, None].expand(B, L, K, M, Hkv, D).reshape(n, M, Hkv, D).transpose(1, 2)  # copy
+    vs = v[:, :, None].expand(B, L, K, M, Hkv, D).reshape(n, M, Hkv, D).transpose(1, 2)
+    attn_mask = has_key = None
+    if chunk_mask is not None:
+        key_ok = chunk_mask[:, :, None].expand(B, L, K, M).reshape(n, 1, 1, M)
+        attn_mask, has_key = _no_key_fix(key_ok)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)  # (n, Hq, R, D)
+    if has_key is not None:
+        o = o * has_key
+    return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
+
+
+# ---------------------------------------------------------------------------
+# Which peers exist, and why one cannot run
+# ---------------------------------------------------------------------------
+
+def unavailable(peer: str, device: torch.device) -> str | None:
+    """Why `peer` cannot run on `device` here (None: it can)."""
+    if peer == "flash_attn":
+        if device.type != "cuda":
+            return "flash-attn runs on CUDA GPUs only"
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            return f"flash-attn is not installed ({e.msg}); pip install flash-attn --no-build-isolation"
+    if peer == "retro_pytorch":
+        try:
+            import_retro_pytorch()
+        except Exception as e:  # ImportError, or anything its import raises
+            return (f"retro-pytorch cannot be imported ({type(e).__name__}: {e}); "
+                    "pip install --no-deps retro-pytorch==0.3.9 einops")
+    if peer.startswith("flex_attention"):
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as e:
+            return f"this torch has no FlexAttention ({e})"
+    return None
+
+
+CCA_PEERS = {
+    "reference": cca_reference,
+    "sdpa": cca_sdpa,
+    "flex_attention": cca_flex_attention,
+    "flash_attn": cca_flash_attn,
+    "retro_pytorch": cca_retro_pytorch,
+}
+NSA_PEERS = {"reference": nsa_reference, "sdpa_masked": nsa_sdpa_masked}
+NCA_PEERS = {
+    "reference": nca_reference,
+    "sdpa_masked": nca_sdpa_masked,
+    "sdpa_repeat": nca_sdpa_repeat,
+}

@@ -1,0 +1,99 @@
+// Building blocks shared by the CPU kernels: a row-major fp32 GEMM, the
+// softmax row passes (vectorised, with one exp), and fp16/bf16 <-> fp32 row
+// copies. Every kernel is "small dense tiles + these", so the heavy work
+// (matrix products) goes to the BLAS that PyTorch itself uses.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace retro_kernels::cpu {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Row-major C (M x N, leading dim ldc) = alpha * op(A) op(B) + beta * C, in fp32.
+// op(A) is M x K (A stored K x M when trans_a), op(B) is K x N. With beta == 0
+// C is not read. Deterministic: the same call on the same data gives the same bits.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+          int64_t ldc);
+
+// Which GEMM is in use ("blas sgemm" or "aten mm"), for the docs and benchmarks.
+const char* gemm_name();
+
+// -- softmax passes over a dense score tile S (rows x cols, row-major, ld = cols) --
+// key_bias: nullptr, or one value per column: 0 for a real key, -inf for a masked one.
+
+// Forward: S <- exp(scale*S + bias - rowmax), lse[i] = log-sum-exp of row i (natural log),
+// inv_sum[i] = 1 / sum_j exp(...). Every row must have at least one unmasked key.
+void softmax_rows(float* S, int64_t rows, int64_t cols, const float* key_bias, float scale,
+                  float* lse, float* inv_sum);
+
+// Backward: S <- exp(scale*S + bias - lse[i]): the probabilities, from the saved lse.
+void probs_from_lse(float* S, int64_t rows, int64_t cols, const float* key_bias, float scale,
+                    const float* lse);
+
+// Backward: dP <- P * (dP - delta[i]): the gradient of the scores (before the scale).
+void softmax_grad(float* dP, const float* P, int64_t rows, int64_t cols, const float* delta);
+
+// X[i, :cols] *= factor[i] for a row-major X with leading dim ld.
+void scale_rows(float* X, int64_t rows, int64_t cols, int64_t ld, const float* factor);
+
+// sum_j a[j] * b[j]
+float dot(const float* a, const float* b, int64_t n);
+
+// -- fp32 <-> storage type rows ---------------------------------------------------------
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// dst (rows x cols, ld = cols) <- src rows (row stride src_ld, unit column stride).
+template <typename scalar_t>
+void load_rows(float* dst, const scalar_t* src, int64_t rows, int64_t cols, int64_t src_ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* s = src + i * src_ld;
+    float* d = dst + i * cols;
+    for (int64_t j = 0; j < cols; ++j) d[j] = to_float(s[j]);
+  }
+}
+
+// dst rows (row stride dst_ld) <- src (rows x cols, ld = src_ld), rounding to scalar_t.
+template <typename scalar_t>
+void store_rows(scalar_t* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
+                int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[i * dst_ld + j] = static_cast<scalar_t>(src[i * src_ld + j]);
+  }
+}
+
+template <typename scalar_t>
+void zero_rows(scalar_t* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[i * dst_ld + j] = static_cast<scalar_t>(0.0f);
+  }
+}
+
+// A read-only fp32 matrix of `rows` rows: the tensor's own memory when it is already
+// fp32 (ld = its row stride), else a converted copy in `scratch` (ld = cols).
+struct RowsF32 {
+  const float* data;
+  int64_t ld;
+};
+
+template <typename scalar_t>
+RowsF32 rows_as_f32(const scalar_t* src, int64_t rows, int64_t cols, int64_t src_ld, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (void)rows; (void)cols; (void)scratch;
+    return {src, src_ld};
+  } else {
+    load_rows(scratch, src, rows, cols, src_ld);
+    return {scratch, cols};
+  }
+}
+
+}  // namespace retro_kernels::cpu

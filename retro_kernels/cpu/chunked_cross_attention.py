@@ -1,0 +1,41 @@
+"""Chunked cross-attention on the CPU: the fused C++ kernels of csrc/cpu/chunked_cross_attention.cpp.
+
+Forward: one task per (batch, query chunk, query head), the m x K*R score tile
+in dense fp32 blocks of 64 rows, products through PyTorch's BLAS. Backward: one
+task per (batch, query chunk, kv head), which owns its dq, dk and dv rows:
+deterministic, no atomics. fp16/bf16 inputs are computed in fp32.
+
+Strided inputs are read in place when the head dim has unit stride (and k, v's
+K and R dims flatten); otherwise the kernel makes them contiguous first.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+
+
+# Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
+_OPS = _native.load("cpu")
+_MISSING = _native.missing_reason("cpu")
+
+
+def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
+    reasons = []
+    if _MISSING:
+        reasons.append(_MISSING)
+    if q.device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
+    return reasons
+
+
+def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
+    """(out (B, N, Hq, D) in q's dtype, lse (B, Hq, N) fp32; +inf for rows that see no key)."""
+    return _OPS.chunked_cross_attention_fwd(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
+
+
+def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos):
+    """(dq, dk, dv), contiguous, in the inputs' dtypes."""
+    return _OPS.chunked_cross_attention_bwd(
+        dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos
+    )

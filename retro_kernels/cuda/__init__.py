@@ -1,0 +1,1 @@
+"""Python side of the CUDA kernels in csrc/cuda (built into retro_kernels._C_cuda)."""
