@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from .data import from_stream, open_database
-    from .evaluate import plot_overlap, run_evaluation, summary, table, write_report
+    from .evaluate import LABELS, plot_overlap, run_evaluation, summary, table, write_report
     from .generate import database_retriever, generate, show
     from .retrieval import build_database
     from .train import TrainArgs, configure_threads, resolve_device, train
@@ -165,7 +165,7 @@ def run(args) -> int:
     t = time.perf_counter()
     results = run_evaluation(model, db, with_eval_docs=True, device=device, log=say)
     times["evaluation"] = time.perf_counter() - t
-    plot_overlap({k: results[k]["overlap"] for k in ("on", "on_with_eval_docs")}, out / "overlap.png",
+    plot_overlap({LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs")}, out / "overlap.png",
                  title="held-out bpb over chunks with overlap <= alpha")
 
     # 5. sample -------------------------------------------------------------------

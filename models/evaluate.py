@@ -24,6 +24,7 @@ import torch
 from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
 
+LABELS = {"on": "database without the held-out docs", "on_with_eval_docs": "database including them"}
 ALPHAS = [round(a, 2) for a in np.linspace(0.0, 1.0, 11)]
 
 
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     write_report(out, summary(results))
     print(table(results))
-    curves = {k: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
+    curves = {LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
     if curves:
         plot = Path(args.plot) if args.plot else out.with_suffix(".png")
         plot_overlap(curves, plot)

@@ -308,6 +308,9 @@ def add_train_arguments(p) -> None:
     g.add_argument("--clip", type=float, default=d.clip)
     g.add_argument("--retrieval-dropout", type=float, default=d.retrieval_dropout,
                    help="fraction of sequences trained with their neighbours masked")
+    g.add_argument("--overlap-sampling", type=float, default=d.overlap_sampling,
+                   help="> 0: draw training sequences with weight (this + the mean overlap of their chunks with "
+                        "their neighbours), so sequences whose neighbours are informative come more often")
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     g.add_argument("--seed", type=int, default=d.seed)
@@ -336,7 +339,7 @@ def train_args_from(args) -> TrainArgs:
     return TrainArgs(
         out=args.out, steps=args.steps, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-        retrieval_dropout=args.retrieval_dropout, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        retrieval_dropout=args.retrieval_dropout, overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
         seed=args.seed, resume=args.resume, retrofit=args.retrofit, device=args.device,
         progress=not args.no_progress,
     )
