@@ -1,0 +1,303 @@
+"""Training and evaluation data: chunk-aligned token sequences with their neighbours.
+
+The unit is the database's chunk: every document is cut into chunks of m
+tokens from its start (the last one padded), and the retriever gives each
+chunk K neighbours of R tokens. Laying the chunks of a set of documents end
+to end gives a stream; a sequence is S = N / m consecutive chunks of it, so
+every chunk of a sequence is a database chunk with precomputed neighbours.
+
+Targets are the next token of the same document; padding and the first token
+of a document are never predicted (target -100). Bits per byte count the
+UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class ChunkedTokens:
+    """Documents cut into chunks of m tokens, in stream order, with their neighbours.
+
+    tokens: (C, m) int token ids, padding where `valid` is False.
+    valid: (C, m) bool.
+    doc: (C,) int document id of each chunk (consecutive chunks of one document are adjacent).
+    neighbours: (C, K, R) int token ids of each chunk's neighbours, or None (no retrieval).
+    neighbour_mask: (C, K, R) bool, True where a neighbour token is real.
+    """
+    tokens: np.ndarray
+    valid: np.ndarray
+    doc: np.ndarray
+    neighbours: Optional[np.ndarray] = None
+    neighbour_mask: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        C, m = self.tokens.shape
+        if self.valid.shape != (C, m) or self.doc.shape != (C,):
+            raise ValueError(f"valid must be {(C, m)} and doc {(C,)}, got {self.valid.shape}, {self.doc.shape}")
+        if self.neighbours is not None:
+            if self.neighbours.ndim != 3 or self.neighbours.shape[0] != C:
+                raise ValueError(f"neighbours must be (C={C}, K, R), got {self.neighbours.shape}")
+            if self.neighbour_mask is None:
+                self.neighbour_mask = np.ones(self.neighbours.shape, dtype=bool)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.tokens.shape[1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def with_neighbours(self, neighbours, neighbour_mask) -> "ChunkedTokens":
+        return ChunkedTokens(self.tokens, self.valid, self.doc, neighbours, neighbour_mask)
+
+    def targets(self) -> np.ndarray:
+        """(C, m) next-token targets in the stream, IGNORE where there is none."""
+        C, m = self.tokens.shape
+        flat_tok = self.tokens.reshape(-1)
+        flat_valid = self.valid.reshape(-1)
+        flat_doc = np.repeat(self.doc, m)
+        nxt = np.full(C * m, IGNORE, dtype=np.int64)
+        ok = flat_valid[1:] & (flat_doc[1:] == flat_doc[:-1])
+        nxt[:-1] = np.where(ok, flat_tok[1:], IGNORE)
+        return nxt.reshape(C, m)
+
+
+def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedTokens:
+    """Cut token arrays (one per document) into chunks of `chunk_size` from each start."""
+    tokens, valid, doc = [], [], []
+    for d, ids in enumerate(docs):
+        ids = np.asarray(ids, dtype=np.int64)
+        n = -(-len(ids) // chunk_size)
+        padded = np.full(n * chunk_size, pad_id, dtype=np.int64)
+        padded[: len(ids)] = ids
+        v = np.zeros(n * chunk_size, dtype=bool)
+        v[: len(ids)] = True
+        tokens.append(padded.reshape(n, chunk_size))
+        valid.append(v.reshape(n, chunk_size))
+        doc.append(np.full(n, d, dtype=np.int64))
+    return ChunkedTokens(np.concatenate(tokens), np.concatenate(valid), np.concatenate(doc))
+
+
+class SequenceBatches:
+    """Batches of S = seq_len / m consecutive chunks, in a seeded order that a resume can replay.
+
+    Sequences start at chunks 0, S, 2S, ... (the last one padded when the chunks
+    run out), so every chunk is in exactly one sequence. Epoch e visits them in the order of a
+    permutation drawn from `seed + e`; `batch(step)` is a pure function of the step,
+    so resuming at step s reproduces exactly the batches a straight run would see.
+    Under DDP each rank takes every world-th sequence of the global batch.
+    """
+
+    def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1, shuffle: bool = True, weights: Optional[np.ndarray] = None):
+        m = data.chunk_size
+        if seq_len % m:
+            raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
+        self.data, self.S, self.m = data, seq_len // m, m
+        self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
+        self.starts = np.arange(0, len(data), self.S)
+        self.targets = data.targets()
+        self.p = None
+        if weights is not None:  # per-sequence sampling weights (an epoch = len(starts) draws)
+            if weights.shape != self.starts.shape or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights must be {self.starts.shape} non-negative numbers, not all zero")
+            self.p = weights / weights.sum()
+        if batch_size % world:
+            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.starts
+        rng = np.random.default_rng(self.seed + epoch)
+        if self.p is not None:
+            return rng.choice(self.starts, size=len(self.starts), p=self.p)
+        return rng.permutation(self.starts)
+
+    def batch(self, step: int) -> dict:
+        """The local share of global batch number `step`."""
+        n = len(self.starts)
+        idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        orders = {e: self._order(e) for e in np.unique(idx // n).tolist()}
+        starts = np.array([orders[int(i // n)][i % n] for i in idx])
+        return self.gather(starts[self.rank :: self.world])
+
+    def gather(self, starts: np.ndarray) -> dict:
+        """Tensors for sequences starting at the given chunks."""
+        S, m, d = self.S, self.m, self.data
+        rows = starts[:, None] + np.arange(S)[None, :]  # (B, S) chunk rows
+        inside = rows < len(d)
+        rows = np.minimum(rows, len(d) - 1)
+        tokens = np.where(inside[..., None], d.tokens[rows], 0)
+        targets = np.where(inside[..., None], self.targets[rows], IGNORE)
+        out = {
+            "tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
+            "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
+            "chunk_rows": torch.from_numpy(rows),
+        }
+        if d.neighbours is not None:
+            out["neighbours"] = torch.from_numpy(d.neighbours[rows].astype(np.int64))
+            out["neighbour_mask"] = torch.from_numpy(d.neighbour_mask[rows] & inside[..., None, None])
+        return out
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest run of tokens that a and b share (longest common substring)."""
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    eq = a[:, None] == b[None, :]
+    best = 0
+    prev = np.zeros(len(b) + 1, dtype=np.int64)
+    for i in range(len(a)):
+        cur = np.zeros_like(prev)
+        cur[1:] = np.where(eq[i], prev[:-1] + 1, 0)
+        best = max(best, int(cur.max()))
+        prev = cur
+    return best
+
+
+def sequence_overlap_weights(batches: "SequenceBatches", floor: float) -> np.ndarray:
+    """Sampling weight of each sequence: floor + the mean overlap of its chunks with their neighbours."""
+    ov = chunk_overlap(batches.data)
+    S = batches.S
+    padded = np.zeros(len(batches.starts) * S)
+    padded[: len(ov)] = ov
+    return floor + padded.reshape(-1, S).mean(1)
+
+
+def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
+    """(C,) overlap of each chunk with the neighbours used to predict it.
+
+    Chunk c's tokens are predicted from positions that read the neighbours
+    retrieved with chunk c-1 (DESIGN.md's shift), so its overlap is the longest
+    common token run between chunk c and any of those neighbours, divided by m.
+    A document's first chunk has none: overlap 0.
+    """
+    C, m = data.tokens.shape
+    out = np.zeros(C)
+    if data.neighbours is None:
+        return out
+    for c in range(1, C):
+        if data.doc[c] != data.doc[c - 1]:
+            continue
+        chunk = data.tokens[c][data.valid[c]]
+        best = 0
+        for k in range(data.neighbours.shape[1]):
+            nb = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
+            best = max(best, longest_common_run(chunk, nb))
+        out[c] = best / m
+    return out
+
+
+TokenBytes = Callable[[np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# From a retrieval database (models.retrieval)
+# ---------------------------------------------------------------------------
+
+def open_database(path, chunk_size: Optional[int] = None):
+    """Open a built retrieval database, with a clear error when there is none."""
+    from pathlib import Path
+
+    from .retrieval import RetrievalDatabase
+
+    if path is None:
+        raise ValueError("--db is required: the retrieval database directory (build one with "
+                         "`python -m models build-db --out DIR`)")
+    if not (Path(path) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no retrieval database at {str(path)!r} (no manifest.json); build one with "
+                                f"`python -m models build-db --out {path}`")
+    expect = None if chunk_size is None else {"chunk_size": chunk_size}
+    return RetrievalDatabase.open(path, expect_config=expect)
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (special tokens: 0).
+
+    In the byte-level alphabet every byte is one character, so a token's byte
+    count is the length of its string.
+    """
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    out = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for s, i in vocab.items():
+        out[i] = 0 if s in special else len(s)
+    return out
+
+
+def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
+    """A database split ("train" or "eval") as ChunkedTokens with its precomputed neighbours.
+
+    num_neighbours: K to keep from the precomputed table (None: no neighbours).
+    """
+    stream = db.stream(split)
+    m = db.chunk_size
+    chunk_doc = np.asarray(stream.chunk_doc, dtype=np.int64)
+    C = chunk_doc.size
+    if C == 0:
+        raise ValueError(f"the database's {split!r} split is empty")
+    tokens = np.asarray(stream.tokens[: C * m], dtype=np.int64).reshape(C, m)
+    valid = tokens != db.pad_id
+    data = ChunkedTokens(tokens, valid, chunk_doc)
+    if num_neighbours is None:
+        return data
+    if stream.neighbours is None:
+        raise ValueError(f"the database has no precomputed neighbours for its {split!r} split")
+    table = np.asarray(stream.neighbours)
+    if table.shape[1] < num_neighbours:
+        raise ValueError(f"the database precomputed {table.shape[1]} neighbours per chunk; the model needs "
+                         f"{num_neighbours} (rebuild with -k {num_neighbours})")
+    ids, mask = db.chunk_values(table[:, :num_neighbours])
+    return data.with_neighbours(ids, mask)
+
+
+def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> ChunkedTokens:
+    """`data`'s neighbours from the database plus `data`'s own chunks (a "leaky" database).
+
+    Equivalent to an exact (flat) database holding both the database's chunks
+    and those of `data`'s documents: each chunk is embedded with the database's
+    embedder, searched in the database and among `data`'s chunks by L2, and the
+    K nearest of both are kept. A chunk's own document is not excluded, so its
+    nearest neighbour is itself with its continuation: this measures copying.
+    """
+    m, R, K = db.chunk_size, db.neighbour_len, num_neighbours
+    C = len(data)
+    keys = db.embed_chunks([data.tokens[c][data.valid[c]] for c in range(C)])
+    db_dist, db_ids = db.search(keys, K)
+    # data's own chunks that hold document text (not only <|endoftext|>/padding)
+    text = data.valid & (data.tokens != db.eos_id)
+    own = np.flatnonzero(text.any(1))
+    keys = np.asarray(keys, dtype=np.float32)
+    sq = (keys ** 2).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, own] - 2 * keys @ keys[own].T, 0.0)  # (C, own) squared L2
+    own_order = np.argsort(d2, axis=1)[:, :K]
+    own_dist = np.take_along_axis(d2, own_order, 1)
+    db_vals, db_mask = db.chunk_values(db_ids)
+    # values of data's own chunks: the chunk and its continuation within the document
+    flat_tok = data.tokens.reshape(-1)
+    flat_text = text.reshape(-1)
+    flat_doc = np.repeat(data.doc, m)
+    starts = own[own_order] * m  # (C, K)
+    pos = starts[..., None] + np.arange(R)
+    inside = pos < flat_tok.size
+    pos_c = np.minimum(pos, flat_tok.size - 1)
+    own_mask = inside & flat_text[pos_c] & (flat_doc[pos_c] == flat_doc[starts][..., None])
+    own_vals = np.where(own_mask, flat_tok[pos_c], db.pad_id)
+    # merge by distance
+    dist = np.concatenate([db_dist, own_dist], 1)
+    vals = np.concatenate([db_vals, own_vals], 1)
+    mask = np.concatenate([db_mask, own_mask], 1)
+    dist = np.where(np.concatenate([db_ids >= 0, np.ones_like(own_order, bool)], 1), dist, np.inf)
+    best = np.argsort(dist, axis=1, kind="stable")[:, :K]
+    return data.with_neighbours(np.take_along_axis(vals, best[..., None], 1),
+                                np.take_along_axis(mask, best[..., None], 1))

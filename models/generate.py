@@ -1,0 +1,156 @@
+"""Sampling with a KV cache and retrieval as chunks complete.
+
+    python -m models generate --checkpoint runs/x --db DIR --prompt "..." [--max-new-tokens 128
+        --temperature 0.8 --top-k 50 --top-p 0.95 --no-retrieval]
+
+The prompt is fed in one forward; then one token at a time. Whenever a chunk
+of m tokens completes, its neighbours are retrieved with its tokens, and the
+next forward (the chunk's last token, the first that may read them) encodes
+them with the chunk's activations and continues chunked cross-attention over
+them through `chunked_cross_attention(..., start_pos=...)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .model import RetroModel
+
+# retriever(list of (m,) token arrays) -> (tokens (n, K, R), mask (n, K, R))
+Retriever = Callable[[list], tuple]
+
+
+@dataclass
+class Generation:
+    tokens: list  # prompt + generated ids
+    prompt_len: int
+    neighbours: list = field(default_factory=list)  # per completed chunk: (K, R) ids
+    neighbour_masks: list = field(default_factory=list)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator) -> int:
+    """One token from (V,) logits: greedy at temperature 0, else top-k, then nucleus (top-p)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Optional[Retriever] = None,
+             temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, seed: int = 0,
+             stop_ids: tuple = (), device="cpu") -> Generation:
+    """Sample a continuation of `prompt` (token ids). Retrieval is on when `retriever` is given."""
+    cfg, m = model.cfg, model.cfg.chunk_size
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    if retriever is not None and not cfg.retrieval:
+        raise ValueError("a retriever was given but the model has retrieval=False")
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = Generation(tokens=list(prompt), prompt_len=len(prompt))
+    K, R = cfg.num_neighbours, cfg.R
+
+    def retrieve_complete_chunks():
+        done = len(out.neighbours)
+        complete = len(out.tokens) // m
+        if complete > done:
+            chunks = [np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)]
+            nb, mask = retriever(chunks)
+            out.neighbours.extend(np.asarray(nb)[:, :K, :R])
+            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
+
+    def neighbour_tensors():
+        if retriever is None:
+            return None, None
+        retrieve_complete_chunks()
+        if not out.neighbours:
+            return torch.zeros(1, 0, K, R, dtype=torch.long, device=device), None
+        nb = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
+        mask = torch.as_tensor(np.stack(out.neighbour_masks), dtype=torch.bool, device=device)[None]
+        return nb, mask
+
+    cache = model.new_cache()
+    nb, mask = neighbour_tensors()
+    x = torch.as_tensor(out.tokens, dtype=torch.long, device=device)[None]
+    logits = model(x, nb, mask, start_pos=0, cache=cache)[0, -1]
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, gen)
+        out.tokens.append(token)
+        if token in stop_ids:
+            break
+        nb, mask = neighbour_tensors()  # retrieves when this token completed a chunk
+        x = torch.tensor([[token]], dtype=torch.long, device=device)
+        logits = model(x, nb, mask, start_pos=len(out.tokens) - 1, cache=cache)[0, -1]
+    return out
+
+
+def database_retriever(db, K: int) -> Retriever:
+    """Retrieve from a database with the chunk's own tokens (nothing excluded)."""
+    def retrieve(chunks):
+        ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])
+        return db.neighbours_for_tokens(ids, K)
+
+    return retrieve
+
+
+def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
+    """The prompt, the continuation, and each chunk's neighbours (decoded)."""
+    m = db.chunk_size
+    lines = ["prompt:", "  " + db.decode(result.tokens[: result.prompt_len]).replace("\n", "\n  "),
+             "continuation:", "  " + db.decode(result.tokens[result.prompt_len:]).replace("\n", "\n  ")]
+    for u, (nb, mask) in enumerate(zip(result.neighbours, result.neighbour_masks)):
+        chunk = db.decode(result.tokens[u * m:(u + 1) * m]).replace("\n", " ")
+        lines.append(f"chunk {u} {chunk[:max_neighbour_chars]!r}")
+        for k in range(nb.shape[0]):
+            text = db.decode(nb[k][mask[k]]).replace("\n", " ")
+            lines.append(f"    neighbour {k}: {text[:max_neighbour_chars]!r}")
+    return "\n".join(lines)
+
+
+
+from .cli_common import cli_errors
+
+@cli_errors
+def main(argv=None) -> int:
+    import argparse
+
+    from .data import open_database
+    from .evaluate import load_model
+    from .train import resolve_device
+
+    p = argparse.ArgumentParser(prog="python -m models generate", description="sample from a RETRO model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--db", required=True, help="retrieval database (its tokenizer is the model's)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-retrieval", action="store_true")
+    p.add_argument("--kernels", default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, args.kernels, device)
+    db = open_database(args.db, chunk_size=model.cfg.chunk_size)
+    retriever = None if args.no_retrieval or not model.cfg.retrieval else database_retriever(db, model.cfg.num_neighbours)
+    prompt = db.encode(args.prompt).tolist()
+    result = generate(model, prompt, args.max_new_tokens, retriever, args.temperature, args.top_k, args.top_p,
+                      args.seed, stop_ids=(db.eos_id,), device=device)
+    print(show(db, result))
+    return 0

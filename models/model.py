@@ -1,0 +1,326 @@
+"""A thin RETRO: a decoder-only LM with chunked cross-attention to encoded neighbours.
+
+    tokens (B, N) ──embed──► decoder blocks ──norm──► logits (B, N, V)
+                                 │
+            at the first CCA layer: hidden (B, N, d) = chunk activations
+                                 ▼
+    neighbours (B, L, K, R) ──embed (shared)──► retrieval encoder (2 layers,
+        cross-attending to the m activations of the chunk they were retrieved for)
+                                 ▼
+        encoded neighbours (B, L, K, R, d), computed once, read by every CCA layer
+
+Each decoder block is pre-norm: x += attn(norm(x)); [x += cca(norm(x), E)]; x += ff(norm(x)).
+CCA sits in every `cca_every`-th layer from `cca_start_layer` (1-based). Retrieval
+OFF (`neighbours=None`) skips CCA and the encoder: the same weights run as a plain GPT.
+
+Incremental decoding passes a `DecodeCache` and `start_pos`; the cache holds the
+self-attention keys/values, the first-CCA-layer activations of the chunk being
+written, and the encoded neighbours of every completed chunk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retro_kernels.nn import ChunkedCrossAttention, NeighbourEncoderLayer, RotaryEmbedding
+
+from .config import RetroConfig
+
+
+
+# ---------------------------------------------------------------------------
+# Decoder pieces
+# ---------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    """SwiGLU ("gated") or GELU MLP."""
+
+    def __init__(self, d_model: int, mult: float, kind: str, dropout: float = 0.0):
+        super().__init__()
+        self.gated = kind == "gated"
+        hidden = int(d_model * mult * (2 / 3 if self.gated else 1))
+        hidden = 8 * math.ceil(hidden / 8)
+        self.up = nn.Linear(d_model, hidden * (2 if self.gated else 1), bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            a, g = self.up(x).chunk(2, dim=-1)
+            h = a * F.silu(g)
+        else:
+            h = F.gelu(self.up(x))
+        return self.dropout(self.down(h))
+
+
+@dataclass
+class LayerCache:
+    """Self-attention keys and values of the tokens seen so far: (B, T, Hkv, D)."""
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head (or grouped-query) self-attention with rotary positions, via SDPA."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        self.to_qkv = nn.Linear(cfg.d_model, (H + 2 * Hkv) * D, bias=False)
+        self.to_out = nn.Linear(H * D, cfg.d_model, bias=False)
+        self.rotary = RotaryEmbedding(D - D % 2, cfg.rotary_base)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, start_pos: int = 0, cache: Optional[LayerCache] = None) -> Tensor:
+        B, N, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.to_qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, N, H, D), k.view(B, N, Hkv, D), v.view(B, N, Hkv, D)
+        positions = torch.arange(start_pos, start_pos + N, device=x.device)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        T = k.shape[1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if T == N:  # the whole sequence: plain causal mask
+            mask, causal = None, True
+        elif N == 1:  # one new token sees everything cached
+            mask, causal = None, False
+        else:  # a block of new tokens after a cached prefix
+            mask, causal = torch.arange(T, device=x.device)[None, :] <= positions[:, None], False
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.to_out(o.transpose(1, 2).reshape(B, N, H * D))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: RetroConfig, has_cca: bool):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ff_norm = nn.RMSNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.feed_forward, cfg.dropout)
+        self.has_cca = has_cca
+        if has_cca:
+            self.cca_norm = nn.RMSNorm(cfg.d_model)
+            self.cca = ChunkedCrossAttention(
+                cfg.d_model, cfg.n_heads, cfg.chunk_size, n_kv_heads=cfg.n_kv_heads,
+                rotary=True, rotary_base=cfg.rotary_base, backend=cfg.kernels,
+            )
+
+    def forward(self, x, start_pos=0, cache=None, encoded=None, encoded_mask=None, cca_start_pos=None):
+        x = x + self.attn(self.attn_norm(x), start_pos, cache)
+        if self.has_cca and encoded is not None:
+            x = x + self.cca(self.cca_norm(x), encoded, encoded_mask, start_pos=cca_start_pos)
+        return x + self.ff(self.ff_norm(x))
+
+
+# ---------------------------------------------------------------------------
+# Retrieval encoder
+# ---------------------------------------------------------------------------
+
+class RetrievalEncoder(nn.Module):
+    """Encodes embedded neighbours, conditioned on the chunk activations they were retrieved for."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        heads = cfg.encoder_heads or cfg.n_heads
+        self.layers = nn.ModuleList(
+            NeighbourEncoderLayer(cfg.d_model, heads, cross_attention=(i + 1) in cfg.encoder_cross_attention_layers,
+                                  ff_mult=cfg.encoder_ff_mult, rotary_base=cfg.rotary_base, backend=cfg.kernels)
+            for i in range(cfg.encoder_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.d_model)
+
+    def forward(self, embedded: Tensor, chunk: Tensor, neighbour_mask: Optional[Tensor]) -> Tensor:
+        for layer in self.layers:
+            embedded = layer(embedded, chunk, neighbour_mask, None)
+        return self.norm(embedded)
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DecodeCache:
+    """State for incremental decoding (see RetroModel.forward)."""
+    layers: list = field(default_factory=list)  # LayerCache per decoder layer
+    chunk_hidden: Optional[Tensor] = None  # first-CCA-input activations of the unfinished chunk
+    encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
+    encoded_mask: Optional[Tensor] = None  # (B, chunks done, K, R) or None
+    length: int = 0  # tokens seen
+
+    @property
+    def chunks_encoded(self) -> int:
+        return 0 if self.encoded is None else self.encoded.shape[1]
+
+
+class RetroModel(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        cca = set(cfg.cca_layers)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i in cca) for i in range(cfg.n_layers))
+        self.encoder = RetrievalEncoder(cfg) if cfg.retrieval else None
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Residual projections scaled down with depth (GPT-2); CCA outputs start at
+        # zero, so a fresh (or retrofitted) model starts as its plain decoder.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.to_out.weight", "ff.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            if name.endswith("cca.to_out.weight"):
+                nn.init.zeros_(p)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- kernels and parameter groups --------------------------------------
+    def set_kernels(self, kernels: str) -> None:
+        """Switch every fused layer to `kernels` ("auto", "reference", "triton", ...)."""
+        self.cfg.kernels = kernels
+        self.cfg.validate()
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = kernels
+
+    @staticmethod
+    def is_retrieval_parameter(name: str) -> bool:
+        """CCA and encoder parameters: what retrofitting trains."""
+        return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
+
+    def retrieval_parameters(self):
+        return [p for n, p in self.named_parameters() if self.is_retrieval_parameter(n)]
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(layers=[LayerCache() for _ in self.layers])
+
+    # -- forward -------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        neighbours: Optional[Tensor] = None,
+        neighbour_mask: Optional[Tensor] = None,
+        *,
+        start_pos: int = 0,
+        cache: Optional[DecodeCache] = None,
+    ) -> Tensor:
+        """Logits (B, N, V) for `tokens` (B, N) at absolute positions start_pos.. .
+
+        neighbours: (B, L, K, R) token ids, L >= (start_pos + N) // m; neighbours[:, u]
+            were retrieved with the tokens of chunk u (positions u*m .. u*m+m-1).
+            None: retrieval OFF (a plain decoder).
+        neighbour_mask: (B, L, K, R) bool, True where a neighbour token is real.
+        cache: a DecodeCache from `new_cache()` for incremental decoding; then
+            start_pos must equal the number of tokens already fed.
+        """
+        cfg, m = self.cfg, self.cfg.chunk_size
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
+        B, N = tokens.shape
+        if cache is not None and start_pos != cache.length:
+            raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
+        end = start_pos + N
+        complete = end // m  # chunks whose neighbours some token here may read
+        retrieval_on = neighbours is not None
+        if retrieval_on and self.encoder is None:
+            raise ValueError("neighbours were given but this model has retrieval=False (no CCA layers)")
+        if retrieval_on:
+            self._check_neighbours(neighbours, neighbour_mask, B, complete)
+        if retrieval_on and cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 with neighbours needs a DecodeCache (incremental decoding)")
+
+        x = self.embed(tokens)
+        encoded = encoded_mask = None
+        cca_start = start_pos
+        first_cca = cfg.cca_layers[0] if cfg.cca_layers else None
+        for i, layer in enumerate(self.layers):
+            if retrieval_on and i == first_cca:
+                encoded, encoded_mask = self._encode(x, neighbours, neighbour_mask, complete, cache)
+                if encoded is not None and cache is not None:
+                    # Only the chunks this step reads: shift by whole chunks (the CCA
+                    # output depends on t only through its chunk and t mod m).
+                    first = max(0, (start_pos - (m - 1)) // m)
+                    encoded = encoded[:, first:complete]
+                    encoded_mask = None if encoded_mask is None else encoded_mask[:, first:complete]
+                    cca_start = start_pos - first * m
+            layer_cache = None if cache is None else cache.layers[i]
+            x = layer(x, start_pos, layer_cache, encoded, encoded_mask, cca_start)
+        if cache is not None:
+            cache.length = end
+        return self.lm_head(self.norm(x))
+
+    def _check_neighbours(self, neighbours, neighbour_mask, B, complete):
+        cfg = self.cfg
+        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
+            raise ValueError(
+                f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
+        if neighbours.shape[1] < complete:
+            raise ValueError(
+                f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
+                f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
+        if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
+            raise ValueError(
+                f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
+                f"got {tuple(neighbour_mask.shape)}")
+
+    def _encode(self, x, neighbours, neighbour_mask, complete, cache):
+        """Encoded neighbours of chunks 0..complete-1 from the activations x at the first
+        CCA layer, or (None, None) when no chunk is complete yet."""
+        m = self.cfg.chunk_size
+        if cache is None:  # the full sequence, from position 0
+            if complete == 0:
+                return None, None
+            chunk = x[:, : complete * m].reshape(x.shape[0], complete, m, x.shape[-1])
+            nb = neighbours[:, :complete]
+            mask = None if neighbour_mask is None else neighbour_mask[:, :complete]
+            return self.encoder(self.embed(nb), chunk, mask), mask
+        # Incremental: the activations of the unfinished chunk wait in the cache.
+        done = cache.chunks_encoded
+        pending = x if cache.chunk_hidden is None else torch.cat([cache.chunk_hidden, x], dim=1)
+        new = complete - done
+        if new > 0:
+            chunk = pending[:, : new * m].reshape(x.shape[0], new, m, x.shape[-1])
+            nb = neighbours[:, done:complete]
+            mask = None if neighbour_mask is None else neighbour_mask[:, done:complete]
+            enc = self.encoder(self.embed(nb), chunk, mask)
+            cache.encoded = enc if cache.encoded is None else torch.cat([cache.encoded, enc], 1)
+            if mask is not None:
+                cache.encoded_mask = mask if cache.encoded_mask is None else torch.cat([cache.encoded_mask, mask], 1)
+            pending = pending[:, new * m:]
+        cache.chunk_hidden = pending
+        if cache.encoded is None:
+            return None, None
+        return cache.encoded, cache.encoded_mask
+
+
+def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy in nats; targets == -100 are ignored."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=-100, reduction=reduction,
+    )

@@ -1,0 +1,371 @@
+"""Training: AdamW, warmup + cosine, clipping, accumulation, bf16 on GPU, checkpoints, exact resume, DDP.
+
+    python -m models train --db DIR --out runs/x [--steps 2000 --batch-size 16 ...]
+    torchrun --nproc-per-node 2 -m models train --db DIR --out runs/x   # DDP (gloo on CPU, nccl on GPU)
+
+Everything random in a step is a function of (seed, step): the batch order
+(`SequenceBatches`), the retrieval dropout, and the global torch RNG, which is
+saved in each checkpoint. So `--resume` continues exactly where a straight run
+would have been.
+
+Retrieval dropout: with probability `retrieval_dropout` a training sequence
+gets all its neighbours masked, which makes every CCA output of it zero: the
+model also learns to work as a plain decoder, so "retrieval OFF" is a fair
+baseline for the same weights.
+
+Retrofit (`--retrofit CKPT`): start from a plain decoder checkpoint
+(retrieval=False), add CCA layers and the encoder, freeze the decoder and
+train only the new parameters.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import RetroConfig
+from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
+from .evaluate import bits_per_byte, token_nll
+from .cli_common import cli_errors
+from .model import RetroModel, lm_loss
+
+
+@dataclass
+class TrainArgs:
+    out: str = "runs/retro"
+    steps: int = 1000
+    batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation
+    accum: int = 1  # gradient accumulation micro-steps per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    retrieval_dropout: float = 0.25
+    overlap_sampling: float = 0.0  # > 0: sample sequences with weight (this + their neighbour overlap); 0: uniform
+    eval_every: int = 0  # 0: only at the end
+    eval_sequences: int = 32
+    ckpt_every: int = 0  # 0: only at the end
+    keep: int = 2
+    seed: int = 0
+    resume: bool = False
+    retrofit: Optional[str] = None
+    device: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    if a.warmup and step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * cos)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
+
+    On a small shared machine, a thread pool wider than the idle cores makes every
+    op wait for a descheduled thread (here: 100x slower elementwise ops), so
+    the default falls back to 1 thread when the load average says the cores are taken.
+    """
+    if threads is None:
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores, int(cores - load + 0.5)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+def build_model(cfg: RetroConfig, a: TrainArgs) -> RetroModel:
+    """A fresh model, or a retrofitted one: a plain decoder's frozen weights plus new CCA/encoder."""
+    if not a.retrofit:
+        return RetroModel(cfg)
+    base = ckpt.load_config(a.retrofit)
+    if base.retrieval:
+        raise ValueError(f"--retrofit expects a plain decoder checkpoint (retrieval=False); {a.retrofit} has retrieval")
+    shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "feed_forward", "ff_mult",
+             "rotary_base", "tie_embeddings")
+    mismatch = [k for k in shape if getattr(base, k) != getattr(cfg, k)]
+    if mismatch:
+        raise ValueError(f"--retrofit: the decoder checkpoint differs from the config in {mismatch}")
+    model = RetroModel(cfg)
+    missing, unexpected = ckpt.load_model_weights(model, a.retrofit, strict=False)
+    bad = [k for k in missing if not RetroModel.is_retrieval_parameter(k)]
+    if bad or unexpected:
+        raise ValueError(f"--retrofit: checkpoint does not match the decoder (missing {bad}, unexpected {unexpected})")
+    for name, p in model.named_parameters():
+        p.requires_grad_(RetroModel.is_retrieval_parameter(name))
+    return model
+
+
+def make_optimizer(model: RetroModel, a: TrainArgs) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95))
+
+
+def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Mask all neighbours of each sequence with probability p (that sequence then runs as a plain LM)."""
+    if p <= 0:
+        return mask
+    keep = torch.rand(mask.shape[0], generator=generator) >= p
+    return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
+
+
+def evaluate_loss(model, data: ChunkedTokens, byte_lengths, a: TrainArgs, device, retrieval=True) -> dict:
+    """Quick held-out numbers during training (on the first eval_sequences sequences)."""
+    m, N = data.chunk_size, model.cfg.seq_len
+    rows = min(len(data), a.eval_sequences * (N // m))
+    sub = ChunkedTokens(data.tokens[:rows], data.valid[:rows], data.doc[:rows],
+                        None if data.neighbours is None else data.neighbours[:rows],
+                        None if data.neighbour_mask is None else data.neighbour_mask[:rows])
+    on = retrieval and sub.neighbours is not None and model.cfg.retrieval
+    nll, pred = token_nll(model, sub, on, batch_size=8, device=device, autocast=device.type == "cuda")
+    out = {"loss": float(nll[pred].sum() / max(1, pred.sum()))}
+    if byte_lengths is not None:
+        out["bpb"] = bits_per_byte(nll, pred, np.asarray(byte_lengths)[sub.tokens])
+    model.train()
+    return out
+
+
+def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
+          byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
+    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to a.out."""
+    device = resolve_device(a.device)
+    rank, world, device = setup_distributed(device)
+    out = Path(a.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.retrieval and train_data.neighbours is None:
+        raise ValueError("the config has retrieval=True but the training data has no neighbours")
+    if train_data.chunk_size != cfg.chunk_size:
+        raise ValueError(f"the data's chunk size ({train_data.chunk_size}) differs from the config's ({cfg.chunk_size})")
+    if train_data.neighbours is not None and cfg.retrieval and (
+            train_data.neighbours.shape[1] != cfg.num_neighbours or train_data.neighbours.shape[2] != cfg.R):
+        raise ValueError(f"the data has (K, R) = {train_data.neighbours.shape[1:]} neighbours but the config "
+                         f"expects ({cfg.num_neighbours}, {cfg.R})")
+    if a.batch_size % (a.accum * world):
+        raise ValueError(f"batch_size ({a.batch_size}) must be divisible by accum ({a.accum}) x processes ({world})")
+
+    torch.manual_seed(a.seed)
+    model = build_model(cfg, a).to(device)
+    optimizer = make_optimizer(model, a)
+    start_step, history = 0, []
+    if a.resume and (out / ckpt.LATEST).is_file():
+        saved = ckpt.load_config(out)
+        if saved.to_dict() != {**cfg.to_dict(), "kernels": saved.kernels}:
+            raise ValueError(f"--resume: the checkpoint in {out} was trained with a different config")
+        ckpt.load_model_weights(model, out)
+        state = ckpt.load_training_state(out, optimizer)
+        start_step, history = state["step"], state.get("history", [])
+        if rank == 0:
+            log(f"resumed from {ckpt.resolve(out)} at step {start_step}")
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    micro = a.batch_size // a.accum  # sequences per micro-step over all processes
+    batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world)
+    if a.overlap_sampling > 0 and cfg.retrieval:
+        weights = sequence_overlap_weights(batches, a.overlap_sampling)
+        batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world, weights=weights)
+    autocast = device.type == "cuda"
+    progress = None
+    if rank == 0 and a.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=a.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    tokens_per_step = a.batch_size * cfg.seq_len
+    t0, tokens_seen = time.perf_counter(), 0
+    model.train()
+
+    def save(step):
+        if rank == 0:
+            ckpt.save_checkpoint(out, model, optimizer, step,
+                                 {"history": history, "args": asdict(a)}, keep=a.keep)
+
+    for step in range(start_step, a.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, a)
+        total = 0.0
+        for k in range(a.accum):
+            index = step * a.accum + k
+            b = batches.batch(index)
+            tokens, targets = b["tokens"].to(device), b["targets"].to(device)
+            nb = mask = None
+            if cfg.retrieval:
+                gen = torch.Generator().manual_seed(a.seed * 1_000_003 + index * world + rank)
+                nb = b["neighbours"].to(device)
+                mask = drop_retrieval(b["neighbour_mask"], a.retrieval_dropout, gen).to(device)
+            sync = k == a.accum - 1 or world == 1
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _null()
+            with ctx:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = ddp_model(tokens, nb, mask)
+                loss = lm_loss(logits, targets) / a.accum
+                loss.backward()
+            total += loss.item()
+        if a.clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], a.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        rate = tokens_seen / (time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": total, "lr": lr_at(step, a), "tokens_per_s": rate}
+        done = step + 1
+        if eval_data is not None and ((a.eval_every and done % a.eval_every == 0) or done == a.steps) and rank == 0:
+            record["eval"] = evaluate_loss(model, eval_data, byte_lengths, a, device)
+            if cfg.retrieval and eval_data.neighbours is not None:
+                record["eval_off"] = evaluate_loss(model, eval_data, byte_lengths, a, device, retrieval=False)
+            log(f"step {done}: eval {record['eval']}" + (f" off {record['eval_off']}" if "eval_off" in record else ""))
+        history.append(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}")
+            progress.update(1)
+        if (a.ckpt_every and done % a.ckpt_every == 0) or done == a.steps:
+            save(done)
+    if progress is not None:
+        progress.close()
+    if world > 1:
+        dist.barrier()
+    return {"model": model, "history": history, "step": a.steps}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# python -m models train
+# ---------------------------------------------------------------------------
+
+def add_model_arguments(p) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=256)
+    g.add_argument("--layers", type=int, default=6)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=None, help="fewer than --heads: grouped-query attention")
+    g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
+    g.add_argument("--seq-len", type=int, default=512, help="N, a multiple of the database's chunk size")
+    g.add_argument("--neighbours", type=int, default=2, help="K neighbours per chunk")
+    g.add_argument("--cca-start", type=int, default=3, help="first decoder layer with CCA (1-based; paper: 6 or 9)")
+    g.add_argument("--cca-every", type=int, default=3)
+    g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
+    g.add_argument("--kernels", default="auto", help="auto (fused where available) or reference")
+
+
+def add_train_arguments(p) -> None:
+    g = p.add_argument_group("training")
+    d = TrainArgs()
+    g.add_argument("--out", default=d.out, help="checkpoint directory")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
+    g.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation micro-steps")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip", type=float, default=d.clip)
+    g.add_argument("--retrieval-dropout", type=float, default=d.retrieval_dropout,
+                   help="fraction of sequences trained with their neighbours masked")
+    g.add_argument("--overlap-sampling", type=float, default=d.overlap_sampling,
+                   help="> 0: draw training sequences with weight (this + the mean overlap of their chunks with "
+                        "their neighbours), so sequences whose neighbours are informative come more often")
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--retrofit", default=None, help="a plain decoder checkpoint: freeze it, train CCA + encoder")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_arguments(args, db) -> RetroConfig:
+    cfg = RetroConfig(
+        vocab_size=db.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+        n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
+        num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
+        cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
+        extra={"db_fingerprint": db.fingerprint},
+    )
+    if args.retrofit:
+        base = ckpt.load_config(args.retrofit)
+        cfg = base.replace(retrieval=True, num_neighbours=args.neighbours, cca_start_layer=min(args.cca_start, base.n_layers),
+                           cca_every=args.cca_every, kernels=args.kernels, extra=cfg.extra)
+    return cfg
+
+
+def train_args_from(args) -> TrainArgs:
+    return TrainArgs(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+        retrieval_dropout=args.retrieval_dropout, overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        seed=args.seed, resume=args.resume, retrofit=args.retrofit, device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+@cli_errors
+def main(argv=None) -> int:
+    import argparse
+
+    from .data import from_stream, open_database, token_byte_lengths
+
+    p = argparse.ArgumentParser(prog="python -m models train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", required=True, help="retrieval database directory (python -m models build-db)")
+    add_model_arguments(p)
+    add_train_arguments(p)
+    args = p.parse_args(argv)
+    db = open_database(args.db)
+    cfg = config_from_arguments(args, db)
+    K = cfg.num_neighbours if cfg.retrieval else None
+    train_data = from_stream(db, "train", K)
+    eval_data = from_stream(db, "eval", K)
+    result = train(cfg, train_data, train_args_from(args), eval_data, token_byte_lengths(db.tokenizer))
+    last = result["history"][-1] if result["history"] else {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result['step']}, last loss {last.get('loss', float('nan')):.4f}, "
+              f"eval {last.get('eval')}, checkpoint in {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
