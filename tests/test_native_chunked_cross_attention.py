@@ -185,9 +185,9 @@ def test_cpu_bad_input():
 
 def test_cpu_backend_explains_a_missing_extension(monkeypatch):
     """Without the extension, backend='cpu' says so and says how to build it."""
-    import retro_kernels.cpu.chunked_cross_attention as cpu_backend
+    import retro_kernels.cpu as cpu_backend
 
-    monkeypatch.setattr(cpu_backend, "_MISSING", "the C++ CPU kernels extension retro_kernels._C_cpu "
+    monkeypatch.setattr(cpu_backend, "MISSING", "the C++ CPU kernels extension retro_kernels._C_cpu "
                                                  "is not built; " + _native.BUILD_HINT)
     q, k, v, _ = make_inputs(1, 9, 4, 1, 3, 2, 2, 16, 0, None, torch.float32)
     with pytest.raises(BackendNotSupported, match="pip install --no-build-isolation -e ."):

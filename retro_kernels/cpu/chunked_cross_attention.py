@@ -10,23 +10,11 @@ K and R dims flatten); otherwise the kernel makes them contiguous first.
 """
 from __future__ import annotations
 
-import torch
-
-from .. import _native
-
-
-# Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
-_OPS = _native.load("cpu")
-_MISSING = _native.missing_reason("cpu")
+from . import OPS as _OPS, device_reasons
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
-    reasons = []
-    if _MISSING:
-        reasons.append(_MISSING)
-    if q.device.type != "cpu":
-        reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
-    return reasons
+    return device_reasons(q)
 
 
 def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
