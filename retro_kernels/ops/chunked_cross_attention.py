@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from ._autograd import register_fused_autograd
 from .._checks import check_chunked_cross_attention
 from ..reference import chunked_cross_attention as reference
 
@@ -63,29 +64,7 @@ def _backward_op(
     return module.backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos)
 
 
-@_backward_op.register_fake
-def _backward_fake(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, neighbour_mask, chunk_size, scale, start_pos, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, neighbour_mask, out, lse)
-    ctx.args = (chunk_size, scale, start_pos, backend)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, neighbour_mask, out, lse = ctx.saved_tensors
-    chunk_size, scale, start_pos, backend = ctx.args
-    dq, dk, dv = _backward_op(
-        dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos, backend
-    )
-    return dq, dk, dv, None, None, None, None, None
-
-
-_forward.register_autograd(_backward, setup_context=_setup_context)
+register_fused_autograd(_forward, _backward_op)
 
 
 def chunked_cross_attention(

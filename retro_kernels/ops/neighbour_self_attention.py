@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from ._autograd import register_fused_autograd
 from .._checks import check_backend, check_neighbour_self_attention
 from ..reference import neighbour_self_attention as reference
 
@@ -82,27 +83,7 @@ def _backward_op(
     return module.backward(dout, q, k, v, neighbour_mask, out, lse, scale)
 
 
-@_backward_op.register_fake
-def _backward_fake(dout, q, k, v, neighbour_mask, out, lse, scale, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, neighbour_mask, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, neighbour_mask, out, lse)
-    ctx.args = (scale, backend)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, neighbour_mask, out, lse = ctx.saved_tensors
-    scale, backend = ctx.args
-    dq, dk, dv = _backward_op(dout, q, k, v, neighbour_mask, out, lse, scale, backend)
-    return dq, dk, dv, None, None, None
-
-
-_forward.register_autograd(_backward, setup_context=_setup_context)
+register_fused_autograd(_forward, _backward_op)
 
 dispatch.register_op(OP)  # import the backends now, so torch.compile can trace the choice
 
