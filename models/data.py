@@ -298,6 +298,10 @@ def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> Chunke
     vals = np.concatenate([db_vals, own_vals], 1)
     mask = np.concatenate([db_mask, own_mask], 1)
     dist = np.where(np.concatenate([db_ids >= 0, np.ones_like(own_order, bool)], 1), dist, np.inf)
+    if db.max_distance is not None:  # the database's relevance cut applies to the added chunks too
+        far = dist > db.max_distance
+        dist, mask = np.where(far, np.inf, dist), mask & ~far[..., None]
+        vals = np.where(mask, vals, db.pad_id)
     best = np.argsort(dist, axis=1, kind="stable")[:, :K]
     return data.with_neighbours(np.take_along_axis(vals, best[..., None], 1),
                                 np.take_along_axis(mask, best[..., None], 1))

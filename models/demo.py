@@ -2,11 +2,16 @@
 
     python -m models demo [--out runs/demo] [--quick]
 
-1. Corpus: documents of Python's own documentation (the database's default
-   corpus, no download), the standard library's packages taken whole, up to a
-   byte budget that keeps the demo within its time on a 2-core CPU (embedding
-   every chunk with MiniLM is the slow part).
-2. Builds the retrieval database (held-out documents are not in it).
+1. Corpus: the language-reference topics of Python's own documentation
+   (``pydoc_data``, part of the database's default corpus, no download), whole.
+   They are sections of one reference that quote each other (the "if" topic
+   is also a section of "compound statements", "customization" a section of
+   "special method names", ...): text a held-out topic shares with the others
+   is what retrieval can bring back.
+2. Builds the retrieval database (held-out documents are not in it), with
+   section alignment (a section shared by two documents is chunked the same
+   way in both) and a relevance cut (neighbours farther than ``max_distance``
+   are dropped: a chunk retrieves text only when it has close matches).
 3. Trains a small RETRO on the training documents, with same-document
    neighbours excluded and retrieval dropout (so retrieval OFF is a fair baseline).
 4. Prints bits per byte on the held-out documents: retrieval OFF; ON with the
@@ -33,43 +38,39 @@ import numpy as np
 import torch
 
 # Two presets: the same path, different sizes. On a 2-core CPU the MiniLM
-# embedding of the database (~30 chunks/s) and training (~1 s per step) set the
-# sizes: a few thousand chunks and a few hundred steps fit in 10 minutes.
+# embedding of the database (~30-40 chunks/s) and training (~0.3-0.5 s per step)
+# set the sizes: a few thousand chunks and a few hundred steps fit in 10 minutes.
+# max_distance: squared L2 between MiniLM chunk keys; on this corpus unrelated
+# chunks are 5-15 apart and a shared section's chunks 0 (identical text).
 PRESETS = {
-    "full": dict(corpus_bytes=215_000, max_doc_bytes=6_000, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
-                 d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                 dropout=0.1, overlap_sampling=0.05, steps=300, batch_size=8, lr=4e-3, warmup=30, eval_every=100,
-                 sample_tokens=96),
+    "full": dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
+                 max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
+                 encoder_ff_mult=2, dropout=0.1, overlap_sampling=0.05, steps=300, batch_size=8, lr=4e-3,
+                 warmup=30, eval_every=100, sample_tokens=96),
     "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
-                  d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2, encoder_ff_mult=2,
-                  dropout=0.1, overlap_sampling=0.05, steps=60, batch_size=8, lr=4e-3, warmup=10, eval_every=0,
-                  sample_tokens=40),
+                  max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
+                  encoder_ff_mult=2, dropout=0.1, overlap_sampling=0.05, steps=60, batch_size=8, lr=4e-3,
+                  warmup=10, eval_every=0, sample_tokens=40),
 }
 K = 2  # neighbours per chunk
 
 
-def demo_corpus(path: Path, corpus_bytes: int, max_doc_bytes: int) -> dict:
-    """Write a JSONL subset of Python's documentation to a byte budget.
+def demo_corpus(path: Path, corpus_bytes: int | None, max_doc_bytes: int | None) -> dict:
+    """Write the language-reference topics of Python's documentation as JSONL.
 
-    The language reference topics (pydoc_data) first, then the standard
-    library's packages, largest first (modules of one package document
-    related things: what retrieval can use). Each document is cut at
-    max_doc_bytes so that no single one dominates.
+    corpus_bytes: stop once this many bytes are written (None: every topic);
+    max_doc_bytes: cut each topic at this many bytes (None: whole).
     """
     from .retrieval import python_docs_corpus
 
-    topics, packages = [], collections.defaultdict(list)
-    for doc in python_docs_corpus():
-        if doc.doc_id.startswith("module:"):
-            packages[doc.doc_id.split(":", 1)[1].split(".")[0]].append(doc)
-        else:
-            topics.append(doc)
-    ordered = topics + [d for p in sorted(packages, key=lambda p: (-len(packages[p]), p)) for d in packages[p]]
     chosen, total = [], 0
-    for doc in ordered:
-        if total >= corpus_bytes:
+    for doc in python_docs_corpus():
+        if not doc.doc_id.startswith("topic:"):
+            break  # the topics come first, then the modules' docstrings
+        if corpus_bytes is not None and total >= corpus_bytes:
             break
-        text = doc.text.encode("utf-8")[:max_doc_bytes].decode("utf-8", errors="ignore")
+        data = doc.text.encode("utf-8")
+        text = data[:max_doc_bytes].decode("utf-8", errors="ignore") if max_doc_bytes else doc.text
         chosen.append({"id": doc.doc_id, "text": text})
         total += len(text.encode("utf-8"))
     tmp = path.with_suffix(".tmp")
@@ -79,7 +80,6 @@ def demo_corpus(path: Path, corpus_bytes: int, max_doc_bytes: int) -> dict:
     os.replace(tmp, path)
     kinds = collections.Counter(r["id"].split(":")[0] for r in chosen)
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
-
 
 
 from .cli_common import cli_errors
@@ -129,6 +129,7 @@ def run(args) -> int:
     t = time.perf_counter()
     build_database(out / "db", corpus=out / "corpus.jsonl", vocab_size=preset["vocab_size"],
                    chunk_size=preset["chunk_size"], eval_fraction=preset["eval_fraction"], k=K, index_type="flat",
+                   align_sections=True, max_distance=preset["max_distance"],
                    runtime={"progress": not args.no_progress}, log=lambda m: say(m))
     times["database"] = time.perf_counter() - t
     db = open_database(out / "db", chunk_size=preset["chunk_size"])

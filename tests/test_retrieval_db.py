@@ -122,6 +122,29 @@ def test_flat_search_equals_brute_force_l2(db):
     assert agree > 0.99  # identical up to exact ties
 
 
+def test_max_distance_drops_far_neighbours_everywhere(base_db):
+    db = RetrievalDatabase.open(base_db)  # its own object: the config change stays in this test
+    evals = db.stream("eval")
+    m = db.chunk_size
+    queries = db.embed_chunks([np.asarray(evals.tokens[u * m:(u + 1) * m]) for u in range(12)])
+    dist, ids = db.search(queries, 4)
+    cut = float(np.median(dist))
+    db.config["max_distance"] = cut
+    d2, i2 = db.search(queries, 4)
+    far = dist > cut
+    assert far.any() and (~far).any()
+    assert (i2[far] == -1).all() and np.isinf(d2[far]).all()
+    assert np.array_equal(i2[~far], ids[~far]) and np.array_equal(d2[~far], dist[~far])
+    _, mask = db.chunk_values(i2)
+    assert not mask[far].any()  # a dropped neighbour is an all-masked value
+    # precomputed tables (the build's query stage uses the same search) honour it too
+    tokens = np.asarray(evals.tokens[: 6 * m])
+    table = db.precompute_neighbours(tokens, None, 4, progress=False)
+    db.config["max_distance"] = None
+    full = db.precompute_neighbours(tokens, None, 4, progress=False)
+    assert (table == -1).any() and np.array_equal(table[table >= 0], full[table >= 0])
+
+
 def test_ivfpq_and_hnsw_recall_against_flat_on_real_text(db, capsys):
     keys = np.asarray(db.embeddings, dtype=np.float32)
     queries = keys[::3] + 0.0

@@ -278,3 +278,67 @@ def test_cli_build_reports_bad_corpus_clearly(tmp_path, capsys):
     assert main(["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "db")]) == 1
     err = capsys.readouterr().err
     assert "error: corpus:" in err and "does not exist" in err
+
+
+# --- section alignment ------------------------------------------------------------------------
+
+def test_split_sections_cuts_before_headings_and_after_them_losslessly():
+    text = ("Intro line\n\nTitle\n*****\n\nBody of the first section.\nMore.\n\n"
+            "Second\n======\nBody two.\n# Markdown heading\nBody three\n")
+    pieces = corpus_mod.split_sections(text)
+    assert "".join(pieces) == text
+    assert pieces == ["Intro line\n\n", "Title\n*****\n\n", "Body of the first section.\nMore.\n\n",
+                      "Second\n======\n", "Body two.\n", "# Markdown heading\n", "Body three\n"]
+    assert corpus_mod.split_sections("no heading\nat all\n") == ["no heading\nat all\n"]
+    assert corpus_mod.split_sections("") == [""]
+    # an underline alone, or a rule between two rules, is not a heading
+    assert corpus_mod.split_sections("-----\n=====\n") == ["-----\n=====\n"]
+
+
+def test_align_sections_chunks_a_shared_section_identically_in_both_documents(tmp_path):
+    import pydoc_data.topics as t
+
+    shared = t.topics["if"]  # "The "if" statement\n****...\n\n<body>"
+    head, body = corpus_mod.split_sections(shared)
+    other = list(_topics(6, chars=3000).values())
+    # the same section at two different offsets of two documents
+    records = [{"id": "a", "text": other[0][:1234] + "\n\n" + shared},
+               {"id": "b", "text": other[1][:777] + "\n\n" + shared + "\n\n" + other[2][:500]}]
+    records += [{"id": f"c{i}", "text": x} for i, x in enumerate(other[3:])]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    m = 16
+    db = build_database(tmp_path / "db", path, vocab_size=400, chunk_size=m, eval_fraction=0.0, stop_after="chunk",
+                        align_sections=True, runtime={"progress": False}, log=lambda _: None)
+    tok = load_tokenizer(db / "tokenizer.json")
+    pad = tok.token_to_id("<|pad|>")
+    tokens = np.fromfile(db / "tokens.bin", dtype=np.dtype(Manifest.load(db).info("tokenize")["dtype"]))
+    offsets = np.load(db / "doc_offsets.npy")
+    body_ids = np.asarray(tok.encode(body, add_special_tokens=False).ids)
+
+    def body_start(d):
+        ids = tokens[offsets[d]:offsets[d + 1]]
+        hits = [i for i in range(ids.size - body_ids.size + 1) if (ids[i:i + body_ids.size] == body_ids).all()]
+        assert len(hits) == 1
+        return hits[0]
+
+    sa, sb = body_start(0), body_start(1)
+    assert sa % m == 0 and sb % m == 0  # the body starts a chunk in both documents ...
+    assert sa != sb  # ... although it sits at different places in them
+    assert (tokens[offsets[0]:offsets[1]] == pad).any()  # padding before it
+    text = tok.decode(tokens[offsets[0]:offsets[1]].tolist(), skip_special_tokens=True)
+    assert text == records[0]["text"]  # padding aside, the document is unchanged
+    # without alignment: the same tokens as encoding the whole text
+    plain = build_database(tmp_path / "plain", path, vocab_size=400, chunk_size=m, eval_fraction=0.0,
+                           stop_after="tokenize", runtime={"progress": False}, log=lambda _: None)
+    plain_tokens = np.fromfile(plain / "tokens.bin", dtype=tokens.dtype)
+    assert not (plain_tokens == pad).any()
+
+
+def test_max_distance_config_is_checked():
+    from models.retrieval.build import make_config
+
+    assert make_config(max_distance=2.0)["max_distance"] == 2.0 and make_config()["max_distance"] is None
+    for bad in (-1.0, "2", True, float("nan")):
+        with pytest.raises(ValueError, match="max_distance"):
+            make_config(max_distance=bad)

@@ -60,12 +60,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "split_seed": 0,
     "leakage_threshold": THRESHOLD,
     "index_eval_docs": False,   # True: the evaluation documents are retrievable too
+    "align_sections": False,    # True: every section heading and body starts on a chunk boundary
     "index_type": "auto",       # auto / flat / ivfpq / hnsw
     "nlist": 0, "pq_m": 0, "pq_nbits": 0,  # IVF-PQ sizes; 0 = chosen from the data
     "hnsw_m": 32,
     "train_sample": 100_000,    # vectors the IVF-PQ index is trained on
     "shard_size": 5_000_000,    # vectors per index shard
     "k": 4,                     # neighbours precomputed per stream chunk
+    "max_distance": None,       # None (RETRO): the K nearest, however far; a number: farther ones are dropped
 }
 # Options that change how, not what, is built: never compared when reopening.
 DEFAULT_RUNTIME = {"embed_batch_size": 128, "embed_part_size": 2048, "device": None, "progress": True}
@@ -91,6 +93,9 @@ def make_config(**overrides) -> dict[str, Any]:
     config = {**DEFAULT_CONFIG, **overrides}
     if not isinstance(config["chunk_size"], int) or config["chunk_size"] < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {config['chunk_size']!r}")
+    md = config["max_distance"]
+    if md is not None and (isinstance(md, bool) or not isinstance(md, (int, float)) or not md >= 0):
+        raise ValueError(f"max_distance: expected None or a squared L2 distance >= 0, got {md!r}")
     if not isinstance(config["k"], int) or config["k"] < 1:
         raise ValueError(f"k: expected a positive int, got {config['k']!r}")
     index_mod.resolve_index_type(config["index_type"], 0)
@@ -224,9 +229,7 @@ class Builder:
 
             def flush():
                 nonlocal num_tokens
-                ids_list = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
-                for doc, enc in zip(batch, ids_list):
-                    ids = np.asarray(enc.ids, dtype=dtype)
+                for doc, ids in zip(batch, self._encode_documents(tokenizer, [d.text for d in batch], dtype)):
                     f.write(ids.tobytes())
                     num_tokens += ids.size
                     sig = hasher.signature(doc.text)
@@ -265,6 +268,24 @@ class Builder:
         self.log(f"tokenize: {len(names)} documents, {num_tokens} tokens, {sum(doc_bytes)} bytes; corpus {stats.as_dict()}")
         return {"dtype": dtype.name, "num_tokens": int(num_tokens), "num_docs": len(names),
                 "num_bytes": int(sum(doc_bytes)), "empty_docs": int(keep_empty.sum()), "corpus": stats.as_dict()}
+
+    def _encode_documents(self, tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
+        """Token ids of each text; with ``align_sections``, each section padded to a chunk boundary."""
+        if not self.config["align_sections"]:
+            return [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        pad = tokenizer.token_to_id(PAD_TOKEN)
+        segments = [corpus_mod.split_sections(t) for t in texts]
+        encoded = iter(tokenizer.encode_batch([s for segs in segments for s in segs], add_special_tokens=False))
+        out = []
+        for segs in segments:
+            parts = []
+            for i in range(len(segs)):
+                ids = np.asarray(next(encoded).ids, dtype=dtype)
+                parts.append(ids)
+                if i < len(segs) - 1 and ids.size % self.m:  # the next section starts a chunk
+                    parts.append(np.full(self.m - ids.size % self.m, pad, dtype=dtype))
+            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
+        return out
 
     def stage_split(self) -> dict:
         names = json.loads((self.root / "doc_names.json").read_text())

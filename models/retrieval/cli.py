@@ -37,6 +37,11 @@ def build_db_main(argv: list[str]) -> int:
                    help="remove training documents with 13-gram Jaccard >= this to an evaluation document")
     p.add_argument("--index-eval-docs", action="store_true",
                    help="make the held-out evaluation documents retrievable too (a 'leaky' database)")
+    p.add_argument("--align-sections", action="store_true",
+                   help="start every section heading and body on a chunk boundary, so that a section two "
+                        "documents share is chunked the same way in both")
+    p.add_argument("--max-distance", type=float, default=None,
+                   help="drop neighbours farther than this squared L2 distance (default: keep the K nearest)")
     p.add_argument("--index-type", choices=INDEX_TYPES, default=DEFAULT_CONFIG["index_type"])
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: from the data)")
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: from the data)")
@@ -61,6 +66,7 @@ def build_db_main(argv: list[str]) -> int:
                      "progress": not a.no_progress},
             vocab_size=a.vocab_size, chunk_size=a.chunk_size, embedder=a.embedder, eval_fraction=a.eval_fraction,
             split_seed=a.split_seed, leakage_threshold=a.leakage_threshold, index_eval_docs=a.index_eval_docs,
+            align_sections=a.align_sections, max_distance=a.max_distance,
             index_type=a.index_type, nlist=a.nlist, pq_m=a.pq_m, pq_nbits=a.pq_nbits, hnsw_m=a.hnsw_m,
             train_sample=a.train_sample, shard_size=a.shard_size, k=a.k,
         )

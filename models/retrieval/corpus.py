@@ -21,6 +21,7 @@ counted in ``CorpusStats``.
 from __future__ import annotations
 
 import ast
+import re
 import dataclasses
 import json
 import os
@@ -177,6 +178,38 @@ def _iter_jsonl(path: Path, name: str, stats: CorpusStats, warn: Callable[[str],
             doc_id = f"{name}:{lineno}" if doc_id is None else str(doc_id)
             stats.documents += 1
             yield Document(doc_id, record["text"])
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+
+_UNDERLINE = re.compile(r"([*=\-~^#+])\1{2,}")
+
+
+def split_sections(text: str) -> list[str]:
+    """``text`` cut before every section heading and after its heading lines, losslessly.
+
+    A heading is a line followed by an underline of one repeated punctuation
+    character (reStructuredText, and the plain-text renderings of Python's docs),
+    or a Markdown ``#`` line. The pieces join back to ``text``. A database built
+    with ``align_sections`` starts each piece on a chunk boundary, so a section
+    that two documents share (one topic quoted whole inside another) is cut into
+    the same chunks in both, wherever it sits in each.
+    """
+    lines = text.splitlines(keepends=True)
+    cuts = {0}
+    for i, line in enumerate(lines):
+        markdown = line.startswith("#") and line[:7].lstrip("#").startswith(" ")
+        underlined = (i + 1 < len(lines) and line.strip() and _UNDERLINE.fullmatch(lines[i + 1].strip())
+                      and not _UNDERLINE.fullmatch(line.strip()))
+        if markdown or underlined:
+            end = i + (1 if markdown else 2)
+            while end < len(lines) and not lines[end].strip():  # blank lines stay with the heading
+                end += 1
+            cuts.update((i, end))
+    bounds = sorted(c for c in cuts if c <= len(lines)) + [len(lines)]
+    pieces = ["".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return pieces or [text]
 
 
 # --------------------------------------------------------------------------------------

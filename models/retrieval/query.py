@@ -225,6 +225,7 @@ class RetrievalDatabase:
         pos = start[..., None] + np.arange(self.neighbour_len)
         mask = valid_chunk[..., None] & (pos < end[..., None])
         tokens = np.asarray(self.tokens[np.where(mask, pos, 0).reshape(-1)], dtype=np.int64).reshape(mask.shape)
+        mask &= tokens != self.pad_id  # padding inside a document (``align_sections``) is not text
         return np.where(mask, tokens, self.pad_id), mask
 
     @property
@@ -243,6 +244,9 @@ class RetrievalDatabase:
     def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """K nearest database chunks (squared L2, ascending) of query vectors ``(n, dim)``.
 
+        With the build option ``max_distance``, a neighbour farther than it is
+        missing (id -1, distance inf), like one the database does not have.
+
         ``exclude_docs``: ``(n,)`` or ``(n, E)`` document indices whose chunks may not be
         returned for that query (-1 entries exclude nothing). Missing neighbours are -1.
         """
@@ -253,7 +257,16 @@ class RetrievalDatabase:
             raise ValueError(f"queries: expected shape (n, {self.index.dim}), got {queries.shape}")
         if exclude_docs is not None:
             exclude_docs = np.asarray(exclude_docs, dtype=np.int64).reshape(queries.shape[0], -1)
-        return self.index.search_excluding(queries, k, exclude_docs, np.asarray(self.chunk_doc))
+        dist, ids = self.index.search_excluding(queries, k, exclude_docs, np.asarray(self.chunk_doc))
+        if self.max_distance is not None:  # neighbours too far to be relevant are dropped, not kept
+            far = dist > self.max_distance
+            dist, ids = np.where(far, np.inf, dist), np.where(far, -1, ids)
+        return dist, ids
+
+    @property
+    def max_distance(self) -> float | None:
+        """The build's ``max_distance``: neighbours farther than this (squared L2) are not returned."""
+        return self.config.get("max_distance")
 
     def neighbours_for_tokens(self, token_ids, k: int, exclude_doc: int | None = None,
                               partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
