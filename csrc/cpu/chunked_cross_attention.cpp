@@ -353,6 +353,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward(
 
 std::string gemm_backend() { return gemm_name(); }
 
+// Test-only: c <- alpha * op(a) op(b) + beta * c through gemm(), on the tensors' own
+// memory (a, b stored as gemm() reads them; any row strides, unit column strides).
+void gemm_for_tests(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool trans_a,
+                    bool trans_b, double alpha, double beta) {
+  for (const at::Tensor* t : {&a, &b, &c})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 &&
+                    t->stride(1) == 1,
+                "gemm_for_tests: a, b, c must be 2-d fp32 CPU tensors with unit column stride");
+  const int64_t M = c.size(0), N = c.size(1), K = trans_a ? a.size(0) : a.size(1);
+  TORCH_CHECK((trans_a ? a.size(1) : a.size(0)) == M && (trans_b ? b.size(1) : b.size(0)) == K &&
+                  (trans_b ? b.size(0) : b.size(1)) == N,
+              "gemm_for_tests: shapes do not match");
+  gemm(trans_a, trans_b, M, N, K, static_cast<float>(alpha), a.const_data_ptr<float>(), a.stride(0),
+       b.const_data_ptr<float>(), b.stride(0), static_cast<float>(beta), c.mutable_data_ptr<float>(),
+       c.stride(0));
+}
+
 }  // namespace
 }  // namespace retro_kernels::cpu
 
@@ -363,9 +380,12 @@ TORCH_LIBRARY(retro_kernels_cpu, m) {
         "Tensor? neighbour_mask, Tensor out, Tensor lse, int chunk_size, float scale, "
         "int start_pos) -> (Tensor, Tensor, Tensor)");
   m.def("gemm_backend() -> str", &retro_kernels::cpu::gemm_backend);
+  m.def("gemm_for_tests(Tensor a, Tensor b, Tensor(a!) c, bool trans_a, bool trans_b, float alpha, "
+        "float beta) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) {
   m.impl("chunked_cross_attention_fwd", &retro_kernels::cpu::cca_forward);
   m.impl("chunked_cross_attention_bwd", &retro_kernels::cpu::cca_backward);
+  m.impl("gemm_for_tests", &retro_kernels::cpu::gemm_for_tests);
 }

@@ -30,14 +30,24 @@ namespace retro_kernels::cpu {
 
 namespace {
 
-bool use_blas() {
-  // RETRO_KERNELS_CPU_GEMM=aten forces the at::mm path (tests run both).
-  static const bool blas = [] {
+enum class GemmBackend { avx2, blas, aten };
+
+// The micro-kernel when the CPU has AVX2 + FMA, else MKL's sgemm when libtorch exports
+// it, else at::mm. RETRO_KERNELS_CPU_GEMM=blas / =aten forces one of the other two
+// (tests and benchmarks run all of them); =blas without sgemm_ falls back to aten.
+GemmBackend backend() {
+  static const GemmBackend chosen = [] {
     const char* env = std::getenv("RETRO_KERNELS_CPU_GEMM");
-    bool forced_aten = env != nullptr && std::strcmp(env, "aten") == 0;
-    return !forced_aten && sgemm_ != nullptr;
+    const bool want_aten = env != nullptr && std::strcmp(env, "aten") == 0;
+    const bool want_blas = env != nullptr && std::strcmp(env, "blas") == 0;
+    if (want_aten) return GemmBackend::aten;
+#ifdef RK_HAVE_GEMM_AVX2
+    if (!want_blas && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return GemmBackend::avx2;
+#endif
+    return sgemm_ != nullptr ? GemmBackend::blas : GemmBackend::aten;
   }();
-  return blas;
+  return chosen;
 }
 
 at::Tensor view_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
@@ -49,7 +59,13 @@ at::Tensor view_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, boo
 
 }  // namespace
 
-const char* gemm_name() { return use_blas() ? "blas sgemm" : "aten mm"; }
+const char* gemm_name() {
+  switch (backend()) {
+    case GemmBackend::avx2: return "avx2 micro-kernel";
+    case GemmBackend::blas: return "blas sgemm";
+    default: return "aten mm";
+  }
+}
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
@@ -60,7 +76,13 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
     return;
   }
-  if (use_blas()) {
+#ifdef RK_HAVE_GEMM_AVX2
+  if (backend() == GemmBackend::avx2) {
+    gemm_avx2(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+#endif
+  if (backend() == GemmBackend::blas) {
     // Column-major BLAS sees our row-major C as C^T = op(B)^T op(A)^T: swap the operands.
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);

@@ -1,7 +1,8 @@
 // Building blocks shared by the CPU kernels: a row-major fp32 GEMM, the
 // softmax row passes (vectorised, with one exp), and fp16/bf16 <-> fp32 row
-// copies. Every kernel is "small dense tiles + these", so the heavy work
-// (matrix products) goes to the BLAS that PyTorch itself uses.
+// copies. Every kernel is "small dense tiles + these": the heavy work (matrix
+// products) goes to gemm(), an AVX2/FMA micro-kernel (gemm_avx2.cpp) on CPUs that
+// have it, else the BLAS that PyTorch itself uses.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -25,8 +26,18 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
           int64_t ldc);
 
-// Which GEMM is in use ("blas sgemm" or "aten mm"), for the docs and benchmarks.
+// Which GEMM is in use ("avx2 micro-kernel", "blas sgemm" or "aten mm"), for the docs
+// and benchmarks. RETRO_KERNELS_CPU_GEMM=blas or =aten forces the other two.
 const char* gemm_name();
+
+// The AVX2 + FMA GEMM behind gemm() (same contract, K >= 1); call it only on a CPU
+// with AVX2 and FMA. Defined only on x86-64 with GCC or Clang (RK_HAVE_GEMM_AVX2).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RK_HAVE_GEMM_AVX2 1
+void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+               int64_t ldc);
+#endif
 
 // Tasks handed out one at a time from a shared counter (dynamic scheduling), for use as
 //   TaskQueue queue(tasks);
