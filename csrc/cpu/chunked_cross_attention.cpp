@@ -159,7 +159,19 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
     std::vector<int64_t> index(keys);
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), o32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D);
-    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
+    // the K and V rows of the next task (none for query chunk 0), loaded while this one runs
+    PrefetchQueue prefetch;
+    auto prefetch_task = [&](int64_t task) {
+      prefetch.clear();
+      if (task < 0) return;
+      const int64_t c = first_chunk + (task / g.Hq) % n_chunks, b = task / (g.Hq * n_chunks);
+      const int64_t hk = (task % g.Hq) / g.group, row_bytes = D * sizeof(scalar_t);
+      if (c == 0) return;
+      prefetch.add(k + b * g.sk_b + (c - 1) * g.sk_l + hk * g.sk_h, keys, row_bytes, g.sk_j * sizeof(scalar_t));
+      prefetch.add(v + b * g.sv_b + (c - 1) * g.sv_l + hk * g.sv_h, keys, row_bytes, g.sv_j * sizeof(scalar_t));
+    };
+    for (int64_t task = queue.next(), next = queue.next(); task >= 0; task = next, next = queue.next()) {
+      prefetch_task(next);
       const int64_t h = task % g.Hq;
       const int64_t c = first_chunk + (task / g.Hq) % n_chunks;
       const int64_t b = task / (g.Hq * n_chunks);
@@ -183,15 +195,15 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
         const int64_t rows = std::min(BLOCK_M, n1 - row);
         const RowsF32 Q = rows_as_f32(q + b * g.sq_b + row * g.sq_n + h * g.sq_h, rows, D, g.sq_n, q32.data());
         // S = Q K^T; P = softmax(scale * S) over the whole row (all K*R keys at once)
-        gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real);
+        gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real, &prefetch);
         softmax_rows(scores.data(), rows, n_real, nullptr, g.scale, lse_rows + (row - n0), inv_sum.data());
         // O = P V / sum, straight into out when it is fp32
         scalar_t* o = out_rows + (row - n0) * so_n;
         if constexpr (is_f32) {
-          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o, so_n);
+          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o, so_n, &prefetch);
           scale_rows(o, rows, D, so_n, inv_sum.data());
         } else {
-          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o32.data(), D);
+          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o32.data(), D, &prefetch);
           scale_rows(o32.data(), rows, D, D, inv_sum.data());
           store_rows(o, so_n, o32.data(), D, rows, D);
         }

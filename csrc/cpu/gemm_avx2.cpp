@@ -32,6 +32,7 @@ namespace {
 
 constexpr int64_t MR = 6;   // rows of the C tile: 6 x 2 accumulators + 2 B loads + 1 broadcast <= 16 ymm
 constexpr int64_t NR = 16;  // columns of the C tile: two ymm
+constexpr int64_t PREFETCH_LINES = 12;  // prefetches of the caller's next operands per tile
 
 // Lane masks for the last columns of a row: lanes < n are on.
 RK_AVX2 inline __m256i lanes_below(int64_t n) {
@@ -168,7 +169,7 @@ RK_AVX2 void pack_b_transposed(const float* B, int64_t ldb, int64_t K, int64_t N
 
 RK_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                        const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                       int64_t ldc) {
+                       int64_t ldc, PrefetchQueue* prefetch) {
   // op(B) into column panels (per-thread buffer, reused across calls)
   thread_local std::vector<float> packed;
   const int64_t panels = (N + NR - 1) / NR;
@@ -187,6 +188,7 @@ RK_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
     for (int64_t i = 0; i < M; i += MR) {
       const int64_t rows = std::min(MR, M - i);
       const float* a = A + i * a_row;
+      if (prefetch != nullptr) prefetch->step(PREFETCH_LINES);
       if (cols == NR)
         tile<true>(rows, K, cols, alpha, a, a_row, a_k, panel, beta, C + i * ldc + j, ldc);
       else
