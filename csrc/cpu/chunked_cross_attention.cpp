@@ -256,7 +256,28 @@ void backward_kernel(const Geometry& g, const scalar_t* dout, int64_t sdo_b, int
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), do32(BLOCK_M * D), o32(BLOCK_M * D);
     std::vector<float> dq32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D), dk32(keys * D), dv32(keys * D);
-    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
+    // the next task's K, V, dK, dV rows and its heads' q, dout, out rows, loaded while this one runs
+    PrefetchQueue prefetch;
+    auto prefetch_task = [&](int64_t task) {
+      prefetch.clear();
+      if (task < 0) return;
+      const int64_t hk = task % g.Hkv, c = (task / g.Hkv) % n_chunks, b = task / (g.Hkv * n_chunks);
+      const int64_t row_bytes = D * sizeof(scalar_t), E = sizeof(scalar_t);
+      int64_t n0, n1;
+      g.query_rows(c, n0, n1);
+      if (c == 0 || n1 == n0) return;
+      prefetch.add(k + b * g.sk_b + (c - 1) * g.sk_l + hk * g.sk_h, keys, row_bytes, g.sk_j * E);
+      prefetch.add(v + b * g.sv_b + (c - 1) * g.sv_l + hk * g.sv_h, keys, row_bytes, g.sv_j * E);
+      for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+        prefetch.add(q + b * g.sq_b + n0 * g.sq_n + h * g.sq_h, n1 - n0, row_bytes, g.sq_n * E);
+        prefetch.add(dout + b * sdo_b + n0 * sdo_n + h * sdo_h, n1 - n0, row_bytes, sdo_n * E);
+        prefetch.add(out + (b * g.N + n0) * so_n + h * D, n1 - n0, row_bytes, so_n * E);
+      }
+      prefetch.add(dk + ((b * g.L + c - 1) * keys) * sdk_j + hk * D, keys, row_bytes, sdk_j * E);
+      prefetch.add(dv + ((b * g.L + c - 1) * keys) * sdk_j + hk * D, keys, row_bytes, sdk_j * E);
+    };
+    for (int64_t task = queue.next(), next = queue.next(); task >= 0; task = next, next = queue.next()) {
+      prefetch_task(next);
       const int64_t hk = task % g.Hkv;
       const int64_t c = (task / g.Hkv) % n_chunks;
       const int64_t b = task / (g.Hkv * n_chunks);
@@ -297,23 +318,23 @@ void backward_kernel(const Geometry& g, const scalar_t* dout, int64_t sdo_b, int
           const float* lse_rows = lse + (b * g.Hq + h) * g.N + row;
 
           // P = exp(scale * Q K^T - lse), recomputed from the forward's statistics
-          gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, probs.data(), n_real);
+          gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, probs.data(), n_real, &prefetch);
           probs_from_lse(probs.data(), rows, n_real, nullptr, g.scale, lse_rows);
           // dV += P^T dO
-          gemm(true, false, n_real, D, rows, 1.0f, probs.data(), n_real, dO.data, dO.ld, beta, dV, ld_kv);
+          gemm(true, false, n_real, D, rows, 1.0f, probs.data(), n_real, dO.data, dO.ld, beta, dV, ld_kv, &prefetch);
           // dP = dO V^T; dS = P * (dP - delta)
-          gemm(false, true, rows, n_real, D, 1.0f, dO.data, dO.ld, V.data, V.ld, 0.0f, dscores.data(), n_real);
+          gemm(false, true, rows, n_real, D, 1.0f, dO.data, dO.ld, V.data, V.ld, 0.0f, dscores.data(), n_real, &prefetch);
           softmax_grad(dscores.data(), probs.data(), rows, n_real, delta.data());
           // dQ = scale * dS K: each row of dq has this one writer
           scalar_t* dq_rows = dq + (b * g.N + row) * so_n + h * D;
           if constexpr (is_f32) {
-            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq_rows, so_n);
+            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq_rows, so_n, &prefetch);
           } else {
-            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq32.data(), D);
+            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq32.data(), D, &prefetch);
             store_rows(dq_rows, so_n, dq32.data(), D, rows, D);
           }
           // dK += scale * dS^T Q
-          gemm(true, false, n_real, D, rows, g.scale, dscores.data(), n_real, Q.data, Q.ld, beta, dK, ld_kv);
+          gemm(true, false, n_real, D, rows, g.scale, dscores.data(), n_real, Q.data, Q.ld, beta, dK, ld_kv, &prefetch);
           beta = 1.0f;
         }
       }
