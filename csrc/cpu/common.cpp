@@ -103,12 +103,14 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 namespace {
 
-// exp(x), with exp(x) = 0 for x < -87 (and for x = -inf). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial for exp(r):
-// about 1 ulp, branch-free, so the loops calling it vectorise.
+// exp(x) for x <= 88, with exp(x) = 0 for x < -87 (and for x = -inf). Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial for exp(r):
+// about 1 ulp, branch-free, so the loops calling it vectorise. The callers pass a score
+// minus its row max or its lse (x <= ~0), so there is no upper clamp; one mask serves
+// the lower clamp and the zero (GCC then drops the clamp: the lanes it guards are zeroed).
 inline float exp_approx(float x) {
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+  const bool underflow = x < -87.0f;
+  const float xc = underflow ? -87.0f : x;
   // round(xc / ln2) with the 1.5 * 2^23 trick (exact for |value| < 2^22, no SSE4.1 needed)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
@@ -122,7 +124,7 @@ inline float exp_approx(float x) {
   p = p * (r * r) + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   const float result = p * std::bit_cast<float>(bits);
-  return x < -87.0f ? 0.0f : result;
+  return underflow ? 0.0f : result;
 }
 
 }  // namespace
