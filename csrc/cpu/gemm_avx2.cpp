@@ -110,15 +110,21 @@ RK_AVX2 void tile(int64_t rows, int64_t K, int64_t cols, float alpha, const floa
 // so it must stay in L1: rows of B itself are often 2 KB apart (one head of a
 // (tokens, heads, dim) tensor), and 2 KB strides fall into only two L1 sets.
 
-// op(B) = B, row-major K x N (ld ldb).
+// op(B) = B, row-major K x N (ld ldb). Row by row, so that each row of B (often a page
+// of its own) is visited once.
 RK_AVX2 void pack_b(const float* B, int64_t ldb, int64_t K, int64_t N, float* packed) {
-  for (int64_t j0 = 0; j0 < N; j0 += NR, packed += K * NR) {
-    const int64_t cols = std::min(NR, N - j0);
-    const __m256i mask_lo = lanes_below(cols), mask_hi = lanes_below(cols - 8);
-    for (int64_t k = 0; k < K; ++k) {
-      const float* b = B + k * ldb + j0;
-      _mm256_storeu_ps(packed + k * NR, _mm256_maskload_ps(b, mask_lo));
-      _mm256_storeu_ps(packed + k * NR + 8, _mm256_maskload_ps(b + 8, mask_hi));
+  const int64_t full = N / NR, tail = N - full * NR;
+  const __m256i mask_lo = lanes_below(tail), mask_hi = lanes_below(tail - 8);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    float* dst = packed + k * NR;
+    for (int64_t p = 0; p < full; ++p, b += NR, dst += K * NR) {
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(b));
+      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(b + 8));
+    }
+    if (tail > 0) {  // the last, zero-padded panel
+      _mm256_storeu_ps(dst, _mm256_maskload_ps(b, mask_lo));
+      _mm256_storeu_ps(dst + 8, _mm256_maskload_ps(b + 8, mask_hi));
     }
   }
 }
