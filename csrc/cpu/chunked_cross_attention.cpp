@@ -194,9 +194,10 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
       for (int64_t row = n0; row < n1; row += BLOCK_M) {
         const int64_t rows = std::min(BLOCK_M, n1 - row);
         const RowsF32 Q = rows_as_f32(q + b * g.sq_b + row * g.sq_n + h * g.sq_h, rows, D, g.sq_n, q32.data());
-        // S = Q K^T; P = softmax(scale * S) over the whole row (all K*R keys at once)
-        gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real, &prefetch);
-        softmax_rows(scores.data(), rows, n_real, nullptr, g.scale, lse_rows + (row - n0), inv_sum.data());
+        // S = scale * Q K^T (the scale in the GEMM's epilogue, the same one rounding as in
+        // the softmax); P = softmax(S) over the whole row (all K*R keys at once)
+        gemm(false, true, rows, n_real, D, g.scale, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real, &prefetch);
+        softmax_rows(scores.data(), rows, n_real, nullptr, 1.0f, lse_rows + (row - n0), inv_sum.data());
         // O = P V / sum, straight into out when it is fp32
         scalar_t* o = out_rows + (row - n0) * so_n;
         if constexpr (is_f32) {

@@ -141,12 +141,15 @@ void softmax_rows(float* S, int64_t rows, int64_t cols, const float* key_bias, f
         s[j] = s[j] * scale + key_bias[j];
         row_max = s[j] > row_max ? s[j] : row_max;
       }
-    } else {
+    } else if (scale != 1.0f) {
 #pragma omp simd reduction(max : row_max)
       for (int64_t j = 0; j < cols; ++j) {
         s[j] = s[j] * scale;
         row_max = s[j] > row_max ? s[j] : row_max;
       }
+    } else {  // already scaled (the GEMM's alpha): only read the row
+#pragma omp simd reduction(max : row_max)
+      for (int64_t j = 0; j < cols; ++j) row_max = s[j] > row_max ? s[j] : row_max;
     }
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
