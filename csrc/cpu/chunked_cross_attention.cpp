@@ -159,7 +159,19 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
     std::vector<int64_t> index(keys);
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), o32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D);
-    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
+    // the K and V rows of the next task (none for query chunk 0), loaded while this one runs
+    PrefetchQueue prefetch;
+    auto prefetch_task = [&](int64_t task) {
+      prefetch.clear();
+      if (task < 0) return;
+      const int64_t c = first_chunk + (task / g.Hq) % n_chunks, b = task / (g.Hq * n_chunks);
+      const int64_t hk = (task % g.Hq) / g.group, row_bytes = D * sizeof(scalar_t);
+      if (c == 0) return;
+      prefetch.add(k + b * g.sk_b + (c - 1) * g.sk_l + hk * g.sk_h, keys, row_bytes, g.sk_j * sizeof(scalar_t));
+      prefetch.add(v + b * g.sv_b + (c - 1) * g.sv_l + hk * g.sv_h, keys, row_bytes, g.sv_j * sizeof(scalar_t));
+    };
+    for (int64_t task = queue.next(), next = queue.next(); task >= 0; task = next, next = queue.next()) {
+      prefetch_task(next);
       const int64_t h = task % g.Hq;
       const int64_t c = first_chunk + (task / g.Hq) % n_chunks;
       const int64_t b = task / (g.Hq * n_chunks);
@@ -182,16 +194,17 @@ void forward_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, con
       for (int64_t row = n0; row < n1; row += BLOCK_M) {
         const int64_t rows = std::min(BLOCK_M, n1 - row);
         const RowsF32 Q = rows_as_f32(q + b * g.sq_b + row * g.sq_n + h * g.sq_h, rows, D, g.sq_n, q32.data());
-        // S = Q K^T; P = softmax(scale * S) over the whole row (all K*R keys at once)
-        gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real);
-        softmax_rows(scores.data(), rows, n_real, nullptr, g.scale, lse_rows + (row - n0), inv_sum.data());
+        // S = scale * Q K^T (the scale in the GEMM's epilogue, the same one rounding as in
+        // the softmax); P = softmax(S) over the whole row (all K*R keys at once)
+        gemm(false, true, rows, n_real, D, g.scale, Q.data, Q.ld, K.data, K.ld, 0.0f, scores.data(), n_real, &prefetch);
+        softmax_rows(scores.data(), rows, n_real, nullptr, 1.0f, lse_rows + (row - n0), inv_sum.data());
         // O = P V / sum, straight into out when it is fp32
         scalar_t* o = out_rows + (row - n0) * so_n;
         if constexpr (is_f32) {
-          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o, so_n);
+          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o, so_n, &prefetch);
           scale_rows(o, rows, D, so_n, inv_sum.data());
         } else {
-          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o32.data(), D);
+          gemm(false, false, rows, D, n_real, 1.0f, scores.data(), n_real, V.data, V.ld, 0.0f, o32.data(), D, &prefetch);
           scale_rows(o32.data(), rows, D, D, inv_sum.data());
           store_rows(o, so_n, o32.data(), D, rows, D);
         }
@@ -244,7 +257,28 @@ void backward_kernel(const Geometry& g, const scalar_t* dout, int64_t sdo_b, int
     std::vector<float> q32(is_f32 ? 0 : BLOCK_M * D), do32(BLOCK_M * D), o32(BLOCK_M * D);
     std::vector<float> dq32(is_f32 ? 0 : BLOCK_M * D);
     std::vector<float> k32(keys * D), v32(keys * D), dk32(keys * D), dv32(keys * D);
-    for (int64_t task = queue.next(); task >= 0; task = queue.next()) {
+    // the next task's K, V, dK, dV rows and its heads' q, dout, out rows, loaded while this one runs
+    PrefetchQueue prefetch;
+    auto prefetch_task = [&](int64_t task) {
+      prefetch.clear();
+      if (task < 0) return;
+      const int64_t hk = task % g.Hkv, c = (task / g.Hkv) % n_chunks, b = task / (g.Hkv * n_chunks);
+      const int64_t row_bytes = D * sizeof(scalar_t), E = sizeof(scalar_t);
+      int64_t n0, n1;
+      g.query_rows(c, n0, n1);
+      if (c == 0 || n1 == n0) return;
+      prefetch.add(k + b * g.sk_b + (c - 1) * g.sk_l + hk * g.sk_h, keys, row_bytes, g.sk_j * E);
+      prefetch.add(v + b * g.sv_b + (c - 1) * g.sv_l + hk * g.sv_h, keys, row_bytes, g.sv_j * E);
+      for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+        prefetch.add(q + b * g.sq_b + n0 * g.sq_n + h * g.sq_h, n1 - n0, row_bytes, g.sq_n * E);
+        prefetch.add(dout + b * sdo_b + n0 * sdo_n + h * sdo_h, n1 - n0, row_bytes, sdo_n * E);
+        prefetch.add(out + (b * g.N + n0) * so_n + h * D, n1 - n0, row_bytes, so_n * E);
+      }
+      prefetch.add(dk + ((b * g.L + c - 1) * keys) * sdk_j + hk * D, keys, row_bytes, sdk_j * E);
+      prefetch.add(dv + ((b * g.L + c - 1) * keys) * sdk_j + hk * D, keys, row_bytes, sdk_j * E);
+    };
+    for (int64_t task = queue.next(), next = queue.next(); task >= 0; task = next, next = queue.next()) {
+      prefetch_task(next);
       const int64_t hk = task % g.Hkv;
       const int64_t c = (task / g.Hkv) % n_chunks;
       const int64_t b = task / (g.Hkv * n_chunks);
@@ -285,23 +319,23 @@ void backward_kernel(const Geometry& g, const scalar_t* dout, int64_t sdo_b, int
           const float* lse_rows = lse + (b * g.Hq + h) * g.N + row;
 
           // P = exp(scale * Q K^T - lse), recomputed from the forward's statistics
-          gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, probs.data(), n_real);
+          gemm(false, true, rows, n_real, D, 1.0f, Q.data, Q.ld, K.data, K.ld, 0.0f, probs.data(), n_real, &prefetch);
           probs_from_lse(probs.data(), rows, n_real, nullptr, g.scale, lse_rows);
           // dV += P^T dO
-          gemm(true, false, n_real, D, rows, 1.0f, probs.data(), n_real, dO.data, dO.ld, beta, dV, ld_kv);
+          gemm(true, false, n_real, D, rows, 1.0f, probs.data(), n_real, dO.data, dO.ld, beta, dV, ld_kv, &prefetch);
           // dP = dO V^T; dS = P * (dP - delta)
-          gemm(false, true, rows, n_real, D, 1.0f, dO.data, dO.ld, V.data, V.ld, 0.0f, dscores.data(), n_real);
+          gemm(false, true, rows, n_real, D, 1.0f, dO.data, dO.ld, V.data, V.ld, 0.0f, dscores.data(), n_real, &prefetch);
           softmax_grad(dscores.data(), probs.data(), rows, n_real, delta.data());
           // dQ = scale * dS K: each row of dq has this one writer
           scalar_t* dq_rows = dq + (b * g.N + row) * so_n + h * D;
           if constexpr (is_f32) {
-            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq_rows, so_n);
+            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq_rows, so_n, &prefetch);
           } else {
-            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq32.data(), D);
+            gemm(false, false, rows, D, n_real, g.scale, dscores.data(), n_real, K.data, K.ld, 0.0f, dq32.data(), D, &prefetch);
             store_rows(dq_rows, so_n, dq32.data(), D, rows, D);
           }
           // dK += scale * dS^T Q
-          gemm(true, false, n_real, D, rows, g.scale, dscores.data(), n_real, Q.data, Q.ld, beta, dK, ld_kv);
+          gemm(true, false, n_real, D, rows, g.scale, dscores.data(), n_real, Q.data, Q.ld, beta, dK, ld_kv, &prefetch);
           beta = 1.0f;
         }
       }
@@ -353,6 +387,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward(
 
 std::string gemm_backend() { return gemm_name(); }
 
+// Test-only: c <- alpha * op(a) op(b) + beta * c through gemm(), on the tensors' own
+// memory (a, b stored as gemm() reads them; any row strides, unit column strides).
+void gemm_for_tests(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool trans_a,
+                    bool trans_b, double alpha, double beta) {
+  for (const at::Tensor* t : {&a, &b, &c})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 &&
+                    t->stride(1) == 1,
+                "gemm_for_tests: a, b, c must be 2-d fp32 CPU tensors with unit column stride");
+  const int64_t M = c.size(0), N = c.size(1), K = trans_a ? a.size(0) : a.size(1);
+  TORCH_CHECK((trans_a ? a.size(1) : a.size(0)) == M && (trans_b ? b.size(1) : b.size(0)) == K &&
+                  (trans_b ? b.size(0) : b.size(1)) == N,
+              "gemm_for_tests: shapes do not match");
+  gemm(trans_a, trans_b, M, N, K, static_cast<float>(alpha), a.const_data_ptr<float>(), a.stride(0),
+       b.const_data_ptr<float>(), b.stride(0), static_cast<float>(beta), c.mutable_data_ptr<float>(),
+       c.stride(0));
+}
+
 }  // namespace
 }  // namespace retro_kernels::cpu
 
@@ -363,9 +414,12 @@ TORCH_LIBRARY(retro_kernels_cpu, m) {
         "Tensor? neighbour_mask, Tensor out, Tensor lse, int chunk_size, float scale, "
         "int start_pos) -> (Tensor, Tensor, Tensor)");
   m.def("gemm_backend() -> str", &retro_kernels::cpu::gemm_backend);
+  m.def("gemm_for_tests(Tensor a, Tensor b, Tensor(a!) c, bool trans_a, bool trans_b, float alpha, "
+        "float beta) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) {
   m.impl("chunked_cross_attention_fwd", &retro_kernels::cpu::cca_forward);
   m.impl("chunked_cross_attention_bwd", &retro_kernels::cpu::cca_backward);
+  m.impl("gemm_for_tests", &retro_kernels::cpu::gemm_for_tests);
 }

@@ -30,14 +30,24 @@ namespace retro_kernels::cpu {
 
 namespace {
 
-bool use_blas() {
-  // RETRO_KERNELS_CPU_GEMM=aten forces the at::mm path (tests run both).
-  static const bool blas = [] {
+enum class GemmBackend { avx2, blas, aten };
+
+// The micro-kernel when the CPU has AVX2 + FMA, else MKL's sgemm when libtorch exports
+// it, else at::mm. RETRO_KERNELS_CPU_GEMM=blas / =aten forces one of the other two
+// (tests and benchmarks run all of them); =blas without sgemm_ falls back to aten.
+GemmBackend backend() {
+  static const GemmBackend chosen = [] {
     const char* env = std::getenv("RETRO_KERNELS_CPU_GEMM");
-    bool forced_aten = env != nullptr && std::strcmp(env, "aten") == 0;
-    return !forced_aten && sgemm_ != nullptr;
+    const bool want_aten = env != nullptr && std::strcmp(env, "aten") == 0;
+    const bool want_blas = env != nullptr && std::strcmp(env, "blas") == 0;
+    if (want_aten) return GemmBackend::aten;
+#ifdef RK_HAVE_GEMM_AVX2
+    if (!want_blas && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return GemmBackend::avx2;
+#endif
+    return sgemm_ != nullptr ? GemmBackend::blas : GemmBackend::aten;
   }();
-  return blas;
+  return chosen;
 }
 
 at::Tensor view_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
@@ -49,18 +59,30 @@ at::Tensor view_rows(const float* p, int64_t rows, int64_t cols, int64_t ld, boo
 
 }  // namespace
 
-const char* gemm_name() { return use_blas() ? "blas sgemm" : "aten mm"; }
+const char* gemm_name() {
+  switch (backend()) {
+    case GemmBackend::avx2: return "avx2 micro-kernel";
+    case GemmBackend::blas: return "blas sgemm";
+    default: return "aten mm";
+  }
+}
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-          int64_t ldc) {
+          int64_t ldc, PrefetchQueue* prefetch) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
     return;
   }
-  if (use_blas()) {
+#ifdef RK_HAVE_GEMM_AVX2
+  if (backend() == GemmBackend::avx2) {
+    gemm_avx2(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, prefetch);
+    return;
+  }
+#endif
+  if (backend() == GemmBackend::blas) {
     // Column-major BLAS sees our row-major C as C^T = op(B)^T op(A)^T: swap the operands.
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -81,12 +103,14 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 namespace {
 
-// exp(x), with exp(x) = 0 for x < -87 (and for x = -inf). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial for exp(r):
-// about 1 ulp, branch-free, so the loops calling it vectorise.
+// exp(x) for x <= 88, with exp(x) = 0 for x < -87 (and for x = -inf). Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial for exp(r):
+// about 1 ulp, branch-free, so the loops calling it vectorise. The callers pass a score
+// minus its row max or its lse (x <= ~0), so there is no upper clamp; one mask serves
+// the lower clamp and the zero (GCC then drops the clamp: the lanes it guards are zeroed).
 inline float exp_approx(float x) {
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+  const bool underflow = x < -87.0f;
+  const float xc = underflow ? -87.0f : x;
   // round(xc / ln2) with the 1.5 * 2^23 trick (exact for |value| < 2^22, no SSE4.1 needed)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
@@ -100,7 +124,7 @@ inline float exp_approx(float x) {
   p = p * (r * r) + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   const float result = p * std::bit_cast<float>(bits);
-  return x < -87.0f ? 0.0f : result;
+  return underflow ? 0.0f : result;
 }
 
 }  // namespace
@@ -117,12 +141,15 @@ void softmax_rows(float* S, int64_t rows, int64_t cols, const float* key_bias, f
         s[j] = s[j] * scale + key_bias[j];
         row_max = s[j] > row_max ? s[j] : row_max;
       }
-    } else {
+    } else if (scale != 1.0f) {
 #pragma omp simd reduction(max : row_max)
       for (int64_t j = 0; j < cols; ++j) {
         s[j] = s[j] * scale;
         row_max = s[j] > row_max ? s[j] : row_max;
       }
+    } else {  // already scaled (the GEMM's alpha): only read the row
+#pragma omp simd reduction(max : row_max)
+      for (int64_t j = 0; j < cols; ++j) row_max = s[j] > row_max ? s[j] : row_max;
     }
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)

@@ -1,7 +1,8 @@
 // Building blocks shared by the CPU kernels: a row-major fp32 GEMM, the
 // softmax row passes (vectorised, with one exp), and fp16/bf16 <-> fp32 row
-// copies. Every kernel is "small dense tiles + these", so the heavy work
-// (matrix products) goes to the BLAS that PyTorch itself uses.
+// copies. Every kernel is "small dense tiles + these": the heavy work (matrix
+// products) goes to gemm(), an AVX2/FMA micro-kernel (gemm_avx2.cpp) on CPUs that
+// have it, else the BLAS that PyTorch itself uses.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -21,12 +22,59 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Row-major C (M x N, leading dim ldc) = alpha * op(A) op(B) + beta * C, in fp32.
 // op(A) is M x K (A stored K x M when trans_a), op(B) is K x N. With beta == 0
 // C is not read. Deterministic: the same call on the same data gives the same bits.
+// `prefetch` (optional): rows to prefetch while computing (see PrefetchQueue).
+class PrefetchQueue;
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-          int64_t ldc);
+          int64_t ldc, PrefetchQueue* prefetch = nullptr);
 
-// Which GEMM is in use ("blas sgemm" or "aten mm"), for the docs and benchmarks.
+// Which GEMM is in use ("avx2 micro-kernel", "blas sgemm" or "aten mm"), for the docs
+// and benchmarks. RETRO_KERNELS_CPU_GEMM=blas or =aten forces the other two.
 const char* gemm_name();
+
+// The AVX2 + FMA GEMM behind gemm() (same contract, K >= 1); call it only on a CPU
+// with AVX2 and FMA. Defined only on x86-64 with GCC or Clang (RK_HAVE_GEMM_AVX2).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RK_HAVE_GEMM_AVX2 1
+void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+               int64_t ldc, PrefetchQueue* prefetch);
+#endif
+
+// Prefetching one task ahead. The K and V tiles of a task come from DRAM (the inputs are
+// tens of MB), with rows 2 KB apart (one head of a (tokens, heads, dim) layout): each row
+// sits in a new page, where the hardware prefetchers stop, so the first pass over a tile
+// stalls on every row. A kernel lists the rows of its next task in a PrefetchQueue and
+// hands the queue to gemm(), which issues a few of their prefetches per tile it computes:
+// the loads overlap arithmetic. (Prefetching a whole tile in one burst stalls just the same.)
+class PrefetchQueue {
+ public:
+  void clear() { n_ = cur_ = 0; row_ = 0; }
+  // `rows` rows of `row_bytes` bytes, `stride_bytes` apart (a full queue ignores more).
+  void add(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes) {
+    if (n_ < kMaxRegions && rows > 0 && row_bytes > 0)
+      regions_[n_++] = {static_cast<const char*>(p), rows, row_bytes, stride_bytes};
+  }
+  // Prefetches about `lines` more cache lines (whole rows) of the queue, into L2.
+  void step(int64_t lines) {
+    while (lines > 0 && cur_ < n_) {
+      const Region& r = regions_[cur_];
+      const char* row = r.p + row_ * r.stride;
+      for (int64_t b = 0; b < r.row_bytes; b += 64, --lines) __builtin_prefetch(row + b, 0, 2);
+      if (++row_ == r.rows) row_ = 0, ++cur_;
+    }
+  }
+
+ private:
+  struct Region {
+    const char* p;
+    int64_t rows, row_bytes, stride;
+  };
+  static constexpr int kMaxRegions = 8;
+  Region regions_[kMaxRegions];
+  int n_ = 0, cur_ = 0;
+  int64_t row_ = 0;
+};
 
 // Tasks handed out one at a time from a shared counter (dynamic scheduling), for use as
 //   TaskQueue queue(tasks);
