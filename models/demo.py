@@ -45,11 +45,11 @@ import torch
 PRESETS = {
     "full": dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
                  max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
-                 encoder_ff_mult=2, dropout=0.1, overlap_sampling=0.05, steps=300, batch_size=8, lr=4e-3,
-                 warmup=30, eval_every=100, sample_tokens=96),
+                 encoder_ff_mult=2, dropout=0.1, retrieval_dropout=0.5, steps=450, batch_size=8, lr=4e-3,
+                 warmup=30, eval_every=150, sample_tokens=96),
     "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
                   max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
-                  encoder_ff_mult=2, dropout=0.1, overlap_sampling=0.05, steps=60, batch_size=8, lr=4e-3,
+                  encoder_ff_mult=2, dropout=0.1, retrieval_dropout=0.5, steps=60, batch_size=8, lr=4e-3,
                   warmup=10, eval_every=0, sample_tokens=40),
 }
 K = 2  # neighbours per chunk
@@ -148,7 +148,7 @@ def run(args) -> int:
     )
     targs = TrainArgs(out=str(out / "model"), steps=preset["steps"], batch_size=preset["batch_size"],
                       lr=preset["lr"], warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32,
-                      overlap_sampling=preset["overlap_sampling"], retrieval_dropout=0.2,
+                      retrieval_dropout=preset["retrieval_dropout"],
                       seed=args.seed, device=str(device), progress=not args.no_progress)
     if (out / "model").exists():
         shutil.rmtree(out / "model")  # a fresh run each time (the database is reused)

@@ -292,6 +292,8 @@ def add_model_arguments(p) -> None:
     g.add_argument("--cca-start", type=int, default=3, help="first decoder layer with CCA (1-based; paper: 6 or 9)")
     g.add_argument("--cca-every", type=int, default=3)
     g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
+    g.add_argument("--dropout", type=float, default=0.0, help="decoder dropout (attention, feed-forward)")
+    g.add_argument("--encoder-ff-mult", type=int, default=4, help="retrieval encoder feed-forward width / d_model")
     g.add_argument("--kernels", default="auto", help="auto (fused where available) or reference")
 
 
@@ -326,7 +328,7 @@ def config_from_arguments(args, db) -> RetroConfig:
         n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
         num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
         cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
-        extra={"db_fingerprint": db.fingerprint},
+        dropout=args.dropout, encoder_ff_mult=args.encoder_ff_mult, extra={"db_fingerprint": db.fingerprint},
     )
     if args.retrofit:
         base = ckpt.load_config(args.retrofit)
