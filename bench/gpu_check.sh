@@ -67,7 +67,8 @@ export BENCH_RUN_ID="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 export BENCH_RUN_DATE="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
 NPROC="$(nproc 2>/dev/null || echo 2)"
 if [ "$DRY" = 1 ]; then
-  export BENCH_DRY_RUN=1
+  # one CPU thread: on a shared CI machine more OpenMP threads than free cores stall in spin-waits
+  export BENCH_DRY_RUN=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   TOTAL="${GPU_CHECK_SECONDS:-420}"
   PY_DRY="--dry-run"
   #        build env kernels tests cca neighbour model flex

@@ -100,7 +100,7 @@ def _fmt(x, spec: str) -> str:
 
 def shape_text(shape: dict, keys=SHAPE_ORDER) -> str:
     parts = [f"{k}={shape[k]}" for k in keys if k in shape]
-    if shape.get("mask"):
+    if shape.get("mask") and keys is SHAPE_ORDER:
         parts.append("masked")
     return " ".join(parts)
 
@@ -127,7 +127,8 @@ def speedups(rows: list[dict]) -> dict[int, dict[str, float]]:
 def op_tables(rows: list[dict], compact: bool = False) -> list[str]:
     """One table per op: each impl's median, % of the roofline, and ours' speedups against each peer.
 
-    compact: only the fastest of ours per problem and mode (the README's table).
+    compact: only the fastest of ours per problem and mode (the headline table).
+    The shape keys every row shares go into the caption, the others into a column.
     """
     ok = [r for r in rows if r.get("suite") == "ops" and r.get("status") == "ok" and r.get("time_ms")]
     gains = speedups(ok)
@@ -140,19 +141,24 @@ def op_tables(rows: list[dict], compact: bool = False) -> list[str]:
         for key in dict.fromkeys(_case_key(r) for r in op_rows):
             group = [r for r in op_rows if _case_key(r) == key]
             ours = sorted((r for r in group if r.get("role") == "ours"), key=lambda r: r["time_ms"])
-            if compact:
-                shown += ours[:1]
-            else:
-                shown += ours + [r for r in group if r.get("role") == "peer"]
+            shown += ours[:1] if compact else ours + [r for r in group if r.get("role") == "peer"]
         if not shown:
             continue
+        shapes = [r.get("shape") or {} for r in shown]
+        keys = [k for k in SHAPE_ORDER if any(k in s for s in shapes)]
+        varying = tuple(k for k in keys if len({s.get(k) for s in shapes}) > 1)
+        common = {k: shapes[0][k] for k in keys if k not in varying and k in shapes[0]}
+        common["mask"] = all(s.get("mask") for s in shapes)
         dtypes = "/".join(sorted({str(r.get("dtype")) for r in shown}))
-        lines += [f"**{op}** ({dtypes}; speedup = peer's time / ours, same run)", ""]
-        header = ["problem", "mode", "impl", "ms", "% roofline"] + [f"vs {p}" for p in peer_names]
+        what = "fastest of ours" if compact else "every impl"
+        lines += [f"**{op}** ({dtypes}, {shape_text(common)}; {what}; speedup = peer's time / ours, "
+                  "same run)", ""]
+        header = [", ".join(varying) or "problem", "mode", "impl", "ms", "% roofline"] + \
+                 [f"vs {p}" for p in peer_names]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in shown:
             gain = gains.get(id(r), {})
-            cells = [shape_text(r.get("shape") or {}), str(r.get("mode")), r["impl"],
+            cells = [shape_text(r.get("shape") or {}, varying) or "-", str(r.get("mode")), r["impl"],
                      _fmt(r["time_ms"], ".3f"), _fmt(r.get("roofline_pct"), ".0f")]
             cells += [f"{gain[p]:.2f}x" if p in gain else "" for p in peer_names]
             lines.append("| " + " | ".join(cells) + " |")
@@ -187,9 +193,9 @@ def run_header(rows: list[dict]) -> str:
     r = rows[0]
     v = r.get("versions") or {}
     peaks = r.get("peak_tflops")
-    rate = f", matmul {peaks:.0f} TFLOP/s in the rows' dtype" if isinstance(peaks, (int, float)) else ""
+    rate = f", matmul {peaks:.3g} TFLOP/s in the rows' dtype" if isinstance(peaks, (int, float)) else ""
     dirty = " (dirty)" if r.get("dirty") else ""
-    return (f"{r.get('device_name')}, run {r.get('run_id')} on {r.get('date')}, commit "
+    return (f"run {r.get('run_id')} on {r.get('date')}, commit "
             f"{(r.get('commit') or '?')[:10]}{dirty}; torch {v.get('torch')}, triton {v.get('triton')}, "
             f"CUDA {v.get('cuda')}; measured copy bandwidth {_fmt(r.get('peak_gbps'), '.0f')} GB/s{rate}")
 
@@ -205,6 +211,21 @@ def read_stages(path: str | None) -> list[list[str]]:
         return [line.rstrip("\n").split("\t") for line in f if line.strip()]
 
 
+def tests_section(tests: dict | None) -> list[str]:
+    if not tests or "error" in tests:
+        return []
+    out = ["## Tests", "", tests_line(tests), ""]
+    if tests["failures"]:
+        out += ["Failed:", ""] + [f"- {kind.upper()} `{name}`: {msg}" for kind, name, msg in tests["failures"][:60]]
+        if len(tests["failures"]) > 60:
+            out.append(f"- ... and {len(tests['failures']) - 60} more (junit.xml)")
+        out.append("")
+    if tests["skip_reasons"]:
+        out += ["Skipped, by reason:", ""] + [f"- {n} x {reason or '(no reason given)'}"
+                                              for reason, n in tests["skip_reasons"][:25]] + [""]
+    return out
+
+
 def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
     rows, bad = read_rows(os.path.join(out_dir, "results.jsonl"))
     tests = junit_counts(os.path.join(out_dir, "junit.xml"))
@@ -215,7 +236,7 @@ def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
     dry = env.get("dry_run") or any(r.get("dry_run") for r in rows)
     out = [MARKER, "# GPU check" + (" (DRY RUN: CPU, tiny shapes; not GPU numbers)" if dry else ""), ""]
     if env:
-        tflops = ", ".join(f"{k} {v:.1f}" for k, v in (env.get("peak_tflops") or {}).items())
+        tflops = ", ".join(f"{k} {v:.3g}" for k, v in (env.get("peak_tflops") or {}).items())
         v = env.get("versions") or {}
         out += [f"- device: {env.get('device_name')} (run {env.get('run_id')}, {env.get('date')}, commit "
                 f"{(env.get('commit') or '?')[:10]})",
@@ -230,24 +251,15 @@ def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
             f"{sum(r.get('status') == 'skipped' for r in rows)} skipped, "
             f"{sum(r.get('status') == 'failed' for r in rows)} failed"
             + (f"; {bad} unreadable lines" if bad else ""), ""]
+    out += ["## Headline", ""] + (op_tables(rows, compact=True) + model_table(rows) or ["(no measurements)", ""])
     if stages:
         out += ["## Stages", "", "| stage | status | seconds | budget | note |", "|---|---|---|---|---|"]
         out += ["| " + " | ".join((s + [""] * 5)[:5]) + " |" for s in stages] + [""]
-    out += ["## Benchmarks", ""]
-    out += op_tables(rows) + model_table(rows)
+    out += tests_section(tests)
     missing = not_measured(rows)
     if missing:
-        out += ["Not measured:", ""] + missing + [""]
-    if tests and "error" not in tests:
-        out += ["## Tests", "", tests_line(tests), ""]
-        if tests["failures"]:
-            out += ["Failed:", ""] + [f"- {kind.upper()} `{name}`: {msg}" for kind, name, msg in tests["failures"][:60]]
-            if len(tests["failures"]) > 60:
-                out.append(f"- ... and {len(tests['failures']) - 60} more (junit.xml)")
-            out.append("")
-        if tests["skip_reasons"]:
-            out += ["Skipped, by reason:", ""] + [f"- {n} x {reason or '(no reason given)'}"
-                                                  for reason, n in tests["skip_reasons"][:25]] + [""]
+        out += ["## Not measured", ""] + missing + [""]
+    out += ["## Every measurement", ""] + op_tables(rows)
     return "\n".join(out) + "\n"
 
 
