@@ -158,10 +158,10 @@ for f in tests/test_chunked_cross_attention.py tests/test_neighbour_self_attenti
   [ -f "$f" ] && TEST_FILES+=("$f")
 done
 PYTEST_ARGS=(-p no:cacheprovider -q -rfE --tb=short --junitxml="$OUT/junit.xml" --continue-on-collection-errors)
-if "$PYTHON" -c "import xdist" 2> /dev/null; then
-  PYTEST_ARGS+=(-n "$([ "$DRY" = 1 ] && echo 2 || echo "$NPROC")")
-else
+if ! "$PYTHON" -c "import xdist" 2> /dev/null; then
   echo "(pytest-xdist is not installed: the tests run in one process)"
+elif [ "$NPROC" -ge 4 ]; then
+  PYTEST_ARGS+=(-n "$NPROC")
 fi
 if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
   PYTEST_ARGS+=(--timeout "$([ "$DRY" = 1 ] && echo 60 || echo 120)" --timeout-method thread)

@@ -62,6 +62,8 @@ def junit_counts(path: str) -> dict | None:
     failures, skips = [], Counter()
     seconds = 0.0
     for case in root.iter("testcase"):
+        if not case.get("name"):  # xdist leaves nameless entries when a run is interrupted
+            continue
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         seconds += float(case.get("time") or 0)
         outcome = "passed"
