@@ -123,9 +123,13 @@ def run_kernels(argv: list[str]) -> int:
     if "bench.kernels" not in sys.modules and importlib.util.find_spec("bench.kernels") is None:
         return fail(prog, "bench/kernels.py is not here (the triton-core branch provides it)", 2)
     module = importlib.import_module("bench.kernels")
-    if not callable(getattr(module, "main", None)):
-        return fail(prog, "bench/kernels.py has no main(argv)", 2)
-    return module.main(argv) or 0
+    main = getattr(module, "main", None)
+    if not callable(main):
+        return fail(prog, "bench/kernels.py has no main()", 2)
+    if not inspect.signature(main).parameters:  # a main() that reads sys.argv itself
+        sys.argv = [prog, *argv]
+        return main() or 0
+    return main(argv) or 0
 
 
 def main(argv=None) -> int:

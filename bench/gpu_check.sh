@@ -61,6 +61,7 @@ trap 'rm -rf "$WORK"' EXIT
 STAGES="$WORK/stages.tsv"
 : > "$STAGES"
 exec > >(tee -a "$OUT/log.txt") 2>&1
+TEE_PID=$!
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export BENCH_RUN_ID="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
@@ -80,7 +81,7 @@ else
 fi
 START="$(date +%s)"
 DEADLINE=$((START + TOTAL))
-RESERVE=8  # seconds kept for the last summary
+RESERVE=15  # seconds kept for the last stage to stop after SIGINT (10 s grace) and the last summary
 
 echo "== $PROG$([ "$DRY" = 1 ] && echo " --dry-run") run $BENCH_RUN_ID, $BENCH_RUN_DATE, deadline ${TOTAL}s"
 echo "   commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $NPROC CPUs, $PYTHON = $("$PYTHON" --version 2>&1)"
@@ -109,7 +110,7 @@ run_stage() {  # name own-budget note command...
   echo "== stage $name (budget ${budget}s)"
   t0="$(date +%s)"
   # SIGINT first: pytest then still writes junit.xml, a benchmark keeps the rows it appended
-  timeout -s INT -k 15 "$budget" "$@"
+  timeout -s INT -k 10 "$budget" "$@"
   rc=$?
   record "$name" "$(outcome "$rc")" $(($(date +%s) - t0)) "$budget" "$note"
 }
@@ -158,13 +159,17 @@ for f in tests/test_chunked_cross_attention.py tests/test_neighbour_self_attenti
   [ -f "$f" ] && TEST_FILES+=("$f")
 done
 PYTEST_ARGS=(-p no:cacheprovider -q -rfE --tb=short --junitxml="$OUT/junit.xml" --continue-on-collection-errors)
+TEST_ENV=(env)
 if ! "$PYTHON" -c "import xdist" 2> /dev/null; then
   echo "(pytest-xdist is not installed: the tests run in one process)"
 elif [ "$NPROC" -ge 4 ]; then
   PYTEST_ARGS+=(-n "$NPROC")
+  # one worker per CPU: two OpenMP threads each, and inductor compiling in-process rather
+  # than each worker starting a pool of nproc compile processes
+  TEST_ENV+=(OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1)
 fi
 if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
-  PYTEST_ARGS+=(--timeout "$([ "$DRY" = 1 ] && echo 60 || echo 120)" --timeout-method thread)
+  PYTEST_ARGS+=(--timeout "$([ "$DRY" = 1 ] && echo 60 || echo 150)" --timeout-method thread)
 else
   echo "(pytest-timeout is not installed: only the stage's budget bounds the tests)"
 fi
@@ -173,7 +178,8 @@ if [ "$DRY" = 1 ]; then
   # that passes, skips (the GPU tests) and fails nothing, to exercise the stage.
   PYTEST_ARGS+=(-k "gpu or bad or explain or reference_follows or reference_matches or compile_for_gpus")
 fi
-run_stage tests "${BUDGETS[3]}" "junit.xml; see Tests below" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${TEST_FILES[@]}"
+run_stage tests "${BUDGETS[3]}" "junit.xml; see Tests below" \
+  "${TEST_ENV[@]}" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${TEST_FILES[@]}"
 
 # -- bench, most valuable first
 run_stage bench-cca "${BUDGETS[4]}" "ours vs reference, pad+SDPA, repeat+SDPA" \
@@ -199,4 +205,6 @@ done
 summarize
 FAILED="$(cut -f2 "$STAGES" | grep -cv -e '^ok$' -e '^skipped$')"
 echo "== done in $(($(date +%s) - START))s: $(wc -l < "$STAGES") stages, $FAILED not ok; $OUT/summary.md"
+exec >&- 2>&-
+wait "$TEE_PID" 2> /dev/null  # log.txt complete before the folder is collected
 [ "$FAILED" = 0 ]

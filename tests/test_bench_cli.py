@@ -98,3 +98,16 @@ def test_the_accepted_names_are_the_ones_the_benchmarks_use():
         for device, quick in (("cpu", True), ("cpu", False), ("cuda", False)):
             sweeps |= {c.sweep for c in bench.cases(torch.device(device), quick, ["fp32"])}
     assert sweeps == set(cli.SWEEP_NAMES)
+
+
+def test_kernels_calls_the_modules_main_with_its_arguments(monkeypatch):
+    import types
+
+    seen = []
+    module = types.ModuleType("bench.kernels")
+    module.main = lambda argv: seen.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "bench.kernels", module)
+    assert cli.main(["kernels", "--arch", "sm90"]) == 0 and seen == [["--arch", "sm90"]]
+    module.main = lambda: seen.append(sys.argv[1:]) or 3  # a main() that reads sys.argv
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert cli.main(["kernels", "-v"]) == 3 and seen[-1] == ["-v"]
