@@ -83,8 +83,6 @@ def environment(dry_run: bool) -> dict:
     from .common import RunContext
 
     device = torch.device("cpu" if dry_run else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("torch sees no CUDA device (use --dry-run on a CPU machine)")
     info = {"nvidia_smi": _command_output(["nvidia-smi"]), "clocks_before": _nvidia_query()}
     ctx = RunContext(device, quick=dry_run)
     ctx.measure_peaks(["fp32"] if dry_run else ["bf16"])
@@ -107,6 +105,10 @@ def environment(dry_run: bool) -> dict:
 
 
 def write_env(out_dir: str, dry_run: bool) -> int:
+    import torch
+
+    if not dry_run and not torch.cuda.is_available():
+        return fail("python -m bench.gpu_check", "torch sees no CUDA device (use --dry-run on a CPU machine)")
     info = environment(dry_run)
     path = os.path.join(out_dir, ENV)
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -36,6 +36,9 @@ if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 case "$1" in -*) usage "unknown option $1" ;; esac
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" > /dev/null || usage "PYTHON=$PYTHON is not a command"
+if [ "$DRY" = 0 ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2> /dev/null; then
+  usage "$PYTHON's torch sees no CUDA GPU here (--dry-run runs the stages on a CPU)"
+fi
 
 # -- OUT_DIR: new, empty, or an earlier run of this script (whose files alone it replaces)
 OUT="$1"

@@ -36,6 +36,12 @@ def test_script_refuses_bad_arguments_in_one_line(args):
     assert len(lines) == 1 and lines[0].startswith("bench/gpu_check.sh: error:") and "usage" in lines[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_script_without_a_gpu_points_to_the_dry_run(tmp_path):
+    result = run_script(tmp_path / "out")
+    assert result.returncode == 2 and "--dry-run" in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_script_never_touches_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "summary.md").write_text("my own summary\n")
