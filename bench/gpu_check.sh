@@ -76,7 +76,7 @@ if [ "$DRY" = 1 ]; then
   TOTAL="${GPU_CHECK_SECONDS:-420}"
   PY_DRY="--dry-run"
   #        build env kernels tests cca neighbour model flex
-  BUDGETS=(240   60  60      150   60  60        60    60)
+  BUDGETS=(300   60  60      150   60  60        60    60)
 else
   TOTAL="${GPU_CHECK_SECONDS:-480}"
   PY_DRY=""
