@@ -7,6 +7,9 @@ all        ops (+ bench/cpu_cca.py on the CPU), model, retrieval
 report     PNG plots of <out>/*.jsonl into <out>/plots/
 
 Results are printed as a table and appended to <out>/<device-slug>.jsonl.
+
+python -m bench import OUT_DIR   file a bench/gpu_check.sh run's results (bench/gpu_import.py)
+python -m bench kernels [...]    the Triton kernels' resource report (bench/kernels.py), if present
 """
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ import sys
 import time
 import traceback
 
+from .args import OneLineParser, fail, name_list, positive_int
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# What --ops and --sweeps accept (tests/test_bench_cli.py checks these against bench/ops.py).
+OP_NAMES = {"chunked_cross_attention": "CCA", "neighbour_self_attention": "NSA",
+            "neighbour_cross_attention": "NCA", "cpu_cca": "cpu_cca"}
+WHATS = ("ops", "model", "retrieval", "all", "report")
+SWEEP_NAMES = {name: name for name in ("paper", "base", "mask", "K", "D", "N", "GQA")}
 
 # Benchmark modules that other branches provide: (suite name, module, how it is called).
 HOOKS = {
@@ -30,24 +41,30 @@ HOOKS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="ops", choices=("ops", "model", "retrieval", "all", "report"))
+    p = OneLineParser(prog="python -m bench", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="ops", metavar="{" + ",".join(WHATS) + "}")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="default: fp16 and bf16 on cuda (sweeps in fp16), fp32 on cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, short timings (CI)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default bench/results)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default torch's own; on a machine shared with other "
                         "jobs 1 thread, or OMP_WAIT_POLICY=PASSIVE, avoids OpenMP spin-wait stalls)")
-    p.add_argument("--sweeps", default=None,
+    p.add_argument("--sweeps", type=name_list(SWEEP_NAMES, "sweep"), default=None,
                    help="comma-separated sweeps to run (paper, base, mask, K, D, N, GQA); default all")
-    p.add_argument("--ops", default=None,
+    p.add_argument("--ops", type=name_list(OP_NAMES, "op"), default=None,
                    help="comma-separated ops to run (chunked_cross_attention or CCA, NSA, NCA); default all")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing")
-    return p.parse_args(argv)
+    # Unknown options first: `--opps CCA` is a misspelt option, not a bad `what`.
+    args, extras = p.parse_known_args(argv)
+    if extras:
+        p.error(f"unrecognized arguments: {' '.join(extras)}")
+    if args.what not in WHATS:
+        p.error(f"argument what: invalid choice: {args.what!r} (choose from {', '.join(WHATS)}, import, kernels)")
+    return args
 
 
 def run_hook(suite: str, quick: bool, device) -> list[dict]:
@@ -100,11 +117,29 @@ def _wrap_foreign_row(suite: str, row: dict) -> dict:
                     notes="row in the module's own format: its numbers are under metrics")
 
 
-def _split(text: str | None) -> set[str] | None:
-    return {part.strip() for part in text.split(",") if part.strip()} if text else None
+def run_kernels(argv: list[str]) -> int:
+    """python -m bench kernels: bench/kernels.py's main(argv), where that module exists."""
+    prog = "python -m bench kernels"
+    if "bench.kernels" not in sys.modules and importlib.util.find_spec("bench.kernels") is None:
+        return fail(prog, "bench/kernels.py is not here (the triton-core branch provides it)", 2)
+    module = importlib.import_module("bench.kernels")
+    main = getattr(module, "main", None)
+    if not callable(main):
+        return fail(prog, "bench/kernels.py has no main()", 2)
+    if not inspect.signature(main).parameters:  # a main() that reads sys.argv itself
+        sys.argv = [prog, *argv]
+        return main() or 0
+    return main(argv) or 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import"]:
+        from .gpu_import import main as import_main
+
+        return import_main(argv[1:])
+    if argv[:1] == ["kernels"]:
+        return run_kernels(argv[1:])
     args = parse_args(argv)
     if args.what == "report":
         from .report import make_report
@@ -125,7 +160,7 @@ def main(argv=None) -> int:
     else:
         dtypes = ["fp16", "bf16"] if device.type == "cuda" else ["fp32"]
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     ctx = RunContext(device, args.quick)
@@ -135,8 +170,8 @@ def main(argv=None) -> int:
 
     rows = []
     if args.what in ("ops", "all"):
-        rows += ops.run(args.quick, device, dtypes, sweeps=_split(args.sweeps), op_names=_split(args.ops))
-        wanted = _split(args.ops)
+        rows += ops.run(args.quick, device, dtypes, sweeps=args.sweeps, op_names=args.ops)
+        wanted = args.ops
         if device.type == "cpu" and (not wanted or wanted & {"cpu_cca", "CCA", "chunked_cross_attention"}):
             rows += run_hook("cpu_cca", args.quick, device)
     if args.what in ("model", "all"):

@@ -43,7 +43,11 @@ Run keys, added by the CLI (`finalize_row`):
     retro_kernels, numpy, flash_attn, retro_pytorch}, device, device_name,
     device_slug, peak_gbps (measured copy bandwidth), peak_tflops (measured
     matmul rate, in the row's dtype where measured, else fp32), threads, quick,
-    host_note.
+    dry_run (True for rows of `bench/gpu_check.sh --dry-run`: tiny CPU shapes that
+    test the runbook, never numbers to publish), host_note.
+
+A run made of several processes (bench/gpu_check.sh) shares one run id and
+date through the environment: BENCH_RUN_ID, BENCH_RUN_DATE, BENCH_DRY_RUN=1.
 
 A module may leave out any measurement key except suite, name, impl and
 status; missing ones are filled with None/{} by `finalize_row`.
@@ -251,8 +255,10 @@ class RunContext:
     def __init__(self, device: torch.device, quick: bool):
         self.device = device
         self.quick = quick
-        self.run_id = uuid.uuid4().hex[:12]
-        self.date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.run_id = os.environ.get("BENCH_RUN_ID") or uuid.uuid4().hex[:12]
+        self.date = os.environ.get("BENCH_RUN_DATE") or \
+            _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.dry_run = os.environ.get("BENCH_DRY_RUN", "0") == "1"
         self.commit, self.dirty = git_commit()
         self.versions = versions()
         self.device_name = device_name(device)
@@ -287,7 +293,8 @@ class RunContext:
             run_id=self.run_id, date=self.date, commit=self.commit, dirty=self.dirty,
             versions=self.versions, device=self.device.type, device_name=self.device_name,
             device_slug=self.device_slug, peak_gbps=self.peak_gbps, peak_tflops=peak_tflops,
-            threads=torch.get_num_threads(), quick=self.quick, host_note=self.host_note,
+            threads=torch.get_num_threads(), quick=self.quick, dry_run=self.dry_run,
+            host_note=self.host_note,
         )
         evaluate_targets(full)
         return full

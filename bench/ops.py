@@ -315,8 +315,20 @@ def _peer_skip_reason(bench: OpBench, peer: str, case: Case, mode: str, device, 
 
 
 def _impls(bench: OpBench, case: Case, device, quick, q, k, v, kw):
-    """[(impl name, role, fn or None, skip reason, notes)] for this case."""
+    """[(impl name, role, fn or None, skip reason, notes)] for this case: the peers
+    first (the reference first of all), then ours, so that a row of ours can be
+    compared with the reference and the peers the moment it is measured."""
     out = []
+    for peer, fn in bench.peers.items():
+        notes = None
+        if peer == "flex_attention" and device.type == "cpu" and quick:
+            fn = peers.cca_flex_attention_eager
+            notes = "flex_attention run eagerly (not compiled) under --quick on the CPU"
+        if peer == "flex_attention" and device.type == "cuda":
+            notes = peers.FLEX_CUDA_NOTE
+        if peer == "retro_pytorch" and not peers.unavailable(peer, device):
+            notes = peers.import_retro_pytorch()[1]
+        out.append((peer, "peer", fn, None, notes))
     try:
         reasons = bench.explain(q, k, v, kw)
     except Exception as e:  # an op whose explain inputs we guessed wrong
@@ -327,14 +339,6 @@ def _impls(bench: OpBench, case: Case, device, quick, q, k, v, kw):
             why = why + ["TRITON_INTERPRET=1: the interpreter is a debugger, not a benchmark"]
         fn = None if why else bench.ours(backend)
         out.append((f"retro_kernels:{backend}", "ours", fn, "; ".join(why) or None, None))
-    for peer, fn in bench.peers.items():
-        notes = None
-        if peer == "flex_attention" and device.type == "cpu" and quick:
-            fn = peers.cca_flex_attention_eager
-            notes = "flex_attention run eagerly (not compiled) under --quick on the CPU"
-        if peer == "retro_pytorch" and not peers.unavailable(peer, device):
-            notes = peers.import_retro_pytorch()[1]
-        out.append((peer, "peer", fn, None, notes))
     return out
 
 
@@ -343,33 +347,60 @@ def _clear(device):
         torch.cuda.empty_cache()
 
 
+def _max_abs_err(out, reference) -> float | None:
+    if out is None or reference is None:
+        return None
+    return (out.float() - reference.float()).abs().max().item()
+
+
 def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str], log=print,
-           sweeps: set[str] | None = None) -> list[dict]:
+           sweeps: set[str] | None = None, cases: list[Case] | None = None,
+           impls: set[str] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Rows of `bench` for its cases (or `cases`), every impl (or those named in `impls`).
+
+    Each row is complete when it is made: forward error against the reference
+    (computed untimed when the reference itself is not among `impls`) and
+    speedups against the peers measured for the same mode; `on_row(row)` sees
+    it at once (bench/gpu_check.py appends it to a file there and then).
+    """
     why = bench.available()
     if why:
         log(f"skip {bench.name}: {why}")
-        return [make_row("ops", bench.name, "*", "skipped", reason=why)]
+        row = make_row("ops", bench.name, "*", "skipped", reason=why)
+        if on_row:
+            on_row(row)
+        return [row]
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
     torch.manual_seed(0)  # inputs (on the device)
     generator = torch.Generator().manual_seed(0)  # masks (on the CPU, then moved)
     printed_skips = set()
-    for case in bench.cases(device, quick, dtypes):
+    for case in bench.cases(device, quick, dtypes) if cases is None else cases:
         if sweeps and case.sweep not in sweeps:
             continue
         t0 = time.perf_counter()
         q, k, v, kw = bench.inputs(case, device, generator)
+        candidates = [c for c in _impls(bench, case, device, quick, q, k, v, kw) if not impls or c[0] in impls]
         reference = None
-        case_rows = []
+        if not any(c[0] == "reference" for c in candidates):
+            with torch.no_grad():
+                reference = bench.peers["reference"](q, k, v, **kw)
         for mode in MODES:
             flops, nbytes = bench.cost(case, mode)
-            for impl, role, fn, skip, notes in _impls(bench, case, device, quick, q, k, v, kw):
+            peer_rows = []
+            for impl, role, fn, skip, notes in candidates:
                 base = dict(role=role, mode=mode, sweep=case.sweep, sweep_value=case.sweep_value,
                             shape=dict(case.shape), dtype=case.dtype, flops=flops, bytes=nbytes,
                             notes=notes, targets=bench.targets(impl, mode, device, case.dtype))
                 if role == "peer" and skip is None:
                     skip = _peer_skip_reason(bench, impl, case, mode, device, quick)
                 if skip:
-                    case_rows.append(make_row("ops", bench.name, impl, "skipped", reason=skip, **base))
+                    emit(make_row("ops", bench.name, impl, "skipped", reason=skip, **base))
                     if (impl, skip) not in printed_skips:
                         log(f"  skip {impl} for {bench.label}: {skip}")
                         printed_skips.add((impl, skip))
@@ -377,31 +408,26 @@ def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str],
                 try:
                     ms, out = time_mode(fn, q, k, v, kw, mode, device, quick)
                 except NotImplementedError as e:
-                    case_rows.append(make_row("ops", bench.name, impl, "skipped", reason=str(e), **base))
+                    emit(make_row("ops", bench.name, impl, "skipped", reason=str(e), **base))
                     continue
                 except Exception as e:
                     msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     log(f"  FAILED {impl} {bench.label} {mode}: {msg}")
                     if log is print:
                         traceback.print_exc(limit=3)
-                    case_rows.append(make_row("ops", bench.name, impl, "failed", reason=msg, **base))
+                    emit(make_row("ops", bench.name, impl, "failed", reason=msg, **base))
                     _clear(device)
                     continue
                 row = make_row("ops", bench.name, impl, "ok", time_ms=ms, **base)
-                if out is not None:
-                    if impl == "reference":
-                        reference = out
-                    if reference is not None:
-                        row["max_abs_err"] = (out.float() - reference.float()).abs().max().item()
-                    row["_out"] = out
-                case_rows.append(row)
-        # forward outputs computed before the reference ran are compared now
-        for row in case_rows:
-            out = row.pop("_out", None)
-            if out is not None and reference is not None and row["max_abs_err"] is None:
-                row["max_abs_err"] = (out.float() - reference.float()).abs().max().item()
-        add_speedups(case_rows)
-        rows += case_rows
+                if impl == "reference" and out is not None:
+                    reference = out
+                row["max_abs_err"] = _max_abs_err(out, reference)
+                if role == "peer":
+                    peer_rows.append(row)
+                else:
+                    add_speedups(peer_rows + [row])
+                emit(row)
+                del out
         del q, k, v, kw, reference
         _clear(device)
         log(f"  {bench.label} {case.sweep}={case.sweep_value} {case.dtype}: {time.perf_counter() - t0:.1f}s")

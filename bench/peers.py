@@ -104,6 +104,20 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
     return _unshift(o, B, N, m)
 
 
+def cca_sdpa_repeat(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
+    """pad + SDPA with grouped heads done by hand: k and v repeated to Hq heads (a copy).
+
+    What code written before SDPA's enable_gqa does; with Hq == Hkv it is
+    cca_sdpa. SDPA's kernels differ in which of them take enable_gqa, so the
+    two can pick different kernels.
+    """
+    Hq, Hkv = q.shape[2], k.shape[4]
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=4)
+        v = v.repeat_interleave(Hq // Hkv, dim=4)
+    return cca_sdpa(q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale, start_pos=start_pos)
+
+
 # -- FlexAttention -----------------------------------------------------------
 
 FLEX_BLOCK = (64, 128)
@@ -115,7 +129,8 @@ def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, us
     """The structural block mask: shifted query row r sees the keys of chunk r // m.
 
     It depends only on the shape, so a training loop builds it once: cached.
-    With block size (m, K*R-multiple) every block is either full or empty.
+    With block size (m, K*R-multiple) every block is either full or empty
+    (see _flex_block_size for the GPU's).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -128,8 +143,13 @@ def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, us
                              BLOCK_SIZE=block)
 
 
+FLEX_CUDA_NOTE = ("torch.compile(flex_attention) in its default mode; block mask in flex's default "
+                  "128 x 128 blocks (query blocks span two 64-row chunks)")
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_flex(device_type: str = "cpu"):
+    """torch.compile(flex_attention) in the default mode (no autotuning: seconds, not minutes, per shape)."""
     import torch._dynamo
 
     from torch.nn.attention.flex_attention import flex_attention
@@ -143,17 +163,23 @@ def _compiled_flex(device_type: str = "cpu"):
             setattr(config, limit, max(value, getattr(config, limit)))
     if hasattr(config, "fail_on_recompile_limit_hit"):
         config.fail_on_recompile_limit_hit = True
-    if device_type == "cuda":
-        # Inductor's single default config on an H100 uses 128-row query tiles
-        # (forward, and the backward's dq pass), which do not divide our
-        # 64-row query blocks: without autotuning it has no valid kernel.
-        # Autotuning also gives FlexAttention its best form.
-        return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_block_size(chunk_size: int, keys_per_chunk: int) -> tuple[int, int]:
-    """(64, 128) at the paper's shapes; else blocks that still never straddle a chunk."""
+def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "cpu") -> tuple[int, int]:
+    """The block mask's (query, key) block size.
+
+    CUDA: flex's default 128 x 128. Inductor's one default kernel config per
+    (GPU, dtype, head dim) tiles queries in up to 128 rows, and a block-mask
+    block must be a multiple of the tile (an H100's fp16/bf16 forward uses
+    128-row tiles, its backward 128-row dk/dv tiles): 64-row blocks, one per
+    chunk, would need autotuning to find a kernel at all. With 128-row blocks
+    every block straddles two chunks and is partial (the mask_mod runs), so
+    half of the scores it computes are masked: the bytes read are the same.
+    CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128.
+    """
+    if device_type == "cuda":
+        return 128, 128
     q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
     kv_block = FLEX_BLOCK[1] if keys_per_chunk % FLEX_BLOCK[1] == 0 else keys_per_chunk
     return q_block, kv_block
@@ -185,7 +211,7 @@ def make_cca_flex(compiled: bool = True):
         ks = k[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
         vs = v[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
         block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device),
-                                      _flex_block_size(m, kr))
+                                      _flex_block_size(m, kr, q.device.type))
         score_mod = None
         has_key = None
         if neighbour_mask is not None:
@@ -439,6 +465,7 @@ def unavailable(peer: str, device: torch.device) -> str | None:
 CCA_PEERS = {
     "reference": cca_reference,
     "sdpa": cca_sdpa,
+    "sdpa_repeat": cca_sdpa_repeat,
     "flex_attention": cca_flex_attention,
     "flash_attn": cca_flash_attn,
     "retro_pytorch": cca_retro_pytorch,

@@ -65,9 +65,10 @@ def _check(peer, case, grads=True, fn_kwargs=None):
             torch.testing.assert_close(g, w, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda s: f"d{name}: {s}")
 
 
+@pytest.mark.parametrize("peer_name", ["sdpa", "sdpa_repeat"])
 @pytest.mark.parametrize("case", list(CCA_CASES))
-def test_sdpa_peer_matches_reference(case):
-    _check(peers.cca_sdpa, case)
+def test_sdpa_peers_match_reference(case, peer_name):
+    _check(peers.CCA_PEERS[peer_name], case)
 
 
 @pytest.mark.parametrize("case", list(CCA_CASES))
@@ -109,9 +110,10 @@ def test_flash_attn_peer_is_skipped_with_a_reason_without_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("peer_name", ["sdpa", "flex_attention", "flash_attn", "retro_pytorch"])
+@pytest.mark.parametrize("peer_name", ["sdpa", "sdpa_repeat", "flex_attention", "flash_attn", "retro_pytorch"])
 def test_cca_peers_on_gpu(peer_name, dtype):
-    """At the paper's chunk shape on a GPU, compiled FlexAttention included, forward and gradients."""
+    """At the paper's chunk shape on a GPU, forward and gradients; FlexAttention compiled in the
+    default mode (its block mask must fit the default kernel tiles: bench/peers.py)."""
     reason = peers.unavailable(peer_name, torch.device("cuda"))
     if reason:
         pytest.skip(reason)

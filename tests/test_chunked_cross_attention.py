@@ -109,6 +109,12 @@ def test_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("D", [64, 80, 128, 256])
 def test_matches_reference_paper_shapes_gpu(backend, dtype, D):
     q, k, v, mask = make_inputs(2, 2048 - 5, 16, 4, D, 64, 2, 128, 0, "random", 0, dtype)
+    if dispatch.not_supported_reasons(backend, OP, q=q, k=k, v=v, neighbour_mask=mask):
+        # the cuda kernels' tiles stop at head dim 128: refused by name, and "auto" still runs
+        with pytest.raises(BackendNotSupported, match="head dim"):
+            rk.chunked_cross_attention(q, k, v, 64, neighbour_mask=mask, backend=backend)
+        assert torch.isfinite(rk.chunked_cross_attention(q, k, v, 64, neighbour_mask=mask)).all()
+        return
     check_against_reference(backend, q, k, v, 64, mask, 0)
 
 
@@ -187,14 +193,15 @@ def test_zero_rows_and_no_nan(backend):
 def test_non_contiguous_inputs(backend):
     m = 4
     q, k, v, mask = make_inputs(1, 10, 2, 2, 32, m, 2, 6, 0, "random", 0)
-    q_nc = torch.randn(1, 2, 10, 32).transpose(1, 2)  # (B, N, Hq, D) with head-major strides
-    k_nc = torch.randn(1, 2, 2, 12, 2, 32)[:, :, :, ::2]  # every other neighbour token
-    v_nc = torch.randn(1, 2, 2, 6, 2, 64)[..., :32]  # a slice of a wider head dim
-    mask_nc = torch.rand(1, 2, 2, 12) > 0.3
+    # made on DEVICE: .to("cuda") of a strided CPU view would hand the kernels a contiguous copy
+    q_nc = torch.randn(1, 2, 10, 32, device=DEVICE).transpose(1, 2)  # (B, N, Hq, D), head-major strides
+    k_nc = torch.randn(1, 2, 2, 12, 2, 32, device=DEVICE)[:, :, :, ::2]  # every other neighbour token
+    v_nc = torch.randn(1, 2, 2, 6, 2, 64, device=DEVICE)[..., :32]  # a slice of a wider head dim
+    mask_nc = torch.rand(1, 2, 2, 12, device=DEVICE) > 0.3
     mask_nc = mask_nc[..., ::2]
     for t in (q_nc, k_nc, v_nc, mask_nc):
         assert not t.is_contiguous()
-    check_against_reference(backend, q_nc.to(DEVICE), k_nc.to(DEVICE), v_nc.to(DEVICE), m, mask_nc.to(DEVICE))
+    check_against_reference(backend, q_nc, k_nc, v_nc, m, mask_nc)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -309,11 +316,15 @@ def test_bad_backend_and_scale():
 
 
 def test_devices_must_agree():
-    if not torch.cuda.is_available():
-        meta_k = torch.empty(1, 3, 2, 3, 2, 16, device="meta")
-        args = _good()
-        with pytest.raises(ValueError, match="k is on meta"):
-            rk.chunked_cross_attention(args["q"], meta_k, meta_k, 4)
+    args = _good()  # on the CPU
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    k_elsewhere = torch.empty(1, 3, 2, 3, 2, 16, device=other)
+    with pytest.raises(ValueError, match=f"k is on {other}"):
+        rk.chunked_cross_attention(args["q"], k_elsewhere, k_elsewhere, 4)
+    if torch.cuda.is_available():
+        q, k, v = (args[n].to(other) for n in "qkv")
+        with pytest.raises(ValueError, match="neighbour_mask is on cpu"):
+            rk.chunked_cross_attention(q, k, v, 4, neighbour_mask=args["neighbour_mask"])
 
 
 # -- the Triton kernels compile for real GPUs (no GPU needed) -------------------

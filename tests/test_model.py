@@ -7,6 +7,10 @@ from models.config import RetroConfig
 from models.model import RetroModel, lm_loss
 
 
+# Triton runs on CUDA tensors on a GPU and under the interpreter only without one (conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def small_config(**kw):
     base = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, seq_len=24, chunk_size=6,
                 num_neighbours=2, neighbour_len=9, cca_start_layer=2, cca_every=2, kernels="reference")
@@ -55,9 +59,10 @@ def test_fused_and_reference_kernels_give_the_same_loss_and_gradients(fused):
         pytest.skip("the C++ CPU backend is not built here: 'auto' would be the reference")
     cfg = small_config(seq_len=16, chunk_size=4, neighbour_len=6, d_model=24, n_heads=2, n_layers=3,
                        cca_start_layer=1, cca_every=2)
-    model = RetroModel(cfg)
+    device = TRITON_DEVICE if fused == "triton" else "cpu"
+    model = RetroModel(cfg).to(device)
     randomize_cca(model)
-    x, y, nb, mask = batch(cfg)
+    x, y, nb, mask = (t.to(device) for t in batch(cfg))
 
     def loss_and_grads(kernels):
         model.set_kernels(kernels)
@@ -79,10 +84,11 @@ def test_fused_and_reference_kernels_give_the_same_loss_and_gradients(fused):
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_incremental_decoding_matches_the_full_forward(kernels):
     cfg = small_config(kernels=kernels, n_kv_heads=2)
-    model = RetroModel(cfg).eval()
+    device = TRITON_DEVICE if kernels == "triton" else "cpu"
+    model = RetroModel(cfg).eval().to(device)
     randomize_cca(model)
     # not a multiple of m; shorter under the (slow) Triton interpreter
-    x, _, nb, mask = batch(cfg, N=22 if kernels == "reference" else 15)
+    x, _, nb, mask = (t.to(device) for t in batch(cfg, N=22 if kernels == "reference" else 15))
     with torch.no_grad():
         full = model(x, nb, mask)
         # a prompt of 8 tokens (one chunk complete), then one token at a time

@@ -207,28 +207,32 @@ GPU_CASES = CASES + [
 ]
 
 
-def _cuda_reasons():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    return _native.missing_reason("cuda")
+CUDA_MISSING = _native.missing_reason("cuda") if torch.cuda.is_available() else None
+# A GPU without the extension is one failure (the test below), not one per CUDA case.
+needs_cuda_ext = pytest.mark.skipif(
+    CUDA_MISSING is not None,
+    reason="the CUDA extension is not usable (see test_cuda_extension_is_built_on_a_gpu)",
+)
 
 
 @pytest.mark.gpu
+def test_cuda_extension_is_built_on_a_gpu():
+    """On a GPU the CUDA kernels must be built: their tests are skipped, pointing here, when not."""
+    assert CUDA_MISSING is None, f"a GPU is here but the CUDA extension is not usable: {CUDA_MISSING}"
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("B, N, m, K, R, Hq, Hkv, D, start_pos, mask", GPU_CASES)
 def test_cuda_matches_reference(B, N, m, K, R, Hq, Hkv, D, start_pos, mask, dtype):
-    reason = _cuda_reasons()
-    if reason:
-        pytest.fail(f"a GPU is here but the CUDA extension is not usable: {reason}")
     q, k, v, neighbour_mask = make_inputs(B, N, m, K, R, Hq, Hkv, D, start_pos, mask, dtype, "cuda")
     check_against_reference("cuda", q, k, v, m, neighbour_mask, start_pos)
 
 
 @pytest.mark.gpu
+@needs_cuda_ext
 def test_cuda_strided_and_deterministic():
-    reason = _cuda_reasons()
-    if reason:
-        pytest.fail(f"a GPU is here but the CUDA extension is not usable: {reason}")
     B, N, m, K, R, Hq, Hkv, D = 2, 70, 8, 2, 12, 4, 2, 64
     L = N // m + 1
     q = torch.randn(B, Hq, N, D, device="cuda").half().transpose(1, 2)
