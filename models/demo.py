@@ -44,13 +44,15 @@ import torch
 # chunks are 5-15 apart and a shared section's chunks 0 (identical text).
 PRESETS = {
     "full": dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
-                 max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
-                 encoder_ff_mult=2, dropout=0.1, retrieval_dropout=0.5, steps=450, batch_size=8, lr=4e-3,
-                 warmup=30, eval_every=150, sample_tokens=96),
+                 max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, dropout=0.1, steps=450,
+                 batch_size=8, lr=4e-3, warmup=30, eval_every=150, sample_tokens=96,
+                 cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=300, retrofit_lr=4e-3,
+                 retrofit_warmup=30),
     "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
-                  max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, cca_start=2, cca_every=2,
-                  encoder_ff_mult=2, dropout=0.1, retrieval_dropout=0.5, steps=60, batch_size=8, lr=4e-3,
-                  warmup=10, eval_every=0, sample_tokens=40),
+                  max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, dropout=0.1, steps=60,
+                  batch_size=8, lr=4e-3, warmup=10, eval_every=0, sample_tokens=40,
+                  cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=40, retrofit_lr=4e-3,
+                  retrofit_warmup=10),
 }
 K = 2  # neighbours per chunk
 
@@ -92,30 +94,36 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     p.add_argument("--kernels", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, ...): mean and spread")
+    p.add_argument("--retrofit-steps", type=int, default=None, help="override the preset's retrofit steps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds: expected an integer >= 1, got {args.seeds}")
     return run(args)
 
 
 def run(args) -> int:
-    from .data import from_stream, open_database
-    from .evaluate import LABELS, plot_overlap, run_evaluation, summary, table, write_report
+    from .data import from_stream, neighbours_including, open_database, token_byte_lengths
+    from .demo_protocol import NAMES, SETTINGS, aggregate, plot_curves, run_seed, table
+    from .evaluate import write_report
     from .generate import database_retriever, generate, show
     from .retrieval import build_database
-    from .train import TrainArgs, configure_threads, resolve_device, train
-    from .config import RetroConfig
+    from .train import configure_threads, resolve_device
 
     preset = dict(PRESETS["quick" if args.quick else "full"])
     if args.steps:
         preset["steps"] = args.steps
+    if args.retrofit_steps:
+        preset["retrofit_steps"] = args.retrofit_steps
+    preset["k"] = K
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     threads = configure_threads(args.threads)
-    torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     times = {}
 
@@ -125,7 +133,7 @@ def run(args) -> int:
     # 1-2. corpus and database -------------------------------------------------
     corpus = demo_corpus(out / "corpus.jsonl", preset["corpus_bytes"], preset["max_doc_bytes"])
     say(f"corpus: {corpus['documents']} documents of Python's documentation {corpus['kinds']}, "
-        f"{corpus['bytes'] / 1e3:.0f} kB; {threads} CPU thread(s)")
+        f"{corpus['bytes'] / 1e3:.0f} kB; {threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}")
     t = time.perf_counter()
     build_database(out / "db", corpus=out / "corpus.jsonl", vocab_size=preset["vocab_size"],
                    chunk_size=preset["chunk_size"], eval_fraction=preset["eval_fraction"], k=K, index_type="flat",
@@ -135,75 +143,74 @@ def run(args) -> int:
     db = open_database(out / "db", chunk_size=preset["chunk_size"])
     train_data = from_stream(db, "train", K)
     eval_data = from_stream(db, "eval", K)
+    t = time.perf_counter()
+    leaky = neighbours_including(db, eval_data, K)  # the held-out chunks added to the database (the ceiling)
+    times["database_with_eval_docs"] = time.perf_counter() - t
+    byte_lengths = token_byte_lengths(db.tokenizer)
     say(f"database: {db.num_chunks} chunks of {db.chunk_size} tokens; training stream {len(train_data)} chunks, "
         f"held-out stream {len(eval_data)} chunks from {np.unique(eval_data.doc).size} documents "
-        f"({times['database']:.0f}s)")
+        f"({times['database']:.0f}s, + {times['database_with_eval_docs']:.0f}s with the held-out chunks)")
 
-    # 3. train -------------------------------------------------------------------
-    cfg = RetroConfig(
-        vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
-        seq_len=preset["seq_len"], chunk_size=db.chunk_size, num_neighbours=K, neighbour_len=db.neighbour_len,
-        cca_start_layer=preset["cca_start"], cca_every=preset["cca_every"], encoder_ff_mult=preset["encoder_ff_mult"],
-        dropout=preset["dropout"], kernels=args.kernels, extra={"db_fingerprint": db.fingerprint},
-    )
-    targs = TrainArgs(out=str(out / "model"), steps=preset["steps"], batch_size=preset["batch_size"],
-                      lr=preset["lr"], warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32,
-                      retrieval_dropout=preset["retrieval_dropout"],
-                      seed=args.seed, device=str(device), progress=not args.no_progress)
-    if (out / "model").exists():
-        shutil.rmtree(out / "model")  # a fresh run each time (the database is reused)
-    n_params = sum(p.numel() for p in __import__("models.model", fromlist=["RetroModel"]).RetroModel(cfg).parameters())
-    say(f"training a RETRO of {n_params / 1e6:.2f}M parameters for {targs.steps} steps of "
-        f"{targs.batch_size} x {cfg.seq_len} tokens (CCA in layers {[i + 1 for i in cfg.cca_layers]})")
-    t = time.perf_counter()
-    from .data import token_byte_lengths
-
-    result = train(cfg, train_data, targs, eval_data, token_byte_lengths(db.tokenizer), log=say)
-    times["training"] = time.perf_counter() - t
-    model = result["model"].eval()
-
-    # 4. evaluate ---------------------------------------------------------------
-    t = time.perf_counter()
-    results = run_evaluation(model, db, with_eval_docs=True, device=device, log=say)
-    times["evaluation"] = time.perf_counter() - t
-    plot_overlap({LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs")}, out / "overlap.png",
-                 title="held-out bpb over chunks with overlap <= alpha")
+    # 3-4. per seed: baseline, RETROfit, three evaluations ----------------------------
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed, first_model = [], None
+    for seed in seeds:
+        r = run_seed(db, train_data, eval_data, leaky, byte_lengths, preset, seed, out, args, device, say)
+        per_seed.append(r["result"])
+        first_model = first_model or r["model"]
+    summary = aggregate(per_seed)
+    curves = per_seed[0]["overlap"]
+    plot_curves(curves, out / "overlap.png", f"held-out bpb by chunk overlap (seed {seeds[0]})")
 
     # 5. sample -------------------------------------------------------------------
     t = time.perf_counter()
     first_doc = int(eval_data.doc[0])
-    doc_tokens = db.doc_tokens(first_doc)
-    prompt = doc_tokens[: 2 * db.chunk_size].tolist()
-    sample = generate(model, prompt, preset["sample_tokens"], database_retriever(db, K), temperature=0.7,
+    prompt = db.doc_tokens(first_doc)[: 2 * db.chunk_size].tolist()
+    sample = generate(first_model, prompt, preset["sample_tokens"], database_retriever(db, K), temperature=0.7,
                       top_k=40, top_p=0.95, seed=args.seed, stop_ids=(db.eos_id,), device=device)
-    sample_text = f"held-out document: {db.doc_names[first_doc]}\n" + show(db, sample)
+    sample_text = (f"held-out document: {db.doc_names[first_doc]} (RETROfit of the seed-{seeds[0]} baseline)\n"
+                   + show(db, sample))
     (out / "sample.txt").write_text(sample_text + "\n")
     times["generation"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
 
-    report = {"preset": "quick" if args.quick else "full", "corpus": corpus, "config": cfg.to_dict(),
-              "train_args": {k: v for k, v in vars(targs).items()}, "results": summary(results),
-              "seconds": times, "history": result["history"]}
+    mean = {k: summary[k]["mean"] for k in SETTINGS}
+    share = per_seed[0]["trainable"]
+    lowered = all(s["gain"] > 0 for s in per_seed)
+    target = summary["gain"]["mean"] >= 2 * summary["gain"]["std"] and summary["seeds_with_gain"] == len(seeds)
+    report = {"preset": "quick" if args.quick else "full", "protocol": "retrofit", "seeds": seeds,
+              "corpus": corpus, "preset_values": preset, "bpb": mean, "spread": summary, "overlap": curves,
+              "trainable": share, "held_out": {"documents": int(np.unique(eval_data.doc).size),
+                                                "chunks": len(eval_data), "bytes": per_seed[0]["bytes"]},
+              "per_seed": per_seed, "seconds": times, "threads": threads, "load_average": os.getloadavg()}
     write_report(out / "results.json", report)
-    tab = table(results)
+    tab = table(per_seed, summary)
+    verdict = (f"RETROfit ON below the baseline on {summary['seeds_with_gain']} of {len(seeds)} seed(s); "
+               f"mean gain {summary['gain']['mean']:+.4f} bpb"
+               + (f", seed spread (std) {summary['gain']['std']:.4f}: the gain is "
+                  f"{'at least' if target else 'LESS than'} twice the spread" if len(seeds) > 1 else ""))
+    smoke = (" --quick is a smoke run of the same path (a tiny corpus with almost no shared sections, so ON is "
+             "about OFF): it reports without the exit-status rule; run the full demo for the claim.")
     summary_md = "\n".join([
-        f"# RETRO demo ({report['preset']})", "",
-        f"held-out documents: {results['documents']} ({results['on']['bytes']} bytes predicted)", "",
-        "```", tab, "```", "",
-        f"wall time: {times['total']:.0f}s (database {times['database']:.0f}s, training {times['training']:.0f}s, "
-        f"evaluation {times['evaluation']:.0f}s, generation {times['generation']:.0f}s)", "",
-    ])
+        f"# RETROfit demo ({report['preset']}, seeds {seeds})", "",
+        f"held-out documents: {report['held_out']['documents']} ({report['held_out']['bytes']} bytes predicted); "
+        "bits per byte:", "", "```", tab, "```", "",
+        *(f"- {k}: {NAMES[k]}" for k in SETTINGS), "",
+        verdict + "." + (smoke if args.quick else ""), "",
+        f"trainable: {share['trainable']:,} added parameters, {100 * share['share']:.1f}% of all "
+        f"({share['base']:,} frozen in the baseline)", "",
+        f"wall time: {times['total']:.0f}s (database {times['database']:.0f}s, "
+        + ", ".join(f"seed {s['seed']}: baseline {s['seconds']['baseline']:.0f}s, retrofit "
+                    f"{s['seconds']['retrofit']:.0f}s, evaluation {s['seconds']['evaluation']:.0f}s" for s in per_seed)
+        + f", generation {times['generation']:.0f}s); {threads} thread(s), load average "
+        f"{report['load_average'][0]:.1f}", ""])
     (out / "summary.md").write_text(summary_md)
     print()
     print(tab)
     print()
     print(sample_text)
     print()
-    lowered = results["on"]["bpb"] < results["off"]["bpb"]
-    print(f"retrieval {'lowers' if lowered else 'DOES NOT lower'} bits per byte on held-out documents: "
-          f"{results['off']['bpb']:.4f} -> {results['on']['bpb']:.4f}"
-          + (" (--quick is a smoke run of the same path: too small a corpus and too short a training "
-             "to show it; run the full demo)" if args.quick else ""))
+    print(verdict + "." + (smoke if args.quick else ""))
     print(f"wall time {times['total']:.0f}s; everything is in {out}/")
     if args.quick:  # a smoke run of the same path; the claim is the full demo's
         return 0
