@@ -11,6 +11,7 @@ gain ON is a gain over the decoder it started from.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def evaluate_three(model, data, leaky, byte_lengths, device) -> dict:
             rows.append(float(pc["nll"][keep].sum() / math.log(2) / b) if b else float("nan"))
         curves[name] = rows
     return {"bpb": {k: r[k]["bpb"] for k in SETTINGS}, "gain": r["baseline"]["bpb"] - r["retrofit_on"]["bpb"],
-            "tokens": r["baseline"]["tokens"], "bytes": r["baseline"]["bytes"], "overlap": curves}
+            "documents": int(np.unique(data.doc).size), "chunks": len(data), "tokens": r["baseline"]["tokens"],
+            "bytes": r["baseline"]["bytes"], "overlap": curves}
 
 
 def spread(values) -> dict:
@@ -158,3 +160,40 @@ def run_seed(db, train_data, eval_data, leaky, byte_lengths, preset, seed, out, 
     result.update(seed=seed, trainable=share, seconds=times, checkpoints={"baseline": str(base_dir),
                   "retrofit": str(rf_dir)}, history={"baseline": base_history, "retrofit": rf_history})
     return {"result": result, "model": model}
+
+
+def write_outputs(out: Path, per_seed: list, summary: dict, meta: dict, quick: bool) -> str:
+    """results.json and summary.md; returns the verdict line."""
+    from .evaluate import write_report
+
+    seeds = [s["seed"] for s in per_seed]
+    share, held_out = per_seed[0]["trainable"], {k: per_seed[0][k] for k in ("documents", "chunks", "bytes")}
+    report = {**meta, "protocol": "retrofit", "seeds": seeds, "bpb": {k: summary[k]["mean"] for k in SETTINGS},
+              "spread": summary, "overlap": per_seed[0]["overlap"], "trainable": share, "held_out": held_out,
+              "per_seed": per_seed, "load_average": os.getloadavg()}
+    write_report(out / "results.json", report)
+    target = summary["seeds_with_gain"] == len(seeds) and summary["gain"]["mean"] >= 2 * summary["gain"]["std"]
+    verdict = (f"RETROfit ON below the baseline on {summary['seeds_with_gain']} of {len(seeds)} seed(s); "
+               f"mean gain {summary['gain']['mean']:+.4f} bpb"
+               + (f", seed spread (std) {summary['gain']['std']:.4f}: the gain is "
+                  f"{'at least' if target else 'LESS than'} twice the spread" if len(seeds) > 1 else "") + ".")
+    if quick:
+        verdict += (" --quick is a smoke run of the same path (a tiny corpus with almost no shared sections, so "
+                    "ON is about OFF): it reports without the exit-status rule; run the full demo for the claim.")
+    times = meta["seconds"]
+    tab = table(per_seed, summary)
+    lines = [f"# RETROfit demo ({meta['preset']}, seeds {seeds})", "",
+             f"held-out documents: {held_out['documents']} ({held_out['bytes']} bytes predicted); bits per byte:",
+             "", "```", tab, "```", "", *(f"- {NAMES[k]}" for k in SETTINGS), "", verdict, "",
+             f"trainable: {share['trainable']:,} added parameters, {100 * share['share']:.1f}% of all "
+             f"({share['base']:,} frozen in the baseline)", "",
+             f"wall time: {times['total']:.0f}s (database {times['database']:.0f}s + "
+             f"{times['database_with_eval_docs']:.0f}s with the held-out chunks; "
+             + "; ".join(f"seed {s['seed']}: baseline {s['seconds']['baseline']:.0f}s, retrofit "
+                         f"{s['seconds']['retrofit']:.0f}s, evaluation {s['seconds']['evaluation']:.0f}s"
+                         for s in per_seed)
+             + f"; generation {times['generation']:.0f}s), {meta['threads']} thread(s), load average "
+               f"{report['load_average'][0]:.1f}", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    print(f"\n{tab}")
+    return verdict
