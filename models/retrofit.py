@@ -41,6 +41,7 @@ import hashlib
 import inspect
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -275,6 +276,10 @@ class RetrofitModel(nn.Module):
             module.to(device=weight.device, dtype=dtype or weight.dtype)
         self._step: Optional[_Step] = None
         self._hooks = []
+        previous = getattr(base, "_retro_kernels_retrofit", None)
+        if previous is not None and previous() is not None:
+            previous().remove_hooks()  # one retrofit per base at a time: the newest reads the neighbours
+        object.__setattr__(base, "_retro_kernels_retrofit", weakref.ref(self))  # not a submodule
         for i in cfg.cca_layers:
             layer = self.adapter.layers[i - 1]
             self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
@@ -328,6 +333,9 @@ class RetrofitModel(nn.Module):
         B, N = tokens.shape
         complete = (start_pos + N) // self.cfg.chunk_size
         if neighbours is not None:
+            if not self._hooks:
+                raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
+                                 "base was retrofitted again): it cannot read neighbours")
             self._check_neighbours(neighbours, neighbour_mask, B, complete)
             self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
         try:

@@ -137,6 +137,9 @@ def base_shape(path: Path, kind: str) -> dict:
                 "db_fingerprint": cfg.extra.get("db_fingerprint")}
     from transformers import AutoConfig
 
+    from .retrofit import _base_files
+
+    _base_files(path, kind)  # refuses a folder with pickled weights only
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     n_layers = getattr(cfg, "num_hidden_layers", None)
     _need(isinstance(n_layers, int), f"--base: {str(path)!r}'s config names no num_hidden_layers")

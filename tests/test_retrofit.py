@@ -214,3 +214,21 @@ def test_bad_arguments_are_refused_clearly():
         rf(x, nb, mask, start_pos=4)
     assert paper_cca_layers(12) == [6, 9, 12] and paper_cca_layers(4) == [4]
     assert isinstance(rf, RetrofitModel)
+
+
+def test_retrofitting_a_base_again_detaches_the_previous_retrofit():
+    base, first = make("gpt2")
+    second = load_retrofit_like(first, base)
+    x, nb, mask = inputs()
+    with pytest.raises(ValueError, match="detached from its base"):
+        first(x, nb, mask)
+    with torch.no_grad():
+        assert torch.equal(first(x), base_logits(base, x))  # OFF still works: it is the base
+        assert (second(x, nb, mask) - base_logits(base, x)).abs().max() > 1e-3
+
+
+def load_retrofit_like(rf, base):
+    again = retrofit(base, chunk_size=M, cca_layers=rf.cfg.cca_layers, neighbour_len=R, seq_len=16,
+                     kernels="reference")
+    again.load_state_dict(rf.added_state_dict(), strict=False)
+    return again
