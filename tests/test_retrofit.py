@@ -232,3 +232,39 @@ def load_retrofit_like(rf, base):
                      kernels="reference")
     again.load_state_dict(rf.added_state_dict(), strict=False)
     return again
+
+
+def test_the_demo_protocol_evaluates_three_settings_on_one_overlap_axis():
+    from models.data import chunk_documents
+    from models.demo_protocol import SETTINGS, aggregate, evaluate_three, table
+    from models.evaluate import evaluate
+
+    _, rf = make("ours")
+    rng = np.random.default_rng(0)
+    data = chunk_documents([rng.integers(2, V, n) for n in (30, 21, 40)], M)
+    nb = rng.integers(2, V, (len(data), 2, R))
+    nb[3, 0, :M] = data.tokens[4]  # chunk 4's text among the neighbours that predict it: overlap 1
+    data = data.with_neighbours(nb, np.ones(nb.shape, dtype=bool))
+    leaky = data.with_neighbours(np.roll(nb, 1, axis=0), data.neighbour_mask)
+    byte_lengths = np.arange(V) % 3 + 1
+    r = evaluate_three(rf, data, leaky, byte_lengths, "cpu")
+    assert r["bpb"]["baseline"] == evaluate(rf.base, data, byte_lengths, retrieval=False)["bpb"]
+    assert r["bpb"]["retrofit_on"] != r["bpb"]["baseline"]
+    assert r["gain"] == r["bpb"]["baseline"] - r["bpb"]["retrofit_on"]
+    curves = r["overlap"]
+    assert curves["chunk_fraction"][-1] == 1.0 and curves["chunk_fraction"][0] < 1.0
+    for name in SETTINGS:  # at alpha = 1 every chunk counts: the overall bpb
+        assert curves[name][-1] == pytest.approx(r["bpb"][name], rel=1e-9)
+    seeds = [dict(r, seed=0), dict(r, seed=1, gain=r["gain"] + 0.01,
+                                   bpb={**r["bpb"], "retrofit_on": r["bpb"]["retrofit_on"] - 0.01})]
+    summary = aggregate(seeds)
+    assert summary["gain"]["mean"] == pytest.approx(r["gain"] + 0.005)
+    assert summary["gain"]["std"] == pytest.approx(0.01 / np.sqrt(2))
+    assert "mean +- std" in table(seeds, summary)
+
+
+def test_the_demo_refuses_a_bad_seed_count(tmp_path, capsys):
+    from models import demo
+
+    assert demo.main(["--seeds", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "--seeds" in capsys.readouterr().err and not (tmp_path / "d").exists()
