@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise ValueError(f"--seeds: expected an integer >= 1, got {args.seeds}")
+    if args.retrofit_steps is not None and args.retrofit_steps < 1:
+        raise ValueError(f"--retrofit-steps: expected an integer >= 1, got {args.retrofit_steps}")
     return run(args)
 
 
