@@ -154,7 +154,10 @@ def write_report(path: Path, report: dict) -> None:
 
 def load_model(checkpoint, kernels: Optional[str] = None, device="cpu") -> RetroModel:
     from . import checkpoint as ckpt
+    from .retrofit import is_retrofit, load_retrofit
 
+    if is_retrofit(checkpoint):  # `python -m models retrofit` output: the base it names + the added weights
+        return load_retrofit(checkpoint, kernels=kernels, device=device)
     cfg = ckpt.load_config(checkpoint)
     if kernels:
         cfg.kernels = kernels

@@ -116,6 +116,10 @@ def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
         chunk = db.decode(result.tokens[u * m:(u + 1) * m]).replace("\n", " ")
         lines.append(f"chunk {u} {chunk[:max_neighbour_chars]!r}")
         for k in range(nb.shape[0]):
+            if not mask[k].any():  # dropped by the relevance cut (or no chunk in the database)
+                lines.append(f"    neighbour {k}: none retrieved (no database chunk within "
+                             f"max_distance={db.max_distance})")
+                continue
             text = db.decode(nb[k][mask[k]]).replace("\n", " ")
             lines.append(f"    neighbour {k}: {text[:max_neighbour_chars]!r}")
     return "\n".join(lines)

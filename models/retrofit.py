@@ -1,0 +1,601 @@
+"""RETROfit: freeze a trained causal LM, add retrieval, train only what was added (RETRO paper, section 4.4).
+
+    from models.retrofit import retrofit
+    rf = retrofit(gpt2, chunk_size=64, cca_layers=[6, 9, 12])   # 1-based, as in the paper
+    logits = rf(input_ids)                          # == gpt2(input_ids).logits, bit for bit
+    logits = rf(input_ids, neighbours, neighbour_mask)   # (B, L, K, R) neighbour token ids
+
+The base model is a plain `models` decoder (`RetroModel` with retrieval=False)
+or a `transformers` causal LM: GPT-2 and the Llama family are found by
+themselves, others by naming their decoder layers (`layers="model.decoder.layers"`)
+and each layer's self-attention (`attention="self_attn"`). It is changed in
+place only by freezing (requires_grad False) and by forward hooks that do
+nothing unless neighbours are given:
+
+- a pre-hook on each chosen decoder layer keeps the residual stream x it
+  receives; at the first chosen layer it also runs the neighbour encoder
+  (`models.model.RetrievalEncoder`) on the neighbours embedded by the base
+  model's own token embedding, cross-attending to x chunk by chunk;
+- a hook on that layer's self-attention adds cca(norm(x + attn)) to the
+  attention's output, so the layer's own residual sum becomes
+  x + attn + cca(norm(x + attn)): chunked cross-attention right after
+  self-attention (`retro_kernels.nn.ChunkedCrossAttention`).
+
+CCA's output projections start at zero, and without neighbours the hooks
+return at once: retrofit OFF *is* the base model. Only public torch hooks and
+public transformers API are used (get_input_embeddings, DynamicCache, the
+model's cache argument), so the same code runs on transformers 4.x and 5.x.
+
+`save_retrofit` writes only the added weights (safetensors) and a JSON record
+of the configuration and the base (its path and a sha256 of its files);
+`load_retrofit` rebuilds the base from that record (checking it has not
+changed) or takes the base model given. `RetrofitModel` has the interface of
+`RetroModel` that evaluation and generation use (`cfg`, `new_cache`,
+`forward(tokens, neighbours, neighbour_mask, start_pos=, cache=)`), so
+`models eval` and `models generate` take a retrofit folder as a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from retro_kernels.nn import ChunkedCrossAttention
+
+from .config import KERNELS
+from .model import RetrievalEncoder, RetroModel
+
+FORMAT = "retro_kernels/retrofit"
+CONFIG_FILE = "retrofit.json"
+WEIGHTS_FILE = "retrofit.safetensors"
+# Where GPT-2, the Llama family (Mistral, Qwen2, Gemma, ...), GPT-NeoX and OPT keep their blocks.
+KNOWN_LAYERS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+KNOWN_ATTENTION = ("attn", "self_attn", "attention", "self_attention")
+
+
+@dataclass
+class RetrofitConfig:
+    """What was added to the base model; `d_model`, `n_heads`, `n_layers`, `vocab_size` describe the base."""
+    chunk_size: int
+    cca_layers: tuple  # 1-based decoder layers followed by CCA (paper: 6, 9, 12, ...)
+    d_model: int
+    n_heads: int  # CCA and encoder heads
+    n_layers: int
+    vocab_size: int
+    num_neighbours: int = 2  # K
+    neighbour_len: Optional[int] = None  # R; None: 2 * chunk_size
+    seq_len: int = 512  # the sequence length evaluation and training use
+    encoder_layers: int = 2
+    encoder_heads: Optional[int] = None
+    encoder_cross_attention_layers: tuple = (1,)
+    encoder_ff_mult: int = 4
+    rotary_base: float = 10000.0
+    kernels: str = "auto"
+    layers: Optional[str] = None  # dotted path of a transformers model's decoder layers (None: found)
+    attention: Optional[str] = None  # attribute of each layer holding its self-attention (None: found)
+    extra: dict = field(default_factory=dict)
+    retrieval: bool = dataclasses.field(default=True, init=False)  # what evaluation asks of a model
+
+    def __post_init__(self):
+        self.cca_layers = tuple(self.cca_layers)
+        self.encoder_cross_attention_layers = tuple(self.encoder_cross_attention_layers)
+        self.validate()
+
+    @property
+    def R(self) -> int:
+        return 2 * self.chunk_size if self.neighbour_len is None else self.neighbour_len
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"retrofit: {msg}")
+
+        for name in ("chunk_size", "d_model", "n_heads", "n_layers", "vocab_size", "num_neighbours", "seq_len",
+                     "encoder_layers", "encoder_ff_mult"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        layers = self.cca_layers
+        need(len(layers) >= 1 and all(isinstance(i, int) and 1 <= i <= self.n_layers for i in layers)
+             and list(layers) == sorted(set(layers)),
+             f"cca_layers must be increasing 1-based layer numbers in 1..{self.n_layers} "
+             f"(paper: every 3rd from 6), got {list(layers)}")
+        need(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads >= 2,
+             f"the hidden size ({self.d_model}) must be a multiple of the CCA heads ({self.n_heads}), "
+             f"with a head dim of at least 2")
+        eh = self.n_heads if self.encoder_heads is None else self.encoder_heads
+        need(isinstance(eh, int) and eh >= 1 and self.d_model % eh == 0,
+             f"the hidden size ({self.d_model}) must be a multiple of encoder_heads ({eh})")
+        need(all(1 <= i <= self.encoder_layers for i in self.encoder_cross_attention_layers),
+             f"encoder_cross_attention_layers must be in 1..{self.encoder_layers}, "
+             f"got {list(self.encoder_cross_attention_layers)}")
+        need(self.seq_len % self.chunk_size == 0,
+             f"chunk_size ({self.chunk_size}) must divide seq_len ({self.seq_len})")
+        need(self.R >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
+        need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("retrieval")
+        d["cca_layers"] = list(self.cca_layers)
+        d["encoder_cross_attention_layers"] = list(self.encoder_cross_attention_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetrofitConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"retrofit: unknown configuration fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------
+# How to reach into a base model
+# ---------------------------------------------------------------------------
+
+def _attribute(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class BaseAdapter:
+    """The decoder layers, their self-attention, the token embedding and the forward of a base model."""
+
+    def __init__(self, model: nn.Module, layers: Optional[str], attention: Optional[str]):
+        self.model = model
+        self.ours = isinstance(model, RetroModel)
+        if self.ours:
+            if model.cfg.retrieval:
+                raise ValueError("retrofit: the base model already has retrieval (CCA layers); "
+                                 "retrofit a plain decoder (trained with retrieval=False)")
+            self.layers, self.attention = list(model.layers), "attn"
+            self.embedding, self.hidden, self.heads = model.embed, model.cfg.d_model, model.cfg.n_heads
+            return
+        if not hasattr(model, "get_input_embeddings"):
+            raise ValueError(f"retrofit: expected a models.RetroModel or a transformers causal LM, got "
+                             f"{type(model).__name__}")
+        self.layers = self._find_layers(model, layers)
+        self.attention = self._find_attention(self.layers[0], attention)
+        self.embedding = model.get_input_embeddings()
+        self.hidden = self.embedding.embedding_dim
+        self.heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        forward = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward else "past_key_values"  # 5.x renamed it
+
+    @staticmethod
+    def _find_layers(model, layers):
+        paths = (layers,) if layers else KNOWN_LAYERS
+        for path in paths:
+            found = _attribute(model, path)
+            if isinstance(found, nn.ModuleList) and len(found) > 0:
+                return list(found)
+        named = f"layers={layers!r} is not" if layers else f"none of {list(KNOWN_LAYERS)} is"
+        raise ValueError(f"retrofit: {named} a ModuleList of decoder layers in {type(model).__name__}; "
+                         f"name them with layers='dotted.path'")
+
+    @staticmethod
+    def _find_attention(layer, attention):
+        names = (attention,) if attention else KNOWN_ATTENTION
+        for name in names:
+            if isinstance(getattr(layer, name, None), nn.Module):
+                return name
+        named = f"attention={attention!r} is not" if attention else f"none of {list(KNOWN_ATTENTION)} is"
+        raise ValueError(f"retrofit: {named} a submodule of {type(layer).__name__}; name the layer's "
+                         f"self-attention with attention='name'")
+
+    def new_cache(self):
+        if self.ours:
+            return self.model.new_cache()
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4.x
+            return DynamicCache()
+
+    def logits(self, tokens: Tensor, start_pos: int, cache) -> Tensor:
+        if self.ours:
+            return self.model(tokens, start_pos=start_pos, cache=cache)
+        out = self.model(input_ids=tokens, use_cache=cache is not None, **{self.cache_argument: cache})
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+# ---------------------------------------------------------------------------
+# The retrofitted model
+# ---------------------------------------------------------------------------
+
+class CCABlock(nn.Module):
+    """cca(norm(h)): the update CCA adds to the residual stream after self-attention."""
+
+    def __init__(self, cfg: RetrofitConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.cca = ChunkedCrossAttention(cfg.d_model, cfg.n_heads, cfg.chunk_size, rotary=True,
+                                         rotary_base=cfg.rotary_base, backend=cfg.kernels)
+
+    def forward(self, h, encoded, encoded_mask, start_pos):
+        return self.cca(self.norm(h), encoded, encoded_mask, start_pos=start_pos)
+
+
+@dataclass
+class RetrofitCache:
+    """Incremental decoding state: the base model's own cache plus what retrieval keeps."""
+    base: object
+    chunk_hidden: Optional[Tensor] = None  # first-CCA-layer input of the unfinished chunk
+    encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
+    encoded_mask: Optional[Tensor] = None
+    length: int = 0
+
+    @property
+    def chunks_encoded(self) -> int:
+        return 0 if self.encoded is None else self.encoded.shape[1]
+
+
+@dataclass
+class _Step:
+    """What the hooks need during one forward with neighbours."""
+    neighbours: Tensor
+    neighbour_mask: Optional[Tensor]
+    start_pos: int
+    complete: int
+    cache: Optional[RetrofitCache]
+    residual: Optional[Tensor] = None
+    encoded: Optional[Tensor] = None
+    encoded_mask: Optional[Tensor] = None
+    cca_start: int = 0
+
+
+class RetrofitModel(nn.Module):
+    """A frozen base model with chunked cross-attention and a neighbour encoder added (see the module doc)."""
+
+    def __init__(self, base: nn.Module, cfg: RetrofitConfig, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.adapter = BaseAdapter(base, cfg.layers, cfg.attention)
+        self.base = base
+        self.cfg = cfg
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.encoder = RetrievalEncoder(cfg)
+        self.cca = nn.ModuleDict({str(i): CCABlock(cfg) for i in cfg.cca_layers})
+        self._init_new_weights()
+        weight = self.adapter.embedding.weight
+        for module in (self.encoder, self.cca):  # on the base's device; the base itself is left as it is
+            module.to(device=weight.device, dtype=dtype or weight.dtype)
+        self._step: Optional[_Step] = None
+        self._hooks = []
+        previous = getattr(base, "_retro_kernels_retrofit", None)
+        if previous is not None and previous() is not None:
+            previous().remove_hooks()  # one retrofit per base at a time: the newest reads the neighbours
+        object.__setattr__(base, "_retro_kernels_retrofit", weakref.ref(self))  # not a submodule
+        for i in cfg.cca_layers:
+            layer = self.adapter.layers[i - 1]
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
+            attention = getattr(layer, self.adapter.attention)
+            self._hooks.append(attention.register_forward_hook(self._attention_output_hook(i)))
+        base.eval()
+
+    def _init_new_weights(self):
+        for module in (self.encoder, self.cca):
+            module.apply(RetroModel._init_weights)
+        for block in self.cca.values():  # retrofit ON starts as the base model
+            nn.init.zeros_(block.cca.to_out.weight)
+
+    # -- parameters, modes, kernels ---------------------------------------------------
+    def added_state_dict(self) -> dict:
+        """The weights retrofitting added (what `save_retrofit` writes)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()  # the frozen base runs as it was trained to be used: no dropout
+        return self
+
+    def set_kernels(self, kernels: str) -> None:
+        self.cfg.kernels = kernels
+        self.cfg.validate()
+        for module in list(self.encoder.modules()) + list(self.cca.modules()):
+            if hasattr(module, "backend"):
+                module.backend = kernels
+
+    def new_cache(self) -> RetrofitCache:
+        return RetrofitCache(base=self.adapter.new_cache())
+
+    def remove_hooks(self) -> None:
+        """Detach from the base model (which then no longer reads neighbours at all)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, tokens: Tensor, neighbours: Optional[Tensor] = None, neighbour_mask: Optional[Tensor] = None,
+                *, start_pos: int = 0, cache: Optional[RetrofitCache] = None) -> Tensor:
+        """Logits (B, N, V), as `RetroModel.forward`: neighbours (B, L, K, R) ids, L >= (start_pos + N) // m,
+        neighbours[:, u] retrieved with chunk u; None runs the base model alone."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
+        if cache is not None and start_pos != cache.length:
+            raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs a cache from new_cache() (incremental decoding)")
+        B, N = tokens.shape
+        complete = (start_pos + N) // self.cfg.chunk_size
+        if neighbours is not None:
+            if not self._hooks:
+                raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
+                                 "base was retrofitted again): it cannot read neighbours")
+            self._check_neighbours(neighbours, neighbour_mask, B, complete)
+            self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
+        try:
+            logits = self.adapter.logits(tokens, start_pos, None if cache is None else cache.base)
+        finally:
+            self._step = None
+        if cache is not None:
+            cache.length = start_pos + N
+        return logits
+
+    def _check_neighbours(self, neighbours, neighbour_mask, B, complete):
+        cfg = self.cfg
+        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
+            raise ValueError(f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
+        if neighbours.shape[1] < complete:
+            raise ValueError(f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
+                             f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
+        if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
+            raise ValueError(f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
+                             f"got {tuple(neighbour_mask.shape)}")
+
+    # -- the hooks ---------------------------------------------------------------------
+    def _layer_input_hook(self, layer: int):
+        first = layer == self.cfg.cca_layers[0]
+
+        def hook(module, args, kwargs):
+            step = self._step
+            if step is None:
+                return None
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(x, Tensor):
+                raise ValueError(f"retrofit: decoder layer {layer} was not called with the hidden states first "
+                                 f"(or as hidden_states=); this model's layers cannot be hooked this way")
+            step.residual = x
+            if first:
+                self._encode(step, x)
+            return None
+
+        return hook
+
+    def _attention_output_hook(self, layer: int):
+        block = self.cca[str(layer)]
+
+        def hook(module, args, output):
+            step = self._step
+            if step is None or step.encoded is None:
+                return None
+            y = output[0] if isinstance(output, tuple) else output
+            h = step.residual + y  # the residual stream after self-attention
+            dtype = block.norm.weight.dtype
+            update = block(h.to(dtype), step.encoded, step.encoded_mask, step.cca_start).to(y.dtype)
+            y = y + update
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+
+        return hook
+
+    def _encode(self, step: _Step, x: Tensor) -> None:
+        """Encoded neighbours of the chunks some token of this step may read, from the activations x
+        at the first CCA layer (the unfinished chunk's activations wait in the cache)."""
+        m, cache, complete = self.cfg.chunk_size, step.cache, step.complete
+        done = 0 if cache is None else cache.chunks_encoded
+        pending = x if cache is None or cache.chunk_hidden is None else torch.cat([cache.chunk_hidden, x], 1)
+        new = complete - done
+        encoded, mask = None, None
+        if new > 0:
+            chunk = pending[:, : new * m].reshape(x.shape[0], new, m, x.shape[-1])
+            nb = step.neighbours[:, done:complete]
+            mask = None if step.neighbour_mask is None else step.neighbour_mask[:, done:complete]
+            dtype = self.encoder.norm.weight.dtype
+            with torch.no_grad():  # the base's embedding is frozen
+                embedded = self.adapter.embedding(nb)
+            encoded = self.encoder(embedded.to(dtype), chunk.to(dtype), mask)
+            pending = pending[:, new * m:]
+        if cache is None:
+            step.encoded, step.encoded_mask = encoded, mask
+            return
+        if encoded is not None:
+            cache.encoded = encoded if cache.encoded is None else torch.cat([cache.encoded, encoded], 1)
+            if mask is not None:
+                cache.encoded_mask = mask if cache.encoded_mask is None else torch.cat([cache.encoded_mask, mask], 1)
+        cache.chunk_hidden = pending
+        if cache.encoded is None:
+            return
+        # Only the chunks this step reads: shift by whole chunks (CCA depends on t only via its chunk and t mod m).
+        first = max(0, (step.start_pos - (m - 1)) // m)
+        step.encoded = cache.encoded[:, first:complete]
+        step.encoded_mask = None if cache.encoded_mask is None else cache.encoded_mask[:, first:complete]
+        step.cca_start = step.start_pos - first * m
+
+
+def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: int = 2, num_neighbours: int = 2,
+             neighbour_len: Optional[int] = None, seq_len: Optional[int] = None, heads: Optional[int] = None,
+             encoder_ff_mult: int = 4, kernels: str = "auto", layers: Optional[str] = None,
+             attention: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+             extra: Optional[dict] = None) -> RetrofitModel:
+    """Freeze `model` and add CCA after the self-attention of the 1-based `cca_layers` and a neighbour encoder.
+
+    model: a plain `models.model.RetroModel` or a transformers causal LM (GPT-2, the Llama family, or
+        another one with `layers=` / `attention=` naming its decoder layers and their self-attention).
+    heads: CCA and encoder heads (default: the base model's attention heads).
+    seq_len: the sequence length evaluation batches use (default: 8 chunks).
+    dtype: of the added weights (default: the base model's).
+    """
+    adapter = BaseAdapter(model, layers, attention)  # refuses what cannot be retrofitted
+    heads = heads or adapter.heads
+    if heads is None:
+        raise ValueError("retrofit: the base model's config names no num_attention_heads; pass heads=")
+    cfg = RetrofitConfig(
+        chunk_size=chunk_size, cca_layers=tuple(cca_layers), d_model=adapter.hidden, n_heads=heads,
+        n_layers=len(adapter.layers), vocab_size=adapter.embedding.num_embeddings, num_neighbours=num_neighbours,
+        neighbour_len=neighbour_len, seq_len=seq_len or 8 * chunk_size, encoder_layers=encoder_layers,
+        encoder_ff_mult=encoder_ff_mult, kernels=kernels, layers=layers, attention=attention, extra=extra or {})
+    return RetrofitModel(model, cfg, dtype)
+
+
+def paper_cca_layers(n_layers: int) -> list[int]:
+    """The paper's choice, every 3rd layer from layer 6, for a model this deep (the last layer if shallower)."""
+    return list(range(6, n_layers + 1, 3)) or [n_layers]
+
+
+def trainable_share(model: RetrofitModel) -> dict:
+    """Parameters retrofitting trains vs the base model's (tied weights counted once)."""
+    def count(params):
+        return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+    added = count(p for p in model.parameters() if p.requires_grad)
+    base = count(model.base.parameters())
+    return {"trainable": added, "base": base, "share": added / (added + base)}
+
+
+# ---------------------------------------------------------------------------
+# The base model on disk, and saving / loading what was added
+# ---------------------------------------------------------------------------
+
+def base_kind(path) -> str:
+    """'models' (one of our plain decoder checkpoints) or 'hf' (a transformers model folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--base: {str(path)!r} is not a directory (expected a models checkpoint "
+                                f"or a transformers model folder)")
+    if (path / "latest.json").is_file() or (path / "model.safetensors").is_file() and _is_our_config(path):
+        return "models"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except ValueError:
+            meta = {}
+        if "model_type" in meta:
+            return "hf"
+    raise ValueError(f"--base: {str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
+                     f"or latest.json) nor a transformers model folder (config.json with a model_type)")
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        return "chunk_size" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _base_files(path: Path, kind: str) -> list[Path]:
+    if kind == "models":
+        from .checkpoint import resolve
+
+        ckpt = resolve(path)
+        return [ckpt / "config.json", ckpt / "model.safetensors"]
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"--base: {str(path)!r} has no *.safetensors weights (pickled .bin weights are "
+                         f"never loaded: save the model with save_pretrained(safe_serialization=True))")
+    return [path / "config.json", *weights]
+
+
+def base_fingerprint(path, kind: str) -> str:
+    """sha256 over the base model's config and weight files."""
+    h = hashlib.sha256()
+    for f in _base_files(Path(path), kind):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_base(path, device="cpu") -> tuple[nn.Module, dict]:
+    """The base model from disk, and the record `save_retrofit` keeps of it. Nothing is downloaded."""
+    path = Path(path)
+    kind = base_kind(path)
+    if kind == "models":
+        from .evaluate import load_model
+
+        model = load_model(path, device=device)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM
+
+        _base_files(path, kind)  # refuses a folder with pickled weights only
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model = model.to(device).eval()
+    return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
+
+
+def is_retrofit(path) -> bool:
+    path = Path(path) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except ValueError:
+        return False
+
+
+def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
+    """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS_FILE}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
+    os.replace(tmp, out / WEIGHTS_FILE)
+    record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base, **(state or {})}
+    write_json_atomic(out / CONFIG_FILE, record)
+    return out
+
+
+def read_record(path) -> dict:
+    if not is_retrofit(path):
+        raise FileNotFoundError(f"no retrofit at {str(path)!r} (expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                f"written by `python -m models retrofit`)")
+    return json.loads((Path(path) / CONFIG_FILE).read_text())
+
+
+def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str] = None,
+                  device="cpu") -> RetrofitModel:
+    """A saved retrofit on `base`, or on the base model its record names (which must be unchanged)."""
+    from safetensors.torch import load_file
+
+    record = read_record(path)
+    cfg = RetrofitConfig.from_dict(record["config"])
+    if kernels:
+        cfg.kernels = kernels
+    if base is None:
+        source = record.get("base") or {}
+        if not source.get("path"):
+            raise ValueError(f"{str(path)!r} records no base model path: pass base= (the model it was made on)")
+        if not Path(source["path"]).is_dir():
+            raise FileNotFoundError(f"the base model of {str(path)!r}, {source['path']!r}, is gone")
+        if base_fingerprint(source["path"], source["kind"]) != source.get("sha256"):
+            raise ValueError(f"the base model at {source['path']!r} changed since it was retrofitted "
+                             f"(its files' sha256 differs): the added weights were trained for the old one")
+        base, _ = load_base(source["path"], device)
+    model = RetrofitModel(base.to(device), cfg)
+    weights = load_file(str(Path(path) / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("base.")]
+    if missing or unexpected:
+        raise ValueError(f"{str(path)!r}: the saved weights do not match the retrofit (missing {missing}, "
+                         f"unexpected {unexpected})")
+    return model.to(device).eval()
