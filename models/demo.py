@@ -29,13 +29,15 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import outdir
+from .cli_common import command
 
 # Two presets: the same path, different sizes. On a 2-core CPU the MiniLM
 # embedding of the database (~30-40 chunks/s) and training (~0.3-0.5 s per step)
@@ -73,31 +75,43 @@ def demo_corpus(path: Path, corpus_bytes: int | None, max_doc_bytes: int | None)
         text = data[:max_doc_bytes].decode("utf-8", errors="ignore") if max_doc_bytes else doc.text
         chosen.append({"id": doc.doc_id, "text": text})
         total += len(text.encode("utf-8"))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    from .retrieval.manifest import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for row in chosen:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
     kinds = collections.Counter(r["id"].split(":")[0] for r in chosen)
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
 
 
-from .cli_common import cli_errors
+def is_old_demo_folder(path: Path) -> bool:
+    """A finished demo from before output folders had markers (its results.json says so)."""
+    try:
+        report = json.loads((Path(path) / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and {"preset", "corpus", "config", "results", "history"} <= set(report)
 
-@cli_errors
+
+@command("demo")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
+    from .cli_common import SEED, Parser, device, folder, integer
+    from .config import KERNELS
+
+    p = Parser("python -m models demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=folder, default="runs/demo", help="folder for everything the demo makes")
     p.add_argument("--quick", action="store_true", help="the same path, smaller (CI: under 2 minutes)")
-    p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    p.add_argument("--kernels", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--steps", type=integer(1), default=None, help="override the preset's training steps")
+    p.add_argument("--kernels", choices=KERNELS, default="auto")
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threads", type=integer(1, 4096), default=None,
                    help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    return run(args)
+    outdir.check_folder(args.out, "demo", legacy=is_old_demo_folder)
+    with outdir.claimed(args.out, "demo", legacy=is_old_demo_folder):
+        return run(args)
 
 
 def run(args) -> int:
@@ -111,8 +125,7 @@ def run(args) -> int:
     preset = dict(PRESETS["quick" if args.quick else "full"])
     if args.steps:
         preset["steps"] = args.steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # claimed by main(): new, empty or a demo's own, and locked
     device = resolve_device(args.device)
     threads = configure_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -127,7 +140,7 @@ def run(args) -> int:
     say(f"corpus: {corpus['documents']} documents of Python's documentation {corpus['kinds']}, "
         f"{corpus['bytes'] / 1e3:.0f} kB; {threads} CPU thread(s)")
     t = time.perf_counter()
-    build_database(out / "db", corpus=out / "corpus.jsonl", vocab_size=preset["vocab_size"],
+    build_database(out / "db", corpus=out / "corpus.jsonl", overwrite=True, vocab_size=preset["vocab_size"],
                    chunk_size=preset["chunk_size"], eval_fraction=preset["eval_fraction"], k=K, index_type="flat",
                    align_sections=True, max_distance=preset["max_distance"],
                    runtime={"progress": not args.no_progress}, log=lambda m: say(m))
@@ -144,14 +157,14 @@ def run(args) -> int:
         vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
         seq_len=preset["seq_len"], chunk_size=db.chunk_size, num_neighbours=K, neighbour_len=db.neighbour_len,
         cca_start_layer=preset["cca_start"], cca_every=preset["cca_every"], encoder_ff_mult=preset["encoder_ff_mult"],
-        dropout=preset["dropout"], kernels=args.kernels, extra={"db_fingerprint": db.fingerprint},
+        dropout=preset["dropout"], kernels=args.kernels,
+        extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint},
     )
     targs = TrainArgs(out=str(out / "model"), steps=preset["steps"], batch_size=preset["batch_size"],
                       lr=preset["lr"], warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32,
                       retrieval_dropout=preset["retrieval_dropout"],
-                      seed=args.seed, device=str(device), progress=not args.no_progress)
-    if (out / "model").exists():
-        shutil.rmtree(out / "model")  # a fresh run each time (the database is reused)
+                      seed=args.seed, device=str(device), progress=not args.no_progress,
+                      overwrite=True)  # a fresh run each time (the database is reused); train replaces only its own
     n_params = sum(p.numel() for p in __import__("models.model", fromlist=["RetroModel"]).RetroModel(cfg).parameters())
     say(f"training a RETRO of {n_params / 1e6:.2f}M parameters for {targs.steps} steps of "
         f"{targs.batch_size} x {cfg.seq_len} tokens (CCA in layers {[i + 1 for i in cfg.cca_layers]})")
@@ -184,7 +197,7 @@ def run(args) -> int:
     report = {"preset": "quick" if args.quick else "full", "corpus": corpus, "config": cfg.to_dict(),
               "train_args": {k: v for k, v in vars(targs).items()}, "results": summary(results),
               "seconds": times, "history": result["history"]}
-    write_report(out / "results.json", report)
+    write_report(out / "results.json", report, kind="demo-results")
     tab = table(results)
     summary_md = "\n".join([
         f"# RETRO demo ({report['preset']})", "",
