@@ -108,10 +108,11 @@ def write_marker(folder: Path, kind: str) -> None:
 
 
 def command_line() -> str:
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(os.path.join("models", "__main__.py")):
-        return shlex.join(["python", "-m", "models", *argv[1:]])
-    return shlex.join([Path(argv[0]).name if argv else "python", *argv[1:]])
+    """This process's command, as typed: `python -m models train ...` (for a lock's holder, a marker's maker)."""
+    argv = list(sys.argv) or ["python"]
+    first = Path(argv[0])
+    head = ["python", "-m", first.parent.name] if first.name == "__main__.py" else [first.name]
+    return shlex.join(head + argv[1:])
 
 
 def _now() -> str:
@@ -170,10 +171,10 @@ def claimed(folder, kind: str, option: str = "--out", legacy: Optional[Callable[
     folders among them only if they hold nothing but ``inside``) are removed.
     """
     path = Path(folder)
-    check_folder(path, kind, option, legacy)
+    state = check_folder(path, kind, option, legacy)
     path.mkdir(parents=True, exist_ok=True)
     with FolderLock(path, option):
-        state = check_folder(path, kind, option, legacy)  # again, under the lock: another run may have won
+        check_folder(path, kind, option, legacy)  # again, under the lock: another run may have won
         write_marker(path, kind)
         remove_temporaries(path, temporaries, inside)
         yield state
