@@ -41,7 +41,8 @@ from .model import RetroModel, lm_loss
 # The range of every numeric training argument, once: argparse type= functions
 # for the command line, and TrainArgs.validate() for callers of train().
 LIMITS = {
-    "steps": integer(1), "batch_size": integer(1), "accum": integer(1), "lr": number(0, lo_open=True),
+    "steps": integer(1, 10**9), "batch_size": integer(1, 1 << 20), "accum": integer(1, 1 << 20),
+    "lr": number(0, lo_open=True),
     "min_lr_ratio": number(0, 1), "warmup": integer(0), "weight_decay": number(0), "clip": number(0),
     "retrieval_dropout": number(0, 1), "overlap_sampling": number(0), "eval_every": integer(0),
     "eval_sequences": integer(1), "ckpt_every": integer(0), "keep": integer(1), "seed": SEED,
@@ -351,20 +352,20 @@ class _null:
 
 def add_model_arguments(p) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=integer(1), default=256)
-    g.add_argument("--layers", type=integer(1), default=6)
-    g.add_argument("--heads", type=integer(1), default=4)
-    g.add_argument("--kv-heads", type=integer(1), default=None, help="fewer than --heads: grouped-query attention")
+    g.add_argument("--d-model", type=integer(1, 1 << 16), default=256)
+    g.add_argument("--layers", type=integer(1, 1024), default=6)
+    g.add_argument("--heads", type=integer(1, 1024), default=4)
+    g.add_argument("--kv-heads", type=integer(1, 1024), default=None, help="fewer than --heads: grouped-query attention")
     g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
-    g.add_argument("--seq-len", type=integer(1), default=512, help="N, a multiple of the database's chunk size")
-    g.add_argument("--neighbours", type=integer(1), default=2, help="K neighbours per chunk")
-    g.add_argument("--cca-start", type=integer(1), default=3,
+    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=512, help="N, a multiple of the database's chunk size")
+    g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
+    g.add_argument("--cca-start", type=integer(1, 1024), default=3,
                    help="first decoder layer with CCA (1-based; paper: 6 or 9)")
-    g.add_argument("--cca-every", type=integer(1), default=3)
+    g.add_argument("--cca-every", type=integer(1, 1024), default=3)
     g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
     g.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0,
                    help="decoder dropout (attention, feed-forward)")
-    g.add_argument("--encoder-ff-mult", type=integer(1), default=4, help="retrieval encoder feed-forward width / d_model")
+    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4, help="retrieval encoder feed-forward width / d_model")
     g.add_argument("--kernels", choices=KERNELS, default="auto", help="auto (fused where available) or a backend")
 
 
