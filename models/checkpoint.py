@@ -38,6 +38,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .cli_common import one_line
 from .config import RetroConfig
+from .outdir import umask_mode
 
 LATEST = "latest.json"
 RUN_KIND = "retro_kernels/train-run"
@@ -55,6 +56,7 @@ def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.flush()

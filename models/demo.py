@@ -25,10 +25,8 @@ finished database build (resumable) but trains afresh.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -140,9 +140,12 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
     import tempfile
 
     path = Path(path)
+    from .outdir import umask_mode
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
     os.close(fd)
     try:
+        os.chmod(tmp, umask_mode())
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--with-eval-docs", action="store_true",
                    help="also evaluate with the held-out documents added to the database (measures copying)")
     p.add_argument("--out", type=output_file, default=None, help="JSON results (default: <checkpoint>/eval.json)")
-    p.add_argument("--plot", type=output_file, default=None, help="PNG of bpb vs chunk overlap (default: beside the JSON)")
+    p.add_argument("--plot", type=output_file, default=None,
+                   help="PNG of bpb vs chunk overlap (default: beside the JSON)")
     p.add_argument("--batch-size", type=integer(1), default=8)
     p.add_argument("--kernels", choices=KERNELS, default=None)
     p.add_argument("--device", type=device, default="auto")

@@ -46,6 +46,13 @@ class FolderInUse(RuntimeError):
     """Another run holds the folder's lock."""
 
 
+def umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's temporaries are 0600: chmod them to this)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def read_marker(folder: Path) -> Optional[dict]:
     """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
     try:

@@ -355,9 +355,11 @@ def add_model_arguments(p) -> None:
     g.add_argument("--d-model", type=integer(1, 1 << 16), default=256)
     g.add_argument("--layers", type=integer(1, 1024), default=6)
     g.add_argument("--heads", type=integer(1, 1024), default=4)
-    g.add_argument("--kv-heads", type=integer(1, 1024), default=None, help="fewer than --heads: grouped-query attention")
+    g.add_argument("--kv-heads", type=integer(1, 1024), default=None,
+                   help="fewer than --heads: grouped-query attention")
     g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
-    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=512, help="N, a multiple of the database's chunk size")
+    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=512,
+                   help="N, a multiple of the database's chunk size")
     g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
     g.add_argument("--cca-start", type=integer(1, 1024), default=3,
                    help="first decoder layer with CCA (1-based; paper: 6 or 9)")
@@ -365,7 +367,8 @@ def add_model_arguments(p) -> None:
     g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
     g.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0,
                    help="decoder dropout (attention, feed-forward)")
-    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4, help="retrieval encoder feed-forward width / d_model")
+    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4,
+                   help="retrieval encoder feed-forward width / d_model")
     g.add_argument("--kernels", choices=KERNELS, default="auto", help="auto (fused where available) or a backend")
 
 
@@ -454,7 +457,8 @@ def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
 
     p = Parser("python -m models train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", type=database, required=True, help="retrieval database directory (python -m models build-db)")
+    p.add_argument("--db", type=database, required=True,
+                   help="retrieval database directory (python -m models build-db)")
     add_model_arguments(p)
     add_train_arguments(p)
     args = p.parse_args(argv)

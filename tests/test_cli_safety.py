@@ -366,8 +366,8 @@ FLAGS = {
 }
 SWITCHES = {"train": ["--resume", "--overwrite", "--no-retrieval", "--allow-nonfinite"],
             "eval": ["--with-eval-docs", "--allow-nonfinite"], "generate": ["--no-retrieval"],
-            "build-db": ["--overwrite", "--index-eval-docs", "--align-sections"], "query": [], "db-info": ["--no-verify"],
-            "demo": ["--quick"]}
+            "build-db": ["--overwrite", "--index-eval-docs", "--align-sections"], "query": [],
+            "db-info": ["--no-verify"], "demo": ["--quick"]}
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,8 @@ from . import corpus as corpus_mod
 from . import index as index_mod
 from .embed import DEFAULT_EMBEDDER, Embedder
 from .leakage import NUM_PERM, THRESHOLD, MinHasher, find_leaked
-from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, TEMP_SUFFIX, DatabaseError, Manifest, atomic_path, atomic_save_npy,
-                       atomic_write_json, database_file_patterns, expected_files, load_npy, sha256_file,
+from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, TEMP_SUFFIX, DatabaseError, Manifest, atomic_path,
+                       atomic_save_npy, atomic_write_json, database_file_patterns, expected_files, load_npy, sha256_file,
                        temporary_patterns)
 from .tokenizer import EOS_TOKEN, MIN_VOCAB, PAD_TOKEN, encode_batches, load_tokenizer, token_dtype, train_bpe
 
@@ -547,7 +547,8 @@ class Builder:
             else:
                 problem = (f"the corpus {self.config['corpus']!r} changed since the database in {str(root)!r} was "
                            f"built ({'; '.join(changes)}); rebuild it with --overwrite, or build into another --out")
-        elif problem is None and any(p.fullmatch(e) for e in outdir.user_entries(root) for p in database_file_patterns()):
+        elif problem is None and any(p.fullmatch(e) for e in outdir.user_entries(root)
+                                     for p in database_file_patterns()):
             problem = (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's files "
                        f"but no {MANIFEST_NAME}")
         if problem is not None and not overwrite:

@@ -10,24 +10,29 @@ from ..cli_common import Parser, UsageError, command, database, device, existing
 from .manifest import STAGES
 
 
+def _checked_by(check):
+    """An argparse type= function from a checker that raises ValueError (its message becomes the error)."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    parse.__name__ = check.__name__
+    return parse
+
+
 def _tokenizer_file(text: str) -> str:
     from .tokenizer import load_tokenizer
 
-    try:
-        load_tokenizer(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return _checked_by(load_tokenizer)(text)
 
 
 def _embedder(text: str) -> str:
     from .embed import resolve_model_dir
 
-    try:
-        resolve_model_dir(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return _checked_by(resolve_model_dir)(text)
 
 
 @command("build-db")

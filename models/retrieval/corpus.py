@@ -149,7 +149,8 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     added = sorted(set(b) - set(a))
     removed = sorted(set(a) - set(b))
     changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
-    return [f"{label}: {names(xs)}" for label, xs in (("added", added), ("removed", removed), ("changed", changed)) if xs]
+    found = (("added", added), ("removed", removed), ("changed", changed))
+    return [f"{label}: {names(xs)}" for label, xs in found if xs]
 
 
 def _count_docs(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:

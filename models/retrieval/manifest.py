@@ -30,6 +30,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..outdir import umask_mode
+
 FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
@@ -122,6 +124,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, umask_mode())
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
