@@ -144,6 +144,21 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 SEED = integer(0, 2**32 - 1)
 
 
+def check_value(name: str, value, parse) -> None:
+    """ValueError naming ``name`` unless ``value`` (a number from Python code) passes ``parse`` (a type= function).
+
+    The same ranges for the command line and for the Python API (TrainArgs, build_database).
+    """
+    import numbers
+
+    try:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+        parse(repr(float(value)) if isinstance(value, float) else str(value))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def device(text: str) -> str:
     """auto, cpu, cuda or cuda:N, where the GPU exists on this machine."""
     expect = "auto, cpu, cuda or cuda:N"

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import outdir
-from .cli_common import SEED, Parser, UsageError, command, integer, number
+from .cli_common import SEED, Parser, UsageError, check_value, command, integer, number
 from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
@@ -81,16 +81,8 @@ class TrainArgs:
 
     def validate(self) -> None:
         """ValueError naming the field unless every number is in its range (LIMITS)."""
-        import argparse
-
         for name, parse in LIMITS.items():
-            value = getattr(self, name)
-            try:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-                parse(repr(value) if isinstance(value, float) else str(value))
-            except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{name}: {e}") from None
+            check_value(name, getattr(self, name), parse)
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accum ({self.accum})")
         if self.resume and self.overwrite:

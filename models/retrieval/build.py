@@ -96,16 +96,10 @@ LIMITS = _limits()
 
 def check_value(name: str, value) -> None:
     """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
-    import argparse
+    from ..cli_common import check_value as check
 
-    if name == "max_distance" and value is None:
-        return
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-        LIMITS[name](repr(value) if isinstance(value, float) else str(value))
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(f"{name}: {e}") from None
+    if not (name == "max_distance" and value is None):
+        check(name, value, LIMITS[name])
 
 
 def held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
