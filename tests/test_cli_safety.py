@@ -377,6 +377,7 @@ def sandbox(world, tmp_path_factory):
     user_folder(root / "user")
     (root / "user-file.txt").write_text("my file")
     (root / "empty").mkdir()
+    (root / "cwd").mkdir()
     shutil.copytree(world.run, root / "run")
     shutil.copytree(world.db, root / "db")  # the commands may rebuild or retrain these copies: they are theirs
     nan_checkpoint(root / "nan-run", ckpt.load_config(world.run))
@@ -412,7 +413,8 @@ def test_garbage_arguments_never_give_a_traceback_or_lose_a_file(world, sandbox,
     argv += data.draw(st.lists(st.sampled_from(SWITCHES[command] + ["--bogus"]), max_size=2))
     protected = {p: snapshot(p) if p.is_dir() else p.read_bytes()
                  for p in (sandbox.root / "user", sandbox.root / "user-file.txt", world.corpus)}
-    r = cli(*argv)
+    with contextlib.chdir(sandbox.root / "cwd"):  # relative garbage paths ("1", "-") land in the sandbox
+        r = cli(*argv)
     event(f"{command}: exit {r.rc}")  # pytest --hypothesis-show-statistics: what the examples reached
     assert r.rc in (0, 1, 2), (argv, r.rc, r.err)
     assert "Traceback" not in r.err, (argv, r.err)
