@@ -1,22 +1,31 @@
-"""Checkpoints without pickle, written atomically.
+"""Checkpoints without pickle, written atomically, in a training run's folder.
 
 A checkpoint is a directory `step-XXXXXXXX/` holding
 
     config.json          the RetroConfig
     model.safetensors    the weights (tied weights stored once)
     optimizer.safetensors  every tensor of the optimizer state, flattened keys
+    rng.safetensors      the RNG states' tensors
     state.json           step, optimizer/scheduler scalars, RNG states, training args
 
-It is written into a temporary directory and renamed into place (os.replace),
-then `latest.json` is replaced to point at it: a run killed at any moment
-leaves the previous checkpoint intact and `latest.json` naming a complete one.
-Nothing is unpickled when loading: safetensors and JSON only.
+`latest.json` names the newest one and lists the run's own checkpoints: a
+run deletes only checkpoints it listed there itself (never a `step-*` folder
+it did not write, never a file it does not name).
+
+Saving is atomic across the whole replace: a checkpoint is written into a
+temporary directory and renamed to a name that is not taken (a checkpoint
+is never deleted to make room for its successor); only then is
+`latest.json` replaced to point at it, and only after that are the
+checkpoints it replaces deleted. A run killed at any moment leaves
+`latest.json` naming a complete checkpoint. Nothing is unpickled when
+loading: safetensors and JSON only, and every failure names its file.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,21 +33,46 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .cli_common import one_line
 from .config import RetroConfig
+from .outdir import umask_mode
 
 LATEST = "latest.json"
+RUN_KIND = "retro_kernels/train-run"
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
+# Leftovers of killed runs, removed when a run takes the folder (names from mkdtemp/mkstemp below).
+TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), re.compile(r"\.latest\.json\.[a-z0-9_]{8}\.tmp"))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or latest.json) that is missing, corrupted, or does not match; the message names the file."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, umask_mode())
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- nested state <-> (tensors, json) -----------------------------------------
@@ -98,68 +132,175 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-# -- save / load ---------------------------------------------------------------
+# -- a run's checkpoints ----------------------------------------------------------
+
+def read_latest(out) -> Optional[dict]:
+    """`out/latest.json` checked (it names step-* folders inside `out` only), or None if there is none."""
+    path = Path(out) / LATEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupted ({one_line(e)})") from None
+    names = data.get("checkpoints", [data.get("checkpoint")]) if isinstance(data, dict) else None
+    superseded = data.get("superseded", []) if isinstance(data, dict) else None
+    ok = isinstance(data, dict) and isinstance(data.get("checkpoint"), str) and STEP_NAME.fullmatch(data["checkpoint"])
+    ok = ok and all(isinstance(n, list) and all(isinstance(x, str) and STEP_NAME.fullmatch(x) for x in n)
+                    for n in (names, superseded))
+    if not ok:
+        raise CheckpointError(f"{path} is corrupted: expected {{\"checkpoint\": \"step-XXXXXXXX\", ...}} "
+                              f"naming checkpoints of this folder")
+    return {**data, "checkpoints": names, "superseded": superseded}
+
+
+def is_run_folder(folder) -> bool:
+    """Whether `folder` holds a training run (latest.json naming a checkpoint): made by `train`."""
+    try:
+        latest = read_latest(folder)
+    except CheckpointError:
+        return False
+    return latest is not None and (Path(folder) / latest["checkpoint"] / "model.safetensors").is_file()
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete checkpoint folder `path`: only the files a checkpoint holds; a folder with anything else stays."""
+    path = Path(path)
+    if not STEP_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.name in CHECKPOINT_FILES and child.is_file() and not child.is_symlink():
+            child.unlink()
+    try:
+        path.rmdir()
+    except OSError:  # something that is not ours is inside: it stays
+        pass
+
+
+class RunCheckpoints:
+    """The checkpoints of one training run in `out`.
+
+    replace_previous=False continues the registry in latest.json (a new run
+    in an empty folder, or a resumed one); True starts a new registry and
+    deletes the previous run's checkpoints once the first new one is saved.
+    """
+
+    def __init__(self, out, keep: int = 2, replace_previous: bool = False):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
+        self.out, self.keep = Path(out), keep
+        latest = read_latest(self.out)
+        previous = latest["checkpoints"] if latest else []
+        leftover = latest["superseded"] if latest else []
+        self.mine = [] if replace_previous else list(previous)
+        self.superseded = list(leftover) + (list(previous) if replace_previous else [])
+
+    def _free_name(self, step: int) -> Path:
+        name, n = f"step-{step:08d}", 0
+        while (self.out / name).exists() or os.path.lexists(self.out / name):
+            n += 1
+            name = f"step-{step:08d}-{n}"
+        return self.out / name
+
+    def save(self, model, optimizer=None, step: int = 0, state: Optional[dict] = None) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=f".step-{step:08d}."))
+        try:
+            (tmp / "config.json").write_text(model.cfg.to_json())
+            save_model(model, str(tmp / "model.safetensors"))
+            meta = {"step": step, **(state or {})}
+            rng_tensors, meta["rng"] = rng_state()
+            save_file({f"rng.{k}": v for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+            if optimizer is not None:
+                tensors: dict = {}
+                meta["optimizer"] = _flatten(optimizer.state_dict(), "opt", tensors)
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            final = self._free_name(step)
+            os.replace(tmp, final)  # a new name: no checkpoint is deleted to make room
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # made by this call, just now
+            raise
+        _fsync_dir(self.out)
+        self.mine.append(final.name)
+        keep, drop = self.mine[-self.keep:], self.superseded + self.mine[:-self.keep]
+        write_json_atomic(self.out / LATEST, {"kind": RUN_KIND, "version": 1, "checkpoint": final.name,
+                                              "step": step, "checkpoints": keep, "superseded": drop})
+        for name in drop:  # latest.json already names the new one: the old ones may go
+            remove_checkpoint(self.out / name)
+        self.mine, self.superseded = keep, []
+        return final
+
 
 def save_checkpoint(out_dir, model, optimizer=None, step: int = 0, state: Optional[dict] = None,
                     keep: int = 2) -> Path:
-    """Write checkpoint `step` under out_dir atomically; keep the newest `keep` ones."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".step-{step:08d}."))
-    try:
-        (tmp / "config.json").write_text(model.cfg.to_json())
-        save_model(model, str(tmp / "model.safetensors"))
-        meta = {"step": step, **(state or {})}
-        rng_tensors, meta["rng"] = rng_state()
-        save_file({f"rng.{k}": v for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-        if optimizer is not None:
-            tensors: dict = {}
-            meta["optimizer"] = _flatten(optimizer.state_dict(), "opt", tensors)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_json_atomic(out_dir / LATEST, {"checkpoint": final.name, "step": step})
-    old = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p != final)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
+    """Write checkpoint `step` under out_dir atomically; keep the newest `keep` of the run's own."""
+    return RunCheckpoints(out_dir, keep).save(model, optimizer, step, state)
 
+
+# -- loading: every failure names its file -----------------------------------------
 
 def resolve(path) -> Path:
     """A checkpoint directory: `path` itself, or the one `path/latest.json` names."""
     path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / json.loads((path / LATEST).read_text())["checkpoint"]
+    latest = read_latest(path) if path.is_dir() else None
+    if latest is not None:
+        named = path / latest["checkpoint"]
+        if not named.is_dir():
+            raise CheckpointError(f"{path / LATEST} names {latest['checkpoint']}, which does not exist")
+        path = named
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a directory with config.json and model.safetensors, "
+            f"no checkpoint at {str(path)!r}: expected a directory with config.json and model.safetensors, "
             f"or a training output directory with {LATEST}")
     return path
 
 
 def load_config(path) -> RetroConfig:
-    return RetroConfig.from_json((resolve(path) / "config.json").read_text())
+    file = resolve(path) / "config.json"
+    try:
+        return RetroConfig.from_json(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {file}: {one_line(e)}") from None
 
 
 def load_model_weights(model, path, strict: bool = True):
     """Load weights into `model`; returns (missing, unexpected) key lists."""
-    return load_model(model, str(resolve(path) / "model.safetensors"), strict=strict)
+    file = resolve(path) / "model.safetensors"
+    try:
+        return load_model(model, str(file), strict=strict)
+    except SafetensorError as e:
+        raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
+                              f"(truncated, or not a checkpoint: {one_line(e)})") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {file} does not match the model its config.json describes "
+                              f"({one_line(e)[:400]})") from None
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters and buffers holding NaN or inf."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def load_training_state(path, optimizer=None, restore_rng: bool = True) -> dict:
     """Load optimizer state and RNG states; returns the JSON state (step, scheduler, args...)."""
     path = resolve(path)
-    meta = json.loads((path / "state.json").read_text())
-    if optimizer is not None and "optimizer" in meta:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
-    if restore_rng:
-        rng = load_file(str(path / "rng.safetensors"))
-        set_rng_state({k[len("rng."):]: v for k, v in rng.items()}, meta["rng"])
+    current = path / "state.json"
+    try:
+        meta = json.loads(current.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            raise ValueError("expected a JSON object with an integer step")
+        if optimizer is not None and "optimizer" in meta:
+            current = path / "optimizer.safetensors"
+            tensors = load_file(str(current))
+            optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
+        if restore_rng:
+            current = path / "rng.safetensors"
+            rng = load_file(str(current))
+            set_rng_state({k[len("rng."):]: v for k, v in rng.items()}, meta["rng"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
+            SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {current} cannot be resumed from ({type(e).__name__}: "
+                              f"{one_line(e)[:300]})") from None
     return meta

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,11 +68,28 @@ class RetroConfig:
             if not cond:
                 raise ValueError(f"RetroConfig: {msg}")
 
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "chunk_size",
-                     "num_neighbours", "cca_every", "encoder_layers", "encoder_ff_mult"):
+                     "num_neighbours", "cca_every", "encoder_layers", "encoder_ff_mult", "cca_start_layer"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"{name} must be an int >= 1, got {v!r}")
+            need(is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        for name in ("n_kv_heads", "encoder_heads", "neighbour_len"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v >= 1), f"{name} must be None or an int >= 1, got {v!r}")
+        for name in ("retrieval", "tie_embeddings"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(is_number(self.rotary_base) and self.rotary_base > 0,
+             f"rotary_base must be a finite number > 0, got {self.rotary_base!r}")
+        need(is_number(self.ff_mult) and self.ff_mult > 0, f"ff_mult must be a finite number > 0, got {self.ff_mult!r}")
+        need(is_number(self.dropout), f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        need(all(is_int(x) for x in self.encoder_cross_attention_layers),
+             f"encoder_cross_attention_layers must be layer numbers, got {self.encoder_cross_attention_layers!r}")
+        need(isinstance(self.extra, dict), f"extra must be a JSON object, got {self.extra!r}")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -104,10 +122,16 @@ class RetroConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RetroConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"RetroConfig: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"RetroConfig: unknown fields {sorted(unknown)}")
+        if "vocab_size" not in d:
+            raise ValueError("RetroConfig: vocab_size is missing")
+        if not isinstance(d.get("encoder_cross_attention_layers", ()), (list, tuple)):
+            raise ValueError("RetroConfig: encoder_cross_attention_layers must be a list of layer numbers")
         return cls(**d)
 
     def to_json(self) -> str:

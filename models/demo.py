@@ -25,21 +25,27 @@
 
 Everything goes to one folder (--out): corpus, database, baseline-seedS/ and
 retrofit-seedS/ checkpoints, results.json, overlap.png, sample.txt,
-summary.md. Re-running reuses the finished database build (resumable) but
-trains afresh. Exit status 1 when RETROfit ON is not below the baseline on
-every seed (not with --quick: a smoke run, whose tiny corpus shows ON = OFF).
+summary.md. The folder must be new, empty, or a demo's own (its marker; a
+demo folder from before markers is recognised by its results.json), and is
+locked while the demo runs. Re-running reuses the finished database build
+(resumable) but trains afresh, replacing only the demo's own checkpoints.
+Exit status 1 when RETROfit ON is not below the baseline on every seed (not
+with --quick: a smoke run, whose tiny corpus shows ON = OFF).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from . import outdir
+from .cli_common import command
 
 # Two presets: the same path, different sizes. On a 2-core CPU the MiniLM
 # embedding of the database (~30-40 chunks/s) and training (~0.3-0.5 s per step)
@@ -79,37 +85,59 @@ def demo_corpus(path: Path, corpus_bytes: int | None, max_doc_bytes: int | None)
         text = data[:max_doc_bytes].decode("utf-8", errors="ignore") if max_doc_bytes else doc.text
         chosen.append({"id": doc.doc_id, "text": text})
         total += len(text.encode("utf-8"))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    from .retrieval.manifest import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for row in chosen:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
     kinds = collections.Counter(r["id"].split(":")[0] for r in chosen)
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
 
 
-from .cli_common import cli_errors
+# What a killed run leaves in the demo's folder (atomic_path's and save_figure's temporaries).
+TEMPORARIES = (re.compile(r"corpus\.jsonl\.tmp[a-z0-9_]{8}"), re.compile(r"\.overlap\.png\.[a-z0-9_]{8}\.tmp\.png"))
+# The keys of results.json in a finished demo from before output folders had markers: the
+# single-RETRO demo, and the RETROfit protocol's.
+OLD_RESULTS_KEYS = ({"preset", "corpus", "config", "results", "history"},
+                    {"preset", "corpus", "protocol", "seeds", "bpb", "per_seed"})
 
-@cli_errors
+
+def is_old_demo_folder(path: Path) -> bool:
+    """A finished demo from before output folders had markers (its results.json says so)."""
+    try:
+        report = json.loads((Path(path) / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and any(keys <= set(report) for keys in OLD_RESULTS_KEYS)
+
+
+@command("demo")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
+    from .cli_common import SEED, Parser, UsageError, device, folder, integer
+    from .config import KERNELS
+    from .train import LIMITS
+
+    p = Parser("python -m models demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=folder, default="runs/demo", help="folder for everything the demo makes")
     p.add_argument("--quick", action="store_true", help="the same path, smaller (CI: under 2 minutes)")
-    p.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    p.add_argument("--kernels", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
-    p.add_argument("--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, ...): mean and spread")
-    p.add_argument("--retrofit-steps", type=int, default=None, help="override the preset's retrofit steps")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--steps", type=LIMITS["steps"], default=None, help="override the preset's training steps")
+    p.add_argument("--kernels", choices=KERNELS, default="auto")
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--seed", type=SEED, default=0, help="the first seed")
+    p.add_argument("--seeds", type=integer(1, 100), default=1,
+                   help="run this many seeds (seed, seed+1, ...): mean and spread")
+    p.add_argument("--retrofit-steps", type=LIMITS["steps"], default=None,
+                   help="override the preset's retrofit steps")
+    p.add_argument("--threads", type=integer(1, 4096), default=None,
                    help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds: expected an integer >= 1, got {args.seeds}")
-    if args.retrofit_steps is not None and args.retrofit_steps < 1:
-        raise ValueError(f"--retrofit-steps: expected an integer >= 1, got {args.retrofit_steps}")
-    return run(args)
+    last_seed = args.seed + args.seeds - 1
+    if last_seed >= 2**32:
+        raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed ({last_seed}) must be < 2**32")
+    outdir.check_folder(args.out, "demo", legacy=is_old_demo_folder)
+    with outdir.claimed(args.out, "demo", legacy=is_old_demo_folder, temporaries=TEMPORARIES):
+        return run(args)
 
 
 def run(args) -> int:
@@ -119,8 +147,7 @@ def run(args) -> int:
     preset = dict(PRESETS["quick" if args.quick else "full"], k=K)
     preset["steps"] = args.steps or preset["steps"]
     preset["retrofit_steps"] = args.retrofit_steps or preset["retrofit_steps"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # claimed by main(): new, empty or a demo's own, and locked
     device = resolve_device(args.device)
     threads = configure_threads(args.threads)
     t_start = time.perf_counter()
@@ -160,7 +187,7 @@ def prepare_data(out: Path, preset: dict, args, times: dict, say) -> dict:
     say(f"corpus: {corpus['documents']} documents of Python's documentation {corpus['kinds']}, "
         f"{corpus['bytes'] / 1e3:.0f} kB")
     t = time.perf_counter()
-    build_database(out / "db", corpus=out / "corpus.jsonl", vocab_size=preset["vocab_size"],
+    build_database(out / "db", corpus=out / "corpus.jsonl", overwrite=True, vocab_size=preset["vocab_size"],
                    chunk_size=preset["chunk_size"], eval_fraction=preset["eval_fraction"], k=K, index_type="flat",
                    align_sections=True, max_distance=preset["max_distance"],
                    runtime={"progress": not args.no_progress}, log=lambda m: say(m))

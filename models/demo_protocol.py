@@ -33,10 +33,11 @@ def train_baseline(db, train_data, eval_data, preset, seed, out: Path, kernels, 
     cfg = RetroConfig(
         vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
         seq_len=preset["seq_len"], chunk_size=db.chunk_size, retrieval=False, dropout=preset["dropout"],
-        kernels=kernels, extra={"db_fingerprint": db.fingerprint})
+        kernels=kernels, extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     a = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
                   warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
-                  device=str(device), progress=progress)
+                  device=str(device), progress=progress,
+                  overwrite=True)  # a fresh baseline each time; train replaces only its own run there
     result = train(cfg, train_data, a, eval_data, token_byte_lengths(db.tokenizer), log=log)
     return result["model"].eval(), result["history"], a
 
@@ -54,7 +55,7 @@ def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, s
                      encoder_layers=preset["encoder_layers"], num_neighbours=preset["k"],
                      neighbour_len=db.neighbour_len, seq_len=preset["seq_len"],
                      encoder_ff_mult=preset["encoder_ff_mult"], kernels=kernels,
-                     extra={"db_fingerprint": db.fingerprint})
+                     extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     a = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
                   lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
                   eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device), progress=progress)
@@ -171,7 +172,7 @@ def write_outputs(out: Path, per_seed: list, summary: dict, meta: dict, quick: b
     report = {**meta, "protocol": "retrofit", "seeds": seeds, "bpb": {k: summary[k]["mean"] for k in SETTINGS},
               "spread": summary, "overlap": per_seed[0]["overlap"], "trainable": share, "held_out": held_out,
               "per_seed": per_seed, "load_average": os.getloadavg()}
-    write_report(out / "results.json", report)
+    write_report(out / "results.json", report, kind="demo-results")
     target = summary["seeds_with_gain"] == len(seeds) and summary["gain"]["mean"] >= 2 * summary["gain"]["std"]
     verdict = (f"RETROfit ON below the baseline on {summary['seeds_with_gain']} of {len(seeds)} seed(s); "
                f"mean gain {summary['gain']['mean']:+.4f} bpb"

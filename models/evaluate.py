@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .cli_common import command
 from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
 
@@ -135,10 +136,22 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    import os
+    import tempfile
+
+    path = Path(path)
+    from .outdir import umask_mode
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        os.chmod(tmp, umask_mode())
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def public(result: dict) -> dict:
@@ -146,13 +159,19 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def write_report(path: Path, report: dict) -> None:
+def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: str = "eval-report") -> None:
+    """Write a JSON report that says it is ours (so a later run may replace it) and names its plot."""
     from .checkpoint import write_json_atomic
+    from .outdir import report_kind
 
+    report = {"kind": report_kind(kind), **report}
+    if plot is not None:
+        report["plot"] = str(Path(plot).resolve())
     write_json_atomic(Path(path), report)
 
 
-def load_model(checkpoint, kernels: Optional[str] = None, device="cpu") -> RetroModel:
+def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False) -> RetroModel:
+    """The model of a checkpoint, for inference; a CheckpointError if its weights hold NaN or inf."""
     from . import checkpoint as ckpt
     from .retrofit import is_retrofit, load_retrofit
 
@@ -163,7 +182,33 @@ def load_model(checkpoint, kernels: Optional[str] = None, device="cpu") -> Retro
         cfg.kernels = kernels
     model = RetroModel(cfg)
     ckpt.load_model_weights(model, checkpoint)
+    bad = ckpt.nonfinite_parameters(model)
+    if bad and not allow_nonfinite:
+        raise ckpt.CheckpointError(
+            f"checkpoint {ckpt.resolve(checkpoint) / 'model.safetensors'} holds NaN/inf weights in {len(bad)} "
+            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
     return model.to(device).eval()
+
+
+def check_tokenizer(cfg, db, log=print) -> None:
+    """Refuse a database whose tokenizer is not the model's: its token ids would mean other text."""
+    trained_with = cfg.extra.get("tokenizer_fingerprint")
+    if trained_with is None:
+        log("warning: the checkpoint does not record its tokenizer (written before tokenizer fingerprints); "
+            "cannot check that the database's tokenizer is the one it was trained with")
+    elif trained_with != db.tokenizer_fingerprint:
+        raise ValueError(f"the database {str(db.root)!r} has another tokenizer ({db.tokenizer_fingerprint}) than the "
+                         f"model was trained with ({trained_with}): its token ids would mean other text; use the "
+                         f"training database, or one built with --tokenizer <that database>/tokenizer.json")
+
+
+def check_finite_results(results: dict) -> None:
+    """A ValueError if any bits-per-byte number is NaN or inf (eval never reports nan as a result)."""
+    for name in ("off", "on", "on_with_eval_docs"):
+        if name in results and not math.isfinite(results[name]["bpb"]):
+            why = "no predicted bytes" if results[name]["bytes"] == 0 else "a non-finite loss"
+            raise ValueError(f"bits per byte ({name}) is {results[name]['bpb']} ({why}); nothing is reported "
+                             f"(--allow-nonfinite writes it anyway)")
 
 
 def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device="cpu", log=print) -> dict:
@@ -171,9 +216,10 @@ def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device=
     from .data import from_stream, neighbours_including, token_byte_lengths
 
     cfg = model.cfg
+    check_tokenizer(cfg, db, log)
     fp = cfg.extra.get("db_fingerprint")
     if fp and fp != db.fingerprint:
-        log(f"warning: the model was trained with database {fp}, this one is {db.fingerprint}")
+        log(f"note: the model was trained with database {fp}, this one is {db.fingerprint} (same tokenizer)")
     if db.vocab_size != cfg.vocab_size or db.chunk_size != cfg.chunk_size:
         raise ValueError(f"the database (vocab {db.vocab_size}, m={db.chunk_size}) does not match the model "
                          f"(vocab {cfg.vocab_size}, m={cfg.chunk_size})")
@@ -211,38 +257,43 @@ def table(results: dict) -> str:
 
 
 
-from .cli_common import cli_errors
-
-@cli_errors
+@command("eval")
 def main(argv=None) -> int:
-    import argparse
-
+    from . import outdir
+    from .cli_common import Parser, database, device, integer, model_checkpoint, output_file
+    from .config import KERNELS
     from .data import open_database
 
-    p = argparse.ArgumentParser(prog="python -m models eval",
-                                description="bits per byte on the held-out documents, retrieval ON and OFF")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
-    p.add_argument("--db", required=True, help="the retrieval database (its 'eval' split is evaluated)")
+    p = Parser("python -m models eval", description="bits per byte on the held-out documents, retrieval ON and OFF")
+    p.add_argument("--checkpoint", type=model_checkpoint, required=True,
+                   help="a checkpoint, a training output directory, or a `models retrofit` output folder")
+    p.add_argument("--db", type=database, required=True, help="the retrieval database (its 'eval' split is evaluated)")
     p.add_argument("--with-eval-docs", action="store_true",
                    help="also evaluate with the held-out documents added to the database (measures copying)")
-    p.add_argument("--out", default=None, help="JSON results (default: <checkpoint>/eval.json)")
-    p.add_argument("--plot", default=None, help="PNG of bpb vs chunk overlap (default: beside the JSON)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--kernels", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=output_file, default=None, help="JSON results (default: <checkpoint>/eval.json)")
+    p.add_argument("--plot", type=output_file, default=None,
+                   help="PNG of bpb vs chunk overlap (default: beside the JSON)")
+    p.add_argument("--batch-size", type=integer(1), default=8)
+    p.add_argument("--kernels", choices=KERNELS, default=None)
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--allow-nonfinite", action="store_true", help="report NaN/inf results instead of failing")
     args = p.parse_args(argv)
     from .train import resolve_device
 
-    device = resolve_device(args.device)
-    model = load_model(args.checkpoint, args.kernels, device)
+    out = Path(args.out) if args.out else Path(output_file(str(Path(args.checkpoint) / "eval.json")))
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    outdir.check_own_file(out, "eval-report", "--out")
+    outdir.check_own_file(plot, "eval-report", "--plot", named_by=out)
+    device_ = resolve_device(args.device)
+    model = load_model(args.checkpoint, args.kernels, device_, allow_nonfinite=args.allow_nonfinite)
     db = open_database(args.db, chunk_size=model.cfg.chunk_size)
-    results = run_evaluation(model, db, args.with_eval_docs, args.batch_size, device)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
-    write_report(out, summary(results))
-    print(table(results))
+    results = run_evaluation(model, db, args.with_eval_docs, args.batch_size, device_)
+    if not args.allow_nonfinite:
+        check_finite_results(results)
     curves = {LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
     if curves:
-        plot = Path(args.plot) if args.plot else out.with_suffix(".png")
         plot_overlap(curves, plot)
-        print(f"wrote {out} and {plot}")
+    write_report(out, summary(results), plot if curves else None)
+    print(table(results))
+    print(f"wrote {out}" + (f" and {plot}" if curves else ""))
     return 0

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .cli_common import command
 from .model import RetroModel
 
 # retriever(list of (m,) token arrays) -> (tokens (n, K, R), mask (n, K, R))
@@ -34,9 +35,11 @@ class Generation:
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator) -> int:
     """One token from (V,) logits: greedy at temperature 0, else top-k, then nucleus (top-p)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's next-token logits are not finite (NaN or inf): its weights or inputs are broken")
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.max()) / temperature  # <= 0: a tiny temperature gives -inf, never nan
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -126,35 +129,39 @@ def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
 
 
 
-from .cli_common import cli_errors
-
-@cli_errors
+@command("generate")
 def main(argv=None) -> int:
-    import argparse
-
+    from .cli_common import SEED, Parser, UsageError, database, device, integer, model_checkpoint, number, text
+    from .config import KERNELS
     from .data import open_database
-    from .evaluate import load_model
+    from .evaluate import check_tokenizer, load_model
     from .train import resolve_device
 
-    p = argparse.ArgumentParser(prog="python -m models generate", description="sample from a RETRO model")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--db", required=True, help="retrieval database (its tokenizer is the model's)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p = Parser("python -m models generate", description="sample from a RETRO model")
+    p.add_argument("--checkpoint", type=model_checkpoint, required=True,
+                   help="a checkpoint, a training output directory, or a `models retrofit` output folder")
+    p.add_argument("--db", type=database, required=True, help="retrieval database (its tokenizer is the model's)")
+    p.add_argument("--prompt", type=text("a non-empty prompt"), required=True)
+    p.add_argument("--max-new-tokens", type=integer(0, 1_000_000), default=128)
+    p.add_argument("--temperature", type=number(0), default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=integer(0), default=50, help="0: no top-k cut")
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.95, help="1: no nucleus cut")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-retrieval", action="store_true")
-    p.add_argument("--kernels", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--kernels", choices=KERNELS, default=None)
+    p.add_argument("--device", type=device, default="auto")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    model = load_model(args.checkpoint, args.kernels, device)
+    device_ = resolve_device(args.device)
+    model = load_model(args.checkpoint, args.kernels, device_)
     db = open_database(args.db, chunk_size=model.cfg.chunk_size)
+    check_tokenizer(model.cfg, db)
+    if db.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"the database's vocabulary ({db.vocab_size}) is not the model's ({model.cfg.vocab_size})")
     retriever = None if args.no_retrieval or not model.cfg.retrieval else database_retriever(db, model.cfg.num_neighbours)
     prompt = db.encode(args.prompt).tolist()
+    if not prompt:
+        raise UsageError(f"--prompt {args.prompt!r} encodes to no token")
     result = generate(model, prompt, args.max_new_tokens, retriever, args.temperature, args.top_k, args.top_p,
-                      args.seed, stop_ids=(db.eos_id,), device=device)
+                      args.seed, stop_ids=(db.eos_id,), device=device_)
     print(show(db, result))
     return 0

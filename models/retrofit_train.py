@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .cli_common import cli_errors
+from .cli_common import Parser, UsageError, command
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .model import lm_loss
 from .retrofit import CONFIG_FILE, WEIGHTS_FILE, RetrofitModel, base_kind, paper_cca_layers
@@ -101,7 +101,7 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, eval
 
 def _need(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise UsageError(message)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -206,14 +206,14 @@ def check_numbers(args) -> None:
     _need(args.seq_len is None or args.seq_len >= 1, f"--seq-len: expected an integer >= 1, got {args.seq_len}")
 
 
-@cli_errors
+@command("retrofit")
 def main(argv=None) -> int:
     from .config import KERNELS
     from .data import from_stream, open_database, token_byte_lengths
     from .retrofit import load_base, retrofit, save_retrofit, trainable_share
     from .train import configure_threads
 
-    p = argparse.ArgumentParser(prog="python -m models retrofit", description=__doc__.split("\n\n")[0])
+    p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
     check_numbers(args)

@@ -31,11 +31,26 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import RetroConfig
+from . import outdir
+from .cli_common import SEED, Parser, UsageError, check_value, command, integer, number
+from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
-from .cli_common import cli_errors
 from .model import RetroModel, lm_loss
+
+# The range of every numeric training argument, once: argparse type= functions
+# for the command line, and TrainArgs.validate() for callers of train().
+LIMITS = {
+    "steps": integer(1, 10**9), "batch_size": integer(1, 1 << 20), "accum": integer(1, 1 << 20),
+    "lr": number(0, lo_open=True),
+    "min_lr_ratio": number(0, 1), "warmup": integer(0), "weight_decay": number(0), "clip": number(0),
+    "retrieval_dropout": number(0, 1), "overlap_sampling": number(0), "eval_every": integer(0),
+    "eval_sequences": integer(1), "ckpt_every": integer(0), "keep": integer(1), "seed": SEED,
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or evaluation number: training stops (--allow-nonfinite lets it run)."""
 
 
 @dataclass
@@ -57,10 +72,21 @@ class TrainArgs:
     keep: int = 2
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace a finished run in `out` (its checkpoints go once the first new one is saved)
+    allow_nonfinite: bool = False  # keep going on a NaN/inf loss (default: stop with an error)
     retrofit: Optional[str] = None
     device: str = "auto"
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """ValueError naming the field unless every number is in its range (LIMITS)."""
+        for name, parse in LIMITS.items():
+            check_value(name, getattr(self, name), parse)
+        if self.batch_size % self.accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accum ({self.accum})")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -164,14 +190,7 @@ def evaluate_loss(model, data: ChunkedTokens, byte_lengths, a: TrainArgs, device
     return out
 
 
-def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
-          byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
-    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to a.out."""
-    device = resolve_device(a.device)
-    rank, world, device = setup_distributed(device)
-    out = Path(a.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+def check_data(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, world: int = 1) -> None:
     if cfg.retrieval and train_data.neighbours is None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
     if train_data.chunk_size != cfg.chunk_size:
@@ -183,11 +202,52 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
     if a.batch_size % (a.accum * world):
         raise ValueError(f"batch_size ({a.batch_size}) must be divisible by accum ({a.accum}) x processes ({world})")
 
+
+def check_out(a: TrainArgs) -> None:
+    """Refuse (OutputFolderError, exit 2) an --out that this run may not write into. Changes nothing."""
+    out = Path(a.out)
+    outdir.check_folder(out, "train-run", legacy=ckpt.is_run_folder)
+    latest = ckpt.read_latest(out) if out.is_dir() else None
+    if latest is not None and not (a.resume or a.overwrite):
+        raise outdir.OutputFolderError(
+            f"--out {str(out)!r} holds a training run (at step {latest.get('step')}, {ckpt.LATEST}); pass --resume "
+            f"to continue it, or --overwrite to replace it (its checkpoints stay until the new run saves one)")
+
+
+def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
+          byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
+    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to a.out.
+
+    Rank 0 takes a.out for the run (outdir.claimed: new, empty or its own, locked).
+    """
+    a.validate()
+    device = resolve_device(a.device)
+    rank, world, device = setup_distributed(device)
+    check_data(cfg, train_data, a, world)
+    if rank != 0:
+        return _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device)
+    check_out(a)
+    with outdir.claimed(a.out, "train-run", legacy=ckpt.is_run_folder, temporaries=ckpt.TEMPORARIES,
+                        inside=ckpt.CHECKPOINT_FILES):
+        check_out(a)  # under the lock
+        return _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device)
+
+
+def _check_finite(what: str, value: float, step: int, a: TrainArgs) -> None:
+    if not math.isfinite(value) and not a.allow_nonfinite:
+        raise TrainingDiverged(
+            f"step {step}: the {what} is {value} (not finite); stopped before this step was saved "
+            f"(the last checkpoint in {a.out} is intact); lower --lr, or pass --allow-nonfinite to go on")
+
+
+def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device) -> dict:
+    out = Path(a.out)
     torch.manual_seed(a.seed)
     model = build_model(cfg, a).to(device)
     optimizer = make_optimizer(model, a)
     start_step, history = 0, []
-    if a.resume and (out / ckpt.LATEST).is_file():
+    resuming = a.resume and (out / ckpt.LATEST).is_file()
+    if resuming:
         saved = ckpt.load_config(out)
         if saved.to_dict() != {**cfg.to_dict(), "kernels": saved.kernels}:
             raise ValueError(f"--resume: the checkpoint in {out} was trained with a different config")
@@ -196,6 +256,7 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
         start_step, history = state["step"], state.get("history", [])
         if rank == 0:
             log(f"resumed from {ckpt.resolve(out)} at step {start_step}")
+    run = ckpt.RunCheckpoints(out, a.keep, replace_previous=a.overwrite) if rank == 0 else None
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -215,11 +276,7 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
     tokens_per_step = a.batch_size * cfg.seq_len
     t0, tokens_seen = time.perf_counter(), 0
     model.train()
-
-    def save(step):
-        if rank == 0:
-            ckpt.save_checkpoint(out, model, optimizer, step,
-                                 {"history": history, "args": asdict(a)}, keep=a.keep)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     for step in range(start_step, a.steps):
         for g in optimizer.param_groups:
@@ -242,30 +299,35 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
                 loss = lm_loss(logits, targets) / a.accum
                 loss.backward()
             total += loss.item()
-        if a.clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], a.clip)
+        done = step + 1
+        _check_finite("training loss", total, done, a)
+        # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
+        norm = float(torch.nn.utils.clip_grad_norm_(trainable, a.clip or float("inf")))
+        _check_finite("gradient norm", norm, done, a)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         rate = tokens_seen / (time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": total, "lr": lr_at(step, a), "tokens_per_s": rate}
-        done = step + 1
+        record = {"step": done, "loss": total, "lr": lr_at(step, a), "tokens_per_s": rate}
         if eval_data is not None and ((a.eval_every and done % a.eval_every == 0) or done == a.steps) and rank == 0:
             record["eval"] = evaluate_loss(model, eval_data, byte_lengths, a, device)
             if cfg.retrieval and eval_data.neighbours is not None:
                 record["eval_off"] = evaluate_loss(model, eval_data, byte_lengths, a, device, retrieval=False)
+            for name in ("eval", "eval_off"):
+                for key, value in record.get(name, {}).items():
+                    _check_finite(f"held-out {key} ({name})", value, done, a)
             log(f"step {done}: eval {record['eval']}" + (f" off {record['eval_off']}" if "eval_off" in record else ""))
         history.append(record)
         if progress is not None:
             progress.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}")
             progress.update(1)
-        if (a.ckpt_every and done % a.ckpt_every == 0) or done == a.steps:
-            save(done)
+        if run is not None and ((a.ckpt_every and done % a.ckpt_every == 0) or done == a.steps):
+            run.save(model, optimizer, done, {"history": history, "args": asdict(a)})
     if progress is not None:
         progress.close()
     if world > 1:
         dist.barrier()
-    return {"model": model, "history": history, "step": a.steps}
+    return {"model": model, "history": history, "step": max(a.steps, start_step)}
 
 
 class _null:
@@ -282,92 +344,131 @@ class _null:
 
 def add_model_arguments(p) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=256)
-    g.add_argument("--layers", type=int, default=6)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=None, help="fewer than --heads: grouped-query attention")
+    g.add_argument("--d-model", type=integer(1, 1 << 16), default=256)
+    g.add_argument("--layers", type=integer(1, 1024), default=6)
+    g.add_argument("--heads", type=integer(1, 1024), default=4)
+    g.add_argument("--kv-heads", type=integer(1, 1024), default=None,
+                   help="fewer than --heads: grouped-query attention")
     g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
-    g.add_argument("--seq-len", type=int, default=512, help="N, a multiple of the database's chunk size")
-    g.add_argument("--neighbours", type=int, default=2, help="K neighbours per chunk")
-    g.add_argument("--cca-start", type=int, default=3, help="first decoder layer with CCA (1-based; paper: 6 or 9)")
-    g.add_argument("--cca-every", type=int, default=3)
+    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=512,
+                   help="N, a multiple of the database's chunk size")
+    g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
+    g.add_argument("--cca-start", type=integer(1, 1024), default=3,
+                   help="first decoder layer with CCA (1-based; paper: 6 or 9)")
+    g.add_argument("--cca-every", type=integer(1, 1024), default=3)
     g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
-    g.add_argument("--dropout", type=float, default=0.0, help="decoder dropout (attention, feed-forward)")
-    g.add_argument("--encoder-ff-mult", type=int, default=4, help="retrieval encoder feed-forward width / d_model")
-    g.add_argument("--kernels", default="auto", help="auto (fused where available) or reference")
+    g.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0,
+                   help="decoder dropout (attention, feed-forward)")
+    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4,
+                   help="retrieval encoder feed-forward width / d_model")
+    g.add_argument("--kernels", choices=KERNELS, default="auto", help="auto (fused where available) or a backend")
 
 
 def add_train_arguments(p) -> None:
+    from .cli_common import checkpoint, device, folder
+
     g = p.add_argument_group("training")
     d = TrainArgs()
-    g.add_argument("--out", default=d.out, help="checkpoint directory")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
-    g.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation micro-steps")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--warmup", type=int, default=d.warmup)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--clip", type=float, default=d.clip)
-    g.add_argument("--retrieval-dropout", type=float, default=d.retrieval_dropout,
+    g.add_argument("--out", type=folder, default=d.out, help="checkpoint directory")
+    g.add_argument("--steps", type=LIMITS["steps"], default=d.steps)
+    g.add_argument("--batch-size", type=LIMITS["batch_size"], default=d.batch_size, help="sequences per optimizer step")
+    g.add_argument("--accum", type=LIMITS["accum"], default=d.accum, help="gradient accumulation micro-steps")
+    g.add_argument("--lr", type=LIMITS["lr"], default=d.lr)
+    g.add_argument("--warmup", type=LIMITS["warmup"], default=d.warmup)
+    g.add_argument("--weight-decay", type=LIMITS["weight_decay"], default=d.weight_decay)
+    g.add_argument("--clip", type=LIMITS["clip"], default=d.clip, help="gradient norm clip (0: none)")
+    g.add_argument("--retrieval-dropout", type=LIMITS["retrieval_dropout"], default=d.retrieval_dropout,
                    help="fraction of sequences trained with their neighbours masked")
-    g.add_argument("--overlap-sampling", type=float, default=d.overlap_sampling,
+    g.add_argument("--overlap-sampling", type=LIMITS["overlap_sampling"], default=d.overlap_sampling,
                    help="> 0: draw training sequences with weight (this + the mean overlap of their chunks with "
                         "their neighbours), so sequences whose neighbours are informative come more often")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-every", type=LIMITS["eval_every"], default=d.eval_every, help="steps (0: at the end)")
+    g.add_argument("--ckpt-every", type=LIMITS["ckpt_every"], default=d.ckpt_every, help="steps (0: at the end)")
+    g.add_argument("--seed", type=LIMITS["seed"], default=d.seed)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    g.add_argument("--retrofit", default=None, help="a plain decoder checkpoint: freeze it, train CCA + encoder")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoints are deleted once the new run saved one)")
+    g.add_argument("--allow-nonfinite", action="store_true", help="keep training on a NaN/inf loss (default: stop)")
+    g.add_argument("--retrofit", type=checkpoint, default=None,
+                   help="a plain decoder checkpoint: freeze it, train CCA + encoder")
+    g.add_argument("--device", type=device, default="auto")
     g.add_argument("--no-progress", action="store_true")
 
 
 def config_from_arguments(args, db) -> RetroConfig:
-    cfg = RetroConfig(
-        vocab_size=db.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-        n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
-        num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
-        cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
-        dropout=args.dropout, encoder_ff_mult=args.encoder_ff_mult, extra={"db_fingerprint": db.fingerprint},
-    )
-    if args.retrofit:
-        base = ckpt.load_config(args.retrofit)
-        cfg = base.replace(retrieval=True, num_neighbours=args.neighbours, cca_start_layer=min(args.cca_start, base.n_layers),
-                           cca_every=args.cca_every, kernels=args.kernels, extra=cfg.extra)
+    """The model config of the command line and the database; UsageError when they do not fit."""
+    extra = {"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint}
+    have_k = int(db.config["k"])
+    if not args.no_retrieval and args.neighbours > have_k:
+        raise UsageError(f"--neighbours {args.neighbours}: the database precomputed {have_k} neighbours per chunk "
+                         f"(rebuild it with -k {args.neighbours})")
+    try:
+        cfg = RetroConfig(
+            vocab_size=db.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+            n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
+            num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
+            cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
+            dropout=args.dropout, encoder_ff_mult=args.encoder_ff_mult, extra=extra,
+        )
+        if args.retrofit:
+            base = ckpt.load_config(args.retrofit)
+            trained_with = base.extra.get("tokenizer_fingerprint")
+            if trained_with and trained_with != db.tokenizer_fingerprint:
+                raise UsageError(f"--retrofit {args.retrofit} was trained with another tokenizer than --db {args.db}'s "
+                                 f"({trained_with} vs {db.tokenizer_fingerprint})")
+            cfg = base.replace(retrieval=True, num_neighbours=args.neighbours,
+                               cca_start_layer=min(args.cca_start, base.n_layers), cca_every=args.cca_every,
+                               kernels=args.kernels, extra=extra)
+    except ckpt.CheckpointError:
+        raise
+    except ValueError as e:  # RetroConfig: the arguments do not fit together or with the database
+        raise UsageError(str(e)) from None
     return cfg
 
 
 def train_args_from(args) -> TrainArgs:
-    return TrainArgs(
+    a = TrainArgs(
         out=args.out, steps=args.steps, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-        retrieval_dropout=args.retrieval_dropout, overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-        seed=args.seed, resume=args.resume, retrofit=args.retrofit, device=args.device,
-        progress=not args.no_progress,
+        retrieval_dropout=args.retrieval_dropout, overlap_sampling=args.overlap_sampling,
+        eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, retrofit=args.retrofit,
+        device=args.device, progress=not args.no_progress,
     )
+    if a.batch_size % a.accum:
+        raise UsageError(f"--batch-size {a.batch_size} must be a multiple of --accum {a.accum}")
+    if a.resume and a.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    a.validate()  # the ranges: argparse checked them with the same LIMITS
+    return a
 
 
-@cli_errors
+@command("train")
 def main(argv=None) -> int:
-    import argparse
-
+    from .cli_common import database
     from .data import from_stream, open_database, token_byte_lengths
 
-    p = argparse.ArgumentParser(prog="python -m models train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", required=True, help="retrieval database directory (python -m models build-db)")
+    p = Parser("python -m models train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", type=database, required=True,
+                   help="retrieval database directory (python -m models build-db)")
     add_model_arguments(p)
     add_train_arguments(p)
     args = p.parse_args(argv)
+    a = train_args_from(args)  # every check that needs no file: before anything is read
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_out(a)
     db = open_database(args.db)
     cfg = config_from_arguments(args, db)
     K = cfg.num_neighbours if cfg.retrieval else None
     train_data = from_stream(db, "train", K)
     eval_data = from_stream(db, "eval", K)
-    result = train(cfg, train_data, train_args_from(args), eval_data, token_byte_lengths(db.tokenizer))
+    try:
+        result = train(cfg, train_data, a, eval_data, token_byte_lengths(db.tokenizer))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     last = result["history"][-1] if result["history"] else {}
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: step {result['step']}, last loss {last.get('loss', float('nan')):.4f}, "
-              f"eval {last.get('eval')}, checkpoint in {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        ran = f"last loss {last['loss']:.4f}, eval {last.get('eval')}" if last else "no step left to run"
+        print(f"done: step {result['step']}, {ran}, checkpoint in {args.out}")
     return 0

@@ -295,7 +295,7 @@ def test_cli_query_prints_sensible_neighbours(base_db):
     assert "=== query chunk 0" in out.stdout and "--- neighbour 2" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "models", "query", "--db", str(base_db / "nope"), "x"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "does not exist" in bad.stderr
+    assert bad.returncode == 2 and "does not exist" in bad.stderr  # a bad argument: exit 2, one line
 
 
 def test_torchrun_two_process_embedding_ivfpq_with_eval_docs_indexed(base_db, corpus, tmp_path):

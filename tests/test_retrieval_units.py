@@ -267,17 +267,17 @@ def test_cli_dispatcher_lists_commands_and_rejects_unknown(capsys):
     assert all(name in out for name in COMMANDS)
     assert main(["no-such-command"]) == 2
     assert "unknown command 'no-such-command'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["build-db", "--help"])
-    assert e.value.code == 0 and "--corpus" in capsys.readouterr().out
+    assert main(["build-db", "--help"]) == 0  # a command's main(argv) returns its exit code, never exits
+    assert "--corpus" in capsys.readouterr().out
 
 
 def test_cli_build_reports_bad_corpus_clearly(tmp_path, capsys):
     from models.__main__ import main
 
-    assert main(["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "db")]) == 1
-    err = capsys.readouterr().err
-    assert "error: corpus:" in err and "does not exist" in err
+    assert main(["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err  # a bad argument: exit 2, one line naming it, before any work
+    assert "error: argument --corpus:" in err and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "db").exists()
 
 
 # --- section alignment ------------------------------------------------------------------------

@@ -27,10 +27,12 @@ embedded twice.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,13 +41,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import outdir
 from . import corpus as corpus_mod
 from . import index as index_mod
 from .embed import DEFAULT_EMBEDDER, Embedder
 from .leakage import NUM_PERM, THRESHOLD, MinHasher, find_leaked
-from .manifest import (STAGES, DatabaseError, Manifest, atomic_path, atomic_save_npy, atomic_write_json,
-                       load_npy, sha256_file)
-from .tokenizer import EOS_TOKEN, PAD_TOKEN, encode_batches, load_tokenizer, token_dtype, train_bpe
+from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, TEMP_SUFFIX, DatabaseError, Manifest, atomic_path,
+                       atomic_save_npy, atomic_write_json, database_file_patterns, expected_files, load_npy, sha256_file,
+                       temporary_patterns)
+from .tokenizer import EOS_TOKEN, MIN_VOCAB, PAD_TOKEN, encode_batches, load_tokenizer, token_dtype, train_bpe
 
 SPLITS = {"train": 0, "eval": 1, "removed": 2}
 STREAM_SPLITS = ("train", "eval")
@@ -73,6 +77,31 @@ DEFAULT_CONFIG: dict[str, Any] = {
 DEFAULT_RUNTIME = {"embed_batch_size": 128, "embed_part_size": 2048, "device": None, "progress": True}
 
 
+def _limits():
+    """The range of every numeric build option, once: the command line's argparse types, and make_config."""
+    from ..cli_common import SEED, integer, number
+
+    return {
+        "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
+        "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
+        "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
+        "pq_nbits": integer(0, 16), "hnsw_m": integer(2, 1024), "train_sample": integer(1),
+        "shard_size": integer(1), "k": integer(1, 4096), "max_distance": number(0),
+        "embed_batch_size": integer(1), "embed_part_size": integer(1),
+    }
+
+
+LIMITS = _limits()
+
+
+def check_value(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
+    from ..cli_common import check_value as check
+
+    if not (name == "max_distance" and value is None):
+        check(name, value, LIMITS[name])
+
+
 def held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
     """Whether document ``doc_id`` belongs to the evaluation split: a stable hash of (seed, id)."""
     if not 0.0 <= eval_fraction < 1.0:
@@ -91,15 +120,13 @@ def make_config(**overrides) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown database config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **overrides}
-    if not isinstance(config["chunk_size"], int) or config["chunk_size"] < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {config['chunk_size']!r}")
-    md = config["max_distance"]
-    if md is not None and (isinstance(md, bool) or not isinstance(md, (int, float)) or not md >= 0):
-        raise ValueError(f"max_distance: expected None or a squared L2 distance >= 0, got {md!r}")
-    if not isinstance(config["k"], int) or config["k"] < 1:
-        raise ValueError(f"k: expected a positive int, got {config['k']!r}")
+    for name in LIMITS:
+        if name in config:
+            check_value(name, config[name])
+    for name in ("index_eval_docs", "align_sections"):
+        if not isinstance(config[name], bool):
+            raise ValueError(f"{name}: expected True or False, got {config[name]!r}")
     index_mod.resolve_index_type(config["index_type"], 0)
-    held_out("x", config["eval_fraction"])
     return config
 
 
@@ -158,8 +185,12 @@ class Builder:
         self.tokenizer_path = tokenizer_path
         self.log = log
         self.corpus_path = None if config["corpus"] == corpus_mod.DEFAULT_CORPUS else config["corpus"]
+        self.exclude = [self.root]  # a database inside its own corpus folder never reads itself
         self.manifest: Manifest | None = None
         self._tokenizer = None
+
+    def corpus(self, **kw):
+        return corpus_mod.iter_corpus(self.corpus_path, exclude=self.exclude, **kw)
 
     # --- helpers -----------------------------------------------------------------
     @property
@@ -194,7 +225,7 @@ class Builder:
         def train_texts():
             skip = False
             bar = self.progress(desc="tokenizer: reading corpus", unit="doc")
-            for doc in corpus_mod.iter_corpus(self.corpus_path, warn=lambda msg: None):
+            for doc in self.corpus(warn=lambda msg: None):
                 if not doc.continued:
                     skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
                     bar.update(1)
@@ -221,7 +252,7 @@ class Builder:
         bar = self.progress(desc="tokenize", unit="doc")
 
         def pieces():
-            for doc in corpus_mod.iter_corpus(self.corpus_path, stats=stats, warn=self.log):
+            for doc in self.corpus(stats=stats, warn=self.log):
                 yield doc
 
         with atomic_path(self.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
@@ -353,7 +384,16 @@ class Builder:
             info[f"stream_{name}_tokens"] = int(nchunks.sum()) * m
             info[f"stream_{name}_docs"] = int(sdocs.size)
         self.log(f"chunk: {chunk_doc.size} retrieval chunks of {m} tokens from {docs.size} documents")
+        self._check_index_fits(chunk_doc.size)
         return info
+
+    def _check_index_fits(self, num_chunks: int) -> None:
+        """The index options against the number of chunks, now: not after the (long) embedding."""
+        from .embed import embedding_dim
+
+        cfg = self.config
+        kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
+        index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
 
     def _chunk_tokens(self, ids: np.ndarray) -> list[np.ndarray]:
         tokens = self.tokens()
@@ -373,8 +413,10 @@ class Builder:
         chunk_sum = self.manifest.stages["chunk"]["files"]["chunk_start.npy"]["sha256"][:12]
         parts_dir = self.root / f"embed_parts_{chunk_sum}_{part}"
         parts_dir.mkdir(exist_ok=True)
-        for stale in parts_dir.glob("*.tmp*"):  # a part being written when a previous run was killed
-            stale.unlink(missing_ok=True)
+        stale_part = re.compile(PART_FILE.pattern.replace(f"(?:{TEMP_SUFFIX})?", TEMP_SUFFIX))
+        for stale in parts_dir.iterdir():  # a part being written when a previous run was killed
+            if stale_part.fullmatch(stale.name) and stale.is_file():
+                stale.unlink()
         num_parts = -(-num_chunks // part)
         mine = [p for p in range(num_parts) if p % dist.world == dist.rank]
         todo = [p for p in mine if not (parts_dir / f"part_{p:06d}.npy").exists()]
@@ -404,7 +446,10 @@ class Builder:
                 out[p * part:(p + 1) * part] = load_npy(parts_dir / f"part_{p:06d}.npy")
             out.flush()
             del out
-        shutil.rmtree(parts_dir)
+        for p in range(num_parts):  # the parts this stage wrote; a folder with anything else in it stays
+            (parts_dir / f"part_{p:06d}.npy").unlink()
+        with contextlib.suppress(OSError):
+            parts_dir.rmdir()
         return {"dim": int(first.shape[1]), "embedder": self.config["embedder"]}
 
     def _embeddings(self) -> np.ndarray:
@@ -470,54 +515,43 @@ class Builder:
         return info
 
     # --- the driver ------------------------------------------------------------
-    def stage_files(self, stage: str, info: dict) -> list[str]:
-        return {
-            "tokenizer": ["tokenizer.json"],
-            "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json"],
-            "split": ["doc_split.npy"],
-            "chunk": ["chunk_doc.npy", "chunk_start.npy"]
-                     + [f"stream_{s}{x}" for s in STREAM_SPLITS for x in (".bin", "_chunk_doc.npy", "_db_chunk.npy")],
-            "embed": ["embeddings.npy"],
-            "train_index": ["index_trained.faiss"],
-            "add": list(info.get("shards", [])),
-            "query": [f"neighbours_{s}.npy" for s in STREAM_SPLITS],
-        }[stage]
+    def open_or_create(self, overwrite: bool, inputs: dict) -> None:
+        """Resume the database in ``root``, or start one (``root`` is claimed and locked by the caller).
 
-    def open_or_create(self, overwrite: bool) -> None:
+        ``inputs``: the corpus fingerprint now. A database built with another
+        configuration or from a corpus that has changed since is refused, or
+        with ``overwrite`` rebuilt: only the files a database names are deleted.
+        """
         root = self.root
+        manifest, problem = None, None
         if Manifest.exists(root):
             try:
                 manifest = Manifest.load(root)
-            except DatabaseError:
-                if not overwrite:
-                    raise
-                manifest = None
-            if manifest is not None:
-                diff = config_differences(manifest.config, self.config)
-                if diff and not overwrite:
-                    raise DatabaseError(
-                        f"{str(root)!r} holds a database built with a different configuration:\n  "
-                        + "\n  ".join(diff) + "\nuse another --out directory, or --overwrite to rebuild it")
-                if not diff:
-                    self.manifest = manifest
-                    self._remove_stale_temporaries()
-                    return
-            # overwrite: remove the old database's files (only a directory that holds a manifest)
-            for child in root.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif root.exists() and any(root.iterdir()):
-            raise DatabaseError(f"--out {str(root)!r} exists, is not empty, and is not a retrieval database; "
-                                "choose a new or empty directory")
-        root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
-        self.manifest = Manifest.new(root, self.config)
+            except DatabaseError as e:
+                problem = str(e)
+        if manifest is not None:
+            diff = config_differences(manifest.config, self.config)
+            changes = corpus_mod.fingerprint_changes(manifest.inputs, inputs)
+            if not diff and not changes:
+                self.manifest = manifest
+                return
+            if diff:
+                problem = (f"{str(root)!r} holds a database built with a different configuration:\n  "
+                           + "\n  ".join(diff) + "\nuse another --out directory, or --overwrite to rebuild it")
+            else:
+                problem = (f"the corpus {self.config['corpus']!r} changed since the database in {str(root)!r} was "
+                           f"built ({'; '.join(changes)}); rebuild it with --overwrite, or build into another --out")
+        elif problem is None and any(p.fullmatch(e) for e in outdir.user_entries(root)
+                                     for p in database_file_patterns()):
+            problem = (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's files "
+                       f"but no {MANIFEST_NAME}")
+        if problem is not None and not overwrite:
+            raise DatabaseError(problem if "--overwrite" in problem else f"{problem}; pass --overwrite to rebuild it")
+        removed = outdir.remove_temporaries(root, database_file_patterns(), inside=[PART_FILE])
+        if removed:
+            self.log(f"overwrite: removed the old database's {len(removed)} files (and nothing else)")
+        self.manifest = Manifest.new(root, self.config, inputs)
         self.manifest.save()
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of writes that a killed run never finished (never a finished file)."""
-        for stale in self.root.glob("*.tmp*"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
 
     def first_unfinished(self) -> str | None:
         for stage in STAGES:
@@ -563,16 +597,30 @@ def build_database(
         tok_sum = sha256_file(tokenizer)
     config = make_config(corpus=corpus_id, tokenizer=tok_sum, **config_overrides)
     runtime = {**DEFAULT_RUNTIME, **(runtime or {})}
+    for name in ("embed_batch_size", "embed_part_size"):
+        check_value(name, runtime[name])
     runtime_progress = runtime["progress"]
     dist = _Dist()
     if dist.rank != 0:
         runtime["progress"] = False  # one set of bars; each rank shows its own for the embedding
     builder = Builder(out, config, runtime, None if tokenizer is None else str(tokenizer),
                       log if dist.rank == 0 else (lambda msg: None))
+    with contextlib.ExitStack() as hold:
+        if dist.rank == 0:  # rank 0 takes the folder for the whole build: new, empty or a database's; locked
+            outdir.check_folder(out, "retrieval-db", legacy=Manifest.is_database)
+            inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
+            hold.enter_context(outdir.claimed(out, "retrieval-db", legacy=Manifest.is_database,
+                                              temporaries=temporary_patterns()))
+        return _build(builder, dist, overwrite, stop_after, inputs if dist.rank == 0 else None, runtime_progress, log)
+
+
+def _build(builder: Builder, dist: _Dist, overwrite: bool, stop_after: str | None, inputs: dict | None,
+           runtime_progress: bool, log) -> Path:
+    out = builder.root
     try:
         stages: list[str] = []
         if dist.rank == 0:
-            builder.open_or_create(overwrite)
+            builder.open_or_create(overwrite, inputs)
             start = builder.first_unfinished()
             if start is not None:
                 builder.manifest.forget_from(start)
@@ -604,5 +652,5 @@ def _run_stage(builder: Builder, stage: str, dist: _Dist) -> None:
     info = fn(dist) if stage == "embed" else fn()
     info = dict(info or {})
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    builder.manifest.record(stage, builder.stage_files(stage, info), info)
+    builder.manifest.record(stage, expected_files(stage, info), info)
     builder.log(f"stage {stage} finished in {info['seconds']:.1f}s")

@@ -28,7 +28,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 PIECE_BYTES = 1 << 20       # a large text file is yielded in pieces of about this many bytes
 BINARY_SNIFF_BYTES = 8192   # a NUL byte in the first bytes marks a file as binary
@@ -63,27 +63,94 @@ def _stderr_warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def corpus_files(path: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[tuple[Path, str]]:
+    """The files of corpus ``path`` as (path, document name), in reading order.
+
+    A folder's hidden files and folders are skipped, and so is every folder in
+    ``exclude`` (a database built into a folder inside its own corpus never reads itself).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"corpus: {str(path)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
+    if root.is_file():
+        return [(root, root.name)]
+    skip = [Path(e).resolve() for e in exclude]
+
+    def wanted(p: Path) -> bool:
+        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
+            return False
+        resolved = p.resolve()
+        return not any(resolved == s or s in resolved.parents for s in skip)
+
+    files = sorted(p for p in root.rglob("*") if wanted(p))
+    if not files:
+        raise ValueError(f"corpus: folder {str(path)!r} contains no files")
+    return [(f, f.relative_to(root).as_posix()) for f in files]
+
+
 def iter_corpus(
     path: str | os.PathLike | None,
     stats: CorpusStats | None = None,
     warn: Callable[[str], None] = _stderr_warn,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> Iterator[Document]:
     """Stream the documents of ``path`` (file or folder), or the default corpus for None."""
     stats = stats if stats is not None else CorpusStats()
     if path is None or str(path) == DEFAULT_CORPUS:
         yield from _count_docs(python_docs_corpus(), stats)
         return
-    root = Path(path)
-    if not root.exists():
-        raise ValueError(f"corpus: {str(path)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
-    if root.is_file():
-        yield from _iter_file(root, root.name, stats, warn)
-        return
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise ValueError(f"corpus: folder {str(path)!r} contains no files")
-    for file in files:
-        yield from _iter_file(file, file.relative_to(root).as_posix(), stats, warn)
+    for file, name in corpus_files(path, exclude):
+        yield from _iter_file(file, name, stats, warn)
+
+
+HASH_LIMIT_BYTES = 256 << 20  # corpora up to this size are fingerprinted by content, larger ones by size + mtime
+
+
+def fingerprint(path: str | os.PathLike | None, exclude: Iterable[str | os.PathLike] = ()) -> dict:
+    """What the corpus is now: per file its size and sha256 (or, for a large corpus, size and mtime).
+
+    A database records it when its build starts; a later run compares (``fingerprint_changes``).
+    The default corpus is Python's own documentation: it changes with the Python version.
+    """
+    import hashlib
+    import platform
+
+    if path is None or str(path) == DEFAULT_CORPUS:
+        return {"kind": DEFAULT_CORPUS, "python": platform.python_version()}
+    files = corpus_files(path, exclude)
+    by_content = sum(f.stat().st_size for f, _ in files) <= HASH_LIMIT_BYTES
+    out = {}
+    for file, name in files:
+        st = file.stat()
+        entry = {"size": st.st_size}
+        if by_content:
+            h = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            entry["sha256"] = h.hexdigest()
+        else:
+            entry["mtime_ns"] = st.st_mtime_ns
+        out[name] = entry
+    return {"kind": "files", "by": "content" if by_content else "size and mtime", "files": out}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in words (empty: the same corpus)."""
+    if old == new:
+        return []
+    if old.get("kind") != "files" or new.get("kind") != "files" or old.get("by") != new.get("by"):
+        return [f"it was {old}, it is {new}"]
+    a, b = old["files"], new["files"]
+
+    def names(xs: list) -> str:
+        return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+
+    added = sorted(set(b) - set(a))
+    removed = sorted(set(a) - set(b))
+    changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+    found = (("added", added), ("removed", removed), ("changed", changed))
+    return [f"{label}: {names(xs)}" for label, xs in found if xs]
 
 
 def _count_docs(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:

@@ -42,6 +42,17 @@ def resolve_model_dir(name: str) -> Path:
     return path
 
 
+def embedding_dim(name: str) -> int:
+    """The width of embedder ``name``'s vectors, from its config.json (without loading the model)."""
+    import json
+
+    config = resolve_model_dir(name) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"embedder: {config} has no hidden_size ({e})") from None
+
+
 class Embedder:
     """``embed_texts(texts) -> (n, dim) float32``; frozen, no gradients."""
 

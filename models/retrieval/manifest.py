@@ -3,9 +3,17 @@
 Every stage of a build writes its outputs to temporary files and moves them
 into place with ``os.replace`` (atomic on POSIX), then records itself in
 ``manifest.json`` (also written atomically) with the sha256 and size of each
-output. A build that is killed leaves at worst some ``*.tmp*`` files behind and
-a manifest that lists only the stages that had fully finished, so the next run
+output. A build that is killed leaves at worst some temporaries behind
+(``<name>.tmp`` + 8 random characters, for a file the database names) and a
+manifest that lists only the stages that had fully finished, so the next run
 resumes after the last finished stage and a reader never sees half a file.
+
+The manifest is the root of trust, so it is checked before it is trusted: it
+carries its kind, format version and a sha256 of its own content, and every
+finished stage must record exactly the files that stage makes
+(``expected_files``). What it declares about those files (dtype, sizes,
+shard offsets, chunk size) is checked against them when the database is
+opened (``RetrievalDatabase._check_consistency``).
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +30,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from ..outdir import umask_mode
+
+FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
+KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
+LEGACY_KEYS = {"format_version", "config", "versions", "created", "stages"}  # a version-1 manifest, exactly
+TEMP_SUFFIX = r"\.tmp[a-z0-9_]{8}"  # atomic_path's temporaries: <final name>.tmp + mkstemp's 8 characters
 
 # The build stages, in order. A stage is redone (with every later one) when it
 # is missing from the manifest or one of its files fails its check.
@@ -40,6 +54,47 @@ STAGES = (
 
 class DatabaseError(ValueError):
     """A retrieval database is missing, incomplete, corrupted, or does not match what was expected."""
+
+
+def expected_files(stage: str, info: dict) -> list[str]:
+    """The files a finished stage makes (``info``: the stage's recorded info, for the index shards)."""
+    splits = ("train", "eval")
+    return {
+        "tokenizer": ["tokenizer.json"],
+        "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json"],
+        "split": ["doc_split.npy"],
+        "chunk": ["chunk_doc.npy", "chunk_start.npy"]
+                 + [f"stream_{s}{x}" for s in splits for x in (".bin", "_chunk_doc.npy", "_db_chunk.npy")],
+        "embed": ["embeddings.npy"],
+        "train_index": ["index_trained.faiss"],
+        "add": [f"index_shard_{s:03d}.faiss" for s in range(len(info.get("shards", [])))],
+        "query": [f"neighbours_{s}.npy" for s in splits],
+    }[stage]
+
+
+def _file_names() -> list[str]:
+    """Regular expressions of the names of the files a build makes in the database folder."""
+    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage, {})]
+    return [re.escape(f) for f in fixed] + [r"index_shard_\d{3,}\.faiss"]
+
+
+PARTS_FOLDER = re.compile(r"embed_parts_[0-9a-f]{12}_\d+")  # the embedding's resumable parts
+PART_FILE = re.compile(rf"part_\d{{6}}\.npy(?:{TEMP_SUFFIX})?")
+
+
+def database_file_patterns() -> list[re.Pattern]:
+    """Every name a build makes in the database folder: its files, their temporaries, the parts folder."""
+    return [re.compile(f"(?:{n})(?:{TEMP_SUFFIX})?") for n in _file_names()] + [PARTS_FOLDER]
+
+
+def temporary_patterns() -> list[re.Pattern]:
+    """The temporaries a killed build may leave (of files the database names; never a finished file)."""
+    return [re.compile(f"(?:{n}){TEMP_SUFFIX}") for n in _file_names()]
+
+
+def content_checksum(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
@@ -69,6 +124,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, umask_mode())
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
@@ -143,19 +199,45 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DatabaseError(f"{path} is corrupted (not valid JSON: {e})") from None
         if not isinstance(data, dict) or "format_version" not in data or "config" not in data:
-            raise DatabaseError(f"{path} is corrupted (missing format_version/config)")
+            raise DatabaseError(f"{path} is not a retrieval database manifest (no format_version/config)")
         if data["format_version"] != FORMAT_VERSION:
             raise DatabaseError(
-                f"{path} has format version {data['format_version']}, this code reads version {FORMAT_VERSION}"
-            )
-        data.setdefault("stages", {})
+                f"{path} has format version {data['format_version']}, this code reads version {FORMAT_VERSION}; "
+                "rebuild the database (build-db --overwrite)")
+        if data.get("kind") != KIND:
+            raise DatabaseError(f"{path} is not a retrieval database manifest (kind {data.get('kind')!r})")
+        if data.get("checksum") != content_checksum(data):
+            raise DatabaseError(f"{path} is corrupted: its content does not match its checksum (edited by hand, or "
+                                "damaged); rebuild the database (build-db --overwrite)")
+        if not isinstance(data["config"], dict) or not isinstance(data.get("stages"), dict):
+            raise DatabaseError(f"{path} is corrupted (config and stages must be JSON objects)")
+        for stage, entry in data["stages"].items():
+            if stage not in STAGES or not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) \
+                    or not isinstance(entry.get("info", {}), dict):
+                raise DatabaseError(f"{path} is corrupted (stage {stage!r} is not a recorded stage)")
         return cls(root, data)
 
     @classmethod
-    def new(cls, root: str | os.PathLike, config: dict[str, Any]) -> "Manifest":
+    def is_database(cls, root: str | os.PathLike) -> bool:
+        """Whether ``root`` holds a manifest written by build-db (this version, or version 1): it made the folder."""
+        try:
+            data = json.loads(cls.path_in(root).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        if not isinstance(data, dict):
+            return False
+        if data.get("format_version") == 1:
+            return set(data) == LEGACY_KEYS and isinstance(data["stages"], dict)
+        return data.get("kind") == KIND and data.get("checksum") == content_checksum(data)
+
+    @classmethod
+    def new(cls, root: str | os.PathLike, config: dict[str, Any], inputs: dict[str, Any]) -> "Manifest":
+        """``inputs``: the fingerprint of what the database is built from (its corpus)."""
         return cls(root, {
+            "kind": KIND,
             "format_version": FORMAT_VERSION,
             "config": config,
+            "inputs": inputs,
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stages": {},
@@ -172,15 +254,27 @@ class Manifest:
     def info(self, stage: str) -> dict[str, Any]:
         return self.stages[stage].get("info", {})
 
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return self.data.get("inputs", {})
+
     def finished(self, stage: str) -> bool:
         return stage in self.stages
 
     def check_stage(self, stage: str, full: bool) -> list[str]:
-        """Problems with a finished stage's files: missing, wrong size, or (``full``) wrong sha256."""
+        """Problems with a finished stage's files: not the files it makes, missing, wrong size,
+        or (``full``) wrong sha256."""
+        files = self.stages[stage]["files"]
+        expected = expected_files(stage, self.info(stage))
+        if sorted(files) != sorted(expected) or not expected:
+            return [f"it records the files {sorted(files)}, but the stage makes {sorted(expected)}"]
         problems = []
-        for rel, meta in self.stages[stage]["files"].items():
+        for rel, meta in files.items():
             path = self.root / rel
-            if not path.is_file():
+            if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) \
+                    or not isinstance(meta.get("sha256"), str):
+                problems.append(f"{rel}: no size and sha256 recorded")
+            elif not path.is_file():
                 problems.append(f"{rel}: missing")
             elif path.stat().st_size != meta["size"]:
                 problems.append(f"{rel}: size {path.stat().st_size} != recorded {meta['size']}")
@@ -190,6 +284,7 @@ class Manifest:
 
     # --- writing -----------------------------------------------------------
     def save(self) -> None:
+        self.data["checksum"] = content_checksum(self.data)
         atomic_write_json(self.path_in(self.root), self.data)
 
     def record(self, stage: str, files: list[str], info: dict[str, Any] | None = None) -> None:

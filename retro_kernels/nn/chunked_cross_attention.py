@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.chunked_cross_attention import chunked_cross_attention
-from .rotary import RotaryEmbedding
+from .rotary import RotaryEmbedding, check_rotary_base
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -48,6 +48,7 @@ class ChunkedCrossAttention(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_rotary_base(rotary_base)  # also when rotary=False: a bad value is a mistake either way
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.chunk_size = chunk_size
         self.backend = backend

@@ -6,8 +6,21 @@ by position b with a - b = d(i, j); see `positions` in each layer.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def check_rotary_base(base) -> float:
+    """`base` as a float; a ValueError unless it is a finite number > 0.
+
+    base ** (a negative or NaN power) gives NaN or infinite frequencies, and
+    so NaN outputs later instead of an error now.
+    """
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not (math.isfinite(base) and base > 0):
+        raise ValueError(f"rotary_base must be a finite number > 0, got {base!r}")
+    return float(base)
 
 
 class RotaryEmbedding(nn.Module):
@@ -21,6 +34,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if dim < 2 or dim % 2:
             raise ValueError(f"rotary dim must be an even number >= 2, got {dim}")
+        check_rotary_base(base)
         self.dim = dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)

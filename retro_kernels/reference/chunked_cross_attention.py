@@ -2,8 +2,10 @@
 
 This follows the RETRO paper's pseudocode step by step (Borgeaud et al. 2022,
 and ../shared/DESIGN.md). It pads, reshapes and copies freely: it is the
-oracle that every fused backend is tested against, not a fast path.
-Gradients come from PyTorch's autograd.
+oracle that every fused backend is tested against, not a fast path. Its
+memory is O(input) all the same (it is also the fallback path): it builds
+only the attending chunks that hold one of the given queries, never the
+`start_pos` positions before them. Gradients come from PyTorch's autograd.
 """
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ def masked_softmax(scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch
     return torch.softmax(scores, dim=-1) * row_has_key
 
 
+def drop_masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`x` (..., P, H, D) with the tokens where `mask` (..., P) is False set to zero.
+
+    A masked token takes no part, whatever it holds: a NaN or inf there would
+    survive its zero attention weight (0 * nan = nan) in the output or the
+    gradients, so it is replaced before any product (and gets a zero gradient).
+    """
+    if mask is None:
+        return x
+    return x.masked_fill(~mask[..., None, None], 0.0)
+
+
 def chunked_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,41 +55,40 @@ def chunked_cross_attention(
     scale = D ** -0.5 if scale is None else scale
     T = start_pos + N  # absolute length of the sequence seen so far
 
-    # 0. Place the queries at their absolute positions start_pos .. T-1
-    #    (positions before start_pos are never read for the output).
-    h = F.pad(q, (0, 0, 0, 0, start_pos, 0))  # (B, T, Hq, D)
+    # 0. Place the queries at their absolute positions start_pos .. T-1, in a
+    #    window that starts at the first attending chunk u0 holding one of
+    #    them: attending chunk u is positions u*m + m-1 .. u*m + 2m-2, and
+    #    nothing before the window is ever read.
+    u0 = max(0, start_pos - (m - 1)) // m
+    w0 = u0 * m + (m - 1)  # absolute position of the window's first row
+    h = q[:, max(0, w0 - start_pos):]  # our tokens before w0 (t < m-1) read no chunk
+    h = F.pad(h, (0, 0, 0, 0, max(0, start_pos - w0), 0))  # rows w0 .. start_pos-1: not ours
 
-    # 1. Shift: drop the first m-1 positions and pad m-1 at the end, so that
-    #    row u*m + i of the shifted sequence is absolute position u*m + m-1 + i.
-    h = F.pad(h[:, m - 1 :], (0, 0, 0, 0, 0, m - 1))
-    h = h[:, :T] if h.shape[1] > T else h
-
-    # 2. Reshape into attending chunks of m rows: (B, Lc, m, Hq, D).
+    # 1-2. The shift is the window's offset: row i is absolute position w0 + i,
+    #    i.e. row u*m + i' of the paper's shifted sequence. Reshape into
+    #    attending chunks u0 .. u0+Lc-1 of m rows: (B, Lc, m, Hq, D).
     Lc = -(-h.shape[1] // m)
     h = F.pad(h, (0, 0, 0, 0, 0, Lc * m - h.shape[1]))
     h = h.view(B, Lc, m, Hq, D)
 
-    # 3. Attending chunk u reads the neighbours of chunk u. Only the first
-    #    T // m attending chunks hold a real token; the rest are padding.
-    used = min(T // m, Lc)
-    h = h[:, :used]
-    nk = k[:, :used].reshape(B, used, K * R, Hkv, D)
-    nv = v[:, :used].reshape(B, used, K * R, Hkv, D)
+    # 3. Attending chunk u reads the neighbours of chunk u. Masked neighbour
+    #    tokens take no part, whatever they hold.
+    mask = None if neighbour_mask is None else neighbour_mask[:, u0:u0 + Lc].reshape(B, Lc, K * R)
+    nk = drop_masked(k[:, u0:u0 + Lc].reshape(B, Lc, K * R, Hkv, D), mask)
+    nv = drop_masked(v[:, u0:u0 + Lc].reshape(B, Lc, K * R, Hkv, D), mask)
     group = Hq // Hkv  # grouped-query heads share one key/value head
     nk = nk.repeat_interleave(group, dim=3)
     nv = nv.repeat_interleave(group, dim=3)
 
     # 4. One softmax over all K*R neighbour tokens of the chunk.
     scores = torch.einsum("bumhd,bujhd->buhmj", h, nk) * scale
-    key_mask = None
-    if neighbour_mask is not None:
-        key_mask = neighbour_mask[:, :used].reshape(B, used, 1, 1, K * R)
+    key_mask = None if mask is None else mask.reshape(B, Lc, 1, 1, K * R)
     attn = masked_softmax(scores, key_mask)
     o = torch.einsum("buhmj,bujhd->bumhd", attn, nv)
 
-    # 5. Reshape back, pad m-1 zero rows at the front (tokens t < m-1 see no
-    #    complete chunk) and cut to the absolute length; return our tokens.
-    o = o.reshape(B, used * m, Hq, D)
-    o = F.pad(o, (0, 0, 0, 0, m - 1, 0))
-    o = F.pad(o, (0, 0, 0, 0, 0, max(0, T - o.shape[1])))[:, :T]
-    return o[:, start_pos:]
+    # 5. Reshape back, give our tokens before the window (t < m-1: they see
+    #    no complete chunk) zero rows, drop the rows that are not ours.
+    o = o.reshape(B, Lc * m, Hq, D)
+    o = o[:, max(0, start_pos - w0):]
+    o = F.pad(o, (0, 0, 0, 0, max(0, w0 - start_pos), 0))
+    return o[:, :N]

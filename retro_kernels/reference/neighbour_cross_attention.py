@@ -6,7 +6,8 @@ itself (the decoder activations at positions l*M .. l*M+M-1, not shifted).
 All K neighbours of a chunk share those keys, so here the K*R neighbour tokens
 of a chunk are simply treated as one block of queries against the chunk's M
 keys. `chunk_mask` (B, L, M) hides the missing tokens of a partial last chunk;
-a query whose every key is hidden outputs zeros. See ../shared/DESIGN.md,
+a hidden token takes no part whatever it holds, and a query whose every key
+is hidden outputs zeros. See ../shared/DESIGN.md,
 "The retrieval encoder".
 
 This is the oracle that the fused backends are tested against, not a fast
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked_cross_attention import masked_softmax
+from .chunked_cross_attention import drop_masked, masked_softmax
 
 
 def neighbour_cross_attention(
@@ -34,7 +35,9 @@ def neighbour_cross_attention(
     # 1. The K*R neighbour tokens of chunk l form one block of queries.
     q = q.reshape(B, L, K * R, Hq, D)
 
-    # 2. Grouped-query heads: each key/value head serves Hq // Hkv query heads.
+    # 2. Hidden chunk tokens take no part, whatever they hold. Grouped-query
+    #    heads: each key/value head serves Hq // Hkv query heads.
+    k, v = drop_masked(k, chunk_mask), drop_masked(v, chunk_mask)
     group = Hq // Hkv
     k = k.repeat_interleave(group, dim=3)
     v = v.repeat_interleave(group, dim=3)

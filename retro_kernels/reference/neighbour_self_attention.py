@@ -4,7 +4,8 @@ RETRO's retrieval encoder runs a small bidirectional transformer over each
 retrieved neighbour (R tokens: the neighbour chunk and its continuation) on
 its own. Every token of neighbour (b, l, k) attends to every real token of
 the same neighbour; padding tokens (neighbour_mask False) take no weight as
-keys, and as queries they output zeros (and so get zero gradients).
+keys, and as queries they output zeros (and so get zero gradients), whatever
+values they hold.
 See ../shared/DESIGN.md, "The retrieval encoder".
 
 It repeats the key/value heads for grouped-query attention and builds the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked_cross_attention import masked_softmax
+from .chunked_cross_attention import drop_masked, masked_softmax
 
 
 def neighbour_self_attention(
@@ -30,7 +31,9 @@ def neighbour_self_attention(
     Hkv = k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
 
-    # 1. Grouped-query heads: each key/value head serves Hq // Hkv query heads.
+    # 1. Padding tokens take no part, as keys, values or queries, whatever
+    #    they hold. Grouped-query heads: each key/value head serves Hq // Hkv query heads.
+    q, k, v = (drop_masked(x, neighbour_mask) for x in (q, k, v))
     group = Hq // Hkv
     k = k.repeat_interleave(group, dim=4)
     v = v.repeat_interleave(group, dim=4)
@@ -46,6 +49,4 @@ def neighbour_self_attention(
     out = torch.einsum("blkhij,blkjhd->blkihd", attn, v)
 
     # 4. Padding query rows output zeros.
-    if neighbour_mask is not None:
-        out = out * neighbour_mask[..., None, None].to(out.dtype)
-    return out
+    return drop_masked(out, neighbour_mask)

@@ -1,0 +1,246 @@
+"""Output folders: which command made a folder (a marker), which run uses it now (a lock).
+
+The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
+command deletes or replaces only what it can prove it made itself.
+
+- A command writes into a folder only if the folder is new or empty, or holds
+  its own marker ``.retro_kernels.json`` (its kind and version), or is one it
+  recognises as its own from before the markers (``legacy``). Any other
+  non-empty folder is refused, with ``--overwrite`` or without.
+- Inside its folder it deletes only files it names (its artefacts, and its own
+  temporaries, whose names follow its patterns); anything else stays.
+- While it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``, advisory):
+  a second run on the same folder is refused at once, with a message naming
+  the holder (pid, host, command). The kernel drops the lock when the
+  process dies, however it dies, so a stale lock never blocks anyone.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import re
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from .cli_common import UsageError
+
+MARKER = ".retro_kernels.json"
+LOCK = ".retro_kernels.lock"
+MARKER_VERSION = 1
+BOOKKEEPING = (MARKER, LOCK)  # never a user's content: a folder holding only these is empty
+
+KINDS = {"retrieval-db": "build-db", "train-run": "train", "demo": "demo"}
+
+
+class OutputFolderError(UsageError):
+    """An output folder that the command may not write into (exit 2: choose another)."""
+
+
+class FolderInUse(RuntimeError):
+    """Another run holds the folder's lock."""
+
+
+def umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's temporaries are 0600: chmod them to this)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("version"), int):
+        return None
+    return data
+
+
+def user_entries(folder: Path) -> list[str]:
+    """Names in the folder other than our bookkeeping files."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING)
+
+
+def check_folder(folder, kind: str, option: str = "--out",
+                 legacy: Optional[Callable[[Path], bool]] = None) -> str:
+    """Whether a command of ``kind`` may write into ``folder``: "new", "empty" or "ours".
+
+    Raises OutputFolderError (naming ``option``) for a file, a folder another
+    command made, or a non-empty folder that no command of ours made. Changes nothing.
+    """
+    path = Path(folder)
+    command = KINDS[kind]
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        raise OutputFolderError(f"{option} {str(path)!r} is a file, expected a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{option} {str(path)!r} is not writable")
+    marker = read_marker(path)
+    if marker is not None:
+        if marker["kind"] != kind:
+            raise OutputFolderError(
+                f"{option} {str(path)!r} holds the output of `{KINDS[marker['kind']]}` ({marker['kind']}), "
+                f"not of `{command}`; choose another folder")
+        if marker["version"] > MARKER_VERSION:
+            raise OutputFolderError(f"{option} {str(path)!r} was made by a newer version of `{command}` "
+                                    f"(marker version {marker['version']}); choose another folder")
+        return "ours"
+    entries = user_entries(path)
+    if not entries:
+        return "empty"
+    if legacy is not None and legacy(path):
+        return "ours"
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise OutputFolderError(
+        f"{option} {str(path)!r} is not empty ({shown}) and was not made by `{command}`; it deletes nothing "
+        f"it did not make: choose a new or empty folder")
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    from .checkpoint import write_json_atomic
+
+    path = Path(folder)
+    if read_marker(path) is None:
+        write_json_atomic(path / MARKER, {"kind": kind, "version": MARKER_VERSION, "made_by": command_line(),
+                                          "created": _now()})
+
+
+def command_line() -> str:
+    """This process's command, as typed: `python -m models train ...` (for a lock's holder, a marker's maker)."""
+    argv = list(sys.argv) or ["python"]
+    first = Path(argv[0])
+    head = ["python", "-m", first.parent.name] if first.name == "__main__.py" else [first.name]
+    return shlex.join(head + argv[1:])
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FolderLock:
+    """``with FolderLock(folder):`` holds ``folder/.retro_kernels.lock`` (flock) or raises FolderInUse."""
+
+    def __init__(self, folder, option: str = "--out"):
+        self.folder = Path(folder)
+        self.option = option
+        self._file = None
+
+    def __enter__(self) -> "FolderLock":
+        path = self.folder / LOCK
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read()
+            f.close()
+            raise FolderInUse(f"{self.option} {str(self.folder)!r} is in use by another run "
+                              f"({describe_holder(holder)}); wait for it to finish or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(),
+                   "since": _now()}, f)
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        return False
+
+
+def describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+@contextlib.contextmanager
+def claimed(folder, kind: str, option: str = "--out", legacy: Optional[Callable[[Path], bool]] = None,
+            temporaries: Iterable[re.Pattern] = (), inside: Iterable = ()) -> Iterator[str]:
+    """Check, create, lock and mark ``folder`` for a run of ``kind``; yields its state ("new"/"empty"/"ours").
+
+    Under the lock, the leftovers of killed runs (names matching ``temporaries``;
+    folders among them only if they hold nothing but ``inside``) are removed.
+    """
+    path = Path(folder)
+    state = check_folder(path, kind, option, legacy)
+    path.mkdir(parents=True, exist_ok=True)
+    with FolderLock(path, option):
+        check_folder(path, kind, option, legacy)  # again, under the lock: another run may have won
+        write_marker(path, kind)
+        remove_temporaries(path, temporaries, inside)
+        yield state
+
+
+def remove_temporaries(folder: Path, patterns: Iterable[re.Pattern], inside: Iterable = ()) -> list[str]:
+    """Delete the entries of ``folder`` whose whole name matches one of ``patterns``.
+
+    A matching folder is removed only if every entry in it is a file whose name
+    is in ``inside`` (names or patterns); otherwise it is left alone, whole.
+    Returns the names removed.
+    """
+    patterns = list(patterns)
+    inside = [re.compile(re.escape(p)) if isinstance(p, str) else p for p in inside]
+    removed = []
+    for entry in sorted(Path(folder).iterdir()):
+        if not any(p.fullmatch(entry.name) for p in patterns):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            content = list(entry.iterdir())
+            if all(c.is_file() and not c.is_symlink() and any(p.fullmatch(c.name) for p in inside) for c in content):
+                for c in content:
+                    c.unlink()
+                entry.rmdir()
+                removed.append(entry.name)
+        elif entry.is_file() or entry.is_symlink():
+            entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+REPORT_KINDS = {"eval-report": "eval", "demo-results": "demo"}
+
+
+def report_kind(kind: str) -> str:
+    return f"retro_kernels/{kind}"
+
+
+def read_report(path) -> Optional[dict]:
+    """A JSON report we wrote (it carries our "kind"), or None."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+
+
+def check_own_file(path, kind: str, option: str = "--out", named_by: Optional[Path] = None) -> None:
+    """Refuse to replace ``path`` unless it does not exist, or is a ``kind`` report of ours, or is
+    the file that our report ``named_by`` names (its plot). Changes nothing."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise OutputFolderError(f"{option} {str(path)!r} is a folder, expected a file")
+    report = read_report(named_by if named_by is not None else path)
+    if report is not None and report.get("kind") == report_kind(kind):
+        if named_by is None or report.get("plot") == str(path.resolve()):
+            return
+    command = REPORT_KINDS[kind]
+    raise OutputFolderError(f"{option} {str(path)!r} exists and was not written by `{command}`; it replaces only "
+                            f"its own files: choose another path or move that file away")
