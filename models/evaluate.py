@@ -136,12 +136,19 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as a PNG atomically (a temporary beside it, then a rename) and close it."""
     import os
     import tempfile
 
-    path = Path(path)
+    import matplotlib.pyplot as plt
+
     from .outdir import umask_mode
 
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
     os.close(fd)
     try:
@@ -171,12 +178,13 @@ def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: st
 
 
 def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False) -> RetroModel:
-    """The model of a checkpoint, for inference; a CheckpointError if its weights hold NaN or inf."""
+    """The model of a checkpoint or a retrofit folder, for inference; a CheckpointError if its weights hold
+    NaN or inf."""
     from . import checkpoint as ckpt
     from .retrofit import is_retrofit, load_retrofit
 
     if is_retrofit(checkpoint):  # `python -m models retrofit` output: the base it names + the added weights
-        return load_retrofit(checkpoint, kernels=kernels, device=device)
+        return load_retrofit(checkpoint, kernels=kernels, device=device, allow_nonfinite=allow_nonfinite)
     cfg = ckpt.load_config(checkpoint)
     if kernels:
         cfg.kernels = kernels

@@ -41,6 +41,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ from .model import RetrievalEncoder, RetroModel
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
+# What a killed save leaves (names from save_retrofit's mkstemp and write_json_atomic), removed when a run
+# takes the folder again.
+TEMPORARIES = (re.compile(r"\.retrofit\.safetensors\.[a-z0-9_]{8}\.tmp"),
+               re.compile(r"\.retrofit\.json\.[a-z0-9_]{8}\.tmp"))
 # Where GPT-2, the Llama family (Mistral, Qwen2, Gemma, ...), GPT-NeoX and OPT keep their blocks.
 KNOWN_LAYERS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 KNOWN_ATTENTION = ("attn", "self_attn", "attention", "self_attention")
@@ -474,7 +479,7 @@ def base_kind(path) -> str:
     """'models' (one of our plain decoder checkpoints) or 'hf' (a transformers model folder)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--base: {str(path)!r} is not a directory (expected a models checkpoint "
+        raise FileNotFoundError(f"{str(path)!r} is not a directory (expected a models checkpoint "
                                 f"or a transformers model folder)")
     if (path / "latest.json").is_file() or (path / "model.safetensors").is_file() and _is_our_config(path):
         return "models"
@@ -486,7 +491,7 @@ def base_kind(path) -> str:
             meta = {}
         if "model_type" in meta:
             return "hf"
-    raise ValueError(f"--base: {str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
+    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
 
 
@@ -505,7 +510,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
         return [ckpt / "config.json", ckpt / "model.safetensors"]
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise ValueError(f"--base: {str(path)!r} has no *.safetensors weights (pickled .bin weights are "
+        raise ValueError(f"{str(path)!r} has no *.safetensors weights (pickled .bin weights are "
                          f"never loaded: save the model with save_pretrained(safe_serialization=True))")
     return [path / "config.json", *weights]
 
@@ -515,20 +520,21 @@ def base_fingerprint(path, kind: str) -> str:
     h = hashlib.sha256()
     for f in _base_files(Path(path), kind):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _hash_file(h, f)
     return h.hexdigest()
 
 
-def load_base(path, device="cpu") -> tuple[nn.Module, dict]:
-    """The base model from disk, and the record `save_retrofit` keeps of it. Nothing is downloaded."""
+def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
+    """The base model from disk, and the record `save_retrofit` keeps of it. Nothing is downloaded;
+    a base with NaN/inf weights is refused (CheckpointError) unless allow_nonfinite."""
+    from .checkpoint import CheckpointError, nonfinite_parameters
+
     path = Path(path)
     kind = base_kind(path)
     if kind == "models":
         from .evaluate import load_model
 
-        model = load_model(path, device=device)
+        model = load_model(path, device=device, allow_nonfinite=allow_nonfinite)  # refuses NaN weights itself
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM
@@ -536,6 +542,10 @@ def load_base(path, device="cpu") -> tuple[nn.Module, dict]:
         _base_files(path, kind)  # refuses a folder with pickled weights only
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         model = model.to(device).eval()
+        bad = nonfinite_parameters(model)
+        if bad and not allow_nonfinite:
+            raise CheckpointError(f"the transformers model in {str(path)!r} holds NaN/inf weights in {len(bad)} "
+                                  f"tensor(s) (e.g. {bad[0]})")
     return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
 
 
@@ -544,25 +554,54 @@ def is_retrofit(path) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except ValueError:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(record, dict) and record.get("format") == FORMAT
 
 
 def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
-    """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched."""
+    """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched.
+
+    Each file is written beside itself under a temporary name (TEMPORARIES) and renamed over the old one;
+    the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
+    by `load_retrofit`, never loaded as a mismatch.
+    """
+    import tempfile
+
     from safetensors.torch import save_file
 
     from .checkpoint import write_json_atomic
+    from .outdir import umask_mode
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
-    record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base, **(state or {})}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, umask_mode())
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, tmp)
+        weights_sha256 = _sha256(tmp)
+        os.replace(tmp, out / WEIGHTS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
+              "weights_sha256": weights_sha256, **(state or {})}
     write_json_atomic(out / CONFIG_FILE, record)
     return out
+
+
+def _hash_file(h, path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    _hash_file(h, path)
+    return h.hexdigest()
 
 
 def read_record(path) -> dict:
@@ -573,29 +612,60 @@ def read_record(path) -> dict:
 
 
 def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str] = None,
-                  device="cpu") -> RetrofitModel:
-    """A saved retrofit on `base`, or on the base model its record names (which must be unchanged)."""
+                  device="cpu", allow_nonfinite: bool = False) -> RetrofitModel:
+    """A saved retrofit on `base`, or on the base model its record names (which must be unchanged).
+
+    Every failure is a CheckpointError (or FileNotFoundError) naming the file; NaN/inf weights, in
+    the added weights or the base, are refused unless allow_nonfinite.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .checkpoint import CheckpointError, nonfinite_parameters
+    from .cli_common import one_line
+
     record = read_record(path)
-    cfg = RetrofitConfig.from_dict(record["config"])
+    config, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+    try:
+        cfg = RetrofitConfig.from_dict(record["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config}: not a valid retrofit configuration ({one_line(e)})") from None
     if kernels:
         cfg.kernels = kernels
+    recorded = record.get("weights_sha256")  # absent in retrofits saved before it was recorded
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} is missing (the added weights of the retrofit in {str(path)!r})")
+    if recorded is not None and _sha256(weights_file) != recorded:
+        raise CheckpointError(f"{weights_file} is not the file {config} records (its sha256 differs: changed, "
+                              f"truncated, or a save interrupted between the two files); retrofit again")
     if base is None:
-        source = record.get("base") or {}
-        if not source.get("path"):
-            raise ValueError(f"{str(path)!r} records no base model path: pass base= (the model it was made on)")
-        if not Path(source["path"]).is_dir():
-            raise FileNotFoundError(f"the base model of {str(path)!r}, {source['path']!r}, is gone")
-        if base_fingerprint(source["path"], source["kind"]) != source.get("sha256"):
-            raise ValueError(f"the base model at {source['path']!r} changed since it was retrofitted "
-                             f"(its files' sha256 differs): the added weights were trained for the old one")
-        base, _ = load_base(source["path"], device)
+        base = _recorded_base(path, record, device, allow_nonfinite)
     model = RetrofitModel(base.to(device), cfg)
-    weights = load_file(str(Path(path) / WEIGHTS_FILE))
+    try:
+        weights = load_file(str(weights_file))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights_file} is not a valid safetensors file ({one_line(e)})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("base.")]
     if missing or unexpected:
-        raise ValueError(f"{str(path)!r}: the saved weights do not match the retrofit (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise CheckpointError(f"{weights_file}: the saved weights do not match the retrofit {config} describes "
+                              f"(missing {missing}, unexpected {unexpected})")
+    bad = [k for k in nonfinite_parameters(model) if not k.startswith("base.")]
+    if bad and not allow_nonfinite:
+        raise CheckpointError(f"{weights_file} holds NaN/inf weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                              f"its training diverged; retrofit again")
     return model.to(device).eval()
+
+
+def _recorded_base(path, record: dict, device, allow_nonfinite: bool) -> nn.Module:
+    """The base model a retrofit's record names, refused if it is gone or changed."""
+    source = record.get("base") or {}
+    if not source.get("path"):
+        raise ValueError(f"{str(path)!r} records no base model path: pass base= (the model it was made on)")
+    if not Path(source["path"]).is_dir():
+        raise FileNotFoundError(f"the base model of {str(path)!r}, {source['path']!r}, is gone")
+    if base_fingerprint(source["path"], source["kind"]) != source.get("sha256"):
+        raise ValueError(f"the base model at {source['path']!r} changed since it was retrofitted "
+                         f"(its files' sha256 differs): the added weights were trained for the old one")
+    base, _ = load_base(source["path"], device, allow_nonfinite)
+    return base
