@@ -35,7 +35,7 @@ LOCK = ".retro_kernels.lock"
 MARKER_VERSION = 1
 BOOKKEEPING = (MARKER, LOCK)  # never a user's content: a folder holding only these is empty
 
-KINDS = {"retrieval-db": "build-db", "train-run": "train", "demo": "demo"}
+KINDS = {"retrieval-db": "build-db", "train-run": "train", "retrofit": "retrofit", "demo": "demo"}
 
 
 class OutputFolderError(UsageError):

