@@ -115,6 +115,7 @@ def is_old_demo_folder(path: Path) -> bool:
 def main(argv=None) -> int:
     from .cli_common import SEED, Parser, UsageError, device, folder, integer
     from .config import KERNELS
+    from .demo_protocol import check_seed_folders
     from .train import LIMITS
 
     p = Parser("python -m models demo", description=__doc__.split("\n\n")[0])
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     if last_seed >= 2**32:
         raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed ({last_seed}) must be < 2**32")
     outdir.check_folder(args.out, "demo", legacy=is_old_demo_folder)
+    check_seed_folders(Path(args.out), range(args.seed, last_seed + 1))
     with outdir.claimed(args.out, "demo", legacy=is_old_demo_folder, temporaries=TEMPORARIES):
         return run(args)
 

@@ -44,10 +44,11 @@ def train_baseline(db, train_data, eval_data, preset, seed, out: Path, kernels, 
 
 def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, seed, out: Path, kernels, device,
                       progress, log):
-    """Freeze `base`, add retrieval, train the added weights; saved in `out` (the base is only referenced)."""
+    """Freeze `base`, add retrieval, train the added weights; saved in `out` (the base is only referenced),
+    a folder claimed as `python -m models retrofit --overwrite` would (its marker, its lock, its two files)."""
     from .data import token_byte_lengths
-    from .retrofit import base_fingerprint, retrofit, save_retrofit, trainable_share
-    from .retrofit_train import train_retrofit
+    from .retrofit import base_fingerprint, retrofit
+    from .retrofit_train import claimed_out, fit_and_save
     from .train import TrainArgs
 
     torch.manual_seed(seed)
@@ -58,12 +59,30 @@ def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, s
                      extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     a = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
                   lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
-                  eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device), progress=progress)
-    history = train_retrofit(model, train_data, a, eval_data, token_byte_lengths(db.tokenizer), log=log)
-    share = trainable_share(model)
+                  eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device), progress=progress,
+                  overwrite=True)  # a fresh retrofit each time
     source = {"kind": "models", "path": str(base_dir.resolve()), "sha256": base_fingerprint(base_dir, "models")}
-    save_retrofit(model, out, source, {"trainable": share, "history": history})
+    with claimed_out(out, a.overwrite):
+        history, share = fit_and_save(model, train_data, a, source, eval_data, token_byte_lengths(db.tokenizer), log)
     return model.eval(), history, share, a
+
+
+def seed_folders(out: Path, seed: int) -> tuple[Path, Path]:
+    """The baseline's checkpoint folder and the retrofit's folder of one seed."""
+    return out / f"baseline-seed{seed}", out / f"retrofit-seed{seed}"
+
+
+def check_seed_folders(out: Path, seeds) -> None:
+    """Refuse (OutputFolderError, exit 2), before any work, a seed's folder that the demo may not replace.
+
+    A demo replaces a baseline run of `train` and a retrofit of its own there, never anything else.
+    """
+    from . import retrofit_train, train
+
+    for seed in seeds:
+        base_dir, rf_dir = seed_folders(out, seed)
+        train.check_out(train.TrainArgs(out=str(base_dir), overwrite=True))
+        retrofit_train.check_out(rf_dir, overwrite=True)
 
 
 def evaluate_three(model, data, leaky, byte_lengths, device) -> dict:
@@ -109,6 +128,8 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .evaluate import save_figure
+
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for i, name in enumerate(SETTINGS):
         ax.plot(curves["alpha"], curves[name], marker="o", color=f"C{i}", label=NAMES[name])
@@ -118,10 +139,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def table(per_seed: list, summary: dict) -> str:
@@ -142,7 +160,7 @@ def run_seed(db, train_data, eval_data, leaky, byte_lengths, preset, seed, out, 
     progress = not args.no_progress
     times = {}
     t = time.perf_counter()
-    base_dir, rf_dir = out / f"baseline-seed{seed}", out / f"retrofit-seed{seed}"
+    base_dir, rf_dir = seed_folders(out, seed)
     say(f"seed {seed}: training the baseline, a plain decoder, for {preset['steps']} steps")
     base, base_history, _ = train_baseline(db, train_data, eval_data, preset, seed, base_dir, args.kernels, device,
                                            progress, say)
