@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("faiss")
 pytest.importorskip("transformers")
@@ -30,12 +31,15 @@ from models import outdir  # noqa: E402
 from models.retrieval import RetrievalDatabase, build_database  # noqa: E402
 from models.retrieval.manifest import Manifest  # noqa: E402
 from models.retrieval.tokenizer import train_bpe  # noqa: E402
+from models.retrofit import load_retrofit, read_record, save_retrofit  # noqa: E402
 from test_safety_units import nan_checkpoint, snapshot, user_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DB_ARGS = ["--vocab-size", "500", "--chunk-size", "32", "--eval-fraction", "0.3", "-k", "3", "--no-progress"]
 TRAIN_ARGS = ["--d-model", "16", "--layers", "2", "--heads", "2", "--seq-len", "64", "--cca-start", "1",
               "--steps", "2", "--batch-size", "2", "--kernels", "reference", "--no-progress"]
+RETROFIT_ARGS = ["--cca-layers", "1,2", "--seq-len", "64", "--steps", "1", "--batch-size", "2", "--warmup", "0",
+                 "--kernels", "reference", "--no-progress"]
 
 
 def topics(names_from=0, count=10, chars=1200):
@@ -66,7 +70,8 @@ def assert_one_line_error(r, rc: int, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A real database (10 documents of Python's documentation) and a 2-step model trained on it."""
+    """A real database (10 documents of Python's documentation), a 2-step RETRO and a 2-step plain decoder
+    trained on it, and a retrofit of the plain decoder."""
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"id": n, "text": t}) + "\n" for n, t in topics().items()))
@@ -76,7 +81,12 @@ def world(tmp_path_factory):
     run = root / "run"
     r = cli("train", "--db", db, "--out", run, *TRAIN_ARGS)
     assert r.rc == 0, r.err
-    return SimpleNamespace(root=root, corpus=corpus, db=db, run=run)
+    plain, rf = root / "plain", root / "rf"
+    r = cli("train", "--db", db, "--out", plain, *TRAIN_ARGS, "--no-retrieval")
+    assert r.rc == 0, r.err
+    r = cli("retrofit", "--base", plain, "--db", db, "--out", rf, *RETROFIT_ARGS)
+    assert r.rc == 0, r.err
+    return SimpleNamespace(root=root, corpus=corpus, db=db, run=run, plain=plain, rf=rf)
 
 
 def copy_db(world, name: str) -> Path:
@@ -202,11 +212,15 @@ def test_eval_and_generate_refuse_a_database_with_another_tokenizer(world):
     m = Manifest.load(other)
     m.record("tokenizer", ["tokenizer.json"], m.info("tokenizer"))  # a database that is whole, checksums and all
     RetrievalDatabase.open(other)
-    r = cli("eval", "--checkpoint", world.run, "--db", other, "--out", world.root / "other-eval.json")
-    assert_one_line_error(r, 1, "another tokenizer", "token ids would mean other text")
-    assert not (world.root / "other-eval.json").exists()
-    r = cli("generate", "--checkpoint", world.run, "--db", other, "--prompt", "The for statement")
-    assert_one_line_error(r, 1, "another tokenizer")
+    for model in (world.run, world.rf):  # a training run, and a `models retrofit` output
+        r = cli("eval", "--checkpoint", model, "--db", other, "--out", world.root / "other-eval.json")
+        assert_one_line_error(r, 1, "another tokenizer", "token ids would mean other text")
+        assert not (world.root / "other-eval.json").exists()
+        r = cli("generate", "--checkpoint", model, "--db", other, "--prompt", "The for statement")
+        assert_one_line_error(r, 1, "another tokenizer")
+    r = cli("retrofit", "--base", world.plain, "--db", other, "--out", world.root / "rf-other", *RETROFIT_ARGS)
+    assert_one_line_error(r, 2, "--base", "another tokenizer")
+    assert not (world.root / "rf-other").exists()
 
 
 def test_eval_writes_a_report_and_never_nan(world, tmp_path):
@@ -221,6 +235,23 @@ def test_eval_writes_a_report_and_never_nan(world, tmp_path):
     r = cli("eval", "--checkpoint", nan, "--db", world.db, "--out", tmp_path / "nan.json")
     assert_one_line_error(r, 1, "NaN/inf weights", "model.safetensors")
     assert "nan" not in r.out and not (tmp_path / "nan.json").exists()
+    nan_rf = nan_retrofit(tmp_path / "nan-rf", world.rf)
+    r = cli("eval", "--checkpoint", nan_rf, "--db", world.db, "--out", tmp_path / "nan.json")
+    assert_one_line_error(r, 1, "NaN/inf weights", str(nan_rf / "retrofit.safetensors"))
+    assert "nan" not in r.out and not (tmp_path / "nan.json").exists()
+    r = cli("generate", "--checkpoint", nan_rf, "--db", world.db, "--prompt", "x")
+    assert_one_line_error(r, 1, "NaN/inf weights")
+
+
+def nan_retrofit(path: Path, rf: Path) -> Path:
+    """A retrofit whose added weights are NaN (what a diverged retrofit would have saved), on rf's base."""
+    model = load_retrofit(rf)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(float("nan"))
+    save_retrofit(model, path, read_record(rf)["base"])
+    return path
 
 
 BAD_ARGUMENTS = [
@@ -254,6 +285,18 @@ BAD_ARGUMENTS = [
     (["generate", "--prompt", ""], "argument --prompt: expected a non-empty prompt"),
     (["demo", "--steps", "0"], "argument --steps"),
     (["demo", "--threads", "0"], "argument --threads"),
+    (["demo", "--seeds", "0"], "argument --seeds"),
+    (["demo", "--retrofit-steps", "-1"], "argument --retrofit-steps"),
+    (["retrofit", "--steps", "0"], "argument --steps: expected an integer in [1, 1000000000]"),
+    (["retrofit", "--clip", "-1"], "argument --clip: expected a finite number >= 0"),
+    (["retrofit", "--lr", "nan"], "argument --lr"),
+    (["retrofit", "--cca-layers", "2,1"], "argument --cca-layers: expected increasing 1-based layer numbers"),
+    (["retrofit", "--cca-layers", "1,3"], "--cca-layers: the base has 2 layers"),
+    (["retrofit", "--heads", "3"], "--heads 3: retrofit: the hidden size (16) must be a multiple of the CCA heads"),
+    (["retrofit", "--neighbours", "4"], "--neighbours: the database precomputed 3 neighbours"),
+    (["retrofit", "--seq-len", "48"], "--seq-len: expected a multiple of the database's chunk size 32"),
+    (["retrofit", "--device", "cuda:7"], "argument --device: 'cuda:7' is not available"),
+    (["retrofit", "--base", "/nonexistent"], "argument --base: '/nonexistent' is not a directory"),
     (["db-info", "--db", "/nonexistent/db"], "argument --db: no retrieval database at '/nonexistent/db'"),
     (["bogus-command"], "unknown command"),
 ]
@@ -269,6 +312,7 @@ def _complete(world, argv, out):
         "build-db": ["--corpus", world.corpus, "--out", out, "--stop-after", "tokenizer", *DB_ARGS],
         "query": ["--db", world.db, *([] if given_ == ["   "] else ["x"])],
         "demo": ["--quick", "--out", out],
+        "retrofit": ["--base", world.plain, "--db", world.db, "--out", out, *RETROFIT_ARGS],
         "db-info": ["--db", world.db],
     }.get(cmd, [])
     return [cmd, *base, *given_]
@@ -362,12 +406,17 @@ FLAGS = {
                  "--tokenizer", "--embedder", "--stop-after"],
     "query": ["-k", "--nprobe", "--show", "--db"],
     "db-info": ["--db"],
-    "demo": ["--steps", "--kernels", "--device", "--seed", "--threads"],  # --out stays a user's folder: refused
+    # demo: --out stays a user's folder (refused), so it never runs
+    "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],
+    "retrofit": ["--steps", "--batch-size", "--lr", "--warmup", "--weight-decay", "--clip", "--retrieval-dropout",
+                 "--overlap-sampling", "--eval-every", "--seed", "--device", "--threads", "--cca-layers",
+                 "--encoder-layers", "--encoder-ff-mult", "--heads", "--neighbours", "--layers", "--attention",
+                 "--kernels", "--seq-len", "--out", "--db", "--base"],
 }
 SWITCHES = {"train": ["--resume", "--overwrite", "--no-retrieval", "--allow-nonfinite"],
             "eval": ["--with-eval-docs", "--allow-nonfinite"], "generate": ["--no-retrieval"],
             "build-db": ["--overwrite", "--index-eval-docs", "--align-sections"], "query": [],
-            "db-info": ["--no-verify"], "demo": ["--quick"]}
+            "db-info": ["--no-verify"], "demo": ["--quick"], "retrofit": ["--overwrite", "--allow-nonfinite"]}
 
 
 @pytest.fixture(scope="module")
@@ -380,19 +429,24 @@ def sandbox(world, tmp_path_factory):
     (root / "cwd").mkdir()
     shutil.copytree(world.run, root / "run")
     shutil.copytree(world.db, root / "db")  # the commands may rebuild or retrain these copies: they are theirs
+    shutil.copytree(world.plain, root / "plain")
     nan_checkpoint(root / "nan-run", ckpt.load_config(world.run))
-    return SimpleNamespace(root=root, db=root / "db", paths=[
+    nan_checkpoint(root / "nan-plain", ckpt.load_config(world.plain))
+    r = cli("retrofit", "--base", root / "plain", "--db", root / "db", "--out", root / "rf", *RETROFIT_ARGS)
+    assert r.rc == 0, r.err
+    return SimpleNamespace(root=root, db=root / "db", plain=root / "plain", paths=[
         root / "user", root / "user-file.txt", root / "empty", root / "missing", root / "run", root / "nan-run",
-        root / "db", world.corpus, root / "user" / "manifest.json", root / "user" / "src"])
+        root / "plain", root / "nan-plain", root / "rf", root / "db", world.corpus, root / "user" / "manifest.json",
+        root / "user" / "src"])
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_garbage_arguments_never_give_a_traceback_or_lose_a_file(world, sandbox, data):
     command = data.draw(st.sampled_from(sorted(FLAGS)))
     argv = [command]
     # A cheap, valid base that garbage then overrides (argparse keeps the last value of a flag);
-    # train stays tiny, build-db stops early, generate writes one token, demo is always refused by --out.
+    # train and retrofit stay tiny, build-db stops early, generate writes one token, demo is always refused by --out.
     if command == "train":
         argv += ["--db", sandbox.db, "--out", sandbox.root / "empty" / "run", *TRAIN_ARGS]
     elif command == "build-db":
@@ -404,6 +458,8 @@ def test_garbage_arguments_never_give_a_traceback_or_lose_a_file(world, sandbox,
             "--prompt", "x", "--max-new-tokens", "1"]
     elif command in ("query", "db-info"):
         argv += ["--db", sandbox.db] + (["x"] if command == "query" else [])
+    elif command == "retrofit":
+        argv += ["--base", sandbox.plain, "--db", sandbox.db, "--out", sandbox.root / "empty" / "rf", *RETROFIT_ARGS]
     else:
         argv += ["--out", sandbox.root / "user", "--quick"]
     for _ in range(data.draw(st.integers(0, 3))):
@@ -413,8 +469,12 @@ def test_garbage_arguments_never_give_a_traceback_or_lose_a_file(world, sandbox,
     argv += data.draw(st.lists(st.sampled_from(SWITCHES[command] + ["--bogus"]), max_size=2))
     protected = {p: snapshot(p) if p.is_dir() else p.read_bytes()
                  for p in (sandbox.root / "user", sandbox.root / "user-file.txt", world.corpus)}
+    threads = torch.get_num_threads()
     with contextlib.chdir(sandbox.root / "cwd"):  # relative garbage paths ("1", "-") land in the sandbox
-        r = cli(*argv)
+        try:
+            r = cli(*argv)
+        finally:
+            torch.set_num_threads(threads)  # retrofit sets the process's torch threads (--threads)
     event(f"{command}: exit {r.rc}")  # pytest --hypothesis-show-statistics: what the examples reached
     assert r.rc in (0, 1, 2), (argv, r.rc, r.err)
     assert "Traceback" not in r.err, (argv, r.err)
