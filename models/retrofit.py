@@ -579,8 +579,8 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, umask_mode())
         save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, tmp)
+        os.chmod(tmp, umask_mode())  # after: save_file writes the file anew, with mkstemp's 0600
         weights_sha256 = _sha256(tmp)
         os.replace(tmp, out / WEIGHTS_FILE)
     finally:

@@ -127,6 +127,30 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert snapshot(tmp_path / "w") == before
 
 
+def test_demo_knows_its_folders_from_before_markers_and_checks_every_seed_folder_first(tmp_path):
+    """A demo folder from before markers (the single-RETRO demo's or the RETROfit protocol's results.json)
+    is the demo's own; inside its own folder, a seed's folder that a user filled is refused before any work."""
+    from models.demo import OLD_RESULTS_KEYS, is_old_demo_folder
+
+    for i, keys in enumerate(OLD_RESULTS_KEYS):
+        (tmp_path / f"old{i}").mkdir()
+        (tmp_path / f"old{i}" / "results.json").write_text(json.dumps({k: 1 for k in keys}))
+        assert outdir.check_folder(tmp_path / f"old{i}", "demo", legacy=is_old_demo_folder) == "ours"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.json").write_text('{"preset": "my own"}')
+    with pytest.raises(outdir.OutputFolderError, match="was not made by `demo`"):
+        outdir.check_folder(tmp_path / "mine", "demo", legacy=is_old_demo_folder)
+    out = tmp_path / "demo"
+    with outdir.claimed(out, "demo"):
+        pass
+    (out / "retrofit-seed1").mkdir()
+    (out / "retrofit-seed1" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    r = cli("demo", "--quick", "--out", out, "--seeds", "2", "--no-progress")
+    assert_one_line_error(r, 2, "retrofit-seed1", "was not made by `retrofit`")
+    assert snapshot(out) == before
+
+
 def test_database_resume_removes_its_temporaries_only(world):
     """Reproduction 5: any *.tmp* user file in a database folder was deleted on every resume."""
     db = copy_db(world, "db_temps")
