@@ -27,9 +27,10 @@ public transformers API are used (get_input_embeddings, DynamicCache, the
 model's cache argument), so the same code runs on transformers 4.x and 5.x.
 
 `save_retrofit` writes only the added weights (safetensors) and a JSON record
-of the configuration and the base (its path and a sha256 of its files);
-`load_retrofit` rebuilds the base from that record (checking it has not
-changed) or takes the base model given. `RetrofitModel` has the interface of
+of the configuration, the base (its path and a sha256 of its files) and the
+weights' sha256; `load_retrofit` rebuilds the base from that record (checking
+it has not changed) or takes the base model given, and refuses weights that
+are not the recorded ones or hold NaN/inf. `RetrofitModel` has the interface of
 `RetroModel` that evaluation and generation use (`cfg`, `new_cache`,
 `forward(tokens, neighbours, neighbour_mask, start_pos=, cache=)`), so
 `models eval` and `models generate` take a retrofit folder as a checkpoint.
