@@ -196,6 +196,8 @@ class _CpuBuild:
     """csrc/cpu compiled with torch.utils.cpp_extension into a folder keyed by what it depends on."""
 
     NAME = "_C_cpu"
+    # -DNDEBUG: as setup.py's builds get it from Python's own CFLAGS
+    CXX_FLAGS = list(_native_build.CPU_CXX_FLAGS) + ["-DNDEBUG"]
 
     def __init__(self, sources: list[Path], folder: Path, ninja_dir: str):
         self.sources, self.folder, self.ninja_dir = sources, folder, ninja_dir
@@ -219,7 +221,7 @@ class _CpuBuild:
         if ninja_dir is None:
             return "ninja is not installed: `pip install ninja`"
         digest = _native_build.sources_digest(
-            files, *_native_build.CPU_CXX_FLAGS, *_native_build.CPU_LINK_FLAGS, torch.__version__,
+            files, *cls.CXX_FLAGS, *_native_build.CPU_LINK_FLAGS, torch.__version__,
             sys.version, platform.machine(), cxx,
         )
         py = f"py{sys.version_info.major}{sys.version_info.minor}"
@@ -270,8 +272,7 @@ class _CpuBuild:
                 cpp_extension.load(
                     name=self.NAME,
                     sources=[str(p) for p in self.sources if p.suffix == ".cpp"],
-                    # -DNDEBUG: as setup.py's builds get it from Python's own CFLAGS
-                    extra_cflags=list(_native_build.CPU_CXX_FLAGS) + ["-DNDEBUG"],
+                    extra_cflags=self.CXX_FLAGS,
                     extra_ldflags=list(_native_build.CPU_LINK_FLAGS),
                     build_directory=str(self.folder),
                     is_python_module=False,
