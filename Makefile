@@ -11,6 +11,7 @@
 #
 #   make test PYTHON=/path/to/python   no venv: that interpreter, keeping its torch
 #                                      (a CUDA build stays; installs are pinned to it)
+#   make test PYTHON=... NO_DEPS=1     ... installing nothing but retro_kernels (no package index)
 #   make test PYTEST_ARGS="-x -k cpu"  arguments for pytest
 #   make demo DEMO_ARGS=--quick        the same demo, small (a smoke run)
 #   make info                          python -m retro_kernels: backends, and why not
@@ -24,15 +25,17 @@ EXTRAS ?= dev
 PYTEST_ARGS ?=
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
+NO_DEPS ?=
+SETUP_FLAGS := --extras "$(EXTRAS)" $(if $(filter 1,$(NO_DEPS)),--no-deps)
 
 ifeq ($(strip $(PYTHON)),)
 PY := $(VENV)/bin/python
-SETUP := $(BOOTSTRAP_PYTHON) tools/setup_env.py --venv $(VENV) --extras "$(EXTRAS)"
+SETUP := $(BOOTSTRAP_PYTHON) tools/setup_env.py --venv $(VENV) $(SETUP_FLAGS)
 # as if activated: the venv's tools (ninja, torchrun) come first
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 else
 PY := $(PYTHON)
-SETUP := $(PYTHON) tools/setup_env.py --python $(PYTHON) --extras "$(EXTRAS)"
+SETUP := $(PYTHON) tools/setup_env.py --python $(PYTHON) $(SETUP_FLAGS)
 endif
 
 .PHONY: setup test demo info wheel

@@ -136,13 +136,15 @@ def write_constraints(python: str, path: Path) -> str:
     return torch_version
 
 
-def install_package(python: str, extras: str, constraints: Path, log: Path) -> None:
-    say(f"installing retro_kernels (editable) with its [{extras}] dependencies, keeping that torch "
-        f"(log: {log.relative_to(ROOT)})")
+def install_package(python: str, extras: str, constraints: Path, log: Path, no_deps: bool) -> None:
+    what = "without dependencies" if no_deps else f"with its [{extras}] dependencies"
+    say(f"installing retro_kernels (editable) {what}, keeping that torch (log: {log.relative_to(ROOT)})")
     pip = [python, "-m", "pip", "install", "-q", "-c", constraints]
     env = dict(os.environ, RETRO_KERNELS_NO_NATIVE="1")  # the native build is the next step, incremental
-    ok = run(pip + ["setuptools>=64", "wheel", "ninja"], log, env) and run(
-        pip + ["--no-build-isolation", "-e", f".[{extras}]" if extras else "."], log.with_suffix(".2.log"), env)
+    tools = [] if no_deps else ["setuptools>=64", "wheel", "ninja"]
+    package = ["--no-deps", "-e", "."] if no_deps else ["-e", f".[{extras}]" if extras else "."]
+    ok = (not tools or run(pip + tools, log, env)) and run(
+        pip + ["--no-build-isolation", *package], log.with_suffix(".2.log"), env)
     if not ok:
         for name in (log, log.with_suffix(".2.log")):
             if name.exists():
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
     where.add_argument("--venv", help="create and use this virtual environment")
     where.add_argument("--python", help="use this interpreter (its torch is kept)")
     p.add_argument("--extras", default="dev", help="extras of retro_kernels to install (default: dev)")
+    p.add_argument("--no-deps", action="store_true",
+                   help="install nothing but retro_kernels itself (a machine without a package index)")
     args = p.parse_args(argv)
 
     if args.venv:
@@ -197,11 +201,11 @@ def main(argv=None) -> int:
     torch_version = write_constraints(python, constraints)
 
     deps_key = digest([ROOT / "pyproject.toml", ROOT / "setup.py", Path(__file__).resolve()],
-                      str(STAMP_VERSION), python, args.extras, torch_version)
+                      str(STAMP_VERSION), python, args.extras, str(args.no_deps), torch_version)
     native_key = digest(native_inputs(), python, torch_version, os.environ.get("RETRO_KERNELS_NO_NATIVE", ""),
                         os.environ.get("RETRO_KERNELS_NO_CUDA", ""))
     if stamp.get("deps") != deps_key:
-        install_package(python, args.extras, constraints, logs / "pip.log")
+        install_package(python, args.extras, constraints, logs / "pip.log", args.no_deps)
         stamp = {"deps": deps_key}
         stamp_path.write_text(json.dumps(stamp))
     built = any((ROOT / "retro_kernels").glob("_C_cpu*.so"))  # gone after a `git clean -x`, say
