@@ -1,25 +1,51 @@
-"""Build retro_kernels, with its optional native extensions from csrc/.
+"""The native part of the retro_kernels build (the metadata is in pyproject.toml).
 
 Native extensions (built with ninja through torch's BuildExtension):
   retro_kernels._C_cpu   csrc/cpu/*.cpp   C++ CPU kernels; built whenever torch is importable
   retro_kernels._C_cuda  csrc/cuda/*.cu   CUDA kernels; built when torch has CUDA and nvcc is
                                           found, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
 RETRO_KERNELS_NO_NATIVE=1 skips both; RETRO_KERNELS_NO_CUDA=1 skips only the CUDA one.
-Without them the package still imports
-and works on the reference and Triton backends. Install with
-    pip install --no-build-isolation -e .
-so that the build sees the torch you already have (and pip never pulls
-another one), or build in place with `python setup.py build_ext --inplace`.
 MAX_JOBS limits ninja's parallel compile jobs.
+
+A build that cannot see torch (pip's default isolated build) makes a package
+without native code; its cpu backend compiles csrc/cpu on first use
+(retro_kernels/_native.py), from the copy that build_py puts in the package.
+`pip install --no-build-isolation .` (or `make`, or `python setup.py
+build_ext --inplace` in a checkout) builds them ahead of time against the
+torch you have.
 """
-import glob
+import importlib.util
 import os
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
-# No -march: the .so runs on any x86-64; csrc/cpu/common.cpp picks AVX2 code at load time.
-# -fno-trapping-math -fno-math-errno (as PyTorch builds) let GCC vectorise the softmax loops.
-CPU_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+ROOT = Path(__file__).resolve().parent
+
+
+def _build_config():
+    """retro_kernels/_native_build.py, read by path: importing the package needs torch."""
+    spec = importlib.util.spec_from_file_location("_native_build", ROOT / "retro_kernels" / "_native_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build_config()
+
+
+class build_py_with_cpu_sources(build_py):
+    """Also copies csrc/cpu into the package, for the build on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install finds csrc/ next to the package
+        target = Path(self.build_lib) / "retro_kernels" / BUILD.SHIPPED_CPU_SOURCES
+        self.mkpath(str(target))
+        for source in BUILD.cpu_source_files(ROOT / "csrc" / "cpu"):
+            self.copy_file(str(source), str(target / source.name))
 
 
 def native_extensions():
@@ -30,18 +56,21 @@ def native_extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("retro_kernels: torch not importable at build time; skipping native kernels")
+        print("retro_kernels: torch not importable at build time; skipping the native kernels "
+              "(the cpu backend will compile them on first use)")
         return [], {}
     extensions = []
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = [str(p.relative_to(ROOT)) for p in BUILD.cpu_source_files(ROOT / "csrc" / "cpu")
+                   if p.suffix == ".cpp"]
     if cpu_sources:
         extensions.append(CppExtension(
             "retro_kernels._C_cpu",
             cpu_sources,
-            extra_compile_args={"cxx": CPU_FLAGS},
-            extra_link_args=["-fopenmp"],
+            # -g0: Python's CFLAGS add -g, which more than doubles the compile time (and the library's size)
+            extra_compile_args={"cxx": BUILD.CPU_CXX_FLAGS + ["-g0"]},
+            extra_link_args=BUILD.CPU_LINK_FLAGS,
         ))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     skip_cuda = os.environ.get("RETRO_KERNELS_NO_CUDA", "0") == "1"
     if cuda_sources and not skip_cuda and torch.version.cuda and CUDA_HOME is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -63,18 +92,4 @@ def native_extensions():
 
 
 ext_modules, cmdclass = native_extensions()
-
-setup(
-    name="retro_kernels",
-    version="0.1.0",
-    description="Fused chunked cross-attention and neighbour-encoder kernels for RETRO",
-    packages=find_packages(include=["retro_kernels", "retro_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass={"build_py": build_py_with_cpu_sources, **cmdclass})

@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from . import _native
+
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
 BACKENDS = ("auto", "reference") + FUSED_BACKENDS
 
@@ -87,9 +89,13 @@ def select_backend(requested: str, op: str, device: torch.device, **inputs) -> s
                 f"backend={requested!r} cannot run {op} on these inputs: " + "; ".join(reasons)
             )
         return requested
+    reasons = {}
     for candidate in AUTO_ORDER.get(device.type, ()):
-        if not not_supported_reasons(candidate, op, **inputs):
+        reasons[candidate] = not_supported_reasons(candidate, op, **inputs)
+        if not reasons[candidate]:
             return candidate
+    if reasons:
+        _native.warn_reference_fallback(op, device.type, reasons)
     return "reference"
 
 
