@@ -24,15 +24,20 @@ OPS = _native.load("cuda") if torch.cuda.is_available() else None
 MISSING = _native.missing_reason("cuda") if torch.cuda.is_available() else "no CUDA device is available"
 
 
-def not_supported_reasons(q: torch.Tensor, k: torch.Tensor) -> list[str]:
-    """Why the CUDA kernels cannot run an op on queries q and keys k ([] = they can)."""
-    reasons = []
+def device_reasons(q: torch.Tensor) -> list[str]:
+    """Why the CUDA kernels cannot run on q's device."""
     if q.device.type != "cuda":
-        reasons.append(f"the cuda backend needs CUDA tensors, got {q.device.type}")
-    elif MISSING:
-        reasons.append(MISSING)
-    elif torch.cuda.get_device_capability(q.device)[0] < 8:
-        reasons.append("the CUDA kernels need compute capability 8.0 or newer (sm_80+: cp.async, bf16 mma)")
+        return [f"the cuda backend needs CUDA tensors, got {q.device.type}"]
+    if MISSING:
+        return [MISSING]
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return ["the CUDA kernels need compute capability 8.0 or newer (sm_80+: cp.async, bf16 mma)"]
+    return []
+
+
+def input_reasons(q: torch.Tensor, k: torch.Tensor) -> list[str]:
+    """Why the CUDA kernels cannot run an op on queries q and keys k, whatever the device."""
+    reasons = []
     if q.dtype not in DTYPES:
         reasons.append(
             f"the CUDA kernels run float16 and bfloat16 on tensor cores, got {q.dtype}; "
@@ -47,3 +52,8 @@ def not_supported_reasons(q: torch.Tensor, k: torch.Tensor) -> list[str]:
             reasons.append(f"{name} has {rows} rows (numel / head dim), more than the CUDA kernels' "
                            f"grid takes ({MAX_ROWS})")
     return reasons
+
+
+def not_supported_reasons(q: torch.Tensor, k: torch.Tensor) -> list[str]:
+    """Why the CUDA kernels cannot run an op on queries q and keys k ([] = they can)."""
+    return device_reasons(q) + input_reasons(q, k)
