@@ -51,12 +51,13 @@ LOW_PRECISION = [torch.float16, torch.bfloat16]
 CCA_CASES = [
     pytest.param(1, 11, 4, 2, 5, 4, 2, 32, 0, "random", id="N%m!=0-gqa"),
     pytest.param(1, 3, 8, 1, 3, 2, 1, 16, 0, None, id="N<m-1-only-zero-rows"),
-    pytest.param(1, 6, 8, 2, 3, 2, 1, 64, 9, "random", id="N<m-start_pos-mqa"),
+    pytest.param(1, 6, 8, 2, 3, 3, 1, 64, 9, "random", id="N<m-start_pos-mqa3"),
     pytest.param(1, 9, 4, 2, 3, 2, 2, 80, 5, "chunk_hidden", id="D80-masked-chunk"),
     pytest.param(1, 70, 64, 2, 40, 2, 1, 24, 0, "random", id="m64-keys80-tiles"),
     pytest.param(1, 7, 1, 2, 3, 2, 2, 20, 0, "random", id="m1-D20-scalar-path"),
     pytest.param(1, 120, 100, 1, 9, 1, 1, 16, 0, None, id="m100-two-row-blocks"),
     pytest.param(1, 9, 4, 1, 4, 2, 1, 128, 2, "random", id="D128"),
+    pytest.param(1, 7, 4, 3, 50, 2, 1, 32, 0, "random", id="keys150-three-key-tiles"),
 ]
 
 
@@ -100,6 +101,7 @@ NEIGHBOUR_CASES = [
     (1, 2, 2, 6, 5, 2, 2, 40, "empty"),
     (1, 1, 2, 4, 9, 2, 1, 20, "random"),
     (1, 1, 1, 5, 6, 1, 1, 128, None),
+    (1, 1, 1, 5, 150, 2, 1, 16, "random"),  # cross: three key tiles
 ]
 
 

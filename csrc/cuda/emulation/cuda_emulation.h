@@ -13,7 +13,9 @@
 // - cp.async poisons its destination (all-ones bytes: NaN in fp16, bf16 and fp32) when it
 //   is issued and copies only at the cp.async.wait_group that retires its group, so a read
 //   of shared memory that is not yet waited for sees NaN;
-// - shared memory is poisoned the same way before every CTA.
+// - shared memory is poisoned the same way before every CTA;
+// - threads are scheduled greedily (see run_cta): warps drift apart as far as the barriers
+//   allow, which turns a missing __syncthreads into a read of poison.
 // Each lane runs its scalar code exactly; mma accumulates in fp32 as the tensor cores do
 // (the order of the additions may differ from the hardware's).
 #pragma once
@@ -239,24 +241,29 @@ inline void run_cta(Cta& c) {
     makecontext(&t.context, thread_entry, 0);
   }
   std::fill(std::begin(c.arrived), std::end(c.arrived), 0);
+  // Always resume the first runnable thread, in thread order on even CTAs and in reverse on
+  // odd ones: one warp runs as far ahead of the others as the barriers let it, so a missing
+  // __syncthreads (e.g. refilling a stage another warp still reads) shows up as poison.
+  const bool ascending = block_index.x % 2 == 0;
   for (;;) {
-    bool ran = false, all_done = true;
-    for (int i = 0; i < THREADS; ++i) {
-      Thread& t = c.threads[i];
-      if (t.done) continue;
+    int next = -1;
+    bool all_done = true;
+    for (int n = 0; n < THREADS && next < 0; ++n) {
+      const int i = ascending ? n : THREADS - 1 - n;
+      if (c.threads[i].done) continue;
       all_done = false;
-      if (t.waiting >= 0) continue;
-      c.current = i;
-      thread_index.x = i;
-      ran = true;
-      if (_setjmp(c.scheduler) == 0) {
-        if (t.started) _longjmp(t.jump, 1);
-        t.started = true;
-        setcontext(&t.context);
-      }
+      if (c.threads[i].waiting < 0) next = i;
     }
     if (all_done) return;
-    if (!ran) return fail("deadlock: threads wait at a barrier that the others never reach");
+    if (next < 0) return fail("deadlock: threads wait at a barrier that the others never reach");
+    Thread& t = c.threads[next];
+    c.current = next;
+    thread_index.x = next;
+    if (_setjmp(c.scheduler) == 0) {
+      if (t.started) _longjmp(t.jump, 1);
+      t.started = true;
+      setcontext(&t.context);
+    }
   }
 }
 
