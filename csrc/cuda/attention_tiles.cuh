@@ -105,6 +105,46 @@ struct Program {
   Output<T> o, dk, dv;
 };
 
+// The program index of a pass, in the order every op uses:
+//   forward, dq: ((tile * Hq + h) * row_blocks + row block), row blocks of Blocks::M rows;
+//   dk/dv:       ((tile * Hkv + hk) * key_blocks + key block), key blocks of Blocks::N keys;
+// where `tile` is the op's score tile and `extent` its rows (forward, dq) or keys (dk/dv).
+// The heads that share a kv head, which read the same keys, get neighbouring programs.
+template <Pass PASS>
+constexpr int owned_block() {
+  return PASS == Pass::BackwardDkDv ? Blocks<PASS>::N : Blocks<PASS>::M;
+}
+struct ProgramIndex {
+  int start;  // first owned row (forward, dq) or key (dk/dv)
+  int head;   // query head (forward, dq) or kv head (dk/dv)
+  int tile;
+};
+template <Pass PASS>
+__host__ __device__ inline ProgramIndex split_program(int program, int extent, int heads) {
+  const int blocks = (extent + owned_block<PASS>() - 1) / owned_block<PASS>();
+  return ProgramIndex{(program % blocks) * owned_block<PASS>(), (program / blocks) % heads, program / blocks / heads};
+}
+template <Pass PASS>
+inline int64_t program_count(int64_t tiles, int extent, int heads) {
+  return tiles * heads * ((extent + owned_block<PASS>() - 1) / owned_block<PASS>());
+}
+
+// A program of `PASS` at `at`: its owned rows or keys, and its query head h and kv head hk
+// (for dk/dv, the first query head of the kv group; the program loops over the group).
+template <Pass PASS, typename T>
+__device__ inline void own(Program<T>& pr, const ProgramIndex& at, int group, int& h, int& hk) {
+  if constexpr (PASS == Pass::BackwardDkDv) {
+    pr.key_start = at.start;
+    pr.group = group;
+    hk = at.head;
+    h = hk * group;
+  } else {
+    pr.row_start = at.start;
+    h = at.head;
+    hk = h / group;
+  }
+}
+
 // Arguments every op passes to every pass.
 struct AttentionArgs {
   int D;                 // head dim
@@ -819,7 +859,7 @@ inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 // a 1-D grid (2^31 - 1 programs at most; no grid-y limit).
 template <Pass PASS, typename Problem>
 void run_pass(const typename Problem::Params& p, at::ScalarType dtype) {
-  const int64_t programs = Problem::programs(p, PASS);
+  const int64_t programs = Problem::template programs<PASS>(p);
   if (programs == 0) return;
   TORCH_CHECK(programs <= INT32_MAX, "retro_kernels CUDA: ", programs, " programs for the ", pass_name(PASS),
               " kernel exceed the 2^31 - 1 grid limit; split the batch");

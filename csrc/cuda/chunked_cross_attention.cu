@@ -34,42 +34,23 @@ struct CcaParams {
 struct CcaProblem {
   using Params = CcaParams;
 
-  static int64_t programs(const Params& p, Pass pass) {
-    if (pass == Pass::BackwardDkDv) {
-      const int64_t key_blocks = (p.keys + Blocks<Pass::BackwardDkDv>::N - 1) / Blocks<Pass::BackwardDkDv>::N;
-      return static_cast<int64_t>(p.B) * p.L * p.Hkv * key_blocks;
-    }
-    const int block_m = pass == Pass::Forward ? Blocks<Pass::Forward>::M : Blocks<Pass::BackwardDq>::M;
-    return static_cast<int64_t>(p.B) * p.n_chunks * p.Hq * ((p.m + block_m - 1) / block_m);
+  // score tiles: (batch, query chunk) forward and for dq; (batch, neighbour chunk u) for dk/dv
+  template <Pass PASS>
+  static int64_t programs(const Params& p) {
+    if constexpr (PASS == Pass::BackwardDkDv) return program_count<PASS>(static_cast<int64_t>(p.B) * p.L, p.keys, p.Hkv);
+    else return program_count<PASS>(static_cast<int64_t>(p.B) * p.n_chunks, p.m, p.Hq);
   }
 
   template <Pass PASS, typename T>
   __device__ static Program<T> program(const Params& p, int block) {
     Program<T> pr{};
-    int b, c, h, hk;
-    if constexpr (PASS == Pass::BackwardDkDv) {
-      // program = ((b * L + u) * Hkv + hk) * key_blocks + key block; it reads query chunk u + 1
-      const int key_blocks = (p.keys + Blocks<PASS>::N - 1) / Blocks<PASS>::N;
-      pr.key_start = (block % key_blocks) * Blocks<PASS>::N;
-      block /= key_blocks;
-      hk = block % p.Hkv;
-      block /= p.Hkv;
-      c = block % p.L + 1;
-      b = block / p.L;
-      h = hk * p.group;
-      pr.group = p.group;
-    } else {
-      // program = ((b * n_chunks + chunk) * Hq + h) * m_blocks + row block: the programs of
-      // one kv group's heads, which read the same keys, are neighbours
-      const int m_blocks = (p.m + Blocks<PASS>::M - 1) / Blocks<PASS>::M;
-      pr.row_start = (block % m_blocks) * Blocks<PASS>::M;
-      block /= m_blocks;
-      h = block % p.Hq;
-      block /= p.Hq;
-      c = p.first_chunk + block % p.n_chunks;
-      b = block / p.n_chunks;
-      hk = h / p.group;
-    }
+    int h, hk;
+    constexpr bool dkdv = PASS == Pass::BackwardDkDv;
+    const ProgramIndex at = split_program<PASS>(block, dkdv ? p.keys : p.m, dkdv ? p.Hkv : p.Hq);
+    own<PASS>(pr, at, p.group, h, hk);
+    // dk/dv: the keys of neighbour chunk u = tile % L, read by query chunk c = u + 1
+    const int c = dkdv ? at.tile % p.L + 1 : p.first_chunk + at.tile % p.n_chunks;
+    const int b = at.tile / (dkdv ? p.L : p.n_chunks);
     // query rows: chunk c's row i is token n0 + i; the real ones are 0 <= n < N
     const int64_t n0 = static_cast<int64_t>(c) * p.m - 1 - p.start_pos;
     const int lo = static_cast<int>(n0 < 0 ? -n0 : 0);

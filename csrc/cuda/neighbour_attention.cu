@@ -46,38 +46,21 @@ struct NeighbourParams {
 struct NeighbourProblem {
   using Params = NeighbourParams;
 
-  static int64_t programs(const Params& p, Pass pass) {
-    if (pass == Pass::BackwardDkDv) {
-      const int64_t key_blocks = (p.keys + Blocks<Pass::BackwardDkDv>::N - 1) / Blocks<Pass::BackwardDkDv>::N;
-      return static_cast<int64_t>(p.tiles) * p.Hkv * key_blocks;
-    }
-    const int block_m = pass == Pass::Forward ? Blocks<Pass::Forward>::M : Blocks<Pass::BackwardDq>::M;
-    return static_cast<int64_t>(p.tiles) * p.Hq * ((p.rows + block_m - 1) / block_m);
+  template <Pass PASS>
+  static int64_t programs(const Params& p) {
+    if constexpr (PASS == Pass::BackwardDkDv) return program_count<PASS>(p.tiles, p.keys, p.Hkv);
+    else return program_count<PASS>(p.tiles, p.rows, p.Hq);
   }
 
   template <Pass PASS, typename T>
   __device__ static Program<T> program(const Params& p, int block) {
     Program<T> pr{};
     int h, hk;
-    if constexpr (PASS == Pass::BackwardDkDv) {
-      // program = (tile * Hkv + hk) * key_blocks + key block
-      const int key_blocks = (p.keys + Blocks<PASS>::N - 1) / Blocks<PASS>::N;
-      pr.key_start = (block % key_blocks) * Blocks<PASS>::N;
-      block /= key_blocks;
-      hk = block % p.Hkv;
-      block /= p.Hkv;
-      h = hk * p.group;
-      pr.group = p.group;
-    } else {
-      // program = (tile * Hq + h) * m_blocks + row block
-      const int m_blocks = (p.rows + Blocks<PASS>::M - 1) / Blocks<PASS>::M;
-      pr.row_start = (block % m_blocks) * Blocks<PASS>::M;
-      block /= m_blocks;
-      h = block % p.Hq;
-      block /= p.Hq;
-      hk = h / p.group;
-    }
-    const int kk = block % p.tile_k, l = (block / p.tile_k) % p.L, b = block / (p.tile_k * p.L);
+    constexpr bool dkdv = PASS == Pass::BackwardDkDv;
+    const ProgramIndex at = split_program<PASS>(block, dkdv ? p.keys : p.rows, dkdv ? p.Hkv : p.Hq);
+    own<PASS>(pr, at, p.group, h, hk);
+    const int tile = at.tile;
+    const int kk = tile % p.tile_k, l = (tile / p.tile_k) % p.L, b = tile / (p.tile_k * p.L);
     // the tile's first query token in the (B, L*K*R) token order of out, dq and lse
     const int64_t tokens = static_cast<int64_t>(p.L) * p.K * p.R;
     const int64_t t0 = ((static_cast<int64_t>(b) * p.L + l) * p.K + kk) * p.R;
