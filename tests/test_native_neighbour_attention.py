@@ -87,7 +87,7 @@ def test_cpu_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
 
 @pytest.mark.gpu
 @needs_cuda_ext
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)  # the CUDA kernels: fp16/bf16
 @pytest.mark.parametrize("op", ["self", "cross"])
 @pytest.mark.parametrize("B, L, K, R, M, Hq, Hkv, D, mask", CASES + [(2, 4, 2, 128, 64, 8, 2, 64, "random")])
 def test_cuda_matches_reference(op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):

@@ -1,0 +1,180 @@
+"""Registers, spills, shared memory and occupancy of the CUDA kernels (csrc/cuda); no GPU needed.
+
+Every csrc/cuda/*.cu is compiled for the device only (`nvcc -cubin`, with .ci/run's flags)
+with `--resource-usage`, once per architecture; ptxas reports each kernel's registers and
+spill bytes. The kernels' shared memory is dynamic (ptxas does not see it): it is read from
+csrc/cuda/attention_layout.h by a small host program compiled against that header, with
+each kernel's target occupancy (`min_ctas_per_sm`, its __launch_bounds__). The CTAs per SM
+are what registers (65536 per SM, allocated per warp in units of 256) and shared memory
+(sm_80: 164 KB, sm_90: 228 KB per SM, 1 KB reserved per CTA) allow, at most 16 CTAs of
+128 threads.
+
+    python -m bench.cuda_resources [--arch sm_90a] [--json]
+
+`rows(archs)` returns one dict per (kernel, arch): kernel (cca_fwd, neighbour_bwd_dq, ...),
+dtype, head_dim (the compiled padding: 32, 64, 128), arch, registers, spill_bytes (stores +
+loads), smem_bytes, ctas_per_sm, target_ctas_per_sm.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+ARCHS = ("sm_80", "sm_90a")
+# .ci/run's nvcc flags (torch's BuildExtension's), without the -gencode list
+NVCC_FLAGS = [
+    "-std=c++20", "-O3", "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
+]
+SMEM_PER_SM = {"sm_80": 167936, "sm_90a": 233472}
+SMEM_RESERVED_PER_CTA = 1024
+REGISTERS_PER_SM = 65536
+MAX_CTAS_PER_SM = 16  # 2048 threads / 128
+THREADS = 128
+PASSES = {"fwd": 0, "bwd_dq": 1, "bwd_dkdv": 2}
+DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
+KERNEL = re.compile(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E.*?(Cca|Neighbour)Problem")
+
+
+def find_nvcc() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        nvcc = "/usr/local/cuda/bin/nvcc"
+    return nvcc
+
+
+def _include_flags(tmp: str) -> list[str]:
+    """torch's include paths, and the CI trick: the CPU torch wheel ships the c10/cuda headers
+    without their generated config header, so supply it (a CUDA torch defines the same macro)."""
+    from torch.utils.cpp_extension import include_paths
+
+    impl = os.path.join(tmp, "include", "c10", "cuda", "impl")
+    os.makedirs(impl, exist_ok=True)
+    with open(os.path.join(impl, "cuda_cmake_macros.h"), "w") as f:
+        f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return ["-I" + os.path.join(tmp, "include")] + ["-I" + p for p in include_paths()]
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """(kernel, dtype, head_dim, registers, spill_bytes) per entry function in ptxas -v output."""
+    found, current = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            k = KERNEL.search(m.group(1))
+            current = None if k is None else {
+                "kernel": f"{k.group(4).lower()}_{k.group(1)}", "dtype": DTYPES[k.group(2)],
+                "head_dim": int(k.group(3)), "spill_bytes": 0,
+            }
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            found.append(current)
+            current = None
+    return found
+
+
+def _compile(nvcc: str, source: str, arch: str, includes: list[str], tmp: str) -> list[dict]:
+    out = os.path.join(tmp, f"{os.path.basename(source)}.{arch}.cubin")
+    cmd = [nvcc, "-cubin", f"-arch={arch}", "--resource-usage", *NVCC_FLAGS, *includes, source, "-o", out]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {source} ({arch}):\n{result.stderr[-4000:]}")
+    return [dict(row, arch=arch) for row in parse_ptxas(result.stderr)]
+
+
+def smem_table(tmp: str) -> dict[tuple[str, int], tuple[int, int]]:
+    """(pass, head_dim) -> (dynamic shared memory bytes, target CTAs per SM), from attention_layout.h."""
+    program = os.path.join(tmp, "layout.cpp")
+    with open(program, "w") as f:
+        f.write(
+            '#include "attention_layout.h"\n#include <cstdio>\nusing namespace retro_kernels::cuda;\n'
+            "template <Pass P, int D> void row() {\n"
+            '  std::printf("%s %d %zu %d\\n", pass_name(P), D, SmemLayout<P, D>::bytes, min_ctas_per_sm(P, D));\n}\n'
+            "template <int D> void rows() { row<Pass::Forward, D>(); row<Pass::BackwardDq, D>(); "
+            "row<Pass::BackwardDkDv, D>(); }\n"
+            "int main() { rows<32>(); rows<64>(); rows<128>(); }\n"
+        )
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or find_nvcc()
+    exe = os.path.join(tmp, "layout")
+    subprocess.run([compiler, "-std=c++17", "-I", CUDA_DIR, program, "-o", exe], check=True, capture_output=True)
+    table = {}
+    for line in subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines():
+        name, d, smem, target = line.split()
+        table[name, int(d)] = (int(smem), int(target))
+    return table
+
+
+def ctas_per_sm(registers: int, smem_bytes: int, arch: str) -> int:
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = REGISTERS_PER_SM // (per_warp * THREADS // 32)
+    by_smem = SMEM_PER_SM[arch] // (smem_bytes + SMEM_RESERVED_PER_CTA)
+    return min(by_registers, by_smem, MAX_CTAS_PER_SM)
+
+
+@functools.cache
+def rows(archs: tuple[str, ...] = ARCHS) -> list[dict]:
+    """One row per (kernel, dtype, head dim, arch); raises RuntimeError without nvcc."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: cannot compile the CUDA kernels")
+    sources = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
+    with tempfile.TemporaryDirectory() as tmp:
+        includes = _include_flags(tmp)
+        table = smem_table(tmp)
+        jobs = [(s, a) for s in sources for a in archs]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            compiled = list(pool.map(lambda job: _compile(nvcc, job[0], job[1], includes, tmp), jobs))
+    result = []
+    for kernels in compiled:
+        for row in kernels:
+            smem, target = table[row["kernel"].split("_", 1)[1], row["head_dim"]]
+            row.update(smem_bytes=smem, target_ctas_per_sm=target,
+                       ctas_per_sm=ctas_per_sm(row["registers"], smem, row["arch"]))
+            result.append(row)
+    order = {name: i for i, name in enumerate(PASSES)}
+    result.sort(key=lambda r: (r["arch"], r["kernel"].split("_")[0], order[r["kernel"].split("_", 1)[1]],
+                               r["head_dim"], r["dtype"]))
+    return result
+
+
+def format_table(table: list[dict]) -> str:
+    header = ("kernel", "dtype", "head_dim", "arch", "registers", "spill_bytes", "smem_bytes", "ctas_per_sm",
+              "target_ctas_per_sm")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    lines += [" | ".join(str(r[h]) for h in header) for r in table]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", choices=ARCHS, help="default: all of " + ", ".join(ARCHS))
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = parser.parse_args(argv)
+    table = rows(tuple(args.arch or ARCHS))
+    if args.json:
+        print("\n".join(json.dumps(r) for r in table))
+    else:
+        print(format_table(table))
+
+
+if __name__ == "__main__":
+    main()

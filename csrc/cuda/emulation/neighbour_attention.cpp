@@ -1,0 +1,4 @@
+// csrc/cuda/neighbour_attention.cu compiled for the CPU emulation (tests only).
+#include "cuda_emulation.h"
+
+#include "../neighbour_attention.cu"
