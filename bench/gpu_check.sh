@@ -157,7 +157,7 @@ record build "$(outcome "$BUILD_RC")" $(($(date +%s) - BUILD_T0)) "$BUILD_BUDGET
 TEST_FILES=()
 for f in tests/test_chunked_cross_attention.py tests/test_neighbour_self_attention.py \
          tests/test_neighbour_cross_attention.py tests/test_neighbour_encoder.py tests/test_nn_*.py \
-         tests/test_native_*.py tests/test_triton_*.py tests/test_cuda_*.py tests/test_bench_peers.py \
+         tests/test_native_*.py tests/test_triton_*.py tests/test_cuda_kernels.py tests/test_cuda_support.py tests/test_bench_peers.py \
          tests/test_model.py; do
   [ -f "$f" ] && TEST_FILES+=("$f")
 done
