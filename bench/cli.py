@@ -105,6 +105,10 @@ def _split(text: str | None) -> set[str] | None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # the Triton kernels' resource report: bench/kernels.py
+        from .kernels import main as kernels_main
+        return kernels_main(argv[1:])
     args = parse_args(argv)
     if args.what == "report":
         from .report import make_report
