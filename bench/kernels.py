@@ -213,8 +213,9 @@ def _meta_label(launch: Launch, config) -> str:
     return " ".join(f"{k[6:]}={v}" for k, v in sorted(meta.items()) if k.startswith("BLOCK_"))
 
 
-def report_rows(arch="sm90", head_dims=(64, 128), kv_heads=(16, 4), ops=OPS, dtype_name="bf16"):
-    """Yield one row (a dict) per op, pass, shape, launch and config."""
+def report_rows(arch="sm90", head_dims=(64, 128), kv_heads=(16, 4), ops=OPS, dtype_name="bf16", all_configs=True):
+    """Yield one row (a dict) per op, pass, shape, launch and config (only the default one
+    of an autotuned launch unless all_configs)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -223,7 +224,7 @@ def report_rows(arch="sm90", head_dims=(64, 128), kv_heads=(16, 4), ops=OPS, dty
             for D in head_dims:
                 for direction, launches in paper_launches(op, Hkv, D, dtype).items():
                     for index, launch in enumerate(launches):
-                        for config in launch.configs:
+                        for config in launch.configs if all_configs else launch.configs[:1]:
                             t0 = time.perf_counter()
                             compiled = compile_launch(launch, config, arch)
                             row = dict(op=op, direction=direction, launch=index, kernel=launch.kernel.__name__,
@@ -254,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=_split_ints, default=(16, 4))
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
+    p.add_argument("--configs", choices=("all", "default"), default="all",
+                   help="every config an autotuned launch may pick (default), or only its default one")
     p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
     args = p.parse_args(argv)
 
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__} kernels compiled ahead of time for {args.arch}, {args.dtype}, "
           f"paper shapes {PAPER}", flush=True)
     rows = []
-    for row in report_rows(args.arch, args.head_dims, args.kv_heads, tuple(args.ops.split(",")), args.dtype):
+    for row in report_rows(args.arch, args.head_dims, args.kv_heads, tuple(args.ops.split(",")), args.dtype,
+                           all_configs=args.configs == "all"):
         print_row(row)
         rows.append(dict(row, triton=triton.__version__))
     if args.json:

@@ -4,7 +4,7 @@ Tiles. A forward program takes BLOCK_M query rows of one key set (128 when
 the key set has that many rows: two heads of a GQA group at m=64, or 128
 neighbour tokens; then 8 warps, one warpgroup per 64 rows; else 64 rows and
 4 warps, so no warpgroup repeats another's work). A backward program owns a
-whole key set and picks one of three sweeps (see `backward_plan`).
+whole key set; `backward_plan` picks its sweeps.
 
 Autotuning. On a GPU, launches of at least AUTOTUNE_MIN_PROGRAMS programs are
 autotuned (`triton.autotune`, keyed on the head dim, the key-set shape, the
@@ -74,7 +74,9 @@ def forward_tiles(rows: int, run: int, head_dim: int, elem_size: int) -> tuple[d
         for warps in (4, 8):
             for stages in (2, 3, 4):
                 c = Config((("BLOCK_N", bn),), warps, stages)
-                useful = bn <= _fits(run, 128) and (warps == 4) == (block_m < 128) and bd <= 128
+                # 8 warps only for 128-row tiles (one warpgroup per 64 rows); 128-key tiles spill at D = 128
+                useful = (bn <= _fits(run, 128) and (warps == 4) == (block_m < 128) and bd <= 128
+                          and (bn < 128 or bd <= 64))
                 if useful and c != default:
                     candidates.append(c)
     return fixed, candidates
@@ -86,31 +88,45 @@ def forward_smem(meta: dict, config: Config, elem_size: int) -> int:
     return elem_size * meta["BLOCK_D"] * (meta["BLOCK_M"] + 2 * bn * config.num_stages)
 
 
-def backward_plan(rows: int, run: int, n_runs: int, head_dim: int, elem_size: int) -> tuple[dict, list[Config]]:
-    """(fixed meta-parameters, candidate configs) of a backward launch over one key set.
+def backward_plan(rows: int, run: int, n_runs: int, head_dim: int, elem_size: int) -> list[tuple[dict, list[Config]]]:
+    """The launches of a backward over key sets of `rows` query rows (all heads of the group)
+    and `n_runs` runs of `run` keys: [(fixed meta-parameters, candidate configs)], in order.
 
-    rows: query rows per key set (all heads of the group); run, n_runs: the
-    key set is n_runs runs of `run` keys. The sweep:
-      ROWS_FIT  every row fits one BLOCK_M tile: one sweep over the key tiles,
-                dQ accumulated on chip, each key tile's dK, dV stored once (5 matmuls);
-      KEYS_FIT  every key fits one BLOCK_N tile: one sweep over the row tiles,
-                dK, dV accumulated on chip, each row tile's dQ stored once (5 matmuls);
-      neither   key tiles outside for dK, dV, then row tiles outside for dQ (7 matmuls).
+    SWEEP="rows"  every row fits one BLOCK_M tile: one sweep over the key tiles,
+                  dQ accumulated on chip, each key tile's dK, dV stored once (5 matmuls);
+    SWEEP="keys", DQ_TOO  every key fits one BLOCK_N tile: one sweep over the row tiles,
+                  dK, dV accumulated on chip, each row tile's dQ stored once (5 matmuls);
+    otherwise     two launches: "keys" (dK, dV; key tiles outside) then "dq" (row tiles outside): 7 matmuls.
+
+    Tiles whose score tile feeds a matmul from registers keep 64 of its rows
+    per warpgroup (4 warps per 64 rows), so no warpgroup repeats another's
+    work; the sizes keep every config free of register spills at D <= 128
+    (bench/kernels.py and tests/test_triton_kernels.py check it).
     """
     bd = block_d(head_dim)
-    if elem_size == 2 and bd <= 64:
-        max_m, max_n, warps = 64, 64, 4
-    elif elem_size == 2 and bd <= 128:
-        max_m, max_n, warps = 64, 64, 8
-    elif bd * elem_size <= 512:  # 16-bit D = 256, fp32 D <= 128
-        max_m, max_n, warps = (64, 32, 8) if elem_size == 2 else (32, 32, 4)
-    else:  # fp32 D = 256
-        max_m, max_n, warps = 32, 16, 4
-    rows_fit = rows <= max_m
-    keys_fit = not rows_fit and n_runs == 1 and run <= max_n
-    fixed = dict(BLOCK_M=_fits(rows, max_m), BLOCK_N=_fits(run, max_n), BLOCK_D=bd,
-                 ROWS_FIT=rows_fit, KEYS_FIT=keys_fit)
-    return fixed, [Config((), warps, stages) for stages in (2, 1, 3)]
+    if elem_size == 2 and bd <= 128:
+        rows_cap, rows_n, keys_m, dq_n = 64, (64 if bd <= 64 else 32), 16, (32 if bd <= 64 else 16)
+    else:  # fp32 (exact fp32 dots) or D = 256: small tiles
+        rows_cap, rows_n, keys_m, dq_n = 32, 16, 16, 16
+    keys_cap = 128 if elem_size == 2 and bd <= 128 else 32
+    if rows <= rows_cap:
+        return [_backward_pass("rows", False, _fits(rows, rows_cap), _fits(run, rows_n), bd)]
+    if n_runs == 1 and run <= keys_cap:
+        return [_backward_pass("keys", True, keys_m, _fits(run, keys_cap), bd)]
+    return [_backward_pass("keys", False, keys_m, _fits(run, min(keys_cap, 64)), bd),
+            _backward_pass("dq", False, rows_cap, _fits(run, dq_n), bd)]
+
+
+def _backward_pass(sweep: str, dq_too: bool, block_m: int, block_n: int, bd: int) -> tuple[dict, list[Config]]:
+    # The score tile feeds a matmul from registers along its first axis (keys in the "keys"
+    # sweep, rows otherwise): 8 warps only when it has the 128 rows for two warpgroups and
+    # the head dim needs them (at D <= 64 one warpgroup holds a 128-row tile without spilling).
+    fed = block_n if sweep == "keys" else block_m
+    warps = 8 if fed >= 128 and bd > 64 else 4
+    fixed = dict(SWEEP=sweep, DQ_TOO=dq_too, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd)
+    # a third stage spills the 4-warp dk, dv tiles of the "keys" sweep at D = 128
+    stages = (2, 1) if sweep == "keys" and warps == 4 and bd > 64 else (2, 1, 3)
+    return fixed, [Config((), warps, s) for s in stages]
 
 
 # ---------------------------------------------------------------------------

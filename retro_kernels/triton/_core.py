@@ -14,6 +14,8 @@ forward
     attend_keys      online softmax of a query tile over every key tile of a key set
     softmax_step     one key tile of it
     finish_rows      normalisation: output rows and their log-sum-exp
+both
+    head_rows        which query head and row each row of a tile is (heads of a GQA group stacked)
 backward (score tiles laid out keys x rows, the way dK and dV accumulate)
     load_row_tile    Q and dO of a row tile, its lse, and delta = rowsum(dO * O)
                      from the tile's own O: no separate pass over dO and O
@@ -75,6 +77,14 @@ def store_tile(base, rows, row_ok, stride_d, tile, HEAD_DIM: tl.constexpr, BLOCK
     d = tl.arange(0, BLOCK_D)
     ptrs = (base + rows)[:, None] + d[None, :].to(tl.int64) * stride_d
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def head_rows(row_start, h_kv, GROUP: tl.constexpr, ROWS_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows row_start.. of a key set, row = g * ROWS_PER_HEAD + i for the group's query head
+    h = h_kv * GROUP + g: (i, h as int64, which rows exist). Divisions by constants, once per tile."""
+    row = row_start + tl.arange(0, BLOCK_M)
+    return row % ROWS_PER_HEAD, (h_kv * GROUP + row // ROWS_PER_HEAD).to(tl.int64), row < GROUP * ROWS_PER_HEAD
 
 
 @triton.jit
@@ -167,24 +177,36 @@ def load_row_tile(Q, DO, O, LSE, q_rows, do_rows, o_rows, stat, row_real, stride
 
 
 @triton.jit
-def score_grads_t(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT: tl.constexpr):
-    """P^T = exp2(K Q^T * scale - lse) and dS^T = P^T * (V dO^T - delta) of a key tile x row tile."""
-    pt = tl.exp2(mma(k, tl.trans(q), None, IEEE_DOT) * qk_scale - lse2[None, :])
-    pt = tl.where(key_real[:, None], pt, 0.0)
-    dst = pt * (mma(v, tl.trans(do), None, IEEE_DOT) - delta[None, :])
-    return pt, dst
+def score_grads(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT: tl.constexpr):
+    """P = exp2(Q K^T * scale - lse) and dS = P * (dO V^T - delta) of a row tile x key tile (rows
+    first, so lse and delta are per-row: a few registers), in the inputs' dtype (only matmul operands)."""
+    p = tl.exp2(mma(q, tl.trans(k), None, IEEE_DOT) * qk_scale - lse2[:, None])
+    p = tl.where(key_real[None, :], p, 0.0)
+    ds = p * (mma(do, tl.trans(v), None, IEEE_DOT) - delta[:, None])
+    return p.to(do.dtype), ds.to(q.dtype)
 
 
 @triton.jit
-def backward_tile(dk, dv, dq, q, do, lse2, delta, k, v, key_real, qk_scale,
+def score_grads_t(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT: tl.constexpr):
+    """P^T and dS^T of a key tile x row tile (keys first, the way dK and dV accumulate)."""
+    pt = tl.exp2(mma(k, tl.trans(q), None, IEEE_DOT) * qk_scale - lse2[None, :])
+    pt = tl.where(key_real[:, None], pt, 0.0)
+    dst = pt * (mma(v, tl.trans(do), None, IEEE_DOT) - delta[None, :])
+    return pt.to(do.dtype), dst.to(q.dtype)
+
+
+@triton.jit
+def backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale,
                   WANT_DQ: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """dK, dV and dQ (None: start from zero) plus this key tile x row tile's part of them:
-    dV += P^T dO, dK += dS^T Q, dQ += dS K (dK and dQ still lack the softmax scale)."""
+    """dK, dV plus this key tile x row tile's part of them, dV += P^T dO and dK += dS^T Q,
+    and (if WANT_DQ) the tile's dQ = dS K; dK and dQ still lack the softmax scale."""
     pt, dst = score_grads_t(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
-    dv = mma(pt.to(do.dtype), do, dv, IEEE_DOT)
-    dk = mma(dst.to(q.dtype), q, dk, IEEE_DOT)
+    dv = mma(pt, do, dv, IEEE_DOT)
+    dk = mma(dst, q, dk, IEEE_DOT)
     if WANT_DQ:
-        dq = mma(tl.trans(dst.to(k.dtype)), k, dq, IEEE_DOT)
+        dq = mma(tl.trans(dst), k, None, IEEE_DOT)
+    else:
+        dq = 0.0
     return dk, dv, dq
 
 
@@ -194,13 +216,17 @@ def backward_keys(dq, q, do, lse2, delta, keys, grads, scale, qk_scale,
                   HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr):
     """Every query row of the key set is in (q, do): one sweep over the key tiles.
 
-    Each key tile's dK and dV are complete here, so they are stored at once;
-    dQ accumulates on chip and is returned.
+    Each key tile's dV and dK are complete here, so each is stored as soon as
+    it is computed; dQ accumulates on chip and is returned.
     """
+    DK, DV, stride_run, stride_key, stride_d = grads
     for t in range(0, n_key_tiles(keys, BLOCK_N)):
         k, v, key_real, run, j = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
-        dk, dv, dq = backward_tile(None, None, dq, q, do, lse2, delta, k, v, key_real, qk_scale, True, IEEE_DOT)
-        store_key_grads(grads, run, j, keys[4], dk * scale, dv, HEAD_DIM, BLOCK_D)
+        p, ds = score_grads(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
+        dq = mma(ds, k, dq, IEEE_DOT)
+        rows = run * stride_run + j.to(tl.int64) * stride_key
+        store_tile(DV, rows, j < keys[4], stride_d, mma(tl.trans(p), do, None, IEEE_DOT), HEAD_DIM, BLOCK_D)
+        store_tile(DK, rows, j < keys[4], stride_d, mma(tl.trans(ds), q, None, IEEE_DOT) * scale, HEAD_DIM, BLOCK_D)
     return dq
 
 
@@ -212,6 +238,6 @@ def dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M: tl.constexpr,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for t in range(0, n_key_tiles(keys, BLOCK_N)):
         k, v, key_real, _, _ = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
-        _, dst = score_grads_t(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
-        dq = mma(tl.trans(dst.to(k.dtype)), k, dq, IEEE_DOT)
+        _, ds = score_grads(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
+        dq = mma(ds, k, dq, IEEE_DOT)
     return dq

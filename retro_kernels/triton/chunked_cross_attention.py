@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..dispatch import triton_reasons
 from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
-from ._core import (LOG2E, attend_keys, backward_keys, backward_tile, dq_over_keys, finish_rows, key_tile,
+from ._core import (LOG2E, attend_keys, backward_keys, backward_tile, dq_over_keys, finish_rows, head_rows, key_tile,
                     load_row_tile, load_tile, n_key_tiles, store_key_grads, store_tile)
 
 
@@ -49,12 +49,12 @@ def _key_set(pid, n_sets, n_kv_heads, first_chunk):
 
 
 @triton.jit
-def _query_rows(c, row_start, h_kv, group, chunk_size, start_pos, N, BLOCK_M: tl.constexpr):
+def _query_rows(c, row_start, h_kv, GROUP: tl.constexpr, CHUNK: tl.constexpr, start_pos, N,
+                BLOCK_M: tl.constexpr):
     """Rows row_start.. of key set c (row = g * m + i): token index n in q, head h (int64), real tokens."""
-    row = row_start + tl.arange(0, BLOCK_M)
-    n = c * chunk_size - 1 + row % chunk_size - start_pos  # absolute position minus start_pos
-    real = (row < group * chunk_size) & (n >= 0) & (n < N)
-    return n.to(tl.int64), h_kv * group + row // chunk_size, real
+    i, h, real = head_rows(row_start, h_kv, GROUP, CHUNK, BLOCK_M)
+    n = c * CHUNK - 1 + i - start_pos  # absolute position minus start_pos
+    return n.to(tl.int64), h, real & (n >= 0) & (n < N)
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _cca_bwd_kernel(
     pid_base, N, start_pos, n_chunks, n_kv_heads, n_heads, n_neighbours, R, scale, qk_scale,
     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS_FIT: tl.constexpr, KEYS_FIT: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # -- which key set: query chunk c = 0 .. L (chunk 0 has no keys: zero dq rows)
     b, h_kv, c = _key_set(pid_base + tl.program_id(0).to(tl.int64), n_chunks + 1, n_kv_heads, 0)
@@ -157,17 +157,17 @@ def _cca_bwd_kernel(
             stride_ob, stride_on, stride_oh, stride_od)
     dq_base = DQ + b * stride_dqb
 
-    if ROWS_FIT:
-        # -- one sweep: the rows stay on chip, dq accumulates over the key tiles
+    if SWEEP == "rows":
+        # -- every row on chip: one sweep over the key tiles, dq accumulates ----
         n, h, row_real, q, do, lse2, delta = _load_rows(0, *rows, HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
         dq = backward_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q, do, lse2, delta, keys, grads,
                            scale, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
         store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
-    else:
-        # -- key tiles outside: dk, dv on chip, summed over the row tiles -------
-        # (with KEYS_FIT there is one key tile, so each row tile's dq is final;
-        # it runs even for chunk 0, whose zero dq rows it writes)
-        if KEYS_FIT:
+    elif SWEEP == "keys":
+        # -- key tiles outside, dk and dv on chip over the row tiles; when one
+        # key tile holds every key (DQ_TOO), each row tile's dq is final too,
+        # and chunk 0 (no keys) still runs once to write its zero dq rows
+        if DQ_TOO:
             n_tiles = 1
         else:
             n_tiles = n_key_tiles(keys, BLOCK_N)
@@ -178,21 +178,21 @@ def _cca_bwd_kernel(
             for row_start in range(0, GROUP * CHUNK, BLOCK_M):
                 n, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
                                                                 HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
-                dk, dv, dq = backward_tile(dk, dv, None, q, do, lse2, delta, k, v, key_real, qk_scale,
-                                           KEYS_FIT, IEEE_DOT)
-                if KEYS_FIT:
+                dk, dv, dq = backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale,
+                                           DQ_TOO, IEEE_DOT)
+                if DQ_TOO:
                     store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
                                HEAD_DIM, BLOCK_D)
             store_key_grads(grads, run, j, keys[4], dk * scale, dv, HEAD_DIM, BLOCK_D)
-        if not KEYS_FIT:
-            # -- row tiles outside: dq over every key of the set ----------------
-            for row_start in range(0, GROUP * CHUNK, BLOCK_M):
-                n, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                                HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
-                dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
-                                  HAS_MASK, IEEE_DOT)
-                store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
-                           HEAD_DIM, BLOCK_D)
+    else:
+        # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
+        for row_start in range(0, GROUP * CHUNK, BLOCK_M):
+            n, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
+                                                            HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
+            dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
+                              HAS_MASK, IEEE_DOT)
+            store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
+                       HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------
@@ -235,17 +235,18 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
     if B * Hkv * D == 0:
         return dq, dk, dv
     group = Hq // Hkv
-    fixed, configs = backward_plan(group * chunk_size, R, K, D, q.element_size())
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
-    # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
-    # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it)
-    with on_device(q):
-        launch(_cca_bwd_kernel, B * Hkv * (L + 1), lambda pid_base: (
-            q, k, v, mask, dout, out, lse, dq, dk, dv,
+    args = (q, k, v, mask, dout, out, lse, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *out.stride(),
-            *dq.stride(), *dk.stride(),
-            pid_base, N, start_pos, L, Hkv, Hq, K, R, scale, scale * LOG2E,
-        ), dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
-                IEEE_DOT=q.dtype == torch.float32),
-            configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK", "ROWS_FIT", "KEYS_FIT"))
+            *dq.stride(), *dk.stride())
+    # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
+    # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it);
+    # one launch, or two (dk and dv, then dq) when neither the rows nor the keys fit a tile
+    with on_device(q):
+        for fixed, configs in backward_plan(group * chunk_size, R, K, D, q.element_size()):
+            launch(_cca_bwd_kernel, B * Hkv * (L + 1),
+                   lambda pid_base: (*args, pid_base, N, start_pos, L, Hkv, Hq, K, R, scale, scale * LOG2E),
+                   dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
+                        IEEE_DOT=q.dtype == torch.float32),
+                   configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK", "SWEEP", "DQ_TOO"))
     return dq, dk, dv
