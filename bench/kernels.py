@@ -58,8 +58,10 @@ class Launch:
 
 @contextlib.contextmanager
 def capture_launches():
-    """Within the block, Triton kernel launches are recorded (into the yielded list), not run."""
+    """Within the block, Triton kernel launches are recorded (into the yielded list), not run
+    (under the interpreter too, so tests can look at grids and arguments)."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: list[Launch] = []
@@ -76,12 +78,12 @@ def capture_launches():
         launches.append(Launch(self.fn, _grid(grid, self.fn, args, kwargs), args, kwargs,
                                [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]))
 
-    saved = JITFunction.run, Autotuner.run
-    JITFunction.run, Autotuner.run = jit_run, autotuner_run
+    saved = JITFunction.run, InterpretedFunction.run, Autotuner.run
+    JITFunction.run, InterpretedFunction.run, Autotuner.run = jit_run, jit_run, autotuner_run
     try:
         yield launches
     finally:
-        JITFunction.run, Autotuner.run = saved
+        JITFunction.run, InterpretedFunction.run, Autotuner.run = saved
 
 
 def _grid(grid, kernel, args, kwargs):
@@ -90,12 +92,16 @@ def _grid(grid, kernel, args, kwargs):
     return tuple(grid)
 
 
-def meta_inputs(op: str, Hkv: int, D: int, dtype):
-    """Meta tensors (no storage) of the paper shapes for `op`, contiguous, masks included."""
+OPS = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
+
+
+def meta_inputs(op: str, dims: dict, dtype):
+    """Meta tensors (no storage), contiguous, masks included, of the shapes in dims
+    (B, N, m, K, R, Hq, Hkv, D; L = N // m chunks; neighbour cross-attention's keys are m tokens)."""
     import torch
 
-    B, N, m, K, R, Hq = (PAPER[k] for k in ("B", "N", "m", "K", "R", "Hq"))
-    L = N // m
+    B, N, m, K, R, Hq, Hkv, D = (dims[k] for k in ("B", "N", "m", "K", "R", "Hq", "Hkv", "D"))
+    L = max(1, N // m)
     meta = dict(device="meta", dtype=dtype)
     if op == "chunked_cross_attention":
         q = torch.empty(B, N, Hq, D, **meta)
@@ -105,26 +111,23 @@ def meta_inputs(op: str, Hkv: int, D: int, dtype):
         q = torch.empty(B, L, K, R, Hq, D, **meta)
         k = torch.empty(B, L, K, R, Hkv, D, **meta)
         mask = torch.empty(B, L, K, R, device="meta", dtype=torch.bool)
-    else:  # neighbour_cross_attention: keys are the m tokens of the chunk
+    else:  # neighbour_cross_attention
         q = torch.empty(B, L, K, R, Hq, D, **meta)
         k = torch.empty(B, L, m, Hkv, D, **meta)
         mask = torch.empty(B, L, m, device="meta", dtype=torch.bool)
     return q, k, torch.empty_like(k), mask
 
 
-OPS = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
-
-
-def paper_launches(op: str, Hkv: int, D: int, dtype) -> dict[str, list[Launch]]:
-    """{"fwd": [...], "bwd": [...]}: the launches the Triton backend makes for `op` at the paper shapes."""
+def op_launches(op: str, dims: dict, dtype) -> dict[str, list[Launch]]:
+    """{"fwd": [...], "bwd": [...]}: the launches the Triton backend makes for `op` at these shapes."""
     import importlib
 
     import torch
 
     module = importlib.import_module(f"retro_kernels.triton.{op}")
-    q, k, v, mask = meta_inputs(op, Hkv, D, dtype)
-    scale = D ** -0.5
-    extra = (PAPER["m"], scale, 0) if op == "chunked_cross_attention" else (scale,)
+    q, k, v, mask = meta_inputs(op, dims, dtype)
+    scale = dims["D"] ** -0.5
+    extra = (dims["m"], scale, 0) if op == "chunked_cross_attention" else (scale,)
     with capture_launches() as fwd:
         out, lse = module.forward(q, k, v, mask, *extra)
     with capture_launches() as bwd:
@@ -213,31 +216,58 @@ def _meta_label(launch: Launch, config) -> str:
     return " ".join(f"{k[6:]}={v}" for k, v in sorted(meta.items()) if k.startswith("BLOCK_"))
 
 
-def report_rows(arch="sm90", head_dims=(64, 128), kv_heads=(16, 4), ops=OPS, dtype_name="bf16", all_configs=True):
-    """Yield one row (a dict) per op, pass, shape, launch and config (only the default one
-    of an autotuned launch unless all_configs)."""
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def tasks(shapes, dtype_name="bf16", all_configs=True) -> list[tuple[dict, Launch, object]]:
+    """(row so far, launch, config) for every launch of every (op, dims) in shapes, and every
+    config an autotuned launch may pick (only its default one unless all_configs)."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    for op in ops:
-        for Hkv in kv_heads:
-            for D in head_dims:
-                for direction, launches in paper_launches(op, Hkv, D, dtype).items():
-                    for index, launch in enumerate(launches):
-                        for config in launch.configs if all_configs else launch.configs[:1]:
-                            t0 = time.perf_counter()
-                            compiled = compile_launch(launch, config, arch)
-                            row = dict(op=op, direction=direction, launch=index, kernel=launch.kernel.__name__,
-                                       arch=arch, dtype=dtype_name, Hq=PAPER["Hq"], Hkv=Hkv, D=D,
-                                       grid=list(launch.grid), tiles=_meta_label(launch, config),
-                                       autotuned=config is not None)
-                            row.update(resources(compiled, arch))
-                            row["compile_s"] = round(time.perf_counter() - t0, 2)
-                            yield row
+    dtype = getattr(torch, DTYPES[dtype_name])
+    out = []
+    for op, dims in shapes:
+        for direction, launches in op_launches(op, dims, dtype).items():
+            for index, launch in enumerate(launches):
+                for config in launch.configs if all_configs else launch.configs[:1]:
+                    row = dict(op=op, direction=direction, launch=index, kernel=launch.kernel.__name__,
+                               dtype=dtype_name, **dims, grid=list(launch.grid),
+                               tiles=_meta_label(launch, config), autotuned=config is not None)
+                    out.append((row, launch, config))
+    return out
+
+
+_TASKS: list = []  # the tasks that forked compile workers read
+
+
+def _compile_task(args) -> dict:
+    index, arch = args
+    row, launch, config = _TASKS[index]
+    t0 = time.perf_counter()
+    row = dict(row, arch=arch, **resources(compile_launch(launch, config, arch), arch))
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def compile_rows(task_list, arch="sm90", jobs=1):
+    """Yield the resource row of every task, in order, compiling `jobs` at a time."""
+    _TASKS[:] = task_list
+    work = [(i, arch) for i in range(len(task_list))]
+    if jobs <= 1:
+        yield from map(_compile_task, work)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from pool.imap(_compile_task, work)
+
+
+def paper_shapes(ops=OPS, kv_heads=(16, 4), head_dims=(64, 128)):
+    return [(op, dict(PAPER, Hkv=Hkv, D=D)) for op in ops for Hkv in kv_heads for D in head_dims]
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['op']:25s} {row['direction']} {row['kernel'][:20]:20s} Hkv={row['Hkv']:<2d} D={row['D']:<3d} "
+    print(f"{row['op']:25s} {row['direction']} Hkv={row['Hkv']:<2d} D={row['D']:<3d} "
           f"{row['tiles']:22s} warps={row['num_warps']} stages={row['num_stages']} "
           f"regs={row['registers']:3d} spill={row['spill_bytes']:4d}B smem={row['smem_bytes'] / 1024:6.1f}KB "
           f"CTAs/SM={row['ctas_per_sm']:2d} ({row['limited_by']})", flush=True)
@@ -257,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
     p.add_argument("--configs", choices=("all", "default"), default="all",
                    help="every config an autotuned launch may pick (default), or only its default one")
+    p.add_argument("--jobs", type=int, default=1, help="compile this many kernels at a time")
     p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
     args = p.parse_args(argv)
 
@@ -271,8 +302,8 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__} kernels compiled ahead of time for {args.arch}, {args.dtype}, "
           f"paper shapes {PAPER}", flush=True)
     rows = []
-    for row in report_rows(args.arch, args.head_dims, args.kv_heads, tuple(args.ops.split(",")), args.dtype,
-                           all_configs=args.configs == "all"):
+    shapes = paper_shapes(tuple(args.ops.split(",")), args.kv_heads, args.head_dims)
+    for row in compile_rows(tasks(shapes, args.dtype, args.configs == "all"), args.arch, args.jobs):
         print_row(row)
         rows.append(dict(row, triton=triton.__version__))
     if args.json:

@@ -100,7 +100,7 @@ def key_tile(keys, t, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
     per_run = tl.cdiv(run_len, BLOCK_N)
     run = (t // per_run).to(tl.int64)
     j = (t % per_run) * BLOCK_N + tl.arange(0, BLOCK_N)
-    real = j < run_len
+    real = j < tl.where(run < n_runs, run_len, 0)  # a key set with no runs still has a tile 0: all masked
     j64 = j.to(tl.int64)
     k = load_tile(K + run * skr, j64 * skn, real, skd, HEAD_DIM, BLOCK_D)
     v = load_tile(V + run * svr, j64 * svn, real, svd, HEAD_DIM, BLOCK_D)
@@ -110,12 +110,13 @@ def key_tile(keys, t, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def store_key_grads(grads, run, j, run_len, dk, dv, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dK and dV of the key tile (run, j) of a key set whose runs hold run_len keys."""
+def store_key_grads(grads, keys, run, j, dk, dv, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK and dV of the key tile (run, j) of the key set."""
     DK, DV, stride_run, stride_key, stride_d = grads
     rows = run * stride_run + j.to(tl.int64) * stride_key
-    store_tile(DK, rows, j < run_len, stride_d, dk, HEAD_DIM, BLOCK_D)
-    store_tile(DV, rows, j < run_len, stride_d, dv, HEAD_DIM, BLOCK_D)
+    in_set = j < tl.where(run < keys[3], keys[4], 0)
+    store_tile(DK, rows, in_set, stride_d, dk, HEAD_DIM, BLOCK_D)
+    store_tile(DV, rows, in_set, stride_d, dv, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------
@@ -225,8 +226,9 @@ def backward_keys(dq, q, do, lse2, delta, keys, grads, scale, qk_scale,
         p, ds = score_grads(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
         dq = mma(ds, k, dq, IEEE_DOT)
         rows = run * stride_run + j.to(tl.int64) * stride_key
-        store_tile(DV, rows, j < keys[4], stride_d, mma(tl.trans(p), do, None, IEEE_DOT), HEAD_DIM, BLOCK_D)
-        store_tile(DK, rows, j < keys[4], stride_d, mma(tl.trans(ds), q, None, IEEE_DOT) * scale, HEAD_DIM, BLOCK_D)
+        in_set = j < keys[4]  # run < n_runs: this loop only visits the set's runs
+        store_tile(DV, rows, in_set, stride_d, mma(tl.trans(p), do, None, IEEE_DOT), HEAD_DIM, BLOCK_D)
+        store_tile(DK, rows, in_set, stride_d, mma(tl.trans(ds), q, None, IEEE_DOT) * scale, HEAD_DIM, BLOCK_D)
     return dq
 
 

@@ -62,13 +62,11 @@ def _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
                     stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
                     stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
                     stride_mb, stride_ml, stride_mk, stride_mr):
-    """The key set of query chunk c: the K neighbours (runs of R keys) of chunk u = c - 1; none for c = 0."""
+    """The key set of query chunk c: the K neighbours (runs of R keys) of chunk u = c - 1; no runs for c = 0."""
     u = (c - 1).to(tl.int64)
-    n_runs = tl.where(c > 0, n_neighbours, 0)
-    run_len = tl.where(c > 0, R, 0)
     return (K + b * stride_kb + u * stride_kl + h_kv * stride_kh,
             V + b * stride_vb + u * stride_vl + h_kv * stride_vh,
-            MASK + b * stride_mb + u * stride_ml, n_runs, run_len,
+            MASK + b * stride_mb + u * stride_ml, tl.where(c > 0, n_neighbours, 0), R,
             stride_kk, stride_kr, stride_kd, stride_vk, stride_vr, stride_vd, stride_mk, stride_mr)
 
 
@@ -183,7 +181,7 @@ def _cca_bwd_kernel(
                 if DQ_TOO:
                     store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
                                HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, run, j, keys[4], dk * scale, dv, HEAD_DIM, BLOCK_D)
+            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
     else:
         # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
         for row_start in range(0, GROUP * CHUNK, BLOCK_M):

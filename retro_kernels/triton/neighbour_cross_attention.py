@@ -172,7 +172,7 @@ def _nca_bwd_kernel(
                 if DQ_TOO:
                     store_tile(dq_base, kq * stride_dqk + r * stride_dqr + h * stride_dqh, row_real, stride_dqd,
                                dq * scale, HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, run, j, M, dk * scale, dv, HEAD_DIM, BLOCK_D)
+            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
     else:
         # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
         for row_start in range(0, GROUP * KR, BLOCK_M):

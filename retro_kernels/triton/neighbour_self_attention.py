@@ -181,7 +181,7 @@ def _nsa_bwd_kernel(
                 if DQ_TOO:
                     store_tile(dq_base, r * stride_dqr + h * stride_dqh, row_in, stride_dqd, dq * scale,
                                HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, run, j, R, dk * scale, dv, HEAD_DIM, BLOCK_D)
+            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
     else:
         # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
         for row_start in range(0, GROUP * R, BLOCK_M):
