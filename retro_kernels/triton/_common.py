@@ -98,14 +98,13 @@ def backward_plan(rows: int, run: int, n_runs: int, head_dim: int, elem_size: in
                   dK, dV accumulated on chip, each row tile's dQ stored once (5 matmuls);
     otherwise     two launches: "keys" (dK, dV; key tiles outside) then "dq" (row tiles outside): 7 matmuls.
 
-    Tiles whose score tile feeds a matmul from registers keep 64 of its rows
-    per warpgroup (4 warps per 64 rows), so no warpgroup repeats another's
-    work; the sizes keep every config free of register spills at D <= 128
-    (bench/kernels.py and tests/test_triton_kernels.py check it).
+    The sizes keep every config free of register spills at D <= 128 on
+    triton 3.6 and 3.9, and at 2+ CTAs per SM at D = 64 on sm_90
+    (bench/kernels.py reports it, tests/test_triton_kernels.py checks it).
     """
     bd = block_d(head_dim)
     if elem_size == 2 and bd <= 128:
-        rows_cap, rows_n, keys_m, dq_n = 64, (64 if bd <= 64 else 32), 16, (32 if bd <= 64 else 16)
+        rows_cap, rows_n, keys_m, dq_n = 64, (64 if bd <= 64 else 16), 16, (32 if bd <= 64 else 16)
     else:  # fp32 (exact fp32 dots) or D = 256: small tiles
         rows_cap, rows_n, keys_m, dq_n = 32, 16, 16, 16
     keys_cap = 128 if elem_size == 2 and bd <= 128 else 32
@@ -118,14 +117,13 @@ def backward_plan(rows: int, run: int, n_runs: int, head_dim: int, elem_size: in
 
 
 def _backward_pass(sweep: str, dq_too: bool, block_m: int, block_n: int, bd: int) -> tuple[dict, list[Config]]:
-    # The score tile feeds a matmul from registers along its first axis (keys in the "keys"
-    # sweep, rows otherwise): 8 warps only when it has the 128 rows for two warpgroups and
-    # the head dim needs them (at D <= 64 one warpgroup holds a 128-row tile without spilling).
-    fed = block_n if sweep == "keys" else block_m
-    warps = 8 if fed >= 128 and bd > 64 else 4
+    # At D <= 64 one warpgroup holds every tile without spilling. At D = 128 the "keys"
+    # sweep's fp32 dK and dV tiles (BLOCK_N x 128 each) need two warpgroups; the other
+    # sweeps keep 4 warps on their 64-row tiles, and a third pipeline stage spills the
+    # "dq" sweep there (triton 3.6).
+    warps = 8 if sweep == "keys" and bd > 64 else 4
+    stages = (2, 1) if sweep == "dq" and bd > 64 else (2, 1, 3)
     fixed = dict(SWEEP=sweep, DQ_TOO=dq_too, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd)
-    # a third stage spills the 4-warp dk, dv tiles of the "keys" sweep at D = 128
-    stages = (2, 1) if sweep == "keys" and warps == 4 and bd > 64 else (2, 1, 3)
     return fixed, [Config((), warps, s) for s in stages]
 
 
