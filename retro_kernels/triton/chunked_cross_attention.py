@@ -66,7 +66,7 @@ def _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
     u = (c - 1).to(tl.int64)
     return (K + b * stride_kb + u * stride_kl + h_kv * stride_kh,
             V + b * stride_vb + u * stride_vl + h_kv * stride_vh,
-            MASK + b * stride_mb + u * stride_ml, tl.where(c > 0, n_neighbours, 0), R,
+            MASK + b * stride_mb + u * stride_ml, tl.minimum(c, 1) * n_neighbours, R,
             stride_kk, stride_kr, stride_kd, stride_vk, stride_vr, stride_vd, stride_mk, stride_mr)
 
 
