@@ -25,6 +25,7 @@ backward (score tiles laid out keys x rows, the way dK and dV accumulate)
                      (stored), dQ accumulates on chip (one sweep)
     dq_over_keys     dQ of one row tile over the key set (the second sweep,
                      only when neither the rows nor the keys fit one tile)
+    backward_sweeps  the whole backward of a key set, rows loaded by the op's own function
 
 A key set is described by a tuple
 
@@ -243,3 +244,49 @@ def dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M: tl.constexpr,
         _, ds = score_grads(q, do, lse2, delta, k, v, key_real, qk_scale, IEEE_DOT)
         dq = mma(ds, k, dq, IEEE_DOT)
     return dq
+
+
+@triton.jit
+def backward_sweeps(keys, grads, rows, DQ, stride_dqd, scale, qk_scale, LOAD_ROWS: tl.constexpr,
+                    GROUP: tl.constexpr, ROWS_PER_HEAD: tl.constexpr, R: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """The backward of one key set, its GROUP * ROWS_PER_HEAD query rows loaded by the op's
+    LOAD_ROWS(row_start, rows, GROUP, ROWS_PER_HEAD, R, HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_D)
+    -> (dq offsets from DQ, rows to store, Q, dO, lse (log2), delta). The sweeps (_common.backward_plan):
+
+    "rows"  every row on chip: one sweep over the key tiles, dQ accumulates (5 matmuls);
+    "keys"  key tiles outside, dK and dV on chip over the row tiles; with DQ_TOO one key tile
+            holds every key, so each row tile's dQ is final too (5 matmuls), and the tile runs
+            even for a key set with no keys (its dQ rows are zeros); without, dQ is left to
+    "dq"    row tiles outside, dQ over every key tile (3 matmuls).
+    """
+    if SWEEP == "rows":
+        dq_rows, dq_ok, q, do, lse2, delta = LOAD_ROWS(0, rows, GROUP, ROWS_PER_HEAD, R, HAS_MASK,
+                                                       HEAD_DIM, BLOCK_M, BLOCK_D)
+        dq = backward_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q, do, lse2, delta, keys, grads,
+                           scale, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
+        store_tile(DQ, dq_rows, dq_ok, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
+    elif SWEEP == "keys":
+        if DQ_TOO:
+            n_tiles = 1
+        else:
+            n_tiles = n_key_tiles(keys, BLOCK_N)
+        for t in range(0, n_tiles):
+            k, v, key_real, run, j = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for row_start in range(0, GROUP * ROWS_PER_HEAD, BLOCK_M):
+                dq_rows, dq_ok, q, do, lse2, delta = LOAD_ROWS(row_start, rows, GROUP, ROWS_PER_HEAD, R, HAS_MASK,
+                                                               HEAD_DIM, BLOCK_M, BLOCK_D)
+                dk, dv, dq = backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale, DQ_TOO, IEEE_DOT)
+                if DQ_TOO:
+                    store_tile(DQ, dq_rows, dq_ok, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
+            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
+    else:
+        for row_start in range(0, GROUP * ROWS_PER_HEAD, BLOCK_M):
+            dq_rows, dq_ok, q, do, lse2, delta = LOAD_ROWS(row_start, rows, GROUP, ROWS_PER_HEAD, R, HAS_MASK,
+                                                           HEAD_DIM, BLOCK_M, BLOCK_D)
+            dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
+                              HAS_MASK, IEEE_DOT)
+            store_tile(DQ, dq_rows, dq_ok, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)

@@ -29,8 +29,7 @@ import triton.language as tl
 
 from ..dispatch import triton_reasons
 from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
-from ._core import (LOG2E, attend_keys, backward_keys, backward_tile, dq_over_keys, finish_rows, head_rows, key_tile,
-                    load_row_tile, load_tile, n_key_tiles, store_key_grads, store_tile)
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -71,18 +70,18 @@ def _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
 
 
 @triton.jit
-def _load_rows(row_start, Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads,
-               stride_qb, stride_qn, stride_qh, stride_qd, stride_dob, stride_don, stride_doh, stride_dod,
-               stride_ob, stride_on, stride_oh, stride_od,
-               HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A row tile for the backward: its rows (n, h, real), Q, dO, lse (log2) and delta."""
+def _load_rows(row_start, rows, GROUP: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row tile of query chunk c for the backward: its dq offsets, which rows are real, Q, dO, lse, delta."""
+    (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads, stride_qb, stride_qn, stride_qh, stride_qd,
+     stride_dob, stride_don, stride_doh, stride_dod, stride_ob, stride_on, stride_oh, stride_od,
+     stride_dqn, stride_dqh) = rows
     n, h, real = _query_rows(c, row_start, h_kv, GROUP, CHUNK, start_pos, N, BLOCK_M)
     q, do, lse2, delta = load_row_tile(
         Q + b * stride_qb, DO + b * stride_dob, O + b * stride_ob, LSE,
         n * stride_qn + h * stride_qh, n * stride_don + h * stride_doh, n * stride_on + h * stride_oh,
         (b * n_heads + h) * N + n, real, stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
-    return n, h, real, q, do, lse2, delta
+    return n * stride_dqn + h * stride_dqh, real, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -142,55 +141,19 @@ def _cca_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # -- which key set: query chunk c = 0 .. L (chunk 0 has no keys: zero dq rows)
+    # -- which key set: query chunk c = 0 .. L (chunk 0 has no keys: zero dq rows) ----
     b, h_kv, c = _key_set(pid_base + tl.program_id(0).to(tl.int64), n_chunks + 1, n_kv_heads, 0)
     keys = _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
                            stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
                            stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
                            stride_mb, stride_ml, stride_mk, stride_mr)
     g_base = b * stride_gb + (c - 1).to(tl.int64) * stride_gl + h_kv * stride_gh
-    grads = (DK + g_base, DV + g_base, stride_gk, stride_gr, stride_gd)
-    rows = (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads,  # where the row tiles are
-            stride_qb, stride_qn, stride_qh, stride_qd, stride_dob, stride_don, stride_doh, stride_dod,
-            stride_ob, stride_on, stride_oh, stride_od)
-    dq_base = DQ + b * stride_dqb
-
-    if SWEEP == "rows":
-        # -- every row on chip: one sweep over the key tiles, dq accumulates ----
-        n, h, row_real, q, do, lse2, delta = _load_rows(0, *rows, HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
-        dq = backward_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q, do, lse2, delta, keys, grads,
-                           scale, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
-        store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
-    elif SWEEP == "keys":
-        # -- key tiles outside, dk and dv on chip over the row tiles; when one
-        # key tile holds every key (DQ_TOO), each row tile's dq is final too,
-        # and chunk 0 (no keys) still runs once to write its zero dq rows
-        if DQ_TOO:
-            n_tiles = 1
-        else:
-            n_tiles = n_key_tiles(keys, BLOCK_N)
-        for t in range(0, n_tiles):
-            k, v, key_real, run, j = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for row_start in range(0, GROUP * CHUNK, BLOCK_M):
-                n, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                                HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
-                dk, dv, dq = backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale,
-                                           DQ_TOO, IEEE_DOT)
-                if DQ_TOO:
-                    store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
-                               HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
-    else:
-        # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
-        for row_start in range(0, GROUP * CHUNK, BLOCK_M):
-            n, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                            HEAD_DIM, CHUNK, GROUP, BLOCK_M, BLOCK_D)
-            dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
-                              HAS_MASK, IEEE_DOT)
-            store_tile(dq_base, n * stride_dqn + h * stride_dqh, row_real, stride_dqd, dq * scale,
-                       HEAD_DIM, BLOCK_D)
+    rows = (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads, stride_qb, stride_qn, stride_qh, stride_qd,
+            stride_dob, stride_don, stride_doh, stride_dod, stride_ob, stride_on, stride_oh, stride_od,
+            stride_dqn, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, stride_gk, stride_gr, stride_gd), rows, DQ + b * stride_dqb,
+                    stride_dqd, scale, qk_scale, _load_rows, GROUP, CHUNK, 0, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                    SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------

@@ -25,8 +25,7 @@ import triton.language as tl
 
 from ..dispatch import triton_reasons
 from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
-from ._core import (LOG2E, attend_keys, backward_keys, backward_tile, dq_over_keys, finish_rows, head_rows,
-                    key_tile, load_row_tile, load_tile, n_key_tiles, store_key_grads, store_tile)
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, chunk_mask) -> list[str]:
@@ -65,18 +64,19 @@ def _query_rows(row_start, h_kv, R: tl.constexpr, KR: tl.constexpr, GROUP: tl.co
 
 
 @triton.jit
-def _load_rows(row_start, Q, DO, O, LSE, lse_base, h_kv, n_rows,
-               stride_qk, stride_qr, stride_qh, stride_qd, stride_dok, stride_dor, stride_doh, stride_dod,
-               stride_ok, stride_or, stride_oh, stride_od,
-               HEAD_DIM: tl.constexpr, R: tl.constexpr, KR: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A row tile for the backward (Q, DO, O at the chunk's first neighbour token): rows, Q, dO, lse, delta."""
+def _load_rows(row_start, rows, GROUP: tl.constexpr, KR: tl.constexpr, R: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row tile of the chunk for the backward: dq offsets, which rows exist, Q, dO, lse (log2), delta;
+    Q, DO, O point at the chunk's first neighbour token."""
+    (Q, DO, O, LSE, lse_base, h_kv, n_rows, stride_qk, stride_qr, stride_qh, stride_qd,
+     stride_dok, stride_dor, stride_doh, stride_dod, stride_ok, stride_or, stride_oh, stride_od,
+     stride_dqk, stride_dqr, stride_dqh) = rows
     i, kq, r, h, real = _query_rows(row_start, h_kv, R, KR, GROUP, BLOCK_M)
     q, do, lse2, delta = load_row_tile(
         Q, DO, O, LSE, kq * stride_qk + r * stride_qr + h * stride_qh, kq * stride_dok + r * stride_dor + h * stride_doh,
         kq * stride_ok + r * stride_or + h * stride_oh, h * n_rows + lse_base + i, real,
         stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
-    return kq, r, h, real, q, do, lse2, delta
+    return kq * stride_dqk + r * stride_dqr + h * stride_dqh, real, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -139,49 +139,14 @@ def _nca_bwd_kernel(
     keys = _chunk_keys(K, V, MASK, b, l, h_kv, M, stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
                        stride_vb, stride_vl, stride_vm, stride_vh, stride_vd, stride_mb, stride_ml, stride_mm)
     g_base = b * stride_gb + l * stride_gl + h_kv * stride_gh
-    grads = (DK + g_base, DV + g_base, 0, stride_gm, stride_gd)
     n_rows = n_chunks * KR
     rows = (Q + b * stride_qb + l * stride_ql, DO + b * stride_dob + l * stride_dol, O + b * stride_ob + l * stride_ol,
             LSE + b * n_heads * n_rows, l * KR, h_kv, n_rows,
             stride_qk, stride_qr, stride_qh, stride_qd, stride_dok, stride_dor, stride_doh, stride_dod,
-            stride_ok, stride_or, stride_oh, stride_od)
-    dq_base = DQ + b * stride_dqb + l * stride_dql
-
-    if SWEEP == "rows":
-        # -- every row on chip: one sweep over the key tiles, dq accumulates ----
-        kq, r, h, row_real, q, do, lse2, delta = _load_rows(0, *rows, HEAD_DIM, R, KR, GROUP, BLOCK_M, BLOCK_D)
-        dq = backward_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q, do, lse2, delta, keys, grads,
-                           scale, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
-        store_tile(dq_base, kq * stride_dqk + r * stride_dqr + h * stride_dqh, row_real, stride_dqd, dq * scale,
-                   HEAD_DIM, BLOCK_D)
-    elif SWEEP == "keys":
-        # -- key tiles outside, dk and dv on chip over the row tiles; when one
-        # key tile holds every key (DQ_TOO), each row tile's dq is final too
-        if DQ_TOO:
-            n_tiles = 1
-        else:
-            n_tiles = n_key_tiles(keys, BLOCK_N)
-        for t in range(0, n_tiles):
-            k, v, key_real, run, j = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for row_start in range(0, GROUP * KR, BLOCK_M):
-                kq, r, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                                    HEAD_DIM, R, KR, GROUP, BLOCK_M, BLOCK_D)
-                dk, dv, dq = backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale, DQ_TOO, IEEE_DOT)
-                if DQ_TOO:
-                    store_tile(dq_base, kq * stride_dqk + r * stride_dqr + h * stride_dqh, row_real, stride_dqd,
-                               dq * scale, HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
-    else:
-        # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
-        for row_start in range(0, GROUP * KR, BLOCK_M):
-            kq, r, h, row_real, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                                HEAD_DIM, R, KR, GROUP, BLOCK_M, BLOCK_D)
-            dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
-                              HAS_MASK, IEEE_DOT)
-            store_tile(dq_base, kq * stride_dqk + r * stride_dqr + h * stride_dqh, row_real, stride_dqd, dq * scale,
-                       HEAD_DIM, BLOCK_D)
+            stride_ok, stride_or, stride_oh, stride_od, stride_dqk, stride_dqr, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gm, stride_gd), rows, DQ + b * stride_dqb + l * stride_dql,
+                    stride_dqd, scale, qk_scale, _load_rows, GROUP, KR, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                    SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------

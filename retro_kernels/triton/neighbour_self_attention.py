@@ -26,8 +26,7 @@ import triton.language as tl
 
 from ..dispatch import triton_reasons
 from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
-from ._core import (LOG2E, attend_keys, backward_keys, backward_tile, dq_over_keys, finish_rows, head_rows,
-                    key_tile, load_row_tile, load_tile, n_key_tiles, store_key_grads, store_tile)
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -71,17 +70,17 @@ def _query_rows(row_start, h_kv, mask_base, stride_mr, GROUP: tl.constexpr, R: t
 
 
 @triton.jit
-def _load_rows(row_start, Q, DO, O, LSE, lse_base, h_kv, mask_base, n_rows, n_heads,
-               stride_qr, stride_qh, stride_qd, stride_dor, stride_doh, stride_dod,
-               stride_or, stride_oh, stride_od, stride_mr,
-               HEAD_DIM: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr):
-    """A row tile for the backward (Q, DO, O at the neighbour's first token): rows, Q, dO, lse (log2), delta."""
+def _load_rows(row_start, rows, GROUP: tl.constexpr, R: tl.constexpr, R_AGAIN: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row tile of the neighbour for the backward: dq offsets, rows to store (padding rows too:
+    their dq is zero), Q, dO, lse (log2), delta; Q, DO, O point at the neighbour's first token."""
+    (Q, DO, O, LSE, lse_base, h_kv, mask_base, n_rows, stride_qr, stride_qh, stride_qd,
+     stride_dor, stride_doh, stride_dod, stride_or, stride_oh, stride_od, stride_mr, stride_dqr, stride_dqh) = rows
     r, h, row_in, real = _query_rows(row_start, h_kv, mask_base, stride_mr, GROUP, R, BLOCK_M, HAS_MASK)
     q, do, lse2, delta = load_row_tile(
         Q, DO, O, LSE, r * stride_qr + h * stride_qh, r * stride_dor + h * stride_doh, r * stride_or + h * stride_oh,
         h * n_rows + lse_base + r, real, stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
-    return r, h, row_in, q, do, lse2, delta
+    return r * stride_dqr + h * stride_dqh, row_in, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -149,47 +148,14 @@ def _nsa_bwd_kernel(
                            stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
                            stride_mb, stride_ml, stride_mk, stride_mr)
     g_base = b * stride_gb + l * stride_gl + kk * stride_gk + h_kv * stride_gh
-    grads = (DK + g_base, DV + g_base, 0, stride_gr, stride_gd)
     n_rows = n_sets * R
     rows = (Q + b * stride_qb + l * stride_ql + kk * stride_qk, DO + b * stride_dob + l * stride_dol + kk * stride_dok,
             O + b * stride_ob + l * stride_ol + kk * stride_ok, LSE + b * n_heads * n_rows, s * R, h_kv, keys[2],
-            n_rows, n_heads, stride_qr, stride_qh, stride_qd, stride_dor, stride_doh, stride_dod,
-            stride_or, stride_oh, stride_od, stride_mr)
-    dq_base = DQ + b * stride_dqb + l * stride_dql + kk * stride_dqk
-
-    if SWEEP == "rows":
-        # -- every row on chip: one sweep over the key tiles, dq accumulates ----
-        r, h, row_in, q, do, lse2, delta = _load_rows(0, *rows, HEAD_DIM, R, GROUP, BLOCK_M, BLOCK_D, HAS_MASK)
-        dq = backward_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q, do, lse2, delta, keys, grads,
-                           scale, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
-        store_tile(dq_base, r * stride_dqr + h * stride_dqh, row_in, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
-    elif SWEEP == "keys":
-        # -- key tiles outside, dk and dv on chip over the row tiles; when one
-        # key tile holds every key (DQ_TOO), each row tile's dq is final too
-        if DQ_TOO:
-            n_tiles = 1
-        else:
-            n_tiles = n_key_tiles(keys, BLOCK_N)
-        for t in range(0, n_tiles):
-            k, v, key_real, run, j = key_tile(keys, t, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for row_start in range(0, GROUP * R, BLOCK_M):
-                r, h, row_in, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                              HEAD_DIM, R, GROUP, BLOCK_M, BLOCK_D, HAS_MASK)
-                dk, dv, dq = backward_tile(dk, dv, q, do, lse2, delta, k, v, key_real, qk_scale, DQ_TOO, IEEE_DOT)
-                if DQ_TOO:
-                    store_tile(dq_base, r * stride_dqr + h * stride_dqh, row_in, stride_dqd, dq * scale,
-                               HEAD_DIM, BLOCK_D)
-            store_key_grads(grads, keys, run, j, dk * scale, dv, HEAD_DIM, BLOCK_D)
-    else:
-        # -- SWEEP == "dq": row tiles outside, dq over every key tile -----------
-        for row_start in range(0, GROUP * R, BLOCK_M):
-            r, h, row_in, q, do, lse2, delta = _load_rows(row_start, *rows,
-                                                          HEAD_DIM, R, GROUP, BLOCK_M, BLOCK_D, HAS_MASK)
-            dq = dq_over_keys(q, do, lse2, delta, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D,
-                              HAS_MASK, IEEE_DOT)
-            store_tile(dq_base, r * stride_dqr + h * stride_dqh, row_in, stride_dqd, dq * scale, HEAD_DIM, BLOCK_D)
+            n_rows, stride_qr, stride_qh, stride_qd, stride_dor, stride_doh, stride_dod,
+            stride_or, stride_oh, stride_od, stride_mr, stride_dqr, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gr, stride_gd), rows,
+                    DQ + b * stride_dqb + l * stride_dql + kk * stride_dqk, stride_dqd, scale, qk_scale, _load_rows,
+                    GROUP, R, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------
