@@ -5,6 +5,8 @@ model      bench/model.py (the RETRO model's training step), if present
 retrieval  bench/retrieval.py (the retriever), if present
 all        ops (+ bench/cpu_cca.py on the CPU), model, retrieval
 report     PNG plots of <out>/*.jsonl into <out>/plots/
+kernels    the Triton kernels' registers, spills, shared memory and CTAs/SM on sm_90, no GPU needed
+           (bench/kernels.py; python -m bench kernels --help)
 
 Results are printed as a table and appended to <out>/<device-slug>.jsonl.
 """

@@ -143,8 +143,10 @@ BIG = 2**29 + 64  # index 4 along such a stride lies past 2^31 elements
 
 @pytest.fixture(scope="module")
 def huge_storages():
-    """3.3e9 fp16 values and flags: virtual memory; only the pages the views use are ever touched."""
-    return torch.empty(3_300_000_000, dtype=torch.float16), torch.empty(3_300_000_000, dtype=torch.bool)
+    """3.3e9 fp16 values and flags: on the CPU virtual memory, only the pages the views use are ever
+    touched; on a GPU 10 GB of its memory."""
+    n = 3_300_000_000
+    return torch.empty(n, dtype=torch.float16, device=DEVICE), torch.empty(n, dtype=torch.bool, device=DEVICE)
 
 
 def _spread(storage, offset, shape, big_dim, big):
