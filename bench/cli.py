@@ -5,8 +5,6 @@ model      bench/model.py (the RETRO model's training step), if present
 retrieval  bench/retrieval.py (the retriever), if present
 all        ops (+ bench/cpu_cca.py on the CPU), model, retrieval
 report     PNG plots of <out>/*.jsonl into <out>/plots/
-kernels    the Triton kernels' registers, spills, shared memory and CTAs/SM on sm_90, no GPU needed
-           (bench/kernels.py; python -m bench kernels --help)
 
 Results are printed as a table and appended to <out>/<device-slug>.jsonl.
 """
@@ -107,10 +105,6 @@ def _split(text: str | None) -> set[str] | None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["kernels"]:  # the Triton kernels' resource report: bench/kernels.py
-        from .kernels import main as kernels_main
-        return kernels_main(argv[1:])
     args = parse_args(argv)
     if args.what == "report":
         from .report import make_report
