@@ -213,7 +213,8 @@ SWEEP_SHAPES = {
 def test_every_backward_sweep_matches_the_reference(op, sweep, monkeypatch):
     shape = SWEEP_SHAPES[sweep][op]
     plan = SWEEPS[sweep]
-    monkeypatch.setattr(backend_module(op), "backward_plan", lambda rows, run, n_runs, D, elem: plan(_common.block_d(D)))
+    monkeypatch.setattr(backend_module(op), "backward_plan",
+                        lambda rows, run, n_runs, D, elem: plan(_common.block_d(D)))
     q, k, v, mask = inputs(op, L=2, **shape)
     mask[:, 0] = False  # a chunk / neighbour whose keys are all masked
     check_against_reference(op, q, k, v, mask, chunk_size=shape.get("m", 4))

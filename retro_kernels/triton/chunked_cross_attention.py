@@ -70,8 +70,8 @@ def _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
 
 
 @triton.jit
-def _load_rows(row_start, rows, GROUP: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, HAS_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(row_start, rows, GROUP: tl.constexpr, CHUNK: tl.constexpr, _R: tl.constexpr, _HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # core.backward_sweeps' loader
     """A row tile of query chunk c for the backward: its dq offsets, which rows are real, Q, dO, lse, delta."""
     (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads, stride_qb, stride_qn, stride_qh, stride_qd,
      stride_dob, stride_don, stride_doh, stride_dod, stride_ob, stride_on, stride_oh, stride_od,

@@ -73,8 +73,9 @@ def _load_rows(row_start, rows, GROUP: tl.constexpr, KR: tl.constexpr, R: tl.con
      stride_dqk, stride_dqr, stride_dqh) = rows
     i, kq, r, h, real = _query_rows(row_start, h_kv, R, KR, GROUP, BLOCK_M)
     q, do, lse2, delta = load_row_tile(
-        Q, DO, O, LSE, kq * stride_qk + r * stride_qr + h * stride_qh, kq * stride_dok + r * stride_dor + h * stride_doh,
-        kq * stride_ok + r * stride_or + h * stride_oh, h * n_rows + lse_base + i, real,
+        Q, DO, O, LSE, kq * stride_qk + r * stride_qr + h * stride_qh,
+        kq * stride_dok + r * stride_dor + h * stride_doh, kq * stride_ok + r * stride_or + h * stride_oh,
+        h * n_rows + lse_base + i, real,
         stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
     return kq * stride_dqk + r * stride_dqr + h * stride_dqh, real, q, do, lse2, delta
 
@@ -144,9 +145,9 @@ def _nca_bwd_kernel(
             LSE + b * n_heads * n_rows, l * KR, h_kv, n_rows,
             stride_qk, stride_qr, stride_qh, stride_qd, stride_dok, stride_dor, stride_doh, stride_dod,
             stride_ok, stride_or, stride_oh, stride_od, stride_dqk, stride_dqr, stride_dqh)
-    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gm, stride_gd), rows, DQ + b * stride_dqb + l * stride_dql,
-                    stride_dqd, scale, qk_scale, _load_rows, GROUP, KR, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-                    SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gm, stride_gd), rows,
+                    DQ + b * stride_dqb + l * stride_dql, stride_dqd, scale, qk_scale, _load_rows,
+                    GROUP, KR, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------

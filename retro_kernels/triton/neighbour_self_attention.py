@@ -70,8 +70,8 @@ def _query_rows(row_start, h_kv, mask_base, stride_mr, GROUP: tl.constexpr, R: t
 
 
 @triton.jit
-def _load_rows(row_start, rows, GROUP: tl.constexpr, R: tl.constexpr, R_AGAIN: tl.constexpr, HAS_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(row_start, rows, GROUP: tl.constexpr, R: tl.constexpr, _R: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # core.backward_sweeps' loader
     """A row tile of the neighbour for the backward: dq offsets, rows to store (padding rows too:
     their dq is zero), Q, dO, lse (log2), delta; Q, DO, O point at the neighbour's first token."""
     (Q, DO, O, LSE, lse_base, h_kv, mask_base, n_rows, stride_qr, stride_qh, stride_qd,
