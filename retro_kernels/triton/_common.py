@@ -66,7 +66,10 @@ def forward_tiles(rows: int, run: int, head_dim: int, elem_size: int) -> tuple[d
     wide = elem_size == 2 and bd <= 128
     block_m = 128 if wide and rows >= 128 else _fits(rows, 64 if bd <= 128 or elem_size == 2 else 32)
     fixed = dict(BLOCK_M=block_m, BLOCK_D=bd)
-    default_n = _fits(run, 64 if bd * elem_size <= 256 else 32 if bd * elem_size <= 512 else 16)
+    # default: 32-key tiles where 64 would leave one CTA per SM (128-row tiles, or D = 128), per the
+    # sm_90 resource report; the autotuner may still pick others on a GPU
+    narrow = block_m == 128 or bd * elem_size > 128
+    default_n = _fits(run, 64 if not narrow else 32 if bd * elem_size <= 512 else 16)
     default_warps = 8 if block_m == 128 or bd >= 256 else 4
     default = Config((("BLOCK_N", default_n),), default_warps, 3)
     candidates = [default]
