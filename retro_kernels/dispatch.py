@@ -124,4 +124,23 @@ def triton_reasons(tensors: dict[str, torch.Tensor], max_head_dim: int = 256) ->
     head_dim = first.shape[-1]
     if head_dim > max_head_dim:
         reasons.append(f"head dim {head_dim} > {max_head_dim} does not fit the Triton kernels' tiles")
+    if first.device.type == "cuda":
+        reasons += _triton_gpu_reasons(first.device)
     return reasons
+
+
+# The Triton kernels' tiles are sized for sm_80 and newer data-centre GPUs: 163 KB of shared memory per block.
+TRITON_MIN_CAPABILITY = (8, 0)
+TRITON_MIN_SHARED_MEMORY = 163 * 1024
+
+
+def _triton_gpu_reasons(device: torch.device) -> list[str]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    if (props.major, props.minor) < TRITON_MIN_CAPABILITY:
+        return [f"the Triton kernels need compute capability 8.0 or newer; {props.name} is {props.major}.{props.minor}"]
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if smem and smem < TRITON_MIN_SHARED_MEMORY:
+        return [f"the Triton kernels' tiles need {TRITON_MIN_SHARED_MEMORY // 1024} KB of shared memory per "
+                f"block; {props.name} has {smem // 1024} KB"]
+    return []

@@ -327,33 +327,4 @@ def test_devices_must_agree():
             rk.chunked_cross_attention(q, k, v, 4, neighbour_mask=args["neighbour_mask"])
 
 
-# -- the Triton kernels compile for real GPUs (no GPU needed) -------------------
-
-AOT_CCA = """
-from triton_aot import aot_compile, TRITON_TYPE
-from retro_kernels.triton import chunked_cross_attention as cca
-for target, dtype, D, m, has_mask in {configs}:
-    config = cca.launch_config(m, D, 2 * 128, 4 if dtype == "fp32" else 2)
-    num_warps = config.pop("num_warps")
-    common = dict(HEAD_DIM=D, N_KEYS=2 * 128, HAS_MASK=has_mask, IEEE_DOT=dtype == "fp32", **config)
-    t = TRITON_TYPE[dtype]
-    fwd = aot_compile(cca._cca_fwd_kernel,
-                      dict(Q=t, K=t, V=t, MASK="*u8", OUT=t, LSE="*fp32"), {{"qk_scale"}},
-                      dict(common, M_BLOCKS=-(-m // config["BLOCK_M"])), target, num_warps)
-    bwd = aot_compile(cca._cca_bwd_kernel,
-                      dict(Q=t, K=t, V=t, MASK="*u8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, DK=t, DV=t),
-                      {{"scale", "qk_scale"}}, common, target, num_warps)
-    print(target, dtype, D, m, "shared", fwd.metadata.shared, bwd.metadata.shared)
-"""
-
-
-def test_triton_kernels_compile_for_gpus():
-    from triton_aot import run_fresh
-
-    configs = [("sm90", "fp16", 64, 64, True), ("sm90", "bf16", 128, 64, True),
-               ("sm90", "fp16", 80, 64, False), ("sm90", "bf16", 256, 64, True),
-               ("sm90", "fp32", 64, 64, True), ("sm90", "fp16", 32, 1, True),
-               ("sm90", "fp32", 256, 64, True), ("sm80", "fp32", 128, 64, True),
-               ("sm80", "bf16", 256, 64, True)]
-    out = run_fresh(AOT_CCA.format(configs=configs))
-    assert out.count("shared") == len(configs)
+# The Triton kernels' ahead-of-time compiles for sm_80/sm_90: tests/test_triton_kernels.py.

@@ -257,34 +257,4 @@ def test_gpu_large(backend, dtype, shape):
     check_against_reference(backend, *make_inputs(*shape, dtype=dtype, mask="padded", device="cuda"))
 
 
-# -- the Triton kernels compile for real GPUs (no GPU needed) -------------------
-
-AOT_NSA = """
-from triton_aot import aot_compile, TRITON_TYPE
-from retro_kernels.triton import neighbour_self_attention as nsa
-for target, dtype, D, has_mask in {configs}:
-    R, group = 128, 2
-    config = nsa.launch_config(group * R, D, R, 4 if dtype == "fp32" else 2)
-    num_warps = config.pop("num_warps")
-    common = dict(HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=dtype == "fp32", **config)
-    t = TRITON_TYPE[dtype]
-    fwd = aot_compile(nsa._nsa_fwd_kernel, dict(Q=t, K=t, V=t, MASK="*u8", OUT=t, LSE="*fp32"),
-                      {{"qk_scale"}}, common, target, num_warps)
-    bwd = aot_compile(nsa._nsa_bwd_kernel,
-                      dict(Q=t, K=t, V=t, MASK="*u8", DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, DK=t, DV=t),
-                      {{"scale", "qk_scale"}}, common, target, num_warps)
-    print(target, dtype, D, "shared", fwd.metadata.shared, bwd.metadata.shared)
-"""
-
-
-def test_triton_kernels_compile_for_gpus():
-    """Every tile configuration lowers for sm_80/sm_90 and fits its shared memory."""
-    if "triton" not in FUSED:
-        pytest.skip("no triton backend")
-    from triton_aot import run_fresh
-
-    # the largest tiles (bf16 and fp32 at D = 256) on the smaller sm_80 shared memory,
-    # and a head dim that is not a power of two on sm_90
-    configs = [("sm90", "fp16", 40, False), ("sm80", "bf16", 256, True), ("sm80", "fp32", 256, True)]
-    out = run_fresh(AOT_NSA.format(configs=configs))
-    assert out.count("shared") == len(configs)
+# The Triton kernels' ahead-of-time compiles for sm_80/sm_90: tests/test_triton_kernels.py.

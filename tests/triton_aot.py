@@ -1,53 +1,40 @@
-"""Compile Triton kernels for real GPUs ahead of time, without a GPU.
+"""Compile the Triton kernels for real GPUs ahead of time, without a GPU.
 
 Triton ships ptxas, so a kernel can be compiled to a cubin for sm_80/sm_90
 here. That catches what the CPU interpreter cannot: kernels that do not
-lower for a GPU, or that need more shared memory than the chip has.
+lower for a GPU, register spills, and shared memory the chip does not have.
+bench/kernels.py does the work (it runs the real launchers on meta tensors
+and compiles the launches they make); this runs it in a fresh Python with the
+interpreter off, where @triton.jit gives compilable kernels.
 """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
-TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
-SHARED_MEMORY_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
-TRITON_TYPE = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-
-
-def aot_compile(kernel, pointers: dict, floats: set, constexprs: dict, target: str, num_warps: int):
-    """Compile `kernel` (a @triton.jit function): `pointers` maps argument to
-    Triton pointer type, `floats` names fp32 scalar arguments, every other
-    non-constexpr argument is an i32. Returns the compiled kernel."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        else:
-            signature[name] = "fp32" if name in floats else "i32"
-    source = ASTSource(
-        kernel, signature,
-        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
-    )
-    compiled = triton.compile(source, target=TARGETS[target], options={"num_warps": num_warps})
-    assert compiled.asm["cubin"], "no cubin produced"
-    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[target], (
-        f"needs {compiled.metadata.shared} bytes of shared memory, more than {target} has"
-    )
-    return compiled
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_fresh(code: str, timeout: int = 600) -> str:
-    """Run `code` in a new Python with the interpreter off (TRITON_INTERPRET=0),
-    where @triton.jit gives compilable kernels; `from triton_aot import ...` works there."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    tests = pathlib.Path(__file__).resolve().parent
+def run_fresh(code: str, timeout: int = 900) -> str:
+    """Run `code` in a new Python with the interpreter off (TRITON_INTERPRET=0); its stdout."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"ahead-of-time compile failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, f"ahead-of-time compile failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
+
+
+def compile_report(shapes, dtype="bf16", arch="sm90", configs="all", jobs=2) -> list[dict]:
+    """bench/kernels.py's resource rows for `shapes` ([(op, dims)]); configs: "all" (every config an
+    autotuned launch may pick), "default", or "bwd" (every backward config, the forwards' defaults)."""
+    code = f"""
+import json
+from bench import kernels as bk
+tasks = bk.tasks({shapes!r}, {dtype!r}, all_configs={configs!r} != "default")
+if {configs!r} == "bwd":
+    tasks = [t for t in tasks if t[0]["direction"] == "bwd" or t[2] is t[1].configs[0]]
+print(json.dumps(list(bk.compile_rows(tasks, {arch!r}, jobs={jobs}))))
+"""
+    return json.loads(run_fresh(code).strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Chunked cross-attention in Triton: fused forward and backward kernels with their launchers.
+"""Chunked cross-attention in Triton: the address arithmetic and launchers of its kernels.
 
 The shift is folded into the indexing. Group the absolute positions t into
 "query chunks" c = (t + 1) // m: query chunk c holds t = c*m - 1 .. c*m + m - 2.
@@ -7,16 +7,19 @@ output zeros; query chunk c >= 1 is the paper's attending chunk u = c - 1 and
 reads the K*R keys of the neighbours of chunk u. So a program reads q at its
 shifted rows and writes the output rows in place: no pad, no reshape, no copy.
 
-Forward: one program per (query chunk, block of BLOCK_M rows of it, batch x
-query head); online softmax over the K*R keys in tiles of BLOCK_N; the mask
-and grouped-query heads are applied in-kernel. It saves the log-sum-exp of
-each row (natural log; +inf for rows with no key) for the backward.
+A key set is (batch, kv head, query chunk c): the K neighbours of chunk c - 1,
+each a run of R keys. Its query rows are the m rows of chunk c for every
+query head of the kv head's group, row = g * m + i (head h = h_kv * group + g),
+so K and V are read once for the whole group. The tile work is in _core.py.
 
-Backward: one program per (query chunk, batch x kv head) owns every query
-row of that chunk for the kv head's query heads and every key of that chunk,
-so it writes dq, dk and dv with no atomics: deterministic. It makes two
-sweeps over the m x K*R score tile: keys outside (dk, dv), then queries
-outside (dq).
+Forward: one program per (key set, block of BLOCK_M rows), 1-D grid with the
+row blocks of a key set next to each other; it saves each row's log-sum-exp
+(natural log; +inf for rows with no key), layout (B, Hq, N).
+
+Backward: one program per key set, c = 0 .. L, owns every query row and
+every key of it, so it writes dq, dk and dv with no atomics: deterministic.
+Chunk 0's program writes the zero rows of dq; chunks no query reads get zero
+dk, dv. delta = rowsum(dO * O) is computed from the rows the program loads.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
-from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
+from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -33,22 +37,51 @@ def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Shared address arithmetic
+# Address arithmetic
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _query_rows(c, row_start, chunk_size, start_pos, N, BLOCK_M: tl.constexpr):
-    """Rows row_start.. of query chunk c: their index n in q and which are real tokens."""
-    i = row_start + tl.arange(0, BLOCK_M)  # index within the query chunk
-    n = c * chunk_size - 1 + i - start_pos  # absolute position minus start_pos
-    real = (i < chunk_size) & (n >= 0) & (n < N)
-    return n, real
+def _key_set(pid, n_sets, n_kv_heads, first_chunk):
+    """Key set number pid (int64; numbered (b, h_kv, c)): its batch (int64), kv head and query chunk."""
+    bh = pid // n_sets
+    return bh // n_kv_heads, bh % n_kv_heads, (first_chunk + pid % n_sets).to(tl.int32)
 
 
 @triton.jit
-def _key_offsets(j, R, stride_k, stride_r):
-    """Offset of flattened neighbour token j = k*R + r (any strides: no copy needed)."""
-    return (j // R) * stride_k + (j % R) * stride_r
+def _query_rows(c, row_start, h_kv, GROUP: tl.constexpr, CHUNK: tl.constexpr, start_pos, N,
+                BLOCK_M: tl.constexpr):
+    """Rows row_start.. of key set c (row = g * m + i): token index n in q, head h (int64), real tokens."""
+    i, h, real = head_rows(row_start, h_kv, GROUP, CHUNK, BLOCK_M)
+    n = c * CHUNK - 1 + i - start_pos  # absolute position minus start_pos
+    return n.to(tl.int64), h, real & (n >= 0) & (n < N)
+
+
+@triton.jit
+def _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
+                    stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                    stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                    stride_mb, stride_ml, stride_mk, stride_mr):
+    """The key set of query chunk c: the K neighbours (runs of R keys) of chunk u = c - 1; no runs for c = 0."""
+    u = (c - 1).to(tl.int64)
+    return (K + b * stride_kb + u * stride_kl + h_kv * stride_kh,
+            V + b * stride_vb + u * stride_vl + h_kv * stride_vh,
+            MASK + b * stride_mb + u * stride_ml, tl.minimum(c, 1) * n_neighbours, R,
+            stride_kk, stride_kr, stride_kd, stride_vk, stride_vr, stride_vd, stride_mk, stride_mr)
+
+
+@triton.jit
+def _load_rows(row_start, rows, GROUP: tl.constexpr, CHUNK: tl.constexpr, _R: tl.constexpr, _HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # core.backward_sweeps' loader
+    """A row tile of query chunk c for the backward: its dq offsets, which rows are real, Q, dO, lse, delta."""
+    (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads, stride_qb, stride_qn, stride_qh, stride_qd,
+     stride_dob, stride_don, stride_doh, stride_dod, stride_ob, stride_on, stride_oh, stride_od,
+     stride_dqn, stride_dqh) = rows
+    n, h, real = _query_rows(c, row_start, h_kv, GROUP, CHUNK, start_pos, N, BLOCK_M)
+    q, do, lse2, delta = load_row_tile(
+        Q + b * stride_qb, DO + b * stride_dob, O + b * stride_ob, LSE,
+        n * stride_qn + h * stride_qh, n * stride_don + h * stride_doh, n * stride_on + h * stride_oh,
+        (b * n_heads + h) * N + n, real, stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
+    return n * stride_dqn + h * stride_dqh, real, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -63,69 +96,29 @@ def _cca_fwd_kernel(
     stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_ob, stride_on, stride_oh, stride_od,
-    N, R, chunk_size, start_pos, first_chunk, n_heads, group, qk_scale,
-    HEAD_DIM: tl.constexpr,
-    N_KEYS: tl.constexpr,  # K * R, the keys of one chunk
+    pid_base, N, start_pos, first_chunk, n_chunks, n_kv_heads, n_heads, n_neighbours, R, qk_scale,
+    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_BLOCKS: tl.constexpr,  # ceil(chunk_size / BLOCK_M)
     HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # -- which rows, which head, which neighbours -------------------------
-    c = first_chunk + tl.program_id(0) // M_BLOCKS
-    row_start = (tl.program_id(0) % M_BLOCKS) * BLOCK_M
-    b = (tl.program_id(1) // n_heads).to(tl.int64)
-    h = tl.program_id(1) % n_heads
-    h_kv = h // group
-    u = c - 1  # the neighbour chunk read by query chunk c
-    n, row_real = _query_rows(c, row_start, chunk_size, start_pos, N, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
+    # -- which key set, which rows ------------------------------------------
+    M_BLOCKS: tl.constexpr = (GROUP * CHUNK + BLOCK_M - 1) // BLOCK_M
+    pid = pid_base + tl.program_id(0).to(tl.int64)
+    b, h_kv, c = _key_set(pid // M_BLOCKS, n_chunks, n_kv_heads, first_chunk)
+    n, h, row_real = _query_rows(c, (pid % M_BLOCKS) * BLOCK_M, h_kv, GROUP, CHUNK, start_pos, N, BLOCK_M)
+    q = load_tile(Q + b * stride_qb, n * stride_qn + h * stride_qh, row_real, stride_qd, HEAD_DIM, BLOCK_D)
 
-    q_ptrs = Q + b * stride_qb + n[:, None] * stride_qn + h * stride_qh + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_real[:, None] & d_real[None, :], other=0.0)
-    k_base = K + b * stride_kb + u * stride_kl + h_kv * stride_kh
-    v_base = V + b * stride_vb + u * stride_vl + h_kv * stride_vh
+    # -- online softmax over the neighbours of chunk c - 1 -------------------
+    keys = _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
+                           stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                           stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                           stride_mb, stride_ml, stride_mk, stride_mr)
+    acc, m_i, l_i = attend_keys(q, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
 
-    # -- online softmax over the chunk's keys, BLOCK_N at a time ----------
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_keys = tl.where(c > 0, N_KEYS, 0)  # query chunk 0 reads nothing: zeros
-    for key_start in range(0, n_keys, BLOCK_N):
-        j = key_start + tl.arange(0, BLOCK_N)
-        key_real = j < N_KEYS
-        kv_mask = key_real[:, None] & d_real[None, :]
-        k = tl.load(k_base + _key_offsets(j, R, stride_kk, stride_kr)[:, None] + d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _key_offsets(j, R, stride_vk, stride_vr)[:, None] + d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
-        if HAS_MASK:
-            m_ptrs = MASK + b * stride_mb + u * stride_ml + _key_offsets(j, R, stride_mk, stride_mr)
-            key_real = key_real & (tl.load(m_ptrs, mask=key_real, other=0) != 0)
-
-        # scores, in log2 units so that exp2 can be used
-        s = dot(q, tl.trans(k), IEEE_DOT)
-        s = tl.where(key_real[None, :], s * qk_scale, float("-inf"))
-
-        # rescale the running sums to the new row maximum; rows that have seen
-        # no real key yet keep max -inf, and subtract 0 instead to avoid NaN
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
-        m_i = m_new
-
-    # -- normalise; rows with no real key output zeros and lse = +inf -----
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
-    o_ptrs = OUT + b * stride_ob + n[:, None] * stride_on + h * stride_oh + d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_real[:, None] & d_real[None, :])
-    lse_ptrs = LSE + (b * n_heads + h) * N + n
-    tl.store(lse_ptrs, lse, mask=row_real)
+    # -- normalise, store the rows in place and their lse ---------------------
+    out, lse = finish_rows(acc, m_i, l_i, row_real)
+    store_tile(OUT + b * stride_ob, n * stride_on + h * stride_oh, row_real, stride_od, out, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + (b * n_heads + h) * N + n, lse, mask=row_real)
 
 
 # ---------------------------------------------------------------------------
@@ -134,97 +127,33 @@ def _cca_fwd_kernel(
 
 @triton.jit
 def _cca_bwd_kernel(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, MASK, DO, O, LSE, DQ, DK, DV,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_dob, stride_don, stride_doh, stride_dod,
-    N, R, chunk_size, start_pos, n_chunks, n_heads, n_kv_heads, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, N_KEYS: tl.constexpr,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    stride_gb, stride_gl, stride_gk, stride_gr, stride_gh, stride_gd,  # dk and dv (same layout)
+    pid_base, N, start_pos, n_chunks, n_kv_heads, n_heads, n_neighbours, R, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # dq, dk, dv are contiguous: (B, N, Hq, D) and (B, L, K, R, Hkv, D).
-    c = tl.program_id(0)  # query chunk; it reads neighbour chunk u = c - 1
-    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
-    h_kv = tl.program_id(1) % n_kv_heads
-    u = c - 1
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
-    k_base = K + b * stride_kb + u * stride_kl + h_kv * stride_kh
-    v_base = V + b * stride_vb + u * stride_vl + h_kv * stride_vh
-    n_keys = tl.where(c > 0, N_KEYS, 0)
-
-    # -- sweep 1: for each key tile, dV = P^T dO and dK = dS^T Q * scale --
-    # summed over the group's query heads and the chunk's query rows.
-    for key_start in range(0, n_keys, BLOCK_N):
-        j = key_start + tl.arange(0, BLOCK_N)
-        key_real = j < N_KEYS
-        kv_mask = key_real[:, None] & d_real[None, :]
-        k = tl.load(k_base + _key_offsets(j, R, stride_kk, stride_kr)[:, None] + d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _key_offsets(j, R, stride_vk, stride_vr)[:, None] + d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
-        if HAS_MASK:
-            m_ptrs = MASK + b * stride_mb + u * stride_ml + _key_offsets(j, R, stride_mk, stride_mr)
-            key_real = key_real & (tl.load(m_ptrs, mask=key_real, other=0) != 0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(0, group):
-            h = h_kv * group + g
-            for row_start in range(0, chunk_size, BLOCK_M):
-                n, row_real = _query_rows(c, row_start, chunk_size, start_pos, N, BLOCK_M)
-                row_mask = row_real[:, None] & d_real[None, :]
-                q = tl.load(Q + b * stride_qb + n[:, None] * stride_qn + h * stride_qh + d[None, :] * stride_qd,
-                            mask=row_mask, other=0.0)
-                do = tl.load(DO + b * stride_dob + n[:, None] * stride_don + h * stride_doh + d[None, :] * stride_dod,
-                             mask=row_mask, other=0.0)
-                stat = (b * n_heads + h) * N + n
-                lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-                delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-                p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-                dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-                dp = dot(do, tl.trans(v), IEEE_DOT)
-                ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-                dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
-        # dk, dv are contiguous (B, L, K*R, Hkv, D)
-        kv_out = ((b * n_chunks + u) * N_KEYS + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
-        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=(j < N_KEYS)[:, None] & d_real[None, :])
-        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=(j < N_KEYS)[:, None] & d_real[None, :])
-
-    # -- sweep 2: for each query tile, dQ = dS K * scale -------------------
-    for g in range(0, group):
-        h = h_kv * group + g
-        for row_start in range(0, chunk_size, BLOCK_M):
-            n, row_real = _query_rows(c, row_start, chunk_size, start_pos, N, BLOCK_M)
-            row_mask = row_real[:, None] & d_real[None, :]
-            q = tl.load(Q + b * stride_qb + n[:, None] * stride_qn + h * stride_qh + d[None, :] * stride_qd,
-                        mask=row_mask, other=0.0)
-            do = tl.load(DO + b * stride_dob + n[:, None] * stride_don + h * stride_doh + d[None, :] * stride_dod,
-                         mask=row_mask, other=0.0)
-            stat = (b * n_heads + h) * N + n
-            lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-            delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for key_start in range(0, n_keys, BLOCK_N):
-                j = key_start + tl.arange(0, BLOCK_N)
-                key_real = j < N_KEYS
-                kv_mask = key_real[:, None] & d_real[None, :]
-                k = tl.load(k_base + _key_offsets(j, R, stride_kk, stride_kr)[:, None] + d[None, :] * stride_kd,
-                            mask=kv_mask, other=0.0)
-                v = tl.load(v_base + _key_offsets(j, R, stride_vk, stride_vr)[:, None] + d[None, :] * stride_vd,
-                            mask=kv_mask, other=0.0)
-                if HAS_MASK:
-                    m_ptrs = MASK + b * stride_mb + u * stride_ml + _key_offsets(j, R, stride_mk, stride_mr)
-                    key_real = key_real & (tl.load(m_ptrs, mask=key_real, other=0) != 0)
-                p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-                dp = dot(do, tl.trans(v), IEEE_DOT)
-                ds = p * (dp - delta[:, None])
-                dq += dot(ds.to(k.dtype), k, IEEE_DOT)
-            # dq is contiguous (B, N, Hq, D)
-            dq_out = ((b * N + n[:, None]) * n_heads + h) * HEAD_DIM + d[None, :]
-            tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    # -- which key set: query chunk c = 0 .. L (chunk 0 has no keys: zero dq rows) ----
+    b, h_kv, c = _key_set(pid_base + tl.program_id(0).to(tl.int64), n_chunks + 1, n_kv_heads, 0)
+    keys = _neighbour_keys(K, V, MASK, b, c, h_kv, n_neighbours, R,
+                           stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                           stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                           stride_mb, stride_ml, stride_mk, stride_mr)
+    g_base = b * stride_gb + (c - 1).to(tl.int64) * stride_gl + h_kv * stride_gh
+    rows = (Q, DO, O, LSE, b, c, h_kv, N, start_pos, n_heads, stride_qb, stride_qn, stride_qh, stride_qd,
+            stride_dob, stride_don, stride_doh, stride_dod, stride_ob, stride_on, stride_oh, stride_od,
+            stride_dqn, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, stride_gk, stride_gr, stride_gd), rows, DQ + b * stride_dqb,
+                    stride_dqd, scale, qk_scale, _load_rows, GROUP, CHUNK, 0, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                    SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------
@@ -232,7 +161,7 @@ def _cca_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
-    """(out (B, N, Hq, D), lse (B, Hq, N) fp32) for the custom op."""
+    """(out (B, N, Hq, D), lse (B, Hq, N) fp32) for the custom op. Any input strides."""
     B, N, Hq, D = q.shape
     _, L, K, R, Hkv, _ = k.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -240,23 +169,25 @@ def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
     if B * N * Hq == 0:
         return out, lse
     first_chunk = (start_pos + 1) // chunk_size
-    last_chunk = (start_pos + N) // chunk_size
-    config = launch_config(chunk_size, D, K * R, q.element_size())
-    m_blocks = triton.cdiv(chunk_size, config["BLOCK_M"])
+    n_chunks = (start_pos + N) // chunk_size - first_chunk + 1
+    group = Hq // Hkv
+    fixed, configs = forward_tiles(group * chunk_size, R, D, q.element_size())
+    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
-    grid = ((last_chunk - first_chunk + 1) * m_blocks, B * Hq)
-    _cca_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        N, R, chunk_size, start_pos, first_chunk, Hq, Hq // Hkv, scale * LOG2E,
-        HEAD_DIM=D, N_KEYS=K * R, M_BLOCKS=m_blocks,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    n_programs = B * Hkv * n_chunks * triton.cdiv(group * chunk_size, fixed["BLOCK_M"])
+    with on_device(q):
+        launch(_cca_fwd_kernel, n_programs, lambda pid_base: (
+            q, k, v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            pid_base, N, start_pos, first_chunk, n_chunks, Hkv, Hq, K, R, scale * LOG2E,
+        ), dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
+                IEEE_DOT=q.dtype == torch.float32),
+            configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK"))
     return out, lse
 
 
 def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos):
-    """(dq, dk, dv), contiguous, in the inputs' dtypes."""
+    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides; all the work is in the kernel."""
     B, N, Hq, D = q.shape
     _, L, K, R, Hkv, _ = k.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -264,18 +195,19 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B * Hkv * D == 0:
         return dq, dk, dv
-    # rowsum(dO * O): the softmax-backward correction of every query row
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, N)
-    config = launch_config(chunk_size, D, K * R, q.element_size())
+    group = Hq // Hkv
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
+    args = (q, k, v, mask, dout, out, lse, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *out.stride(),
+            *dq.stride(), *dk.stride())
     # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
-    # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it)
-    grid = (L + 1, B * Hkv)
-    _cca_bwd_kernel[grid](
-        q, k, v, mask, dout, lse, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
-        N, R, chunk_size, start_pos, L, Hq, Hkv, Hq // Hkv, scale, scale * LOG2E,
-        HEAD_DIM=D, N_KEYS=K * R,
-        HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it);
+    # one launch, or two (dk and dv, then dq) when neither the rows nor the keys fit a tile
+    with on_device(q):
+        for fixed, configs in backward_plan(group * chunk_size, R, K, D, q.element_size()):
+            launch(_cca_bwd_kernel, B * Hkv * (L + 1),
+                   lambda pid_base: (*args, pid_base, N, start_pos, L, Hkv, Hq, K, R, scale, scale * LOG2E),
+                   dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
+                        IEEE_DOT=q.dtype == torch.float32),
+                   configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK", "SWEEP", "DQ_TOO"))
     return dq, dk, dv

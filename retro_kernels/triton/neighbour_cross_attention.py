@@ -1,23 +1,21 @@
-"""Neighbour cross-attention in Triton: fused forward and backward kernels with their launchers.
+"""Neighbour cross-attention in Triton: the address arithmetic and launchers of its kernels.
 
-All K neighbours of chunk l attend to the same M tokens of chunk l. A
-program works on one chunk and one key/value head; its query rows are the
-K*R neighbour tokens of every query head of that kv head's group, flattened
-as row = g * K*R + k * R + r (query head h = h_kv * group + g). So the
-chunk's keys and values are read straight from (B, L, M, Hkv, D) by the
-programs of that (batch, chunk, kv head) only, for all K neighbours and all
-grouped query heads together: nothing repeats them K (or group) times, and
-the chunk mask is applied in-kernel.
+Every token of the K neighbours of chunk l attends to the same M decoder
+tokens of that chunk. A key set is one chunk and one key/value head: one run
+of M keys, read straight from (B, L, M, Hkv, D). Its query rows are the K*R
+neighbour tokens of every query head of the group, row = g * K*R + k * R + r
+(query head h = h_kv * group + g), so nothing repeats the chunk's keys K (or
+group) times, and the chunk mask is applied in-kernel. The tile work is in
+_core.py.
 
-Forward: one program per (chunk, block of BLOCK_M rows, batch x kv head);
-online softmax over the chunk's M keys in tiles of BLOCK_N. Rows whose
-every key is masked store zeros and lse = +inf; other rows store the
-natural-log log-sum-exp for the backward.
+Forward: one program per (key set, block of BLOCK_M rows), 1-D grid with the
+row blocks of a key set next to each other. Rows whose every key is masked
+store zeros and lse = +inf; other rows store the natural-log log-sum-exp for
+the backward, layout (B, Hq, L*K*R).
 
-Backward: one program per (chunk, batch x kv head) owns every query row of
-the chunk for the group and every key of the chunk, so it writes dq, dk and
-dv with no atomics: deterministic. It makes two sweeps over the
-(group*K*R) x M score tile: keys outside (dk, dv), then queries outside (dq).
+Backward: one program per key set owns every query row and every key of it,
+so it writes dq, dk and dv with no atomics: deterministic. delta =
+rowsum(dO * O) is computed from the rows the program loads.
 """
 from __future__ import annotations
 
@@ -26,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
-from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
-
+from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, chunk_mask) -> list[str]:
@@ -35,29 +33,51 @@ def not_supported_reasons(q, k, v, chunk_mask) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Shared address arithmetic
+# Address arithmetic
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M: tl.constexpr):
-    """Rows row_start.. of the group: query head, neighbour, token index, in range."""
-    row = row_start + tl.arange(0, BLOCK_M)  # row = g * K*R + k * R + r
-    h = h_kv * group + row // n_chunk_rows
-    i = row % n_chunk_rows  # i = k * R + r: the row's index within the chunk
-    real = row < group * n_chunk_rows
-    return h, i // R, i % R, i, real
+def _key_set(pid, n_chunks, n_kv_heads):
+    """Key set number pid (int64; numbered (b, h_kv, l)): batch, kv head, chunk."""
+    bh = pid // n_chunks
+    return bh // n_kv_heads, bh % n_kv_heads, pid % n_chunks
 
 
 @triton.jit
-def _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Keys key_start.. of the chunk: their index and which are real tokens."""
-    j = key_start + tl.arange(0, BLOCK_N)
-    real = j < M
-    if HAS_MASK:
-        real = real & (tl.load(mask_base + j * stride_mm, mask=real, other=0) != 0)
-    return j, real
+def _chunk_keys(K, V, MASK, b, l, h_kv, M,
+                stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
+                stride_vb, stride_vl, stride_vm, stride_vh, stride_vd,
+                stride_mb, stride_ml, stride_mm):
+    """The key set of chunk (b, l) and kv head h_kv: one run of its M tokens."""
+    return (K + b * stride_kb + l * stride_kl + h_kv * stride_kh,
+            V + b * stride_vb + l * stride_vl + h_kv * stride_vh,
+            MASK + b * stride_mb + l * stride_ml, 1, M,
+            0, stride_km, stride_kd, 0, stride_vm, stride_vd, 0, stride_mm)
 
 
+@triton.jit
+def _query_rows(row_start, h_kv, R: tl.constexpr, KR: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows row_start.. (row = g * K*R + k * R + r): index i = k * R + r in the chunk, neighbour k, token r
+    (all int64), head h, and which rows exist."""
+    i, h, real = head_rows(row_start, h_kv, GROUP, KR, BLOCK_M)
+    return i.to(tl.int64), (i // R).to(tl.int64), (i % R).to(tl.int64), h, real
+
+
+@triton.jit
+def _load_rows(row_start, rows, GROUP: tl.constexpr, KR: tl.constexpr, R: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row tile of the chunk for the backward: dq offsets, which rows exist, Q, dO, lse (log2), delta;
+    Q, DO, O point at the chunk's first neighbour token."""
+    (Q, DO, O, LSE, lse_base, h_kv, n_rows, stride_qk, stride_qr, stride_qh, stride_qd,
+     stride_dok, stride_dor, stride_doh, stride_dod, stride_ok, stride_or, stride_oh, stride_od,
+     stride_dqk, stride_dqr, stride_dqh) = rows
+    i, kq, r, h, real = _query_rows(row_start, h_kv, R, KR, GROUP, BLOCK_M)
+    q, do, lse2, delta = load_row_tile(
+        Q, DO, O, LSE, kq * stride_qk + r * stride_qr + h * stride_qh,
+        kq * stride_dok + r * stride_dor + h * stride_doh, kq * stride_ok + r * stride_or + h * stride_oh,
+        h * n_rows + lse_base + i, real,
+        stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
+    return kq * stride_dqk + r * stride_dqr + h * stride_dqh, real, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -72,63 +92,27 @@ def _nca_fwd_kernel(
     stride_vb, stride_vl, stride_vm, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mm,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
-    R, n_chunk_rows, n_rows, M, n_heads, n_kv_heads, group, qk_scale,
-    m_blocks,  # ceil(group * K*R / BLOCK_M): row blocks per chunk
-    HEAD_DIM: tl.constexpr,
+    pid_base, n_chunks, M, n_kv_heads, n_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, KR: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # -- which chunk, which rows, which kv head ----------------------------
-    l = (tl.program_id(0) // m_blocks).to(tl.int64)
-    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
-    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
-    h_kv = tl.program_id(1) % n_kv_heads
-    h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
+    # -- which key set (chunk), which rows -------------------------------------
+    M_BLOCKS: tl.constexpr = (GROUP * KR + BLOCK_M - 1) // BLOCK_M
+    pid = pid_base + tl.program_id(0).to(tl.int64)
+    b, h_kv, l = _key_set(pid // M_BLOCKS, n_chunks, n_kv_heads)
+    i, kq, r, h, row_real = _query_rows((pid % M_BLOCKS) * BLOCK_M, h_kv, R, KR, GROUP, BLOCK_M)
+    q = load_tile(Q + b * stride_qb + l * stride_ql, kq * stride_qk + r * stride_qr + h * stride_qh,
+                  row_real, stride_qd, HEAD_DIM, BLOCK_D)
 
-    q_ptrs = (Q + b * stride_qb + l * stride_ql + kk[:, None] * stride_qk
-              + r[:, None] * stride_qr + h[:, None] * stride_qh + d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_real[:, None] & d_real[None, :], other=0.0)
-    # the chunk's keys: the same for all K neighbours and all grouped heads
-    k_base = K + b * stride_kb + l * stride_kl + h_kv * stride_kh
-    v_base = V + b * stride_vb + l * stride_vl + h_kv * stride_vh
-    mask_base = MASK + b * stride_mb + l * stride_ml
-
-    # -- online softmax over the chunk's keys, BLOCK_N at a time -----------
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for key_start in range(0, M, BLOCK_N):
-        j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
-        kv_mask = (j < M)[:, None] & d_real[None, :]
-        k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-
-        # scores, in log2 units so that exp2 can be used
-        scores = dot(q, tl.trans(k), IEEE_DOT)
-        scores = tl.where(key_real[None, :], scores * qk_scale, float("-inf"))
-
-        # rescale the running sums to the new row maximum; rows that have seen
-        # no real key yet keep max -inf, and subtract 0 instead to avoid NaN
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
-        m_i = m_new
-
-    # -- normalise; rows with no real key output zeros and lse = +inf ------
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    o_ptrs = (OUT + b * stride_ob + l * stride_ol + kk[:, None] * stride_ok
-              + r[:, None] * stride_or + h[:, None] * stride_oh + d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_real[:, None] & d_real[None, :])
-    lse_ptrs = LSE + (b * n_heads + h) * n_rows + l * n_chunk_rows + i
-    tl.store(lse_ptrs, lse, mask=row_real)
+    # -- online softmax over the chunk's keys ----------------------------------
+    keys = _chunk_keys(K, V, MASK, b, l, h_kv, M, stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
+                       stride_vb, stride_vl, stride_vm, stride_vh, stride_vd, stride_mb, stride_ml, stride_mm)
+    acc, m_i, l_i = attend_keys(q, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
+    out, lse = finish_rows(acc, m_i, l_i, row_real)
+    store_tile(OUT + b * stride_ob + l * stride_ol, kq * stride_ok + r * stride_or + h * stride_oh,
+               row_real, stride_od, out, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + (b * n_heads + h) * (n_chunks * KR) + l * KR + i, lse, mask=row_real)
 
 
 # ---------------------------------------------------------------------------
@@ -137,81 +121,33 @@ def _nca_fwd_kernel(
 
 @triton.jit
 def _nca_bwd_kernel(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, MASK, DO, O, LSE, DQ, DK, DV,
     stride_qb, stride_ql, stride_qk, stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vm, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mm,
     stride_dob, stride_dol, stride_dok, stride_dor, stride_doh, stride_dod,
-    R, n_chunk_rows, n_rows, M, n_chunks, n_heads, n_kv_heads, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr,
+    stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
+    stride_dqb, stride_dql, stride_dqk, stride_dqr, stride_dqh, stride_dqd,
+    stride_gb, stride_gl, stride_gm, stride_gh, stride_gd,  # dk and dv (same layout)
+    pid_base, n_chunks, M, n_kv_heads, n_heads, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, KR: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # dq, dk, dv are contiguous: (B, L, K*R, Hq, D) and (B, L, M, Hkv, D).
-    l = tl.program_id(0).to(tl.int64)
-    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
-    h_kv = tl.program_id(1) % n_kv_heads
-    q_base = Q + b * stride_qb + l * stride_ql
-    do_base = DO + b * stride_dob + l * stride_dol
-    k_base = K + b * stride_kb + l * stride_kl + h_kv * stride_kh
-    v_base = V + b * stride_vb + l * stride_vl + h_kv * stride_vh
-    mask_base = MASK + b * stride_mb + l * stride_ml
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
-    n_group_rows = group * n_chunk_rows
-
-    # -- sweep 1: for each key tile, dV = P^T dO and dK = dS^T Q * scale --
-    # summed over the K*R rows of every query head of the group.
-    for key_start in range(0, M, BLOCK_N):
-        j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
-        kv_mask = (j < M)[:, None] & d_real[None, :]
-        k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for row_start in range(0, n_group_rows, BLOCK_M):
-            h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
-            row_mask = row_real[:, None] & d_real[None, :]
-            q = tl.load(q_base + kk[:, None] * stride_qk + r[:, None] * stride_qr
-                        + h[:, None] * stride_qh + d[None, :] * stride_qd, mask=row_mask, other=0.0)
-            do = tl.load(do_base + kk[:, None] * stride_dok + r[:, None] * stride_dor
-                         + h[:, None] * stride_doh + d[None, :] * stride_dod, mask=row_mask, other=0.0)
-            stat = (b * n_heads + h) * n_rows + l * n_chunk_rows + i
-            lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-            delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-            dp = dot(do, tl.trans(v), IEEE_DOT)
-            ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
-        kv_out = ((b * n_chunks + l) * M + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
-        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-    # -- sweep 2: for each query tile, dQ = dS K * scale -------------------
-    for row_start in range(0, n_group_rows, BLOCK_M):
-        h, kk, r, i, row_real = _query_rows(row_start, n_chunk_rows, R, h_kv, group, BLOCK_M)
-        row_mask = row_real[:, None] & d_real[None, :]
-        q = tl.load(q_base + kk[:, None] * stride_qk + r[:, None] * stride_qr
-                    + h[:, None] * stride_qh + d[None, :] * stride_qd, mask=row_mask, other=0.0)
-        do = tl.load(do_base + kk[:, None] * stride_dok + r[:, None] * stride_dor
-                     + h[:, None] * stride_doh + d[None, :] * stride_dod, mask=row_mask, other=0.0)
-        stat = (b * n_heads + h) * n_rows + l * n_chunk_rows + i
-        lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-        delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for key_start in range(0, M, BLOCK_N):
-            j, key_real = _real_keys(key_start, M, mask_base, stride_mm, BLOCK_N, HAS_MASK)
-            kv_mask = (j < M)[:, None] & d_real[None, :]
-            k = tl.load(k_base + j[:, None] * stride_km + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_vm + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dp = dot(do, tl.trans(v), IEEE_DOT)
-            ds = p * (dp - delta[:, None])
-            dq += dot(ds.to(k.dtype), k, IEEE_DOT)
-        dq_out = ((b * n_chunks + l) * n_chunk_rows + i[:, None]) * n_heads * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :]
-        tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    # -- which key set (chunk) -------------------------------------------------
+    b, h_kv, l = _key_set(pid_base + tl.program_id(0).to(tl.int64), n_chunks, n_kv_heads)
+    keys = _chunk_keys(K, V, MASK, b, l, h_kv, M, stride_kb, stride_kl, stride_km, stride_kh, stride_kd,
+                       stride_vb, stride_vl, stride_vm, stride_vh, stride_vd, stride_mb, stride_ml, stride_mm)
+    g_base = b * stride_gb + l * stride_gl + h_kv * stride_gh
+    n_rows = n_chunks * KR
+    rows = (Q + b * stride_qb + l * stride_ql, DO + b * stride_dob + l * stride_dol, O + b * stride_ob + l * stride_ol,
+            LSE + b * n_heads * n_rows, l * KR, h_kv, n_rows,
+            stride_qk, stride_qr, stride_qh, stride_qd, stride_dok, stride_dor, stride_doh, stride_dod,
+            stride_ok, stride_or, stride_oh, stride_od, stride_dqk, stride_dqr, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gm, stride_gd), rows,
+                    DQ + b * stride_dqb + l * stride_dql, stride_dqd, scale, qk_scale, _load_rows,
+                    GROUP, KR, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------
@@ -227,21 +163,22 @@ def forward(q, k, v, chunk_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = launch_config(group * K * R, D, M, q.element_size())
-    m_blocks = triton.cdiv(group * K * R, config["BLOCK_M"])
+    fixed, configs = forward_tiles(group * K * R, M, D, q.element_size())
+    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
     mask, mask_strides, has_mask = mask_as_bytes(chunk_mask, q, 3)
-    grid = (L * m_blocks, B * Hkv)
-    _nca_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        R, K * R, L * K * R, M, Hq, Hkv, group, scale * LOG2E, m_blocks,
-        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    n_programs = B * Hkv * L * triton.cdiv(group * K * R, fixed["BLOCK_M"])
+    with on_device(q):
+        launch(_nca_fwd_kernel, n_programs, lambda pid_base: (
+            q, k, v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            pid_base, L, M, Hkv, Hq, scale * LOG2E,
+        ), dict(fixed, HEAD_DIM=D, R=R, KR=K * R, GROUP=group, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32),
+            configs, key=("HEAD_DIM", "R", "KR", "M", "GROUP", "HAS_MASK"))
     return out, lse
 
 
 def backward(dout, q, k, v, chunk_mask, out, lse, scale):
-    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides."""
+    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides; all the work is in the kernel."""
     B, L, K, R, Hq, D = q.shape
     M, Hkv = k.shape[2], k.shape[3]
     group = Hq // Hkv
@@ -250,15 +187,15 @@ def backward(dout, q, k, v, chunk_mask, out, lse, scale):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
-    delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    config = launch_config(group * K * R, D, M, q.element_size())
     mask, mask_strides, has_mask = mask_as_bytes(chunk_mask, q, 3)
-    grid = (L, B * Hkv)
-    _nca_bwd_kernel[grid](
-        q, k, v, mask, dout, lse, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
-        R, K * R, L * K * R, M, L, Hq, Hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    args = (q, k, v, mask, dout, out, lse, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *out.stride(),
+            *dq.stride(), *dk.stride())
+    with on_device(q):
+        for fixed, configs in backward_plan(group * K * R, M, 1, D, q.element_size()):
+            launch(_nca_bwd_kernel, B * Hkv * L,
+                   lambda pid_base: (*args, pid_base, L, M, Hkv, Hq, scale, scale * LOG2E),
+                   dict(fixed, HEAD_DIM=D, R=R, KR=K * R, GROUP=group, HAS_MASK=has_mask,
+                        IEEE_DOT=q.dtype == torch.float32),
+                   configs, key=("HEAD_DIM", "R", "KR", "M", "GROUP", "HAS_MASK", "SWEEP", "DQ_TOO"))
     return dq, dk, dv

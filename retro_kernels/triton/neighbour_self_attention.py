@@ -1,22 +1,22 @@
-"""Neighbour self-attention in Triton: fused forward and backward kernels with their launchers.
+"""Neighbour self-attention in Triton: the address arithmetic and launchers of its kernels.
 
 Each neighbour (b, l, k) is an independent bidirectional sequence of R
-tokens. A program works on one neighbour and one key/value head; its query
-rows are the R tokens of every query head of that kv head's group, flattened
-as row = g * R + r (query head h = h_kv * group + g). So the neighbour's keys
-and values are read once for the whole group (grouped-query and multi-query
+tokens. A key set is one neighbour and one key/value head: one run of R keys.
+Its query rows are the R tokens of every query head of that kv head's group,
+row = g * R + r (query head h = h_kv * group + g), so the neighbour's keys and
+values are read once for the whole group (grouped-query and multi-query
 attention cost no extra key traffic) and the mask is applied in-kernel: no
-repeat, no mask materialisation, no copy of non-contiguous inputs.
+repeat, no mask materialisation, no copy of non-contiguous inputs. The tile
+work is in _core.py.
 
-Forward: one program per (neighbour, block of BLOCK_M rows, batch x kv head);
-online softmax over the neighbour's R keys in tiles of BLOCK_N. Padding
-query rows (mask False) and rows with no real key store zeros and
-lse = +inf; other rows store the natural-log log-sum-exp for the backward.
+Forward: one program per (key set, block of BLOCK_M rows), 1-D grid with the
+row blocks of a key set next to each other. Padding query rows (mask False)
+and rows with no real key store zeros and lse = +inf; other rows store the
+natural-log log-sum-exp for the backward, layout (B, Hq, L*K*R).
 
-Backward: one program per (neighbour, batch x kv head) owns every query row
-of the group and every key of the neighbour, so it writes dq, dk and dv with
-no atomics: deterministic. It makes two sweeps over the (group*R) x R score
-tile: keys outside (dk, dv), then queries outside (dq).
+Backward: one program per key set owns every query row and every key of it,
+so it writes dq, dk and dv with no atomics: deterministic. delta =
+rowsum(dO * O) is computed from the rows the program loads.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_reasons
-from ._common import LOG2E, dot, launch_config, mask_as_bytes, recompute_probs
-
+from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
+from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
 def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
@@ -34,32 +34,53 @@ def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Shared address arithmetic
+# Address arithmetic
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _query_rows(row_start, R, h_kv, group, mask_base, stride_mr,
-                BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Rows row_start.. of the group: query head, token index, and which are real tokens."""
-    row = row_start + tl.arange(0, BLOCK_M)  # row = g * R + r
-    h = h_kv * group + row // R
-    r = row % R
-    real = row < group * R
-    if HAS_MASK:
-        real = real & (tl.load(mask_base + r * stride_mr, mask=real, other=0) != 0)
-    return h, r, real
+def _key_set(pid, n_neighbours, n_sets, n_kv_heads):
+    """Key set number pid (int64; numbered (b, h_kv, l, k)): batch, kv head, chunk l, neighbour k, set l*K + k."""
+    s = pid % n_sets
+    bh = pid // n_sets
+    return bh // n_kv_heads, bh % n_kv_heads, s // n_neighbours, s % n_neighbours, s
 
 
 @triton.jit
-def _real_keys(key_start, R, mask_base, stride_mr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Keys key_start.. of the neighbour: their index and which are real tokens."""
-    j = key_start + tl.arange(0, BLOCK_N)
-    real = j < R
+def _neighbour_keys(K, V, MASK, b, l, kk, h_kv, R: tl.constexpr,
+                    stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                    stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                    stride_mb, stride_ml, stride_mk, stride_mr):
+    """The key set of neighbour (b, l, k) and kv head h_kv: one run of R keys."""
+    return (K + b * stride_kb + l * stride_kl + kk * stride_kk + h_kv * stride_kh,
+            V + b * stride_vb + l * stride_vl + kk * stride_vk + h_kv * stride_vh,
+            MASK + b * stride_mb + l * stride_ml + kk * stride_mk, 1, R,
+            0, stride_kr, stride_kd, 0, stride_vr, stride_vd, 0, stride_mr)
+
+
+@triton.jit
+def _query_rows(row_start, h_kv, mask_base, stride_mr, GROUP: tl.constexpr, R: tl.constexpr,
+                BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Rows row_start.. of the key set: token r (int64), head h (int64), rows in range, real (unmasked) rows."""
+    r, h, row_in = head_rows(row_start, h_kv, GROUP, R, BLOCK_M)
+    r = r.to(tl.int64)
+    real = row_in
     if HAS_MASK:
-        real = real & (tl.load(mask_base + j * stride_mr, mask=real, other=0) != 0)
-    return j, real
+        real = real & (tl.load(mask_base + r * stride_mr, mask=row_in, other=0) != 0)
+    return r, h, row_in, real
 
 
+@triton.jit
+def _load_rows(row_start, rows, GROUP: tl.constexpr, R: tl.constexpr, _R: tl.constexpr, HAS_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # core.backward_sweeps' loader
+    """A row tile of the neighbour for the backward: dq offsets, rows to store (padding rows too:
+    their dq is zero), Q, dO, lse (log2), delta; Q, DO, O point at the neighbour's first token."""
+    (Q, DO, O, LSE, lse_base, h_kv, mask_base, n_rows, stride_qr, stride_qh, stride_qd,
+     stride_dor, stride_doh, stride_dod, stride_or, stride_oh, stride_od, stride_mr, stride_dqr, stride_dqh) = rows
+    r, h, row_in, real = _query_rows(row_start, h_kv, mask_base, stride_mr, GROUP, R, BLOCK_M, HAS_MASK)
+    q, do, lse2, delta = load_row_tile(
+        Q, DO, O, LSE, r * stride_qr + h * stride_qh, r * stride_dor + h * stride_doh, r * stride_or + h * stride_oh,
+        h * n_rows + lse_base + r, real, stride_qd, stride_dod, stride_od, HEAD_DIM, BLOCK_D)
+    return r * stride_dqr + h * stride_dqh, row_in, q, do, lse2, delta
 
 
 # ---------------------------------------------------------------------------
@@ -74,65 +95,30 @@ def _nsa_fwd_kernel(
     stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
-    n_neighbours, R, n_rows, n_heads, n_kv_heads, group, qk_scale,
-    m_blocks,  # ceil(group * R / BLOCK_M): row blocks per neighbour
-    HEAD_DIM: tl.constexpr,
+    pid_base, n_neighbours, n_sets, n_kv_heads, n_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # -- which neighbour, which rows, which kv head ------------------------
-    s = (tl.program_id(0) // m_blocks).to(tl.int64)  # neighbour index l * K + k
-    row_start = (tl.program_id(0) % m_blocks) * BLOCK_M
-    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
-    h_kv = tl.program_id(1) % n_kv_heads
-    l = s // n_neighbours
-    kk = s % n_neighbours
-    mask_base = MASK + b * stride_mb + l * stride_ml + kk * stride_mk
-    h, r, row_real = _query_rows(row_start, R, h_kv, group, mask_base, stride_mr, BLOCK_M, HAS_MASK)
-    row_in = row_start + tl.arange(0, BLOCK_M) < group * R
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
+    # -- which key set (neighbour), which rows ---------------------------------
+    M_BLOCKS: tl.constexpr = (GROUP * R + BLOCK_M - 1) // BLOCK_M
+    pid = pid_base + tl.program_id(0).to(tl.int64)
+    b, h_kv, l, kk, s = _key_set(pid // M_BLOCKS, n_neighbours, n_sets, n_kv_heads)
+    keys = _neighbour_keys(K, V, MASK, b, l, kk, h_kv, R,
+                           stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                           stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                           stride_mb, stride_ml, stride_mk, stride_mr)
+    r, h, row_in, row_real = _query_rows((pid % M_BLOCKS) * BLOCK_M, h_kv, keys[2], stride_mr,
+                                         GROUP, R, BLOCK_M, HAS_MASK)
+    q = load_tile(Q + b * stride_qb + l * stride_ql + kk * stride_qk, r * stride_qr + h * stride_qh,
+                  row_real, stride_qd, HEAD_DIM, BLOCK_D)
 
-    q_ptrs = (Q + b * stride_qb + l * stride_ql + kk * stride_qk
-              + r[:, None] * stride_qr + h[:, None] * stride_qh + d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_real[:, None] & d_real[None, :], other=0.0)
-    k_base = K + b * stride_kb + l * stride_kl + kk * stride_kk + h_kv * stride_kh
-    v_base = V + b * stride_vb + l * stride_vl + kk * stride_vk + h_kv * stride_vh
-
-    # -- online softmax over the neighbour's keys, BLOCK_N at a time -------
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for key_start in range(0, R, BLOCK_N):
-        j, key_real = _real_keys(key_start, R, mask_base, stride_mr, BLOCK_N, HAS_MASK)
-        kv_mask = (j < R)[:, None] & d_real[None, :]
-        k = tl.load(k_base + j[:, None] * stride_kr + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vr + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-
-        # scores, in log2 units so that exp2 can be used
-        scores = dot(q, tl.trans(k), IEEE_DOT)
-        scores = tl.where(key_real[None, :], scores * qk_scale, float("-inf"))
-
-        # rescale the running sums to the new row maximum; rows that have seen
-        # no real key yet keep max -inf, and subtract 0 instead to avoid NaN
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
-        m_i = m_new
-
-    # -- normalise; padding rows and rows with no real key output zeros, lse = +inf
-    has_key = row_real & (l_i > 0.0)
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    o_ptrs = (OUT + b * stride_ob + l * stride_ol + kk * stride_ok
-              + r[:, None] * stride_or + h[:, None] * stride_oh + d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_in[:, None] & d_real[None, :])
-    lse_ptrs = LSE + (b * n_heads + h) * n_rows + s * R + r
-    tl.store(lse_ptrs, lse, mask=row_in)
+    # -- online softmax over the neighbour's keys; padding rows: zeros, lse +inf
+    acc, m_i, l_i = attend_keys(q, keys, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IEEE_DOT)
+    out, lse = finish_rows(acc, m_i, l_i, row_real)
+    store_tile(OUT + b * stride_ob + l * stride_ol + kk * stride_ok, r * stride_or + h * stride_oh,
+               row_in, stride_od, out, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + (b * n_heads + h) * (n_sets * R) + s * R + r, lse, mask=row_in)
 
 
 # ---------------------------------------------------------------------------
@@ -141,85 +127,35 @@ def _nsa_fwd_kernel(
 
 @triton.jit
 def _nsa_bwd_kernel(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, MASK, DO, O, LSE, DQ, DK, DV,
     stride_qb, stride_ql, stride_qk, stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
     stride_mb, stride_ml, stride_mk, stride_mr,
     stride_dob, stride_dol, stride_dok, stride_dor, stride_doh, stride_dod,
-    n_neighbours, R, n_rows, n_heads, n_kv_heads, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr,
+    stride_ob, stride_ol, stride_ok, stride_or, stride_oh, stride_od,
+    stride_dqb, stride_dql, stride_dqk, stride_dqr, stride_dqh, stride_dqd,
+    stride_gb, stride_gl, stride_gk, stride_gr, stride_gh, stride_gd,  # dk and dv (same layout)
+    pid_base, n_neighbours, n_sets, n_kv_heads, n_heads, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SWEEP: tl.constexpr, DQ_TOO: tl.constexpr, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    # dq, dk, dv are contiguous: (B, L*K, R, Hq, D) and (B, L*K, R, Hkv, D).
-    s = tl.program_id(0).to(tl.int64)  # neighbour index l * K + k
-    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
-    h_kv = tl.program_id(1) % n_kv_heads
-    l = s // n_neighbours
-    kk = s % n_neighbours
-    n_seq = n_rows // R  # L * K
-    mask_base = MASK + b * stride_mb + l * stride_ml + kk * stride_mk
-    q_base = Q + b * stride_qb + l * stride_ql + kk * stride_qk
-    do_base = DO + b * stride_dob + l * stride_dol + kk * stride_dok
-    k_base = K + b * stride_kb + l * stride_kl + kk * stride_kk + h_kv * stride_kh
-    v_base = V + b * stride_vb + l * stride_vl + kk * stride_vk + h_kv * stride_vh
-    d = tl.arange(0, BLOCK_D)
-    d_real = d < HEAD_DIM
-
-    # -- sweep 1: for each key tile, dV = P^T dO and dK = dS^T Q * scale --
-    # summed over every query row of the group (all its query heads).
-    for key_start in range(0, R, BLOCK_N):
-        j, key_real = _real_keys(key_start, R, mask_base, stride_mr, BLOCK_N, HAS_MASK)
-        kv_mask = (j < R)[:, None] & d_real[None, :]
-        k = tl.load(k_base + j[:, None] * stride_kr + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vr + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for row_start in range(0, group * R, BLOCK_M):
-            h, r, row_real = _query_rows(row_start, R, h_kv, group, mask_base, stride_mr, BLOCK_M, HAS_MASK)
-            row_mask = row_real[:, None] & d_real[None, :]
-            q = tl.load(q_base + r[:, None] * stride_qr + h[:, None] * stride_qh + d[None, :] * stride_qd,
-                        mask=row_mask, other=0.0)
-            do = tl.load(do_base + r[:, None] * stride_dor + h[:, None] * stride_doh + d[None, :] * stride_dod,
-                         mask=row_mask, other=0.0)
-            stat = (b * n_heads + h) * n_rows + s * R + r
-            lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-            delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-            dp = dot(do, tl.trans(v), IEEE_DOT)
-            ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
-            dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
-        kv_out = ((b * n_seq + s) * R + j[:, None]) * n_kv_heads * HEAD_DIM + h_kv * HEAD_DIM + d[None, :]
-        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-    # -- sweep 2: for each query tile, dQ = dS K * scale -------------------
-    for row_start in range(0, group * R, BLOCK_M):
-        h, r, row_real = _query_rows(row_start, R, h_kv, group, mask_base, stride_mr, BLOCK_M, HAS_MASK)
-        row_mask = row_real[:, None] & d_real[None, :]
-        q = tl.load(q_base + r[:, None] * stride_qr + h[:, None] * stride_qh + d[None, :] * stride_qd,
-                    mask=row_mask, other=0.0)
-        do = tl.load(do_base + r[:, None] * stride_dor + h[:, None] * stride_doh + d[None, :] * stride_dod,
-                     mask=row_mask, other=0.0)
-        stat = (b * n_heads + h) * n_rows + s * R + r
-        lse = tl.load(LSE + stat, mask=row_real, other=float("inf"))
-        delta = tl.load(DELTA + stat, mask=row_real, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for key_start in range(0, R, BLOCK_N):
-            j, key_real = _real_keys(key_start, R, mask_base, stride_mr, BLOCK_N, HAS_MASK)
-            kv_mask = (j < R)[:, None] & d_real[None, :]
-            k = tl.load(k_base + j[:, None] * stride_kr + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_vr + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            p = recompute_probs(q, k, lse, row_real, key_real, qk_scale, IEEE_DOT)
-            dp = dot(do, tl.trans(v), IEEE_DOT)
-            ds = p * (dp - delta[:, None])
-            dq += dot(ds.to(k.dtype), k, IEEE_DOT)
-        # padding rows (p = 0) store zeros
-        row_in = row_start + tl.arange(0, BLOCK_M) < group * R
-        dq_out = ((b * n_seq + s) * R + r[:, None]) * n_heads * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :]
-        tl.store(DQ + dq_out, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_real[None, :])
+    # -- which key set (neighbour) ---------------------------------------------
+    b, h_kv, l, kk, s = _key_set(pid_base + tl.program_id(0).to(tl.int64), n_neighbours, n_sets, n_kv_heads)
+    keys = _neighbour_keys(K, V, MASK, b, l, kk, h_kv, R,
+                           stride_kb, stride_kl, stride_kk, stride_kr, stride_kh, stride_kd,
+                           stride_vb, stride_vl, stride_vk, stride_vr, stride_vh, stride_vd,
+                           stride_mb, stride_ml, stride_mk, stride_mr)
+    g_base = b * stride_gb + l * stride_gl + kk * stride_gk + h_kv * stride_gh
+    n_rows = n_sets * R
+    rows = (Q + b * stride_qb + l * stride_ql + kk * stride_qk, DO + b * stride_dob + l * stride_dol + kk * stride_dok,
+            O + b * stride_ob + l * stride_ol + kk * stride_ok, LSE + b * n_heads * n_rows, s * R, h_kv, keys[2],
+            n_rows, stride_qr, stride_qh, stride_qd, stride_dor, stride_doh, stride_dod,
+            stride_or, stride_oh, stride_od, stride_mr, stride_dqr, stride_dqh)
+    backward_sweeps(keys, (DK + g_base, DV + g_base, 0, stride_gr, stride_gd), rows,
+                    DQ + b * stride_dqb + l * stride_dql + kk * stride_dqk, stride_dqd, scale, qk_scale, _load_rows,
+                    GROUP, R, R, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SWEEP, DQ_TOO, HAS_MASK, IEEE_DOT)
 
 
 # ---------------------------------------------------------------------------
@@ -235,21 +171,22 @@ def forward(q, k, v, neighbour_mask, scale):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = launch_config(group * R, D, R, q.element_size())
-    m_blocks = triton.cdiv(group * R, config["BLOCK_M"])
+    fixed, configs = forward_tiles(group * R, R, D, q.element_size())
+    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
-    grid = (L * K * m_blocks, B * Hkv)
-    _nsa_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        K, R, L * K * R, Hq, Hkv, group, scale * LOG2E, m_blocks,
-        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    n_programs = B * Hkv * L * K * triton.cdiv(group * R, fixed["BLOCK_M"])
+    with on_device(q):
+        launch(_nsa_fwd_kernel, n_programs, lambda pid_base: (
+            q, k, v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            pid_base, K, L * K, Hkv, Hq, scale * LOG2E,
+        ), dict(fixed, HEAD_DIM=D, R=R, GROUP=group, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32),
+            configs, key=("HEAD_DIM", "R", "GROUP", "HAS_MASK"))
     return out, lse
 
 
 def backward(dout, q, k, v, neighbour_mask, out, lse, scale):
-    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides."""
+    """(dq, dk, dv), contiguous, in the inputs' dtypes. Any input strides; all the work is in the kernel."""
     B, L, K, R, Hq, D = q.shape
     Hkv = k.shape[4]
     group = Hq // Hkv
@@ -258,15 +195,14 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, scale):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    # rowsum(dO * O): the softmax-backward correction of every query row, (B, Hq, L*K*R)
-    delta = (dout.float() * out.float()).sum(-1).reshape(B, L * K * R, Hq).transpose(1, 2).contiguous()
-    config = launch_config(group * R, D, R, q.element_size())
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
-    grid = (L * K, B * Hkv)
-    _nsa_bwd_kernel[grid](
-        q, k, v, mask, dout, lse, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
-        K, R, L * K * R, Hq, Hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=D, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32, **config,
-    )
+    args = (q, k, v, mask, dout, out, lse, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *out.stride(),
+            *dq.stride(), *dk.stride())
+    with on_device(q):
+        for fixed, configs in backward_plan(group * R, R, 1, D, q.element_size()):
+            launch(_nsa_bwd_kernel, B * Hkv * L * K,
+                   lambda pid_base: (*args, pid_base, K, L * K, Hkv, Hq, scale, scale * LOG2E),
+                   dict(fixed, HEAD_DIM=D, R=R, GROUP=group, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32),
+                   configs, key=("HEAD_DIM", "R", "GROUP", "HAS_MASK", "SWEEP", "DQ_TOO"))
     return dq, dk, dv
