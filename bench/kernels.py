@@ -11,7 +11,9 @@ memory, warps, pipeline stages, and the CTAs per SM that these allow
 (sm_90: 64K registers, 227 KB of shared memory per block and 228 KB per SM,
 2048 threads, 32 CTAs).
 
-    python -m bench kernels [--arch sm90] [--head-dims 64,128] [--kv-heads 16,4] [--json FILE]
+    python -m bench kernels [--arch sm90] [--head-dims 64,128] [--kv-heads 16,4] [--cuda] [--json FILE]
+
+`--cuda` adds the CUDA kernels of csrc/cuda (bench/cuda_resources.py: nvcc --resource-usage).
 
 `--json FILE` also writes the rows as JSON (one object per launch and
 configuration), the form the GPU runbook saves. Must run with the Triton
@@ -278,8 +280,10 @@ def _split_ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .args import OneLineParser, positive_int
+
+    p = OneLineParser(prog="python -m bench kernels", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="sm90")
     p.add_argument("--head-dims", type=_split_ints, default=(64, 128))
     p.add_argument("--kv-heads", type=_split_ints, default=(16, 4))
@@ -287,7 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
     p.add_argument("--configs", choices=("all", "default"), default="all",
                    help="every config an autotuned launch may pick (default), or only its default one")
-    p.add_argument("--jobs", type=int, default=1, help="compile this many kernels at a time")
+    p.add_argument("--jobs", type=positive_int, default=1, help="compile this many kernels at a time")
+    p.add_argument("--cuda", action="store_true",
+                   help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage; bench/cuda_resources.py)")
     p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
     args = p.parse_args(argv)
 
@@ -306,6 +312,14 @@ def main(argv=None) -> int:
     for row in compile_rows(tasks(shapes, args.dtype, args.configs == "all"), args.arch, args.jobs):
         print_row(row)
         rows.append(dict(row, triton=triton.__version__))
+    if args.cuda:
+        from . import cuda_resources
+
+        arch = {"sm90": "sm_90a", "sm80": "sm_80"}[args.arch]
+        print(f"\nCUDA kernels (csrc/cuda) compiled for {arch}:", flush=True)
+        cuda_rows = cuda_resources.rows((arch,))
+        print(cuda_resources.format_table(cuda_rows))
+        rows += [dict(r, backend="cuda") for r in cuda_rows]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
