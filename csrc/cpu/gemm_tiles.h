@@ -1,5 +1,6 @@
-// What the two micro-kernel GEMMs (gemm_avx2.cpp, gemm_avx512.cpp) share: packing op(B)
-// into column panels, and the loop over panels and row tiles around a micro-kernel.
+// The micro-kernel GEMM, written once for both vector ISAs (gemm_avx2.cpp and
+// gemm_avx512.cpp instantiate it with their registers): packing op(B) into column
+// panels, the micro-kernel, and the loop over panels and row tiles.
 //
 //   C (M x N, ldc) = alpha * op(A) op(B) + beta * C
 //
@@ -105,14 +106,80 @@ RK_TILE_TARGET void pack_b_transposed(const float* B, int64_t ldb, int64_t K, in
   }
 }
 
-// The whole product around a micro-kernel: Tile::run<FULL>(rows, K, cols, alpha, A,
-// a_row, a_k, panel, beta, C, ldc) computes C[0:rows, 0:cols] (rows <= MR, cols <= NR;
-// FULL: cols == NR) from one K x NR panel. `prefetch_lines`: the caller's next operands
-// to prefetch per tile (see PrefetchQueue in common.h).
-template <int64_t MR, int64_t NR, class Tile>
+// The micro-kernel, written once for any vector ISA `V` (gemm_avx2.cpp, gemm_avx512.cpp
+// define one): C[0:ROWS, 0:cols] = alpha * op(A)[0:ROWS, :] panel (+ beta * C), cols <=
+// NR = 2 V::kLanes, from one K x NR panel. It holds the ROWS x NR tile of C in 2 ROWS
+// vector registers; each step of the depth loop loads one row of the panel (two
+// vectors), broadcasts the ROWS values of op(A)'s column k and does 2 ROWS FMAs.
+// FULL: cols == NR, plain stores; otherwise masked ones (no read or write past column
+// cols, which may be the end of an allocation). V provides: reg, mask, kLanes, zero(),
+// set1(x), load(p), fmadd(a, b, c), mul(a, b), lanes(n) (the mask of lanes < n),
+// load_masked(m, p), store(p, r), store_masked(p, m, r).
+template <class V, int ROWS, bool FULL>
+RK_TILE_TARGET void micro_kernel(int64_t K, int64_t cols, float alpha, const float* A, int64_t a_row,
+                                 int64_t a_k, const float* panel, float beta, float* C, int64_t ldc) {
+  constexpr int64_t NR = 2 * V::kLanes;
+  typename V::reg acc_lo[ROWS], acc_hi[ROWS];  // fully unrolled below, so these live in registers
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) acc_lo[i] = acc_hi[i] = V::zero();
+
+  // depth loop: one rank-1 update of the tile per k
+  for (int64_t k = 0; k < K; ++k) {
+    const typename V::reg b_lo = V::load(panel + k * NR), b_hi = V::load(panel + k * NR + V::kLanes);
+    const float* a = A + k * a_k;
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+      const typename V::reg a_ik = V::set1(a[i * a_row]);
+      acc_lo[i] = V::fmadd(a_ik, b_lo, acc_lo[i]);
+      acc_hi[i] = V::fmadd(a_ik, b_hi, acc_hi[i]);
+    }
+  }
+
+  // epilogue: C = alpha * acc (+ beta * C); with beta == 0, C is never read
+  const typename V::mask mask_lo = V::lanes(FULL ? V::kLanes : cols);
+  const typename V::mask mask_hi = V::lanes(FULL ? V::kLanes : cols - V::kLanes);
+  const typename V::reg alpha_v = V::set1(alpha), beta_v = V::set1(beta);
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) {
+    float* c = C + i * ldc;
+    typename V::reg lo = V::mul(alpha_v, acc_lo[i]), hi = V::mul(alpha_v, acc_hi[i]);
+    if (FULL) {
+      if (beta != 0.0f) {
+        lo = V::fmadd(beta_v, V::load(c), lo);
+        hi = V::fmadd(beta_v, V::load(c + V::kLanes), hi);
+      }
+      V::store(c, lo);
+      V::store(c + V::kLanes, hi);
+    } else {
+      if (beta != 0.0f) {
+        lo = V::fmadd(beta_v, V::load_masked(mask_lo, c), lo);
+        hi = V::fmadd(beta_v, V::load_masked(mask_hi, c + V::kLanes), hi);
+      }
+      V::store_masked(c, mask_lo, lo);
+      V::store_masked(c + V::kLanes, mask_hi, hi);
+    }
+  }
+}
+
+// micro_kernel for `rows` rows (1 .. ROWS), the count a template argument so that the
+// accumulators stay in registers.
+template <class V, int ROWS, bool FULL>
+RK_TILE_TARGET void tile(int64_t rows, int64_t K, int64_t cols, float alpha, const float* A, int64_t a_row,
+                         int64_t a_k, const float* panel, float beta, float* C, int64_t ldc) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return tile<V, ROWS - 1, FULL>(rows, K, cols, alpha, A, a_row, a_k, panel, beta, C, ldc);
+  }
+  micro_kernel<V, ROWS, FULL>(K, cols, alpha, A, a_row, a_k, panel, beta, C, ldc);
+}
+
+// The whole product: op(B) packed into panels of NR = 2 V::kLanes columns, then MR-row
+// tiles. `prefetch_lines`: the caller's next operands to prefetch per tile (see
+// PrefetchQueue in common.h).
+template <class V, int MR>
 RK_TILE_TARGET void gemm_tiles(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                                const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                                int64_t ldc, PrefetchQueue* prefetch, int64_t prefetch_lines) {
+  constexpr int64_t NR = 2 * V::kLanes;
   // op(B) into column panels (per-thread buffer, reused across calls)
   thread_local std::vector<float> packed;
   const int64_t panels = (N + NR - 1) / NR;
@@ -129,13 +196,13 @@ RK_TILE_TARGET void gemm_tiles(bool trans_a, bool trans_b, int64_t M, int64_t N,
     const int64_t j = p * NR, cols = std::min(NR, N - j);
     const float* panel = packed.data() + p * K * NR;
     for (int64_t i = 0; i < M; i += MR) {
-      const int64_t rows = std::min(MR, M - i);
+      const int64_t rows = std::min<int64_t>(MR, M - i);
       const float* a = A + i * a_row;
       if (prefetch != nullptr) prefetch->step(prefetch_lines);
       if (cols == NR)
-        Tile::template run<true>(rows, K, cols, alpha, a, a_row, a_k, panel, beta, C + i * ldc + j, ldc);
+        tile<V, MR, true>(rows, K, cols, alpha, a, a_row, a_k, panel, beta, C + i * ldc + j, ldc);
       else
-        Tile::template run<false>(rows, K, cols, alpha, a, a_row, a_k, panel, beta, C + i * ldc + j, ldc);
+        tile<V, MR, false>(rows, K, cols, alpha, a, a_row, a_k, panel, beta, C + i * ldc + j, ldc);
     }
   }
 }

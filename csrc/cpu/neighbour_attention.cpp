@@ -306,27 +306,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(bool self, const at::Ten
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> self_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const c10::optional<at::Tensor>& mask, double scale) {
-  return forward(true, q, k, v, mask, scale);
+// The registered ops: forward / backward with the op fixed.
+template <bool SELF>
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& mask, double scale) {
+  return forward(SELF, q, k, v, mask, scale);
 }
-std::tuple<at::Tensor, at::Tensor> cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const c10::optional<at::Tensor>& mask, double scale) {
-  return forward(false, q, k, v, mask, scale);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_backward(const at::Tensor& dout, const at::Tensor& q,
-                                                             const at::Tensor& k, const at::Tensor& v,
-                                                             const c10::optional<at::Tensor>& mask,
-                                                             const at::Tensor& out, const at::Tensor& lse,
-                                                             double scale) {
-  return backward(true, dout, q, k, v, mask, out, lse, scale);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_backward(const at::Tensor& dout, const at::Tensor& q,
-                                                              const at::Tensor& k, const at::Tensor& v,
-                                                              const c10::optional<at::Tensor>& mask,
-                                                              const at::Tensor& out, const at::Tensor& lse,
-                                                              double scale) {
-  return backward(false, dout, q, k, v, mask, out, lse, scale);
+
+template <bool SELF>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& q,
+                                                           const at::Tensor& k, const at::Tensor& v,
+                                                           const c10::optional<at::Tensor>& mask,
+                                                           const at::Tensor& out, const at::Tensor& lse, double scale) {
+  return backward(SELF, dout, q, k, v, mask, out, lse, scale);
 }
 
 }  // namespace
@@ -344,8 +336,8 @@ TORCH_LIBRARY_FRAGMENT(retro_kernels_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) {
-  m.impl("neighbour_self_attention_fwd", &retro_kernels::cpu::self_forward);
-  m.impl("neighbour_self_attention_bwd", &retro_kernels::cpu::self_backward);
-  m.impl("neighbour_cross_attention_fwd", &retro_kernels::cpu::cross_forward);
-  m.impl("neighbour_cross_attention_bwd", &retro_kernels::cpu::cross_backward);
+  m.impl("neighbour_self_attention_fwd", &retro_kernels::cpu::forward_op<true>);
+  m.impl("neighbour_self_attention_bwd", &retro_kernels::cpu::backward_op<true>);
+  m.impl("neighbour_cross_attention_fwd", &retro_kernels::cpu::forward_op<false>);
+  m.impl("neighbour_cross_attention_bwd", &retro_kernels::cpu::backward_op<false>);
 }
