@@ -43,7 +43,8 @@ Run keys, added by the CLI (`finalize_row`):
     retro_kernels, numpy, flash_attn, retro_pytorch}, device, device_name,
     device_slug, peak_gbps (measured copy bandwidth), peak_tflops (measured
     matmul rate, in the row's dtype where measured, else fp32), threads, quick,
-    host_note.
+    host_note; on the CPU also cpu_model, cpu_isa ("amx", "avx512f", "avx2", ...) and
+    cpu_gemm (the GEMM the C++ CPU kernels chose, `cpu_fields`).
 
 A module may leave out any measurement key except suite, name, impl and
 status; missing ones are filled with None/{} by `finalize_row`.
@@ -121,6 +122,15 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_fields() -> dict:
+    """cpu_model, cpu_isa and cpu_gemm: the CPU, its best vector ISA, and the GEMM the
+    C++ CPU kernels chose so far in this process (retro_kernels.cpu.gemm_info)."""
+    from retro_kernels.cpu import gemm_info
+
+    info = gemm_info()
+    return {"cpu_model": info["cpu_model"], "cpu_isa": info["isa"], "cpu_gemm": info["summary"] or info["error"]}
 
 
 def device_name(device: torch.device) -> str:
@@ -289,6 +299,8 @@ class RunContext:
             device_slug=self.device_slug, peak_gbps=self.peak_gbps, peak_tflops=peak_tflops,
             threads=torch.get_num_threads(), quick=self.quick, host_note=self.host_note,
         )
+        if self.device.type == "cpu":
+            full.update(cpu_fields())
         evaluate_targets(full)
         return full
 

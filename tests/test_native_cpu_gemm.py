@@ -127,6 +127,34 @@ def test_candidates_follow_the_cpu():
 
 
 @needs_cpu_ext
+def test_measured_choice_gives_the_same_bits_for_any_thread_count():
+    """A shape class keeps its choice for the process, so the kernels stay bitwise
+    reproducible across thread counts with the measured GEMM too."""
+    import tests.test_native_chunked_cross_attention as cca
+    import tests.test_native_neighbour_attention as nbr
+
+    q, k, v, mask = cca.make_inputs(2, 70, 8, 2, 12, 4, 2, 64, 0, "random", torch.float32)
+    dout = torch.randn(q.shape)
+    neighbour = {op: nbr.make_inputs(op, 1, 2, 2, 70, 9, 4, 2, 32, "random", torch.float32) for op in nbr.OPS}
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            out, grads = cca.run_with_grads("cpu", q, k, v, 8, mask, 0, dout)
+            for op, (fn, _, mask_name) in nbr.OPS.items():
+                inputs = neighbour[op]
+                grads = grads + nbr.grads(fn, *inputs[:3], mask_name, inputs[3], backend="cpu")
+            runs.append([out, *grads])
+    finally:
+        torch.set_num_threads(before)
+    for first, other in zip(runs[0], runs[1]):
+        assert torch.equal(first, other)
+    for first, other in zip(runs[0], runs[2]):
+        assert torch.equal(first, other)
+
+
+@needs_cpu_ext
 def test_measured_choice_is_reported():
     """Running a kernel measures its shapes' classes; each keeps the fastest candidate it timed."""
     if os.environ.get("RETRO_KERNELS_CPU_GEMM", "auto") not in ("", "auto"):
@@ -153,7 +181,8 @@ def run_forced(value: str, code: str) -> subprocess.CompletedProcess:
 @needs_cpu_ext
 def test_forced_gemm_runs_everything_through_it():
     """RETRO_KERNELS_CPU_GEMM=<candidate> (read once per process) makes gemm() use it:
-    reported as forced, and the CCA kernels give the reference's results through it."""
+    reported as forced, and the CCA kernels give the reference's results through it,
+    the same bits with 1 and 2 threads."""
     code = (
         "import json, sys, torch, tests.test_native_chunked_cross_attention as t\n"
         "from retro_kernels import _native\n"
@@ -163,6 +192,13 @@ def test_forced_gemm_runs_everything_through_it():
         "torch.manual_seed(0)\n"
         "q, k, v, mask = t.make_inputs(2, 37, 8, 2, 5, 4, 2, 32, 3, 'chunk_hidden', torch.float32)\n"
         "t.check_against_reference('cpu', q, k, v, 8, mask, 3)\n"
+        "dout = torch.randn(q.shape)\n"
+        "runs = []\n"
+        "for threads in (1, 2):  # the same bits for any thread count\n"
+        "    torch.set_num_threads(threads)\n"
+        "    runs.append(t.run_with_grads('cpu', q, k, v, 8, mask, 3, dout))\n"
+        "assert torch.equal(runs[0][0], runs[1][0]), 'out'\n"
+        "assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1])), 'grads'\n"
         "assert json.loads(ops.gemm_report())['classes'] == []  # nothing measured\n"
         "print(ops.gemm_backend())\n"
     )
