@@ -3,6 +3,7 @@ PyTorch's scaled_dot_product_attention vs the reference, forward + backward; and
 with --neighbour, the two neighbour-encoder ops against their SDPA peers.
 
     python -m bench.cpu_cca [--quick] [--reps N] [--threads T] [--no-memory] [--neighbour] [--json]
+    python -m bench.cpu_cca --against DIR [--runs 3] [...]    (before/after: DIR another checkout)
 
 `run(quick)` returns one row per (variant, mask), in bench/common.py's schema, with
 times (ms, best and median of interleaved repeats), the peak extra memory of one
@@ -173,8 +174,15 @@ def loadavg() -> str | None:
 
 
 def _machine() -> dict:
-    from .common import cpu_fields
+    """cpu_model, cpu_isa, cpu_gemm (bench.common.cpu_fields; a checkout older than it,
+    measured with --against, gets what its extension can say)."""
+    try:
+        from bench.common import cpu_fields
+    except ImportError:
+        from bench.common import cpu_model_name
 
+        gemm = getattr(torch.ops.retro_kernels_cpu, "gemm_backend", None)
+        return {"cpu_model": cpu_model_name(), "cpu_isa": None, "cpu_gemm": gemm() if gemm else None}
     return cpu_fields()
 
 
@@ -271,7 +279,7 @@ def cca_row(name, s, masked, times, flops, of_mm, mm_rate, machine, peak, load) 
 def neighbour_cases(quick: bool):
     """(bench, case) pairs: bench/ops.py's CPU base shapes of the two neighbour ops, and
     the cross-attention with K=1 (where issue 15 found it slowest)."""
-    from . import ops
+    from bench import ops
 
     cpu = torch.device("cpu")
     for bench in (ops.NSABench(), ops.NCABench()):
@@ -363,6 +371,53 @@ def print_rows(rows: list[dict]) -> None:
               f"median {m['fwd_bwd_ms_median']:7.1f} ms  best {m['fwd_bwd_ms_best']:7.1f} ms  {vs}")
 
 
+def _one_run(tree: str, args) -> list[dict]:
+    """This file's measurement run in a subprocess on `tree`'s code (its retro_kernels and
+    bench packages; this file itself comes from here, so an older checkout works too)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--no-memory", "--reps", str(args.reps or 10)]
+    cmd += ["--quick"] * args.quick + ["--neighbour"] * args.neighbour
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"run on {tree} failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def compare(args) -> None:
+    """--against DIR: runs alternating between this checkout and DIR, then per row the
+    median over runs of each run's (same-round median) speed-up and time."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"this": here, "against": os.path.abspath(args.against)}
+    results = {name: [] for name in trees}
+    for i in range(args.runs):
+        for name, tree in trees.items():
+            results[name].append(_one_run(tree, args))
+            print(f"run {i + 1}/{args.runs} on {name} ({tree}): load {loadavg()}", flush=True)
+    first = results["this"][0][0]
+    print(f"\n{first['cpu_model']} ({first['cpu_isa']}), GEMM here: {first['cpu_gemm']}, "
+          f"there: {results['against'][0][0]['cpu_gemm']}")
+    print(f"{'op':<26} {'case':<10} {'impl':<18} {'ms there':>9} {'ms here':>8} {'x peer there':>13} "
+          f"{'x peer here':>12} {'of mm there':>12} {'of mm here':>11}")
+    for row in results["this"][0]:
+        if row["role"] != "ours":
+            continue
+        key = (row["name"], row["sweep"], row["sweep_value"], row["impl"])
+        stats = {}
+        for name, runs in results.items():
+            same = [r for run in runs for r in run if (r["name"], r["sweep"], r["sweep_value"], r["impl"]) == key]
+            stats[name] = {
+                "ms": statistics.median(r["time_ms"] for r in same),
+                "x": statistics.median(min(r["speedup"].values()) for r in same),
+                "mm": statistics.median(r["metrics"].get("fraction_of_matmul") or float("nan") for r in same),
+            }
+        case = f"{row['sweep']}={row['sweep_value']}"
+        print(f"{row['name']:<26} {case:<10} {row['impl']:<18} {stats['against']['ms']:9.1f} {stats['this']['ms']:8.1f} "
+              f"{stats['against']['x']:13.2f} {stats['this']['x']:12.2f} {stats['against']['mm']:12.2f} "
+              f"{stats['this']['mm']:11.2f}")
+    print("x peer: against the fastest SDPA peer; medians over runs")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -371,11 +426,18 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--neighbour", action="store_true", help="also the neighbour ops at bench ops' base shapes")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument("--against", metavar="DIR", default=None,
+                        help="compare with another checkout (built), runs alternating between the two")
+    parser.add_argument("--runs", type=int, default=3, help="with --against: runs on each side (default 3)")
     args = parser.parse_args(argv)
-    for name in ("reps", "threads"):
+    for name in ("reps", "threads", "runs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
+    if args.against:
+        if not os.path.isdir(os.path.join(args.against, "retro_kernels")):
+            parser.error(f"--against must be a retro_kernels checkout, got {args.against}")
+        return compare(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.quick, args.reps, not args.no_memory, args.neighbour)
