@@ -183,3 +183,65 @@ def test_cca_positions_near_2_to_the_63(m, start_pos, N):
     want = with_grads(lambda a, b, c: cca_by_hand(a, b, c, m, start_pos), (q.double(), k.double(), v.double()))
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------
+# Mask layouts: one run of real tokens (read in place) or holes (packed)
+# ---------------------------------------------------------------------------
+
+def layout_mask(shape, layout, gen):
+    """Bool mask (..., n): "suffix" real tokens then padding (RETRO's neighbours),
+    "prefix" padding then real tokens, "holes" random, "mixed" a row of each."""
+    *lead, n = shape
+    rows = torch.tensor(lead).prod().item() if lead else 1
+    pos = torch.arange(n).expand(rows, n)
+    cut = torch.randint(1, n + 1, (rows, 1), generator=gen)
+    kinds = {"suffix": pos < cut, "prefix": pos >= n - cut, "holes": torch.rand(rows, n, generator=gen) > 0.4}
+    if layout == "mixed":
+        pick = torch.arange(rows)[:, None] % 3
+        m = torch.where(pick == 0, kinds["suffix"], torch.where(pick == 1, kinds["prefix"], kinds["holes"]))
+    else:
+        m = kinds[layout]
+    return m.reshape(shape)
+
+
+def reference_grads(ref, tensors, dtype, **kw):
+    """(fp32 reference, low-precision eager reference or None) outputs and gradients."""
+    want32 = with_grads(ref, [t.float() for t in tensors], **kw)
+    want_lp = with_grads(ref, tensors, **kw) if dtype != torch.float32 else [None] * 4
+    return want32, want_lp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["suffix", "prefix", "holes", "mixed"])
+@pytest.mark.parametrize("op", ["cca", "self", "cross"])
+def test_mask_layouts_match_reference(op, layout, dtype):
+    from tests.tolerances import assert_close_to_reference
+
+    g = torch.Generator().manual_seed(8)
+    if op == "cca":
+        B, N, m, K, R, Hq, Hkv, D = 2, 21, 4, 2, 7, 4, 2, 16
+        L = N // m + 1
+        tensors = [torch.randn(B, N, Hq, D, generator=g)] + [torch.randn(B, L, K, R, Hkv, D, generator=g)
+                                                             for _ in range(2)]
+        # one run across both neighbours too: the first full, the second a suffix
+        mask = layout_mask((B, L, K, R), layout, g)
+        mask[0, 2, 0] = True
+        kw, fn, ref = dict(chunk_size=m, neighbour_mask=mask), chunked_cross_attention, cca_reference
+    elif op == "self":
+        B, L, K, R, Hq, Hkv, D = 1, 3, 2, 9, 4, 2, 16
+        tensors = [torch.randn(B, L, K, R, H, D, generator=g) for H in (Hq, Hkv, Hkv)]
+        kw = dict(neighbour_mask=layout_mask((B, L, K, R), layout, g))
+        fn, ref = neighbour_self_attention, nsa_reference
+    else:
+        B, L, K, R, M, Hq, Hkv, D = 1, 3, 2, 5, 11, 4, 1, 16
+        tensors = [torch.randn(B, L, K, R, Hq, D, generator=g)] + [torch.randn(B, L, M, Hkv, D, generator=g)
+                                                                   for _ in range(2)]
+        kw = dict(chunk_mask=layout_mask((B, L, M), layout, g))
+        fn, ref = neighbour_cross_attention, nca_reference
+    tensors = [t.to(dtype) for t in tensors]
+    got = with_grads(fn, tensors, backend="cpu", **kw)
+    want32, want_lp = reference_grads(ref, tensors, dtype, **kw)
+    for name, x, w32, wlp in zip(("out", "dq", "dk", "dv"), got, want32, want_lp):
+        assert x.dtype == dtype
+        assert_close_to_reference(f"{op} {layout} {name}", x, w32, wlp, factor=2.0 if name == "out" else 3.0)

@@ -34,17 +34,32 @@ struct RowSet {
   T* row(int64_t t) const { return base + (index != nullptr ? index[t] : t) * ld; }
 };
 
-// The real rows of a mask laid out as (outer, inner) with the given strides: their
-// positions o * inner + i, in order, into `index`; returns how many. Without a mask
-// every row is real (returns outer * inner, `index` untouched).
-inline int64_t real_rows(const bool* mask, int64_t outer, int64_t outer_stride, int64_t inner,
-                         int64_t inner_stride, int64_t* index) {
-  if (mask == nullptr) return outer * inner;
-  int64_t real = 0;
+// The real rows of a tile: `count` of them, either one run first .. first+count-1
+// (index nullptr: read in place, no copy; the usual case, padding at the end) or the
+// positions index[0 .. count) (packed on reading).
+struct RealRows {
+  int64_t count = 0, first = 0;
+  const int64_t* index = nullptr;
+  // the rows of a tensor at `base` (row stride ld) that these select
+  template <typename T>
+  RowSet<T> of(T* base, int64_t ld) const {
+    return {index != nullptr ? base : base + first * ld, ld, index};
+  }
+};
+
+// The real rows of a mask laid out as (outer, inner) with the given strides, at
+// positions o * inner + i; `scratch` (outer * inner) holds their index when they are
+// not one run. Without a mask every row is real.
+inline RealRows real_rows(const bool* mask, int64_t outer, int64_t outer_stride, int64_t inner,
+                          int64_t inner_stride, int64_t* scratch) {
+  if (mask == nullptr) return {outer * inner, 0, nullptr};
+  int64_t count = 0;
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t i = 0; i < inner; ++i)
-      if (mask[o * outer_stride + i * inner_stride]) index[real++] = o * inner + i;
-  return real;
+      if (mask[o * outer_stride + i * inner_stride]) scratch[count++] = o * inner + i;
+  if (count == 0) return {};
+  if (scratch[count - 1] - scratch[0] == count - 1) return {count, scratch[0], nullptr};
+  return {count, 0, scratch};
 }
 
 // Rows first .. first+n-1 of `rows` as an fp32 matrix: the tensor's own memory when it is
@@ -67,19 +82,18 @@ void scatter_rows(const RowSet<scalar_t>& dst, int64_t first, int64_t n, const f
 // Per-thread scratch for tasks of up to `keys` keys and head dim D.
 struct AttendScratch {
   AlignedFloats scores, dscores, stats, q32, do32, o32, k32, v32, dk32, dv32;
-  std::vector<int64_t> key_index, row_index;
-  AttendScratch(int64_t keys, int64_t rows, int64_t D)
+  std::vector<int64_t> key_index;
+  AttendScratch(int64_t keys, int64_t D)
       : scores(BLOCK_ROWS * keys), dscores(BLOCK_ROWS * keys), stats(2 * BLOCK_ROWS), q32(BLOCK_ROWS * D),
         do32(BLOCK_ROWS * D), o32(BLOCK_ROWS * D), k32(keys * D), v32(keys * D), dk32(keys * D),
-        dv32(keys * D), key_index(keys), row_index(rows) {}
+        dv32(keys * D), key_index(keys) {}
 };
 
-// The real keys of a task as fp32 rows: the tensor's own memory (fp32, none dropped),
-// else the real rows (`index`, n_real of `keys`) packed into `scratch`.
+// The real keys of a task as fp32 rows: the tensor's own memory (fp32, one run), else
+// a packed (converted) copy in `scratch`.
 template <typename scalar_t>
-RowsF32 key_rows(const scalar_t* src, int64_t ld, int64_t keys, int64_t n_real, const int64_t* index, int64_t D,
-                 float* scratch) {
-  return gather_rows(RowSet<const scalar_t>{src, ld, n_real == keys ? nullptr : index}, 0, n_real, D, scratch);
+RowsF32 key_rows(const scalar_t* src, int64_t ld, const RealRows& real, int64_t D, float* scratch) {
+  return gather_rows(real.of(src, ld), 0, real.count, D, scratch);
 }
 
 // out rows and lse of one head: softmax(scale * Q K^T) V over the n_keys keys, for the
@@ -143,8 +157,9 @@ void attend_backward(const RowSet<const scalar_t>& q, const RowSet<const scalar_
   }
 }
 
-// Where a task accumulates dK and dV: the outputs themselves when they are fp32 and no
-// key is dropped, else fp32 scratch (ld D) that store_key_grads writes out.
+// Where a task accumulates dK and dV of its real keys: the outputs themselves when they
+// are fp32 and the real keys one run, else fp32 scratch (ld D) that store_key_grads
+// writes out.
 struct KeyGrads {
   float* dK;
   float* dV;
@@ -153,28 +168,31 @@ struct KeyGrads {
 };
 
 template <typename scalar_t>
-KeyGrads key_grads(scalar_t* dk_rows, scalar_t* dv_rows, int64_t ld_out, int64_t keys, int64_t n_real, int64_t D,
+KeyGrads key_grads(scalar_t* dk_rows, scalar_t* dv_rows, int64_t ld_out, const RealRows& real, int64_t D,
                    AttendScratch& s) {
-  if (std::is_same_v<scalar_t, float> && n_real == keys)
-    return {reinterpret_cast<float*>(dk_rows), reinterpret_cast<float*>(dv_rows), ld_out, true};
-  (void)D;
+  if (std::is_same_v<scalar_t, float> && real.index == nullptr) {
+    const int64_t first = real.first * ld_out;
+    return {reinterpret_cast<float*>(dk_rows + first), reinterpret_cast<float*>(dv_rows + first), ld_out, true};
+  }
   return {s.dk32.data(), s.dv32.data(), D, false};
 }
 
-// dk, dv rows (ld ld_out) of a task's `keys` keys <- the accumulated gradients of its
-// n_real real ones (`index` when some were dropped); dropped keys get zeros.
+// dk, dv rows (ld ld_out) of a task's `keys` keys <- the gradients accumulated for its
+// real ones; the others (masked: they took no part) get zeros.
 template <typename scalar_t>
 void store_key_grads(const KeyGrads& g, scalar_t* dk_rows, scalar_t* dv_rows, int64_t ld_out, int64_t keys,
-                     int64_t n_real, const int64_t* index, int64_t D) {
-  if (g.in_place) return;
-  if (n_real < keys) {
-    zero_rows(dk_rows, ld_out, keys, D);
-    zero_rows(dv_rows, ld_out, keys, D);
+                     const RealRows& real, int64_t D) {
+  for (scalar_t* rows : {dk_rows, dv_rows}) {
+    if (real.index != nullptr) {
+      zero_rows(rows, ld_out, keys, D);
+    } else {  // before and after the run
+      zero_rows(rows, ld_out, real.first, D);
+      zero_rows(rows + (real.first + real.count) * ld_out, ld_out, keys - real.first - real.count, D);
+    }
   }
-  const RowSet<scalar_t> dk{dk_rows, ld_out, n_real < keys ? index : nullptr};
-  const RowSet<scalar_t> dv{dv_rows, ld_out, n_real < keys ? index : nullptr};
-  scatter_rows(dk, 0, n_real, g.dK, D, D);
-  scatter_rows(dv, 0, n_real, g.dV, D, D);
+  if (g.in_place) return;
+  scatter_rows(real.of(dk_rows, ld_out), 0, real.count, g.dK, D, D);
+  scatter_rows(real.of(dv_rows, ld_out), 0, real.count, g.dV, D, D);
 }
 
 // Runs tasks 0 .. tasks-1 on torch's threads, handed out one at a time (TaskQueue), each

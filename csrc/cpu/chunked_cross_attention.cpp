@@ -56,7 +56,10 @@ struct Geometry {
     n0 = lo >= sp + 1 ? static_cast<int64_t>(lo - 1 - sp) : 0;
     n1 = static_cast<int64_t>(std::min<uint64_t>(lo + m - 1 - sp, N));
   }
-  const bool* mask_row(const bool* mask, int64_t b, int64_t u) const { return mask + b * sm_b + u * sm_l; }
+  // the real keys of neighbour chunk (b, u): j = kk * R + r (`scratch`: keys entries)
+  RealRows real_keys(const bool* mask, int64_t b, int64_t u, int64_t* scratch) const {
+    return real_rows(has_mask ? mask + b * sm_b + u * sm_l : nullptr, K, sm_k, R, sm_r, scratch);
+  }
 };
 
 // The query chunks of tokens start_pos .. start_pos+n-1: first (start_pos + 1) / m,
@@ -163,19 +166,16 @@ struct ForwardWorker {
     scalar_t* out_rows = out + (b * g.N + n0) * so_n + h * g.D;
     float* lse_rows = lse + (b * g.Hq + h) * g.N + n0;
     const int64_t u = c - 1;  // the neighbour chunk that query chunk c reads
-    int64_t* index = s.key_index.data();
-    const int64_t n_real = c > 0 ? real_rows(g.has_mask ? g.mask_row(mask, b, u) : nullptr, g.K, g.sm_k, g.R,
-                                             g.sm_r, index)
-                                 : 0;
-    if (n_real == 0) {  // query chunk 0, or every key masked: zeros, lse = +inf
+    const RealRows real = c > 0 ? g.real_keys(mask, b, u, s.key_index.data()) : RealRows{};
+    if (real.count == 0) {  // query chunk 0, or every key masked: zeros, lse = +inf
       zero_rows(out_rows, so_n, n1 - n0, g.D);
       std::fill(lse_rows, lse_rows + (n1 - n0), kInf);
       return;
     }
     const int64_t hk = h / g.group;
-    const RowsF32 K = key_rows(k + b * g.sk_b + u * g.sk_l + hk * g.sk_h, g.sk_j, g.keys, n_real, index, g.D, s.k32.data());
-    const RowsF32 V = key_rows(v + b * g.sv_b + u * g.sv_l + hk * g.sv_h, g.sv_j, g.keys, n_real, index, g.D, s.v32.data());
-    attend_forward(RowSet<const scalar_t>{q + b * g.sq_b + n0 * g.sq_n + h * g.sq_h, g.sq_n}, n1 - n0, K, V, n_real,
+    const RowsF32 K = key_rows(k + b * g.sk_b + u * g.sk_l + hk * g.sk_h, g.sk_j, real, g.D, s.k32.data());
+    const RowsF32 V = key_rows(v + b * g.sv_b + u * g.sv_l + hk * g.sv_h, g.sv_j, real, g.D, s.v32.data());
+    attend_forward(RowSet<const scalar_t>{q + b * g.sq_b + n0 * g.sq_n + h * g.sq_h, g.sq_n}, n1 - n0, K, V, real.count,
                    g.D, g.scale, RowSet<scalar_t>{out_rows, so_n}, RowSet<float>{lse_rows, 1}, s, &queue);
   }
 };
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> cca_forward(const at::Tensor& q_in, const at:
     run_tasks(tasks, [&] {
       return ForwardWorker<scalar_t>{g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                      v.const_data_ptr<scalar_t>(), mask_ptr, out.mutable_data_ptr<scalar_t>(),
-                                     lse.mutable_data_ptr<float>(), AttendScratch(g.keys, 0, g.D)};
+                                     lse.mutable_data_ptr<float>(), AttendScratch(g.keys, g.D)};
     });
   });
   return {out, lse};
@@ -253,11 +253,8 @@ struct BackwardWorker {
     const int64_t u = c - 1, so_n = g.Hq * g.D;  // dq is contiguous (B, N, Hq, D)
     scalar_t* dk_rows = u >= 0 ? key_grad_rows(dk, b, u, hk) : nullptr;
     scalar_t* dv_rows = u >= 0 ? key_grad_rows(dv, b, u, hk) : nullptr;
-    int64_t* index = s.key_index.data();
-    const int64_t n_real = c > 0 ? real_rows(g.has_mask ? g.mask_row(mask, b, u) : nullptr, g.K, g.sm_k, g.R,
-                                             g.sm_r, index)
-                                 : 0;
-    if (n_real == 0 || n1 == n0) {  // nothing flows: zero gradients
+    const RealRows real = c > 0 ? g.real_keys(mask, b, u, s.key_index.data()) : RealRows{};
+    if (real.count == 0 || n1 == n0) {  // nothing flows: zero gradients
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h)
         zero_rows(dq + (b * g.N + n0) * so_n + h * g.D, so_n, n1 - n0, g.D);
       if (u >= 0) {
@@ -266,17 +263,17 @@ struct BackwardWorker {
       }
       return;
     }
-    const RowsF32 K = key_rows(k + b * g.sk_b + u * g.sk_l + hk * g.sk_h, g.sk_j, g.keys, n_real, index, g.D, s.k32.data());
-    const RowsF32 V = key_rows(v + b * g.sv_b + u * g.sv_l + hk * g.sv_h, g.sv_j, g.keys, n_real, index, g.D, s.v32.data());
+    const RowsF32 K = key_rows(k + b * g.sk_b + u * g.sk_l + hk * g.sk_h, g.sk_j, real, g.D, s.k32.data());
+    const RowsF32 V = key_rows(v + b * g.sv_b + u * g.sv_l + hk * g.sv_h, g.sv_j, real, g.D, s.v32.data());
     // dK, dV of the real keys accumulate over the group's heads and the chunk's rows
-    const KeyGrads grads = key_grads(dk_rows, dv_rows, sdk_j(), g.keys, n_real, g.D, s);
+    const KeyGrads grads = key_grads(dk_rows, dv_rows, sdk_j(), real, g.D, s);
     for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
       attend_backward(RowSet<const scalar_t>{q + b * g.sq_b + n0 * g.sq_n + h * g.sq_h, g.sq_n},
-                      RowSet<const scalar_t>{dout + b * sdo_b + n0 * sdo_n + h * sdo_h, sdo_n}, n1 - n0, K, V, n_real,
+                      RowSet<const scalar_t>{dout + b * sdo_b + n0 * sdo_n + h * sdo_h, sdo_n}, n1 - n0, K, V, real.count,
                       g.D, g.scale, RowSet<scalar_t>{dq + (b * g.N + n0) * so_n + h * g.D, so_n}, grads.dK, grads.dV,
                       grads.ld, h > hk * g.group, s, &queue);
     }
-    store_key_grads(grads, dk_rows, dv_rows, sdk_j(), g.keys, n_real, index, g.D);
+    store_key_grads(grads, dk_rows, dv_rows, sdk_j(), g.keys, real, g.D);
   }
 };
 
@@ -306,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward(
                                       dout.stride(2), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                       v.const_data_ptr<scalar_t>(), mask_ptr, dq.mutable_data_ptr<scalar_t>(),
                                       dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
-                                      AttendScratch(g.keys, 0, g.D)};
+                                      AttendScratch(g.keys, g.D)};
     });
   });
   return {dq, dk, dv};

@@ -64,10 +64,12 @@ struct Geometry {
   }
   int64_t first_row(int64_t t) const { return t * rows; }  // in out/dq/lse (contiguous), per batch-major order
   int64_t first_key(int64_t t) const { return t * keys; }  // in dk/dv (contiguous)
-  // the tile's real keys into `index`, and how many
-  int64_t real_keys(int64_t b, int64_t l, int64_t kk, int64_t* index) const {
-    return real_rows(mask == nullptr ? nullptr : mask + m.at(b, l, kk, 0), 1, 0, keys, m.s_row, index);
+  // the tile's real keys (`scratch`: keys entries)
+  RealRows real_keys(int64_t b, int64_t l, int64_t kk, int64_t* scratch) const {
+    return real_rows(mask == nullptr ? nullptr : mask + m.at(b, l, kk, 0), 1, 0, keys, m.s_row, scratch);
   }
+  // the tile's real query rows: all of them (cross), or its real tokens (self: its keys)
+  RealRows real_queries(const RealRows& real_keys) const { return self ? real_keys : RealRows{rows, 0, nullptr}; }
   // lse (B, Hq, L*K*R): rows of tile (b, l, kk) for head h
   int64_t lse_row(int64_t b, int64_t l, int64_t kk, int64_t h) const {
     return (b * Hq + h) * (L * Kt * rows) + (l * Kt + kk) * rows;
@@ -125,12 +127,6 @@ Geometry make_geometry(bool self, const at::Tensor& q, const at::Tensor& k, cons
   return g;
 }
 
-// The real query rows of a tile: all of them (cross), or the real tokens (self: the same
-// as its keys). nullptr: every row.
-const int64_t* query_index(const Geometry& g, int64_t n_real, const int64_t* key_index) {
-  return g.self && n_real < g.keys ? key_index : nullptr;
-}
-
 // Rows of a tile that a masked self-attention leaves out: out/dq zeros (and lse +inf).
 template <typename scalar_t>
 void zero_dropped_rows(const Geometry& g, int64_t b, int64_t l, int64_t kk, scalar_t* rows, int64_t ld,
@@ -171,20 +167,18 @@ struct ForwardWorker {
     g.tile(t, b, l, kk);
     scalar_t* out_rows = out + g.first_row(t) * so_r + h * g.D;  // out is contiguous
     float* lse_rows = lse + g.lse_row(b, l, kk, h);
-    int64_t* index = s.key_index.data();
-    const int64_t n_real = g.real_keys(b, l, kk, index);
-    if (n_real == 0) {  // no real key: zeros, lse = +inf
+    const RealRows keys = g.real_keys(b, l, kk, s.key_index.data());
+    if (keys.count == 0) {  // no real key: zeros, lse = +inf
       zero_rows(out_rows, so_r, g.rows, g.D);
       std::fill(lse_rows, lse_rows + g.rows, kInf);
       return;
     }
-    const RowsF32 K = key_rows(k + g.k.at(b, l, kk, hk), g.k.s_row, g.keys, n_real, index, g.D, s.k32.data());
-    const RowsF32 V = key_rows(v + g.v.at(b, l, kk, hk), g.v.s_row, g.keys, n_real, index, g.D, s.v32.data());
-    const int64_t* rows = query_index(g, n_real, index);
-    attend_forward(RowSet<const scalar_t>{q + g.q.at(b, l, kk, h), g.q.s_row, rows}, rows ? n_real : g.rows, K, V,
-                   n_real, g.D, g.scale, RowSet<scalar_t>{out_rows, so_r, rows}, RowSet<float>{lse_rows, 1, rows}, s,
-                   &queue);
-    if (rows != nullptr) zero_dropped_rows(g, b, l, kk, out_rows, so_r, lse_rows);
+    const RowsF32 K = key_rows(k + g.k.at(b, l, kk, hk), g.k.s_row, keys, g.D, s.k32.data());
+    const RowsF32 V = key_rows(v + g.v.at(b, l, kk, hk), g.v.s_row, keys, g.D, s.v32.data());
+    const RealRows rows = g.real_queries(keys);
+    attend_forward(rows.of(q + g.q.at(b, l, kk, h), g.q.s_row), rows.count, K, V, keys.count, g.D, g.scale,
+                   rows.of(out_rows, so_r), rows.of(lse_rows, 1), s, &queue);
+    if (rows.count < g.rows) zero_dropped_rows(g, b, l, kk, out_rows, so_r, lse_rows);
   }
 };
 
@@ -201,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> forward(bool self, const at::Tensor& q_in, co
     run_tasks(g.tiles() * g.Hq, [&] {
       return ForwardWorker<scalar_t>{g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                      v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                     lse.mutable_data_ptr<float>(), AttendScratch(g.keys, g.rows, g.D)};
+                                     lse.mutable_data_ptr<float>(), AttendScratch(g.keys, g.D)};
     });
   });
   return {out, lse};
@@ -243,27 +237,24 @@ struct BackwardWorker {
     scalar_t* dq_rows = dq + g.first_row(t) * so_r;
     scalar_t* dk_rows = dk + g.first_key(t) * skv_r + hk * g.D;
     scalar_t* dv_rows = dv + g.first_key(t) * skv_r + hk * g.D;
-    int64_t* index = s.key_index.data();
-    const int64_t n_real = g.real_keys(b, l, kk, index);
-    if (n_real == 0) {  // no real key: no gradient
+    const RealRows keys = g.real_keys(b, l, kk, s.key_index.data());
+    if (keys.count == 0) {  // no real key: no gradient
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) zero_rows(dq_rows + h * g.D, so_r, g.rows, g.D);
       zero_rows(dk_rows, skv_r, g.keys, g.D);
       zero_rows(dv_rows, skv_r, g.keys, g.D);
       return;
     }
-    const RowsF32 K = key_rows(k + g.k.at(b, l, kk, hk), g.k.s_row, g.keys, n_real, index, g.D, s.k32.data());
-    const RowsF32 V = key_rows(v + g.v.at(b, l, kk, hk), g.v.s_row, g.keys, n_real, index, g.D, s.v32.data());
-    const int64_t* rows = query_index(g, n_real, index);
-    const KeyGrads grads = key_grads(dk_rows, dv_rows, skv_r, g.keys, n_real, g.D, s);
+    const RowsF32 K = key_rows(k + g.k.at(b, l, kk, hk), g.k.s_row, keys, g.D, s.k32.data());
+    const RowsF32 V = key_rows(v + g.v.at(b, l, kk, hk), g.v.s_row, keys, g.D, s.v32.data());
+    const RealRows rows = g.real_queries(keys);
+    const KeyGrads grads = key_grads(dk_rows, dv_rows, skv_r, keys, g.D, s);
     for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
-      attend_backward(RowSet<const scalar_t>{q + g.q.at(b, l, kk, h), g.q.s_row, rows},
-                      RowSet<const scalar_t>{dout + g.dout.at(b, l, kk, h), g.dout.s_row, rows},
-                      rows ? n_real : g.rows, K, V, n_real, g.D, g.scale,
-                      RowSet<scalar_t>{dq_rows + h * g.D, so_r, rows}, grads.dK, grads.dV, grads.ld,
-                      h > hk * g.group, s, &queue);
-      if (rows != nullptr) zero_dropped_rows(g, b, l, kk, dq_rows + h * g.D, so_r, static_cast<float*>(nullptr));
+      attend_backward(rows.of(q + g.q.at(b, l, kk, h), g.q.s_row), rows.of(dout + g.dout.at(b, l, kk, h), g.dout.s_row),
+                      rows.count, K, V, keys.count, g.D, g.scale, rows.of(dq_rows + h * g.D, so_r), grads.dK,
+                      grads.dV, grads.ld, h > hk * g.group, s, &queue);
+      if (rows.count < g.rows) zero_dropped_rows(g, b, l, kk, dq_rows + h * g.D, so_r, static_cast<float*>(nullptr));
     }
-    store_key_grads(grads, dk_rows, dv_rows, skv_r, g.keys, n_real, index, g.D);
+    store_key_grads(grads, dk_rows, dv_rows, skv_r, g.keys, keys, g.D);
   }
 };
 
@@ -300,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(bool self, const at::Ten
       return BackwardWorker<scalar_t>{g, dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
                                       k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                                       dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                                      dv.mutable_data_ptr<scalar_t>(), AttendScratch(g.keys, g.rows, g.D)};
+                                      dv.mutable_data_ptr<scalar_t>(), AttendScratch(g.keys, g.D)};
     });
   });
   return {dq, dk, dv};
