@@ -246,3 +246,20 @@ def test_unavailable_gemm_setting_is_a_clear_error():
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(f"RETRO_KERNELS_CPU_GEMM={missing[0]}: ") and "use one of: auto" in line, line
+
+
+@needs_cpu_ext
+def test_cpu_bench_rows_record_the_cpu_isa_and_gemm():
+    """bench.cpu_cca rows (and, through bench.common.cpu_fields, every CPU row of
+    `python -m bench`) say which CPU, ISA and GEMM produced them."""
+    import bench.cpu_cca as cpu_cca
+    from bench.common import RunContext, make_row
+
+    rows = cpu_cca.run(quick=True, reps=1, memory=False)
+    ours = [r for r in rows if r["role"] == "ours"]
+    assert ours and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert r["cpu_model"] and r["cpu_isa"] and r["cpu_gemm"]
+    assert set(ours[0]["targets_met"]) == {"speedup_min.sdpa", "fraction_of_matmul_min"}
+    final = RunContext(torch.device("cpu"), quick=True).finalize_row(make_row("ops", "x", "y", time_ms=1.0))
+    assert {"cpu_model", "cpu_isa", "cpu_gemm"} <= set(final)
