@@ -9,8 +9,8 @@
 // first call of each shape class (transposes and the power-of-two size bucket of M, N
 // and K) times every candidate the CPU can run on that very call's operands, interleaved,
 // best of several rounds, and keeps the fastest for that class for the life of the
-// process. A measurement costs about a millisecond per class and a run sees a handful
-// of classes, so nothing is cached on disk. RETRO_KERNELS_CPU_GEMM=avx2|avx512|blas|aten
+// process. A measurement costs a few milliseconds per class, and a run at the paper's
+// shapes sees a dozen (30-50 ms in all), so nothing is cached on disk. RETRO_KERNELS_CPU_GEMM=avx2|avx512|blas|aten
 // forces one candidate (=auto, or unset, measures).
 //
 // Deterministic within a process: a class always uses the candidate it chose, every
