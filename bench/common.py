@@ -44,7 +44,9 @@ Run keys, added by the CLI (`finalize_row`):
     device_slug, peak_gbps (measured copy bandwidth), peak_tflops (measured
     matmul rate, in the row's dtype where measured, else fp32), threads, quick,
     dry_run (True for rows of `bench/gpu_check.sh --dry-run`: tiny CPU shapes that
-    test the runbook, never numbers to publish), host_note.
+    test the runbook, never numbers to publish), host_note; on the CPU also cpu_model,
+    cpu_isa ("amx", "avx512f", "avx2", ...) and cpu_gemm (the GEMM the C++ CPU kernels
+    chose, `cpu_fields`).
 
 A run made of several processes (bench/gpu_check.sh) shares one run id and
 date through the environment: BENCH_RUN_ID, BENCH_RUN_DATE, BENCH_DRY_RUN=1.
@@ -125,6 +127,15 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_fields() -> dict:
+    """cpu_model, cpu_isa and cpu_gemm: the CPU, its best vector ISA, and the GEMM the
+    C++ CPU kernels chose so far in this process (retro_kernels.cpu.gemm_info)."""
+    from retro_kernels.cpu import gemm_info
+
+    info = gemm_info()
+    return {"cpu_model": info["cpu_model"], "cpu_isa": info["isa"], "cpu_gemm": info["summary"] or info["error"]}
 
 
 def device_name(device: torch.device) -> str:
@@ -296,6 +307,8 @@ class RunContext:
             threads=torch.get_num_threads(), quick=self.quick, dry_run=self.dry_run,
             host_note=self.host_note,
         )
+        if self.device.type == "cpu":
+            full.update(cpu_fields())
         evaluate_targets(full)
         return full
 

@@ -1,8 +1,7 @@
-// Building blocks shared by the CPU kernels: a row-major fp32 GEMM, the
-// softmax row passes (vectorised, with one exp), and fp16/bf16 <-> fp32 row
-// copies. Every kernel is "small dense tiles + these": the heavy work (matrix
-// products) goes to gemm(), an AVX2/FMA micro-kernel (gemm_avx2.cpp) on CPUs that
-// have it, else the BLAS that PyTorch itself uses.
+// Building blocks shared by the CPU kernels: the fp32 GEMM (gemm.h), prefetching and
+// task queues, the softmax row passes (vectorised, with one exp), 64-byte aligned
+// scratch, and fp16/bf16 <-> fp32 row copies. Every kernel is "small dense tiles +
+// these": the heavy work (matrix products) goes to gemm().
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,32 +13,31 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <new>
+#include <vector>
+
+#include "gemm.h"
 
 namespace retro_kernels::cpu {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Row-major C (M x N, leading dim ldc) = alpha * op(A) op(B) + beta * C, in fp32.
-// op(A) is M x K (A stored K x M when trans_a), op(B) is K x N. With beta == 0
-// C is not read. Deterministic: the same call on the same data gives the same bits.
-// `prefetch` (optional): rows to prefetch while computing (see PrefetchQueue).
-class PrefetchQueue;
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-          int64_t ldc, PrefetchQueue* prefetch = nullptr);
-
-// Which GEMM is in use ("avx2 micro-kernel", "blas sgemm" or "aten mm"), for the docs
-// and benchmarks. RETRO_KERNELS_CPU_GEMM=blas or =aten forces the other two.
-const char* gemm_name();
-
-// The AVX2 + FMA GEMM behind gemm() (same contract, K >= 1); call it only on a CPU
-// with AVX2 and FMA. Defined only on x86-64 with GCC or Clang (RK_HAVE_GEMM_AVX2).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RK_HAVE_GEMM_AVX2 1
-void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-               int64_t ldc, PrefetchQueue* prefetch);
-#endif
+// Scratch memory aligned to 64 bytes (a cache line, an AVX-512 vector): the same
+// alignment in every thread, so a BLAS whose rounding depends on alignment still gives
+// every thread the same bits.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+};
+using AlignedFloats = std::vector<float, AlignedAllocator<float>>;
 
 // Prefetching one task ahead. The K and V tiles of a task come from DRAM (the inputs are
 // tens of MB), with rows 2 KB apart (one head of a (tokens, heads, dim) layout): each row
@@ -101,25 +99,25 @@ class TaskQueue {
 };
 
 // -- softmax passes over a dense score tile S (rows x cols, row-major, ld = cols) --
-// key_bias: nullptr, or one value per column: 0 for a real key, -inf for a masked one.
+// S holds scores already scaled (the GEMM's alpha). Masked keys never reach a tile:
+// the kernels drop them before any product.
 
-// Forward: S <- exp(scale*S + bias - rowmax), lse[i] = log-sum-exp of row i (natural log),
-// inv_sum[i] = 1 / sum_j exp(...). Every row must have at least one unmasked key.
-void softmax_rows(float* S, int64_t rows, int64_t cols, const float* key_bias, float scale,
-                  float* lse, float* inv_sum);
+// Forward: S <- exp(S - rowmax), lse[i] = log-sum-exp of row i (natural log),
+// inv_sum[i] = 1 / sum_j exp(...).
+void softmax_rows(float* S, int64_t rows, int64_t cols, float* lse, float* inv_sum);
 
-// Backward: S <- exp(scale*S + bias - lse[i]): the probabilities, from the saved lse.
-void probs_from_lse(float* S, int64_t rows, int64_t cols, const float* key_bias, float scale,
-                    const float* lse);
+// Backward: S <- softmax(S), recomputed from the scores with the forward's passes (max,
+// exp, sum), not from the saved lse: for huge scores (a huge scale) lse = max + log(sum)
+// rounds log(sum) away, and exp(S - lse) would be off by that factor.
+void softmax_probs(float* S, int64_t rows, int64_t cols);
 
-// Backward: dP <- P * (dP - delta[i]): the gradient of the scores (before the scale).
-void softmax_grad(float* dP, const float* P, int64_t rows, int64_t cols, const float* delta);
+// Backward: dP <- P * (dP - rowsum(P * dP)): the gradient of the scores (before the
+// scale). The correction is summed from these very P and dP (not from dO . O, which
+// rounds differently): a row whose P is one-hot then gets exactly zero, as it must.
+void softmax_grad(float* dP, const float* P, int64_t rows, int64_t cols);
 
 // X[i, :cols] *= factor[i] for a row-major X with leading dim ld.
 void scale_rows(float* X, int64_t rows, int64_t cols, int64_t ld, const float* factor);
-
-// sum_j a[j] * b[j]
-float dot(const float* a, const float* b, int64_t n);
 
 // -- fp32 <-> storage type rows ---------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Chunked cross-attention on the CPU: the fused C++ kernels of csrc/cpu/chunked_cross_attention.cpp.
 
 Forward: one task per (batch, query chunk, query head), the m x K*R score tile
-in dense fp32 blocks of 64 rows, products through PyTorch's BLAS. Backward: one
-task per (batch, query chunk, kv head), which owns its dq, dk and dv rows:
-deterministic, no atomics. fp16/bf16 inputs are computed in fp32.
+in dense fp32 blocks of 64 rows, products through the measured CPU GEMM
+(csrc/cpu/gemm.h). Backward: one task per (batch, query chunk, kv head), which
+owns its dq, dk and dv rows: deterministic, no atomics. Masked neighbour tokens
+are dropped before any arithmetic. fp16/bf16 inputs are computed in fp32. Any
+start_pos up to 2^63 - 1 is exact (unsigned position arithmetic).
 
 Strided inputs are read in place when the head dim has unit stride (and k, v's
 K and R dims flatten); otherwise the kernel makes them contiguous first.

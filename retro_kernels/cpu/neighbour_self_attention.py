@@ -1,11 +1,13 @@
-"""neighbour_self_attention on the CPU: the fused C++ kernels of csrc/cpu/neighbour_self_attention.cpp.
+"""neighbour_self_attention on the CPU: the fused C++ kernels of csrc/cpu/neighbour_attention.cpp
+(shared with the other neighbour op; the block routine in csrc/cpu/block_attention.h).
 
 Contract: see retro_kernels/ops/neighbour_self_attention.py. Forward: one task per score tile
-(per head), dense fp32 tiles of 64 rows, products through PyTorch's BLAS.
-Backward: one task per kv head's tile, owning its dq, dk and dv rows:
-deterministic, no atomics. fp16/bf16 inputs are computed in fp32. Strided
-inputs are read in place when the head dim has unit stride, else made
-contiguous first.
+and query head (an R x R tile per neighbour and head), dense fp32 tiles of 64 rows, products through the
+measured CPU GEMM (csrc/cpu/gemm.h). Backward: one task per kv head's tile, owning
+its dq, dk and dv rows: deterministic, no atomics. Masked tokens are dropped before
+any arithmetic, so they take no part whatever they hold. fp16/bf16 inputs are
+computed in fp32. Strided inputs are read in place when the head dim has unit
+stride, else made contiguous first.
 """
 from __future__ import annotations
 
