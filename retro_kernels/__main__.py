@@ -2,7 +2,7 @@
 
 Prints the versions (Python, torch, triton, CUDA, the C++ compiler, ninja,
 nvcc), the devices, the native libraries (built ahead of time, compiled on
-first use, or missing and why) with the CPU GEMM in use, the Triton mode, and
+first use, or missing and why) with the CPU GEMM in use (`--measure-gemm` times the candidates first), the Triton mode, and
 for each op and backend whether it can run small probe inputs on each device
 and, if not, the dispatch's own reasons. It compiles nothing unless asked
 (`--build`).
@@ -97,20 +97,22 @@ def cuda_devices() -> list[str]:
     return devices
 
 
-def gemm_in_use(namespace) -> str:
-    """The CPU extension's gemm_backend(): a name, or (newer builds) a dict of them."""
-    used = namespace.gemm_backend()
-    if isinstance(used, dict):
-        return ", ".join(f"{k}: {v}" for k, v in used.items())
-    return str(used)
+def gemm_in_use(measure: bool) -> dict:
+    """The C++ CPU kernels' GEMM choice (retro_kernels.cpu.gemm_info): chosen per shape class by
+    timing the candidates on first use; `measure` runs each op once at the paper's shapes first."""
+    from .cpu import gemm_info
+
+    info = gemm_info(calibrate=measure)
+    return {"summary": info["summary"], "candidates": info.get("candidates", []), "mode": info["mode"],
+            "classes": info.get("classes", [])}
 
 
-def native_report() -> dict:
+def native_report(measure_gemm: bool = False) -> dict:
     report = {}
     for kind in ("cpu", "cuda"):
         entry = _native.describe(kind)
         if kind == "cpu" and entry["state"] == "loaded":
-            entry["gemm"] = gemm_in_use(_native.load("cpu"))
+            entry["gemm"] = gemm_in_use(measure_gemm)
         report[kind] = entry
     return report
 
@@ -128,7 +130,7 @@ def op_report(devices: list[str], dtype: torch.dtype) -> dict:
     return report
 
 
-def collect(dtype: torch.dtype) -> dict:
+def collect(dtype: torch.dtype, measure_gemm: bool = False) -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     nvcc = shutil.which("nvcc") or (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
     cxx = os.environ.get("CXX", "c++").split()[0]
@@ -142,7 +144,7 @@ def collect(dtype: torch.dtype) -> dict:
                      "ninja": first_line(["ninja", "--version"]) or version_of("ninja"),
                      "nvcc": first_line([nvcc, "--version"], "release") or "not found"},
         "devices": {"cpu": cpu_device(), "cuda": cuda_devices()},
-        "native": native_report(),
+        "native": native_report(measure_gemm),
         "ops": op_report(devices, dtype),
         "dtype": str(dtype).removeprefix("torch."),
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
@@ -165,7 +167,12 @@ def print_report(info: dict) -> None:
         if entry["state"] == "missing" or entry["state"] == "failed":
             print(f"{label}{kind}: not available: {entry['reason']}")
         else:
-            gemm = f"; GEMM: {entry['gemm']}" if "gemm" in entry else ""
+            gemm = ""
+            if "gemm" in entry:
+                g = entry["gemm"]
+                gemm = f"; GEMM: {g['summary']} (candidates: {', '.join(g['candidates']) or 'none'})"
+                if g["mode"] == "measured" and not g["classes"]:
+                    gemm += "; --measure-gemm times them now"
             hint = " (`python -m retro_kernels --build` compiles it now)" if entry["state"] == "pending" else ""
             print(f"{label}{kind}: {entry['where']}{gemm}{hint}")
     if info["env"]:
@@ -183,12 +190,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--build", action="store_true",
                    help="compile the C++ CPU kernels now if they would compile on first use")
+    p.add_argument("--measure-gemm", action="store_true",
+                   help="run each op once at the paper's shapes on the CPU, so the GEMM choice is measured")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the probe inputs")
     args = p.parse_args(argv)
     if args.build and _native.describe("cpu")["state"] == "pending":
         _native.build("cpu")
-    info = collect(getattr(torch, args.dtype))
+    info = collect(getattr(torch, args.dtype), args.measure_gemm)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
