@@ -135,6 +135,8 @@ TRITON_MIN_SHARED_MEMORY = 163 * 1024
 
 
 def _triton_gpu_reasons(device: torch.device) -> list[str]:
+    if not torch.cuda.is_available():  # e.g. fake CUDA tensors on a machine without a GPU
+        return [f"no CUDA device is available to run the Triton kernels on {device}"]
     index = device.index if device.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
     if (props.major, props.minor) < TRITON_MIN_CAPABILITY:
