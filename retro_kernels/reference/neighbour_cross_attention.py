@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked_cross_attention import drop_masked, masked_softmax
+from .masking import drop_masked, masked_softmax
 
 
 def neighbour_cross_attention(
