@@ -1,8 +1,10 @@
-"""Argument checks shared by every op.
+"""Argument checks shared by every op, made from its spec (retro_kernels/ops/spec.py).
 
 Every public op validates its arguments here, before choosing a backend, so
-that bad input gets the same clear ValueError/TypeError from every backend
-(and never reaches a kernel, where it would crash or return garbage).
+that bad input gets the same clear one-line error from every backend (and never
+reaches a kernel, where it would crash or return garbage): TypeError for an
+argument of the wrong type, ValueError for a wrong value or shape, each naming
+the argument and what was expected.
 """
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import numbers
 
 import torch
 
+from .ops.spec import SCALE, dims_of
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, x, ndim: int, layout: str) -> None:
-    """`x` is a floating tensor of rank `ndim` laid out as `layout`."""
+def check_tensor(name: str, x, layout: str) -> None:
+    """`x` is a floating tensor with one dim per name of `layout`."""
+    ndim = len(dims_of(layout))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -69,10 +74,11 @@ def check_heads(q_name: str, hq: int, kv_name: str, hkv: int) -> None:
         )
 
 
-def check_mask(name: str, mask, shape: tuple[int, ...], layout: str, device) -> None:
-    """`mask` is None or a bool tensor of exactly `shape` on `device`."""
+def check_mask(name: str, mask, layout: str, dims: dict[str, int], device) -> None:
+    """`mask` is None or a bool tensor of exactly the shape `layout` names, on `device`."""
     if mask is None:
         return
+    shape = tuple(dims[d] for d in dims_of(layout))
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor of shape {layout} or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -102,86 +108,48 @@ def chunks_needed(start_pos: int, n_tokens: int, chunk_size: int) -> int:
     return (start_pos + n_tokens) // chunk_size
 
 
-def check_chunked_cross_attention(q, k, v, chunk_size, neighbour_mask, scale, start_pos) -> float:
-    """Validate `chunked_cross_attention`'s arguments; return the softmax scale."""
-    check_tensor("q", q, 4, "(B, N, Hq, D)")
-    check_tensor("k", k, 6, "(B, L, K, R, Hkv, D)")
-    check_tensor("v", v, 6, "(B, L, K, R, Hkv, D)")
-    check_same(("q", "k", "v"), (q, k, v))
-    chunk_size = check_int("chunk_size", chunk_size, 1)
-    start_pos = check_int("start_pos", start_pos, 0)
-    B, N, Hq, D = q.shape
+# Dims that may be empty: no batch, no tokens, no chunks. Heads, the head dim,
+# neighbours and the tokens of a neighbour or chunk must be at least 1.
+MAY_BE_EMPTY = ("B", "N", "L")
+# Words for a dim in messages, where a letter would say less.
+DIM_WORDS = {"B": "batch size", "D": "head dim"}
+
+
+def _like_q(spec, names, want, got) -> str:
+    """"k must have batch size 2 like q (B, N, Hq, D), got 1", or with several dims "(B, L) = (2, 3)"."""
+    if len(names) == 1 and names[0] in DIM_WORDS:
+        return f"k must have {DIM_WORDS[names[0]]} {want[0]} like q {spec.q}, got {got[0]}"
+    return f"k must have ({', '.join(names)}) = {want} like q {spec.q}, got {got}"
+
+
+def check_shapes(spec, q, k, v) -> dict[str, int]:
+    """The size of every dim the spec names, from q and k; k agrees with q on the dims they share."""
+    dims = dict(zip(dims_of(spec.q), q.shape))
+    k_dims = dict(zip(dims_of(spec.kv), k.shape))
+    shared = [d for d in k_dims if d in dims and d != "D"]
+    for names in (shared, ["D"]):
+        want, got = tuple(dims[d] for d in names), tuple(k_dims[d] for d in names)
+        if want != got:
+            raise ValueError(_like_q(spec, names, want, got))
+    dims.update(k_dims)
+    if any(size < 1 for d, size in dims.items() if d not in MAY_BE_EMPTY):
+        need = ", ".join(d for d in dims if d not in MAY_BE_EMPTY)
+        raise ValueError(f"q {spec.q} = {tuple(q.shape)} and k {spec.kv} = {tuple(k.shape)} need {need} >= 1")
+    check_heads("q", dims["Hq"], "k", dims["Hkv"])
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
-    kB, L, K, R, Hkv, kD = k.shape
-    if kB != B:
-        raise ValueError(f"k must have batch size {B} like q (B, N, Hq, D), got {kB}")
-    if kD != D:
-        raise ValueError(f"k must have head dim {D} like q (B, N, Hq, D), got {kD}")
-    if D < 1 or Hq < 1 or Hkv < 1 or K < 1 or R < 1:
-        raise ValueError(
-            f"q (B, N, Hq, D) = {tuple(q.shape)} and k (B, L, K, R, Hkv, D) = {tuple(k.shape)} "
-            "need D, Hq, K, R and Hkv >= 1"
-        )
-    check_heads("q", Hq, "k", Hkv)
-    need = chunks_needed(start_pos, N, chunk_size)
-    if L < need:
-        raise ValueError(
-            f"k and v hold L={L} neighbour chunks, but tokens {start_pos}..{start_pos + N - 1} "
-            f"with chunk_size={chunk_size} read chunks 0..{need - 1}: need L >= {need}"
-        )
-    check_mask("neighbour_mask", neighbour_mask, (B, L, K, R), "(B, L, K, R)", q.device)
-    return check_scale(scale, D)
+    return dims
 
 
-def check_neighbour_self_attention(q, k, v, neighbour_mask, scale) -> float:
-    """Validate `neighbour_self_attention`'s arguments; return the softmax scale."""
-    check_tensor("q", q, 6, "(B, L, K, R, Hq, D)")
-    check_tensor("k", k, 6, "(B, L, K, R, Hkv, D)")
-    check_tensor("v", v, 6, "(B, L, K, R, Hkv, D)")
+def check_inputs(spec, q, k, v, mask, scalars: dict) -> dict:
+    """Validate an op's arguments against its spec; return its scalars, checked, the scale resolved."""
+    check_tensor("q", q, spec.q)
+    check_tensor("k", k, spec.kv)
+    check_tensor("v", v, spec.kv)
     check_same(("q", "k", "v"), (q, k, v))
-    B, L, K, R, Hq, D = q.shape
-    if tuple(k.shape[:4]) != (B, L, K, R):
-        raise ValueError(
-            f"k must have (B, L, K, R) = {(B, L, K, R)} like q (B, L, K, R, Hq, D), "
-            f"got {tuple(k.shape[:4])}"
-        )
-    Hkv, kD = k.shape[4], k.shape[5]
-    if kD != D:
-        raise ValueError(f"k must have head dim {D} like q (B, L, K, R, Hq, D), got {kD}")
-    if D < 1 or Hq < 1 or Hkv < 1 or K < 1 or R < 1:
-        raise ValueError(
-            f"q (B, L, K, R, Hq, D) = {tuple(q.shape)} and k (B, L, K, R, Hkv, D) = "
-            f"{tuple(k.shape)} need D, Hq, Hkv, K and R >= 1"
-        )
-    check_heads("q", Hq, "k", Hkv)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
-    check_mask("neighbour_mask", neighbour_mask, (B, L, K, R), "(B, L, K, R)", q.device)
-    return check_scale(scale, D)
-
-
-def check_neighbour_cross_attention(q, k, v, chunk_mask, scale) -> float:
-    """Validate `neighbour_cross_attention`'s arguments; return the softmax scale."""
-    check_tensor("q", q, 6, "(B, L, K, R, Hq, D)")
-    check_tensor("k", k, 5, "(B, L, M, Hkv, D)")
-    check_tensor("v", v, 5, "(B, L, M, Hkv, D)")
-    check_same(("q", "k", "v"), (q, k, v))
-    B, L, K, R, Hq, D = q.shape
-    kB, kL, M, Hkv, kD = k.shape
-    if (kB, kL) != (B, L):
-        raise ValueError(
-            f"k must have (B, L) = {(B, L)} like q (B, L, K, R, Hq, D), got {(kB, kL)}"
-        )
-    if kD != D:
-        raise ValueError(f"k must have head dim {D} like q (B, L, K, R, Hq, D), got {kD}")
-    if D < 1 or Hq < 1 or Hkv < 1 or K < 1 or R < 1 or M < 1:
-        raise ValueError(
-            f"q (B, L, K, R, Hq, D) = {tuple(q.shape)} and k (B, L, M, Hkv, D) = "
-            f"{tuple(k.shape)} need D, Hq, Hkv, K, R and M >= 1"
-        )
-    check_heads("q", Hq, "k", Hkv)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
-    check_mask("chunk_mask", chunk_mask, (B, L, M), "(B, L, M)", q.device)
-    return check_scale(scale, D)
+    values = {s.name: check_int(s.name, scalars[s.name], s.minimum) for s in spec.scalars if s is not SCALE}
+    dims = check_shapes(spec, q, k, v)
+    spec.check(dims, values)
+    check_mask(spec.mask, mask, spec.mask_layout, dims, q.device)
+    values[SCALE.name] = check_scale(scalars[SCALE.name], dims["D"])
+    return {s.name: values[s.name] for s in spec.scalars}

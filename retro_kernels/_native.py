@@ -96,7 +96,7 @@ def warn_reference_fallback(op: str, device_type: str, reasons: dict[str, list[s
         f"slower than a fused backend, because {why} (shown once; backend='reference' chooses it "
         "without this warning)",
         FallbackWarning,
-        stacklevel=4,
+        stacklevel=5,  # the caller of the public op (via select_backend and ops/_op.Op.__call__)
     )
 
 

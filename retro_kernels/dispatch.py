@@ -1,12 +1,11 @@
 """Choosing a backend, and saying why the others were not used.
 
-Each op has a plain-PyTorch "reference" and some fused backends. A fused
-backend is a module `retro_kernels.<backend>.<op>` with three functions
-(imported once, by `register_op`, when the op is defined):
-
-    not_supported_reasons(**inputs) -> list[str]   # empty when it can serve them
-    forward(...)   -> (out, lse)                     # lse: fp32 softmax statistics
-    backward(...)  -> gradients
+Each op (retro_kernels/ops/spec.py) has a plain-PyTorch "reference" and the
+fused backends, each declared once (retro_kernels/backend.py): `BACKEND` in
+retro_kernels/triton, retro_kernels/cpu and retro_kernels/cuda/_support.py.
+`register_op` notes, once per op when the op is defined, which backends have
+kernels for it, so that choosing a backend later is plain lookups (torch.compile
+traces those).
 
 `backend="auto"` tries the fused backends in the op's order for the input's
 device and falls back to the reference; naming a backend that cannot serve
@@ -15,13 +14,13 @@ xformers' `not_supported_reasons`.
 """
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
+from typing import Callable
 
 import torch
 
-from . import _native
+from . import _native, cpu, triton
+from .backend import Backend
+from .cuda import _support as cuda
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
 BACKENDS = ("auto", "reference") + FUSED_BACKENDS
@@ -29,53 +28,52 @@ BACKENDS = ("auto", "reference") + FUSED_BACKENDS
 # Tried in this order by backend="auto", by the device of the inputs.
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
+# Every fused backend's declaration, by name.
+DECLARED: dict[str, Backend] = {b.name: b for b in (triton.BACKEND, cpu.BACKEND, cuda.BACKEND)}
+
+# Used by bench/ and `python -m retro_kernels`.
+triton_interpreting = triton.interpreting
+
 
 class BackendNotSupported(ValueError):
     """The requested backend cannot run these inputs; the message says why."""
 
 
-# (backend, op) -> the backend's module, or why it could not be imported.
-# Filled once per op by `register_op`, when the op's module is imported, so
-# that choosing a backend later is plain lookups (torch.compile traces those).
-_MODULES: dict[tuple[str, str], ModuleType | str] = {}
+# op -> its spec, and (backend, op) -> why the backend has no kernels for it (None: it has).
+_SPECS: dict = {}
+_UNIMPLEMENTED: dict[tuple[str, str], str | None] = {}
 
 
-def register_op(op: str) -> None:
-    """Import every fused backend of `op` that exists, recording why others can't be used."""
-    for backend in FUSED_BACKENDS:
-        name = f"retro_kernels.{backend}.{op}"
-        try:
-            _MODULES[backend, op] = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                _MODULES[backend, op] = f"retro_kernels has no {backend} implementation of {op}"
-            else:
-                _MODULES[backend, op] = f"{e.name} is not installed"
-        except ImportError as e:
-            _MODULES[backend, op] = f"the {backend} backend failed to import: {e}"
+def register_op(spec) -> None:
+    """Note `spec`'s op, and which fused backends have kernels for it (importing them now)."""
+    _SPECS[spec.name] = spec
+    for name, backend in DECLARED.items():
+        _UNIMPLEMENTED[name, spec.name] = backend.unimplemented(spec.name)
 
 
-def load_backend(backend: str, op: str) -> ModuleType:
-    """The module implementing `op` for `backend` (it must have imported)."""
-    module = _MODULES.get((backend, op))
-    if not isinstance(module, ModuleType):
-        raise BackendNotSupported(f"backend={backend!r} cannot run {op}: {module}")
-    return module
+def kernels(backend: str, op: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of `op` in the fused `backend`, for the op's custom ops to call."""
+    declared = DECLARED[backend]
+    why = _UNIMPLEMENTED.get((backend, op), f"{op} is not a registered op") or declared.missing
+    if why:
+        raise BackendNotSupported(f"backend={backend!r} cannot run {op}: {why}")
+    return declared.load(declared, op)
 
 
 def implemented_backends(op: str) -> list[str]:
-    """The fused backends whose implementation of `op` imported (they may still refuse inputs)."""
-    return [b for b in FUSED_BACKENDS if isinstance(_MODULES.get((b, op)), ModuleType)]
+    """The fused backends with kernels for `op` (they may still refuse inputs)."""
+    return [b for b in FUSED_BACKENDS if (b, op) in _UNIMPLEMENTED and not _UNIMPLEMENTED[b, op]]
 
 
 def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
-    """Why `backend` cannot run `op` on `inputs` (empty list: it can)."""
+    """Why `backend` cannot run `op` on `inputs` (q, k, v and the op's mask by its name; [] = it can)."""
     if backend == "reference":
         return []
-    module = _MODULES.get((backend, op), f"{op} is not a registered op")
-    if not isinstance(module, ModuleType):
-        return [module]
-    return list(module.not_supported_reasons(**inputs))
+    if op not in _SPECS:
+        return [f"{op} is not a registered op"]
+    if _UNIMPLEMENTED[backend, op]:
+        return [_UNIMPLEMENTED[backend, op]]
+    return DECLARED[backend].not_supported_reasons(inputs["q"], inputs["k"], inputs.get(_SPECS[op].mask))
 
 
 def select_backend(requested: str, op: str, device: torch.device, **inputs) -> str:
@@ -102,47 +100,3 @@ def select_backend(requested: str, op: str, device: torch.device, **inputs) -> s
 def explain(op: str, **inputs) -> dict[str, list[str]]:
     """For every backend, why it cannot run `op` on `inputs` ([] = it can)."""
     return {b: not_supported_reasons(b, op, **inputs) for b in ("reference",) + FUSED_BACKENDS}
-
-
-# Shared reasons, used by the backend modules -------------------------------
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_reasons(tensors: dict[str, torch.Tensor], max_head_dim: int = 256) -> list[str]:
-    """Why the Triton kernels cannot run on these tensors."""
-    reasons = []
-    first = next(iter(tensors.values()))
-    if first.device.type != "cuda" and not triton_interpreting():
-        reasons.append(
-            f"triton needs CUDA tensors (got {first.device.type}); set TRITON_INTERPRET=1 "
-            "before importing triton to run the kernels on the CPU, slowly"
-        )
-    if first.device.type != "cuda" and triton_interpreting() and first.dtype == torch.bfloat16:
-        reasons.append("bfloat16 arithmetic is wrong under the Triton interpreter; use a GPU")
-    head_dim = first.shape[-1]
-    if head_dim > max_head_dim:
-        reasons.append(f"head dim {head_dim} > {max_head_dim} does not fit the Triton kernels' tiles")
-    if first.device.type == "cuda":
-        reasons += _triton_gpu_reasons(first.device)
-    return reasons
-
-
-# The Triton kernels' tiles are sized for sm_80 and newer data-centre GPUs: 163 KB of shared memory per block.
-TRITON_MIN_CAPABILITY = (8, 0)
-TRITON_MIN_SHARED_MEMORY = 163 * 1024
-
-
-def _triton_gpu_reasons(device: torch.device) -> list[str]:
-    if not torch.cuda.is_available():  # e.g. fake CUDA tensors on a machine without a GPU
-        return [f"no CUDA device is available to run the Triton kernels on {device}"]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    if (props.major, props.minor) < TRITON_MIN_CAPABILITY:
-        return [f"the Triton kernels need compute capability 8.0 or newer; {props.name} is {props.major}.{props.minor}"]
-    smem = getattr(props, "shared_memory_per_block_optin", 0)
-    if smem and smem < TRITON_MIN_SHARED_MEMORY:
-        return [f"the Triton kernels' tiles need {TRITON_MIN_SHARED_MEMORY // 1024} KB of shared memory per "
-                f"block; {props.name} has {smem // 1024} KB"]
-    return []

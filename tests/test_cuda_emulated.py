@@ -13,12 +13,14 @@ hardware's own rounding inside mma.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import retro_kernels as rk
+from retro_kernels import dispatch
 from retro_kernels.cuda import _support
 from tests import cuda_emulation
 from tests import test_native_chunked_cross_attention as native_cca
@@ -39,9 +41,8 @@ def emulated_cuda(monkeypatch):
     """backend="cuda" runs the emulated kernels on CPU tensors."""
     if OPS is None:
         pytest.skip(MISSING)
-    monkeypatch.setattr(_support, "OPS", OPS)
-    monkeypatch.setattr(_support, "device_reasons",
-                        lambda q: [] if q.device.type == "cpu" else ["the emulated kernels take CPU tensors"])
+    emulated = dataclasses.replace(_support.BACKEND, devices=("cpu",), missing=None, library=OPS)
+    monkeypatch.setitem(dispatch.DECLARED, "cuda", emulated)
     return OPS
 
 

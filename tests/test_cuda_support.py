@@ -3,6 +3,8 @@ reasons are written once (retro_kernels/cuda/_support.py) for the three ops, and
 backend="auto" falls back instead of raising."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -39,7 +41,8 @@ def test_meta_inputs_get_every_reason(op):
 @pytest.mark.parametrize("D", [16, 20, 80, 128])
 def test_supported_inputs_differ_only_by_the_device(op, dtype, D):
     """fp16/bf16 with any head dim up to 128 (the scalar path takes D % 8 != 0) is accepted."""
-    assert _support.input_reasons(inputs(op, dtype, D, "meta")["q"], inputs(op, dtype, D, "meta")["k"]) == []
+    on_meta = dataclasses.replace(_support.BACKEND, devices=("meta",), missing=None)  # the same declaration
+    assert on_meta.not_supported_reasons(inputs(op, dtype, D, "meta")["q"], inputs(op, dtype, D, "meta")["k"], None) == []
 
 
 def test_one_check_serves_the_three_ops():
@@ -50,7 +53,7 @@ def test_one_check_serves_the_three_ops():
 
 def test_rows_beyond_the_grid_are_refused():
     q = torch.empty(2**20, 1024, 1, 8, dtype=torch.float16, device="meta")  # 2^30 rows
-    assert any("rows" in r for r in _support.input_reasons(q, q[:1]))
+    assert any("rows" in r for r in _support.grid_limits(q, q[:1]))
 
 
 @pytest.mark.parametrize("op", OPS)

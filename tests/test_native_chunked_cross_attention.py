@@ -8,6 +8,7 @@ The CUDA tests are marked gpu (the CUDA kernels run fp16/bf16 only).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -185,10 +186,9 @@ def test_cpu_bad_input():
 
 def test_cpu_backend_explains_a_missing_extension(monkeypatch):
     """Without the extension, backend='cpu' says so and says how to build it."""
-    import retro_kernels.cpu as cpu_backend
-
-    monkeypatch.setattr(cpu_backend, "MISSING", "the C++ CPU kernels extension retro_kernels._C_cpu "
-                                                 "is not built; " + _native.BUILD_HINT)
+    unbuilt = dataclasses.replace(dispatch.DECLARED["cpu"], missing="the C++ CPU kernels extension "
+                                  "retro_kernels._C_cpu is not built; " + _native.BUILD_HINT)
+    monkeypatch.setitem(dispatch.DECLARED, "cpu", unbuilt)
     q, k, v, _ = make_inputs(1, 9, 4, 1, 3, 2, 2, 16, 0, None, torch.float32)
     with pytest.raises(BackendNotSupported, match="pip install --no-build-isolation -e ."):
         chunked_cross_attention(q, k, v, 4, backend="cpu")

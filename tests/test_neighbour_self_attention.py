@@ -166,13 +166,13 @@ def test_opcheck(backend):
     q, k, v, m = make_inputs(1, 1, 2, 3, 2, 1, 16)
     skip_unless_supported(backend, q, k, v, m)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(op_module._forward, (q, k, v, m, 0.25, backend))
-    torch.library.opcheck(op_module._forward, (q, k, v, None, 0.25, backend))
+    torch.library.opcheck(op_module.OP.forward_op, (q, k, v, m, 0.25, backend))
+    torch.library.opcheck(op_module.OP.forward_op, (q, k, v, None, 0.25, backend))
     # the backward op has no derivative of its own (no double backward): plain tensors
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = op_module._forward(q, k, v, m, 0.25, backend)
+    out, lse = op_module.OP.forward_op(q, k, v, m, 0.25, backend)
     dout = torch.randn_like(out)
-    torch.library.opcheck(op_module._backward_op, (dout, q, k, v, m, out, lse, 0.25, backend))
+    torch.library.opcheck(op_module.OP.backward_op, (dout, q, k, v, m, out, lse, 0.25, backend))
 
 
 @pytest.mark.parametrize("backend", FUSED)

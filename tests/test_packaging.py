@@ -1,5 +1,6 @@
 """Packaging: the metadata, `python -m retro_kernels`, the C++ CPU kernels compiled on first use, the
 fallback warning. (The compile itself, a wheel and `pip install .` are checked for real in .ci/run.)"""
+import dataclasses
 import json
 import os
 import shutil
@@ -97,9 +98,8 @@ def test_without_its_sources_the_package_says_so(unbuilt_copy, tmp_path):
 
 
 def test_auto_falling_back_warns_once_with_the_reason(monkeypatch):
-    import retro_kernels.cpu as cpu_backend
-
-    monkeypatch.setattr(cpu_backend, "MISSING", "the C++ CPU kernels are missing (test)")
+    unbuilt = dataclasses.replace(dispatch.DECLARED["cpu"], missing="the C++ CPU kernels are missing (test)")
+    monkeypatch.setitem(dispatch.DECLARED, "cpu", unbuilt)
     monkeypatch.setattr(_native, "_warned", set())
     q, k, v = torch.randn(1, 9, 2, 8), torch.randn(1, 2, 1, 3, 2, 8), torch.randn(1, 2, 1, 3, 2, 8)
     with pytest.warns(_native.FallbackWarning, match=r"reference.*cpu: the C\+\+ CPU kernels are missing \(test\)"):
@@ -113,9 +113,8 @@ def test_auto_falling_back_warns_once_with_the_reason(monkeypatch):
 
 
 def test_fallback_warning_does_not_break_fullgraph_compile(monkeypatch):
-    import retro_kernels.cpu as cpu_backend
-
-    monkeypatch.setattr(cpu_backend, "MISSING", "the C++ CPU kernels are missing (test)")
+    unbuilt = dataclasses.replace(dispatch.DECLARED["cpu"], missing="the C++ CPU kernels are missing (test)")
+    monkeypatch.setitem(dispatch.DECLARED, "cpu", unbuilt)
     monkeypatch.setattr(_native, "_warned", set())
     torch._dynamo.reset()
     q, k, v = torch.randn(1, 9, 2, 8), torch.randn(1, 2, 1, 3, 2, 8), torch.randn(1, 2, 1, 3, 2, 8)

@@ -283,7 +283,8 @@ class _Props:
 ])
 def test_triton_refuses_gpus_its_tiles_do_not_fit(props, refused, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    reasons = dispatch._triton_gpu_reasons(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reasons = dispatch.DECLARED["triton"].gpu_reasons(torch.device("cuda", 0))
     assert (refused is None and reasons == []) or (refused and any(refused in r for r in reasons)), reasons
 
 

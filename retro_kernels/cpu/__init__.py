@@ -1,6 +1,8 @@
 """Python side of the C++ CPU kernels in csrc/cpu (built into retro_kernels._C_cpu).
 
-Besides the op modules: `gemm_info()` says which GEMM the kernels use on this
+`BACKEND` declares what they run, for every op (retro_kernels/backend.py): CPU
+tensors, fp32/fp16/bf16, any head dim; each op's kernels are the extension's
+functions <op>_fwd and <op>_bwd. Besides: `gemm_info()` says which GEMM the kernels use on this
 machine (chosen by measurement, per shape, see csrc/cpu/gemm.h) and
 `cpu_description()` which CPU and ISA this is; benchmarks record both.
 """
@@ -10,22 +12,28 @@ import json
 import os
 import platform
 
+import torch
+
 from .. import _native
+from ..backend import Backend, extension_functions
 
 # Loaded once, at import, so that choosing a backend is plain Python (torch.compile traces it).
 OPS = _native.load("cpu")
 MISSING = _native.missing_reason("cpu")
 
+BACKEND = Backend(
+    name="cpu",
+    devices=("cpu",),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),  # fp16/bf16 are computed in fp32
+    missing=MISSING,
+    # csrc/cpu/chunked_cross_attention.cpp, csrc/cpu/neighbour_attention.cpp
+    ops=("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention"),
+    library=OPS,
+    load=extension_functions,
+)
+
 # (flag in /proc/cpuinfo, name we report), best first: the ISA a CPU kernel can use.
 _ISA_LEVELS = (("amx_tile", "amx"), ("avx512f", "avx512f"), ("avx2", "avx2"))
-
-
-def device_reasons(q) -> list[str]:
-    """Why the C++ CPU kernels cannot run on tensors like `q` (same for every op)."""
-    reasons = [MISSING] if MISSING else []
-    if q.device.type != "cpu":
-        reasons.append(f"the cpu backend needs CPU tensors, got {q.device.type}")
-    return reasons
 
 
 def cpu_description() -> dict:
@@ -54,8 +62,6 @@ def cpu_description() -> dict:
 def _calibrate() -> None:
     """Run each op's forward and backward once at the paper's tile shapes (a few ms), so
     that the GEMM choice for those shapes is made now."""
-    import torch
-
     from ..ops.chunked_cross_attention import chunked_cross_attention
     from ..ops.neighbour_cross_attention import neighbour_cross_attention
     from ..ops.neighbour_self_attention import neighbour_self_attention

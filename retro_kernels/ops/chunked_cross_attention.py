@@ -1,70 +1,19 @@
-"""`chunked_cross_attention`: the public op, its custom-op registration and autograd.
+"""`chunked_cross_attention`: its spec and its public function.
 
-The fused backends are registered as two torch custom ops,
-`retro_kernels::chunked_cross_attention_fwd` and `..._bwd`, with fake
-(meta) implementations and autograd, so that the op works with autograd,
-`torch.compile(fullgraph=True)` and fake tensors. The backend name travels as
-a string argument; the custom op calls that backend's module. The reference
-backend is plain PyTorch and is differentiated by autograd directly.
+Backends get q at the tokens' own positions (not shifted) and apply the m-1
+token shift themselves; lse row n is q's token n (+inf for tokens t < m-1 and
+rows whose keys are all masked).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .. import dispatch
-from ._autograd import register_fused_autograd
-from .._checks import check_chunked_cross_attention
+from .._checks import chunks_needed
 from ..reference import chunked_cross_attention as reference
-
-OP = "chunked_cross_attention"
-dispatch.register_op(OP)
-
-
-@torch.library.custom_op("retro_kernels::chunked_cross_attention_fwd", mutates_args=())
-def _forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    neighbour_mask: Optional[Tensor],
-    chunk_size: int,
-    scale: float,
-    start_pos: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    module = dispatch.load_backend(backend, OP)
-    return module.forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos)
-
-
-@_forward.register_fake
-def _forward_fake(q, k, v, neighbour_mask, chunk_size, scale, start_pos, backend):
-    B, N, Hq, _ = q.shape
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((B, Hq, N), dtype=torch.float32)
-    return out, lse
-
-
-@torch.library.custom_op("retro_kernels::chunked_cross_attention_bwd", mutates_args=())
-def _backward_op(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    neighbour_mask: Optional[Tensor],
-    out: Tensor,
-    lse: Tensor,
-    chunk_size: int,
-    scale: float,
-    start_pos: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    module = dispatch.load_backend(backend, OP)
-    return module.backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_pos)
-
-
-register_fused_autograd(_forward, _backward_op)
+from ._op import Op
+from .spec import SCALE, OpSpec, Scalar
 
 
 def chunked_cross_attention(
@@ -100,13 +49,23 @@ def chunked_cross_attention(
         tokens of the neighbours of chunk (t - (m-1)) // m. Tokens whose
         keys are all masked get zeros.
     """
-    scale = check_chunked_cross_attention(q, k, v, chunk_size, neighbour_mask, scale, start_pos)
-    name = dispatch.select_backend(
-        backend, OP, q.device, q=q, k=k, v=v, neighbour_mask=neighbour_mask
-    )
-    if name == "reference":
-        return reference.chunked_cross_attention(
-            q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale, start_pos=start_pos
+    return OP(q, k, v, neighbour_mask, backend, chunk_size=chunk_size, scale=scale, start_pos=start_pos)
+
+
+def _enough_chunks(dims: dict[str, int], scalars: dict[str, object]) -> None:
+    """k and v hold the neighbours of every chunk the tokens read."""
+    start_pos, chunk_size, L = scalars["start_pos"], scalars["chunk_size"], dims["L"]
+    need = chunks_needed(start_pos, dims["N"], chunk_size)
+    if L < need:
+        raise ValueError(
+            f"k and v hold L={L} neighbour chunks, but tokens {start_pos}..{start_pos + dims['N'] - 1} "
+            f"with chunk_size={chunk_size} read chunks 0..{need - 1}: need L >= {need}"
         )
-    out, _ = _forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos, name)
-    return out
+
+
+OP = Op(OpSpec(
+    name="chunked_cross_attention", q="(B, N, Hq, D)", kv="(B, L, K, R, Hkv, D)", lse="(B, Hq, N)",
+    mask="neighbour_mask", mask_layout="(B, L, K, R)",
+    scalars=(Scalar("chunk_size", int, minimum=1), SCALE, Scalar("start_pos", int, minimum=0)),
+    reference=reference.chunked_cross_attention, check=_enough_chunks,
+))

@@ -24,13 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_reasons
 from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
 from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
-
-def not_supported_reasons(q, k, v, neighbour_mask) -> list[str]:
-    return triton_reasons({"q": q, "k": k, "v": v})
 
 
 # ---------------------------------------------------------------------------
