@@ -40,13 +40,13 @@ class BackendNotSupported(ValueError):
 
 
 # op -> its spec, and (backend, op) -> why the backend has no kernels for it (None: it has).
-_SPECS: dict = {}
+SPECS: dict = {}
 _UNIMPLEMENTED: dict[tuple[str, str], str | None] = {}
 
 
 def register_op(spec) -> None:
     """Note `spec`'s op, and which fused backends have kernels for it (importing them now)."""
-    _SPECS[spec.name] = spec
+    SPECS[spec.name] = spec
     for name, backend in DECLARED.items():
         _UNIMPLEMENTED[name, spec.name] = backend.unimplemented(spec.name)
 
@@ -69,11 +69,11 @@ def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
     """Why `backend` cannot run `op` on `inputs` (q, k, v and the op's mask by its name; [] = it can)."""
     if backend == "reference":
         return []
-    if op not in _SPECS:
+    if op not in SPECS:
         return [f"{op} is not a registered op"]
     if _UNIMPLEMENTED[backend, op]:
         return [_UNIMPLEMENTED[backend, op]]
-    return DECLARED[backend].not_supported_reasons(inputs["q"], inputs["k"], inputs.get(_SPECS[op].mask))
+    return DECLARED[backend].not_supported_reasons(inputs["q"], inputs["k"], inputs.get(SPECS[op].mask))
 
 
 def select_backend(requested: str, op: str, device: torch.device, **inputs) -> str:

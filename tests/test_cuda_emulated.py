@@ -23,8 +23,9 @@ import retro_kernels as rk
 from retro_kernels import dispatch
 from retro_kernels.cuda import _support
 from tests import cuda_emulation
-from tests import test_native_chunked_cross_attention as native_cca
-from tests import test_native_neighbour_attention as native_neighbour
+from tests import test_chunked_cross_attention as native_cca
+from tests import test_neighbour_cross_attention, test_neighbour_self_attention
+from op_harness import Case
 
 OPS, MISSING = cuda_emulation.load()
 
@@ -95,6 +96,7 @@ def test_cca_strided_and_unaligned_inputs(emulated_cuda):
     native_cca.check_against_reference("cuda", q, k, v_unaligned, m, mask, 3)
 
 
+NEIGHBOUR_TESTS = {"self": test_neighbour_self_attention.TESTS, "cross": test_neighbour_cross_attention.TESTS}
 # (B, L, K, R, M, Hq, Hkv, D, mask); "empty": one neighbour (self) / chunk (cross) with no real token
 NEIGHBOUR_CASES = [
     (1, 1, 2, 5, 7, 4, 2, 32, "random"),
@@ -110,11 +112,13 @@ NEIGHBOUR_CASES = [
 @pytest.mark.parametrize("op", ["self", "cross"])
 @pytest.mark.parametrize("B, L, K, R, M, Hq, Hkv, D, mask", NEIGHBOUR_CASES)
 def test_neighbour_matches_reference(emulated_cuda, op, B, L, K, R, M, Hq, Hkv, D, mask, dtype):
-    native_neighbour.check_against_reference("cuda", "cpu", op, B, L, K, R, M, Hq, Hkv, D, mask, dtype)
+    dims = dict(B=B, L=L, K=K, R=R, M=M, Hq=Hq, Hkv=Hkv, D=D)  # self-attention has no M
+    NEIGHBOUR_TESTS[op].check_case("cuda", Case(dims, {"empty": "first"}.get(mask, mask)), dtype, "cpu")
 
 
 def test_neighbour_padding_rows_are_zero(emulated_cuda):
-    q, k, v, mask = native_neighbour.make_inputs("self", 1, 1, 2, 9, 9, 2, 1, 16, "empty", torch.float16)
+    case = Case(dict(B=1, L=1, K=2, R=9, Hq=2, Hkv=1, D=16), "first")  # neighbour 0's tokens all padding
+    q, k, v, mask = NEIGHBOUR_TESTS["self"].inputs(case, torch.float16, "cpu")
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out = rk.neighbour_self_attention(*leaves, neighbour_mask=mask, backend="cuda")
     assert (out[~mask] == 0).all()

@@ -2,8 +2,6 @@
 cannot show. All tests are marked gpu (skipped without one); with a GPU but no built
 extension they fail once, here, with the build hint.
 
-- the op suite's cases (tests/test_chunked_cross_attention.py, whose own parametrization
-  probes fp32 and so leaves `cuda` out) in fp16 and bf16;
 - a grid of more than 65,535 (batch x head) programs: batched decoding at B=4096, H=16;
 - tensors on a device other than the current one, and a non-default current stream;
 - bitwise-reproducible gradients at a paper-like shape.
@@ -16,8 +14,7 @@ import torch
 import retro_kernels as rk
 from retro_kernels import _native
 from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as reference
-from tests import test_chunked_cross_attention as op_tests
-from tests import test_native_chunked_cross_attention as native_cca
+from tests import test_chunked_cross_attention as native_cca
 from tests.tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.gpu
@@ -28,15 +25,6 @@ def _built():
     missing = _native.missing_reason("cuda")
     if missing:
         pytest.fail(f"a GPU is here but the CUDA extension is not usable: {missing}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(op_tests.CASES), ids=list(op_tests.CASES))
-def test_op_cases(case, dtype):
-    B, N, Hq, Hkv, D, m, K, R, start_pos, mask, extra = op_tests.CASES[case]
-    q, k, v, neighbour_mask = op_tests.make_inputs(B, N, Hq, Hkv, D, m, K, R, start_pos, mask, extra, dtype,
-                                                   device="cuda")
-    op_tests.check_against_reference("cuda", q, k, v, m, neighbour_mask, start_pos)
 
 
 def test_big_grid_batched_decoding():

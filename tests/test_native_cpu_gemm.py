@@ -130,22 +130,26 @@ def test_candidates_follow_the_cpu():
 def test_measured_choice_gives_the_same_bits_for_any_thread_count():
     """A shape class keeps its choice for the process, so the kernels stay bitwise
     reproducible across thread counts with the measured GEMM too."""
-    import tests.test_native_chunked_cross_attention as cca
-    import tests.test_native_neighbour_attention as nbr
+    from op_harness import Case
+    from tests import test_chunked_cross_attention as cca
+    from tests import test_neighbour_cross_attention, test_neighbour_self_attention
 
     q, k, v, mask = cca.make_inputs(2, 70, 8, 2, 12, 4, 2, 64, 0, "random", torch.float32)
     dout = torch.randn(q.shape)
-    neighbour = {op: nbr.make_inputs(op, 1, 2, 2, 70, 9, 4, 2, 32, "random", torch.float32) for op in nbr.OPS}
+    neighbour_case = Case(dict(B=1, L=2, K=2, R=70, M=9, Hq=4, Hkv=2, D=32), "random")
+    neighbour = {}
+    for tests in (test_neighbour_self_attention.TESTS, test_neighbour_cross_attention.TESTS):
+        inputs = tests.inputs(neighbour_case)
+        neighbour[tests] = inputs + (torch.randn(inputs[0].shape),)
     before = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            out, grads = cca.run_with_grads("cpu", q, k, v, 8, mask, 0, dout)
-            for op, (fn, _, mask_name) in nbr.OPS.items():
-                inputs = neighbour[op]
-                grads = grads + nbr.grads(fn, *inputs[:3], mask_name, inputs[3], backend="cpu")
-            runs.append([out, *grads])
+            outputs = list(cca.TESTS.run("cpu", q, k, v, mask, dict(chunk_size=8), dout))
+            for tests, (qn, kn, vn, mn, dn) in neighbour.items():
+                outputs += tests.run("cpu", qn, kn, vn, mn, {}, dn)
+            runs.append(outputs)
     finally:
         torch.set_num_threads(before)
     for first, other in zip(runs[0], runs[1]):
@@ -184,7 +188,9 @@ def test_forced_gemm_runs_everything_through_it():
     reported as forced, and the CCA kernels give the reference's results through it,
     the same bits with 1 and 2 threads."""
     code = (
-        "import json, sys, torch, tests.test_native_chunked_cross_attention as t\n"
+        "import json, sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import test_chunked_cross_attention as t\n"
         "from retro_kernels import _native\n"
         "ops = _native.load('cpu')\n"
         "r = json.loads(ops.gemm_report())\n"
@@ -196,9 +202,9 @@ def test_forced_gemm_runs_everything_through_it():
         "runs = []\n"
         "for threads in (1, 2):  # the same bits for any thread count\n"
         "    torch.set_num_threads(threads)\n"
-        "    runs.append(t.run_with_grads('cpu', q, k, v, 8, mask, 3, dout))\n"
+        "    runs.append(t.TESTS.run('cpu', q, k, v, mask, dict(chunk_size=8, start_pos=3), dout))\n"
         "assert torch.equal(runs[0][0], runs[1][0]), 'out'\n"
-        "assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1])), 'grads'\n"
+        "assert all(torch.equal(a, b) for a, b in zip(runs[0][1:], runs[1][1:])), 'grads'\n"
         "assert json.loads(ops.gemm_report())['classes'] == []  # nothing measured\n"
         "print(ops.gemm_backend())\n"
     )

@@ -4,16 +4,20 @@ import copy
 import pytest
 import torch
 
-from retro_kernels import dispatch
 from retro_kernels.nn import NeighbourEncoderLayer
+
+from backends import DEVICE, fused_backends
 from tolerances import FP32_ATOL, FP32_RTOL
 
-FUSED = [
-    b for b in dispatch.implemented_backends("neighbour_self_attention")
-    if b in dispatch.implemented_backends("neighbour_cross_attention")
-]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_FUSED = [b for b in FUSED if b in dispatch.AUTO_ORDER["cuda"]]  # the backends for CUDA tensors
+
+def both_ops(dtype=torch.float32, device=DEVICE) -> list[str]:
+    """The fused backends that run both encoder ops on `device` in `dtype`."""
+    return [b for b in fused_backends("neighbour_self_attention", dtype, device)
+            if b in fused_backends("neighbour_cross_attention", dtype, device)]
+
+
+FUSED = both_ops()
+GPU_FUSED = both_ops(torch.bfloat16, "cuda")  # [] without a GPU
 
 
 def make_inputs(B, L, K, R, M, d_model, chunk_dim=None, device=DEVICE):
@@ -25,13 +29,6 @@ def make_inputs(B, L, K, R, M, d_model, chunk_dim=None, device=DEVICE):
     chunk_mask = torch.ones(B, L, M, dtype=torch.bool, device=device)
     chunk_mask[:, -1, M // 2 :] = False  # a partial last chunk
     return x, chunk, neighbour_mask, chunk_mask
-
-
-def _skip_unless_supported(backend, x):
-    q = x.new_empty(1, 1, 1, 1, 1, 16)
-    reasons = dispatch.not_supported_reasons(backend, "neighbour_self_attention", q=q, k=q, v=q, neighbour_mask=None)
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
 
 
 @pytest.mark.parametrize("cross_attention", [True, False])
@@ -47,7 +44,6 @@ def test_shapes(cross_attention):
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 def test_padding_gives_no_nan_and_passes_through(backend):
     """Fully padded neighbours and a chunk with no real token: finite, padded rows unchanged."""
-    _skip_unless_supported(backend, torch.empty(0, device=DEVICE))
     layer = NeighbourEncoderLayer(32, 2, True, backend=backend).to(DEVICE)
     x, chunk, nm, cm = make_inputs(1, 2, 2, 5, 4, 32)
     nm[0, 1, 1] = False
@@ -66,7 +62,6 @@ def test_padding_gives_no_nan_and_passes_through(backend):
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 def test_relative_positions(backend):
     """Positions are relative (j' - j): moving a neighbour right behind padding changes nothing."""
-    _skip_unless_supported(backend, torch.empty(0, device=DEVICE))
     layer = NeighbourEncoderLayer(32, 2, True, backend=backend).to(DEVICE)
     R, shift = 5, 3
     x, chunk, _, cm = make_inputs(1, 1, 1, R, 4, 32)
@@ -85,7 +80,6 @@ def test_relative_positions(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("cross_attention", [True, False])
 def test_fused_matches_reference(backend, cross_attention):
-    _skip_unless_supported(backend, torch.empty(0, device=DEVICE))
     torch.manual_seed(1)
     reference = NeighbourEncoderLayer(40, 4, cross_attention, n_kv_heads=2, chunk_dim=24,
                                       backend="reference").to(DEVICE)
@@ -111,7 +105,6 @@ def test_fused_matches_reference(backend, cross_attention):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_fullgraph(backend):
-    _skip_unless_supported(backend, torch.empty(0, device=DEVICE))
     torch._dynamo.reset()
     layer = NeighbourEncoderLayer(32, 2, True, backend=backend).to(DEVICE)
     x, chunk, nm, cm = make_inputs(1, 2, 2, 5, 4, 32)
@@ -151,7 +144,6 @@ def test_bad_arguments():
 @pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_bf16_paper_shapes(backend):
     """RETRO-sized encoder block in bf16: fused and reference agree to bf16 accuracy."""
-    _skip_unless_supported(backend, torch.empty(0, device="cuda"))
     torch.manual_seed(0)
     reference = NeighbourEncoderLayer(512, 8, True, backend="reference").cuda().bfloat16()
     fused = copy.deepcopy(reference)

@@ -1,126 +1,90 @@
-"""neighbour_self_attention: every fused backend against the reference, and the op's contract."""
-import pytest
+"""neighbour_self_attention: what is particular to it; every backend against the reference runs in op_harness.
+
+Its cases and mask kinds (padding at the end of a neighbour, whole neighbours of
+padding), zero padding rows, and the reference against SDPA on each neighbour.
+"""
+import hypothesis.strategies as st
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import retro_kernels
-from retro_kernels import dispatch
 from retro_kernels.ops import neighbour_self_attention as op_module
 from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention as reference
-from tolerances import assert_close_to_reference
 
-OP = "neighbour_self_attention"
-# Every fused backend that exists in this checkout (csrc backends appear once built).
-FUSED = dispatch.implemented_backends(OP)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from op_harness import Case, OpTests
 
 
-def make_inputs(B, L, K, R, Hq, Hkv, D, dtype=torch.float32, mask="random", device=DEVICE):
-    q = torch.randn(B, L, K, R, Hq, D, dtype=dtype, device=device)
-    k = torch.randn(B, L, K, R, Hkv, D, dtype=dtype, device=device)
-    v = torch.randn(B, L, K, R, Hkv, D, dtype=dtype, device=device)
-    if mask is None:
-        m = None
-    else:
-        # real tokens first, then padding: a random length per neighbour
-        lengths = torch.randint(1, R + 1, (B, L, K), device=device)
-        m = torch.arange(R, device=device) < lengths[..., None]
-        if mask == "padded":  # some neighbours entirely padding
-            m[0, 0, 0] = False
-            m[-1, -1, -1] = False
-        elif mask == "holes":  # padding anywhere, not only at the end
-            m = torch.rand(B, L, K, R, device=device) > 0.4
-    return q, k, v, m
+def nsa(B, L, K, R, Hq, Hkv, D, mask=None, **kw) -> Case:
+    return Case(dict(B=B, L=L, K=K, R=R, Hq=Hq, Hkv=Hkv, D=D), mask, **kw)
 
 
-def run(backend, q, k, v, mask, dout, scale=None):
-    """Output and (dq, dk, dv) of the op on fresh leaves."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = retro_kernels.neighbour_self_attention(q, k, v, neighbour_mask=mask, scale=scale, backend=backend)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    return out.detach(), grads
+def real_first(shape, device):
+    """Real tokens first, then padding: a random length (at least 1) per neighbour."""
+    lengths = torch.randint(1, shape[-1] + 1, shape[:-1], device=device)
+    return torch.arange(shape[-1], device=device) < lengths[..., None]
 
 
-def skip_unless_supported(backend, q, k, v, mask):
-    reasons = dispatch.not_supported_reasons(backend, OP, q=q, k=k, v=v, neighbour_mask=mask)
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
+def some_all_padding(shape, device):
+    """real_first, with the first and the last neighbour entirely padding."""
+    mask = real_first(shape, device)
+    mask[0, 0, 0] = False
+    mask[-1, -1, -1] = False
+    return mask
 
 
-def check_against_reference(backend, q, k, v, mask, scale=None):
-    skip_unless_supported(backend, q, k, v, mask)
-    dout = torch.randn_like(q)
-    out, grads = run(backend, q, k, v, mask, dout, scale)
-    f32 = lambda t: t.float()  # noqa: E731
-    ref32, ref32_grads = run("reference", f32(q), f32(k), f32(v), mask, f32(dout), scale)
-    ref_lp, ref_lp_grads = (None, (None,) * 3)
-    if q.dtype != torch.float32:
-        ref_lp, ref_lp_grads = run("reference", q, k, v, mask, dout, scale)
-    assert out.dtype == q.dtype
-    assert_close_to_reference("out", out, ref32, ref_lp)
-    for name, g, g32, glp in zip(("dq", "dk", "dv"), grads, ref32_grads, ref_lp_grads):
-        assert g.dtype == q.dtype
-        assert_close_to_reference(name, g, g32, glp, factor=3.0)
-    if mask is not None:  # padding rows output zeros and get zero gradients
-        assert (out[~mask] == 0).all()
-        assert (grads[0][~mask] == 0).all()
-    return out, grads
+NATIVE = ("cpu", "cuda")  # cases chosen for the C++ and CUDA kernels' tiles
+# nsa(B, L, K, R, Hq, Hkv, D, mask)
+CASES = {
+    "R_not_pow2": nsa(1, 2, 2, 5, 2, 2, 16, "real_first"),
+    "mqa-K4-D40": nsa(1, 1, 4, 3, 4, 1, 40, "random"),
+    "gqa-K1-D64-padded": nsa(2, 1, 1, 17, 2, 1, 64, "some_all_padding"),
+    "gqa-4-2": nsa(1, 1, 2, 5, 4, 2, 16, "real_first"),
+    "R70-several_tiles": nsa(1, 1, 2, 70, 2, 1, 16, "real_first"),
+    "no_mask-D24": nsa(1, 2, 1, 6, 3, 3, 24),
+    "D128": nsa(1, 1, 2, 20, 2, 1, 128, "real_first"),
+    "D256": nsa(1, 1, 1, 18, 2, 2, 256, "random"),
+    "gqa-D32": nsa(1, 2, 2, 7, 4, 2, 32, "random", backends=NATIVE),
+    "R70-D80-padded": nsa(2, 1, 3, 70, 3, 1, 80, "first", backends=NATIVE),
+    "no_mask-D128": nsa(1, 2, 1, 5, 2, 2, 128, backends=NATIVE),
+    **{"x".join(map(str, s)): nsa(*s, "some_all_padding", gpu=True)
+       for s in [(2, 4, 2, 128, 8, 8, 64), (1, 4, 2, 128, 8, 2, 128), (1, 2, 3, 100, 4, 1, 80), (1, 2, 1, 33, 2, 1, 256)]},
+    "paper-gqa": nsa(2, 4, 2, 128, 8, 2, 64, "random", gpu=True),
+}
 
 
-# (B, L, K, R, Hq, Hkv, D, mask)
-SHAPES = [
-    (1, 2, 2, 5, 2, 2, 16, "random"),  # R not a power of two
-    (1, 1, 4, 3, 4, 1, 40, "holes"),  # MQA, K = 4, D = 40
-    (2, 1, 1, 17, 2, 1, 64, "padded"),  # GQA, K = 1, fully padded neighbours
-    (1, 1, 2, 70, 2, 1, 16, "random"),  # several key tiles and row tiles
-    (1, 2, 1, 6, 3, 3, 24, None),  # no mask
-    (1, 1, 2, 20, 2, 1, 128, "random"),  # large head dims: smaller tiles
-    (1, 1, 1, 18, 2, 2, 256, "holes"),
-]
+class TestNeighbourSelfAttention(OpTests):
+    OP = op_module.OP
+    CASES = CASES
+    MASKS = {"real_first": real_first, "some_all_padding": some_all_padding}
+    AWKWARD = {
+        "R not a power of two": lambda c: c["R"] & (c["R"] - 1) != 0,
+        "more than 64 tokens per neighbour (several tiles)": lambda c: c["R"] > 64,
+        "a neighbour that is all padding": lambda c: c.mask == "some_all_padding",
+    }
+    SMALL = nsa(1, 1, 2, 3, 2, 1, 16, "real_first")
+    DETERMINISM = (nsa(1, 1, 2, 20, 4, 1, 16, "real_first"),
+                   nsa(2, 2, 3, 6, 4, 2, 32, "random", backends=NATIVE))
+
+    def random_cases(self):
+        def case(B, L, K, R, Hkv, group, D, mask):
+            return nsa(B, L, K, R, Hkv * group, Hkv, D, mask)
+        return st.builds(case, B=st.integers(1, 2), L=st.integers(1, 2), K=st.sampled_from([1, 2, 4]),
+                         R=st.integers(1, 20), Hkv=st.integers(1, 2), group=st.integers(1, 3),
+                         D=st.sampled_from([16, 24, 40]),
+                         mask=st.sampled_from([None, "real_first", "some_all_padding", "random"]))
+
+    def check_particulars(self, mask, out, dq):
+        if mask is not None:  # padding rows output zeros and get zero gradients
+            assert (out[~mask] == 0).all()
+            assert (dq[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}")
-def test_matches_reference(backend, dtype, shape):
-    *dims, mask = shape
-    check_against_reference(backend, *make_inputs(*dims, dtype=dtype, mask=mask))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_custom_scale_and_all_padding(backend):
-    q, k, v, m = make_inputs(1, 1, 2, 4, 2, 1, 16)
-    check_against_reference(backend, q, k, v, m, scale=0.37)
-    m = torch.zeros_like(m)  # every token is padding
-    out, grads = check_against_reference(backend, q, k, v, m)
-    assert (out == 0).all() and all((g == 0).all() for g in grads)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_non_contiguous_inputs(backend):
-    """Views straight from a fused projection, a strided mask and a stride-0 dout."""
-    B, L, K, R, Hq, Hkv, D = 1, 2, 2, 5, 2, 1, 16
-    qkv = torch.randn(B, L, K, R, (Hq + 2 * Hkv) * D + 8, device=DEVICE)
-    q = qkv[..., : Hq * D].view(B, L, K, R, Hq, D)
-    k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, L, K, R, Hkv, D)
-    v = qkv[..., (Hq + Hkv) * D : (Hq + 2 * Hkv) * D].view(B, L, K, R, Hkv, D)
-    mask = (torch.rand(B, L, K, 2 * R, device=DEVICE) > 0.3)[..., ::2]
-    assert not q.is_contiguous() and not mask.is_contiguous()
-    skip_unless_supported(backend, q, k, v, mask)
-    dout = torch.ones(1, device=DEVICE).expand(q.shape)  # what out.sum().backward() sends
-    out, grads = run(backend, q, k, v, mask, dout)
-    ref, ref_grads = run("reference", q, k, v, mask, dout)
-    assert_close_to_reference("out", out, ref)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close_to_reference(name, g, r)
+TESTS = TestNeighbourSelfAttention()
 
 
 def test_reference_matches_sdpa_per_neighbour():
     """The reference against an independent oracle: SDPA on each neighbour separately."""
     B, L, K, R, Hq, Hkv, D = 2, 2, 2, 6, 4, 2, 16
-    q, k, v, m = make_inputs(B, L, K, R, Hq, Hkv, D, mask="padded", device="cpu")
+    q, k, v, m = TESTS.inputs(nsa(B, L, K, R, Hq, Hkv, D, "some_all_padding"), device="cpu")
     out = reference(q, k, v, m)
     for b in range(B):
         for l in range(L):
@@ -135,126 +99,6 @@ def test_reference_matches_sdpa_per_neighbour():
                 expect = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keys[None, None, :])
                 expect = expect.transpose(0, 1) * keys[:, None, None]
                 torch.testing.assert_close(out[b, l, kk], expect, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    B=st.integers(1, 2), L=st.integers(1, 2), K=st.sampled_from([1, 2, 4]), R=st.integers(1, 20),
-    Hkv=st.integers(1, 2), group=st.integers(1, 3), D=st.sampled_from([16, 24, 40]),
-    mask=st.sampled_from([None, "random", "padded", "holes"]), seed=st.integers(0, 2**16),
-)
-def test_hypothesis_random_shapes(backend, B, L, K, R, Hkv, group, D, mask, seed):
-    torch.manual_seed(seed)
-    check_against_reference(backend, *make_inputs(B, L, K, R, Hkv * group, Hkv, D, mask=mask))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_backward_is_deterministic(backend):
-    q, k, v, m = make_inputs(1, 1, 2, 20, 4, 1, 16)
-    skip_unless_supported(backend, q, k, v, m)
-    dout = torch.randn_like(q)
-    first = run(backend, q, k, v, m, dout)
-    second = run(backend, q, k, v, m, dout)
-    assert torch.equal(first[0], second[0])
-    for g1, g2 in zip(first[1], second[1]):
-        assert torch.equal(g1, g2)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_opcheck(backend):
-    q, k, v, m = make_inputs(1, 1, 2, 3, 2, 1, 16)
-    skip_unless_supported(backend, q, k, v, m)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(op_module.OP.forward_op, (q, k, v, m, 0.25, backend))
-    torch.library.opcheck(op_module.OP.forward_op, (q, k, v, None, 0.25, backend))
-    # the backward op has no derivative of its own (no double backward): plain tensors
-    q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = op_module.OP.forward_op(q, k, v, m, 0.25, backend)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(op_module.OP.backward_op, (dout, q, k, v, m, out, lse, 0.25, backend))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-    q, k, v, m = make_inputs(1, 1, 2, 5, 2, 1, 16)
-    skip_unless_supported(backend, q, k, v, m)
-
-    class Block(torch.nn.Module):
-        def forward(self, q, k, v, m):
-            out = retro_kernels.neighbour_self_attention(q * 1.5, k, v, neighbour_mask=m, backend=backend)
-            return out.square().sum()
-
-    block = Block()
-    compiled = torch.compile(block, fullgraph=True)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    loss = compiled(*leaves, m)
-    grads = torch.autograd.grad(loss, leaves)
-    eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    eager = block(*eager_leaves, m)
-    eager_grads = torch.autograd.grad(eager, eager_leaves)
-    torch.testing.assert_close(loss, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
-
-
-def test_auto_backend_and_explain():
-    q, k, v, m = make_inputs(1, 1, 1, 3, 2, 1, 16, device="cpu")
-    out = retro_kernels.neighbour_self_attention(q, k, v, neighbour_mask=m)  # auto
-    torch.testing.assert_close(out, reference(q, k, v, m))
-    reasons = retro_kernels.explain(OP, q=q, k=k, v=v, neighbour_mask=m)
-    assert reasons["reference"] == []
-    with pytest.raises(retro_kernels.BackendNotSupported):
-        retro_kernels.neighbour_self_attention(q, k, v, backend="cuda")  # CPU tensors
-
-
-def _bad_inputs():
-    q, k, v, m = make_inputs(1, 2, 2, 3, 4, 2, 16, device="cpu")
-    ok = dict(q=q, k=k, v=v, neighbour_mask=m)
-    k3 = torch.randn(1, 2, 2, 3, 3, 16)  # 3 kv heads do not divide 4 query heads
-    cases = [
-        ("^q ", dict(q=q.numpy()), TypeError),
-        ("^q ", dict(q=q[0]), ValueError),
-        ("^q ", dict(q=q.to(torch.int32)), TypeError),
-        ("^k ", dict(k=k.double()), TypeError),
-        ("^k ", dict(k=k[:, :1]), ValueError),
-        ("^k ", dict(k=k[..., :8]), ValueError),
-        ("^v ", dict(v=v[..., :1, :]), ValueError),
-        ("number of query heads", dict(k=k3, v=k3), ValueError),
-        ("^neighbour_mask ", dict(neighbour_mask=m.float()), TypeError),
-        ("^neighbour_mask ", dict(neighbour_mask=m[:, :1]), ValueError),
-        ("^neighbour_mask ", dict(neighbour_mask=[True]), TypeError),
-        ("^scale ", dict(scale="big"), TypeError),
-        ("^scale ", dict(scale=float("nan")), ValueError),
-        ("^backend ", dict(backend="fast"), ValueError),
-    ]
-    return ok, cases
-
-
-@pytest.mark.parametrize("case", range(len(_bad_inputs()[1])))
-def test_bad_input(case):
-    ok, cases = _bad_inputs()
-    name, change, error = cases[case]
-    args = {**ok, **change}
-    with pytest.raises(error, match=name):
-        retro_kernels.neighbour_self_attention(
-            args.pop("q"), args.pop("k"), args.pop("v"), **args
-        )
-
-
-# -- GPU: bf16 and paper-sized shapes ---------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize(
-    "shape",
-    [(2, 4, 2, 128, 8, 8, 64), (1, 4, 2, 128, 8, 2, 128), (1, 2, 3, 100, 4, 1, 80), (1, 2, 1, 33, 2, 1, 256)],
-    ids=lambda s: "x".join(map(str, s)),
-)
-def test_gpu_large(backend, dtype, shape):
-    check_against_reference(backend, *make_inputs(*shape, dtype=dtype, mask="padded", device="cuda"))
 
 
 # The Triton kernels' ahead-of-time compiles for sm_80/sm_90: tests/test_triton_kernels.py.

@@ -7,11 +7,7 @@ from retro_kernels.nn import ChunkedCrossAttention, RotaryEmbedding
 
 from backends import DEVICE, fused_backends
 
-BACKENDS = fused_backends(
-    "chunked_cross_attention",
-    dict(q=torch.zeros(1, 4, 2, 16, device=DEVICE), k=torch.zeros(1, 1, 1, 2, 1, 16, device=DEVICE),
-         v=torch.zeros(1, 1, 1, 2, 1, 16, device=DEVICE), neighbour_mask=None),
-)
+BACKENDS = fused_backends("chunked_cross_attention")
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -93,3 +89,24 @@ def test_layer_bad_arguments():
     layer = ChunkedCrossAttention(32, 4, chunk_size=4)
     with pytest.raises(ValueError, match="neighbours must be"):
         layer(torch.randn(1, 8, 32), torch.randn(1, 2, 3, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_torch_compile_fullgraph(backend):
+    """The whole layer (projections, rotary, the op with a mask and grouped heads) in one graph."""
+    torch._dynamo.reset()
+    layer = rk.nn.ChunkedCrossAttention(32, 2, chunk_size=4, n_kv_heads=1, backend=backend).to(DEVICE)
+    hidden = torch.randn(2, 10, 32, device=DEVICE)
+    neighbours = torch.randn(2, 2, 2, 3, 32, device=DEVICE)
+    mask = torch.rand(2, 2, 2, 3, device=DEVICE) > 0.3
+    eager = layer(hidden, neighbours, mask)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(hidden, neighbours, mask)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for p, g in zip(layer.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

@@ -69,11 +69,11 @@ uint64_t chunk_of_end(int64_t start_pos, int64_t n, int64_t m) {
 }
 
 // A tensor that the kernels can address with one stride per dim, unit on the last.
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+at::Tensor unit_last(const at::Tensor& t) { return rows_in_place(t) ? t : t.contiguous(); }
 
 // k/v (B, L, K, R, Hkv, D): the K and R dims must flatten to one stride.
 at::Tensor flat_keys(const at::Tensor& t) {
-  const bool ok = t.stride(5) == 1 && (t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3));
+  const bool ok = rows_in_place(t) && (t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3));
   return ok ? t : t.contiguous();
 }
 

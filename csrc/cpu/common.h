@@ -22,6 +22,17 @@ namespace retro_kernels::cpu {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Whether the kernels can read `t` in place: unit stride on the head dim (the last) and
+// the rows of every other dim at least a head dim apart, so that any row stride is a
+// valid GEMM leading dimension. An expanded tensor (stride 0, as autograd hands out for
+// the gradient of a mean over tokens) is not: BLAS refuses ld < D and computes nothing.
+inline bool rows_in_place(const at::Tensor& t) {
+  if (t.stride(-1) != 1) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) < t.size(-1)) return false;
+  return true;
+}
+
 // Scratch memory aligned to 64 bytes (a cache line, an AVX-512 vector): the same
 // alignment in every thread, so a BLAS whose rounding depends on alignment still gives
 // every thread the same bits.

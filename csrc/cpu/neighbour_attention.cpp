@@ -76,11 +76,11 @@ struct Geometry {
   }
 };
 
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+at::Tensor unit_last(const at::Tensor& t) { return rows_in_place(t) ? t : t.contiguous(); }
 
 // q (B, L, K, R, Hq, D) of the cross-attention: the K*R rows of a chunk must be one strided matrix.
 at::Tensor flat_rows(const at::Tensor& t) {
-  const bool ok = t.stride(5) == 1 && (t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3));
+  const bool ok = rows_in_place(t) && (t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3));
   return ok ? t : t.contiguous();
 }
 
