@@ -1,8 +1,9 @@
-"""Which fused backends the tests exercise on this machine: found one way, by asking dispatch.
+"""Which fused backends the tests exercise: found one way, by asking dispatch.
 
-A fused backend is tested wherever it can run: Triton on a GPU or under the
-interpreter, the C++ CPU kernels when the extension is built, CUDA on a GPU; in
-each dtype it takes there. Each backend is tested on its own device: CUDA
+Every fused backend is tested in every dtype it declares (retro_kernels/backend.py),
+and runs wherever it can: Triton on a GPU or under the interpreter, the C++ CPU
+kernels when the extension is built, CUDA on a GPU. A pair that cannot run here is
+skipped with dispatch's reasons. Each backend is tested on its own device: CUDA
 tensors where it takes them and a GPU is here, else CPU tensors.
 """
 from __future__ import annotations
@@ -42,10 +43,21 @@ def probe_inputs(op: str, device, dtype) -> dict:
 
 
 @functools.cache
+def why_not(op: str, backend: str, dtype) -> tuple[str, ...]:
+    """Why `backend` cannot run `op` in `dtype` here, on device_of(backend) (empty: it can)."""
+    return tuple(dispatch.not_supported_reasons(backend, op, **probe_inputs(op, device_of(backend), dtype)))
+
+
+def declared(op: str) -> tuple[tuple[str, torch.dtype], ...]:
+    """(backend, dtype) for every fused backend with kernels for `op`, in every dtype it declares:
+    the tests' parametrisation (a pair that cannot run here is skipped, saying why_not)."""
+    return tuple((b, dtype) for b in dispatch.implemented_backends(op) for dtype in DTYPES
+                 if dtype in dispatch.DECLARED[b].dtypes)
+
+
 def runnable(op: str) -> tuple[tuple[str, torch.dtype], ...]:
-    """(backend, dtype) for every fused backend and dtype that can run `op` here, on device_of(backend)."""
-    return tuple((b, dtype) for b in dispatch.FUSED_BACKENDS for dtype in DTYPES
-                 if not dispatch.not_supported_reasons(b, op, **probe_inputs(op, device_of(b), dtype)))
+    """The declared pairs that can run `op` here."""
+    return tuple((b, dtype) for b, dtype in declared(op) if not why_not(op, b, dtype))
 
 
 def fused_backends(op: str, dtype=torch.float32, device=DEVICE) -> list[str]:

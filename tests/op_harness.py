@@ -2,9 +2,10 @@
 
 An op's test file (tests/test_<op>.py) subclasses `OpTests`: the op's `Op`, its
 table of cases, its own mask kinds and whatever else is particular to it. Every
-test here then runs for that op, on every fused backend that can run here
-(backends.runnable, the one way the tests find backends), against the
-reference, forward and backward, under DESIGN.md's tolerances (tolerances.py):
+test here then runs for that op on every fused backend, in every dtype it
+declares (backends.declared: the one way the tests find backends; what cannot
+run here is skipped, saying why), against the reference, forward and backward,
+under DESIGN.md's tolerances (tolerances.py):
 
 - the case table, which must hold the awkward cases (`AWKWARD`: head dims that
   are not powers of two, grouped-query and multi-query heads, no mask, and the
@@ -15,10 +16,12 @@ reference, forward and backward, under DESIGN.md's tolerances (tolerances.py):
 - the backend choice and its reasons; bad input, refused with a one-line error
   naming the argument before any backend is chosen.
 
-Parametrisation, by argument name: `backend` and `dtype` (every pair that runs
-here), with `case` (every case of the table those backends take); `backend`
-alone (each backend, in its first dtype); `exact_backend` ("reference" and the
-backends that run fp32); `bad` (the bad-input table).
+Parametrisation, by argument name: `backend` and `dtype` (every backend with
+kernels for the op, in every dtype it declares; a pair that cannot run here is
+skipped with dispatch's reasons), with `case` (every case of the table that
+backend takes); `backend` alone (each backend, in its first dtype);
+`exact_backend` ("reference" and the backends that run fp32); `bad` (the
+bad-input table).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import retro_kernels as rk
 from retro_kernels import BackendNotSupported, dispatch
 from retro_kernels.ops.spec import SCALE, dims_of
 
-from backends import DEVICE, DTYPE_IDS, device_of, probe_inputs, runnable
+from backends import DEVICE, DTYPE_IDS, declared, device_of, probe_inputs, runnable, why_not
 from tolerances import assert_close_to_reference
 
 GRADS = ("dq", "dk", "dv")
@@ -110,25 +113,37 @@ class OpTests:
 
     def pytest_generate_tests(self, metafunc):
         names, op = metafunc.fixturenames, self.spec.name
+        backends = sorted({b for b, _ in declared(op)}, key=dispatch.FUSED_BACKENDS.index)
         if "case" in names:
             params = [pytest.param(b, d, c, id=f"{b}-{DTYPE_IDS[d]}-{c}",
                                    marks=[pytest.mark.gpu] if self.CASES[c].gpu else [])
-                      for b, d in runnable(op) for c in self.CASES if self._runs(b, self.CASES[c])]
+                      for b, d in declared(op) for c in self.CASES if self._takes(b, self.CASES[c])]
             metafunc.parametrize("backend, dtype, case", params)
         elif "dtype" in names:
             metafunc.parametrize("backend, dtype", [pytest.param(b, d, id=f"{b}-{DTYPE_IDS[d]}")
-                                                    for b, d in runnable(op) if d in (torch.float32, torch.bfloat16)])
+                                                    for b, d in declared(op) if d in (torch.float32, torch.bfloat16)])
         elif "backend" in names:
-            metafunc.parametrize("backend", sorted({b for b, _ in runnable(op)}, key=dispatch.FUSED_BACKENDS.index))
+            metafunc.parametrize("backend", backends)
         elif "exact_backend" in names:
-            metafunc.parametrize("exact_backend", ["reference"] + [b for b, d in runnable(op) if d == torch.float32])
+            metafunc.parametrize("exact_backend", ["reference"] + [b for b, d in declared(op) if d == torch.float32])
         elif "bad" in names:
             metafunc.parametrize("bad", list(self.bad_inputs()))
 
-    def _runs(self, backend: str, case: Case) -> bool:
-        """Whether `backend` takes `case` here: its own cases, and GPU cases only on a GPU."""
+    @pytest.fixture(autouse=True)
+    def _skip_what_cannot_run_here(self, request):
+        """A backend and dtype that cannot run here are skipped, with dispatch's reasons."""
+        params = getattr(request.node, "callspec", None)
+        params = params.params if params else {}
+        backend = params.get("backend", params.get("exact_backend", "reference"))
+        if backend != "reference":
+            reasons = why_not(self.spec.name, backend, params.get("dtype", self.dtype_of(backend)))
+            if reasons:
+                pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+    def _takes(self, backend: str, case: Case) -> bool:
+        """Whether `backend` is tested on `case`: its own cases, and GPU cases where it runs on GPUs."""
         return ((case.backends is None or backend in case.backends)
-                and (not case.gpu or device_of(backend).type == "cuda"))
+                and (not case.gpu or "cuda" in dispatch.DECLARED[backend].devices))
 
     # -- the op, its inputs and the comparison with the reference ---------------------------
 
@@ -137,8 +152,8 @@ class OpTests:
         return self.OP.spec
 
     def dtype_of(self, backend: str) -> torch.dtype:
-        """The first dtype `backend` runs (fp32, or fp16 for the CUDA kernels)."""
-        return torch.float32 if backend == "reference" else next(d for b, d in runnable(self.spec.name) if b == backend)
+        """The first dtype `backend` declares (fp32, or fp16 for the CUDA kernels)."""
+        return torch.float32 if backend == "reference" else next(d for b, d in declared(self.spec.name) if b == backend)
 
     def device(self, backend: str) -> torch.device:
         return DEVICE if backend in ("reference", "auto") else device_of(backend)
@@ -265,7 +280,7 @@ class OpTests:
 
     def test_backward_is_bitwise_deterministic(self, backend, dtype):
         for case in self.DETERMINISM:
-            if not self._runs(backend, case):
+            if not self._takes(backend, case):
                 continue
             q, k, v, mask = self.inputs(case, dtype, self.device(backend))
             dout = torch.randn_like(q)
