@@ -1,1 +1,1 @@
-"""Public ops: validation, backend dispatch and torch custom-op registration."""
+"""The ops: each op's public function and spec (<op>.py), and what a spec makes (spec.py, _op.py)."""
