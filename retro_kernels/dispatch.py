@@ -135,10 +135,10 @@ TRITON_MIN_SHARED_MEMORY = 163 * 1024
 
 
 def _triton_gpu_reasons(device: torch.device) -> list[str]:
-    if not torch.cuda.is_available():  # e.g. fake CUDA tensors on a machine without a GPU
-        return [f"no CUDA device is available to run the Triton kernels on {device}"]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
+    try:
+        props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+    except (AssertionError, RuntimeError) as e:  # e.g. fake CUDA tensors on a machine without a GPU
+        return [f"no CUDA device to run the Triton kernels on {device}: {' '.join(str(e).split())}"]
     if (props.major, props.minor) < TRITON_MIN_CAPABILITY:
         return [f"the Triton kernels need compute capability 8.0 or newer; {props.name} is {props.major}.{props.minor}"]
     smem = getattr(props, "shared_memory_per_block_optin", 0)
