@@ -23,9 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A bad argument (or combination of arguments), found before any work: exit status 2."""
+from .errors import UsageError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,17 +35,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def one_line(message: str) -> str:
-    """A message on one line: its lines joined (after a colon by a space, else by '; ')."""
-    parts = [p.strip() for p in str(message).splitlines() if p.strip()]
-    if not parts:
-        return ""
-    out = parts[0]
-    for prev, part in zip(parts, parts[1:]):
-        out += (" " if prev.endswith(":") else "; ") + part
-    return out
 
 
 # Failures a command expects and explains in its message; anything else is reported

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from .demo_protocol import aggregate, plot_curves, run_seed, write_outputs
-    from .train import configure_threads, resolve_device
+    from .runtime import configure_threads, resolve_device
 
     preset = dict(PRESETS["quick" if args.quick else "full"], k=K)
     preset["steps"] = args.steps or preset["steps"]

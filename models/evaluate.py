@@ -13,7 +13,6 @@ alpha, for alpha from 0 to 1: how much of the gain remains without copying.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 from .cli_common import command
 from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
+from .runtime import resolve_device
 
 LABELS = {"on": "database without the held-out docs", "on_with_eval_docs": "database including them"}
 ALPHAS = [round(a, 2) for a in np.linspace(0.0, 1.0, 11)]
@@ -146,7 +146,7 @@ def save_figure(fig, path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from .outdir import umask_mode
+    from .atomic import umask_mode
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
@@ -168,7 +168,7 @@ def public(result: dict) -> dict:
 
 def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: str = "eval-report") -> None:
     """Write a JSON report that says it is ours (so a later run may replace it) and names its plot."""
-    from .checkpoint import write_json_atomic
+    from .atomic import write_json_atomic
     from .outdir import report_kind
 
     report = {"kind": report_kind(kind), **report}
@@ -177,25 +177,15 @@ def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: st
     write_json_atomic(Path(path), report)
 
 
-def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False) -> RetroModel:
+def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False):
     """The model of a checkpoint or a retrofit folder, for inference; a CheckpointError if its weights hold
     NaN or inf."""
-    from . import checkpoint as ckpt
+    from .checkpoint import load_checkpoint_model
     from .retrofit import is_retrofit, load_retrofit
 
     if is_retrofit(checkpoint):  # `python -m models retrofit` output: the base it names + the added weights
         return load_retrofit(checkpoint, kernels=kernels, device=device, allow_nonfinite=allow_nonfinite)
-    cfg = ckpt.load_config(checkpoint)
-    if kernels:
-        cfg.kernels = kernels
-    model = RetroModel(cfg)
-    ckpt.load_model_weights(model, checkpoint)
-    bad = ckpt.nonfinite_parameters(model)
-    if bad and not allow_nonfinite:
-        raise ckpt.CheckpointError(
-            f"checkpoint {ckpt.resolve(checkpoint) / 'model.safetensors'} holds NaN/inf weights in {len(bad)} "
-            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
-    return model.to(device).eval()
+    return load_checkpoint_model(checkpoint, kernels, device, allow_nonfinite)
 
 
 def check_tokenizer(cfg, db, log=print) -> None:
@@ -286,7 +276,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=device, default="auto")
     p.add_argument("--allow-nonfinite", action="store_true", help="report NaN/inf results instead of failing")
     args = p.parse_args(argv)
-    from .train import resolve_device
 
     out = Path(args.out) if args.out else Path(output_file(str(Path(args.checkpoint) / "eval.json")))
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")

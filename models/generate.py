@@ -19,6 +19,7 @@ import torch
 
 from .cli_common import command
 from .model import RetroModel
+from .runtime import resolve_device
 
 # retriever(list of (m,) token arrays) -> (tokens (n, K, R), mask (n, K, R))
 Retriever = Callable[[list], tuple]
@@ -135,7 +136,6 @@ def main(argv=None) -> int:
     from .config import KERNELS
     from .data import open_database
     from .evaluate import check_tokenizer, load_model
-    from .train import resolve_device
 
     p = Parser("python -m models generate", description="sample from a RETRO model")
     p.add_argument("--checkpoint", type=model_checkpoint, required=True,

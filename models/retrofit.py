@@ -533,9 +533,9 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
     path = Path(path)
     kind = base_kind(path)
     if kind == "models":
-        from .evaluate import load_model
+        from .checkpoint import load_checkpoint_model
 
-        model = load_model(path, device=device, allow_nonfinite=allow_nonfinite)  # refuses NaN weights itself
+        model = load_checkpoint_model(path, device=device, allow_nonfinite=allow_nonfinite)  # refuses NaN weights
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM
@@ -572,8 +572,7 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import write_json_atomic
-    from .outdir import umask_mode
+    from .atomic import umask_mode, write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -623,7 +622,7 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     from safetensors.torch import load_file
 
     from .checkpoint import CheckpointError, nonfinite_parameters
-    from .cli_common import one_line
+    from .errors import one_line
 
     record = read_record(path)
     config, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE

@@ -46,9 +46,10 @@ from . import outdir
 from .cli_common import Parser, UsageError, command, one_line
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .model import lm_loss
+from .runtime import configure_threads, resolve_device
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import LIMITS, TrainArgs, check_finite, drop_retrieval, evaluate_loss, lr_at, make_optimizer, resolve_device
+from .train import LIMITS, TrainArgs, check_finite, drop_retrieval, evaluate_loss, lr_at, make_optimizer
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
@@ -311,7 +312,6 @@ def train_args_from(args) -> TrainArgs:
 def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
     from .retrofit import load_base, retrofit, trainable_share
-    from .train import configure_threads
 
     p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)

@@ -19,6 +19,7 @@ train only the new parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
 from .model import RetroModel, lm_loss
+from .runtime import resolve_device, setup_distributed
 
 # The range of every numeric training argument, once: argparse type= functions
 # for the command line, and TrainArgs.validate() for callers of train().
@@ -96,43 +98,6 @@ def lr_at(step: int, a: TrainArgs) -> float:
     progress = (step - a.warmup) / max(1, a.steps - a.warmup)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * cos)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def configure_threads(threads: Optional[int] = None) -> int:
-    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
-
-    On a small shared machine, a thread pool wider than the idle cores makes every
-    op wait for a descheduled thread (here: 100x slower elementwise ops), so
-    the default falls back to 1 thread when the load average says the cores are taken.
-    """
-    if threads is None:
-        cores = os.cpu_count() or 1
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores, int(cores - load + 0.5)))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank()
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return rank, world, device
 
 
 def build_model(cfg: RetroConfig, a: TrainArgs) -> RetroModel:
@@ -293,7 +258,7 @@ def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device
                 nb = b["neighbours"].to(device)
                 mask = drop_retrieval(b["neighbour_mask"], a.retrieval_dropout, gen).to(device)
             sync = k == a.accum - 1 or world == 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _null()
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = ddp_model(tokens, nb, mask)
@@ -329,14 +294,6 @@ def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device
     if world > 1:
         dist.barrier()
     return {"model": model, "history": history, "step": max(a.steps, start_step)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------

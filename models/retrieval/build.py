@@ -28,9 +28,7 @@ embedded twice.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,138 +40,17 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import outdir
+from ..runtime import TorchrunGroup, progress_bar
 from . import corpus as corpus_mod
 from . import index as index_mod
-from .embed import DEFAULT_EMBEDDER, Embedder
-from .leakage import NUM_PERM, THRESHOLD, MinHasher, find_leaked
-from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, TEMP_SUFFIX, DatabaseError, Manifest, atomic_path,
-                       atomic_save_npy, atomic_write_json, database_file_patterns, expected_files, load_npy, sha256_file,
-                       temporary_patterns)
-from .tokenizer import EOS_TOKEN, MIN_VOCAB, PAD_TOKEN, encode_batches, load_tokenizer, token_dtype, train_bpe
-
-SPLITS = {"train": 0, "eval": 1, "removed": 2}
-STREAM_SPLITS = ("train", "eval")
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "corpus": corpus_mod.DEFAULT_CORPUS,  # a path, or the default corpus
-    "tokenizer": None,          # sha256 of a given tokenizer.json, or None: train one
-    "vocab_size": 8192,
-    "chunk_size": 64,           # m; neighbour values are R = 2m tokens
-    "embedder": DEFAULT_EMBEDDER,
-    "eval_fraction": 0.05,      # documents held out for evaluation (by a hash of their id)
-    "split_seed": 0,
-    "leakage_threshold": THRESHOLD,
-    "index_eval_docs": False,   # True: the evaluation documents are retrievable too
-    "align_sections": False,    # True: every section heading and body starts on a chunk boundary
-    "index_type": "auto",       # auto / flat / ivfpq / hnsw
-    "nlist": 0, "pq_m": 0, "pq_nbits": 0,  # IVF-PQ sizes; 0 = chosen from the data
-    "hnsw_m": 32,
-    "train_sample": 100_000,    # vectors the IVF-PQ index is trained on
-    "shard_size": 5_000_000,    # vectors per index shard
-    "k": 4,                     # neighbours precomputed per stream chunk
-    "max_distance": None,       # None (RETRO): the K nearest, however far; a number: farther ones are dropped
-}
-# Options that change how, not what, is built: never compared when reopening.
-DEFAULT_RUNTIME = {"embed_batch_size": 128, "embed_part_size": 2048, "device": None, "progress": True}
-
-
-def _limits():
-    """The range of every numeric build option, once: the command line's argparse types, and make_config."""
-    from ..cli_common import SEED, integer, number
-
-    return {
-        "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
-        "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
-        "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
-        "pq_nbits": integer(0, 16), "hnsw_m": integer(2, 1024), "train_sample": integer(1),
-        "shard_size": integer(1), "k": integer(1, 4096), "max_distance": number(0),
-        "embed_batch_size": integer(1), "embed_part_size": integer(1),
-    }
-
-
-LIMITS = _limits()
-
-
-def check_value(name: str, value) -> None:
-    """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
-    from ..cli_common import check_value as check
-
-    if not (name == "max_distance" and value is None):
-        check(name, value, LIMITS[name])
-
-
-def held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
-    """Whether document ``doc_id`` belongs to the evaluation split: a stable hash of (seed, id)."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction: expected a fraction in [0, 1), got {eval_fraction}")
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
-    return h / 2.0**64 < eval_fraction
-
-
-def split_documents(doc_ids: list[str], eval_fraction: float, seed: int = 0) -> np.ndarray:
-    """(len(doc_ids),) bool: True for the documents held out for evaluation."""
-    return np.array([held_out(d, eval_fraction, seed) for d in doc_ids], dtype=bool)
-
-
-def make_config(**overrides) -> dict[str, Any]:
-    unknown = set(overrides) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown database config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
-    config = {**DEFAULT_CONFIG, **overrides}
-    for name in LIMITS:
-        if name in config:
-            check_value(name, config[name])
-    for name in ("index_eval_docs", "align_sections"):
-        if not isinstance(config[name], bool):
-            raise ValueError(f"{name}: expected True or False, got {config[name]!r}")
-    index_mod.resolve_index_type(config["index_type"], 0)
-    return config
-
-
-def config_differences(have: dict, want: dict) -> list[str]:
-    keys = sorted(set(have) | set(want))
-    return [f"{k}: database has {have.get(k)!r}, requested {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
-
-
-def _progress(total=None, desc="", unit="it", enabled=True):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1, file=sys.stderr, mininterval=0.5)
-
-
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self._dist = None
-        if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-            self._dist = dist
-
-    def barrier(self):
-        if self._dist is not None:
-            self._dist.barrier()
-
-    def broadcast_flag(self, value: int) -> int:
-        if self._dist is None:
-            return value
-        import torch
-
-        t = torch.tensor([value])
-        self._dist.broadcast(t, 0)
-        return int(t.item())
-
-    def close(self):
-        if self._dist is not None and self._dist.is_initialized():
-            self._dist.destroy_process_group()
+from .config import DEFAULT_RUNTIME, check_value, config_differences, held_out, make_config, split_documents
+from .embed import Embedder
+from .leakage import NUM_PERM, MinHasher, find_leaked
+from .manifest import (MANIFEST_NAME, PART_FILE, SPLITS, STAGES, STREAM_SPLITS, TEMP_SUFFIX, DatabaseError, Manifest,
+                       atomic_path, atomic_save_npy, atomic_write_json, database_file_patterns, expected_files, load_npy,
+                       sha256_file, temporary_patterns)
+from .query import RetrievalDatabase
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype, train_bpe
 
 
 class Builder:
@@ -210,7 +87,7 @@ class Builder:
         return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
 
     def progress(self, **kw):
-        return _progress(enabled=self.runtime["progress"], **kw)
+        return progress_bar(enabled=self.runtime["progress"], **kw)
 
     # --- the stages ----------------------------------------------------------------
     def stage_tokenizer(self) -> dict:
@@ -407,7 +284,7 @@ class Builder:
             out.append(np.asarray(tokens[start:end]))
         return out
 
-    def stage_embed(self, dist: _Dist) -> dict | None:
+    def stage_embed(self, dist: TorchrunGroup) -> dict | None:
         num_chunks = self.manifest.info("chunk")["num_chunks"]
         part = int(self.runtime["embed_part_size"])
         chunk_sum = self.manifest.stages["chunk"]["files"]["chunk_start.npy"]["sha256"][:12]
@@ -501,16 +378,13 @@ class Builder:
         return {"shards": files, "offsets": offsets, "seconds": time.perf_counter() - t0}
 
     def stage_query(self) -> dict:
-        from .query import RetrievalDatabase
-
-        db = RetrievalDatabase._open_partial(self.root, self.manifest, embedder_device=self.runtime["device"],
-                                             embed_batch_size=self.runtime["embed_batch_size"])
-        k = self.config["k"]
+        """The neighbour tables of the streams: the index is queried with every stream chunk."""
+        db = RetrievalDatabase(self.root, self.manifest, embedder_device=self.runtime["device"],
+                               embed_batch_size=self.runtime["embed_batch_size"])  # as far as it is built
         info = {}
         for name in STREAM_SPLITS:
-            exclude_same_doc = name == "train"
-            table = db._precompute_stream(name, k, exclude_same_doc, self.root / f"neighbours_{name}.npy",
-                                          progress=self.runtime["progress"])
+            table = db.precompute_stream_neighbours(name, self.config["k"], self.root / f"neighbours_{name}.npy",
+                                                    progress=self.runtime["progress"])
             info[f"neighbours_{name}"] = list(table.shape)
         return info
 
@@ -600,7 +474,7 @@ def build_database(
     for name in ("embed_batch_size", "embed_part_size"):
         check_value(name, runtime[name])
     runtime_progress = runtime["progress"]
-    dist = _Dist()
+    dist = TorchrunGroup()
     if dist.rank != 0:
         runtime["progress"] = False  # one set of bars; each rank shows its own for the embedding
     builder = Builder(out, config, runtime, None if tokenizer is None else str(tokenizer),
@@ -614,7 +488,7 @@ def build_database(
         return _build(builder, dist, overwrite, stop_after, inputs if dist.rank == 0 else None, runtime_progress, log)
 
 
-def _build(builder: Builder, dist: _Dist, overwrite: bool, stop_after: str | None, inputs: dict | None,
+def _build(builder: Builder, dist: TorchrunGroup, overwrite: bool, stop_after: str | None, inputs: dict | None,
            runtime_progress: bool, log) -> Path:
     out = builder.root
     try:
@@ -646,7 +520,7 @@ def _build(builder: Builder, dist: _Dist, overwrite: bool, stop_after: str | Non
         dist.close()
 
 
-def _run_stage(builder: Builder, stage: str, dist: _Dist) -> None:
+def _run_stage(builder: Builder, stage: str, dist: TorchrunGroup) -> None:
     t0 = time.perf_counter()
     fn = getattr(builder, f"stage_{stage}")
     info = fn(dist) if stage == "embed" else fn()

@@ -38,7 +38,8 @@ def _embedder(text: str) -> str:
 @command("build-db")
 def build_db_main(argv: list[str]) -> int:
     from .. import outdir
-    from .build import DEFAULT_CONFIG, DEFAULT_RUNTIME, LIMITS, build_database
+    from .build import build_database
+    from .config import DEFAULT_CONFIG, DEFAULT_RUNTIME, LIMITS
     from .index import INDEX_TYPES
     from .manifest import Manifest
 

@@ -30,13 +30,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..outdir import umask_mode
+from ..atomic import umask_mode
 
 FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
 LEGACY_KEYS = {"format_version", "config", "versions", "created", "stages"}  # a version-1 manifest, exactly
 TEMP_SUFFIX = r"\.tmp[a-z0-9_]{8}"  # atomic_path's temporaries: <final name>.tmp + mkstemp's 8 characters
+
+SPLITS = {"train": 0, "eval": 1, "removed": 2}  # doc_split.npy's values
+STREAM_SPLITS = ("train", "eval")  # the splits with a token stream (stream_<split>.bin) and a neighbour table
 
 # The build stages, in order. A stage is redone (with every later one) when it
 # is missing from the manifest or one of its files fails its check.
@@ -58,7 +61,7 @@ class DatabaseError(ValueError):
 
 def expected_files(stage: str, info: dict) -> list[str]:
     """The files a finished stage makes (``info``: the stage's recorded info, for the index shards)."""
-    splits = ("train", "eval")
+    splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
         "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json"],

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .build import SPLITS, STREAM_SPLITS, _progress, config_differences
+from ..runtime import progress_bar
+from .config import LIMITS, check_value, config_differences
 from .index import ShardedIndex
-from .manifest import STAGES, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
-from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
+from .manifest import SPLITS, STAGES, STREAM_SPLITS, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype
 
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
 
@@ -87,7 +87,9 @@ class TokenStream:
 
 
 class RetrievalDatabase:
-    """A built retrieval database; open it with :meth:`open`."""
+    """A built retrieval database; open it with :meth:`open` (which checks that every stage finished
+    and every file is the one recorded). The constructor takes a database as far as it is built, up to
+    its index (the build's last stage uses it to precompute the streams' neighbours)."""
 
     def __init__(self, root: Path, manifest: Manifest, *, mmap: bool = True, nprobe: int | None = None,
                  ef_search: int | None = None, embedder_device: str | None = None, embed_batch_size: int = 128):
@@ -161,20 +163,12 @@ class RetrievalDatabase:
                 raise
             raise DatabaseError(f"database {str(root)!r} cannot be loaded: {e}") from None
 
-    @classmethod
-    def _open_partial(cls, root: Path, manifest: Manifest, **kw) -> "RetrievalDatabase":
-        """For the build's query stage: everything up to the index exists."""
-        return cls(root, manifest, **kw)
-
     def _inconsistent(self, problems: list[str]) -> None:
         if problems:
             raise DatabaseError(f"database {str(self.root)!r} is inconsistent: " + "; ".join(problems))
 
     def _check_declared(self) -> None:
         """What the manifest declares about its files, checked against them before they are read."""
-        from .build import LIMITS, check_value
-        from .tokenizer import token_dtype
-
         problems = []
         for name in LIMITS:
             if name in self.config:
@@ -392,7 +386,13 @@ class RetrievalDatabase:
 
         return self._fill_table(n, k, vectors, exclude, out, progress, desc="neighbours")
 
-    def _precompute_stream(self, split: str, k: int, exclude_same_doc: bool, out: Path, progress: bool) -> np.ndarray:
+    def precompute_stream_neighbours(self, split: str, k: int, out: Path, progress: bool = True) -> np.ndarray:
+        """The ``(chunks, k)`` neighbour table of stream ``split`` (``neighbours_<split>.npy``), written to ``out``.
+
+        A stream chunk of a retrieval document reuses its stored key; the others are embedded. For the
+        training split, neighbours from the chunk's own document and the next chunk's are excluded.
+        """
+        exclude_same_doc = split == "train"
         stream_tokens = np.memmap(self.root / f"stream_{split}.bin", dtype=self.tokens.dtype, mode="r")
         chunk_doc = np.asarray(load_npy(self.root / f"stream_{split}_chunk_doc.npy"), dtype=np.int64)
         db_chunk = np.asarray(load_npy(self.root / f"stream_{split}_db_chunk.npy"))
@@ -416,7 +416,7 @@ class RetrievalDatabase:
     def _fill_table(self, n, k, vectors, exclude, out, progress, desc) -> np.ndarray:
         """Search the blocks of ``n`` query vectors (``vectors(lo, hi)``) into an (n, k) table."""
         def fill(table):
-            bar = _progress(total=n, desc=desc, unit="chunk", enabled=progress)
+            bar = progress_bar(total=n, desc=desc, unit="chunk", enabled=progress)
             for lo in range(0, n, SEARCH_BLOCK):
                 hi = min(lo + SEARCH_BLOCK, n)
                 _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])
