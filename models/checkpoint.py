@@ -45,7 +45,7 @@ LATEST = "latest.json"
 RUN_KIND = "retro_kernels/train-run"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
-# Leftovers of killed runs, removed when a run takes the folder (names from mkdtemp/mkstemp below).
+# Leftovers of killed runs, removed when a run takes the folder (mkdtemp below; atomic_file for latest.json).
 TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), re.compile(r"\.latest\.json\.[a-z0-9_]{8}\.tmp"))
 
 

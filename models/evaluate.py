@@ -140,25 +140,16 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
 
 
 def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as a PNG atomically (a temporary beside it, then a rename) and close it."""
-    import os
-    import tempfile
-
+    """Write a matplotlib figure as a PNG atomically (``.<name>.XXXXXXXX.tmp.png``, then a rename) and close it."""
     import matplotlib.pyplot as plt
 
-    from .atomic import umask_mode
+    from .atomic import atomic_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        os.chmod(tmp, umask_mode())
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def public(result: dict) -> dict:

@@ -59,7 +59,7 @@ from .model import RetrievalEncoder, RetroModel
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-# What a killed save leaves (names from save_retrofit's mkstemp and write_json_atomic), removed when a run
+# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run
 # takes the folder again.
 TEMPORARIES = (re.compile(r"\.retrofit\.safetensors\.[a-z0-9_]{8}\.tmp"),
                re.compile(r"\.retrofit\.json\.[a-z0-9_]{8}\.tmp"))
@@ -568,24 +568,15 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
     by `load_retrofit`, never loaded as a mismatch.
     """
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from .atomic import umask_mode, write_json_atomic
+    from .atomic import atomic_file, write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, tmp)
-        os.chmod(tmp, umask_mode())  # after: save_file writes the file anew, with mkstemp's 0600
+    with atomic_file(out / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
         weights_sha256 = _sha256(tmp)
-        os.replace(tmp, out / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}
     write_json_atomic(out / CONFIG_FILE, record)

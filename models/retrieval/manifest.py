@@ -17,20 +17,18 @@ opened (``RetrievalDatabase._check_consistency``).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from ..atomic import umask_mode
+from ..atomic import atomic_file
 
 FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
@@ -115,26 +113,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success move it onto ``final`` atomically.
-
-    On an exception the temporary file is removed and ``final`` is untouched.
-    """
+def atomic_path(final: str | os.PathLike):
+    """``with atomic_path(final) as tmp:`` a temporary path beside ``final`` (``<name>.tmpXXXXXXXX``, its
+    folder made if need be); on success it is moved onto ``final`` atomically, on an exception removed
+    and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=final.name + ".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        os.chmod(tmp, umask_mode())
-        yield tmp
-        with open(tmp, "rb+") as f:  # make the bytes durable before the rename
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return atomic_file(final, prefix=final.name + ".tmp", suffix="")
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
