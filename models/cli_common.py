@@ -129,6 +129,13 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 SEED = integer(0, 2**32 - 1)
+THREADS = integer(1, 4096)
+
+
+def add_threads_flag(group) -> None:
+    """--threads: torch's CPU threads (models.runtime.configure_threads)."""
+    group.add_argument("--threads", type=THREADS, default=None,
+                       help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
 
 
 def check_value(name: str, value, parse) -> None:

@@ -113,7 +113,7 @@ def is_old_demo_folder(path: Path) -> bool:
 
 @command("demo")
 def main(argv=None) -> int:
-    from .cli_common import SEED, Parser, UsageError, device, folder, integer
+    from .cli_common import SEED, Parser, UsageError, add_threads_flag, device, folder, integer
     from .config import KERNELS
     from .demo_protocol import check_seed_folders
     from .train import LIMITS
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
                    help="run this many seeds (seed, seed+1, ...): mean and spread")
     p.add_argument("--retrofit-steps", type=LIMITS["steps"], default=None,
                    help="override the preset's retrofit steps")
-    p.add_argument("--threads", type=integer(1, 4096), default=None,
-                   help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
+    add_threads_flag(p)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     last_seed = args.seed + args.seeds - 1
