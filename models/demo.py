@@ -208,7 +208,7 @@ def prepare_data(out: Path, preset: dict, args, times: dict, say) -> dict:
 def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
     """A continuation of the opening of the held-out document whose first two chunks retrieve the most
     neighbours (chosen by the retrieval alone, not by the model), with what each chunk retrieved."""
-    from .generate import database_retriever, generate, show
+    from .generate import database_retriever, format_generation, generate
 
     docs = np.unique(eval_data.doc)
     found = [int(eval_data.neighbour_mask[np.flatnonzero(eval_data.doc == d)[:2]].any(-1).sum()) for d in docs]
@@ -216,7 +216,7 @@ def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
     prompt = db.doc_tokens(doc)[: 2 * db.chunk_size].tolist()
     sample = generate(model, prompt, preset["sample_tokens"], database_retriever(db, K), temperature=0.7,
                       top_k=40, top_p=0.95, seed=seed, stop_ids=(db.eos_id,), device=device)
-    text = f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n" + show(db, sample)
+    text = f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n" + format_generation(db, sample)
     (out / "sample.txt").write_text(text + "\n")
     return text
 

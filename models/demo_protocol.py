@@ -10,7 +10,6 @@ gain ON is a gain over the decoder it started from.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -87,25 +86,21 @@ def check_seed_folders(out: Path, seeds) -> None:
 
 def evaluate_three(model, data, leaky, byte_lengths, device) -> dict:
     """bpb of the three settings on the held-out documents, and the overlap curve of each."""
-    from .evaluate import ALPHAS, evaluate
+    from .evaluate import ALPHAS, bpb_by_overlap, chunk_fractions, evaluate
 
-    r = {"baseline": evaluate(model, data, byte_lengths, retrieval=False, device=device),
-         "retrofit_on": evaluate(model, data, byte_lengths, retrieval=True, device=device),
-         "retrofit_on_with_eval_docs": evaluate(model, leaky, byte_lengths, retrieval=True, device=device)}
+    results = {"baseline": evaluate(model, data, byte_lengths, retrieval=False, device=device),
+               "retrofit_on": evaluate(model, data, byte_lengths, retrieval=True, device=device),
+               "retrofit_on_with_eval_docs": evaluate(model, leaky, byte_lengths, retrieval=True, device=device)}
     # One x axis for all three: each chunk's overlap with the database neighbours RETROfit ON reads.
-    overlap = r["retrofit_on"]["_per_chunk"]["overlap"]
-    curves = {"alpha": ALPHAS, "chunk_fraction": [float((overlap <= a + 1e-9).mean()) for a in ALPHAS]}
+    overlap = results["retrofit_on"]["_per_chunk"]["overlap"]
+    curves = {"alpha": ALPHAS, "chunk_fraction": chunk_fractions(overlap)}
     for name in SETTINGS:
-        pc = r[name]["_per_chunk"]
-        rows = []
-        for a in ALPHAS:
-            keep = overlap <= a + 1e-9
-            b = pc["bytes"][keep].sum()
-            rows.append(float(pc["nll"][keep].sum() / math.log(2) / b) if b else float("nan"))
-        curves[name] = rows
-    return {"bpb": {k: r[k]["bpb"] for k in SETTINGS}, "gain": r["baseline"]["bpb"] - r["retrofit_on"]["bpb"],
-            "documents": int(np.unique(data.doc).size), "chunks": len(data), "tokens": r["baseline"]["tokens"],
-            "bytes": r["baseline"]["bytes"], "overlap": curves}
+        per_chunk = results[name]["_per_chunk"]
+        curves[name] = bpb_by_overlap(overlap, per_chunk["nll"], per_chunk["bytes"])
+    baseline = results["baseline"]
+    return {"bpb": {k: results[k]["bpb"] for k in SETTINGS}, "gain": baseline["bpb"] - results["retrofit_on"]["bpb"],
+            "documents": int(np.unique(data.doc).size), "chunks": len(data), "tokens": baseline["tokens"],
+            "bytes": baseline["bytes"], "overlap": curves}
 
 
 def spread(values) -> dict:

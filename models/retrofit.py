@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from retro_kernels.nn import ChunkedCrossAttention
 
 from .config import KERNELS
-from .model import RetrievalEncoder, RetroModel
+from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
@@ -237,17 +237,10 @@ class CCABlock(nn.Module):
 
 
 @dataclass
-class RetrofitCache:
+class RetrofitCache(NeighbourCache):
     """Incremental decoding state: the base model's own cache plus what retrieval keeps."""
-    base: object
-    chunk_hidden: Optional[Tensor] = None  # first-CCA-layer input of the unfinished chunk
-    encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
-    encoded_mask: Optional[Tensor] = None
+    base: object = None
     length: int = 0
-
-    @property
-    def chunks_encoded(self) -> int:
-        return 0 if self.encoded is None else self.encoded.shape[1]
 
 
 @dataclass
@@ -342,7 +335,7 @@ class RetrofitModel(nn.Module):
             if not self._hooks:
                 raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
                                  "base was retrofitted again): it cannot read neighbours")
-            self._check_neighbours(neighbours, neighbour_mask, B, complete)
+            check_neighbours(self.cfg, neighbours, neighbour_mask, B, complete)
             self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
         try:
             logits = self.adapter.logits(tokens, start_pos, None if cache is None else cache.base)
@@ -351,17 +344,6 @@ class RetrofitModel(nn.Module):
         if cache is not None:
             cache.length = start_pos + N
         return logits
-
-    def _check_neighbours(self, neighbours, neighbour_mask, B, complete):
-        cfg = self.cfg
-        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
-            raise ValueError(f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
-        if neighbours.shape[1] < complete:
-            raise ValueError(f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
-                             f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
-        if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
-            raise ValueError(f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
-                             f"got {tuple(neighbour_mask.shape)}")
 
     # -- the hooks ---------------------------------------------------------------------
     def _layer_input_hook(self, layer: int):
@@ -401,35 +383,20 @@ class RetrofitModel(nn.Module):
     def _encode(self, step: _Step, x: Tensor) -> None:
         """Encoded neighbours of the chunks some token of this step may read, from the activations x
         at the first CCA layer (the unfinished chunk's activations wait in the cache)."""
-        m, cache, complete = self.cfg.chunk_size, step.cache, step.complete
-        done = 0 if cache is None else cache.chunks_encoded
-        pending = x if cache is None or cache.chunk_hidden is None else torch.cat([cache.chunk_hidden, x], 1)
-        new = complete - done
-        encoded, mask = None, None
-        if new > 0:
-            chunk = pending[:, : new * m].reshape(x.shape[0], new, m, x.shape[-1])
-            nb = step.neighbours[:, done:complete]
-            mask = None if step.neighbour_mask is None else step.neighbour_mask[:, done:complete]
-            dtype = self.encoder.norm.weight.dtype
+        dtype, m = self.encoder.norm.weight.dtype, self.cfg.chunk_size
+
+        def encode(chunks, first, end):
+            mask = None if step.neighbour_mask is None else step.neighbour_mask[:, first:end]
             with torch.no_grad():  # the base's embedding is frozen
-                embedded = self.adapter.embedding(nb)
-            encoded = self.encoder(embedded.to(dtype), chunk.to(dtype), mask)
-            pending = pending[:, new * m:]
-        if cache is None:
-            step.encoded, step.encoded_mask = encoded, mask
+                embedded = self.adapter.embedding(step.neighbours[:, first:end])
+            return self.encoder(embedded.to(dtype), chunks.to(dtype), mask), mask
+
+        if step.cache is None:  # the full sequence, from position 0
+            if step.complete > 0:
+                step.encoded, step.encoded_mask = encode(as_chunks(x, step.complete, m), 0, step.complete)
             return
-        if encoded is not None:
-            cache.encoded = encoded if cache.encoded is None else torch.cat([cache.encoded, encoded], 1)
-            if mask is not None:
-                cache.encoded_mask = mask if cache.encoded_mask is None else torch.cat([cache.encoded_mask, mask], 1)
-        cache.chunk_hidden = pending
-        if cache.encoded is None:
-            return
-        # Only the chunks this step reads: shift by whole chunks (CCA depends on t only via its chunk and t mod m).
-        first = max(0, (step.start_pos - (m - 1)) // m)
-        step.encoded = cache.encoded[:, first:complete]
-        step.encoded_mask = None if cache.encoded_mask is None else cache.encoded_mask[:, first:complete]
-        step.cca_start = step.start_pos - first * m
+        step.cache.encode_new_chunks(x, step.complete, m, encode)
+        step.encoded, step.encoded_mask, step.cca_start = step.cache.read_by(step.start_pos, step.complete, m)
 
 
 def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: int = 2, num_neighbours: int = 2,
