@@ -192,8 +192,8 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
         chunk = data.tokens[c][data.valid[c]]
         best = 0
         for k in range(data.neighbours.shape[1]):
-            nb = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
-            best = max(best, longest_common_run(chunk, nb))
+            neighbour = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
+            best = max(best, longest_common_run(chunk, neighbour))
         out[c] = best / m
     return out
 
