@@ -33,12 +33,12 @@ def train_baseline(db, train_data, eval_data, preset, seed, out: Path, kernels, 
         vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
         seq_len=preset["seq_len"], chunk_size=db.chunk_size, retrieval=False, dropout=preset["dropout"],
         kernels=kernels, extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    a = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
-                  warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
-                  device=str(device), progress=progress,
-                  overwrite=True)  # a fresh baseline each time; train replaces only its own run there
-    result = train(cfg, train_data, a, eval_data, token_byte_lengths(db.tokenizer), log=log)
-    return result["model"].eval(), result["history"], a
+    args = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
+                     warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
+                     device=str(device), progress=progress,
+                     overwrite=True)  # a fresh baseline each time; train replaces only its own run there
+    result = train(cfg, train_data, args, eval_data, token_byte_lengths(db.tokenizer), log=log)
+    return result["model"].eval(), result["history"], args
 
 
 def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, seed, out: Path, kernels, device,
@@ -56,14 +56,15 @@ def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, s
                      neighbour_len=db.neighbour_len, seq_len=preset["seq_len"],
                      encoder_ff_mult=preset["encoder_ff_mult"], kernels=kernels,
                      extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    a = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
-                  lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
-                  eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device), progress=progress,
-                  overwrite=True)  # a fresh retrofit each time
+    args = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
+                     lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
+                     eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device),
+                     progress=progress, overwrite=True)  # a fresh retrofit each time
     source = {"kind": "models", "path": str(base_dir.resolve()), "sha256": base_fingerprint(base_dir, "models")}
-    with claimed_out(out, a.overwrite):
-        history, share = fit_and_save(model, train_data, a, source, eval_data, token_byte_lengths(db.tokenizer), log)
-    return model.eval(), history, share, a
+    with claimed_out(out, args.overwrite):
+        history, share = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
+                                      log)
+    return model.eval(), history, share, args
 
 
 def seed_folders(out: Path, seed: int) -> tuple[Path, Path]:

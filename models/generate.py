@@ -63,7 +63,7 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
     if retriever is not None and not cfg.retrieval:
         raise ValueError("a retriever was given but the model has retrieval=False")
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     out = Generation(tokens=list(prompt), prompt_len=len(prompt))
     K, R = cfg.num_neighbours, cfg.R
 
@@ -91,7 +91,7 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
     x = torch.as_tensor(out.tokens, dtype=torch.long, device=device)[None]
     logits = model(x, neighbours, mask, start_pos=0, cache=cache)[0, -1]
     for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, gen)
+        token = sample_next(logits, temperature, top_k, top_p, generator)
         out.tokens.append(token)
         if token in stop_ids:
             break

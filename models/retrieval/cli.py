@@ -170,12 +170,12 @@ def info_main(argv: list[str]) -> int:
     from .query import RetrievalDatabase
 
     db = RetrievalDatabase.open(flags.db, verify=not flags.no_verify)
-    st = db.manifest.stages
+    stages = db.manifest.stages
     print(f"database {flags.db}: OK (fingerprint {db.fingerprint}, tokenizer {db.tokenizer_fingerprint})")
     print(f"  documents: {len(db.doc_names)} ({len(db.documents('train'))} train, {len(db.documents('eval'))} eval, "
           f"{len(db.documents('removed'))} removed by the leakage filter)")
     print(f"  tokens: {db.tokens.size}, vocab {db.vocab_size}, chunks {db.num_chunks} of {db.chunk_size}")
-    print(f"  index: {st['train_index']['info'].get('factory')} in {len(st['add']['info']['shards'])} shard(s)")
+    print(f"  index: {stages['train_index']['info'].get('factory')} in {len(stages['add']['info']['shards'])} shard(s)")
     for stage in STAGES:
-        print(f"  stage {stage:12s} {st[stage]['info'].get('seconds', 0):8.1f}s")
+        print(f"  stage {stage:12s} {stages[stage]['info'].get('seconds', 0):8.1f}s")
     return 0

@@ -70,11 +70,11 @@ class TokenStream:
         chunk_doc[:have] = self.chunk_doc[first:first + have]
         if self.neighbours is None:
             raise ValueError(f"the database has no precomputed neighbours for split {self.split!r}")
-        kk = self.neighbours.shape[1] if k is None else k
-        if kk > self.neighbours.shape[1]:
-            raise ValueError(f"k: {kk} neighbours requested, {self.neighbours.shape[1]} were precomputed")
-        table = np.full((L, kk), -1, dtype=np.int64)
-        table[:have] = self.neighbours[first:first + have, :kk]
+        k = self.neighbours.shape[1] if k is None else k
+        if k > self.neighbours.shape[1]:
+            raise ValueError(f"k: {k} neighbours requested, {self.neighbours.shape[1]} were precomputed")
+        table = np.full((L, k), -1, dtype=np.int64)
+        table[:have] = self.neighbours[first:first + have, :k]
         ids, mask = self.db.chunk_values(table)
         return {"tokens": tokens, "neighbours": ids, "neighbour_mask": mask, "chunk_doc": chunk_doc}
 
