@@ -234,6 +234,17 @@ def resolve(path) -> Path:
     return path
 
 
+def checkpoint_argument(text: str) -> str:
+    """argparse type: a checkpoint folder, or a training output folder with latest.json."""
+    import argparse
+
+    try:
+        resolve(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
+
+
 def load_config(path) -> RetroConfig:
     file = resolve(path) / "config.json"
     try:

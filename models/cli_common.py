@@ -12,7 +12,10 @@ Every ``python -m models`` command parses with :class:`Parser` and runs under
 - a traceback only with ``--debug``.
 
 The ``type=`` functions are the one place where each kind of argument is
-checked, so that every command accepts and refuses the same values.
+checked, so that every command accepts and refuses the same values; the two
+that open a file live beside the code that reads it
+(``checkpoint.checkpoint_argument``, ``evaluate.model_argument``), so that this
+module imports nothing of the project but ``errors``.
 """
 from __future__ import annotations
 
@@ -192,24 +195,6 @@ def database(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"no retrieval database at {text!r} ({why}); build one with `python -m models build-db --out {text}`")
     return text
-
-
-def checkpoint(text: str) -> str:
-    """A checkpoint folder, or a training output folder with latest.json."""
-    from .checkpoint import resolve
-
-    try:
-        resolve(text)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(one_line(e)) from None
-    return text
-
-
-def model_checkpoint(text: str) -> str:
-    """What eval and generate load: a checkpoint (as checkpoint()), or a `python -m models retrofit` output folder."""
-    from .retrofit import is_retrofit
-
-    return text if is_retrofit(text) else checkpoint(text)
 
 
 def folder(text: str) -> str:

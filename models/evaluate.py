@@ -189,6 +189,14 @@ def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_no
     return load_checkpoint_model(checkpoint, kernels, device, allow_nonfinite)
 
 
+def model_argument(text: str) -> str:
+    """argparse type: what eval and generate load, a checkpoint (checkpoint_argument) or a retrofit folder."""
+    from .checkpoint import checkpoint_argument
+    from .retrofit import is_retrofit
+
+    return text if is_retrofit(text) else checkpoint_argument(text)
+
+
 def check_tokenizer(cfg, db, log=print) -> None:
     """Refuse a database whose tokenizer is not the model's: its token ids would mean other text."""
     trained_with = cfg.extra.get("tokenizer_fingerprint")
@@ -260,9 +268,9 @@ def table(results: dict) -> str:
 # -- the command line: eval (and generate, with the same model and database flags) ---------------
 
 def add_checkpoint_and_database_flags(p, db_help: str) -> None:
-    from .cli_common import database, model_checkpoint
+    from .cli_common import database
 
-    p.add_argument("--checkpoint", type=model_checkpoint, required=True,
+    p.add_argument("--checkpoint", type=model_argument, required=True,
                    help="a checkpoint, a training output directory, or a `models retrofit` output folder")
     p.add_argument("--db", type=database, required=True, help=db_help)
 

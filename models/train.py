@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import outdir
-from .cli_common import SEED, Parser, UsageError, check_value, checkpoint, command, device, folder, integer, number
+from .cli_common import SEED, Parser, UsageError, check_value, command, device, folder, integer, number
 from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
@@ -89,7 +89,7 @@ class TrainArgs:
                                     "saved one)")
     allow_nonfinite: bool = option(False, "keep training on a NaN/inf loss (default: stop)")
     retrofit: Optional[str] = option(None, "a plain decoder checkpoint: freeze it, train CCA + encoder",
-                                     type=checkpoint)
+                                     type=ckpt.checkpoint_argument)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda or cuda:N", type=device)
     progress: bool = option(True, "no progress bar", negated="--no-progress")
     extra: dict = option({}, "anything else to record", cli=False)
