@@ -216,7 +216,8 @@ def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
     prompt = db.doc_tokens(doc)[: 2 * db.chunk_size].tolist()
     sample = generate(model, prompt, preset["sample_tokens"], database_retriever(db, K), temperature=0.7,
                       top_k=40, top_p=0.95, seed=seed, stop_ids=(db.eos_id,), device=device)
-    text = f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n" + format_generation(db, sample)
+    text = (f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n"
+            + format_generation(db, sample))
     (out / "sample.txt").write_text(text + "\n")
     return text
 
