@@ -13,7 +13,7 @@ carries its kind, format version and a sha256 of its own content, and every
 finished stage must record exactly the files that stage makes
 (``expected_files``). What it declares about those files (dtype, sizes,
 shard offsets, chunk size) is checked against them when the database is
-opened (``RetrievalDatabase._check_consistency``).
+opened (``models.retrieval.consistency``).
 """
 from __future__ import annotations
 
