@@ -1,8 +1,8 @@
 """Op benchmarks: each retro_kernels backend and each peer, forward, backward, both.
 
 Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA),
-neighbour_cross_attention (NCA); an op that retro_kernels does not have yet
-is skipped with a printed reason.
+neighbour_cross_attention (NCA); an op the installed retro_kernels lacks
+(an older version) is skipped with a printed reason.
 
 Cost models (DESIGN.md, "Cost model"); e = bytes per element, Lu = N // m
 chunks read, rows = N - (m-1) attending query rows:
