@@ -1,7 +1,14 @@
-"""Argument parsing for the bench commands: bad input gets one line and exit 2, never a traceback."""
+"""Argument parsing for the bench commands: bad input gets one line and exit 2, never a traceback.
+
+The exit status of every bench command (docs/ARCHITECTURE.md, "Command-line conventions"): 2 for
+a bad argument, found before any work; 1 for a failure while working (a measurement that raised,
+a file that cannot be read or written); 130 when interrupted; 0 otherwise.
+"""
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 
@@ -23,6 +30,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def existing_folder(text: str) -> str:
+    """An argparse type: a folder that exists."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
 
 
 def name_list(valid: dict[str, str], what: str):
@@ -47,3 +61,19 @@ def fail(prog: str, message: str, status: int = 1) -> int:
     """Print `<prog>: error: <message>` on one line to stderr; return `status` for main() to exit with."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return status
+
+
+def with_exit_codes(prog: str, work):
+    """``work(...)`` under the exit-code convention: Ctrl-C is one line and exit 130, an OSError (a folder
+    that cannot be written, a disk that is full) one line and exit 1, never a traceback."""
+    @functools.wraps(work)
+    def run(*args, **kwargs) -> int:
+        try:
+            return work(*args, **kwargs)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:
+            return fail(prog, str(e))
+
+    return run

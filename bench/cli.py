@@ -1,15 +1,18 @@
 """python -m bench [ops|model|retrieval|all|report] [--device ..] [--dtype ..] [--quick] [--out DIR]
 
 ops        the three attention ops, every backend of ours against every peer
-model      bench/model.py (the RETRO model's training step), if present
-retrieval  bench/retrieval.py (the retriever), if present
+model      bench/model.py (the RETRO model's training step)
+retrieval  bench/retrieval.py (the retriever: embedding, FAISS indexes)
 all        ops (+ bench/cpu_cca.py on the CPU), model, retrieval
 report     PNG plots of <out>/*.jsonl into <out>/plots/
 
 Results are printed as a table and appended to <out>/<device-slug>.jsonl.
 
 python -m bench import OUT_DIR   file a bench/gpu_check.sh run's results (bench/gpu_import.py)
-python -m bench kernels [...]    the Triton kernels' resource report (bench/kernels.py), if present
+python -m bench kernels [...]    the Triton kernels' resource report (bench/kernels.py)
+
+Exit status: 2 for a bad argument (one line, before any work), 1 when a
+measurement failed or the run could not finish, 0 otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import sys
 import time
 import traceback
 
-from .args import OneLineParser, fail, name_list, positive_int
+from .args import OneLineParser, fail, name_list, positive_int, with_exit_codes
+
+PROG = "python -m bench"
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -32,7 +37,8 @@ OP_NAMES = {"chunked_cross_attention": "CCA", "neighbour_self_attention": "NSA",
 WHATS = ("ops", "model", "retrieval", "all", "report")
 SWEEP_NAMES = {name: name for name in ("paper", "base", "mask", "K", "D", "N", "GQA")}
 
-# Benchmark modules that other branches provide: (suite name, module, how it is called).
+# The suites besides the ops ("hooks"): (module, how it is called); their rows need not follow
+# bench/common.py's schema.
 HOOKS = {
     "model": ("bench.model", "run(quick, device)"),
     "retrieval": ("bench.retrieval", "run(quick, device)"),
@@ -41,7 +47,7 @@ HOOKS = {
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="python -m bench", description=__doc__,
+    p = OneLineParser(prog=PROG, description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="ops", metavar="{" + ",".join(WHATS) + "}")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -68,12 +74,12 @@ def parse_args(argv=None):
 
 
 def run_hook(suite: str, quick: bool, device) -> list[dict]:
-    """Rows from another branch's benchmark module, or one 'skipped' row saying why not."""
+    """Rows of one of HOOKS, or one row saying why there are none ('skipped' without its module, 'failed')."""
     from .common import make_row
 
     module_name, signature = HOOKS[suite]
     if module_name not in sys.modules and importlib.util.find_spec(module_name) is None:
-        reason = f"{module_name} is not here yet (its branch provides {signature})"
+        reason = f"{module_name} is not in this checkout (it would provide {signature})"
         print(f"skip {suite}: {reason}")
         return [make_row(suite, suite, "*", "skipped", reason=reason)]
     try:
@@ -121,7 +127,7 @@ def run_kernels(argv: list[str]) -> int:
     """python -m bench kernels: bench/kernels.py's main(argv), where that module exists."""
     prog = "python -m bench kernels"
     if "bench.kernels" not in sys.modules and importlib.util.find_spec("bench.kernels") is None:
-        return fail(prog, "bench/kernels.py is not here (the triton-core branch provides it)", 2)
+        return fail(prog, "bench/kernels.py is not in this checkout (it comes with the Triton kernels' work)", 2)
     module = importlib.import_module("bench.kernels")
     main = getattr(module, "main", None)
     if not callable(main):
@@ -145,21 +151,19 @@ def main(argv=None) -> int:
         from .report import make_report
 
         return make_report(args.out)
+    return with_exit_codes(PROG, measure)(args)
 
+
+def measure(args) -> int:
+    """python -m bench {ops,model,retrieval,all}: the rows, printed and appended to <out>/<device>.jsonl."""
     import torch
 
-    from . import ops
     from .common import RunContext, append_jsonl, print_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return fail(PROG, "argument --device: cuda, but torch sees no CUDA device", 2)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype:
-        dtypes = [args.dtype]
-    else:
-        dtypes = ["fp16", "bf16"] if device.type == "cuda" else ["fp32"]
-
+    dtypes = [args.dtype] if args.dtype else (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -167,19 +171,7 @@ def main(argv=None) -> int:
     print(f"bench {args.what} on {ctx.device_name} ({torch.get_num_threads()} threads), "
           f"dtypes {dtypes}, quick={args.quick}, commit {ctx.commit}{' (dirty)' if ctx.dirty else ''}")
     ctx.measure_peaks(dtypes)
-
-    rows = []
-    if args.what in ("ops", "all"):
-        rows += ops.run(args.quick, device, dtypes, sweeps=args.sweeps, op_names=args.ops)
-        wanted = args.ops
-        if device.type == "cpu" and (not wanted or wanted & {"cpu_cca", "CCA", "chunked_cross_attention"}):
-            rows += run_hook("cpu_cca", args.quick, device)
-    if args.what in ("model", "all"):
-        rows += run_hook("model", args.quick, device)
-    if args.what in ("retrieval", "all"):
-        rows += run_hook("retrieval", args.quick, device)
-
-    rows = [ctx.finalize_row(r) for r in rows]
+    rows = [ctx.finalize_row(r) for r in suite_rows(args, device, dtypes)]
     print()
     print_table(rows)
     if not args.no_save:
@@ -190,3 +182,19 @@ def main(argv=None) -> int:
           f"{sum(r['status'] == 'ok' for r in rows)} ok, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {n_failed} failed")
     return 1 if n_failed else 0
+
+
+def suite_rows(args, device, dtypes: list[str]) -> list[dict]:
+    """The rows of the suites `args.what` names (ops: every op, and the C++ CCA's own benchmark on a CPU)."""
+    from . import ops
+
+    rows = []
+    if args.what in ("ops", "all"):
+        rows += ops.run(args.quick, device, dtypes, sweeps=args.sweeps, op_names=args.ops)
+        wanted = args.ops
+        if device.type == "cpu" and (not wanted or wanted & {"cpu_cca", "CCA", "chunked_cross_attention"}):
+            rows += run_hook("cpu_cca", args.quick, device)
+    for suite in ("model", "retrieval"):
+        if args.what in (suite, "all"):
+            rows += run_hook(suite, args.quick, device)
+    return rows

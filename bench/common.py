@@ -131,8 +131,8 @@ def cpu_model_name() -> str:
 
 def cpu_fields() -> dict:
     """cpu_model, cpu_isa and cpu_gemm: the CPU, its best vector ISA, and the GEMM the
-    C++ CPU kernels chose so far in this process (retro_kernels.cpu.gemm_info)."""
-    from retro_kernels.cpu import gemm_info
+    C++ CPU kernels chose so far in this process (retro_kernels.cpu.gemm.gemm_info)."""
+    from retro_kernels.cpu.gemm import gemm_info
 
     info = gemm_info()
     return {"cpu_model": info["cpu_model"], "cpu_isa": info["isa"], "cpu_gemm": info["summary"] or info["error"]}

@@ -23,7 +23,10 @@ import subprocess
 import sys
 import time
 
-from .args import OneLineParser, fail
+from .args import OneLineParser, existing_folder, fail, with_exit_codes
+
+PROG = "python -m bench.gpu_check"
+NO_GPU = "torch sees no CUDA device (use --dry-run on a CPU machine)"
 
 PARTS = ("cca", "neighbour", "model", "flex")
 RESULTS = "results"  # OUT_DIR/results.jsonl
@@ -108,7 +111,7 @@ def write_env(out_dir: str, dry_run: bool) -> int:
     import torch
 
     if not dry_run and not torch.cuda.is_available():
-        return fail("python -m bench.gpu_check", "torch sees no CUDA device (use --dry-run on a CPU machine)")
+        return fail(PROG, NO_GPU, 2)
     info = environment(dry_run)
     path = os.path.join(out_dir, ENV)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -172,7 +175,7 @@ def run_part(part: str, out_dir: str, dry_run: bool) -> int:
 
     device = torch.device("cpu" if dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        return fail("python -m bench.gpu_check", "torch sees no CUDA device (use --dry-run on a CPU machine)")
+        return fail(PROG, NO_GPU, 2)
     sink = RowSink(out_dir, device, dry_run)
     t0 = time.perf_counter()
     if part == "cca":
@@ -192,23 +195,21 @@ def run_part(part: str, out_dir: str, dry_run: bool) -> int:
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="python -m bench.gpu_check", description=__doc__)
+    p = OneLineParser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="stage", required=True)
     env = sub.add_parser("env", help="stage 1: the machine and its peaks, into OUT_DIR/env.json")
-    env.add_argument("out_dir")
+    env.add_argument("out_dir", type=existing_folder)
     bench = sub.add_parser("bench", help="stage 3: one part of the benchmarks, into OUT_DIR/results.jsonl")
     bench.add_argument("part", choices=PARTS)
-    bench.add_argument("out_dir")
+    bench.add_argument("out_dir", type=existing_folder)
     for parser in (env, bench):
         parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (tests the runbook)")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.out_dir):
-        return fail(p.prog, f"out_dir {args.out_dir!r} is not a folder", 2)
     if args.dry_run:
         os.environ["BENCH_DRY_RUN"] = "1"
     if args.stage == "env":
-        return write_env(args.out_dir, args.dry_run)
-    return run_part(args.part, args.out_dir, args.dry_run)
+        return with_exit_codes(PROG, write_env)(args.out_dir, args.dry_run)
+    return with_exit_codes(PROG, run_part)(args.part, args.out_dir, args.dry_run)
 
 
 if __name__ == "__main__":

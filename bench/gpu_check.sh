@@ -143,7 +143,7 @@ run_stage env "${BUDGETS[1]}" "env.json" "$PYTHON" -m bench.gpu_check env "$OUT"
 if [ -f bench/kernels.py ]; then
   run_stage kernels "${BUDGETS[2]}" "kernels.txt" sh -c "\"\$0\" -m bench kernels > \"\$1/kernels.txt\" 2>&1" "$PYTHON" "$OUT"
 else
-  record kernels skipped 0 "${BUDGETS[2]}" "bench/kernels.py is not in this checkout (the triton-core branch adds it)"
+  record kernels skipped 0 "${BUDGETS[2]}" "bench/kernels.py is not in this checkout"
 fi
 
 wait "$BUILD_PID"

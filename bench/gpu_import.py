@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from .args import OneLineParser, fail
+from .args import OneLineParser, existing_folder, fail, with_exit_codes
 from .gpu_report import junit_counts, model_table, op_tables, read_rows, run_header, tests_line
 
 PROG = "python -m bench import"
@@ -148,17 +148,18 @@ def import_run(out_dir: str, root: str, allow_dry_run: bool = False) -> dict[str
 
 def main(argv=None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__)
-    p.add_argument("out_dir", help="the OUT_DIR of a bench/gpu_check.sh run")
-    p.add_argument("--root", default=ROOT, help="the checkout to file it into (default: this one)")
+    p.add_argument("out_dir", type=existing_folder, help="the OUT_DIR of a bench/gpu_check.sh run")
+    p.add_argument("--root", type=existing_folder, default=ROOT,
+                   help="the checkout to file it into (default: this one)")
     p.add_argument("--allow-dry-run", action="store_true", help="file a dry run's rows too (tests only)")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.out_dir):
-        return fail(PROG, f"out_dir {args.out_dir!r} is not a folder", 2)
-    if not os.path.isdir(args.root):
-        return fail(PROG, f"--root {args.root!r} is not a folder", 2)
+    return with_exit_codes(PROG, _import)(args)
+
+
+def _import(args) -> int:
     try:
         added = import_run(args.out_dir, args.root, args.allow_dry_run)
-    except (ImportRefused, OSError) as e:
+    except ImportRefused as e:
         return fail(PROG, str(e))
     for name, n in added.items():
         print(f"bench/results/{name}.jsonl: {n} rows added" + ("" if n else " (this run was imported before)"))

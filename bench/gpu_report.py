@@ -17,7 +17,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 
-from .args import OneLineParser, fail
+from .args import OneLineParser, existing_folder
 
 MARKER = "<!-- written by bench/gpu_check.sh -->"
 OP_ORDER = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
@@ -278,11 +278,9 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="python -m bench.gpu_report", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     summary = sub.add_parser("summary", help="rewrite OUT_DIR/summary.md")
-    summary.add_argument("out_dir")
+    summary.add_argument("out_dir", type=existing_folder)
     summary.add_argument("--stages", default=None, help="the runbook's stage log")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.out_dir):
-        return fail(p.prog, f"out_dir {args.out_dir!r} is not a folder", 2)
     return write_summary(args.out_dir, args.stages)
 
 

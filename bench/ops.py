@@ -1,8 +1,8 @@
 """Op benchmarks: each retro_kernels backend and each peer, forward, backward, both.
 
 Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA),
-neighbour_cross_attention (NCA); an op that retro_kernels does not have yet
-is skipped with a printed reason.
+neighbour_cross_attention (NCA); an op the installed retro_kernels lacks
+(an older version) is skipped with a printed reason.
 
 Cost models (DESIGN.md, "Cost model"); e = bytes per element, Lu = N // m
 chunks read, rows = N - (m-1) attending query rows:
@@ -83,7 +83,7 @@ class OpBench:
 
     def available(self) -> str | None:
         if not hasattr(retro_kernels, self.name):
-            return f"retro_kernels has no {self.name} yet (another branch is writing it)"
+            return f"this retro_kernels has no {self.name}"
         return None
 
     def ours(self, backend: str) -> Callable:
@@ -363,75 +363,98 @@ def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str],
     speedups against the peers measured for the same mode; `on_row(row)` sees
     it at once (bench/gpu_check.py appends it to a file there and then).
     """
+    run = _OpRun(bench, device, quick, log, on_row)
     why = bench.available()
     if why:
         log(f"skip {bench.name}: {why}")
-        row = make_row("ops", bench.name, "*", "skipped", reason=why)
-        if on_row:
-            on_row(row)
-        return [row]
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        if on_row:
-            on_row(row)
-
+        run.emit(make_row("ops", bench.name, "*", "skipped", reason=why))
+        return run.rows
     torch.manual_seed(0)  # inputs (on the device)
     generator = torch.Generator().manual_seed(0)  # masks (on the CPU, then moved)
-    printed_skips = set()
     for case in bench.cases(device, quick, dtypes) if cases is None else cases:
         if sweeps and case.sweep not in sweeps:
             continue
         t0 = time.perf_counter()
-        q, k, v, kw = bench.inputs(case, device, generator)
-        candidates = [c for c in _impls(bench, case, device, quick, q, k, v, kw) if not impls or c[0] in impls]
+        run.case(case, generator, impls)
+        _clear(device)
+        log(f"  {bench.label} {case.sweep}={case.sweep_value} {case.dtype}: {time.perf_counter() - t0:.1f}s")
+    return run.rows
+
+
+class _OpRun:
+    """The rows of one run_op call, made case by case, mode by mode, impl by impl."""
+
+    def __init__(self, bench: OpBench, device, quick: bool, log, on_row):
+        self.bench, self.device, self.quick, self.log, self.on_row = bench, device, quick, log, on_row
+        self.rows: list[dict] = []
+        self.printed_skips: set[tuple] = set()
+
+    def emit(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.on_row:
+            self.on_row(row)
+
+    def case(self, case: Case, generator, impls: set[str] | None) -> None:
+        """Every mode of every impl on one case's inputs."""
+        bench = self.bench
+        q, k, v, kw = inputs = bench.inputs(case, self.device, generator)
+        candidates = [c for c in _impls(bench, case, self.device, self.quick, q, k, v, kw)
+                      if not impls or c[0] in impls]
         reference = None
         if not any(c[0] == "reference" for c in candidates):
             with torch.no_grad():
                 reference = bench.peers["reference"](q, k, v, **kw)
         for mode in MODES:
-            flops, nbytes = bench.cost(case, mode)
-            peer_rows = []
-            for impl, role, fn, skip, notes in candidates:
-                base = dict(role=role, mode=mode, sweep=case.sweep, sweep_value=case.sweep_value,
-                            shape=dict(case.shape), dtype=case.dtype, flops=flops, bytes=nbytes,
-                            notes=notes, targets=bench.targets(impl, mode, device, case.dtype))
-                if role == "peer" and skip is None:
-                    skip = _peer_skip_reason(bench, impl, case, mode, device, quick)
-                if skip:
-                    emit(make_row("ops", bench.name, impl, "skipped", reason=skip, **base))
-                    if (impl, skip) not in printed_skips:
-                        log(f"  skip {impl} for {bench.label}: {skip}")
-                        printed_skips.add((impl, skip))
-                    continue
-                try:
-                    ms, out = time_mode(fn, q, k, v, kw, mode, device, quick)
-                except NotImplementedError as e:
-                    emit(make_row("ops", bench.name, impl, "skipped", reason=str(e), **base))
-                    continue
-                except Exception as e:
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    log(f"  FAILED {impl} {bench.label} {mode}: {msg}")
-                    if log is print:
-                        traceback.print_exc(limit=3)
-                    emit(make_row("ops", bench.name, impl, "failed", reason=msg, **base))
-                    _clear(device)
-                    continue
-                row = make_row("ops", bench.name, impl, "ok", time_ms=ms, **base)
-                if impl == "reference" and out is not None:
-                    reference = out
-                row["max_abs_err"] = _max_abs_err(out, reference)
-                if role == "peer":
-                    peer_rows.append(row)
-                else:
-                    add_speedups(peer_rows + [row])
-                emit(row)
-                del out
-        del q, k, v, kw, reference
-        _clear(device)
-        log(f"  {bench.label} {case.sweep}={case.sweep_value} {case.dtype}: {time.perf_counter() - t0:.1f}s")
-    return rows
+            reference = self.mode(case, mode, candidates, inputs, reference)
+
+    def mode(self, case: Case, mode: str, candidates, inputs, reference):
+        """The rows of one mode, peers first; returns the reference output (measured here when it is a candidate)."""
+        bench, device = self.bench, self.device
+        flops, nbytes = bench.cost(case, mode)
+        peer_rows = []
+        for impl, role, fn, skip, notes in candidates:
+            fields = dict(role=role, mode=mode, sweep=case.sweep, sweep_value=case.sweep_value,
+                          shape=dict(case.shape), dtype=case.dtype, flops=flops, bytes=nbytes,
+                          notes=notes, targets=bench.targets(impl, mode, device, case.dtype))
+            if role == "peer" and skip is None:
+                skip = _peer_skip_reason(bench, impl, case, mode, device, self.quick)
+            row, out = self.measure(impl, fn, skip, fields, inputs)
+            if row["status"] != "ok":
+                continue
+            if impl == "reference" and out is not None:
+                reference = out
+            row["max_abs_err"] = _max_abs_err(out, reference)
+            if role == "peer":
+                peer_rows.append(row)
+            else:
+                add_speedups(peer_rows + [row])
+            self.emit(row)
+            del out
+        return reference
+
+    def measure(self, impl: str, fn, skip: str | None, fields: dict, inputs) -> tuple[dict, object]:
+        """(row, forward output or None) of one impl in one mode; a row that is not ok is emitted here."""
+        name, mode = self.bench.name, fields["mode"]
+        if skip:
+            self.emit(make_row("ops", name, impl, "skipped", reason=skip, **fields))
+            if (impl, skip) not in self.printed_skips:
+                self.log(f"  skip {impl} for {self.bench.label}: {skip}")
+                self.printed_skips.add((impl, skip))
+            return self.rows[-1], None
+        try:
+            ms, out = time_mode(fn, *inputs, mode, self.device, self.quick)
+        except NotImplementedError as e:
+            self.emit(make_row("ops", name, impl, "skipped", reason=str(e), **fields))
+            return self.rows[-1], None
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.log(f"  FAILED {impl} {self.bench.label} {mode}: {msg}")
+            if self.log is print:
+                traceback.print_exc(limit=3)
+            self.emit(make_row("ops", name, impl, "failed", reason=msg, **fields))
+            _clear(self.device)
+            return self.rows[-1], None
+        return make_row("ops", name, impl, "ok", time_ms=ms, **fields), out
 
 
 def add_speedups(rows: list[dict]) -> None:

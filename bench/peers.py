@@ -23,6 +23,7 @@ import functools
 import importlib
 import sys
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,32 @@ import torch.nn.functional as F
 from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as _cca_reference
 
 
-def _need_start0(start_pos: int, peer: str) -> None:
+class CCASizes(NamedTuple):
+    B: int
+    N: int
+    Hq: int
+    D: int
+    K: int
+    R: int
+    Hkv: int
+    m: int
+    used: int  # chunks whose neighbours some query reads: N // m
+
+
+def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str) -> CCASizes:
+    """The sizes of a CCA call; NotImplementedError for start_pos > 0 (the peers are written for training)."""
     if start_pos != 0:
         raise NotImplementedError(f"the {peer} peer is written for start_pos=0 (training) only")
+    B, N, Hq, D = q.shape
+    _, _, K, R, Hkv, _ = k.shape
+    return CCASizes(B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size)
+
+
+def _sdpa(q, k, v, attn_mask, keep, scale):
+    """F.scaled_dot_product_attention over (n, H, rows, D) views, grouped heads by enable_gqa; the rows
+    where ``keep`` is False (queries that see no key, or padding) are zeroed, as the reference does."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o if keep is None else o * keep
 
 
 def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +107,7 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
     Without a mask SDPA picks its flash kernel; a mask (broadcast, not
     materialised) sends it to the memory-efficient or math kernel.
     """
-    _need_start0(start_pos, "sdpa")
-    B, N, Hq, D = q.shape
-    _, _, K, R, Hkv, _ = k.shape
-    m = chunk_size
-    used = N // m
+    B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "sdpa")
     if used == 0:
         return torch.zeros_like(q)
     qs = _shifted_chunks(q, m, used)
@@ -96,10 +116,7 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
     attn_mask, has_key = None, None
     if neighbour_mask is not None:
         attn_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B * used, 1, 1, K * R))
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
-                                       enable_gqa=Hq != Hkv)  # (B*used, Hq, m, D)
-    if has_key is not None:
-        o = o * has_key
+    o = _sdpa(qs, ks, vs, attn_mask, has_key, scale)  # (B*used, Hq, m, D)
     o = o.transpose(1, 2).reshape(B, used * m, Hq, D)  # a view when SDPA wrote (.., m, Hq, D)
     return _unshift(o, B, N, m)
 
@@ -199,11 +216,7 @@ def make_cca_flex(compiled: bool = True):
     def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
         from torch.nn.attention.flex_attention import flex_attention
 
-        _need_start0(start_pos, "flex_attention")
-        B, N, Hq, D = q.shape
-        _, _, K, R, Hkv, _ = k.shape
-        m = chunk_size
-        used = N // m
+        B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flex_attention")
         if used == 0:
             return torch.zeros_like(q)
         kr = K * R
@@ -244,13 +257,9 @@ def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, star
     """flash-attn's flash_attn_func on the padded, reshaped chunks (no mask support)."""
     from flash_attn import flash_attn_func
 
-    _need_start0(start_pos, "flash_attn")
+    B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flash_attn")
     if neighbour_mask is not None:
         raise NotImplementedError("flash_attn_func takes no key mask (neighbour padding)")
-    B, N, Hq, D = q.shape
-    _, _, K, R, Hkv, _ = k.shape
-    m = chunk_size
-    used = N // m
     if used == 0:
         return torch.zeros_like(q)
     qs = _shifted_chunks(q, m, used).transpose(1, 2)  # (B*used, m, Hq, D), contiguous
@@ -333,11 +342,7 @@ def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, s
     that leave each chunk a key. It needs L == N // m exactly: k and v are
     cut to that (a view).
     """
-    _need_start0(start_pos, "retro_pytorch")
-    B, N, Hq, D = q.shape
-    _, _, K, R, Hkv, _ = k.shape
-    m = chunk_size
-    used = N // m
+    B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "retro_pytorch")
     if used == 0:
         return torch.zeros_like(q)
     module = _retro_pytorch_cca(m, Hq, D, str(q.device), q.dtype)
@@ -380,10 +385,7 @@ def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
         key_ok = neighbour_mask.reshape(n, 1, 1, R)
         query_ok = neighbour_mask.reshape(n, 1, R, 1)
         attn_mask, _ = _no_key_fix(key_ok.expand(n, 1, R, R).contiguous())  # materialised
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
-                                       enable_gqa=Hq != Hkv)  # (n, Hq, R, D)
-    if query_ok is not None:
-        o = o * query_ok  # padding queries output zeros (and rows with no key)
+    o = _sdpa(qs, ks, vs, attn_mask, query_ok, scale)  # (n, Hq, R, D); padding queries (and rows with no key): 0
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
@@ -409,10 +411,7 @@ def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
     if chunk_mask is not None:
         full = chunk_mask.reshape(n, 1, 1, M).expand(n, 1, K * R, M).contiguous()  # materialised
         attn_mask, has_key = _no_key_fix(full)
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
-                                       enable_gqa=Hq != Hkv)  # (n, Hq, K*R, D)
-    if has_key is not None:
-        o = o * has_key
+    o = _sdpa(qs, ks, vs, attn_mask, has_key, scale)  # (n, Hq, K*R, D)
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
@@ -428,10 +427,7 @@ def nca_sdpa_repeat(q, k, v, *, chunk_mask=None, scale=None):
     if chunk_mask is not None:
         key_ok = chunk_mask[:, :, None].expand(B, L, K, M).reshape(n, 1, 1, M)
         attn_mask, has_key = _no_key_fix(key_ok)
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale,
-                                       enable_gqa=Hq != Hkv)  # (n, Hq, R, D)
-    if has_key is not None:
-        o = o * has_key
+    o = _sdpa(qs, ks, vs, attn_mask, has_key, scale)  # (n, Hq, R, D)
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 

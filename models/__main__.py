@@ -4,12 +4,12 @@ Each subcommand lives in its own module and is registered below with ONE line:
 
     "name": ("package.module:function", "one-line help"),
 
-where ``function(argv: list[str]) -> int | None`` parses its own arguments
-(argparse with ``prog=f"python -m models {name}"``) and returns an exit code.
-Modules are imported only when their command runs, so ``--help`` stays fast and
-one command's heavy imports never slow another. To add e.g. training, write
-``models/cli_train.py`` with ``def main(argv): ...`` and add
-``"train": ("models.cli_train:main", "train a RETRO model"),``.
+where ``function(argv: list[str]) -> int`` parses its own arguments
+(``models.cli_common.Parser``) and returns its exit code under
+``models.cli_common.command`` (2: a bad argument, 1: a failure; see
+docs/ARCHITECTURE.md, "Command-line conventions"). Modules are imported only
+when their command runs, so ``--help`` stays fast and one command's heavy
+imports never slow another.
 """
 from __future__ import annotations
 

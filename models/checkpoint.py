@@ -36,43 +36,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .cli_common import one_line
+from .atomic import fsync_dir, write_json_atomic
 from .config import RetroConfig
-from .outdir import umask_mode
+from .errors import one_line
+from .model import RetroModel
 
 LATEST = "latest.json"
 RUN_KIND = "retro_kernels/train-run"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
-# Leftovers of killed runs, removed when a run takes the folder (names from mkdtemp/mkstemp below).
+# Leftovers of killed runs, removed when a run takes the folder (mkdtemp below; atomic_file for latest.json).
 TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), re.compile(r"\.latest\.json\.[a-z0-9_]{8}\.tmp"))
 
 
 class CheckpointError(ValueError):
     """A checkpoint (or latest.json) that is missing, corrupted, or does not match; the message names the file."""
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, umask_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- nested state <-> (tensors, json) -----------------------------------------
@@ -221,7 +199,7 @@ class RunCheckpoints:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # made by this call, just now
             raise
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.mine.append(final.name)
         keep, drop = self.mine[-self.keep:], self.superseded + self.mine[:-self.keep]
         write_json_atomic(self.out / LATEST, {"kind": RUN_KIND, "version": 1, "checkpoint": final.name,
@@ -256,6 +234,17 @@ def resolve(path) -> Path:
     return path
 
 
+def checkpoint_argument(text: str) -> str:
+    """argparse type: a checkpoint folder, or a training output folder with latest.json."""
+    import argparse
+
+    try:
+        resolve(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
+
+
 def load_config(path) -> RetroConfig:
     file = resolve(path) / "config.json"
     try:
@@ -281,6 +270,22 @@ def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters and buffers holding NaN or inf."""
     return [name for name, t in model.state_dict().items()
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
+                          allow_nonfinite: bool = False) -> RetroModel:
+    """The model of a checkpoint, for inference; a CheckpointError if its weights hold NaN or inf."""
+    cfg = load_config(path)
+    if kernels:
+        cfg.kernels = kernels
+    model = RetroModel(cfg)
+    load_model_weights(model, path)
+    bad = nonfinite_parameters(model)
+    if bad and not allow_nonfinite:
+        raise CheckpointError(
+            f"checkpoint {resolve(path) / 'model.safetensors'} holds NaN/inf weights in {len(bad)} "
+            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
+    return model.to(device).eval()
 
 
 def load_training_state(path, optimizer=None, restore_rng: bool = True) -> dict:

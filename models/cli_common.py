@@ -12,7 +12,10 @@ Every ``python -m models`` command parses with :class:`Parser` and runs under
 - a traceback only with ``--debug``.
 
 The ``type=`` functions are the one place where each kind of argument is
-checked, so that every command accepts and refuses the same values.
+checked, so that every command accepts and refuses the same values; the two
+that open a file live beside the code that reads it
+(``checkpoint.checkpoint_argument``, ``evaluate.model_argument``), so that this
+module imports nothing of the project but ``errors``.
 """
 from __future__ import annotations
 
@@ -23,9 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A bad argument (or combination of arguments), found before any work: exit status 2."""
+from .errors import UsageError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,17 +38,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def one_line(message: str) -> str:
-    """A message on one line: its lines joined (after a colon by a space, else by '; ')."""
-    parts = [p.strip() for p in str(message).splitlines() if p.strip()]
-    if not parts:
-        return ""
-    out = parts[0]
-    for prev, part in zip(parts, parts[1:]):
-        out += (" " if prev.endswith(":") else "; ") + part
-    return out
 
 
 # Failures a command expects and explains in its message; anything else is reported
@@ -142,6 +132,13 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 SEED = integer(0, 2**32 - 1)
+THREADS = integer(1, 4096)
+
+
+def add_threads_flag(group) -> None:
+    """--threads: torch's CPU threads (models.runtime.configure_threads)."""
+    group.add_argument("--threads", type=THREADS, default=None,
+                       help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
 
 
 def check_value(name: str, value, parse) -> None:
@@ -198,24 +195,6 @@ def database(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"no retrieval database at {text!r} ({why}); build one with `python -m models build-db --out {text}`")
     return text
-
-
-def checkpoint(text: str) -> str:
-    """A checkpoint folder, or a training output folder with latest.json."""
-    from .checkpoint import resolve
-
-    try:
-        resolve(text)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(one_line(e)) from None
-    return text
-
-
-def model_checkpoint(text: str) -> str:
-    """What eval and generate load: a checkpoint (as checkpoint()), or a `python -m models retrofit` output folder."""
-    from .retrofit import is_retrofit
-
-    return text if is_retrofit(text) else checkpoint(text)
 
 
 def folder(text: str) -> str:

@@ -167,10 +167,10 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
 
 def sequence_overlap_weights(batches: "SequenceBatches", floor: float) -> np.ndarray:
     """Sampling weight of each sequence: floor + the mean overlap of its chunks with their neighbours."""
-    ov = chunk_overlap(batches.data)
+    overlap = chunk_overlap(batches.data)
     S = batches.S
     padded = np.zeros(len(batches.starts) * S)
-    padded[: len(ov)] = ov
+    padded[: len(overlap)] = overlap
     return floor + padded.reshape(-1, S).mean(1)
 
 
@@ -192,8 +192,8 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
         chunk = data.tokens[c][data.valid[c]]
         best = 0
         for k in range(data.neighbours.shape[1]):
-            nb = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
-            best = max(best, longest_common_run(chunk, nb))
+            neighbour = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
+            best = max(best, longest_common_run(chunk, neighbour))
         out[c] = best / m
     return out
 

@@ -113,7 +113,7 @@ def is_old_demo_folder(path: Path) -> bool:
 
 @command("demo")
 def main(argv=None) -> int:
-    from .cli_common import SEED, Parser, UsageError, device, folder, integer
+    from .cli_common import SEED, Parser, UsageError, add_threads_flag, device, folder, integer
     from .config import KERNELS
     from .demo_protocol import check_seed_folders
     from .train import LIMITS
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
                    help="run this many seeds (seed, seed+1, ...): mean and spread")
     p.add_argument("--retrofit-steps", type=LIMITS["steps"], default=None,
                    help="override the preset's retrofit steps")
-    p.add_argument("--threads", type=integer(1, 4096), default=None,
-                   help="torch CPU threads (default: all cores, or 1 when other processes keep them busy)")
+    add_threads_flag(p)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     last_seed = args.seed + args.seeds - 1
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from .demo_protocol import aggregate, plot_curves, run_seed, write_outputs
-    from .train import configure_threads, resolve_device
+    from .runtime import configure_threads, resolve_device
 
     preset = dict(PRESETS["quick" if args.quick else "full"], k=K)
     preset["steps"] = args.steps or preset["steps"]
@@ -209,7 +208,7 @@ def prepare_data(out: Path, preset: dict, args, times: dict, say) -> dict:
 def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
     """A continuation of the opening of the held-out document whose first two chunks retrieve the most
     neighbours (chosen by the retrieval alone, not by the model), with what each chunk retrieved."""
-    from .generate import database_retriever, generate, show
+    from .generate import database_retriever, format_generation, generate
 
     docs = np.unique(eval_data.doc)
     found = [int(eval_data.neighbour_mask[np.flatnonzero(eval_data.doc == d)[:2]].any(-1).sum()) for d in docs]
@@ -217,7 +216,8 @@ def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
     prompt = db.doc_tokens(doc)[: 2 * db.chunk_size].tolist()
     sample = generate(model, prompt, preset["sample_tokens"], database_retriever(db, K), temperature=0.7,
                       top_k=40, top_p=0.95, seed=seed, stop_ids=(db.eos_id,), device=device)
-    text = f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n" + show(db, sample)
+    text = (f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n"
+            + format_generation(db, sample))
     (out / "sample.txt").write_text(text + "\n")
     return text
 

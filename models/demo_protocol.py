@@ -10,7 +10,6 @@ gain ON is a gain over the decoder it started from.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -34,12 +33,12 @@ def train_baseline(db, train_data, eval_data, preset, seed, out: Path, kernels, 
         vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
         seq_len=preset["seq_len"], chunk_size=db.chunk_size, retrieval=False, dropout=preset["dropout"],
         kernels=kernels, extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    a = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
-                  warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
-                  device=str(device), progress=progress,
-                  overwrite=True)  # a fresh baseline each time; train replaces only its own run there
-    result = train(cfg, train_data, a, eval_data, token_byte_lengths(db.tokenizer), log=log)
-    return result["model"].eval(), result["history"], a
+    args = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
+                     warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
+                     device=str(device), progress=progress,
+                     overwrite=True)  # a fresh baseline each time; train replaces only its own run there
+    result = train(cfg, train_data, args, eval_data, token_byte_lengths(db.tokenizer), log=log)
+    return result["model"].eval(), result["history"], args
 
 
 def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, seed, out: Path, kernels, device,
@@ -57,14 +56,15 @@ def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, s
                      neighbour_len=db.neighbour_len, seq_len=preset["seq_len"],
                      encoder_ff_mult=preset["encoder_ff_mult"], kernels=kernels,
                      extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    a = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
-                  lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
-                  eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device), progress=progress,
-                  overwrite=True)  # a fresh retrofit each time
+    args = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
+                     lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
+                     eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device),
+                     progress=progress, overwrite=True)  # a fresh retrofit each time
     source = {"kind": "models", "path": str(base_dir.resolve()), "sha256": base_fingerprint(base_dir, "models")}
-    with claimed_out(out, a.overwrite):
-        history, share = fit_and_save(model, train_data, a, source, eval_data, token_byte_lengths(db.tokenizer), log)
-    return model.eval(), history, share, a
+    with claimed_out(out, args.overwrite):
+        history, share = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
+                                      log)
+    return model.eval(), history, share, args
 
 
 def seed_folders(out: Path, seed: int) -> tuple[Path, Path]:
@@ -87,25 +87,21 @@ def check_seed_folders(out: Path, seeds) -> None:
 
 def evaluate_three(model, data, leaky, byte_lengths, device) -> dict:
     """bpb of the three settings on the held-out documents, and the overlap curve of each."""
-    from .evaluate import ALPHAS, evaluate
+    from .evaluate import ALPHAS, bpb_by_overlap, chunk_fractions, evaluate
 
-    r = {"baseline": evaluate(model, data, byte_lengths, retrieval=False, device=device),
-         "retrofit_on": evaluate(model, data, byte_lengths, retrieval=True, device=device),
-         "retrofit_on_with_eval_docs": evaluate(model, leaky, byte_lengths, retrieval=True, device=device)}
+    results = {"baseline": evaluate(model, data, byte_lengths, retrieval=False, device=device),
+               "retrofit_on": evaluate(model, data, byte_lengths, retrieval=True, device=device),
+               "retrofit_on_with_eval_docs": evaluate(model, leaky, byte_lengths, retrieval=True, device=device)}
     # One x axis for all three: each chunk's overlap with the database neighbours RETROfit ON reads.
-    overlap = r["retrofit_on"]["_per_chunk"]["overlap"]
-    curves = {"alpha": ALPHAS, "chunk_fraction": [float((overlap <= a + 1e-9).mean()) for a in ALPHAS]}
+    overlap = results["retrofit_on"]["_per_chunk"]["overlap"]
+    curves = {"alpha": ALPHAS, "chunk_fraction": chunk_fractions(overlap)}
     for name in SETTINGS:
-        pc = r[name]["_per_chunk"]
-        rows = []
-        for a in ALPHAS:
-            keep = overlap <= a + 1e-9
-            b = pc["bytes"][keep].sum()
-            rows.append(float(pc["nll"][keep].sum() / math.log(2) / b) if b else float("nan"))
-        curves[name] = rows
-    return {"bpb": {k: r[k]["bpb"] for k in SETTINGS}, "gain": r["baseline"]["bpb"] - r["retrofit_on"]["bpb"],
-            "documents": int(np.unique(data.doc).size), "chunks": len(data), "tokens": r["baseline"]["tokens"],
-            "bytes": r["baseline"]["bytes"], "overlap": curves}
+        per_chunk = results[name]["_per_chunk"]
+        curves[name] = bpb_by_overlap(overlap, per_chunk["nll"], per_chunk["bytes"])
+    baseline = results["baseline"]
+    return {"bpb": {k: results[k]["bpb"] for k in SETTINGS}, "gain": baseline["bpb"] - results["retrofit_on"]["bpb"],
+            "documents": int(np.unique(data.doc).size), "chunks": len(data), "tokens": baseline["tokens"],
+            "bytes": baseline["bytes"], "overlap": curves}
 
 
 def spread(values) -> dict:

@@ -13,7 +13,6 @@ alpha, for alpha from 0 to 1: how much of the gain remains without copying.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 from .cli_common import command
 from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
+from .runtime import resolve_device
 
 LABELS = {"on": "database without the held-out docs", "on_with_eval_docs": "database including them"}
 ALPHAS = [round(a, 2) for a in np.linspace(0.0, 1.0, 11)]
@@ -34,38 +34,39 @@ def token_nll(model: RetroModel, data: ChunkedTokens, retrieval: bool, batch_siz
               device="cpu", autocast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """NLL (nats) of every token, aligned with data.tokens: (C, m) values and a (C, m) predicted mask."""
     model.eval()
-    N = model.cfg.seq_len
-    batches = SequenceBatches(data, N, batch_size=1, shuffle=False)
+    batches = SequenceBatches(data, model.cfg.seq_len, batch_size=1, shuffle=False)
     C, m = data.tokens.shape
     pos_nll = np.zeros((C, m))
     pos_pred = np.zeros((C, m), dtype=bool)
     starts = batches.starts
     for i in range(0, len(starts), batch_size):
-        b = batches.gather(starts[i : i + batch_size])
-        tokens = b["tokens"].to(device)
-        nb = b.get("neighbours") if retrieval else None
-        mask = b.get("neighbour_mask") if retrieval else None
-        if retrieval and nb is None:
-            raise ValueError("retrieval=True but the evaluation data has no neighbours")
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(tokens, None if nb is None else nb.to(device), None if mask is None else mask.to(device))
-        targets = b["targets"].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-        nll = nll.masked_fill(targets == IGNORE, 0.0).cpu().numpy()
-        rows = b["chunk_rows"].numpy()  # (B, S)
-        inside = (starts[i : i + batch_size, None] + np.arange(rows.shape[1])[None, :]) < C
+        batch = batches.gather(starts[i : i + batch_size])
+        nll, pred = _position_nll(model, batch, retrieval, device, autocast)
+        rows = batch["chunk_rows"].numpy()  # (B, S)
         S = rows.shape[1]
-        nll = nll.reshape(-1, S, m)
-        pred = (targets != IGNORE).cpu().numpy().reshape(-1, S, m)
-        pos_nll[rows[inside]] = nll[inside]
-        pos_pred[rows[inside]] = pred[inside]
+        inside = (starts[i : i + batch_size, None] + np.arange(S)[None, :]) < C
+        pos_nll[rows[inside]] = nll.reshape(-1, S, m)[inside]
+        pos_pred[rows[inside]] = pred.reshape(-1, S, m)[inside]
     # Shift from "position that predicts" to "token predicted".
     tgt_nll = np.zeros(C * m)
     tgt_pred = np.zeros(C * m, dtype=bool)
     tgt_nll[1:] = pos_nll.reshape(-1)[:-1]
     tgt_pred[1:] = pos_pred.reshape(-1)[:-1]
     return tgt_nll.reshape(C, m), tgt_pred.reshape(C, m)
+
+
+def _position_nll(model, batch: dict, retrieval: bool, device, autocast: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(B, N) NLL of each position's next token (0 where there is none) and whether there is one."""
+    neighbours = batch.get("neighbours") if retrieval else None
+    mask = batch.get("neighbour_mask") if retrieval else None
+    if retrieval and neighbours is None:
+        raise ValueError("retrieval=True but the evaluation data has no neighbours")
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(batch["tokens"].to(device), None if neighbours is None else neighbours.to(device),
+                       None if mask is None else mask.to(device))
+    targets = batch["targets"].to(device)
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return nll.masked_fill(targets == IGNORE, 0.0).cpu().numpy(), (targets != IGNORE).cpu().numpy()
 
 
 def bits_per_byte(nll: np.ndarray, predicted: np.ndarray, token_bytes: np.ndarray) -> float:
@@ -80,41 +81,50 @@ def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *
     byte_lengths: (vocab,) UTF-8 bytes of each token id.
     """
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
-    tb = np.asarray(byte_lengths)[data.tokens]
-    pred = pred & (tb > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
+    token_bytes = np.asarray(byte_lengths)[data.tokens]
+    pred = pred & (token_bytes > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
     out = {
-        "bpb": bits_per_byte(nll, pred, tb),
+        "bpb": bits_per_byte(nll, pred, token_bytes),
         "tokens": int(pred.sum()),
-        "bytes": int(tb[pred].sum()),
+        "bytes": int(token_bytes[pred].sum()),
         "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
     }
-    out["_per_chunk"] = {"overlap": np.zeros(len(data)), "nll": (nll * pred).sum(1), "bytes": (tb * pred).sum(1)}
+    chunk_overlap_ = np.zeros(len(data))
     if overlap and retrieval and data.neighbours is not None:
-        ov = chunk_overlap(data)
-        rows = []
-        for alpha in ALPHAS:
-            keep = (ov <= alpha + 1e-9)[:, None] & pred
-            rows.append({"alpha": alpha, "bpb": bits_per_byte(nll, keep, tb),
-                         "chunk_fraction": float((ov <= alpha + 1e-9).mean())})
-        out["overlap"] = rows
-        out["_per_chunk"] = {"overlap": ov, "nll": (nll * pred).sum(1), "bytes": (tb * pred).sum(1)}
+        chunk_overlap_ = chunk_overlap(data)
+        out["overlap"] = [{"alpha": alpha, "bpb": bpb, "chunk_fraction": fraction} for alpha, bpb, fraction in zip(
+            ALPHAS, bpb_by_overlap(chunk_overlap_, nll * pred, token_bytes * pred), chunk_fractions(chunk_overlap_))]
+    out["_per_chunk"] = {"overlap": chunk_overlap_, "nll": (nll * pred).sum(1), "bytes": (token_bytes * pred).sum(1)}
     return out
+
+
+def chunk_fractions(overlap: np.ndarray) -> list[float]:
+    """For each alpha of ALPHAS, the fraction of the chunks whose overlap is <= alpha."""
+    return [float((overlap <= alpha + 1e-9).mean()) for alpha in ALPHAS]
+
+
+def bpb_by_overlap(overlap: np.ndarray, nll: np.ndarray, token_bytes: np.ndarray) -> list[float]:
+    """For each alpha of ALPHAS, bits per byte over the chunks whose overlap is <= alpha.
+
+    nll, token_bytes: per chunk (C,), or per token (C, m), counting only the predicted tokens.
+    """
+    nll, token_bytes = nll.reshape(len(overlap), -1).sum(1), token_bytes.reshape(len(overlap), -1).sum(1)
+    rates = []
+    for alpha in ALPHAS:
+        keep = overlap <= alpha + 1e-9
+        total = token_bytes[keep].sum()
+        rates.append(float(nll[keep].sum() / math.log(2) / total) if total else float("nan"))
+    return rates
 
 
 def overlap_rows(on: dict, off: dict) -> list[dict]:
     """bpb over the chunks with overlap <= alpha (overlap with the neighbours of `on`), ON and OFF."""
-    rows = []
-    pc_on, pc_off = on["_per_chunk"], off["_per_chunk"]
-    for alpha in ALPHAS:
-        keep = pc_on["overlap"] <= alpha + 1e-9
-        b = pc_on["bytes"][keep].sum()
-        rows.append({
-            "alpha": alpha,
-            "chunk_fraction": float(keep.mean()),
-            "bpb_on": float(pc_on["nll"][keep].sum() / math.log(2) / b) if b else float("nan"),
-            "bpb_off": float(pc_off["nll"][keep].sum() / math.log(2) / b) if b else float("nan"),
-        })
-    return rows
+    overlap = on["_per_chunk"]["overlap"]
+    bytes_ = on["_per_chunk"]["bytes"]
+    return [{"alpha": alpha, "chunk_fraction": fraction, "bpb_on": bpb_on, "bpb_off": bpb_off}
+            for alpha, fraction, bpb_on, bpb_off in zip(
+                ALPHAS, chunk_fractions(overlap), bpb_by_overlap(overlap, on["_per_chunk"]["nll"], bytes_),
+                bpb_by_overlap(overlap, off["_per_chunk"]["nll"], bytes_))]
 
 
 def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
@@ -140,35 +150,26 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
 
 
 def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as a PNG atomically (a temporary beside it, then a rename) and close it."""
-    import os
-    import tempfile
-
+    """Write a matplotlib figure as a PNG atomically (``.<name>.XXXXXXXX.tmp.png``, then a rename) and close it."""
     import matplotlib.pyplot as plt
 
-    from .outdir import umask_mode
+    from .atomic import atomic_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        os.chmod(tmp, umask_mode())
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def public(result: dict) -> dict:
-    """The JSON-serialisable part of an evaluate() result."""
+def json_part(result: dict) -> dict:
+    """An evaluate() result without its per-chunk arrays (the keys that start with _)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: str = "eval-report") -> None:
     """Write a JSON report that says it is ours (so a later run may replace it) and names its plot."""
-    from .checkpoint import write_json_atomic
+    from .atomic import write_json_atomic
     from .outdir import report_kind
 
     report = {"kind": report_kind(kind), **report}
@@ -177,25 +178,23 @@ def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: st
     write_json_atomic(Path(path), report)
 
 
-def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False) -> RetroModel:
+def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False):
     """The model of a checkpoint or a retrofit folder, for inference; a CheckpointError if its weights hold
     NaN or inf."""
-    from . import checkpoint as ckpt
+    from .checkpoint import load_checkpoint_model
     from .retrofit import is_retrofit, load_retrofit
 
     if is_retrofit(checkpoint):  # `python -m models retrofit` output: the base it names + the added weights
         return load_retrofit(checkpoint, kernels=kernels, device=device, allow_nonfinite=allow_nonfinite)
-    cfg = ckpt.load_config(checkpoint)
-    if kernels:
-        cfg.kernels = kernels
-    model = RetroModel(cfg)
-    ckpt.load_model_weights(model, checkpoint)
-    bad = ckpt.nonfinite_parameters(model)
-    if bad and not allow_nonfinite:
-        raise ckpt.CheckpointError(
-            f"checkpoint {ckpt.resolve(checkpoint) / 'model.safetensors'} holds NaN/inf weights in {len(bad)} "
-            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
-    return model.to(device).eval()
+    return load_checkpoint_model(checkpoint, kernels, device, allow_nonfinite)
+
+
+def model_argument(text: str) -> str:
+    """argparse type: what eval and generate load, a checkpoint (checkpoint_argument) or a retrofit folder."""
+    from .checkpoint import checkpoint_argument
+    from .retrofit import is_retrofit
+
+    return text if is_retrofit(text) else checkpoint_argument(text)
 
 
 def check_tokenizer(cfg, db, log=print) -> None:
@@ -225,31 +224,32 @@ def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device=
 
     cfg = model.cfg
     check_tokenizer(cfg, db, log)
-    fp = cfg.extra.get("db_fingerprint")
-    if fp and fp != db.fingerprint:
-        log(f"note: the model was trained with database {fp}, this one is {db.fingerprint} (same tokenizer)")
+    trained_on = cfg.extra.get("db_fingerprint")
+    if trained_on and trained_on != db.fingerprint:
+        log(f"note: the model was trained with database {trained_on}, this one is {db.fingerprint} (same tokenizer)")
     if db.vocab_size != cfg.vocab_size or db.chunk_size != cfg.chunk_size:
         raise ValueError(f"the database (vocab {db.vocab_size}, m={db.chunk_size}) does not match the model "
                          f"(vocab {cfg.vocab_size}, m={cfg.chunk_size})")
-    tb = token_byte_lengths(db.tokenizer)
+    byte_lengths = token_byte_lengths(db.tokenizer)
     data = from_stream(db, "eval", cfg.num_neighbours if cfg.retrieval else None)
-    results = {"documents": int(np.unique(data.doc).size), "chunks": len(data)}
-    off = evaluate(model, data, tb, retrieval=False, batch_size=batch_size, device=device)
-    results["off"] = off
+
+    def bpb(data, retrieval):
+        return evaluate(model, data, byte_lengths, retrieval=retrieval, batch_size=batch_size, device=device)
+
+    results = {"documents": int(np.unique(data.doc).size), "chunks": len(data), "off": bpb(data, False)}
     if cfg.retrieval:
-        results["on"] = evaluate(model, data, tb, retrieval=True, batch_size=batch_size, device=device)
-        results["on"]["overlap"] = overlap_rows(results["on"], off)
+        results["on"] = bpb(data, True)
         if with_eval_docs:
-            leaky = neighbours_including(db, data, cfg.num_neighbours)
-            r = evaluate(model, leaky, tb, retrieval=True, batch_size=batch_size, device=device)
-            r["overlap"] = overlap_rows(r, off)
-            results["on_with_eval_docs"] = r
+            results["on_with_eval_docs"] = bpb(neighbours_including(db, data, cfg.num_neighbours), True)
+        for name in ("on", "on_with_eval_docs"):
+            if name in results:
+                results[name]["overlap"] = overlap_rows(results[name], results["off"])
     return results
 
 
 def summary(results: dict) -> dict:
     """JSON-ready results: the per-chunk arrays dropped."""
-    return {k: public(v) if isinstance(v, dict) else v for k, v in results.items()}
+    return {k: json_part(v) if isinstance(v, dict) else v for k, v in results.items()}
 
 
 def table(results: dict) -> str:
@@ -265,38 +265,57 @@ def table(results: dict) -> str:
 
 
 
+# -- the command line: eval (and generate, with the same model and database flags) ---------------
+
+def add_checkpoint_and_database_flags(p, db_help: str) -> None:
+    from .cli_common import database
+
+    p.add_argument("--checkpoint", type=model_argument, required=True,
+                   help="a checkpoint, a training output directory, or a `models retrofit` output folder")
+    p.add_argument("--db", type=database, required=True, help=db_help)
+
+
+def add_kernels_and_device_flags(p) -> None:
+    from .cli_common import device
+    from .config import KERNELS
+
+    p.add_argument("--kernels", choices=KERNELS, default=None, help="the kernels to run (default: the model's)")
+    p.add_argument("--device", type=device, default="auto", help="auto (cuda if there is one), cpu, cuda or cuda:N")
+
+
+def open_checkpoint_and_database(flags, allow_nonfinite: bool = False):
+    """(model, database, device) of --checkpoint, --db, --kernels and --device."""
+    from .data import open_database
+
+    device = resolve_device(flags.device)
+    model = load_model(flags.checkpoint, flags.kernels, device, allow_nonfinite=allow_nonfinite)
+    return model, open_database(flags.db, chunk_size=model.cfg.chunk_size), device
+
+
 @command("eval")
 def main(argv=None) -> int:
     from . import outdir
-    from .cli_common import Parser, database, device, integer, model_checkpoint, output_file
-    from .config import KERNELS
-    from .data import open_database
+    from .cli_common import Parser, integer, output_file
 
     p = Parser("python -m models eval", description="bits per byte on the held-out documents, retrieval ON and OFF")
-    p.add_argument("--checkpoint", type=model_checkpoint, required=True,
-                   help="a checkpoint, a training output directory, or a `models retrofit` output folder")
-    p.add_argument("--db", type=database, required=True, help="the retrieval database (its 'eval' split is evaluated)")
+    add_checkpoint_and_database_flags(p, "the retrieval database (its 'eval' split is evaluated)")
     p.add_argument("--with-eval-docs", action="store_true",
                    help="also evaluate with the held-out documents added to the database (measures copying)")
     p.add_argument("--out", type=output_file, default=None, help="JSON results (default: <checkpoint>/eval.json)")
     p.add_argument("--plot", type=output_file, default=None,
                    help="PNG of bpb vs chunk overlap (default: beside the JSON)")
-    p.add_argument("--batch-size", type=integer(1), default=8)
-    p.add_argument("--kernels", choices=KERNELS, default=None)
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--batch-size", type=integer(1), default=8, help="sequences per forward")
+    add_kernels_and_device_flags(p)
     p.add_argument("--allow-nonfinite", action="store_true", help="report NaN/inf results instead of failing")
-    args = p.parse_args(argv)
-    from .train import resolve_device
+    flags = p.parse_args(argv)
 
-    out = Path(args.out) if args.out else Path(output_file(str(Path(args.checkpoint) / "eval.json")))
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    out = Path(flags.out) if flags.out else Path(output_file(str(Path(flags.checkpoint) / "eval.json")))
+    plot = Path(flags.plot) if flags.plot else out.with_suffix(".png")
     outdir.check_own_file(out, "eval-report", "--out")
     outdir.check_own_file(plot, "eval-report", "--plot", named_by=out)
-    device_ = resolve_device(args.device)
-    model = load_model(args.checkpoint, args.kernels, device_, allow_nonfinite=args.allow_nonfinite)
-    db = open_database(args.db, chunk_size=model.cfg.chunk_size)
-    results = run_evaluation(model, db, args.with_eval_docs, args.batch_size, device_)
-    if not args.allow_nonfinite:
+    model, db, device = open_checkpoint_and_database(flags, flags.allow_nonfinite)
+    results = run_evaluation(model, db, flags.with_eval_docs, flags.batch_size, device)
+    if not flags.allow_nonfinite:
         check_finite_results(results)
     curves = {LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
     if curves:

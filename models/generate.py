@@ -63,7 +63,7 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
     if retriever is not None and not cfg.retrieval:
         raise ValueError("a retriever was given but the model has retrieval=False")
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     out = Generation(tokens=list(prompt), prompt_len=len(prompt))
     K, R = cfg.num_neighbours, cfg.R
 
@@ -72,8 +72,8 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
         complete = len(out.tokens) // m
         if complete > done:
             chunks = [np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)]
-            nb, mask = retriever(chunks)
-            out.neighbours.extend(np.asarray(nb)[:, :K, :R])
+            neighbours, mask = retriever(chunks)
+            out.neighbours.extend(np.asarray(neighbours)[:, :K, :R])
             out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
 
     def neighbour_tensors():
@@ -82,22 +82,22 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
         retrieve_complete_chunks()
         if not out.neighbours:
             return torch.zeros(1, 0, K, R, dtype=torch.long, device=device), None
-        nb = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
+        neighbours = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
         mask = torch.as_tensor(np.stack(out.neighbour_masks), dtype=torch.bool, device=device)[None]
-        return nb, mask
+        return neighbours, mask
 
     cache = model.new_cache()
-    nb, mask = neighbour_tensors()
+    neighbours, mask = neighbour_tensors()
     x = torch.as_tensor(out.tokens, dtype=torch.long, device=device)[None]
-    logits = model(x, nb, mask, start_pos=0, cache=cache)[0, -1]
+    logits = model(x, neighbours, mask, start_pos=0, cache=cache)[0, -1]
     for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, gen)
+        token = sample_next(logits, temperature, top_k, top_p, generator)
         out.tokens.append(token)
         if token in stop_ids:
             break
-        nb, mask = neighbour_tensors()  # retrieves when this token completed a chunk
+        neighbours, mask = neighbour_tensors()  # retrieves when this token completed a chunk
         x = torch.tensor([[token]], dtype=torch.long, device=device)
-        logits = model(x, nb, mask, start_pos=len(out.tokens) - 1, cache=cache)[0, -1]
+        logits = model(x, neighbours, mask, start_pos=len(out.tokens) - 1, cache=cache)[0, -1]
     return out
 
 
@@ -110,20 +110,20 @@ def database_retriever(db, K: int) -> Retriever:
     return retrieve
 
 
-def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
+def format_generation(db, result: Generation, max_neighbour_chars: int = 160) -> str:
     """The prompt, the continuation, and each chunk's neighbours (decoded)."""
     m = db.chunk_size
     lines = ["prompt:", "  " + db.decode(result.tokens[: result.prompt_len]).replace("\n", "\n  "),
              "continuation:", "  " + db.decode(result.tokens[result.prompt_len:]).replace("\n", "\n  ")]
-    for u, (nb, mask) in enumerate(zip(result.neighbours, result.neighbour_masks)):
+    for u, (neighbours, mask) in enumerate(zip(result.neighbours, result.neighbour_masks)):
         chunk = db.decode(result.tokens[u * m:(u + 1) * m]).replace("\n", " ")
         lines.append(f"chunk {u} {chunk[:max_neighbour_chars]!r}")
-        for k in range(nb.shape[0]):
+        for k in range(neighbours.shape[0]):
             if not mask[k].any():  # dropped by the relevance cut (or no chunk in the database)
                 lines.append(f"    neighbour {k}: none retrieved (no database chunk within "
                              f"max_distance={db.max_distance})")
                 continue
-            text = db.decode(nb[k][mask[k]]).replace("\n", " ")
+            text = db.decode(neighbours[k][mask[k]]).replace("\n", " ")
             lines.append(f"    neighbour {k}: {text[:max_neighbour_chars]!r}")
     return "\n".join(lines)
 
@@ -131,16 +131,12 @@ def show(db, result: Generation, max_neighbour_chars: int = 160) -> str:
 
 @command("generate")
 def main(argv=None) -> int:
-    from .cli_common import SEED, Parser, UsageError, database, device, integer, model_checkpoint, number, text
-    from .config import KERNELS
-    from .data import open_database
-    from .evaluate import check_tokenizer, load_model
-    from .train import resolve_device
+    from .cli_common import SEED, Parser, UsageError, integer, number, text
+    from .evaluate import add_checkpoint_and_database_flags, add_kernels_and_device_flags, check_tokenizer, \
+        open_checkpoint_and_database
 
     p = Parser("python -m models generate", description="sample from a RETRO model")
-    p.add_argument("--checkpoint", type=model_checkpoint, required=True,
-                   help="a checkpoint, a training output directory, or a `models retrofit` output folder")
-    p.add_argument("--db", type=database, required=True, help="retrieval database (its tokenizer is the model's)")
+    add_checkpoint_and_database_flags(p, "retrieval database (its tokenizer is the model's)")
     p.add_argument("--prompt", type=text("a non-empty prompt"), required=True)
     p.add_argument("--max-new-tokens", type=integer(0, 1_000_000), default=128)
     p.add_argument("--temperature", type=number(0), default=0.8, help="0: greedy")
@@ -148,20 +144,18 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.95, help="1: no nucleus cut")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-retrieval", action="store_true")
-    p.add_argument("--kernels", choices=KERNELS, default=None)
-    p.add_argument("--device", type=device, default="auto")
-    args = p.parse_args(argv)
-    device_ = resolve_device(args.device)
-    model = load_model(args.checkpoint, args.kernels, device_)
-    db = open_database(args.db, chunk_size=model.cfg.chunk_size)
+    add_kernels_and_device_flags(p)
+    flags = p.parse_args(argv)
+    model, db, device = open_checkpoint_and_database(flags)
     check_tokenizer(model.cfg, db)
     if db.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"the database's vocabulary ({db.vocab_size}) is not the model's ({model.cfg.vocab_size})")
-    retriever = None if args.no_retrieval or not model.cfg.retrieval else database_retriever(db, model.cfg.num_neighbours)
-    prompt = db.encode(args.prompt).tolist()
+    retrieves = model.cfg.retrieval and not flags.no_retrieval
+    retriever = database_retriever(db, model.cfg.num_neighbours) if retrieves else None
+    prompt = db.encode(flags.prompt).tolist()
     if not prompt:
-        raise UsageError(f"--prompt {args.prompt!r} encodes to no token")
-    result = generate(model, prompt, args.max_new_tokens, retriever, args.temperature, args.top_k, args.top_p,
-                      args.seed, stop_ids=(db.eos_id,), device=device_)
-    print(show(db, result))
+        raise UsageError(f"--prompt {flags.prompt!r} encodes to no token")
+    result = generate(model, prompt, flags.max_new_tokens, retriever, flags.temperature, flags.top_k, flags.top_p,
+                      flags.seed, stop_ids=(db.eos_id,), device=device)
+    print(format_generation(db, result))
     return 0

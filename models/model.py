@@ -158,17 +158,63 @@ class RetrievalEncoder(nn.Module):
 # ---------------------------------------------------------------------------
 
 @dataclass
-class DecodeCache:
-    """State for incremental decoding (see RetroModel.forward)."""
-    layers: list = field(default_factory=list)  # LayerCache per decoder layer
+class NeighbourCache:
+    """What incremental decoding keeps for retrieval: the activations (at the first CCA layer) of the
+    chunk not complete yet, and the encoded neighbours of the chunks before it."""
     chunk_hidden: Optional[Tensor] = None  # first-CCA-input activations of the unfinished chunk
     encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
     encoded_mask: Optional[Tensor] = None  # (B, chunks done, K, R) or None
-    length: int = 0  # tokens seen
 
     @property
     def chunks_encoded(self) -> int:
         return 0 if self.encoded is None else self.encoded.shape[1]
+
+    def encode_new_chunks(self, x: Tensor, complete: int, chunk_size: int, encode) -> None:
+        """Encode the chunks up to ``complete`` that ``x`` (the next positions' activations) finishes:
+        ``encode(chunks (B, n, m, d), first, end) -> (encoded, mask)`` for chunks first..end-1."""
+        done, m = self.chunks_encoded, chunk_size
+        pending = x if self.chunk_hidden is None else torch.cat([self.chunk_hidden, x], dim=1)
+        new = complete - done
+        if new > 0:
+            encoded, mask = encode(as_chunks(pending, new, m), done, complete)
+            self.encoded = encoded if self.encoded is None else torch.cat([self.encoded, encoded], 1)
+            if mask is not None:
+                self.encoded_mask = mask if self.encoded_mask is None else torch.cat([self.encoded_mask, mask], 1)
+            pending = pending[:, new * m:]
+        self.chunk_hidden = pending
+
+    def read_by(self, start_pos: int, complete: int, chunk_size: int):
+        """(encoded, mask, CCA start position) of the chunks a step from ``start_pos`` may read: shifted by
+        whole chunks (the CCA output depends on t only through its chunk and t mod m)."""
+        if self.encoded is None:
+            return None, None, start_pos
+        first = max(0, (start_pos - (chunk_size - 1)) // chunk_size)
+        mask = None if self.encoded_mask is None else self.encoded_mask[:, first:complete]
+        return self.encoded[:, first:complete], mask, start_pos - first * chunk_size
+
+
+@dataclass
+class DecodeCache(NeighbourCache):
+    """State for incremental decoding (see RetroModel.forward)."""
+    layers: list = field(default_factory=list)  # LayerCache per decoder layer
+    length: int = 0  # tokens seen
+
+
+def as_chunks(x: Tensor, count: int, chunk_size: int) -> Tensor:
+    """The first ``count`` chunks of activations x (B, N, d) as (B, count, m, d)."""
+    return x[:, : count * chunk_size].reshape(x.shape[0], count, chunk_size, x.shape[-1])
+
+
+def check_neighbours(cfg, neighbours: Tensor, neighbour_mask: Optional[Tensor], B: int, complete: int) -> None:
+    """ValueError unless neighbours are (B, L >= complete, K, R) token ids with a mask of their shape."""
+    if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
+        raise ValueError(f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
+    if neighbours.shape[1] < complete:
+        raise ValueError(f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
+                         f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
+    if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
+        raise ValueError(f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
+                         f"got {tuple(neighbour_mask.shape)}")
 
 
 class RetroModel(nn.Module):
@@ -250,7 +296,7 @@ class RetroModel(nn.Module):
         if retrieval_on and self.encoder is None:
             raise ValueError("neighbours were given but this model has retrieval=False (no CCA layers)")
         if retrieval_on:
-            self._check_neighbours(neighbours, neighbour_mask, B, complete)
+            check_neighbours(cfg, neighbours, neighbour_mask, B, complete)
         if retrieval_on and cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 with neighbours needs a DecodeCache (incremental decoding)")
 
@@ -260,62 +306,28 @@ class RetroModel(nn.Module):
         first_cca = cfg.cca_layers[0] if cfg.cca_layers else None
         for i, layer in enumerate(self.layers):
             if retrieval_on and i == first_cca:
-                encoded, encoded_mask = self._encode(x, neighbours, neighbour_mask, complete, cache)
-                if encoded is not None and cache is not None:
-                    # Only the chunks this step reads: shift by whole chunks (the CCA
-                    # output depends on t only through its chunk and t mod m).
-                    first = max(0, (start_pos - (m - 1)) // m)
-                    encoded = encoded[:, first:complete]
-                    encoded_mask = None if encoded_mask is None else encoded_mask[:, first:complete]
-                    cca_start = start_pos - first * m
+                encoded, encoded_mask, cca_start = self._encode(x, neighbours, neighbour_mask, start_pos, complete,
+                                                                cache)
             layer_cache = None if cache is None else cache.layers[i]
             x = layer(x, start_pos, layer_cache, encoded, encoded_mask, cca_start)
         if cache is not None:
             cache.length = end
         return self.lm_head(self.norm(x))
 
-    def _check_neighbours(self, neighbours, neighbour_mask, B, complete):
-        cfg = self.cfg
-        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
-            raise ValueError(
-                f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
-        if neighbours.shape[1] < complete:
-            raise ValueError(
-                f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
-                f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
-        if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
-            raise ValueError(
-                f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
-                f"got {tuple(neighbour_mask.shape)}")
+    def _encode(self, x, neighbours, neighbour_mask, start_pos, complete, cache):
+        """(encoded, mask, CCA start position) of the neighbours the tokens may read, from the activations
+        x at the first CCA layer; (None, None, start_pos) when no chunk is complete yet."""
+        def encode(chunks, first, end):
+            mask = None if neighbour_mask is None else neighbour_mask[:, first:end]
+            return self.encoder(self.embed(neighbours[:, first:end]), chunks, mask), mask
 
-    def _encode(self, x, neighbours, neighbour_mask, complete, cache):
-        """Encoded neighbours of chunks 0..complete-1 from the activations x at the first
-        CCA layer, or (None, None) when no chunk is complete yet."""
         m = self.cfg.chunk_size
         if cache is None:  # the full sequence, from position 0
             if complete == 0:
-                return None, None
-            chunk = x[:, : complete * m].reshape(x.shape[0], complete, m, x.shape[-1])
-            nb = neighbours[:, :complete]
-            mask = None if neighbour_mask is None else neighbour_mask[:, :complete]
-            return self.encoder(self.embed(nb), chunk, mask), mask
-        # Incremental: the activations of the unfinished chunk wait in the cache.
-        done = cache.chunks_encoded
-        pending = x if cache.chunk_hidden is None else torch.cat([cache.chunk_hidden, x], dim=1)
-        new = complete - done
-        if new > 0:
-            chunk = pending[:, : new * m].reshape(x.shape[0], new, m, x.shape[-1])
-            nb = neighbours[:, done:complete]
-            mask = None if neighbour_mask is None else neighbour_mask[:, done:complete]
-            enc = self.encoder(self.embed(nb), chunk, mask)
-            cache.encoded = enc if cache.encoded is None else torch.cat([cache.encoded, enc], 1)
-            if mask is not None:
-                cache.encoded_mask = mask if cache.encoded_mask is None else torch.cat([cache.encoded_mask, mask], 1)
-            pending = pending[:, new * m:]
-        cache.chunk_hidden = pending
-        if cache.encoded is None:
-            return None, None
-        return cache.encoded, cache.encoded_mask
+                return None, None, start_pos
+            return (*encode(as_chunks(x, complete, m), 0, complete), start_pos)
+        cache.encode_new_chunks(x, complete, m, encode)  # the unfinished chunk's activations wait in the cache
+        return cache.read_by(start_pos, complete, m)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from .cli_common import UsageError
+from .atomic import write_json_atomic
+from .errors import UsageError
 
 MARKER = ".retro_kernels.json"
 LOCK = ".retro_kernels.lock"
@@ -44,13 +45,6 @@ class OutputFolderError(UsageError):
 
 class FolderInUse(RuntimeError):
     """Another run holds the folder's lock."""
-
-
-def umask_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp's temporaries are 0600: chmod them to this)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def read_marker(folder: Path) -> Optional[dict]:
@@ -106,8 +100,6 @@ def check_folder(folder, kind: str, option: str = "--out",
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    from .checkpoint import write_json_atomic
-
     path = Path(folder)
     if read_marker(path) is None:
         write_json_atomic(path / MARKER, {"kind": kind, "version": MARKER_VERSION, "made_by": command_line(),

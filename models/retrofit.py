@@ -54,12 +54,12 @@ from torch import Tensor, nn
 from retro_kernels.nn import ChunkedCrossAttention
 
 from .config import KERNELS
-from .model import RetrievalEncoder, RetroModel
+from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-# What a killed save leaves (names from save_retrofit's mkstemp and write_json_atomic), removed when a run
+# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run
 # takes the folder again.
 TEMPORARIES = (re.compile(r"\.retrofit\.safetensors\.[a-z0-9_]{8}\.tmp"),
                re.compile(r"\.retrofit\.json\.[a-z0-9_]{8}\.tmp"))
@@ -237,17 +237,10 @@ class CCABlock(nn.Module):
 
 
 @dataclass
-class RetrofitCache:
+class RetrofitCache(NeighbourCache):
     """Incremental decoding state: the base model's own cache plus what retrieval keeps."""
-    base: object
-    chunk_hidden: Optional[Tensor] = None  # first-CCA-layer input of the unfinished chunk
-    encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
-    encoded_mask: Optional[Tensor] = None
+    base: object = None
     length: int = 0
-
-    @property
-    def chunks_encoded(self) -> int:
-        return 0 if self.encoded is None else self.encoded.shape[1]
 
 
 @dataclass
@@ -342,7 +335,7 @@ class RetrofitModel(nn.Module):
             if not self._hooks:
                 raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
                                  "base was retrofitted again): it cannot read neighbours")
-            self._check_neighbours(neighbours, neighbour_mask, B, complete)
+            check_neighbours(self.cfg, neighbours, neighbour_mask, B, complete)
             self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
         try:
             logits = self.adapter.logits(tokens, start_pos, None if cache is None else cache.base)
@@ -351,17 +344,6 @@ class RetrofitModel(nn.Module):
         if cache is not None:
             cache.length = start_pos + N
         return logits
-
-    def _check_neighbours(self, neighbours, neighbour_mask, B, complete):
-        cfg = self.cfg
-        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
-            raise ValueError(f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
-        if neighbours.shape[1] < complete:
-            raise ValueError(f"neighbours has L={neighbours.shape[1]} chunks but the tokens complete {complete} "
-                             f"chunks of {cfg.chunk_size}; pass the neighbours of every complete chunk")
-        if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
-            raise ValueError(f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
-                             f"got {tuple(neighbour_mask.shape)}")
 
     # -- the hooks ---------------------------------------------------------------------
     def _layer_input_hook(self, layer: int):
@@ -401,35 +383,20 @@ class RetrofitModel(nn.Module):
     def _encode(self, step: _Step, x: Tensor) -> None:
         """Encoded neighbours of the chunks some token of this step may read, from the activations x
         at the first CCA layer (the unfinished chunk's activations wait in the cache)."""
-        m, cache, complete = self.cfg.chunk_size, step.cache, step.complete
-        done = 0 if cache is None else cache.chunks_encoded
-        pending = x if cache is None or cache.chunk_hidden is None else torch.cat([cache.chunk_hidden, x], 1)
-        new = complete - done
-        encoded, mask = None, None
-        if new > 0:
-            chunk = pending[:, : new * m].reshape(x.shape[0], new, m, x.shape[-1])
-            nb = step.neighbours[:, done:complete]
-            mask = None if step.neighbour_mask is None else step.neighbour_mask[:, done:complete]
-            dtype = self.encoder.norm.weight.dtype
+        dtype, m = self.encoder.norm.weight.dtype, self.cfg.chunk_size
+
+        def encode(chunks, first, end):
+            mask = None if step.neighbour_mask is None else step.neighbour_mask[:, first:end]
             with torch.no_grad():  # the base's embedding is frozen
-                embedded = self.adapter.embedding(nb)
-            encoded = self.encoder(embedded.to(dtype), chunk.to(dtype), mask)
-            pending = pending[:, new * m:]
-        if cache is None:
-            step.encoded, step.encoded_mask = encoded, mask
+                embedded = self.adapter.embedding(step.neighbours[:, first:end])
+            return self.encoder(embedded.to(dtype), chunks.to(dtype), mask), mask
+
+        if step.cache is None:  # the full sequence, from position 0
+            if step.complete > 0:
+                step.encoded, step.encoded_mask = encode(as_chunks(x, step.complete, m), 0, step.complete)
             return
-        if encoded is not None:
-            cache.encoded = encoded if cache.encoded is None else torch.cat([cache.encoded, encoded], 1)
-            if mask is not None:
-                cache.encoded_mask = mask if cache.encoded_mask is None else torch.cat([cache.encoded_mask, mask], 1)
-        cache.chunk_hidden = pending
-        if cache.encoded is None:
-            return
-        # Only the chunks this step reads: shift by whole chunks (CCA depends on t only via its chunk and t mod m).
-        first = max(0, (step.start_pos - (m - 1)) // m)
-        step.encoded = cache.encoded[:, first:complete]
-        step.encoded_mask = None if cache.encoded_mask is None else cache.encoded_mask[:, first:complete]
-        step.cca_start = step.start_pos - first * m
+        step.cache.encode_new_chunks(x, step.complete, m, encode)
+        step.encoded, step.encoded_mask, step.cca_start = step.cache.read_by(step.start_pos, step.complete, m)
 
 
 def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: int = 2, num_neighbours: int = 2,
@@ -533,9 +500,9 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
     path = Path(path)
     kind = base_kind(path)
     if kind == "models":
-        from .evaluate import load_model
+        from .checkpoint import load_checkpoint_model
 
-        model = load_model(path, device=device, allow_nonfinite=allow_nonfinite)  # refuses NaN weights itself
+        model = load_checkpoint_model(path, device=device, allow_nonfinite=allow_nonfinite)  # refuses NaN weights
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM
@@ -568,25 +535,15 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
     by `load_retrofit`, never loaded as a mismatch.
     """
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from .checkpoint import write_json_atomic
-    from .outdir import umask_mode
+    from .atomic import atomic_file, write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, tmp)
-        os.chmod(tmp, umask_mode())  # after: save_file writes the file anew, with mkstemp's 0600
+    with atomic_file(out / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
         weights_sha256 = _sha256(tmp)
-        os.replace(tmp, out / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}
     write_json_atomic(out / CONFIG_FILE, record)
@@ -623,7 +580,7 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     from safetensors.torch import load_file
 
     from .checkpoint import CheckpointError, nonfinite_parameters
-    from .cli_common import one_line
+    from .errors import one_line
 
     record = read_record(path)
     config, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE

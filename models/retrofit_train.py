@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,71 +43,35 @@ import torch
 
 from . import outdir
 from .cli_common import Parser, UsageError, command, one_line
-from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
-from .model import lm_loss
+from .data import ChunkedTokens
+from .runtime import configure_threads, resolve_device
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import LIMITS, TrainArgs, check_finite, drop_retrieval, evaluate_loss, lr_at, make_optimizer, resolve_device
+from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, make_optimizer, train_args_from,
+                    training_batches)
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
 
-def train_retrofit(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
-                   byte_lengths: Optional[np.ndarray] = None, log=print) -> list:
+def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
+                   eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None,
+                   log=print) -> list:
     """Train the added weights of `model` on `data` (with its neighbours); returns the history.
 
-    The batch order and the retrieval dropout are functions of (a.seed, step), as in `models.train`;
-    a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged) unless a.allow_nonfinite.
+    The loop of `models.train` (one process): the batch order and the retrieval dropout are functions of
+    (args.seed, step); a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged)
+    unless args.allow_nonfinite.
     """
-    a.validate()
-    device = resolve_device(a.device)
+    args.validate()
+    device = resolve_device(args.device)
     cfg = model.cfg
     if data.neighbours is None or data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
         raise ValueError(f"the training data must carry (K, R) = ({cfg.num_neighbours}, {cfg.R}) neighbours per chunk")
     model.to(device).train()
-    optimizer = make_optimizer(model, a)
-    batches = SequenceBatches(data, cfg.seq_len, a.batch_size, seed=a.seed)
-    if a.overlap_sampling > 0:
-        batches = SequenceBatches(data, cfg.seq_len, a.batch_size, seed=a.seed,
-                                  weights=sequence_overlap_weights(batches, a.overlap_sampling))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    progress = None
-    if a.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=a.steps, desc="retrofit", unit="step", dynamic_ncols=True)
-    history, t0 = [], time.perf_counter()
-    for step in range(a.steps):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, a)
-        b = batches.batch(step)
-        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        mask = drop_retrieval(b["neighbour_mask"], a.retrieval_dropout, gen)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(b["tokens"].to(device), b["neighbours"].to(device), mask.to(device))
-        loss = lm_loss(logits, b["targets"].to(device))
-        loss.backward()
-        done = step + 1
-        check_finite("training loss", loss.item(), done, a)
-        # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
-        check_finite("gradient norm", float(torch.nn.utils.clip_grad_norm_(trainable, a.clip or float("inf"))),
-                     done, a)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": done, "loss": loss.item(), "lr": lr_at(step, a),
-                  "tokens_per_s": done * a.batch_size * cfg.seq_len / (time.perf_counter() - t0)}
-        if eval_data is not None and ((a.eval_every and done % a.eval_every == 0) or done == a.steps):
-            record["eval"] = evaluate_loss(model, eval_data, byte_lengths, a, device)
-            for key, value in record["eval"].items():
-                check_finite(f"held-out {key}", value, done, a)
-            log(f"retrofit step {done}: eval {record['eval']}")
-        history.append(record)
-        if progress is not None:
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    return history
+    optimizer = make_optimizer(model, args)
+    batches = training_batches(data, cfg.seq_len, args, retrieval=True)
+    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit")
+    return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
 
 
 def check_out(out, overwrite: bool) -> None:
@@ -233,11 +196,15 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
             f"(the same tokenizer)")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli_common import database, device, folder, integer, text
-    from .config import KERNELS
+# The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
+RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
+                        "overlap_sampling", "eval_every", "seed", "allow_nonfinite", "device", "progress")
+RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
 
-    d = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli_common import add_threads_flag, database, folder, integer, text
+
     p.add_argument("--base", type=base_model, required=True,
                    help="a plain models decoder checkpoint, or a local transformers folder")
     p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
@@ -247,98 +214,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what is added")
     g.add_argument("--cca-layers", type=layer_numbers, default=None,
                    help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
-    g.add_argument("--encoder-layers", type=integer(1, 1024), default=2)
-    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4)
-    g.add_argument("--heads", type=integer(1, 1024), default=None, help="CCA/encoder heads (default: the base's)")
-    g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
+    g.add_argument("--encoder-layers", type=integer(1, 1024), default=2, help="neighbour encoder layers")
+    add_model_flags(g, ("--encoder-ff-mult", "--heads", "--neighbours"),
+                    heads=dict(default=None, help="CCA/encoder heads (default: the base's)"))
     g.add_argument("--layers", type=text("a dotted path of decoder layers"), default=None,
                    help="transformers models other than GPT-2/Llama: dotted path of the decoder layers "
                         "(e.g. model.decoder.layers)")
     g.add_argument("--attention", type=text("an attribute name"), default=None,
                    help="... and each layer's self-attention attribute (e.g. self_attn)")
-    g.add_argument("--kernels", choices=KERNELS, default="auto")
+    add_model_flags(g, ("--kernels",))
     g = p.add_argument_group("training (only the added weights)")
-    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=None,
-                   help="tokens per sequence (default: the base's, or 512)")
-    for name in ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                 "overlap_sampling", "eval_every", "seed"):
-        g.add_argument(f"--{name.replace('_', '-')}", type=LIMITS[name], default=getattr(d, name))
-    g.add_argument("--allow-nonfinite", action="store_true", help="keep training on a NaN/inf loss (default: stop)")
-    g.add_argument("--device", type=device, default="auto")
-    g.add_argument("--threads", type=integer(1, 4096), default=None)
-    g.add_argument("--no-progress", action="store_true")
+    add_model_flags(g, ("--seq-len",), seq_len=dict(default=None, help="tokens per sequence (default: the "
+                                                                        "base's, or 512)"))
+    add_train_flags(g, RETROFIT_TRAIN_FLAGS, RETROFIT_DEFAULTS)
+    add_threads_flag(g)
 
 
-def plan(args, shape: dict, db) -> dict:
+def plan(flags, shape: dict, db) -> dict:
     """The keyword arguments of `retrofit()`, checked (UsageError) against the base and the database."""
     m = db.chunk_size
-    layers = args.cca_layers or paper_cca_layers(shape["n_layers"])
+    layers = flags.cca_layers or paper_cca_layers(shape["n_layers"])
     _need(layers[-1] <= shape["n_layers"], f"--cca-layers: the base has {shape['n_layers']} layers, got {layers}")
-    seq_len = args.seq_len or shape["seq_len"] or 512
+    seq_len = flags.seq_len or shape["seq_len"] or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
     _need(not shape["positions"] or seq_len <= shape["positions"],
           f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
-    _need(args.neighbours <= int(db.config["k"]),
-          f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {args.neighbours}")
-    kw = dict(chunk_size=m, cca_layers=layers, encoder_layers=args.encoder_layers, num_neighbours=args.neighbours,
-              neighbour_len=db.neighbour_len, seq_len=seq_len, heads=args.heads, encoder_ff_mult=args.encoder_ff_mult,
-              kernels=args.kernels, layers=args.layers, attention=args.attention,
+    _need(flags.neighbours <= int(db.config["k"]),
+          f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")
+    kw = dict(chunk_size=m, cca_layers=layers, encoder_layers=flags.encoder_layers, num_neighbours=flags.neighbours,
+              neighbour_len=db.neighbour_len, seq_len=seq_len, heads=flags.heads, encoder_ff_mult=flags.encoder_ff_mult,
+              kernels=flags.kernels, layers=flags.layers, attention=flags.attention,
               extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    heads = args.heads or shape["heads"]
+    heads = flags.heads or shape["heads"]
     if shape["d_model"] and heads:  # what retrofit() will check, before any weight is read
         try:
             RetrofitConfig(chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads,
-                           n_layers=shape["n_layers"], vocab_size=db.vocab_size, num_neighbours=args.neighbours,
-                           neighbour_len=db.neighbour_len, seq_len=seq_len, encoder_layers=args.encoder_layers,
-                           encoder_ff_mult=args.encoder_ff_mult, kernels=args.kernels)
+                           n_layers=shape["n_layers"], vocab_size=db.vocab_size, num_neighbours=flags.neighbours,
+                           neighbour_len=db.neighbour_len, seq_len=seq_len, encoder_layers=flags.encoder_layers,
+                           encoder_ff_mult=flags.encoder_ff_mult, kernels=flags.kernels)
         except ValueError as e:
-            named = f"--heads {heads}" if args.heads else f"the base model's {heads} heads (--heads)"
+            named = f"--heads {heads}" if flags.heads else f"the base model's {heads} heads (--heads)"
             raise UsageError(f"{named}: {e}") from None
     return kw
-
-
-def train_args_from(args) -> TrainArgs:
-    a = TrainArgs(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                  weight_decay=args.weight_decay, clip=args.clip, retrieval_dropout=args.retrieval_dropout,
-                  overlap_sampling=args.overlap_sampling, eval_every=args.eval_every, seed=args.seed,
-                  overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, device=args.device,
-                  progress=not args.no_progress)
-    a.validate()  # the ranges: argparse checked them with the same LIMITS
-    return a
 
 
 @command("retrofit")
 def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
     from .retrofit import load_base, retrofit, trainable_share
-    from .train import configure_threads
 
     p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    args = p.parse_args(argv)
-    a = train_args_from(args)
-    check_out(args.out, args.overwrite)  # every check that needs no file: before anything is read
-    base_path = Path(args.base)
+    flags = p.parse_args(argv)
+    args = train_args_from(flags, RETROFIT_TRAIN_FLAGS, out=flags.out, overwrite=flags.overwrite)
+    check_out(flags.out, flags.overwrite)  # every check that needs no file: before anything is read
+    base_path = Path(flags.base)
     kind = base_kind(base_path)
     shape = base_shape(base_path, kind)
-    db = open_database(args.db)
+    db = open_database(flags.db)
     check_tokenizer(base_path, kind, shape, db, print)
-    kw = plan(args, shape, db)
+    kw = plan(flags, shape, db)
 
-    threads = configure_threads(args.threads)
-    device = resolve_device(args.device)
-    a.device = str(device)
-    train_data = from_stream(db, "train", args.neighbours)
-    eval_data = from_stream(db, "eval", args.neighbours)
-    with claimed_out(args.out, args.overwrite):
-        base, source = load_base(base_path, device, args.allow_nonfinite)
-        torch.manual_seed(args.seed)
+    threads = configure_threads(flags.threads)
+    device = resolve_device(flags.device)
+    args.device = str(device)
+    train_data, eval_data = from_stream(db, "train", flags.neighbours), from_stream(db, "eval", flags.neighbours)
+    with claimed_out(flags.out, flags.overwrite):
+        base, source = load_base(base_path, device, flags.allow_nonfinite)
+        torch.manual_seed(flags.seed)
         model = retrofit(base, **kw)
         share = trainable_share(model)
         print(f"retrofitting {kind} model {base_path}: CCA after layers {kw['cca_layers']}, {share['trainable']:,} "
               f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
-        history, _ = fit_and_save(model, train_data, a, source, eval_data, token_byte_lengths(db.tokenizer),
-                                  state={"args": {k: v for k, v in vars(args).items() if k != "debug"}})
-    print(f"done: {args.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
-          f"{WEIGHTS_FILE} in {args.out} (evaluate: python -m models eval --checkpoint {args.out} --db {args.db})")
+        history, _ = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
+                                  state={"args": {k: v for k, v in vars(flags).items() if k != "debug"}})
+    print(f"done: {flags.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
+          f"{WEIGHTS_FILE} in {flags.out} (evaluate: python -m models eval --checkpoint {flags.out} --db {flags.db})")
     return 0

@@ -19,10 +19,11 @@ train only the new parameters.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,52 +33,66 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import outdir
-from .cli_common import SEED, Parser, UsageError, check_value, command, integer, number
+from .cli_common import SEED, Parser, UsageError, check_value, command, device, folder, integer, number
 from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
 from .evaluate import bits_per_byte, token_nll
 from .model import RetroModel, lm_loss
-
-# The range of every numeric training argument, once: argparse type= functions
-# for the command line, and TrainArgs.validate() for callers of train().
-LIMITS = {
-    "steps": integer(1, 10**9), "batch_size": integer(1, 1 << 20), "accum": integer(1, 1 << 20),
-    "lr": number(0, lo_open=True),
-    "min_lr_ratio": number(0, 1), "warmup": integer(0), "weight_decay": number(0), "clip": number(0),
-    "retrieval_dropout": number(0, 1), "overlap_sampling": number(0), "eval_every": integer(0),
-    "eval_sequences": integer(1), "ckpt_every": integer(0), "keep": integer(1), "seed": SEED,
-}
+from .runtime import is_first_process, progress_bar, resolve_device, setup_distributed
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or evaluation number: training stops (--allow-nonfinite lets it run)."""
 
 
+def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None):
+    """A TrainArgs field, declared once for the Python API and the command line.
+
+    limit: the range of a number, an argparse type= of models.cli_common (TrainArgs.validate checks it too);
+    type: any other argparse type=; cli=False: the Python API only; negated: the flag of a True
+    default that the command line turns off (--no-progress).
+    """
+    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainArgs:
-    out: str = "runs/retro"
-    steps: int = 1000
-    batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation
-    accum: int = 1  # gradient accumulation micro-steps per optimizer step
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    retrieval_dropout: float = 0.25
-    overlap_sampling: float = 0.0  # > 0: sample sequences with weight (this + their neighbour overlap); 0: uniform
-    eval_every: int = 0  # 0: only at the end
-    eval_sequences: int = 32
-    ckpt_every: int = 0  # 0: only at the end
-    keep: int = 2
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # replace a finished run in `out` (its checkpoints go once the first new one is saved)
-    allow_nonfinite: bool = False  # keep going on a NaN/inf loss (default: stop with an error)
-    retrofit: Optional[str] = None
-    device: str = "auto"
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    """What a training run is asked to do; the fields with cli=True are `python -m models train`'s flags."""
+    out: str = option("runs/retro", "checkpoint directory", type=folder)
+    steps: int = option(1000, "optimizer steps", limit=integer(1, 10**9))
+    batch_size: int = option(8, "sequences per optimizer step (over all processes and accumulation)",
+                             limit=integer(1, 1 << 20))
+    accum: int = option(1, "gradient accumulation micro-steps", limit=integer(1, 1 << 20))
+    lr: float = option(1e-3, "peak learning rate (after the warmup; AdamW)", limit=number(0, lo_open=True))
+    min_lr_ratio: float = option(0.1, "the cosine schedule's last learning rate, as a fraction of lr",
+                                 limit=number(0, 1), cli=False)
+    warmup: int = option(100, "steps of linear learning-rate warmup", limit=integer(0))
+    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices", limit=number(0))
+    clip: float = option(1.0, "gradient norm clip (0: none)", limit=number(0))
+    retrieval_dropout: float = option(0.25, "fraction of sequences trained with their neighbours masked",
+                                      limit=number(0, 1))
+    overlap_sampling: float = option(
+        0.0, "> 0: draw training sequences with weight (this + the mean overlap of their chunks with their "
+             "neighbours), so sequences whose neighbours are informative come more often; 0: uniformly",
+        limit=number(0))
+    eval_every: int = option(0, "steps (0: at the end)", limit=integer(0))
+    eval_sequences: int = option(32, "held-out sequences of the evaluation during training", limit=integer(1),
+                                 cli=False)
+    ckpt_every: int = option(0, "steps (0: at the end)", limit=integer(0))
+    keep: int = option(2, "checkpoints kept (the newest)", limit=integer(1), cli=False)
+    seed: int = option(0, "seed of the weights, the batch order and the retrieval dropout", limit=SEED)
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    overwrite: bool = option(False, "replace the run in --out (its checkpoints are deleted once the new run "
+                                    "saved one)")
+    allow_nonfinite: bool = option(False, "keep training on a NaN/inf loss (default: stop)")
+    retrofit: Optional[str] = option(None, "a plain decoder checkpoint: freeze it, train CCA + encoder",
+                                     type=ckpt.checkpoint_argument)
+    device: str = option("auto", "auto (cuda if there is one), cpu, cuda or cuda:N", type=device)
+    progress: bool = option(True, "no progress bar", negated="--no-progress")
+    extra: dict = option({}, "anything else to record", cli=False)
 
     def validate(self) -> None:
         """ValueError naming the field unless every number is in its range (LIMITS)."""
@@ -89,66 +104,71 @@ class TrainArgs:
             raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
 
 
-def lr_at(step: int, a: TrainArgs) -> float:
+# The range of every numeric training argument, from TrainArgs: argparse type= functions for the
+# command line (train, retrofit, demo), and TrainArgs.validate() for callers of train().
+LIMITS = {f.name: f.metadata["limit"] for f in dataclasses.fields(TrainArgs) if f.metadata["limit"]}
+TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.metadata["cli"])
+
+
+def add_train_flags(group, names=TRAIN_FLAGS, defaults: Optional[TrainArgs] = None) -> None:
+    """One flag per TrainArgs field in ``names``: its type, default (``defaults``' value) and help from the field."""
+    defaults = defaults or TrainArgs()
+    for f in dataclasses.fields(TrainArgs):
+        if f.name not in names:
+            continue
+        meta, default = f.metadata, getattr(defaults, f.name)
+        if meta["negated"]:
+            group.add_argument(meta["negated"], action="store_true", help=meta["help"])
+        elif isinstance(default, bool):
+            group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
+        else:
+            group.add_argument(_flag(f.name), type=meta["type"], default=default, help=meta["help"])
+
+
+def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
+    """The TrainArgs of parsed flags (those ``add_train_flags(names)`` declared), and the fields ``given``."""
+    values = {}
+    for f in dataclasses.fields(TrainArgs):
+        if f.name in names:
+            negated = f.metadata["negated"]
+            values[f.name] = not getattr(flags, negated[2:].replace("-", "_")) if negated else getattr(flags, f.name)
+    args = TrainArgs(**values, **given)
+    args.validate()  # the ranges: argparse checked them with the same LIMITS
+    return args
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------
+# The pieces of a run
+# ---------------------------------------------------------------------------
+
+def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
-    if a.warmup and step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    if args.warmup and step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * cos)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def configure_threads(threads: Optional[int] = None) -> int:
-    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
-
-    On a small shared machine, a thread pool wider than the idle cores makes every
-    op wait for a descheduled thread (here: 100x slower elementwise ops), so
-    the default falls back to 1 thread when the load average says the cores are taken.
-    """
-    if threads is None:
-        cores = os.cpu_count() or 1
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores, int(cores - load + 0.5)))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank()
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return rank, world, device
-
-
-def build_model(cfg: RetroConfig, a: TrainArgs) -> RetroModel:
+def build_model(cfg: RetroConfig, args: TrainArgs) -> RetroModel:
     """A fresh model, or a retrofitted one: a plain decoder's frozen weights plus new CCA/encoder."""
-    if not a.retrofit:
+    if not args.retrofit:
         return RetroModel(cfg)
-    base = ckpt.load_config(a.retrofit)
+    base = ckpt.load_config(args.retrofit)
     if base.retrieval:
-        raise ValueError(f"--retrofit expects a plain decoder checkpoint (retrieval=False); {a.retrofit} has retrieval")
+        raise ValueError(f"--retrofit expects a plain decoder checkpoint (retrieval=False); {args.retrofit} has "
+                         f"retrieval")
     shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "feed_forward", "ff_mult",
              "rotary_base", "tie_embeddings")
     mismatch = [k for k in shape if getattr(base, k) != getattr(cfg, k)]
     if mismatch:
         raise ValueError(f"--retrofit: the decoder checkpoint differs from the config in {mismatch}")
     model = RetroModel(cfg)
-    missing, unexpected = ckpt.load_model_weights(model, a.retrofit, strict=False)
+    missing, unexpected = ckpt.load_model_weights(model, args.retrofit, strict=False)
     bad = [k for k in missing if not RetroModel.is_retrieval_parameter(k)]
     if bad or unexpected:
         raise ValueError(f"--retrofit: checkpoint does not match the decoder (missing {bad}, unexpected {unexpected})")
@@ -157,13 +177,14 @@ def build_model(cfg: RetroConfig, a: TrainArgs) -> RetroModel:
     return model
 
 
-def make_optimizer(model: RetroModel, a: TrainArgs) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on the matrices only."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
 def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -174,10 +195,22 @@ def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator) -> 
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
-def evaluate_loss(model, data: ChunkedTokens, byte_lengths, a: TrainArgs, device, retrieval=True) -> dict:
+def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, retrieval: bool, rank: int = 0,
+                     world: int = 1) -> SequenceBatches:
+    """The micro-batches of a run (batch_size / accum sequences over all processes), drawn by overlap
+    with their neighbours when args.overlap_sampling > 0 and the model retrieves."""
+    micro = args.batch_size // args.accum
+    batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world)
+    if args.overlap_sampling > 0 and retrieval:
+        weights = sequence_overlap_weights(batches, args.overlap_sampling)
+        batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world, weights=weights)
+    return batches
+
+
+def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, device, retrieval=True) -> dict:
     """Quick held-out numbers during training (on the first eval_sequences sequences)."""
     m, N = data.chunk_size, model.cfg.seq_len
-    rows = min(len(data), a.eval_sequences * (N // m))
+    rows = min(len(data), args.eval_sequences * (N // m))
     sub = ChunkedTokens(data.tokens[:rows], data.valid[:rows], data.doc[:rows],
                         None if data.neighbours is None else data.neighbours[:rows],
                         None if data.neighbour_mask is None else data.neighbour_mask[:rows])
@@ -190,7 +223,114 @@ def evaluate_loss(model, data: ChunkedTokens, byte_lengths, a: TrainArgs, device
     return out
 
 
-def check_data(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, world: int = 1) -> None:
+def check_finite(what: str, value: float, step: int, args: TrainArgs) -> None:
+    """TrainingDiverged unless ``value`` is finite or args.allow_nonfinite (train and retrofit training)."""
+    if not math.isfinite(value) and not args.allow_nonfinite:
+        raise TrainingDiverged(
+            f"step {step}: the {what} is {value} (not finite); stopped before this step was saved "
+            f"(what {args.out} held is intact); lower --lr, or pass --allow-nonfinite to go on")
+
+
+def is_due(done: int, every: int, steps: int) -> bool:
+    """Whether something done every ``every`` steps (0: only at the end) is due after step ``done``."""
+    return bool(every and done % every == 0) or done == steps
+
+
+# ---------------------------------------------------------------------------
+# The loop (train and retrofit training)
+# ---------------------------------------------------------------------------
+
+class TrainingLoop:
+    """Optimizer steps over seeded batches: accumulation, retrieval dropout, bf16 autocast on GPUs,
+    clipping, non-finite stops, held-out numbers, progress.
+
+    retrieval: the batches' neighbours are read; held_out_off: the held-out numbers without them too;
+    forward: the model or its DDP wrapper.
+    """
+
+    def __init__(self, model, optimizer, batches: SequenceBatches, args: TrainArgs, device, *, retrieval: bool,
+                 held_out_off: bool = False, name: str = "train", rank: int = 0, world: int = 1, forward=None):
+        self.model, self.optimizer, self.batches, self.args, self.device = model, optimizer, batches, args, device
+        self.retrieval, self.held_out_off, self.name, self.rank, self.world = retrieval, held_out_off, name, rank, world
+        self.forward = forward or model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(self, start_step: int = 0, history: Optional[list] = None, eval_data=None, byte_lengths=None,
+            log=print, save=None) -> list:
+        """Steps start_step..args.steps-1 appended to ``history``; ``save(step, history)`` when a checkpoint is due."""
+        args, history = self.args, [] if history is None else history
+        tokens_per_step = args.batch_size * self.model.cfg.seq_len
+        bar = progress_bar(total=args.steps, initial=start_step, desc=self.name, unit="step",
+                           enabled=self.rank == 0 and args.progress)
+        t0 = time.perf_counter()
+        self.model.train()
+        for step in range(start_step, args.steps):
+            done = step + 1
+            loss = self.step(step)
+            rate = (done - start_step) * tokens_per_step / (time.perf_counter() - t0)
+            record = {"step": done, "loss": loss, "lr": lr_at(step, args), "tokens_per_s": rate}
+            if eval_data is not None and self.rank == 0 and is_due(done, args.eval_every, args.steps):
+                record.update(self.held_out(eval_data, byte_lengths, done, log))
+            history.append(record)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if save is not None and is_due(done, args.ckpt_every, args.steps):
+                save(done, history)
+        bar.close()
+        return history
+
+    def step(self, step: int) -> float:
+        """One optimizer step; its loss (summed over the micro-steps). Stops on a non-finite loss or gradient."""
+        args = self.args
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = sum(self.micro_step(step * args.accum + k, last=k == args.accum - 1) for k in range(args.accum))
+        check_finite("training loss", loss, step + 1, args)
+        # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
+        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, args.clip or float("inf")))
+        check_finite("gradient norm", norm, step + 1, args)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def micro_step(self, index: int, last: bool) -> float:
+        """Forward and backward of micro-batch ``index``; DDP syncs the gradients on the last one."""
+        args, device = self.args, self.device
+        batch = self.batches.batch(index)
+        tokens, targets = batch["tokens"].to(device), batch["targets"].to(device)
+        neighbours = mask = None
+        if self.retrieval:
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index * self.world + self.rank)
+            neighbours = batch["neighbours"].to(device)
+            mask = drop_retrieval(batch["neighbour_mask"], args.retrieval_dropout, generator).to(device)
+        skip_sync = self.world > 1 and not last
+        with self.forward.no_sync() if skip_sync else contextlib.nullcontext():
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = self.forward(tokens, neighbours, mask)
+            loss = lm_loss(logits, targets) / args.accum
+            loss.backward()
+        return loss.item()
+
+    def held_out(self, eval_data, byte_lengths, done: int, log) -> dict:
+        """{"eval": ..., "eval_off": ...}: held-out loss and bpb with retrieval, and (held_out_off) without;
+        stops on a non-finite number."""
+        numbers = {"eval": evaluate_loss(self.model, eval_data, byte_lengths, self.args, self.device)}
+        if self.held_out_off and eval_data.neighbours is not None:
+            numbers["eval_off"] = evaluate_loss(self.model, eval_data, byte_lengths, self.args, self.device,
+                                                retrieval=False)
+        for name, values in numbers.items():
+            for key, value in values.items():
+                check_finite(f"held-out {key} ({name})", value, done, self.args)
+        log(f"{self.name} step {done}: eval {numbers['eval']}"
+            + (f" off {numbers['eval_off']}" if "eval_off" in numbers else ""))
+        return numbers
+
+
+# ---------------------------------------------------------------------------
+# train()
+# ---------------------------------------------------------------------------
+
+def check_data(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, world: int = 1) -> None:
     if cfg.retrieval and train_data.neighbours is None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
     if train_data.chunk_size != cfg.chunk_size:
@@ -199,249 +339,150 @@ def check_data(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, world:
             train_data.neighbours.shape[1] != cfg.num_neighbours or train_data.neighbours.shape[2] != cfg.R):
         raise ValueError(f"the data has (K, R) = {train_data.neighbours.shape[1:]} neighbours but the config "
                          f"expects ({cfg.num_neighbours}, {cfg.R})")
-    if a.batch_size % (a.accum * world):
-        raise ValueError(f"batch_size ({a.batch_size}) must be divisible by accum ({a.accum}) x processes ({world})")
+    if args.batch_size % (args.accum * world):
+        raise ValueError(f"batch_size ({args.batch_size}) must be divisible by accum ({args.accum}) x processes "
+                         f"({world})")
 
 
-def check_out(a: TrainArgs) -> None:
+def check_out(args: TrainArgs) -> None:
     """Refuse (OutputFolderError, exit 2) an --out that this run may not write into. Changes nothing."""
-    out = Path(a.out)
+    out = Path(args.out)
     outdir.check_folder(out, "train-run", legacy=ckpt.is_run_folder)
     latest = ckpt.read_latest(out) if out.is_dir() else None
-    if latest is not None and not (a.resume or a.overwrite):
+    if latest is not None and not (args.resume or args.overwrite):
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a training run (at step {latest.get('step')}, {ckpt.LATEST}); pass --resume "
             f"to continue it, or --overwrite to replace it (its checkpoints stay until the new run saves one)")
 
 
-def train(cfg: RetroConfig, train_data: ChunkedTokens, a: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
+def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
           byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
-    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to a.out.
+    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to args.out.
 
-    Rank 0 takes a.out for the run (outdir.claimed: new, empty or its own, locked).
+    Rank 0 takes args.out for the run (outdir.claimed: new, empty or its own, locked).
     """
-    a.validate()
-    device = resolve_device(a.device)
-    rank, world, device = setup_distributed(device)
-    check_data(cfg, train_data, a, world)
+    args.validate()
+    rank, world, device = setup_distributed(resolve_device(args.device))
+    check_data(cfg, train_data, args, world)
     if rank != 0:
-        return _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device)
-    check_out(a)
-    with outdir.claimed(a.out, "train-run", legacy=ckpt.is_run_folder, temporaries=ckpt.TEMPORARIES,
+        return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
+    check_out(args)
+    with outdir.claimed(args.out, "train-run", legacy=ckpt.is_run_folder, temporaries=ckpt.TEMPORARIES,
                         inside=ckpt.CHECKPOINT_FILES):
-        check_out(a)  # under the lock
-        return _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device)
+        check_out(args)  # under the lock
+        return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
-def check_finite(what: str, value: float, step: int, a: TrainArgs) -> None:
-    """TrainingDiverged unless ``value`` is finite or a.allow_nonfinite (train and retrofit training)."""
-    if not math.isfinite(value) and not a.allow_nonfinite:
-        raise TrainingDiverged(
-            f"step {step}: the {what} is {value} (not finite); stopped before this step was saved "
-            f"(what {a.out} held is intact); lower --lr, or pass --allow-nonfinite to go on")
-
-
-def _train(cfg, train_data, a, eval_data, byte_lengths, log, rank, world, device) -> dict:
-    out = Path(a.out)
-    torch.manual_seed(a.seed)
-    model = build_model(cfg, a).to(device)
-    optimizer = make_optimizer(model, a)
-    start_step, history = 0, []
-    resuming = a.resume and (out / ckpt.LATEST).is_file()
-    if resuming:
-        saved = ckpt.load_config(out)
-        if saved.to_dict() != {**cfg.to_dict(), "kernels": saved.kernels}:
-            raise ValueError(f"--resume: the checkpoint in {out} was trained with a different config")
-        ckpt.load_model_weights(model, out)
-        state = ckpt.load_training_state(out, optimizer)
-        start_step, history = state["step"], state.get("history", [])
-        if rank == 0:
-            log(f"resumed from {ckpt.resolve(out)} at step {start_step}")
-    run = ckpt.RunCheckpoints(out, a.keep, replace_previous=a.overwrite) if rank == 0 else None
-    ddp_model = model
+def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank, world, device) -> dict:
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, args).to(device)
+    optimizer = make_optimizer(model, args)
+    start_step, history = _resumed_state(cfg, model, optimizer, args, log if rank == 0 else (lambda msg: None))
+    forward = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
+        forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    save = None
+    if rank == 0:
+        run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
 
-    micro = a.batch_size // a.accum  # sequences per micro-step over all processes
-    batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world)
-    if a.overlap_sampling > 0 and cfg.retrieval:
-        weights = sequence_overlap_weights(batches, a.overlap_sampling)
-        batches = SequenceBatches(train_data, cfg.seq_len, micro, seed=a.seed, rank=rank, world=world, weights=weights)
-    autocast = device.type == "cuda"
-    progress = None
-    if rank == 0 and a.progress:
-        from tqdm import tqdm
+        def save(step, history):
+            run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
 
-        progress = tqdm(total=a.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    tokens_per_step = a.batch_size * cfg.seq_len
-    t0, tokens_seen = time.perf_counter(), 0
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    for step in range(start_step, a.steps):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, a)
-        total = 0.0
-        for k in range(a.accum):
-            index = step * a.accum + k
-            b = batches.batch(index)
-            tokens, targets = b["tokens"].to(device), b["targets"].to(device)
-            nb = mask = None
-            if cfg.retrieval:
-                gen = torch.Generator().manual_seed(a.seed * 1_000_003 + index * world + rank)
-                nb = b["neighbours"].to(device)
-                mask = drop_retrieval(b["neighbour_mask"], a.retrieval_dropout, gen).to(device)
-            sync = k == a.accum - 1 or world == 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _null()
-            with ctx:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = ddp_model(tokens, nb, mask)
-                loss = lm_loss(logits, targets) / a.accum
-                loss.backward()
-            total += loss.item()
-        done = step + 1
-        check_finite("training loss", total, done, a)
-        # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
-        norm = float(torch.nn.utils.clip_grad_norm_(trainable, a.clip or float("inf")))
-        check_finite("gradient norm", norm, done, a)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        rate = tokens_seen / (time.perf_counter() - t0)
-        record = {"step": done, "loss": total, "lr": lr_at(step, a), "tokens_per_s": rate}
-        if eval_data is not None and ((a.eval_every and done % a.eval_every == 0) or done == a.steps) and rank == 0:
-            record["eval"] = evaluate_loss(model, eval_data, byte_lengths, a, device)
-            if cfg.retrieval and eval_data.neighbours is not None:
-                record["eval_off"] = evaluate_loss(model, eval_data, byte_lengths, a, device, retrieval=False)
-            for name in ("eval", "eval_off"):
-                for key, value in record.get(name, {}).items():
-                    check_finite(f"held-out {key} ({name})", value, done, a)
-            log(f"step {done}: eval {record['eval']}" + (f" off {record['eval_off']}" if "eval_off" in record else ""))
-        history.append(record)
-        if progress is not None:
-            progress.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}")
-            progress.update(1)
-        if run is not None and ((a.ckpt_every and done % a.ckpt_every == 0) or done == a.steps):
-            run.save(model, optimizer, done, {"history": history, "args": asdict(a)})
-    if progress is not None:
-        progress.close()
+    batches = training_batches(train_data, cfg.seq_len, args, cfg.retrieval, rank, world)
+    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
+                        held_out_off=cfg.retrieval, rank=rank, world=world, forward=forward)
+    history = loop.run(start_step, history, eval_data, byte_lengths, log, save)
     if world > 1:
         dist.barrier()
-    return {"model": model, "history": history, "step": max(a.steps, start_step)}
+    return {"model": model, "history": history, "step": max(args.steps, start_step)}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, list]:
+    """(step, history) of the run in args.out that --resume continues (its weights, optimizer and RNG
+    states loaded), or (0, []) for a new run."""
+    out = Path(args.out)
+    if not (args.resume and (out / ckpt.LATEST).is_file()):
+        return 0, []
+    saved = ckpt.load_config(out)
+    if saved.to_dict() != {**cfg.to_dict(), "kernels": saved.kernels}:
+        raise ValueError(f"--resume: the checkpoint in {out} was trained with a different config")
+    ckpt.load_model_weights(model, out)
+    state = ckpt.load_training_state(out, optimizer)
+    log(f"resumed from {ckpt.resolve(out)} at step {state['step']}")
+    return state["step"], state.get("history", [])
 
 
 # ---------------------------------------------------------------------------
 # python -m models train
 # ---------------------------------------------------------------------------
 
-def add_model_arguments(p) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=integer(1, 1 << 16), default=256)
-    g.add_argument("--layers", type=integer(1, 1024), default=6)
-    g.add_argument("--heads", type=integer(1, 1024), default=4)
-    g.add_argument("--kv-heads", type=integer(1, 1024), default=None,
-                   help="fewer than --heads: grouped-query attention")
-    g.add_argument("--ff", choices=("gated", "gelu"), default="gated")
-    g.add_argument("--seq-len", type=integer(1, 1 << 24), default=512,
-                   help="N, a multiple of the database's chunk size")
-    g.add_argument("--neighbours", type=integer(1, 4096), default=2, help="K neighbours per chunk")
-    g.add_argument("--cca-start", type=integer(1, 1024), default=3,
-                   help="first decoder layer with CCA (1-based; paper: 6 or 9)")
-    g.add_argument("--cca-every", type=integer(1, 1024), default=3)
-    g.add_argument("--no-retrieval", action="store_true", help="train a plain decoder (no CCA, no encoder)")
-    g.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0,
-                   help="decoder dropout (attention, feed-forward)")
-    g.add_argument("--encoder-ff-mult", type=integer(1, 64), default=4,
-                   help="retrieval encoder feed-forward width / d_model")
-    g.add_argument("--kernels", choices=KERNELS, default="auto", help="auto (fused where available) or a backend")
+# The model's flags: {flag: add_argument keywords}; retrofit takes some of them (with its own defaults).
+MODEL_FLAGS = {
+    "--d-model": dict(type=integer(1, 1 << 16), default=256, help="hidden size"),
+    "--layers": dict(type=integer(1, 1024), default=6, help="decoder layers"),
+    "--heads": dict(type=integer(1, 1024), default=4, help="attention heads"),
+    "--kv-heads": dict(type=integer(1, 1024), default=None, help="fewer than --heads: grouped-query attention"),
+    "--ff": dict(choices=("gated", "gelu"), default="gated", help="feed-forward: gated (SwiGLU) or GELU"),
+    "--seq-len": dict(type=integer(1, 1 << 24), default=512, help="N, a multiple of the database's chunk size"),
+    "--neighbours": dict(type=integer(1, 4096), default=2, help="K neighbours per chunk"),
+    "--cca-start": dict(type=integer(1, 1024), default=3,
+                        help="first decoder layer with CCA (1-based; paper: 6 or 9)"),
+    "--cca-every": dict(type=integer(1, 1024), default=3, help="a CCA layer every this many decoder layers"),
+    "--no-retrieval": dict(action="store_true", help="train a plain decoder (no CCA, no encoder)"),
+    "--dropout": dict(type=number(0, 1, hi_open=True), default=0.0, help="decoder dropout (attention, feed-forward)"),
+    "--encoder-ff-mult": dict(type=integer(1, 64), default=4, help="retrieval encoder feed-forward width / d_model"),
+    "--kernels": dict(choices=KERNELS, default="auto", help="auto (fused where available) or a backend"),
+}
 
 
-def add_train_arguments(p) -> None:
-    from .cli_common import checkpoint, device, folder
-
-    g = p.add_argument_group("training")
-    d = TrainArgs()
-    g.add_argument("--out", type=folder, default=d.out, help="checkpoint directory")
-    g.add_argument("--steps", type=LIMITS["steps"], default=d.steps)
-    g.add_argument("--batch-size", type=LIMITS["batch_size"], default=d.batch_size, help="sequences per optimizer step")
-    g.add_argument("--accum", type=LIMITS["accum"], default=d.accum, help="gradient accumulation micro-steps")
-    g.add_argument("--lr", type=LIMITS["lr"], default=d.lr)
-    g.add_argument("--warmup", type=LIMITS["warmup"], default=d.warmup)
-    g.add_argument("--weight-decay", type=LIMITS["weight_decay"], default=d.weight_decay)
-    g.add_argument("--clip", type=LIMITS["clip"], default=d.clip, help="gradient norm clip (0: none)")
-    g.add_argument("--retrieval-dropout", type=LIMITS["retrieval_dropout"], default=d.retrieval_dropout,
-                   help="fraction of sequences trained with their neighbours masked")
-    g.add_argument("--overlap-sampling", type=LIMITS["overlap_sampling"], default=d.overlap_sampling,
-                   help="> 0: draw training sequences with weight (this + the mean overlap of their chunks with "
-                        "their neighbours), so sequences whose neighbours are informative come more often")
-    g.add_argument("--eval-every", type=LIMITS["eval_every"], default=d.eval_every, help="steps (0: at the end)")
-    g.add_argument("--ckpt-every", type=LIMITS["ckpt_every"], default=d.ckpt_every, help="steps (0: at the end)")
-    g.add_argument("--seed", type=LIMITS["seed"], default=d.seed)
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (its checkpoints are deleted once the new run saved one)")
-    g.add_argument("--allow-nonfinite", action="store_true", help="keep training on a NaN/inf loss (default: stop)")
-    g.add_argument("--retrofit", type=checkpoint, default=None,
-                   help="a plain decoder checkpoint: freeze it, train CCA + encoder")
-    g.add_argument("--device", type=device, default="auto")
-    g.add_argument("--no-progress", action="store_true")
+def add_model_flags(group, names=tuple(MODEL_FLAGS), **changes) -> None:
+    """The MODEL_FLAGS in ``names``; ``changes``: {flag name with _ for -: add_argument keywords to change}."""
+    for name in names:
+        group.add_argument(name, **{**MODEL_FLAGS[name], **changes.get(name[2:].replace("-", "_"), {})})
 
 
-def config_from_arguments(args, db) -> RetroConfig:
+def config_from_flags(flags, db) -> RetroConfig:
     """The model config of the command line and the database; UsageError when they do not fit."""
     extra = {"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint}
     have_k = int(db.config["k"])
-    if not args.no_retrieval and args.neighbours > have_k:
-        raise UsageError(f"--neighbours {args.neighbours}: the database precomputed {have_k} neighbours per chunk "
-                         f"(rebuild it with -k {args.neighbours})")
+    if not flags.no_retrieval and flags.neighbours > have_k:
+        raise UsageError(f"--neighbours {flags.neighbours}: the database precomputed {have_k} neighbours per chunk "
+                         f"(rebuild it with -k {flags.neighbours})")
     try:
-        cfg = RetroConfig(
-            vocab_size=db.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-            n_kv_heads=args.kv_heads, feed_forward=args.ff, seq_len=args.seq_len, chunk_size=db.chunk_size,
-            num_neighbours=args.neighbours, neighbour_len=db.neighbour_len, retrieval=not args.no_retrieval,
-            cca_start_layer=min(args.cca_start, args.layers), cca_every=args.cca_every, kernels=args.kernels,
-            dropout=args.dropout, encoder_ff_mult=args.encoder_ff_mult, extra=extra,
+        cfg = RetroConfig(  # the command line's numbers must fit together, with --retrofit too
+            vocab_size=db.vocab_size, d_model=flags.d_model, n_layers=flags.layers, n_heads=flags.heads,
+            n_kv_heads=flags.kv_heads, feed_forward=flags.ff, seq_len=flags.seq_len, chunk_size=db.chunk_size,
+            num_neighbours=flags.neighbours, neighbour_len=db.neighbour_len, retrieval=not flags.no_retrieval,
+            cca_start_layer=min(flags.cca_start, flags.layers), cca_every=flags.cca_every, kernels=flags.kernels,
+            dropout=flags.dropout, encoder_ff_mult=flags.encoder_ff_mult, extra=extra,
         )
-        if args.retrofit:
-            base = ckpt.load_config(args.retrofit)
-            trained_with = base.extra.get("tokenizer_fingerprint")
-            if trained_with and trained_with != db.tokenizer_fingerprint:
-                raise UsageError(f"--retrofit {args.retrofit} was trained with another tokenizer than --db {args.db}'s "
-                                 f"({trained_with} vs {db.tokenizer_fingerprint})")
-            cfg = base.replace(retrieval=True, num_neighbours=args.neighbours,
-                               cca_start_layer=min(args.cca_start, base.n_layers), cca_every=args.cca_every,
-                               kernels=args.kernels, extra=extra)
+        return _retrofit_config(flags, db, extra) if flags.retrofit else cfg
     except ckpt.CheckpointError:
         raise
     except ValueError as e:  # RetroConfig: the arguments do not fit together or with the database
         raise UsageError(str(e)) from None
-    return cfg
 
 
-def train_args_from(args) -> TrainArgs:
-    a = TrainArgs(
-        out=args.out, steps=args.steps, batch_size=args.batch_size, accum=args.accum, lr=args.lr,
-        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-        retrieval_dropout=args.retrieval_dropout, overlap_sampling=args.overlap_sampling,
-        eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed, resume=args.resume,
-        overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, retrofit=args.retrofit,
-        device=args.device, progress=not args.no_progress,
-    )
-    if a.batch_size % a.accum:
-        raise UsageError(f"--batch-size {a.batch_size} must be a multiple of --accum {a.accum}")
-    if a.resume and a.overwrite:
+def _retrofit_config(flags, db, extra: dict) -> RetroConfig:
+    """--retrofit: the decoder checkpoint's config with retrieval added (its tokenizer must be the database's)."""
+    base = ckpt.load_config(flags.retrofit)
+    trained_with = base.extra.get("tokenizer_fingerprint")
+    if trained_with and trained_with != db.tokenizer_fingerprint:
+        raise UsageError(f"--retrofit {flags.retrofit} was trained with another tokenizer than --db {flags.db}'s "
+                         f"({trained_with} vs {db.tokenizer_fingerprint})")
+    return base.replace(retrieval=True, num_neighbours=flags.neighbours,
+                        cca_start_layer=min(flags.cca_start, base.n_layers), cca_every=flags.cca_every,
+                        kernels=flags.kernels, extra=extra)
+
+
+def checked_train_args(flags) -> TrainArgs:
+    """The run's TrainArgs; UsageError (naming the flags) when they do not fit together."""
+    if flags.batch_size % flags.accum:
+        raise UsageError(f"--batch-size {flags.batch_size} must be a multiple of --accum {flags.accum}")
+    if flags.resume and flags.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
-    a.validate()  # the ranges: argparse checked them with the same LIMITS
-    return a
+    return train_args_from(flags)
 
 
 @command("train")
@@ -452,24 +493,23 @@ def main(argv=None) -> int:
     p = Parser("python -m models train", description=__doc__.split("\n\n")[0])
     p.add_argument("--db", type=database, required=True,
                    help="retrieval database directory (python -m models build-db)")
-    add_model_arguments(p)
-    add_train_arguments(p)
-    args = p.parse_args(argv)
-    a = train_args_from(args)  # every check that needs no file: before anything is read
-    if int(os.environ.get("RANK", "0")) == 0:
-        check_out(a)
-    db = open_database(args.db)
-    cfg = config_from_arguments(args, db)
+    add_model_flags(p.add_argument_group("model"))
+    add_train_flags(p.add_argument_group("training"))
+    flags = p.parse_args(argv)
+    args = checked_train_args(flags)  # every check that needs no file: before anything is read
+    if is_first_process():
+        check_out(args)
+    db = open_database(flags.db)
+    cfg = config_from_flags(flags, db)
     K = cfg.num_neighbours if cfg.retrieval else None
-    train_data = from_stream(db, "train", K)
-    eval_data = from_stream(db, "eval", K)
+    train_data, eval_data = from_stream(db, "train", K), from_stream(db, "eval", K)
     try:
-        result = train(cfg, train_data, a, eval_data, token_byte_lengths(db.tokenizer))
+        result = train(cfg, train_data, args, eval_data, token_byte_lengths(db.tokenizer))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     last = result["history"][-1] if result["history"] else {}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         ran = f"last loss {last['loss']:.4f}, eval {last.get('eval')}" if last else "no step left to run"
-        print(f"done: step {result['step']}, {ran}, checkpoint in {args.out}")
+        print(f"done: step {result['step']}, {ran}, checkpoint in {flags.out}")
     return 0

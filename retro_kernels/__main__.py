@@ -98,9 +98,9 @@ def cuda_devices() -> list[str]:
 
 
 def gemm_in_use(measure: bool) -> dict:
-    """The C++ CPU kernels' GEMM choice (retro_kernels.cpu.gemm_info): chosen per shape class by
+    """The C++ CPU kernels' GEMM choice (retro_kernels.cpu.gemm.gemm_info): chosen per shape class by
     timing the candidates on first use; `measure` runs each op once at the paper's shapes first."""
-    from .cpu import gemm_info
+    from .cpu.gemm import gemm_info
 
     info = gemm_info(calibrate=measure)
     return {"summary": info["summary"], "candidates": info.get("candidates", []), "mode": info["mode"],

@@ -104,10 +104,10 @@ class Backend:
 
     def gpu_reasons(self, device: torch.device) -> list[str]:
         """Why this backend's kernels cannot run on the CUDA device `device`."""
-        if not torch.cuda.is_available():
-            return ["no CUDA device is available"]
-        props = torch.cuda.get_device_properties(device.index if device.index is not None
-                                                 else torch.cuda.current_device())
+        try:
+            props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+        except (AssertionError, RuntimeError) as e:  # e.g. fake CUDA tensors on a machine without a GPU
+            return [f"no CUDA device to run the {self.name} kernels on {device}: {' '.join(str(e).split())}"]
         need = self.min_compute_capability
         if need and (props.major, props.minor) < need:
             return [f"the {self.name} kernels need compute capability {need[0]}.{need[1]} or newer; "

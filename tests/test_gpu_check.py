@@ -5,6 +5,7 @@ and imports its OUT_DIR. These tests use synthetic runs and finish in seconds.
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -163,6 +164,15 @@ def checkout(tmp_path):
     for name in ("README.md", "docs/benchmarks.md"):
         (root / name).write_text(f"before {name}\n{gpu_import.GPU_BEGIN}\nold table\n{gpu_import.GPU_END}\nafter\n")
     return root
+
+
+def test_the_checkouts_docs_hold_one_results_block_each():
+    """`python -m bench import` rewrites exactly one marked block in each: prose must not repeat the markers."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for name in ("README.md", "docs/benchmarks.md"):
+        text = (root / name).read_text()
+        assert text.count(gpu_import.GPU_BEGIN) == 1 and text.count(gpu_import.GPU_END) == 1, name
+        gpu_import.replace_block(text, "new", name)
 
 
 def test_import_files_rows_and_replaces_only_the_block(tmp_path, monkeypatch):

@@ -163,7 +163,7 @@ def test_measured_choice_is_reported():
     """Running a kernel measures its shapes' classes; each keeps the fastest candidate it timed."""
     if os.environ.get("RETRO_KERNELS_CPU_GEMM", "auto") not in ("", "auto"):
         pytest.skip("RETRO_KERNELS_CPU_GEMM forces a GEMM")
-    import retro_kernels.cpu as cpu_backend
+    import retro_kernels.cpu.gemm as cpu_backend
 
     info = cpu_backend.gemm_info(calibrate=True)
     assert info["mode"] == "measured" and info["forced"] is None

@@ -10,7 +10,7 @@ pytest.importorskip("tokenizers")
 
 from models.retrieval import corpus as corpus_mod  # noqa: E402
 from models.retrieval import index as index_mod  # noqa: E402
-from models.retrieval.build import build_database, held_out, split_documents  # noqa: E402
+from models.retrieval import build_database, held_out, split_documents  # noqa: E402
 from models.retrieval.leakage import MinHasher, find_leaked  # noqa: E402
 from models.retrieval.manifest import DatabaseError, Manifest, atomic_path  # noqa: E402
 from models.retrieval.tokenizer import load_tokenizer, train_bpe  # noqa: E402
@@ -336,7 +336,7 @@ def test_align_sections_chunks_a_shared_section_identically_in_both_documents(tm
 
 
 def test_max_distance_config_is_checked():
-    from models.retrieval.build import make_config
+    from models.retrieval.config import make_config
 
     assert make_config(max_distance=2.0)["max_distance"] == 2.0 and make_config()["max_distance"] is None
     for bad in (-1.0, "2", True, float("nan")):

@@ -47,7 +47,8 @@ A RETRO demo: build ``db_heldout`` (eval documents not retrievable) and
 evaluate on ``.stream("eval")`` of each: without and with the eval documents in
 the database. See docs/retrieval.md.
 """
-from .build import DEFAULT_CONFIG, build_database, held_out, split_documents
+from .build import build_database
+from .config import DEFAULT_CONFIG, held_out, split_documents
 from .corpus import Document, iter_corpus, python_docs_corpus
 from .manifest import DatabaseError
 from .query import RetrievalDatabase, TokenStream

@@ -27,13 +27,7 @@ embedded twice.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,157 +36,47 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import outdir
+from ..runtime import TorchrunGroup, progress_bar
+from . import build_index, build_text
 from . import corpus as corpus_mod
-from . import index as index_mod
-from .embed import DEFAULT_EMBEDDER, Embedder
-from .leakage import NUM_PERM, THRESHOLD, MinHasher, find_leaked
-from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, TEMP_SUFFIX, DatabaseError, Manifest, atomic_path,
-                       atomic_save_npy, atomic_write_json, database_file_patterns, expected_files, load_npy, sha256_file,
-                       temporary_patterns)
-from .tokenizer import EOS_TOKEN, MIN_VOCAB, PAD_TOKEN, encode_batches, load_tokenizer, token_dtype, train_bpe
+from .config import DEFAULT_RUNTIME, check_value, config_differences, make_config
+from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, DatabaseError, Manifest, database_file_patterns,
+                       expected_files, load_npy, sha256_file, temporary_patterns)
+from .tokenizer import load_tokenizer
 
-SPLITS = {"train": 0, "eval": 1, "removed": 2}
-STREAM_SPLITS = ("train", "eval")
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "corpus": corpus_mod.DEFAULT_CORPUS,  # a path, or the default corpus
-    "tokenizer": None,          # sha256 of a given tokenizer.json, or None: train one
-    "vocab_size": 8192,
-    "chunk_size": 64,           # m; neighbour values are R = 2m tokens
-    "embedder": DEFAULT_EMBEDDER,
-    "eval_fraction": 0.05,      # documents held out for evaluation (by a hash of their id)
-    "split_seed": 0,
-    "leakage_threshold": THRESHOLD,
-    "index_eval_docs": False,   # True: the evaluation documents are retrievable too
-    "align_sections": False,    # True: every section heading and body starts on a chunk boundary
-    "index_type": "auto",       # auto / flat / ivfpq / hnsw
-    "nlist": 0, "pq_m": 0, "pq_nbits": 0,  # IVF-PQ sizes; 0 = chosen from the data
-    "hnsw_m": 32,
-    "train_sample": 100_000,    # vectors the IVF-PQ index is trained on
-    "shard_size": 5_000_000,    # vectors per index shard
-    "k": 4,                     # neighbours precomputed per stream chunk
-    "max_distance": None,       # None (RETRO): the K nearest, however far; a number: farther ones are dropped
+# What each stage of manifest.STAGES runs: a function of the Builder, returning what the manifest records.
+STAGE_STEPS = {
+    "tokenizer": build_text.train_or_copy_tokenizer,
+    "tokenize": build_text.tokenize_corpus,
+    "split": build_text.hold_out_documents,
+    "chunk": build_text.cut_chunks_and_streams,
+    "embed": build_index.embed_chunks,
+    "train_index": build_index.train_index,
+    "add": build_index.add_to_index,
+    "query": build_index.precompute_neighbours,
 }
-# Options that change how, not what, is built: never compared when reopening.
-DEFAULT_RUNTIME = {"embed_batch_size": 128, "embed_part_size": 2048, "device": None, "progress": True}
-
-
-def _limits():
-    """The range of every numeric build option, once: the command line's argparse types, and make_config."""
-    from ..cli_common import SEED, integer, number
-
-    return {
-        "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
-        "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
-        "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
-        "pq_nbits": integer(0, 16), "hnsw_m": integer(2, 1024), "train_sample": integer(1),
-        "shard_size": integer(1), "k": integer(1, 4096), "max_distance": number(0),
-        "embed_batch_size": integer(1), "embed_part_size": integer(1),
-    }
-
-
-LIMITS = _limits()
-
-
-def check_value(name: str, value) -> None:
-    """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
-    from ..cli_common import check_value as check
-
-    if not (name == "max_distance" and value is None):
-        check(name, value, LIMITS[name])
-
-
-def held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
-    """Whether document ``doc_id`` belongs to the evaluation split: a stable hash of (seed, id)."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction: expected a fraction in [0, 1), got {eval_fraction}")
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
-    return h / 2.0**64 < eval_fraction
-
-
-def split_documents(doc_ids: list[str], eval_fraction: float, seed: int = 0) -> np.ndarray:
-    """(len(doc_ids),) bool: True for the documents held out for evaluation."""
-    return np.array([held_out(d, eval_fraction, seed) for d in doc_ids], dtype=bool)
-
-
-def make_config(**overrides) -> dict[str, Any]:
-    unknown = set(overrides) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown database config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
-    config = {**DEFAULT_CONFIG, **overrides}
-    for name in LIMITS:
-        if name in config:
-            check_value(name, config[name])
-    for name in ("index_eval_docs", "align_sections"):
-        if not isinstance(config[name], bool):
-            raise ValueError(f"{name}: expected True or False, got {config[name]!r}")
-    index_mod.resolve_index_type(config["index_type"], 0)
-    return config
-
-
-def config_differences(have: dict, want: dict) -> list[str]:
-    keys = sorted(set(have) | set(want))
-    return [f"{k}: database has {have.get(k)!r}, requested {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
-
-
-def _progress(total=None, desc="", unit="it", enabled=True):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1, file=sys.stderr, mininterval=0.5)
-
-
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self._dist = None
-        if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-            self._dist = dist
-
-    def barrier(self):
-        if self._dist is not None:
-            self._dist.barrier()
-
-    def broadcast_flag(self, value: int) -> int:
-        if self._dist is None:
-            return value
-        import torch
-
-        t = torch.tensor([value])
-        self._dist.broadcast(t, 0)
-        return int(t.item())
-
-    def close(self):
-        if self._dist is not None and self._dist.is_initialized():
-            self._dist.destroy_process_group()
 
 
 class Builder:
+    """One build of a database: its folder, configuration, runtime options, manifest and processes."""
+
     def __init__(self, out: str | os.PathLike, config: dict[str, Any], runtime: dict[str, Any],
-                 tokenizer_path: str | None, log: Callable[[str], None]):
+                 tokenizer_path: str | None, log: Callable[[str], None], group: TorchrunGroup | None = None):
         self.root = Path(out)
         self.config = config
         self.runtime = {**DEFAULT_RUNTIME, **runtime}
         self.tokenizer_path = tokenizer_path
         self.log = log
+        self.group = group or TorchrunGroup()
         self.corpus_path = None if config["corpus"] == corpus_mod.DEFAULT_CORPUS else config["corpus"]
         self.exclude = [self.root]  # a database inside its own corpus folder never reads itself
         self.manifest: Manifest | None = None
         self._tokenizer = None
 
+    # --- what the stages read ------------------------------------------------------
     def corpus(self, **kw):
         return corpus_mod.iter_corpus(self.corpus_path, exclude=self.exclude, **kw)
 
-    # --- helpers -----------------------------------------------------------------
     @property
     def m(self) -> int:
         return self.config["chunk_size"]
@@ -210,311 +94,9 @@ class Builder:
         return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
 
     def progress(self, **kw):
-        return _progress(enabled=self.runtime["progress"], **kw)
+        return progress_bar(enabled=self.runtime["progress"], **kw)
 
-    # --- the stages ----------------------------------------------------------------
-    def stage_tokenizer(self) -> dict:
-        dest = self.root / "tokenizer.json"
-        if self.tokenizer_path is not None:
-            load_tokenizer(self.tokenizer_path)  # validates
-            with atomic_path(dest) as tmp:
-                shutil.copyfile(self.tokenizer_path, tmp)
-            return {"trained": False}
-        cfg = self.config
-
-        def train_texts():
-            skip = False
-            bar = self.progress(desc="tokenizer: reading corpus", unit="doc")
-            for doc in self.corpus(warn=lambda msg: None):
-                if not doc.continued:
-                    skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
-                    bar.update(1)
-                if not skip:  # evaluation documents never shape the tokenizer
-                    yield doc.text
-            bar.close()
-
-        tokenizer = train_bpe(train_texts(), cfg["vocab_size"])
-        with atomic_path(dest) as tmp:
-            tokenizer.save(str(tmp))
-        return {"trained": True, "vocab_size": tokenizer.get_vocab_size()}
-
-    def stage_tokenize(self) -> dict:
-        tokenizer = self.tokenizer()
-        vocab = tokenizer.get_vocab_size()
-        dtype = token_dtype(vocab)
-        hasher = MinHasher(NUM_PERM, seed=self.config["split_seed"])
-        stats = corpus_mod.CorpusStats()
-        names: list[str] = []
-        offsets = [0]
-        doc_bytes: list[int] = []
-        signatures: list[np.ndarray] = []
-        num_tokens = 0
-        bar = self.progress(desc="tokenize", unit="doc")
-
-        def pieces():
-            for doc in self.corpus(stats=stats, warn=self.log):
-                yield doc
-
-        with atomic_path(self.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
-            batch: list[corpus_mod.Document] = []
-
-            def flush():
-                nonlocal num_tokens
-                for doc, ids in zip(batch, self._encode_documents(tokenizer, [d.text for d in batch], dtype)):
-                    f.write(ids.tobytes())
-                    num_tokens += ids.size
-                    sig = hasher.signature(doc.text)
-                    if doc.continued and names:
-                        offsets[-1] = num_tokens
-                        doc_bytes[-1] += len(doc.text.encode("utf-8", errors="replace"))
-                        signatures[-1] = np.minimum(signatures[-1], sig)
-                    else:
-                        names.append(doc.doc_id)
-                        offsets.append(num_tokens)
-                        doc_bytes.append(len(doc.text.encode("utf-8", errors="replace")))
-                        signatures.append(sig)
-                        bar.update(1)
-                bar.set_postfix(tokens=num_tokens, refresh=False)
-                batch.clear()
-
-            batch_chars = 0
-            for doc in pieces():
-                batch.append(doc)
-                batch_chars += len(doc.text)
-                if len(batch) >= 256 or batch_chars >= (8 << 20):
-                    flush()
-                    batch_chars = 0
-            if batch:
-                flush()
-        bar.close()
-        if not names:
-            (self.root / "tokens.bin").unlink(missing_ok=True)
-            raise ValueError(f"corpus {self.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
-        lengths = np.diff(np.asarray(offsets))
-        keep_empty = lengths == 0  # a document whose text encodes to nothing still keeps its slot
-        atomic_save_npy(self.root / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
-        atomic_save_npy(self.root / "doc_bytes.npy", np.asarray(doc_bytes, dtype=np.int64))
-        atomic_save_npy(self.root / "doc_signatures.npy", np.stack(signatures).astype(np.uint64))
-        atomic_write_json(self.root / "doc_names.json", names)
-        self.log(f"tokenize: {len(names)} documents, {num_tokens} tokens, {sum(doc_bytes)} bytes; corpus {stats.as_dict()}")
-        return {"dtype": dtype.name, "num_tokens": int(num_tokens), "num_docs": len(names),
-                "num_bytes": int(sum(doc_bytes)), "empty_docs": int(keep_empty.sum()), "corpus": stats.as_dict()}
-
-    def _encode_documents(self, tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
-        """Token ids of each text; with ``align_sections``, each section padded to a chunk boundary."""
-        if not self.config["align_sections"]:
-            return [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-        pad = tokenizer.token_to_id(PAD_TOKEN)
-        segments = [corpus_mod.split_sections(t) for t in texts]
-        encoded = iter(tokenizer.encode_batch([s for segs in segments for s in segs], add_special_tokens=False))
-        out = []
-        for segs in segments:
-            parts = []
-            for i in range(len(segs)):
-                ids = np.asarray(next(encoded).ids, dtype=dtype)
-                parts.append(ids)
-                if i < len(segs) - 1 and ids.size % self.m:  # the next section starts a chunk
-                    parts.append(np.full(self.m - ids.size % self.m, pad, dtype=dtype))
-            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
-        return out
-
-    def stage_split(self) -> dict:
-        names = json.loads((self.root / "doc_names.json").read_text())
-        cfg = self.config
-        is_eval = split_documents(names, cfg["eval_fraction"], cfg["split_seed"])
-        leaked, matches = find_leaked(np.asarray(self.npy("doc_signatures.npy")), is_eval, cfg["leakage_threshold"])
-        split = np.where(is_eval, SPLITS["eval"], np.where(leaked, SPLITS["removed"], SPLITS["train"])).astype(np.int8)
-        atomic_save_npy(self.root / "doc_split.npy", split)
-        removed = [{"doc": names[d], "eval_doc": names[e], "jaccard": round(j, 3)} for d, (e, j) in sorted(matches.items())]
-        self.log(f"split: {int(is_eval.sum())} evaluation documents held out, {int((split == 0).sum())} training; "
-                 f"leakage filter removed {len(removed)} document(s) with Jaccard >= {cfg['leakage_threshold']} "
-                 f"to an evaluation document")
-        for r in removed[:20]:
-            self.log(f"  removed {r['doc']!r} (Jaccard {r['jaccard']} with eval doc {r['eval_doc']!r})")
-        return {"eval_docs": int(is_eval.sum()), "train_docs": int((split == 0).sum()),
-                "removed_leaked": len(removed), "removed": removed[:1000]}
-
-    def stage_chunk(self) -> dict:
-        m = self.m
-        offsets = np.asarray(self.npy("doc_offsets.npy"))
-        split = np.asarray(self.npy("doc_split.npy"))
-        lengths = np.diff(offsets)
-        retrievable = split == SPLITS["train"]
-        if self.config["index_eval_docs"]:
-            retrievable |= split == SPLITS["eval"]
-        docs = np.flatnonzero(retrievable & (lengths > 0))
-        if docs.size == 0:
-            raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
-        per_doc = -(-lengths[docs] // m)  # ceil: the last, partial chunk is kept (padded and masked)
-        chunk_doc = np.repeat(docs, per_doc).astype(np.int32)
-        first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-        chunk_start = offsets[chunk_doc] + (np.arange(chunk_doc.size) - first) * m
-        atomic_save_npy(self.root / "chunk_doc.npy", chunk_doc)
-        atomic_save_npy(self.root / "chunk_start.npy", chunk_start.astype(np.int64))
-        # database chunk id of (doc, chunk-in-doc): chunks of a doc are consecutive
-        doc_first_chunk = np.full(len(lengths), -1, dtype=np.int64)
-        doc_first_chunk[docs] = np.cumsum(per_doc) - per_doc
-
-        tokens = self.tokens()
-        tok = self.tokenizer()
-        eos, pad = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
-        info = {"num_chunks": int(chunk_doc.size), "retrieval_docs": int(docs.size)}
-        for name in STREAM_SPLITS:
-            sdocs = np.flatnonzero((split == SPLITS[name]) & (lengths > 0))
-            nchunks = -(-(lengths[sdocs] + 1) // m)  # room for the document and its <|endoftext|>
-            stream_chunk_doc = np.repeat(sdocs, nchunks).astype(np.int32)
-            within = np.arange(stream_chunk_doc.size) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
-            has_db = doc_first_chunk[stream_chunk_doc] >= 0
-            # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
-            in_db = has_db & (within * m < lengths[stream_chunk_doc])
-            db_chunk = np.where(in_db, doc_first_chunk[stream_chunk_doc] + within, -1)
-            with atomic_path(self.root / f"stream_{name}.bin") as tmp:
-                out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
-                out[:] = pad
-                pos = 0
-                for d, n in zip(sdocs, nchunks):
-                    length = lengths[d]
-                    out[pos:pos + length] = tokens[offsets[d]:offsets[d + 1]]
-                    out[pos + length] = eos
-                    pos += int(n) * m
-                out.flush()
-                del out
-            atomic_save_npy(self.root / f"stream_{name}_chunk_doc.npy", stream_chunk_doc)
-            atomic_save_npy(self.root / f"stream_{name}_db_chunk.npy", db_chunk.astype(np.int64))
-            info[f"stream_{name}_tokens"] = int(nchunks.sum()) * m
-            info[f"stream_{name}_docs"] = int(sdocs.size)
-        self.log(f"chunk: {chunk_doc.size} retrieval chunks of {m} tokens from {docs.size} documents")
-        self._check_index_fits(chunk_doc.size)
-        return info
-
-    def _check_index_fits(self, num_chunks: int) -> None:
-        """The index options against the number of chunks, now: not after the (long) embedding."""
-        from .embed import embedding_dim
-
-        cfg = self.config
-        kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
-        index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
-
-    def _chunk_tokens(self, ids: np.ndarray) -> list[np.ndarray]:
-        tokens = self.tokens()
-        offsets = np.asarray(self.npy("doc_offsets.npy"))
-        chunk_doc = self.npy("chunk_doc.npy")
-        chunk_start = self.npy("chunk_start.npy")
-        out = []
-        for c in ids:
-            start = int(chunk_start[c])
-            end = min(start + self.m, int(offsets[int(chunk_doc[c]) + 1]))
-            out.append(np.asarray(tokens[start:end]))
-        return out
-
-    def stage_embed(self, dist: _Dist) -> dict | None:
-        num_chunks = self.manifest.info("chunk")["num_chunks"]
-        part = int(self.runtime["embed_part_size"])
-        chunk_sum = self.manifest.stages["chunk"]["files"]["chunk_start.npy"]["sha256"][:12]
-        parts_dir = self.root / f"embed_parts_{chunk_sum}_{part}"
-        parts_dir.mkdir(exist_ok=True)
-        stale_part = re.compile(PART_FILE.pattern.replace(f"(?:{TEMP_SUFFIX})?", TEMP_SUFFIX))
-        for stale in parts_dir.iterdir():  # a part being written when a previous run was killed
-            if stale_part.fullmatch(stale.name) and stale.is_file():
-                stale.unlink()
-        num_parts = -(-num_chunks // part)
-        mine = [p for p in range(num_parts) if p % dist.world == dist.rank]
-        todo = [p for p in mine if not (parts_dir / f"part_{p:06d}.npy").exists()]
-        if len(todo) < len(mine):
-            self.log(f"embed: resuming, {len(mine) - len(todo)} of {len(mine)} parts already done")
-        if todo:
-            embedder = Embedder(self.config["embedder"], device=self.runtime["device"],
-                                batch_size=self.runtime["embed_batch_size"])
-            tok = self.tokenizer()
-            desc = "embed" if dist.world == 1 else f"embed (rank {dist.rank}/{dist.world})"
-            bar = self.progress(total=sum(min(part, num_chunks - p * part) for p in todo), desc=desc, unit="chunk")
-            for p in todo:
-                ids = np.arange(p * part, min((p + 1) * part, num_chunks))
-                vectors = embedder.embed_token_chunks(tok, self._chunk_tokens(ids), on_batch=bar.update)
-                atomic_save_npy(parts_dir / f"part_{p:06d}.npy", vectors.astype(np.float16))
-            bar.close()
-        dist.barrier()  # every rank's parts are on disk
-        if dist.rank != 0:
-            return None
-        missing = [p for p in range(num_parts) if not (parts_dir / f"part_{p:06d}.npy").exists()]
-        if missing:
-            raise RuntimeError(f"embed: parts {missing[:10]} are missing after every rank finished")
-        first = load_npy(parts_dir / "part_000000.npy")
-        with atomic_path(self.root / "embeddings.npy") as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(num_chunks, first.shape[1]))
-            for p in range(num_parts):
-                out[p * part:(p + 1) * part] = load_npy(parts_dir / f"part_{p:06d}.npy")
-            out.flush()
-            del out
-        for p in range(num_parts):  # the parts this stage wrote; a folder with anything else in it stays
-            (parts_dir / f"part_{p:06d}.npy").unlink()
-        with contextlib.suppress(OSError):
-            parts_dir.rmdir()
-        return {"dim": int(first.shape[1]), "embedder": self.config["embedder"]}
-
-    def _embeddings(self) -> np.ndarray:
-        return self.npy("embeddings.npy")
-
-    def stage_train_index(self) -> dict:
-        cfg = self.config
-        emb = self._embeddings()
-        n, dim = emb.shape
-        kind = index_mod.resolve_index_type(cfg["index_type"], n)
-        rng = np.random.default_rng(cfg["split_seed"])
-        sample_ids = np.sort(rng.choice(n, size=min(n, cfg["train_sample"]), replace=False))
-        factory = index_mod.factory_string(kind, sample_ids.size, dim, cfg)
-        t0 = time.perf_counter()
-        index = index_mod.train_index(factory, dim, np.asarray(emb[sample_ids], dtype=np.float32))
-        with atomic_path(self.root / "index_trained.faiss") as tmp:
-            index_mod.write_index(index, tmp)
-        self.log(f"train_index: {factory} on {sample_ids.size} vectors in {time.perf_counter() - t0:.1f}s")
-        return {"index_type": kind, "factory": factory, "train_vectors": int(sample_ids.size),
-                "seconds": time.perf_counter() - t0}
-
-    def stage_add(self) -> dict:
-        import faiss
-
-        emb = self._embeddings()
-        n = emb.shape[0]
-        shard = int(self.config["shard_size"])
-        num_shards = max(1, -(-n // shard))
-        files, offsets = [], []
-        bar = self.progress(total=n, desc="add", unit="vec")
-        t0 = time.perf_counter()
-        for s in range(num_shards):
-            index = faiss.read_index(str(self.root / "index_trained.faiss"))
-            lo, hi = s * shard, min((s + 1) * shard, n)
-
-            def batches(lo=lo, hi=hi):
-                for b in range(lo, hi, 65536):
-                    e = min(b + 65536, hi)
-                    yield np.asarray(emb[b:e], dtype=np.float32)
-                    bar.update(e - b)
-
-            index = index_mod.add_vectors(index, batches())
-            name = f"index_shard_{s:03d}.faiss"
-            with atomic_path(self.root / name) as tmp:
-                index_mod.write_index(index, tmp)
-            files.append(name)
-            offsets.append(lo)
-        bar.close()
-        return {"shards": files, "offsets": offsets, "seconds": time.perf_counter() - t0}
-
-    def stage_query(self) -> dict:
-        from .query import RetrievalDatabase
-
-        db = RetrievalDatabase._open_partial(self.root, self.manifest, embedder_device=self.runtime["device"],
-                                             embed_batch_size=self.runtime["embed_batch_size"])
-        k = self.config["k"]
-        info = {}
-        for name in STREAM_SPLITS:
-            exclude_same_doc = name == "train"
-            table = db._precompute_stream(name, k, exclude_same_doc, self.root / f"neighbours_{name}.npy",
-                                          progress=self.runtime["progress"])
-            info[f"neighbours_{name}"] = list(table.shape)
-        return info
-
-    # --- the driver ------------------------------------------------------------
+    # --- the manifest --------------------------------------------------------------
     def open_or_create(self, overwrite: bool, inputs: dict) -> None:
         """Resume the database in ``root``, or start one (``root`` is claimed and locked by the caller).
 
@@ -522,38 +104,53 @@ class Builder:
         configuration or from a corpus that has changed since is refused, or
         with ``overwrite`` rebuilt: only the files a database names are deleted.
         """
-        root = self.root
-        manifest, problem = None, None
-        if Manifest.exists(root):
-            try:
-                manifest = Manifest.load(root)
-            except DatabaseError as e:
-                problem = str(e)
+        manifest, problem = self._existing(inputs)
         if manifest is not None:
-            diff = config_differences(manifest.config, self.config)
-            changes = corpus_mod.fingerprint_changes(manifest.inputs, inputs)
-            if not diff and not changes:
-                self.manifest = manifest
-                return
-            if diff:
-                problem = (f"{str(root)!r} holds a database built with a different configuration:\n  "
-                           + "\n  ".join(diff) + "\nuse another --out directory, or --overwrite to rebuild it")
-            else:
-                problem = (f"the corpus {self.config['corpus']!r} changed since the database in {str(root)!r} was "
-                           f"built ({'; '.join(changes)}); rebuild it with --overwrite, or build into another --out")
-        elif problem is None and any(p.fullmatch(e) for e in outdir.user_entries(root)
-                                     for p in database_file_patterns()):
-            problem = (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's files "
-                       f"but no {MANIFEST_NAME}")
+            self.manifest = manifest
+            return
         if problem is not None and not overwrite:
             raise DatabaseError(problem if "--overwrite" in problem else f"{problem}; pass --overwrite to rebuild it")
-        removed = outdir.remove_temporaries(root, database_file_patterns(), inside=[PART_FILE])
+        removed = outdir.remove_temporaries(self.root, database_file_patterns(), inside=[PART_FILE])
         if removed:
             self.log(f"overwrite: removed the old database's {len(removed)} files (and nothing else)")
-        self.manifest = Manifest.new(root, self.config, inputs)
+        self.manifest = Manifest.new(self.root, self.config, inputs)
         self.manifest.save()
 
-    def first_unfinished(self) -> str | None:
+    def _existing(self, inputs: dict) -> tuple[Manifest | None, str | None]:
+        """(the manifest of the database in ``root`` that this build resumes, None) or (None, why there is
+        none to resume: None for an empty folder)."""
+        root = self.root
+        if not Manifest.exists(root):
+            if any(p.fullmatch(e) for e in outdir.user_entries(root) for p in database_file_patterns()):
+                return None, (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's "
+                              f"files but no {MANIFEST_NAME}")
+            return None, None
+        try:
+            manifest = Manifest.load(root)
+        except DatabaseError as e:
+            return None, str(e)
+        diff = config_differences(manifest.config, self.config)
+        if diff:
+            return None, (f"{str(root)!r} holds a database built with a different configuration:\n  "
+                          + "\n  ".join(diff) + "\nuse another --out directory, or --overwrite to rebuild it")
+        changes = corpus_mod.fingerprint_changes(manifest.inputs, inputs)
+        if changes:
+            return None, (f"the corpus {self.config['corpus']!r} changed since the database in {str(root)!r} was "
+                          f"built ({'; '.join(changes)}); rebuild it with --overwrite, or build into another --out")
+        return manifest, None
+
+    def stages_to_run(self, stop_after: str | None) -> list[str]:
+        """From the first stage that did not finish (or whose files changed since) to ``stop_after``;
+        those stages are forgotten by the manifest."""
+        start = self._first_unfinished()
+        if start is None:
+            self.log(f"{str(self.root)!r}: every stage already finished; nothing to do")
+            return []
+        self.manifest.forget_from(start)
+        last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
+        return list(STAGES[STAGES.index(start):last + 1])
+
+    def _first_unfinished(self) -> str | None:
         for stage in STAGES:
             if not self.manifest.finished(stage):
                 return stage
@@ -562,6 +159,14 @@ class Builder:
                 self.log(f"stage {stage}: files changed since it finished ({'; '.join(problems)}); redoing it")
                 return stage
         return None
+
+    def run_stage(self, stage: str) -> None:
+        """Run ``stage`` and record it (its files' checksums, its info, its seconds) in the manifest."""
+        t0 = time.perf_counter()
+        info = dict(STAGE_STEPS[stage](self) or {})
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        self.manifest.record(stage, expected_files(stage, info), info)
+        self.log(f"stage {stage} finished in {info['seconds']:.1f}s")
 
 
 def build_database(
@@ -588,69 +193,44 @@ def build_database(
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after: expected one of {STAGES}, got {stop_after!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    corpus_id = corpus_mod.DEFAULT_CORPUS if corpus is None else str(Path(corpus).resolve())
     if corpus is not None and not Path(corpus).exists():
         raise ValueError(f"corpus: {str(corpus)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
-    tok_sum = None
     if tokenizer is not None:
         load_tokenizer(tokenizer)
-        tok_sum = sha256_file(tokenizer)
-    config = make_config(corpus=corpus_id, tokenizer=tok_sum, **config_overrides)
+    config = make_config(corpus=corpus_mod.DEFAULT_CORPUS if corpus is None else str(Path(corpus).resolve()),
+                         tokenizer=None if tokenizer is None else sha256_file(tokenizer), **config_overrides)
     runtime = {**DEFAULT_RUNTIME, **(runtime or {})}
     for name in ("embed_batch_size", "embed_part_size"):
         check_value(name, runtime[name])
-    runtime_progress = runtime["progress"]
-    dist = _Dist()
-    if dist.rank != 0:
-        runtime["progress"] = False  # one set of bars; each rank shows its own for the embedding
-    builder = Builder(out, config, runtime, None if tokenizer is None else str(tokenizer),
-                      log if dist.rank == 0 else (lambda msg: None))
-    with contextlib.ExitStack() as hold:
-        if dist.rank == 0:  # rank 0 takes the folder for the whole build: new, empty or a database's; locked
-            outdir.check_folder(out, "retrieval-db", legacy=Manifest.is_database)
-            inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
-            hold.enter_context(outdir.claimed(out, "retrieval-db", legacy=Manifest.is_database,
-                                              temporaries=temporary_patterns()))
-        return _build(builder, dist, overwrite, stop_after, inputs if dist.rank == 0 else None, runtime_progress, log)
-
-
-def _build(builder: Builder, dist: _Dist, overwrite: bool, stop_after: str | None, inputs: dict | None,
-           runtime_progress: bool, log) -> Path:
-    out = builder.root
+    group = TorchrunGroup()
+    # one set of bars and messages: rank 0's (each rank shows its own bar for the embedding)
+    builder = Builder(out, config, {**runtime, "progress": runtime["progress"] and group.rank == 0},
+                      None if tokenizer is None else str(tokenizer), log if group.rank == 0 else (lambda msg: None),
+                      group)
     try:
-        stages: list[str] = []
-        if dist.rank == 0:
+        if group.rank != 0:
+            return _embed_on_other_rank(builder, runtime["progress"])
+        # rank 0 takes the folder for the whole build: new, empty or a database's; locked
+        outdir.check_folder(out, "retrieval-db", legacy=Manifest.is_database)
+        inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
+        with outdir.claimed(out, "retrieval-db", legacy=Manifest.is_database, temporaries=temporary_patterns()):
             builder.open_or_create(overwrite, inputs)
-            start = builder.first_unfinished()
-            if start is not None:
-                builder.manifest.forget_from(start)
-                stages = list(STAGES[STAGES.index(start):])
-                if stop_after is not None:
-                    stages = [s for s in stages if STAGES.index(s) <= STAGES.index(stop_after)]
-            else:
-                log(f"{str(out)!r}: every stage already finished; nothing to do")
-            # Stages before the embedding run on rank 0 alone.
-            for stage in [s for s in stages if STAGES.index(s) < STAGES.index("embed")]:
-                _run_stage(builder, stage, dist)
-        go_embed = dist.broadcast_flag(int("embed" in stages))
-        if dist.rank != 0:
-            if go_embed:  # the other ranks only embed their share of the parts
-                builder.manifest = Manifest.load(out)
-                builder.runtime["progress"] = runtime_progress
-                builder.stage_embed(dist)
-            return Path(out)
-        for stage in [s for s in stages if STAGES.index(s) >= STAGES.index("embed")]:
-            _run_stage(builder, stage, dist)
+            stages = builder.stages_to_run(stop_after)
+            embed_later = [s for s in stages if STAGES.index(s) >= STAGES.index("embed")]
+            for stage in stages[:len(stages) - len(embed_later)]:  # the stages before the embedding: rank 0 alone
+                builder.run_stage(stage)
+            group.broadcast_flag(int("embed" in stages))
+            for stage in embed_later:
+                builder.run_stage(stage)
         return Path(out)
     finally:
-        dist.close()
+        group.close()
 
 
-def _run_stage(builder: Builder, stage: str, dist: _Dist) -> None:
-    t0 = time.perf_counter()
-    fn = getattr(builder, f"stage_{stage}")
-    info = fn(dist) if stage == "embed" else fn()
-    info = dict(info or {})
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    builder.manifest.record(stage, expected_files(stage, info), info)
-    builder.log(f"stage {stage} finished in {info['seconds']:.1f}s")
+def _embed_on_other_rank(builder: Builder, progress: bool) -> Path:
+    """A rank other than 0: when rank 0 says the embedding is to run, embed this rank's share of the parts."""
+    if builder.group.broadcast_flag(0):
+        builder.manifest = Manifest.load(builder.root)
+        builder.runtime["progress"] = progress
+        build_index.embed_chunks(builder)
+    return builder.root

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from ..cli_common import Parser, UsageError, command, database, device, existing_path, folder, integer
+from ..runtime import is_first_process
 from .manifest import STAGES
 
 
@@ -35,12 +35,47 @@ def _embedder(text: str) -> str:
     return _checked_by(resolve_model_dir)(text)
 
 
-@command("build-db")
-def build_db_main(argv: list[str]) -> int:
-    from .. import outdir
-    from .build import DEFAULT_CONFIG, DEFAULT_RUNTIME, LIMITS, build_database
+# build-db's flags for the database's configuration (config.DEFAULT_CONFIG, whose values are their defaults;
+# config.LIMITS has the range of each number), with their help.
+CONFIG_FLAGS = {
+    "vocab_size": "BPE vocabulary (when no --tokenizer is given)",
+    "chunk_size": "m (neighbours are 2m tokens)",
+    "embedder": "all-MiniLM-L6-v2 (packaged) or a local transformers model directory",
+    "eval_fraction": "fraction of documents held out for evaluation",
+    "split_seed": "seed of the held-out split (a hash of each document id) and of the index's training sample",
+    "leakage_threshold": "remove training documents with 13-gram Jaccard >= this to an evaluation document",
+    "index_eval_docs": "make the held-out evaluation documents retrievable too (a 'leaky' database)",
+    "align_sections": "start every section heading and body on a chunk boundary, so that a section two "
+                      "documents share is chunked the same way in both",
+    "max_distance": "drop neighbours farther than this squared L2 distance (default: keep the K nearest)",
+    "index_type": "flat (exact), ivfpq, hnsw, or auto (flat up to 200,000 chunks, else ivfpq)",
+    "nlist": "IVF lists (0: from the data)",
+    "pq_m": "PQ sub-quantizers (0: from the data)",
+    "pq_nbits": "bits per PQ code (0: from the data)",
+    "hnsw_m": "HNSW graph degree",
+    "train_sample": "vectors the IVF-PQ index is trained on",
+    "shard_size": "vectors per index shard",
+    "k": "neighbours precomputed per chunk",
+}
+
+
+def _add_config_flags(p) -> None:
+    from .config import DEFAULT_CONFIG, LIMITS
     from .index import INDEX_TYPES
-    from .manifest import Manifest
+
+    other_types = {"embedder": dict(type=_embedder), "index_type": dict(choices=INDEX_TYPES)}
+    for key, help_ in CONFIG_FLAGS.items():
+        names = ("-k", "--k") if key == "k" else ("--" + key.replace("_", "-"),)
+        default = DEFAULT_CONFIG[key]
+        if isinstance(default, bool):
+            p.add_argument(*names, action="store_true", help=help_)
+        else:
+            kind = dict(type=LIMITS[key]) if key in LIMITS else other_types[key]
+            p.add_argument(*names, default=default, help=help_, **kind)
+
+
+def _build_db_parser() -> Parser:
+    from .config import DEFAULT_RUNTIME, LIMITS
 
     p = Parser(
         "python -m models build-db",
@@ -52,32 +87,7 @@ def build_db_main(argv: list[str]) -> int:
     p.add_argument("--out", type=folder, required=True, help="database directory")
     p.add_argument("--tokenizer", type=_tokenizer_file, default=None,
                    help="use this tokenizer.json instead of training a BPE")
-    p.add_argument("--vocab-size", type=LIMITS["vocab_size"], default=DEFAULT_CONFIG["vocab_size"])
-    p.add_argument("--chunk-size", type=LIMITS["chunk_size"], default=DEFAULT_CONFIG["chunk_size"],
-                   help="m (neighbours are 2m tokens)")
-    p.add_argument("--embedder", type=_embedder, default=DEFAULT_CONFIG["embedder"],
-                   help="all-MiniLM-L6-v2 (packaged) or a local transformers model directory")
-    p.add_argument("--eval-fraction", type=LIMITS["eval_fraction"], default=DEFAULT_CONFIG["eval_fraction"],
-                   help="fraction of documents held out for evaluation")
-    p.add_argument("--split-seed", type=LIMITS["split_seed"], default=DEFAULT_CONFIG["split_seed"])
-    p.add_argument("--leakage-threshold", type=LIMITS["leakage_threshold"], default=DEFAULT_CONFIG["leakage_threshold"],
-                   help="remove training documents with 13-gram Jaccard >= this to an evaluation document")
-    p.add_argument("--index-eval-docs", action="store_true",
-                   help="make the held-out evaluation documents retrievable too (a 'leaky' database)")
-    p.add_argument("--align-sections", action="store_true",
-                   help="start every section heading and body on a chunk boundary, so that a section two "
-                        "documents share is chunked the same way in both")
-    p.add_argument("--max-distance", type=LIMITS["max_distance"], default=None,
-                   help="drop neighbours farther than this squared L2 distance (default: keep the K nearest)")
-    p.add_argument("--index-type", choices=INDEX_TYPES, default=DEFAULT_CONFIG["index_type"])
-    p.add_argument("--nlist", type=LIMITS["nlist"], default=0, help="IVF lists (0: from the data)")
-    p.add_argument("--pq-m", type=LIMITS["pq_m"], default=0, help="PQ sub-quantizers (0: from the data)")
-    p.add_argument("--pq-nbits", type=LIMITS["pq_nbits"], default=0, help="bits per PQ code (0: from the data)")
-    p.add_argument("--hnsw-m", type=LIMITS["hnsw_m"], default=DEFAULT_CONFIG["hnsw_m"])
-    p.add_argument("--train-sample", type=LIMITS["train_sample"], default=DEFAULT_CONFIG["train_sample"])
-    p.add_argument("--shard-size", type=LIMITS["shard_size"], default=DEFAULT_CONFIG["shard_size"],
-                   help="vectors per index shard")
-    p.add_argument("-k", "--k", type=LIMITS["k"], default=DEFAULT_CONFIG["k"], help="neighbours precomputed per chunk")
+    _add_config_flags(p)
     p.add_argument("--batch-size", type=LIMITS["embed_batch_size"], default=DEFAULT_RUNTIME["embed_batch_size"],
                    help="embedding batch")
     p.add_argument("--part-size", type=LIMITS["embed_part_size"], default=DEFAULT_RUNTIME["embed_part_size"],
@@ -88,27 +98,31 @@ def build_db_main(argv: list[str]) -> int:
                    help="rebuild a database built with another configuration or from a changed corpus "
                         "(only the database's own files are deleted)")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    if a.pq_m:
+    return p
+
+
+@command("build-db")
+def build_db_main(argv: list[str]) -> int:
+    from .. import outdir
+    from .build import build_database
+    from .manifest import Manifest
+
+    flags = _build_db_parser().parse_args(argv)
+    if flags.pq_m:
         from .embed import embedding_dim
 
-        dim = embedding_dim(a.embedder)
-        if dim % a.pq_m:
-            raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {a.pq_m}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        outdir.check_folder(a.out, "retrieval-db", legacy=Manifest.is_database)
+        dim = embedding_dim(flags.embedder)
+        if dim % flags.pq_m:
+            raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
+    if is_first_process():
+        outdir.check_folder(flags.out, "retrieval-db", legacy=Manifest.is_database)
     t0 = time.perf_counter()
     out = build_database(
-        a.out, a.corpus, tokenizer=a.tokenizer, overwrite=a.overwrite, stop_after=a.stop_after,
-        runtime={"embed_batch_size": a.batch_size, "embed_part_size": a.part_size,
-                 "device": None if a.device == "auto" else a.device, "progress": not a.no_progress},
-        vocab_size=a.vocab_size, chunk_size=a.chunk_size, embedder=a.embedder, eval_fraction=a.eval_fraction,
-        split_seed=a.split_seed, leakage_threshold=a.leakage_threshold, index_eval_docs=a.index_eval_docs,
-        align_sections=a.align_sections, max_distance=a.max_distance,
-        index_type=a.index_type, nlist=a.nlist, pq_m=a.pq_m, pq_nbits=a.pq_nbits, hnsw_m=a.hnsw_m,
-        train_sample=a.train_sample, shard_size=a.shard_size, k=a.k,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
+        flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,
+        runtime={"embed_batch_size": flags.batch_size, "embed_part_size": flags.part_size,
+                 "device": None if flags.device == "auto" else flags.device, "progress": not flags.no_progress},
+        **{key: getattr(flags, key) for key in CONFIG_FLAGS})
+    if is_first_process():
         print(f"database {out} ready ({time.perf_counter() - t0:.1f}s this run)", file=sys.stderr)
     return 0
 
@@ -121,20 +135,20 @@ def query_main(argv: list[str]) -> int:
     p.add_argument("-k", type=integer(1, 4096), default=3, help="neighbours per chunk")
     p.add_argument("--nprobe", type=integer(1), default=None, help="IVF lists searched")
     p.add_argument("--show", type=integer(0), default=300, help="characters of each neighbour to print")
-    a = p.parse_args(argv)
-    text = " ".join(a.text)
+    flags = p.parse_args(argv)
+    text = " ".join(flags.text)
     if not text.strip():
         raise UsageError("argument text: expected some query text, got only spaces")
     from .query import RetrievalDatabase
 
-    db = RetrievalDatabase.open(a.db, nprobe=a.nprobe)
+    db = RetrievalDatabase.open(flags.db, nprobe=flags.nprobe)
     ids = db.encode(text)
     if ids.size == 0:
         raise UsageError(f"argument text: {text!r} encodes to no token")
     m = db.chunk_size
     L = -(-ids.size // m)
     vectors = db.embed_chunks([ids[u * m:(u + 1) * m] for u in range(L)])
-    dist, chunk_ids = db.search(vectors, a.k)
+    dist, chunk_ids = db.search(vectors, flags.k)
     for u in range(L):
         print(f"=== query chunk {u} ({min(m, ids.size - u * m)} tokens): {db.decode(ids[u * m:(u + 1) * m])!r}")
         for rank, (d, c) in enumerate(zip(dist[u], chunk_ids[u])):
@@ -142,7 +156,7 @@ def query_main(argv: list[str]) -> int:
                 continue
             doc = int(db.chunk_doc[c])
             values, mask = db.chunk_values([c])
-            shown = db.decode(values[0][mask[0]])[:a.show].replace("\n", " ")
+            shown = db.decode(values[0][mask[0]])[:flags.show].replace("\n", " ")
             print(f"--- neighbour {rank + 1}: chunk {c} of {db.doc_names[doc]!r}, L2^2 {d:.3f}\n{shown}")
     return 0
 
@@ -152,16 +166,16 @@ def info_main(argv: list[str]) -> int:
     p = Parser("python -m models db-info", description="Validate a database; print a summary.")
     p.add_argument("--db", type=database, required=True)
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not checksums")
-    a = p.parse_args(argv)
+    flags = p.parse_args(argv)
     from .query import RetrievalDatabase
 
-    db = RetrievalDatabase.open(a.db, verify=not a.no_verify)
-    st = db.manifest.stages
-    print(f"database {a.db}: OK (fingerprint {db.fingerprint}, tokenizer {db.tokenizer_fingerprint})")
+    db = RetrievalDatabase.open(flags.db, verify=not flags.no_verify)
+    stages = db.manifest.stages
+    print(f"database {flags.db}: OK (fingerprint {db.fingerprint}, tokenizer {db.tokenizer_fingerprint})")
     print(f"  documents: {len(db.doc_names)} ({len(db.documents('train'))} train, {len(db.documents('eval'))} eval, "
           f"{len(db.documents('removed'))} removed by the leakage filter)")
     print(f"  tokens: {db.tokens.size}, vocab {db.vocab_size}, chunks {db.num_chunks} of {db.chunk_size}")
-    print(f"  index: {st['train_index']['info'].get('factory')} in {len(st['add']['info']['shards'])} shard(s)")
+    print(f"  index: {stages['train_index']['info'].get('factory')} in {len(stages['add']['info']['shards'])} shard(s)")
     for stage in STAGES:
-        print(f"  stage {stage:12s} {st[stage]['info'].get('seconds', 0):8.1f}s")
+        print(f"  stage {stage:12s} {stages[stage]['info'].get('seconds', 0):8.1f}s")
     return 0

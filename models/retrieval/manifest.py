@@ -13,30 +13,31 @@ carries its kind, format version and a sha256 of its own content, and every
 finished stage must record exactly the files that stage makes
 (``expected_files``). What it declares about those files (dtype, sizes,
 shard offsets, chunk size) is checked against them when the database is
-opened (``RetrievalDatabase._check_consistency``).
+opened (``models.retrieval.consistency``).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from ..outdir import umask_mode
+from ..atomic import atomic_file
 
 FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
 LEGACY_KEYS = {"format_version", "config", "versions", "created", "stages"}  # a version-1 manifest, exactly
 TEMP_SUFFIX = r"\.tmp[a-z0-9_]{8}"  # atomic_path's temporaries: <final name>.tmp + mkstemp's 8 characters
+
+SPLITS = {"train": 0, "eval": 1, "removed": 2}  # doc_split.npy's values
+STREAM_SPLITS = ("train", "eval")  # the splits with a token stream (stream_<split>.bin) and a neighbour table
 
 # The build stages, in order. A stage is redone (with every later one) when it
 # is missing from the manifest or one of its files fails its check.
@@ -58,7 +59,7 @@ class DatabaseError(ValueError):
 
 def expected_files(stage: str, info: dict) -> list[str]:
     """The files a finished stage makes (``info``: the stage's recorded info, for the index shards)."""
-    splits = ("train", "eval")
+    splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
         "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json"],
@@ -112,26 +113,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success move it onto ``final`` atomically.
-
-    On an exception the temporary file is removed and ``final`` is untouched.
-    """
+def atomic_path(final: str | os.PathLike):
+    """``with atomic_path(final) as tmp:`` a temporary path beside ``final`` (``<name>.tmpXXXXXXXX``, its
+    folder made if need be); on success it is moved onto ``final`` atomically, on an exception removed
+    and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=final.name + ".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        os.chmod(tmp, umask_mode())
-        yield tmp
-        with open(tmp, "rb+") as f:  # make the bytes durable before the rename
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return atomic_file(final, prefix=final.name + ".tmp", suffix="")
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:

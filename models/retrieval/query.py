@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .build import SPLITS, STREAM_SPLITS, _progress, config_differences
+from ..runtime import progress_bar
+from . import consistency
 from .index import ShardedIndex
-from .manifest import STAGES, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
+from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -70,11 +70,11 @@ class TokenStream:
         chunk_doc[:have] = self.chunk_doc[first:first + have]
         if self.neighbours is None:
             raise ValueError(f"the database has no precomputed neighbours for split {self.split!r}")
-        kk = self.neighbours.shape[1] if k is None else k
-        if kk > self.neighbours.shape[1]:
-            raise ValueError(f"k: {kk} neighbours requested, {self.neighbours.shape[1]} were precomputed")
-        table = np.full((L, kk), -1, dtype=np.int64)
-        table[:have] = self.neighbours[first:first + have, :kk]
+        k = self.neighbours.shape[1] if k is None else k
+        if k > self.neighbours.shape[1]:
+            raise ValueError(f"k: {k} neighbours requested, {self.neighbours.shape[1]} were precomputed")
+        table = np.full((L, k), -1, dtype=np.int64)
+        table[:have] = self.neighbours[first:first + have, :k]
         ids, mask = self.db.chunk_values(table)
         return {"tokens": tokens, "neighbours": ids, "neighbour_mask": mask, "chunk_doc": chunk_doc}
 
@@ -87,7 +87,9 @@ class TokenStream:
 
 
 class RetrievalDatabase:
-    """A built retrieval database; open it with :meth:`open`."""
+    """A built retrieval database; open it with :meth:`open` (which checks that every stage finished
+    and every file is the one recorded). The constructor takes a database as far as it is built, up to
+    its index (the build's last stage uses it to precompute the streams' neighbours)."""
 
     def __init__(self, root: Path, manifest: Manifest, *, mmap: bool = True, nprobe: int | None = None,
                  ef_search: int | None = None, embedder_device: str | None = None, embed_batch_size: int = 128):
@@ -100,7 +102,7 @@ class RetrievalDatabase:
         self.eos_id: int = self.tokenizer.token_to_id(EOS_TOKEN)
         self.pad_id: int = self.tokenizer.token_to_id(PAD_TOKEN)
         self.vocab_size: int = self.tokenizer.get_vocab_size()
-        self._check_declared()
+        consistency.check_declared(self)
         info = manifest.info("tokenize")
         self.tokens = np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
         self.doc_offsets = load_npy(self.root / "doc_offsets.npy")
@@ -116,7 +118,7 @@ class RetrievalDatabase:
         self._embedder = None
         self._embedder_device = embedder_device
         self._embed_batch_size = embed_batch_size
-        self._check_consistency()
+        consistency.check_loaded(self)
 
     # --- opening -------------------------------------------------------------------
     @classmethod
@@ -133,125 +135,13 @@ class RetrievalDatabase:
         """
         root = Path(path)
         manifest = Manifest.load(root)
-        missing = [s for s in STAGES if not manifest.finished(s)]
-        if missing:
-            raise DatabaseError(
-                f"database {str(root)!r} is incomplete: stage(s) {missing} never finished; re-run "
-                "`python -m models build-db` with the same arguments to resume it")
-        for stage in STAGES:
-            problems = manifest.check_stage(stage, full=verify)
-            if problems:
-                raise DatabaseError(f"database {str(root)!r} is corrupted ({stage} stage): " + "; ".join(problems))
-        if expect_config:
-            have = {k: manifest.config.get(k) for k in expect_config}
-            diff = config_differences(have, dict(expect_config))
-            if diff:
-                raise DatabaseError(f"database {str(root)!r} was built with a different configuration:\n  " + "\n  ".join(diff))
-        if tokenizer is not None:
-            given = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-            ours = load_tokenizer(root / "tokenizer.json")
-            if sha256_bytes(given.to_str().encode()) != sha256_bytes(ours.to_str().encode()):
-                raise DatabaseError(
-                    f"database {str(root)!r} was built with a different tokenizer than the one given "
-                    f"({given.get_vocab_size()} vs {ours.get_vocab_size()} tokens); its token ids would be wrong")
+        consistency.check_finished(root, manifest, verify, expect_config, tokenizer)
         try:
             return cls(root, manifest, mmap=mmap, nprobe=nprobe, ef_search=ef_search, embedder_device=device)
         except (OSError, ValueError) as e:
             if isinstance(e, DatabaseError):
                 raise
             raise DatabaseError(f"database {str(root)!r} cannot be loaded: {e}") from None
-
-    @classmethod
-    def _open_partial(cls, root: Path, manifest: Manifest, **kw) -> "RetrievalDatabase":
-        """For the build's query stage: everything up to the index exists."""
-        return cls(root, manifest, **kw)
-
-    def _inconsistent(self, problems: list[str]) -> None:
-        if problems:
-            raise DatabaseError(f"database {str(self.root)!r} is inconsistent: " + "; ".join(problems))
-
-    def _check_declared(self) -> None:
-        """What the manifest declares about its files, checked against them before they are read."""
-        from .build import LIMITS, check_value
-        from .tokenizer import token_dtype
-
-        problems = []
-        for name in LIMITS:
-            if name in self.config:
-                try:
-                    check_value(name, self.config[name])
-                except ValueError as e:
-                    problems.append(f"config {e}")
-        self._inconsistent(problems)
-        info, m = self.manifest.info("tokenize"), self.chunk_size
-        dtype = token_dtype(self.vocab_size)
-        if info.get("dtype") != dtype.name:
-            problems.append(f"the manifest declares token dtype {info.get('dtype')!r}, the tokenizer's "
-                            f"{self.vocab_size} tokens are stored as {dtype.name!r}")
-        num_tokens = info.get("num_tokens")
-        size = (self.root / "tokens.bin").stat().st_size
-        if not isinstance(num_tokens, int) or size != num_tokens * dtype.itemsize:
-            problems.append(f"tokens.bin holds {size} bytes, not {num_tokens!r} tokens of {dtype.name}")
-        for split in STREAM_SPLITS:
-            size = (self.root / f"stream_{split}.bin").stat().st_size
-            whole_chunks = size % dtype.itemsize == 0 and (size // dtype.itemsize) % m == 0
-            if not whole_chunks and size != dtype.itemsize:  # an empty stream is one padding token
-                problems.append(f"stream_{split}.bin holds {size} bytes: not whole chunks of {m} {dtype.name} tokens")
-        add = self.manifest.info("add")
-        shards, offsets = add.get("shards"), add.get("offsets")
-        if shards != list(self.manifest.stages["add"]["files"]) or not isinstance(offsets, list) \
-                or len(offsets) != len(shards) or not all(isinstance(o, int) for o in offsets):
-            problems.append(f"the index shards {shards!r} and offsets {offsets!r} are not the files the add stage made")
-        self._inconsistent(problems)
-
-    def _check_consistency(self) -> None:
-        """The loaded tables against each other and against the manifest's counts."""
-        n, m = self.chunk_doc.shape[0], self.chunk_size
-        info = self.manifest.info("tokenize")
-        D = info.get("num_docs")
-        offsets = np.asarray(self.doc_offsets)
-        problems = []
-        if not isinstance(D, int) or offsets.shape != (D + 1,):
-            problems.append(f"doc_offsets.npy has {offsets.shape[0]} entries for {D!r} documents")
-        elif offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != self.tokens.size:
-            problems.append("document offsets do not match the token file")
-        for name, table in (("doc_bytes.npy", self.doc_bytes), ("doc_names.json", self.doc_names),
-                            ("doc_split.npy", self.doc_split)):
-            if len(table) != len(offsets) - 1:
-                problems.append(f"{name} has {len(table)} entries for {len(offsets) - 1} documents")
-        self._inconsistent(problems)
-        if self.chunk_start.shape[0] != n or self.embeddings.shape[0] != n:
-            problems.append(f"chunk table ({n}) and embeddings ({self.embeddings.shape[0]}) disagree")
-        else:
-            doc = np.asarray(self.chunk_doc, dtype=np.int64)
-            if n and (doc.min() < 0 or doc.max() >= len(offsets) - 1):
-                problems.append("chunk_doc.npy names documents that do not exist")
-            else:
-                within = np.asarray(self.chunk_start) - offsets[doc]
-                if ((within < 0) | (within >= np.diff(offsets)[doc]) | (within % m != 0)).any():
-                    problems.append(f"chunk_start.npy does not cut the documents into chunks of {m} tokens")
-        if self.embeddings.shape[1:] != (self.manifest.info("embed").get("dim"),):
-            problems.append(f"embeddings.npy has shape {self.embeddings.shape}, the manifest declares "
-                            f"dimension {self.manifest.info('embed').get('dim')!r}")
-        sizes = [s.ntotal for s in self.index.shards]
-        if list(self.index.offsets) != [int(x) for x in np.cumsum([0] + sizes[:-1])]:
-            problems.append(f"index shard offsets {self.index.offsets} do not match the shards' sizes {sizes}")
-        if self.index.ntotal != n:
-            problems.append(f"index holds {self.index.ntotal} vectors, the chunk table {n}")
-        if self.index.dim != self.embeddings.shape[1]:
-            problems.append(f"index dimension {self.index.dim} != embedding dimension {self.embeddings.shape[1]}")
-        for split in STREAM_SPLITS:
-            docs = load_npy(self.root / f"stream_{split}_chunk_doc.npy")
-            tokens = (self.root / f"stream_{split}.bin").stat().st_size // self.tokens.dtype.itemsize
-            table = load_npy(self.root / f"neighbours_{split}.npy") if self.manifest.finished("query") else None
-            if tokens != max(1, docs.shape[0] * m):
-                problems.append(f"stream_{split}.bin holds {tokens} tokens, not {docs.shape[0]} chunks of {m}")
-            if load_npy(self.root / f"stream_{split}_db_chunk.npy").shape != docs.shape:
-                problems.append(f"stream_{split}_db_chunk.npy does not match stream_{split}_chunk_doc.npy")
-            if self.manifest.finished("query") and table.shape != (docs.shape[0], self.config["k"]):
-                problems.append(f"neighbours_{split}.npy has shape {table.shape}, expected "
-                                f"({docs.shape[0]}, k={self.config['k']})")
-        self._inconsistent(problems)
 
     @property
     def fingerprint(self) -> str:
@@ -392,7 +282,13 @@ class RetrievalDatabase:
 
         return self._fill_table(n, k, vectors, exclude, out, progress, desc="neighbours")
 
-    def _precompute_stream(self, split: str, k: int, exclude_same_doc: bool, out: Path, progress: bool) -> np.ndarray:
+    def precompute_stream_neighbours(self, split: str, k: int, out: Path, progress: bool = True) -> np.ndarray:
+        """The ``(chunks, k)`` neighbour table of stream ``split`` (``neighbours_<split>.npy``), written to ``out``.
+
+        A stream chunk of a retrieval document reuses its stored key; the others are embedded. For the
+        training split, neighbours from the chunk's own document and the next chunk's are excluded.
+        """
+        exclude_same_doc = split == "train"
         stream_tokens = np.memmap(self.root / f"stream_{split}.bin", dtype=self.tokens.dtype, mode="r")
         chunk_doc = np.asarray(load_npy(self.root / f"stream_{split}_chunk_doc.npy"), dtype=np.int64)
         db_chunk = np.asarray(load_npy(self.root / f"stream_{split}_db_chunk.npy"))
@@ -416,7 +312,7 @@ class RetrievalDatabase:
     def _fill_table(self, n, k, vectors, exclude, out, progress, desc) -> np.ndarray:
         """Search the blocks of ``n`` query vectors (``vectors(lo, hi)``) into an (n, k) table."""
         def fill(table):
-            bar = _progress(total=n, desc=desc, unit="chunk", enabled=progress)
+            bar = progress_bar(total=n, desc=desc, unit="chunk", enabled=progress)
             for lo in range(0, n, SEARCH_BLOCK):
                 hi = min(lo + SEARCH_BLOCK, n)
                 _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])

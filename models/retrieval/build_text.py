@@ -1,0 +1,239 @@
+"""The build's first stages, from the corpus's text to token streams: tokenizer, tokenize, split, chunk.
+
+Each stage is a function of the build (`models.retrieval.build.Builder`) that
+writes its files atomically into the database folder and returns what the
+manifest records about them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from . import corpus as corpus_mod
+from . import index as index_mod
+from .config import held_out, split_documents
+from .embed import embedding_dim
+from .leakage import NUM_PERM, MinHasher, find_leaked
+from .manifest import SPLITS, STREAM_SPLITS, atomic_path, atomic_save_npy, atomic_write_json
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype, train_bpe
+
+BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, at most
+
+
+# -- tokenizer ----------------------------------------------------------------------------
+
+def train_or_copy_tokenizer(build) -> dict:
+    """tokenizer.json: the given one (checked), or a byte-level BPE trained on the training documents."""
+    dest = build.root / "tokenizer.json"
+    if build.tokenizer_path is not None:
+        load_tokenizer(build.tokenizer_path)  # validates
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(build.tokenizer_path, tmp)
+        return {"trained": False}
+    cfg = build.config
+
+    def training_texts():
+        skip = False
+        bar = build.progress(desc="tokenizer: reading corpus", unit="doc")
+        for doc in build.corpus(warn=lambda msg: None):
+            if not doc.continued:
+                skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
+                bar.update(1)
+            if not skip:  # evaluation documents never shape the tokenizer
+                yield doc.text
+        bar.close()
+
+    tokenizer = train_bpe(training_texts(), cfg["vocab_size"])
+    with atomic_path(dest) as tmp:
+        tokenizer.save(str(tmp))
+    return {"trained": True, "vocab_size": tokenizer.get_vocab_size()}
+
+
+# -- tokenize -----------------------------------------------------------------------------
+
+class DocumentTable:
+    """What tokenizing learns of each document: its id, token offset, UTF-8 bytes, MinHash signature.
+    The pieces of a long document (``continued``) extend the document before them."""
+
+    def __init__(self, hasher: MinHasher):
+        self.hasher = hasher
+        self.names: list[str] = []
+        self.offsets = [0]
+        self.bytes: list[int] = []
+        self.signatures: list[np.ndarray] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return self.offsets[-1]
+
+    def add(self, doc: corpus_mod.Document, num_tokens: int) -> int:
+        """Record a piece of ``num_tokens`` tokens; returns 1 for a new document, 0 for a continued one."""
+        end = self.num_tokens + num_tokens
+        size = len(doc.text.encode("utf-8", errors="replace"))
+        signature = self.hasher.signature(doc.text)
+        if doc.continued and self.names:
+            self.offsets[-1] = end
+            self.bytes[-1] += size
+            self.signatures[-1] = np.minimum(self.signatures[-1], signature)
+            return 0
+        self.names.append(doc.doc_id)
+        self.offsets.append(end)
+        self.bytes.append(size)
+        self.signatures.append(signature)
+        return 1
+
+    def save(self, root) -> None:
+        atomic_save_npy(root / "doc_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        atomic_save_npy(root / "doc_bytes.npy", np.asarray(self.bytes, dtype=np.int64))
+        atomic_save_npy(root / "doc_signatures.npy", np.stack(self.signatures).astype(np.uint64))
+        atomic_write_json(root / "doc_names.json", self.names)
+
+
+def tokenize_corpus(build) -> dict:
+    """tokens.bin (every document's token ids, concatenated) and the document table."""
+    tokenizer = build.tokenizer()
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    table = DocumentTable(MinHasher(NUM_PERM, seed=build.config["split_seed"]))
+    stats = corpus_mod.CorpusStats()
+    bar = build.progress(desc="tokenize", unit="doc")
+    with atomic_path(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
+        for docs in _batches(build.corpus(stats=stats, warn=build.log)):
+            texts = [d.text for d in docs]
+            for doc, ids in zip(docs, encode_documents(tokenizer, texts, dtype, build.m,
+                                                       build.config["align_sections"])):
+                f.write(ids.tobytes())
+                bar.update(table.add(doc, ids.size))
+            bar.set_postfix(tokens=table.num_tokens, refresh=False)
+    bar.close()
+    if not table.names:
+        (build.root / "tokens.bin").unlink(missing_ok=True)
+        raise ValueError(f"corpus {build.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
+    table.save(build.root)
+    num_bytes = sum(table.bytes)
+    empty = int((np.diff(np.asarray(table.offsets)) == 0).sum())  # a document that encodes to nothing keeps its slot
+    build.log(f"tokenize: {len(table.names)} documents, {table.num_tokens} tokens, {num_bytes} bytes; "
+              f"corpus {stats.as_dict()}")
+    return {"dtype": dtype.name, "num_tokens": int(table.num_tokens), "num_docs": len(table.names),
+            "num_bytes": int(num_bytes), "empty_docs": empty, "corpus": stats.as_dict()}
+
+
+def _batches(docs):
+    """The documents in lists of at most BATCH_DOCS documents or (about) BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_documents(tokenizer, texts: list[str], dtype, chunk_size: int, align_sections: bool) -> list[np.ndarray]:
+    """Token ids of each text; with ``align_sections``, each section padded to a chunk boundary."""
+    if not align_sections:
+        return [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    pad = tokenizer.token_to_id(PAD_TOKEN)
+    segments = [corpus_mod.split_sections(t) for t in texts]
+    encoded = iter(tokenizer.encode_batch([s for segs in segments for s in segs], add_special_tokens=False))
+    out = []
+    for segs in segments:
+        parts = []
+        for i in range(len(segs)):
+            ids = np.asarray(next(encoded).ids, dtype=dtype)
+            parts.append(ids)
+            if i < len(segs) - 1 and ids.size % chunk_size:  # the next section starts a chunk
+                parts.append(np.full(chunk_size - ids.size % chunk_size, pad, dtype=dtype))
+        out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
+    return out
+
+
+# -- split --------------------------------------------------------------------------------
+
+def hold_out_documents(build) -> dict:
+    """doc_split.npy: the evaluation documents (a hash of their id), and the training documents the
+    leakage filter removes (MinHash Jaccard >= leakage_threshold with an evaluation document)."""
+    names = json.loads((build.root / "doc_names.json").read_text())
+    cfg = build.config
+    is_eval = split_documents(names, cfg["eval_fraction"], cfg["split_seed"])
+    leaked, matches = find_leaked(np.asarray(build.npy("doc_signatures.npy")), is_eval, cfg["leakage_threshold"])
+    split = np.where(is_eval, SPLITS["eval"], np.where(leaked, SPLITS["removed"], SPLITS["train"])).astype(np.int8)
+    atomic_save_npy(build.root / "doc_split.npy", split)
+    removed = [{"doc": names[d], "eval_doc": names[e], "jaccard": round(j, 3)} for d, (e, j) in sorted(matches.items())]
+    build.log(f"split: {int(is_eval.sum())} evaluation documents held out, {int((split == 0).sum())} training; "
+              f"leakage filter removed {len(removed)} document(s) with Jaccard >= {cfg['leakage_threshold']} "
+              f"to an evaluation document")
+    for r in removed[:20]:
+        build.log(f"  removed {r['doc']!r} (Jaccard {r['jaccard']} with eval doc {r['eval_doc']!r})")
+    return {"eval_docs": int(is_eval.sum()), "train_docs": int((split == 0).sum()),
+            "removed_leaked": len(removed), "removed": removed[:1000]}
+
+
+# -- chunk --------------------------------------------------------------------------------
+
+def cut_chunks_and_streams(build) -> dict:
+    """The chunk table of the retrieval documents (chunk_doc.npy, chunk_start.npy) and the token stream
+    of each split (stream_<split>.bin and its chunks' documents and database chunks)."""
+    m = build.m
+    offsets = np.asarray(build.npy("doc_offsets.npy"))
+    split = np.asarray(build.npy("doc_split.npy"))
+    lengths = np.diff(offsets)
+    retrievable = split == SPLITS["train"]
+    if build.config["index_eval_docs"]:
+        retrievable |= split == SPLITS["eval"]
+    docs = np.flatnonzero(retrievable & (lengths > 0))
+    if docs.size == 0:
+        raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
+    per_doc = -(-lengths[docs] // m)  # ceil: the last, partial chunk is kept (padded and masked)
+    chunk_doc = np.repeat(docs, per_doc).astype(np.int32)
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    chunk_start = offsets[chunk_doc] + (np.arange(chunk_doc.size) - first) * m
+    atomic_save_npy(build.root / "chunk_doc.npy", chunk_doc)
+    atomic_save_npy(build.root / "chunk_start.npy", chunk_start.astype(np.int64))
+    # database chunk id of (doc, chunk-in-doc): chunks of a doc are consecutive
+    doc_first_chunk = np.full(len(lengths), -1, dtype=np.int64)
+    doc_first_chunk[docs] = np.cumsum(per_doc) - per_doc
+    info = {"num_chunks": int(chunk_doc.size), "retrieval_docs": int(docs.size)}
+    for name in STREAM_SPLITS:
+        info.update(write_stream(build, name, np.flatnonzero((split == SPLITS[name]) & (lengths > 0)), offsets,
+                                 doc_first_chunk))
+    build.log(f"chunk: {chunk_doc.size} retrieval chunks of {m} tokens from {docs.size} documents")
+    _check_index_fits(build.config, chunk_doc.size)
+    return info
+
+
+def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_first_chunk: np.ndarray) -> dict:
+    """Stream ``name`` of documents ``docs``: each from a chunk boundary, then <|endoftext|>, then padding;
+    with the document of each stream chunk and the database chunk holding the same tokens (-1: none)."""
+    m, lengths = build.m, np.diff(offsets)
+    tokens, tokenizer = build.tokens(), build.tokenizer()
+    eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
+    nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
+    stream_chunk_doc = np.repeat(docs, nchunks).astype(np.int32)
+    within = np.arange(stream_chunk_doc.size) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
+    has_db = doc_first_chunk[stream_chunk_doc] >= 0
+    # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
+    in_db = has_db & (within * m < lengths[stream_chunk_doc])
+    db_chunk = np.where(in_db, doc_first_chunk[stream_chunk_doc] + within, -1)
+    with atomic_path(build.root / f"stream_{name}.bin") as tmp:
+        out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
+        out[:] = pad
+        pos = 0
+        for d, n in zip(docs, nchunks):
+            out[pos:pos + lengths[d]] = tokens[offsets[d]:offsets[d + 1]]
+            out[pos + lengths[d]] = eos
+            pos += int(n) * m
+        out.flush()
+        del out
+    atomic_save_npy(build.root / f"stream_{name}_chunk_doc.npy", stream_chunk_doc)
+    atomic_save_npy(build.root / f"stream_{name}_db_chunk.npy", db_chunk.astype(np.int64))
+    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size)}
+
+
+def _check_index_fits(cfg: dict, num_chunks: int) -> None:
+    """The index options against the number of chunks, now: not after the (long) embedding."""
+    kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
+    index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
