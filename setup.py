@@ -16,6 +16,7 @@ torch you have.
 """
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -48,10 +49,29 @@ class build_py_with_cpu_sources(build_py):
             self.copy_file(str(source), str(target / source.name))
 
 
+def _find_cuda_home() -> None:
+    """Set CUDA_HOME to the toolkit that holds the CUDA runtime, if it is unset.
+
+    torch takes the folder above the `nvcc` on PATH; where that nvcc is a wrapper script
+    (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) the link then fails
+    with "cannot find -lcudart". The first candidate whose lib/ or lib64/ has libcudart wins.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([Path(nvcc).resolve().parent.parent] if nvcc else []) + [Path("/usr/local/cuda")]
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists() and any(
+                any((home / lib).glob("libcudart.so*")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib")):
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def native_extensions():
     if os.environ.get("RETRO_KERNELS_NO_NATIVE", "0") == "1":
         print("retro_kernels: RETRO_KERNELS_NO_NATIVE=1, skipping the native kernels")
         return [], {}
+    _find_cuda_home()  # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
