@@ -135,6 +135,9 @@ echo "== stage build (background, budget ${BUILD_BUDGET}s): TORCH_CUDA_ARCH_LIST
   exec timeout -k 10 "$BUILD_BUDGET" "$PYTHON" setup.py build_ext --inplace
 ) > "$BUILD_LOG" 2>&1 &
 BUILD_PID=$!
+# a TERM or INT ends the run after the stage in progress, and the build with it (timeout passes the signal on)
+trap 'kill "$BUILD_PID" 2> /dev/null; rm -rf "$WORK"' EXIT
+trap 'exit 143' TERM INT HUP
 
 # -- env
 run_stage env "${BUDGETS[1]}" "env.json" "$PYTHON" -m bench.gpu_check env "$OUT" $PY_DRY
