@@ -15,6 +15,7 @@ from ..reference import neighbour_cross_attention as reference
 from ._op import Op
 from .spec import SCALE, OpSpec
 
+
 def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_mask: Optional[Tensor] = None,
                               scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Neighbour tokens attend to the chunk they were retrieved for (RETRO's encoder).

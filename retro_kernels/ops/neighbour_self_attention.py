@@ -15,6 +15,7 @@ from ..reference import neighbour_self_attention as reference
 from ._op import Op
 from .spec import SCALE, OpSpec
 
+
 def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, *, neighbour_mask: Optional[Tensor] = None,
                              scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Bidirectional attention within each retrieved neighbour (RETRO's encoder).
