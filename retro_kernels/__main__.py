@@ -23,6 +23,7 @@ import torch
 
 import retro_kernels
 from retro_kernels import _native, dispatch
+from retro_kernels.cpu.gemm import cpu_description
 
 OPS = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
 ENV_VARS = ("TRITON_INTERPRET", "RETRO_KERNELS_NO_JIT", "RETRO_KERNELS_CACHE", "RETRO_KERNELS_CPU_GEMM", "CXX")
@@ -74,17 +75,8 @@ def triton_mode() -> str:
 
 
 def cpu_device() -> str:
-    name, flags = platform.processor() or platform.machine(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve") if f in flags]
-    return f"{name} ({torch.get_num_threads()} torch threads{'; ' + ' '.join(simd) if simd else ''})"
+    d = cpu_description()
+    return f"{d['cpu_model']} ({torch.get_num_threads()} torch threads{'; ' + ' '.join(d['flags']) if d['flags'] else ''})"
 
 
 def cuda_devices() -> list[str]:

@@ -21,7 +21,7 @@ _ISA_LEVELS = (("amx_tile", "amx"), ("avx512f", "avx512f"), ("avx2", "avx2"))
 def cpu_description() -> dict:
     """{"cpu_model", "isa", "flags"}: the CPU's model name, its best vector ISA for these
     kernels ("amx", "avx512f", "avx2", else the machine name, e.g. "x86_64") and the
-    relevant flags it has (avx2, fma, avx512f, avx512_bf16, amx_tile, amx_bf16)."""
+    relevant flags it has (avx2, fma, avx512f, avx512_bf16, amx_tile, amx_bf16; on Arm asimd, sve)."""
     model, flags = platform.processor() or platform.machine() or "cpu", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -37,7 +37,7 @@ def cpu_description() -> dict:
     isa = next((name for flag, name in _ISA_LEVELS if flag in flags), platform.machine() or "unknown")
     if isa == "avx2" and "fma" not in flags:
         isa = "avx"
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
     return {"cpu_model": model, "isa": isa, "flags": [f for f in wanted if f in flags]}
 
 
