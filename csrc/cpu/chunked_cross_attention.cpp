@@ -24,6 +24,7 @@
 // v a (K, R) pair that flattens), otherwise it is made contiguous first. fp16/bf16 tiles
 // are converted to fp32 in per-thread scratch; all arithmetic is fp32.
 #include "block_attention.h"
+#include "op_schemas.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -313,11 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward(
 }  // namespace retro_kernels::cpu
 
 TORCH_LIBRARY_FRAGMENT(retro_kernels_cpu, m) {
-  m.def("chunked_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "int chunk_size, float scale, int start_pos) -> (Tensor, Tensor)");
-  m.def("chunked_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? neighbour_mask, Tensor out, Tensor lse, int chunk_size, float scale, "
-        "int start_pos) -> (Tensor, Tensor, Tensor)");
+  retro_kernels::define_chunked_cross_attention_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) {

@@ -20,6 +20,7 @@
 // K and R dims must flatten into one row stride; otherwise the tensor is made
 // contiguous first.
 #include "block_attention.h"
+#include "op_schemas.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -316,14 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 }  // namespace retro_kernels::cpu
 
 TORCH_LIBRARY_FRAGMENT(retro_kernels_cpu, m) {
-  m.def("neighbour_self_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("neighbour_self_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? neighbour_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("neighbour_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? chunk_mask, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("neighbour_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? chunk_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  retro_kernels::define_neighbour_attention_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) {

@@ -13,6 +13,7 @@
 //                         every query head of the kv group
 // lse is (B, Hq, N), natural log, +inf for rows with no key.
 #include "attention_tiles.cuh"
+#include "../cpu/op_schemas.h"
 
 namespace retro_kernels::cuda {
 namespace {
@@ -195,11 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward(
 }  // namespace retro_kernels::cuda
 
 RETRO_KERNELS_CUDA_LIBRARY(m) {
-  m.def("chunked_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "int chunk_size, float scale, int start_pos) -> (Tensor, Tensor)");
-  m.def("chunked_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? neighbour_mask, Tensor out, Tensor lse, int chunk_size, float scale, "
-        "int start_pos) -> (Tensor, Tensor, Tensor)");
+  retro_kernels::define_chunked_cross_attention_ops(m);
 }
 
 RETRO_KERNELS_CUDA_LIBRARY_IMPL(m) {

@@ -16,6 +16,7 @@
 //                         query head of the kv group
 // lse is (B, Hq, L*K*R), natural log, +inf for rows with no key and for padding rows.
 #include "attention_tiles.cuh"
+#include "../cpu/op_schemas.h"
 
 #include <limits>
 
@@ -246,14 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_backward(
 }  // namespace retro_kernels::cuda
 
 RETRO_KERNELS_CUDA_LIBRARY_FRAGMENT(m) {
-  m.def("neighbour_self_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("neighbour_self_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? neighbour_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("neighbour_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? chunk_mask, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("neighbour_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, "
-        "Tensor? chunk_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  retro_kernels::define_neighbour_attention_ops(m);
 }
 
 RETRO_KERNELS_CUDA_LIBRARY_IMPL(m) {
