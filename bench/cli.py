@@ -10,6 +10,7 @@ Results are printed as a table and appended to <out>/<device-slug>.jsonl.
 
 python -m bench import OUT_DIR   file a bench/gpu_check.sh run's results (bench/gpu_import.py)
 python -m bench kernels [...]    the Triton kernels' resource report (bench/kernels.py)
+python -m bench retrieval-scale [...]  the database build's stages at growing sizes (bench/retrieval_scale.py)
 
 Exit status: 2 for a bad argument (one line, before any work), 1 when a
 measurement failed or the run could not finish, 0 otherwise.
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     if extras:
         p.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.what not in WHATS:
-        p.error(f"argument what: invalid choice: {args.what!r} (choose from {', '.join(WHATS)}, import, kernels)")
+        p.error(f"argument what: invalid choice: {args.what!r} (choose from {', '.join(WHATS)}, import, kernels, retrieval-scale)")
     return args
 
 
@@ -146,6 +147,10 @@ def main(argv=None) -> int:
         return import_main(argv[1:])
     if argv[:1] == ["kernels"]:
         return run_kernels(argv[1:])
+    if argv[:1] == ["retrieval-scale"]:
+        from .retrieval_scale import main as scale_main
+
+        return scale_main(argv[1:])
     args = parse_args(argv)
     if args.what == "report":
         from .report import make_report
