@@ -230,10 +230,16 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
         del out
     atomic_save_npy(build.root / f"stream_{name}_chunk_doc.npy", stream_chunk_doc)
     atomic_save_npy(build.root / f"stream_{name}_db_chunk.npy", db_chunk.astype(np.int64))
-    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size)}
+    size = int(np.asarray(build.npy("doc_bytes.npy"))[docs].sum())
+    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size),
+            f"stream_{name}_bytes": size}
 
 
 def _check_index_fits(cfg: dict, num_chunks: int) -> None:
-    """The index options against the number of chunks, now: not after the (long) embedding."""
+    """The index options and brought-in keys against the number of chunks, now: not after the (long) embedding."""
     kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
     index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
+    if cfg["embeddings"] is not None:
+        from .build_index import check_embeddings
+
+        check_embeddings(cfg["embeddings"], embedding_dim(cfg["embedder"]), num_chunks)
