@@ -8,11 +8,12 @@ into ``index.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``; ``index.faiss``
 keeps the coarse quantizer and the lists' directory); open it with the lists
 memory-mapped. No process holds every code, and a query makes one coarse search.
 
-Index types: ``flat`` is ``IVF1,Flat`` (one list, scanned whole: exact search);
+Index types: ``flat`` is ``IVF1,SQfp16`` (one list, scanned whole, the float16 keys stored as they are:
+exact search);
 ``ivfpq`` is ``IVF{nlist},PQ{m}x{nbits}`` sized from the data; any FAISS factory
 string that starts with ``IVF`` (``IVF4096,SQ8``, ``IVF1024,PQ48``) is taken as
 it is. Compressed codes (PQ, SQ) are re-ranked: ``rerank`` candidates are fetched
-and ordered by their exact L2 distance to the memory-mapped keys.
+and ordered by their exact L2 distance to the memory-mapped keys (float16 or float32).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def resolve_index_type(index_type: str, num_vectors: int) -> str:
 def factory_string(index_type: str, num_train: int, dim: int, params: dict) -> str:
     """The FAISS index_factory string; IVF-PQ sizes adapt to the training sample when left at 0."""
     if index_type == "flat":
-        return "IVF1,Flat"
+        return "IVF1,SQfp16"
     if index_type.startswith("IVF"):
         return _checked_factory(index_type, num_train, dim)
     if index_type != "ivfpq":
@@ -97,17 +98,21 @@ def _checked_factory(factory: str, num_train: int, dim: int) -> str:
 
 
 def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None = None):
-    """An empty index of type ``factory``, trained on ``sample``."""
+    """An empty index of type ``factory`` (IVF, or any other), trained on ``sample``."""
     faiss = _faiss()
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
-    ivf = faiss.extract_index_ivf(index)
-    if hasattr(ivf, "do_polysemous_training"):
-        # the factory turns it on; it costs minutes (we never search with Hamming filtering)
-        ivf.do_polysemous_training = False
-    # factory_string already sized the lists and codebooks for the sample; no per-run warning
-    ivf.cp.min_points_per_centroid = 1
-    if hasattr(ivf, "pq"):
-        ivf.pq.cp.min_points_per_centroid = 1
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if _fp16_codes(ivf):
+            ivf.by_residual = False  # the float16 codes of float16 keys are the keys: exact
+        if hasattr(ivf, "do_polysemous_training"):
+            # the factory turns it on; it costs minutes (we never search with Hamming filtering)
+            ivf.do_polysemous_training = False
+        # factory_string already sized the lists and codebooks for the sample; no per-run warning
+        ivf.cp.min_points_per_centroid = 1
+        if hasattr(ivf, "pq"):
+            ivf.pq.cp.min_points_per_centroid = 1
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if use_gpu if use_gpu is not None else gpu_available():
         try:
@@ -118,6 +123,10 @@ def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None
             print(f"warning: GPU FAISS training failed ({e}); training on the CPU", file=sys.stderr)
     index.train(sample)
     return index
+
+
+def _fp16_codes(ivf) -> bool:
+    return isinstance(ivf, _faiss().IndexIVFScalarQuantizer) and ivf.sq.qtype == _faiss().ScalarQuantizer.QT_fp16
 
 
 def write_index(index, path: Path) -> None:
@@ -172,8 +181,8 @@ class Searcher:
         faiss = _faiss()
         self.index = open_index(index_path, nprobe)
         self.keys, self.chunk_doc, self.rerank = keys, chunk_doc, int(rerank)
-        ivf = faiss.extract_index_ivf(self.index)
-        self.exact = type(faiss.downcast_index(ivf)).__name__ == "IndexIVFFlat"
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
+        self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)
 
     @property
     def ntotal(self) -> int:
