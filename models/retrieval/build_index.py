@@ -208,7 +208,7 @@ def precompute(keys, chunk_doc, out, *, k: int, nprobe: int = 32, rerank: int = 
     return precompute_table(spec, Path(out) / neighbours, range_size=range_size, engine=engine, workers=workers)
 
 
-def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: str, workers: int | None,
+def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: str = "local", workers: int | None = None,
                      progress=None) -> dict:
     """``table`` (n, k) int64 from tasks over ranges of ``range_size`` query chunks, each memory-mapping
     the merged index and writing its own range (kept across runs), joined at the end."""
@@ -232,9 +232,6 @@ def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: s
         del joined
     parts.remove(len(spans))
     return stats_row(out, "query", engine, workers, n, time.perf_counter() - t0, rss, [table])
-
-
-_EMBEDDERS: dict = {}  # one embedder per process, kept between ranges
 
 
 def _query_unit(spec: QuerySpec, lo: int, hi: int, part: str) -> float:
@@ -266,19 +263,13 @@ def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
     if new.size:
         from .embed import stream_chunk_tokens
 
+        from .embed import cached_embedder
+
         e = spec.embed
-        embedder = _embedder(e["embedder"], e["device"], e["batch_size"])
+        embedder = cached_embedder(e["embedder"], e["device"], e["batch_size"])
         tokenizer, chunks = stream_chunk_tokens(Path(e["root"]), e["split"], a + new)
         out[new] = embedder.embed_token_chunks(tokenizer, chunks)
     return out
-
-
-def _embedder(name: str, device, batch_size: int):
-    if (name, device) not in _EMBEDDERS:
-        from .embed import Embedder
-
-        _EMBEDDERS[(name, device)] = Embedder(name, device=device, batch_size=batch_size)
-    return _EMBEDDERS[(name, device)]
 
 
 # -- the database's stages (functions of `build.Builder`) -----------------------------------------

@@ -6,12 +6,16 @@ manifest records about them.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
 from . import corpus as corpus_mod
+from . import engine as engine_mod
 from . import index as index_mod
 from .config import held_out, split_documents
 from .embed import embedding_dim
@@ -57,8 +61,7 @@ class DocumentTable:
     """What tokenizing learns of each document: its id, token offset, UTF-8 bytes, MinHash signature.
     The pieces of a long document (``continued``) extend the document before them."""
 
-    def __init__(self, hasher: MinHasher):
-        self.hasher = hasher
+    def __init__(self):
         self.names: list[str] = []
         self.offsets = [0]
         self.bytes: list[int] = []
@@ -68,11 +71,9 @@ class DocumentTable:
     def num_tokens(self) -> int:
         return self.offsets[-1]
 
-    def add(self, doc: corpus_mod.Document, num_tokens: int) -> int:
+    def add(self, doc: corpus_mod.Document, num_tokens: int, size: int, signature: np.ndarray) -> int:
         """Record a piece of ``num_tokens`` tokens; returns 1 for a new document, 0 for a continued one."""
         end = self.num_tokens + num_tokens
-        size = len(doc.text.encode("utf-8", errors="replace"))
-        signature = self.hasher.signature(doc.text)
         if doc.continued and self.names:
             self.offsets[-1] = end
             self.bytes[-1] += size
@@ -92,19 +93,25 @@ class DocumentTable:
 
 
 def tokenize_corpus(build) -> dict:
-    """tokens.bin (every document's token ids, concatenated) and the document table."""
-    tokenizer = build.tokenizer()
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    table = DocumentTable(MinHasher(NUM_PERM, seed=build.config["split_seed"]))
-    stats = corpus_mod.CorpusStats()
+    """tokens.bin (every document's token ids, concatenated) and the document table; batches of documents
+    are encoded in parallel on the Ray engine, written in corpus order."""
+    dtype = token_dtype(build.tokenizer().get_vocab_size())
+    table, stats, batches = DocumentTable(), corpus_mod.CorpusStats(), collections.deque()
+    cfg = build.config
+
+    def units():
+        for docs in _batches(build.corpus(stats=stats, warn=build.log)):
+            batches.append(docs)
+            yield f"of the documents from {docs[0].doc_id!r}", (
+                str(build.root / "tokenizer.json"), [d.text for d in docs], dtype.name, build.m,
+                cfg["align_sections"], cfg["split_seed"])
+
     bar = build.progress(desc="tokenize", unit="doc")
     with atomic_path(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
-        for docs in _batches(build.corpus(stats=stats, warn=build.log)):
-            texts = [d.text for d in docs]
-            for doc, ids in zip(docs, encode_documents(tokenizer, texts, dtype, build.m,
-                                                       build.config["align_sections"])):
+        for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
+            for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
-                bar.update(table.add(doc, ids.size))
+                bar.update(table.add(doc, ids.size, size, signature))
             bar.set_postfix(tokens=table.num_tokens, refresh=False)
     bar.close()
     if not table.names:
@@ -117,6 +124,20 @@ def tokenize_corpus(build) -> dict:
               f"corpus {stats.as_dict()}")
     return {"dtype": dtype.name, "num_tokens": int(table.num_tokens), "num_docs": len(table.names),
             "num_bytes": int(num_bytes), "empty_docs": empty, "corpus": stats.as_dict()}
+
+
+def encode_unit(tokenizer_path: str, texts: list[str], dtype: str, chunk_size: int, align_sections: bool,
+                seed: int) -> tuple[list, list, list]:
+    """A batch of documents: (token ids, UTF-8 bytes, MinHash signature) of each."""
+    tokenizer = _tokenizer(tokenizer_path, Path(tokenizer_path).stat().st_mtime_ns)
+    hasher = MinHasher(NUM_PERM, seed=seed)
+    ids = encode_documents(tokenizer, texts, np.dtype(dtype), chunk_size, align_sections)
+    return ids, [len(t.encode("utf-8", errors="replace")) for t in texts], [hasher.signature(t) for t in texts]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, mtime_ns: int):
+    return load_tokenizer(path)
 
 
 def _batches(docs):

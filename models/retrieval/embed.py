@@ -13,6 +13,7 @@ length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -135,13 +136,19 @@ def stream_chunk_tokens(root: Path, split: str, ids: np.ndarray):
     return tokenizer, [np.asarray(stream[u * m:(u + 1) * m]) for u in ids]
 
 
+@functools.lru_cache(maxsize=2)
+def cached_embedder(name: str, device: str | None, batch_size: int) -> Embedder:
+    """One embedder per process and model, kept between the units it runs."""
+    return Embedder(name, device=device, batch_size=batch_size)
+
+
 class EmbedParts:
     """Embeds parts of the chunk table into the parts folder: called in this process, or a Ray Data actor
     (`map_batches`: one embedder per actor, one GPU each where the cluster has them)."""
 
     def __init__(self, spec: dict):
         self.spec = spec
-        self.embedder = Embedder(spec["embedder"], device=spec["device"], batch_size=spec["batch_size"])
+        self.embedder = cached_embedder(spec["embedder"], spec["device"], spec["batch_size"])
 
     def __call__(self, batch: dict) -> dict:
         from .engine import peak_rss_mb
