@@ -7,6 +7,7 @@ manifest records about them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import shutil
@@ -197,11 +198,10 @@ def hold_out_documents(build) -> dict:
 
 def cut_chunks_and_streams(build) -> dict:
     """The chunk table of the retrieval documents (chunk_doc.npy, chunk_start.npy) and the token stream
-    of each split (stream_<split>.bin and its chunks' documents and database chunks)."""
-    m = build.m
-    offsets = np.asarray(build.npy("doc_offsets.npy"))
-    split = np.asarray(build.npy("doc_split.npy"))
-    lengths = np.diff(offsets)
+    of each split (stream_<split>.bin and its chunks' documents and database chunks); the per-chunk
+    tables are written a block of documents at a time."""
+    m, offsets = build.m, np.asarray(build.npy("doc_offsets.npy"))
+    split, lengths = np.asarray(build.npy("doc_split.npy")), np.diff(offsets)
     retrievable = split == SPLITS["train"]
     if build.config["index_eval_docs"]:
         retrievable |= split == SPLITS["eval"]
@@ -209,21 +209,41 @@ def cut_chunks_and_streams(build) -> dict:
     if docs.size == 0:
         raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
     per_doc = -(-lengths[docs] // m)  # ceil: the last, partial chunk is kept (padded and masked)
-    chunk_doc = np.repeat(docs, per_doc).astype(np.int32)
-    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    chunk_start = offsets[chunk_doc] + (np.arange(chunk_doc.size) - first) * m
-    atomic_save_npy(build.root / "chunk_doc.npy", chunk_doc)
-    atomic_save_npy(build.root / "chunk_start.npy", chunk_start.astype(np.int64))
     # database chunk id of (doc, chunk-in-doc): chunks of a doc are consecutive
     doc_first_chunk = np.full(len(lengths), -1, dtype=np.int64)
     doc_first_chunk[docs] = np.cumsum(per_doc) - per_doc
-    info = {"num_chunks": int(chunk_doc.size), "retrieval_docs": int(docs.size)}
+    with _tables(build.root, {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}, int(per_doc.sum())) as t:
+        for lo, hi, doc, within in _doc_blocks(docs, per_doc):
+            t["chunk_doc.npy"][lo:hi], t["chunk_start.npy"][lo:hi] = doc, offsets[doc] + within * m
+    info = {"num_chunks": int(per_doc.sum()), "retrieval_docs": int(docs.size)}
     for name in STREAM_SPLITS:
         info.update(write_stream(build, name, np.flatnonzero((split == SPLITS[name]) & (lengths > 0)), offsets,
                                  doc_first_chunk))
-    build.log(f"chunk: {chunk_doc.size} retrieval chunks of {m} tokens from {docs.size} documents")
-    _check_index_fits(build.config, chunk_doc.size)
+    build.log(f"chunk: {info['num_chunks']} retrieval chunks of {m} tokens from {docs.size} documents")
+    _check_index_fits(build.config, info["num_chunks"])
     return info
+
+
+def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):
+    """(lo, hi, document of each row, row within its document) of the rows of ``block`` documents at a
+    time, document ``docs[i]`` having ``counts[i]`` consecutive rows."""
+    first = np.cumsum(counts) - counts
+    for a in range(0, len(docs), block):
+        lo, n = int(first[a]), counts[a:a + block]
+        hi = lo + int(n.sum())
+        yield lo, hi, np.repeat(docs[a:a + block], n), np.arange(hi - lo) - np.repeat(first[a:a + block] - lo, n)
+
+
+@contextlib.contextmanager
+def _tables(root, dtypes: dict, rows: int):
+    """``{name: (rows,) memory-mapped .npy}`` written atomically when the block ends."""
+    with contextlib.ExitStack() as stack:
+        maps = {n: np.lib.format.open_memmap(stack.enter_context(atomic_path(root / n)), mode="w+", dtype=t,
+                                             shape=(rows,)) for n, t in dtypes.items()}
+        yield maps
+        for table in maps.values():
+            table.flush()
+        maps.clear()
 
 
 def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_first_chunk: np.ndarray) -> dict:
@@ -233,12 +253,13 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
     tokens, tokenizer = build.tokens(), build.tokenizer()
     eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
     nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
-    stream_chunk_doc = np.repeat(docs, nchunks).astype(np.int32)
-    within = np.arange(stream_chunk_doc.size) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
-    has_db = doc_first_chunk[stream_chunk_doc] >= 0
-    # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
-    in_db = has_db & (within * m < lengths[stream_chunk_doc])
-    db_chunk = np.where(in_db, doc_first_chunk[stream_chunk_doc] + within, -1)
+    tables = {f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64}
+    with _tables(build.root, tables, int(nchunks.sum())) as t:
+        for lo, hi, doc, within in _doc_blocks(docs, nchunks):
+            # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
+            in_db = (doc_first_chunk[doc] >= 0) & (within * m < lengths[doc])
+            t[f"stream_{name}_chunk_doc.npy"][lo:hi] = doc
+            t[f"stream_{name}_db_chunk.npy"][lo:hi] = np.where(in_db, doc_first_chunk[doc] + within, -1)
     with atomic_path(build.root / f"stream_{name}.bin") as tmp:
         out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
         out[:] = pad
@@ -249,8 +270,6 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
             pos += int(n) * m
         out.flush()
         del out
-    atomic_save_npy(build.root / f"stream_{name}_chunk_doc.npy", stream_chunk_doc)
-    atomic_save_npy(build.root / f"stream_{name}_db_chunk.npy", db_chunk.astype(np.int64))
     size = int(np.asarray(build.npy("doc_bytes.npy"))[docs].sum())
     return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size),
             f"stream_{name}_bytes": size}
