@@ -133,11 +133,7 @@ def add_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local",
     parts, shards = add_parts(out, keys, shard_size), ranges(n, shard_size)
     units = [(f"shard {s} (keys {lo}:{hi})", (str(out / "index_trained.faiss"), str(keys), lo, hi, str(parts.path(s))))
              for s in parts.todo(len(shards)) for lo, hi in [shards[s]]]
-    rss = []
-    for r in engine_mod.map_units(engine, _add_unit, units, what="add", workers=workers):
-        rss.append(r)
-        if progress:
-            progress(1)
+    rss = engine_mod.run_units(engine, _add_unit, units, what="add", workers=workers, progress=progress)
     return stats_row(out, "add", engine, workers, n, time.perf_counter() - t0, rss,
                      [parts.path(s) for s in range(len(shards))])
 
@@ -219,17 +215,9 @@ def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: s
     parts = Parts(out, "query", key, "npy")
     units = [(f"range {lo}:{hi}", (spec, lo, hi, str(parts.path(r)))) for r in parts.todo(len(spans))
              for lo, hi in [spans[r]]]
-    rss = []
-    for r in engine_mod.map_units(engine, _query_unit, units, what=f"query {table.name}", workers=workers):
-        rss.append(r)
-        if progress:
-            progress(1)
-    with atomic_path(table) as tmp:
-        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, spec.k))
-        for r, (lo, hi) in enumerate(spans):
-            joined[lo:hi] = load_npy(parts.path(r))
-        joined.flush()
-        del joined
+    rss = engine_mod.run_units(engine, _query_unit, units, what=f"query {table.name}", workers=workers,
+                               progress=progress)
+    _join_parts([parts.path(r) for r in range(len(spans))], table, n, np.int64)
     parts.remove(len(spans))
     return stats_row(out, "query", engine, workers, n, time.perf_counter() - t0, rss, [table])
 
@@ -339,8 +327,8 @@ def db_embed(build) -> dict:
         rss = embed_on_ray(spec, todo, workers, bar.update)
     else:
         embed, rss = EmbedParts(spec) if todo else None, []
-        for p in todo:
-            rss.append(float(embed({"part": np.array([p])})["rss"][0]))
+        for p in todo:  # (a failure names its part)
+            rss.append(float(embed({"part": [p]})["rss"][0]))
             bar.update(1)
     bar.close()
     dim = _join_parts([parts.path(p) for p in range(count)], build.root / "embeddings.npy", num_chunks)
@@ -350,11 +338,11 @@ def db_embed(build) -> dict:
     return {"dim": dim, "embedder": build.config["embedder"]}
 
 
-def _join_parts(files: list[Path], out: Path, rows: int) -> int:
-    """The .npy ``files`` (consecutive rows) copied into ``out`` (float16) part after part; returns the width."""
+def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> int:
+    """The .npy ``files`` (consecutive rows) copied into ``out`` a block at a time; returns the width."""
     dim = load_npy(files[0]).shape[1]
     with atomic_path(out) as tmp:
-        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
         pos = 0
         for f in files:
             part = load_npy(f)

@@ -171,11 +171,11 @@ def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[fl
 
     import ray
 
-    from .engine import cluster_cpus, cluster_gpus
+    from .engine import cluster
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    gpus, cpus = cluster_gpus(), cluster_cpus()
+    gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
     size = max(1, min(workers, gpus or cpus, len(todo)))
     # an actor pool holding every CPU would starve the tasks that feed it: half a CPU stays free
     per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, (cpus - 0.5) / size)}

@@ -48,44 +48,41 @@ def connect(address: str | None = None) -> None:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
-def cluster_cpus() -> int:
+def cluster(resource: str) -> int:
+    """The cluster's CPUs or GPUs."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def cluster_gpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
+    return int(ray.cluster_resources().get(resource, 0))
 
 
 def default_workers(engine: str, workers: int | None) -> int:
     """``workers``, or every CPU of the cluster (ray) / one (local)."""
-    if workers:
-        return int(workers)
-    return cluster_cpus() if engine == "ray" else 1
+    return int(workers) if workers else max(1, cluster("CPU")) if engine == "ray" else 1
 
 
-def run_units(engine: str, fn, units, *, what: str, workers: int | None = None, num_cpus: float = 1) -> list:
+def run_units(engine: str, fn, units, *, what: str, workers: int | None = None, progress=None) -> list:
     """``fn(*args)`` for every ``(label, args)`` of ``units``, the results in order (see `map_units`)."""
-    return list(map_units(engine, fn, units, what=what, workers=workers, num_cpus=num_cpus))
+    return list(map_units(engine, fn, units, what=what, workers=workers, progress=progress))
 
 
-def map_units(engine: str, fn, units, *, what: str, workers: int | None = None, num_cpus: float = 1):
-    """Yield ``fn(*args)`` for every ``(label, args)`` of the iterable ``units``, in order: one after the
-    other in this process (local), or as Ray tasks, at most ``workers`` at a time (a task whose worker
-    dies is retried). A unit that fails raises RuntimeError("<what> <label>: <why>")."""
+def map_units(engine: str, fn, units, *, what: str, workers: int | None = None, progress=None):
+    """Yield ``fn(*args)`` for every ``(label, args)`` of the iterable ``units``, in order (``progress(1)``
+    after each): one after the other in this process (local), or as Ray tasks, at most ``workers`` at a
+    time (a task whose worker dies is retried). A unit that fails raises RuntimeError("<what> <label>: <why>")."""
     if engine == "local":
-        for label, args in units:
-            yield _labelled(what, label, fn, args)
-        return
+        results = (_labelled(what, label, fn, args) for label, args in units)
+    else:
+        results = _on_ray(fn, units, what, default_workers(engine, workers))
+    for result in results:
+        if progress:
+            progress(1)
+        yield result
+
+
+def _on_ray(fn, units, what: str, limit: int):
     import ray
 
-    task = ray.remote(fn).options(num_cpus=num_cpus, max_retries=3)
-    limit = default_workers(engine, workers)
-    pending = []  # (ref, label) in submission order
-    units = iter(units)
+    task, pending = ray.remote(fn).options(max_retries=3), []  # (ref, label) in submission order
     for label, args in units:
         pending.append((task.remote(*args), label))
         while len(pending) >= limit:
