@@ -4,7 +4,7 @@ Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA),
 neighbour_cross_attention (NCA); an op the installed retro_kernels lacks
 (an older version) is skipped with a printed reason.
 
-Cost models (DESIGN.md, "Cost model"); e = bytes per element, Lu = N // m
+Cost models (docs/spec.md#cost-model); e = bytes per element, Lu = N // m
 chunks read, rows = N - (m-1) attending query rows:
 
     CCA  fwd flops = 4 * B * Hq * rows * K*R * D

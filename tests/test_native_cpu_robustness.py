@@ -150,7 +150,7 @@ def test_neighbour_cross_attention_masked_chunk_tokens_take_no_part(value):
 # ---------------------------------------------------------------------------
 
 def cca_by_hand(q, k, v, m, start_pos):
-    """The rule of DESIGN.md, token by token in float64 with Python integers."""
+    """The rule of docs/spec.md#the-shift, token by token in float64 with Python integers."""
     B, N, H, D = q.shape
     out = torch.zeros(B, N, H, D, dtype=torch.float64)
     for i in range(N):
