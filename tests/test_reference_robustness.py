@@ -86,7 +86,7 @@ def test_neighbour_cross_attention_ignores_whatever_hidden_chunk_tokens_hold(val
 
 
 def _naive_cca(q, k, v, m, mask, start_pos):
-    """The rule of docs/spec.md#the-shift, token by token: position t >= m-1 attends to the neighbours of chunk (t-(m-1))//m."""
+    """docs/spec.md#the-shift token by token: position t >= m-1 reads the neighbours of chunk (t-(m-1))//m."""
     B, N, Hq, D = q.shape
     K, R, Hkv = k.shape[2], k.shape[3], k.shape[4]
     out = torch.zeros_like(q)
