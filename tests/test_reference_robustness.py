@@ -1,7 +1,7 @@
 """The references (the specification, and the fallback path) on hostile input.
 
 - A masked token takes no part whatever it holds: NaN or inf at masked
-  positions changes nothing, in the output or the gradients (issue 13, item 11).
+  positions changes nothing, in the output or the gradients.
 - Chunked cross-attention's memory is O(input), not O(start_pos): a token at
   start_pos = 5e7 must not materialise 5e7 positions.
 - The layers and the model config reject rotary_base <= 0.
@@ -140,7 +140,7 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("start_pos", [0, 7, 50_000_000])
 def test_chunked_cross_attention_memory_is_o_input_not_o_start_pos(start_pos):
-    """One token at start_pos = 5e7 (issue 13: the reference padded all 5e7 positions first)."""
+    """One token at start_pos = 5e7 (the reference must not pad all 5e7 positions first)."""
     m, Hq, D = 64, 1, 2  # small heads: a regression fails the assertion, not the machine
     N = 1
     L = (start_pos + N) // m + 1
