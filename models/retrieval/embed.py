@@ -13,6 +13,7 @@ length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -103,3 +104,92 @@ class Embedder:
         """Embed chunks of language-model token ids (detokenised, then re-tokenised)."""
         texts = lm_tokenizer.decode_batch([np.asarray(c).tolist() for c in chunks], skip_special_tokens=True)
         return self.embed_texts(texts, on_batch=on_batch)
+
+
+# -- the build's embed stage: resumable parts, in this process or on a Ray Data actor pool ------------
+
+def _database_files(root: Path):
+    """(tokenizer, tokens.bin memory-mapped, chunk size) of the database being built in ``root``."""
+    from .manifest import Manifest
+    from .tokenizer import load_tokenizer
+
+    manifest = Manifest.load(root)
+    tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(manifest.info("tokenize")["dtype"]), mode="r")
+    return load_tokenizer(root / "tokenizer.json"), tokens, int(manifest.config["chunk_size"])
+
+
+def chunk_tokens(root: Path, ids: np.ndarray):
+    """(tokenizer, the tokens of database chunks ``ids``: a document's last chunk is shorter)."""
+    from .manifest import load_npy
+
+    tokenizer, tokens, m = _database_files(root)
+    offsets, chunk_doc, chunk_start = (load_npy(root / f) for f in ("doc_offsets.npy", "chunk_doc.npy", "chunk_start.npy"))
+    starts = chunk_start[ids]
+    ends = np.minimum(starts + m, offsets[chunk_doc[ids].astype(np.int64) + 1])
+    return tokenizer, [np.asarray(tokens[s:e]) for s, e in zip(starts, ends)]
+
+
+def stream_chunk_tokens(root: Path, split: str, ids: np.ndarray):
+    """(tokenizer, the tokens of chunks ``ids`` of stream ``split``)."""
+    tokenizer, tokens, m = _database_files(root)
+    stream = np.memmap(root / f"stream_{split}.bin", dtype=tokens.dtype, mode="r")
+    return tokenizer, [np.asarray(stream[u * m:(u + 1) * m]) for u in ids]
+
+
+@functools.lru_cache(maxsize=2)
+def cached_embedder(name: str, device: str | None, batch_size: int) -> Embedder:
+    """One embedder per process and model, kept between the units it runs."""
+    return Embedder(name, device=device, batch_size=batch_size)
+
+
+class EmbedParts:
+    """Embeds parts of the chunk table into the parts folder: called in this process, or a Ray Data actor
+    (`map_batches`: one embedder per actor, one GPU each where the cluster has them)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.embedder = cached_embedder(spec["embedder"], spec["device"], spec["batch_size"])
+
+    def __call__(self, batch: dict) -> dict:
+        from .engine import peak_rss_mb
+        from .manifest import atomic_save_npy
+
+        s = self.spec
+        for p in batch["part"]:
+            try:
+                ids = np.arange(p * s["part_size"], min((p + 1) * s["part_size"], s["num_chunks"]))
+                vectors = self.embedder.embed_token_chunks(*chunk_tokens(Path(s["root"]), ids))
+                atomic_save_npy(Path(s["folder"]) / f"part_{p:06d}.npy", vectors.astype(np.float16))
+            except Exception as e:
+                raise RuntimeError(f"embed part {p}: {type(e).__name__}: {e}") from e
+        return {"part": batch["part"], "rss": np.full(len(batch["part"]), peak_rss_mb())}
+
+
+def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[float]:
+    """The parts ``todo`` embedded by a Ray Data actor pool; the peak memory of each part's actor."""
+    import logging
+
+    import ray
+
+    from .engine import cluster
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
+    size = max(1, min(workers, gpus or cpus, len(todo)))
+    # an actor pool holding every CPU would starve the tasks that feed it: half a CPU stays free
+    per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, (cpus - 0.5) / size)}
+    data = ray.data.from_items([{"part": p} for p in todo]).map_batches(
+        EmbedParts, fn_constructor_args=(spec,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+        **per_actor)
+    rss = []
+    try:
+        for row in data.iter_rows():
+            rss.append(float(row["rss"]))
+            progress(1)
+    except Exception as e:  # Ray's error is pages long: the line that names the part
+        import re
+
+        found = re.search(r"embed part \d+: .*", str(e))
+        raise RuntimeError(found.group(0) if found else f"embed: {type(e).__name__}") from None
+    return rss

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 
-FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
+FORMAT_VERSION = 3  # 2: kind and checksum; 3: one merged on-disk index. Older databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
 LEGACY_KEYS = {"format_version", "config", "versions", "created", "stages"}  # a version-1 manifest, exactly
@@ -46,9 +46,9 @@ STAGES = (
     "tokenize",     # stream the corpus: token ids, document table, MinHash signatures
     "split",        # hold out evaluation documents; leakage filter (MinHash, Jaccard >= threshold)
     "chunk",        # chunk table of the retrieval documents; token streams of train/eval splits
-    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts, torchrun-shardable)
-    "train_index",  # train the FAISS index (IVF-PQ) on a sample; Flat/HNSW need none
-    "add",          # add all embeddings to the index shards, save them
+    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts), or --embeddings copied
+    "train_index",  # train the FAISS IVF index on a sample of the keys
+    "add",          # add the keys in shards, merge them into one index with its lists on disk
     "query",        # precompute the K nearest neighbours of every train/eval chunk
 )
 
@@ -58,7 +58,7 @@ class DatabaseError(ValueError):
 
 
 def expected_files(stage: str, info: dict) -> list[str]:
-    """The files a finished stage makes (``info``: the stage's recorded info, for the index shards)."""
+    """The files a finished stage makes."""
     splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
@@ -68,7 +68,7 @@ def expected_files(stage: str, info: dict) -> list[str]:
                  + [f"stream_{s}{x}" for s in splits for x in (".bin", "_chunk_doc.npy", "_db_chunk.npy")],
         "embed": ["embeddings.npy"],
         "train_index": ["index_trained.faiss"],
-        "add": [f"index_shard_{s:03d}.faiss" for s in range(len(info.get("shards", [])))],
+        "add": ["index.faiss", "index.ivfdata"],
         "query": [f"neighbours_{s}.npy" for s in splits],
     }[stage]
 
@@ -76,11 +76,11 @@ def expected_files(stage: str, info: dict) -> list[str]:
 def _file_names() -> list[str]:
     """Regular expressions of the names of the files a build makes in the database folder."""
     fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage, {})]
-    return [re.escape(f) for f in fixed] + [r"index_shard_\d{3,}\.faiss"]
+    return [re.escape(f) for f in fixed + ["build_stats.jsonl"]]
 
 
-PARTS_FOLDER = re.compile(r"embed_parts_[0-9a-f]{12}_\d+")  # the embedding's resumable parts
-PART_FILE = re.compile(rf"part_\d{{6}}\.npy(?:{TEMP_SUFFIX})?")
+PARTS_FOLDER = re.compile(r"(?:embed|add|query)_parts_[0-9a-f]{12}")  # the stages' resumable units
+PART_FILE = re.compile(rf"part_\d{{6}}\.(?:npy|faiss)(?:{TEMP_SUFFIX})?")
 
 
 def database_file_patterns() -> list[re.Pattern]:
