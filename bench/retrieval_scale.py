@@ -421,7 +421,7 @@ def machine() -> dict:
     return {"cpu_model": info.get("model name", platform.processor()), "cpus": os.cpu_count(),
             "cpu_isa": [f for f in ("avx", "fma", "f16c", "avx2", "avx512f", "amx_tile", "asimd") if f in flags],
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "faiss": faiss.__version__}
+            "faiss": faiss.__version__, **{k.lower(): os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}}
 
 
 def params(n: int, quick: bool, shard_size: int, range_ids: int, max_workers: int) -> dict:
