@@ -364,41 +364,44 @@ def engine_rows(engine: str, workers: int, work: Path, data: SizeData, p: dict, 
 
 # -- ScaNN against IVF-PQ at equal recall@10 ---------------------------------------------------
 
-def scann_sweep(data: SizeData, num_leaves: int, leaves: list[int]) -> dict:
-    """ScaNN (tree, asymmetric hashing, exact reordering of 10 k candidates) built over the keys in RAM,
-    then single queries (one thread) at each ``leaves`` searched: build seconds and each setting's
-    found ids and latencies."""
+def scann_build(data: SizeData, folder: str, num_leaves: int) -> dict:
     from models.retrieval import scann_index
 
-    t0 = time.perf_counter()
-    searcher = scann_index.build(np.load(data.keys, mmap_mode="r"), num_leaves, K + 2)
-    out = {"build_s": time.perf_counter() - t0, "settings": {}}
-    keys = np.load(data.keys, mmap_mode="r")
-    for n_leaves in leaves:
-        out["settings"][n_leaves] = timed_queries(
-            lambda q: scann_index.search(searcher, q, K + 2, n_leaves)[1], keys, data.ids, single=True)
-    return out
+    scann_index.build_folder(data.keys, folder, num_leaves, K + 2)
+    return {"bytes_on_disk": disk_bytes(folder)}
+
+
+def scann_sweep(data: SizeData, folder: str, leaves: list[int]) -> dict:
+    """Single queries (one thread) on the ScaNN searcher read back into RAM, at each ``leaves`` searched."""
+    from models.retrieval import scann_index
+
+    searcher = scann_index.Searcher(folder, np.load(data.keys, mmap_mode="r"), np.load(data.chunk_doc))
+    return sweep(searcher, data, leaves)
+
+
+def sweep(searcher, data: SizeData, settings: list[int]) -> dict:
+    out = {}
+    for value in settings:
+        searcher.set_nprobe(value)
+        out[value] = timed_queries(lambda q: searcher.search(q, K + 2)[1], searcher.keys, data.ids, True)
+    return {"settings": out}
 
 
 def ivfpq_sweep(work: str, data: SizeData, nprobes: list[int], rerank: int) -> dict:
     from models.retrieval import build_index as bi
 
-    searcher = bi.open_searcher(work, data.keys, data.chunk_doc, rerank=rerank)
-    settings = {}
-    for nprobe in nprobes:
-        searcher.set_nprobe(nprobe)
-        settings[nprobe] = timed_queries(lambda q: searcher.search(q, K + 2)[1], searcher.keys, data.ids, True)
-    return {"settings": settings}
+    return sweep(bi.open_searcher(work, data.keys, data.chunk_doc, rerank=rerank), data, nprobes)
 
 
 def scann_rows(data: SizeData, work: Path, nlist: int, rerank: int) -> list[dict]:
     """Per-setting query rows of ScaNN and of the merged IVF-PQ index (re-ranked), then, for each recall
     target, each one's fastest setting that reaches it."""
-    sweep = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= nlist]
-    s = in_process(scann_sweep, data, nlist, sweep, threads=1)
-    i = in_process(ivfpq_sweep, str(work), data, sweep, rerank, threads=1)
-    rows = [make_row("build", "scann", 1, data.n, {**s, "seconds": s["build_s"]}, data.n, in_ram=True,
-                     mergeable=False, num_leaves=nlist)]
+    settings = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= nlist]
+    folder = str(work.parent / "scann")
+    b = in_process(scann_build, data, folder, nlist)
+    s = in_process(scann_sweep, data, folder, settings, threads=1)
+    i = in_process(ivfpq_sweep, str(work), data, settings, rerank, threads=1)
+    rows = [make_row("build", "scann", 1, data.n, b, data.n, in_ram=True, mergeable=False, num_leaves=nlist)]
     for engine, m, knob in (("scann", s, "leaves_to_search"), ("ivfpq", i, "nprobe")):
         for value, q in m["settings"].items():
             rows.append(search_row("query_sweep", engine, 1, data.n, {**q, "seconds": q["search_s"],

@@ -70,3 +70,23 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, args, names):
     result = run_bench(tmp_path, *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and names in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_scann_searcher_finds_the_exact_neighbours_and_excludes_documents(tmp_path):
+    pytest.importorskip("scann", reason="ScaNN is an optional extra (retro_kernels[scann])")
+    from models.retrieval import scann_index
+
+    keys = np.load(rs.synthetic_keys(tmp_path / "keys.npy", 2000), mmap_mode="r")
+    chunk_doc = np.arange(2000) // 4  # documents of four chunks
+    scann_index.build_folder(tmp_path / "keys.npy", tmp_path / "scann", num_leaves=16)
+    searcher = scann_index.Searcher(tmp_path / "scann", keys, chunk_doc, leaves_to_search=16)
+    queries = np.asarray(keys[:50], dtype=np.float32)
+    exclude = np.stack([chunk_doc[:50], chunk_doc[1:51]], 1)
+    dist, ids = searcher.search(queries, rs.K, exclude)
+    x = np.asarray(keys, dtype=np.float32)
+    for q, row in enumerate(ids):
+        d = ((x - x[q]) ** 2).sum(1)
+        d[np.isin(chunk_doc, exclude[q])] = np.inf
+        assert not np.isin(chunk_doc[row], exclude[q]).any()
+        assert len(set(row) & set(np.argsort(d)[:rs.K])) >= 9  # every leaf searched, exact reordering
+    assert np.all(np.diff(dist, axis=1) >= -1e-5)

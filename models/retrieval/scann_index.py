@@ -1,22 +1,22 @@
 """ScaNN (the RETRO paper's retriever) over chunk keys: a partitioning tree, anisotropic
 asymmetric hashing, and exact reordering of the best candidates.
 
-ScaNN builds and searches in RAM: every key is copied in as float32 and the
+ScaNN builds and searches in RAM: every key is copied in as float32, and a
 searcher has no merge of separately built parts and no memory-mapped form, so
-its memory grows with the database (the merged on-disk IVF index does not).
-Optional: ``pip install 'retro_kernels[scann]'``.
+its memory grows with the database (the merged on-disk IVF index's does not).
+`build_folder` writes a searcher to a folder; `Searcher` reads it back and
+searches it the way `index.Searcher` searches the IVF index (same-document
+exclusion included). Optional: ``pip install 'retro_kernels[scann]'``.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 
-
-def available() -> bool:
-    try:
-        import scann  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from . import index as index_mod
+from .manifest import load_npy
 
 
 def build(keys, num_leaves: int, k: int, training_sample: int = 100_000, reorder: int = 0):
@@ -32,8 +32,44 @@ def build(keys, num_leaves: int, k: int, training_sample: int = 100_000, reorder
             .score_ah(2).reorder(reorder or max(100, 10 * k)).build())
 
 
-def search(searcher, queries: np.ndarray, k: int, leaves_to_search: int) -> tuple[np.ndarray, np.ndarray]:
+def build_folder(keys, folder, num_leaves: int = 0, k: int = 10) -> int:
+    """A searcher over the keys .npy ``keys`` (about sqrt(n) leaves unless given), written to ``folder``;
+    returns its number of leaves."""
+    vectors = load_npy(keys)
+    leaves = num_leaves or max(1, int(math.sqrt(vectors.shape[0])))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    build(vectors, leaves, k).serialize(str(folder))
+    return leaves
+
+
+def search(searcher, queries: np.ndarray, k: int, leaves_to_search: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(distances, ids), each (n, k), ascending squared L2, for ``queries`` (n, dim), on this thread."""
     ids, dist = searcher.search_batched(np.ascontiguousarray(queries, dtype=np.float32), final_num_neighbors=k,
                                         leaves_to_search=leaves_to_search)
-    return np.asarray(dist), np.asarray(ids, dtype=np.int64)
+    return np.asarray(dist, np.float32), np.asarray(ids, dtype=np.int64)
+
+
+class Searcher(index_mod.Searcher):
+    """`index.Searcher`'s search over a ScaNN searcher read from ``folder`` (into RAM); ScaNN reorders its
+    candidates exactly itself. ``set_nprobe`` sets the leaves searched (0: the searcher's default)."""
+
+    def __init__(self, folder, keys: np.ndarray, chunk_doc: np.ndarray, leaves_to_search: int = 0, rerank: int = 0):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        self.scann = scann_ops_pybind.load_searcher(str(folder))
+        self.keys, self.chunk_doc, self.rerank, self.exact = keys, chunk_doc, int(rerank), True
+        self.leaves = int(leaves_to_search) or None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.keys.shape[1])
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.leaves = int(nprobe) or None
+
+    def _candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        return search(self.scann, queries, fetch, self.leaves)
