@@ -129,13 +129,15 @@ def start_processes():
 
 def in_processes(fn, arg_lists, threads: int | None = None, at_once: int = 0) -> dict:
     """``fn(*args)`` for each of ``arg_lists``, ``at_once`` at a time (0: all), each in a fresh process: the
-    wall seconds of all, the largest process's peak RSS (MB), and the first call's dict."""
+    first call's dict, the largest process's peak RSS (MB), and the seconds: the call's own (or what it
+    reports, a stage's statistics), or for several the wall time of all."""
     ctx = multiprocessing.get_context("forkserver")
     t0 = time.perf_counter()
     procs = min(at_once or len(arg_lists), len(arg_lists))
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx, max_tasks_per_child=1) as pool:
         outs = [f.result() for f in [pool.submit(_measured, fn, args, threads) for args in arg_lists]]
-    return {**outs[0], "seconds": time.perf_counter() - t0, "peak_rss_mb": max(o["peak_rss_mb"] for o in outs)}
+    seconds = outs[0]["seconds"] if len(outs) == 1 else time.perf_counter() - t0
+    return {**outs[0], "seconds": seconds, "peak_rss_mb": max(o["peak_rss_mb"] for o in outs)}
 
 
 def in_process(fn, *args, threads: int | None = None) -> dict:
