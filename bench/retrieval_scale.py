@@ -249,8 +249,7 @@ def search_row(stage: str, engine: str, workers: int, n: int, m: dict, query_ids
     """A precompute or query row: recall@10 of ``m["found"]`` (rows for ``query_ids``) on the sample."""
     pos = np.searchsorted(query_ids, sample.ids)
     m = {**m, "recall_at_10": recall_at_k(m["found"][pos], sample.truth)}
-    if "search_s" in m:
-        m["qps"] = len(query_ids) / m["search_s"]
+    m["qps"] = len(query_ids) / m.get("search_s", m["seconds"])
     return make_row(stage, engine, workers, n, m, len(query_ids), n_queries=len(query_ids), **extra)
 
 
