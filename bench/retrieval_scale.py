@@ -470,7 +470,7 @@ def size_rows(n: int, args, folder: Path):
     """Yield every row of one database size, as each is measured."""
     t0 = time.perf_counter()
     data = SizeData(folder, n, args.queries, args.truth)
-    p = params(n, args.quick, -(-min(args.sizes) // 2), data.range_ids.size, max(args.workers))
+    p = params(n, args.quick, args.shard_size, data.range_ids.size, max(args.workers))
     yield {"suite": "retrieval_scale", "stage": "data", "engine": "synthetic", "workers": 1, "n_vectors": n,
            "seconds": round(time.perf_counter() - t0, 3), "bytes_on_disk": disk_bytes(data.keys), "dim": DIM,
            "n_queries": int(data.range_ids.size), "n_truth": int(data.ids.size), **p}
@@ -517,6 +517,8 @@ def parse_args(argv):
     p.add_argument("--queries", type=positive_int, help="query chunks the precompute runs over (from chunk 0; "
                    "default 10000, --quick 1000)")
     p.add_argument("--truth", type=positive_int, help="queries with exact neighbours (default 500, --quick 100)")
+    p.add_argument("--shard-size", type=positive_int, help="keys per index shard, at every size (default half "
+                   "the smallest size)")
     p.add_argument("--scann-size", type=positive_int, help="the size ScaNN is compared at (default the middle one)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="results folder (default bench/results)")
@@ -526,6 +528,7 @@ def parse_args(argv):
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
     if min(args.sizes) < 1000:
         p.error(f"argument --sizes: each size must be >= 1000 chunks, got {min(args.sizes)}")
+    args.shard_size = args.shard_size or -(-min(args.sizes) // 2)
     args.engines = set(e.strip() for e in args.engines.split(",") if e.strip())
     if not args.engines or args.engines - set(ENGINES + ("scann",)):
         p.error(f"argument --engines: expected some of before, inram, local, ray, scann, got {sorted(args.engines)}")
