@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray")
 
 from models.retrieval import RetrievalDatabase, build_database  # noqa: E402
 from models.retrieval import build_index as bi  # noqa: E402
+from tests.test_retrieval_db import topics_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=400, chunk_size=32, eval_fraction=0.25, k=3, shard_size=40)
@@ -33,12 +34,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import pydoc_data.topics as t
-
-    names = [n for n in sorted(t.topics) if len(t.topics[n]) > 2000][:8]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": n, "text": t.topics[n][:1200]}) + "\n" for n in names))
-    return path
+    return topics_corpus(tmp_path_factory.mktemp("corpus"), 8, 1200)
 
 
 @pytest.fixture(scope="module")
