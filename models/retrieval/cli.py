@@ -14,8 +14,9 @@ def _checked_by(check):
     def parse(text: str) -> str:
         try:
             check(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except ValueError as e:  # "name: why" becomes "argument --name: why"
+            name, _, why = str(e).partition(": ")
+            raise argparse.ArgumentTypeError(why if name.isidentifier() and why else str(e)) from None
         return text
 
     parse.__name__ = check.__name__
