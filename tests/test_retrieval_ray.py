@@ -98,28 +98,30 @@ def test_a_failed_range_names_itself_and_the_rerun_does_only_the_rest(cluster, l
 
 
 def test_embeddings_brought_in_skip_the_embedding(cluster, corpus, local_db, tmp_path):
-    """--embeddings: a wrong shape is refused in one line before any work; a folder of parts in chunk order
-    is checked and copied, and an IVF-PQ index re-ranked over them finds the exact neighbours."""
+    """--embeddings: a wrong shape is refused in one line before any work; the command line joins the
+    cluster (--ray-address); a folder of parts in chunk order is checked and copied, and an IVF-PQ index
+    re-ranked over them finds the exact index's neighbours."""
     keys = np.load(local_db / "embeddings.npy")
     parts = tmp_path / "parts"
     parts.mkdir()
     np.save(parts / "a.npy", keys[:50].astype(np.float32))
     np.save(parts / "b.npy", keys[50:])
     np.save(tmp_path / "wrong.npy", keys[:, :100])
-    base = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--vocab-size", "400",
-            "--chunk-size", "32", "--eval-fraction", "0.25", "-k", "3", "--shard-size", "40", "--no-progress",
-            "--tokenizer", str(local_db / "tokenizer.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--embeddings", str(tmp_path / "wrong.npy")],
+    config = {**CONFIG, "embeddings": parts, "index_type": "IVF4,PQ16x4", "rerank": 60}
+    out, env = tmp_path / "db", {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [x for key, value in config.items() for x in ("-k" if key == "k" else "--" + key.replace("_", "-"), str(value))]
+    cmd = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--no-progress",
+           "--tokenizer", str(local_db / "tokenizer.json"), "--engine", "ray", "--ray-address", cluster, *flags]
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--embeddings", str(tmp_path / "wrong.npy")],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "argument --embeddings:" in bad.stderr and "(chunks, 384)" in bad.stderr
     assert not (tmp_path / "bad").exists()
-    out = tmp_path / "db"
-    done = subprocess.run(base + ["--out", str(out), "--embeddings", str(parts), "--engine", "ray",
-                                  "--ray-address", cluster, "--index-type", "IVF4,PQ16x4", "--rerank", "60"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(cmd + ["--out", str(out), "--stop-after", "tokenize"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    build_database(out, corpus, engine="ray", tokenizer=local_db / "tokenizer.json", runtime=RUNTIME,
+                   log=lambda m: None, **config)  # the rest, resumed in this process
     db, local = RetrievalDatabase.open(out), RetrievalDatabase.open(local_db)
     assert np.array_equal(np.asarray(db.embeddings), keys) and not db.index.exact
     assert db.manifest.info("embed")["imported"]
