@@ -430,7 +430,7 @@ FLAGS = {
                  "--shard-size", "-k", "--batch-size", "--part-size", "--device", "--out", "--corpus",
                  "--tokenizer", "--embedder", "--stop-after", "--engine", "--workers", "--ray-address",
                  "--embeddings"],
-    "query": ["-k", "--nprobe", "--show", "--db"],
+    "query": ["-k", "--nprobe", "--rerank", "--show", "--db"],
     "db-info": ["--db"],
     # demo: --out stays a user's folder (refused), so it never runs
     "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],

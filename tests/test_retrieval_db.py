@@ -34,14 +34,19 @@ def _quiet(msg):
     pass
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def topics_corpus(folder, count: int, chars: int) -> Path:
+    """A JSONL corpus of ``count`` of Python's reference topics, ``chars`` characters of each."""
     import pydoc_data.topics as t
 
-    names = [n for n in sorted(t.topics) if len(t.topics[n]) > 2000][:16]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": n, "text": t.topics[n][:1800]}) + "\n" for n in names))
+    names = [n for n in sorted(t.topics) if len(t.topics[n]) > 2000][:count]
+    path = folder / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": n, "text": t.topics[n][:chars]}) + "\n" for n in names))
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return topics_corpus(tmp_path_factory.mktemp("corpus"), 16, 1800)
 
 
 def _build_cmd(corpus, out):

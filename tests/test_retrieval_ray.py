@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray")
 
 from models.retrieval import RetrievalDatabase, build_database  # noqa: E402
 from models.retrieval import build_index as bi  # noqa: E402
+from tests.test_retrieval_db import topics_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=400, chunk_size=32, eval_fraction=0.25, k=3, shard_size=40)
@@ -33,12 +34,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import pydoc_data.topics as t
-
-    names = [n for n in sorted(t.topics) if len(t.topics[n]) > 2000][:8]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": n, "text": t.topics[n][:1200]}) + "\n" for n in names))
-    return path
+    return topics_corpus(tmp_path_factory.mktemp("corpus"), 8, 1200)
 
 
 @pytest.fixture(scope="module")
@@ -102,28 +98,30 @@ def test_a_failed_range_names_itself_and_the_rerun_does_only_the_rest(cluster, l
 
 
 def test_embeddings_brought_in_skip_the_embedding(cluster, corpus, local_db, tmp_path):
-    """--embeddings: a wrong shape is refused in one line before any work; a folder of parts in chunk order
-    is checked and copied, and an IVF-PQ index re-ranked over them finds the exact neighbours."""
+    """--embeddings: a wrong shape is refused in one line before any work; the command line joins the
+    cluster (--ray-address); a folder of parts in chunk order is checked and copied, and an IVF-PQ index
+    re-ranked over them finds the exact index's neighbours."""
     keys = np.load(local_db / "embeddings.npy")
     parts = tmp_path / "parts"
     parts.mkdir()
     np.save(parts / "a.npy", keys[:50].astype(np.float32))
     np.save(parts / "b.npy", keys[50:])
     np.save(tmp_path / "wrong.npy", keys[:, :100])
-    base = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--vocab-size", "400",
-            "--chunk-size", "32", "--eval-fraction", "0.25", "-k", "3", "--shard-size", "40", "--no-progress",
-            "--tokenizer", str(local_db / "tokenizer.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--embeddings", str(tmp_path / "wrong.npy")],
+    config = {**CONFIG, "embeddings": parts, "index_type": "IVF4,PQ16x4", "rerank": 60}
+    out, env = tmp_path / "db", {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [x for key, value in config.items() for x in ("-k" if key == "k" else "--" + key.replace("_", "-"), str(value))]
+    cmd = [sys.executable, "-m", "models", "build-db", "--corpus", str(corpus), "--no-progress",
+           "--tokenizer", str(local_db / "tokenizer.json"), "--engine", "ray", "--ray-address", cluster, *flags]
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--embeddings", str(tmp_path / "wrong.npy")],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "argument --embeddings:" in bad.stderr and "(chunks, 384)" in bad.stderr
     assert not (tmp_path / "bad").exists()
-    out = tmp_path / "db"
-    done = subprocess.run(base + ["--out", str(out), "--embeddings", str(parts), "--engine", "ray",
-                                  "--ray-address", cluster, "--index-type", "IVF4,PQ16x4", "--rerank", "60"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(cmd + ["--out", str(out), "--stop-after", "tokenize"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    build_database(out, corpus, engine="ray", tokenizer=local_db / "tokenizer.json", runtime=RUNTIME,
+                   log=lambda m: None, **config)  # the rest, resumed in this process
     db, local = RetrievalDatabase.open(out), RetrievalDatabase.open(local_db)
     assert np.array_equal(np.asarray(db.embeddings), keys) and not db.index.exact
     assert db.manifest.info("embed")["imported"]

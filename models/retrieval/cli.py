@@ -14,8 +14,9 @@ def _checked_by(check):
     def parse(text: str) -> str:
         try:
             check(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except ValueError as e:  # "name: why" becomes "argument --name: why"
+            name, _, why = str(e).partition(": ")
+            raise argparse.ArgumentTypeError(why if name.isidentifier() and why else str(e)) from None
         return text
 
     parse.__name__ = check.__name__
@@ -159,7 +160,9 @@ def query_main(argv: list[str]) -> int:
     p.add_argument("--db", type=database, required=True, help="database directory")
     p.add_argument("text", nargs="+", help="query text (several arguments are joined with spaces)")
     p.add_argument("-k", type=integer(1, 4096), default=3, help="neighbours per chunk")
-    p.add_argument("--nprobe", type=integer(1), default=None, help="IVF lists searched")
+    p.add_argument("--nprobe", type=integer(1), default=None, help="IVF lists searched (default: the build's)")
+    p.add_argument("--rerank", type=integer(0), default=None,
+                   help="candidates of a compressed index re-ranked by exact distance (default: the build's)")
     p.add_argument("--show", type=integer(0), default=300, help="characters of each neighbour to print")
     flags = p.parse_args(argv)
     text = " ".join(flags.text)
@@ -167,7 +170,7 @@ def query_main(argv: list[str]) -> int:
         raise UsageError("argument text: expected some query text, got only spaces")
     from .query import RetrievalDatabase
 
-    db = RetrievalDatabase.open(flags.db, nprobe=flags.nprobe)
+    db = RetrievalDatabase.open(flags.db, nprobe=flags.nprobe, rerank=flags.rerank)
     ids = db.encode(text)
     if ids.size == 0:
         raise UsageError(f"argument text: {text!r} encodes to no token")

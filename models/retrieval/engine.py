@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from pathlib import Path
 
 ENGINES = ("local", "ray")
 
@@ -43,9 +44,12 @@ def connect(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        # its workers import this package from where this process does (a checkout, or site-packages)
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def cluster(resource: str) -> int:
