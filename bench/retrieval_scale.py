@@ -1,7 +1,7 @@
 """python -m bench retrieval-scale: the retrieval database's heavy stages at growing sizes.
 
-For each size (synthetic clustered 384-d keys, a memory-mapped .npy brought in as the
-database's embeddings) and each engine and worker count, every stage's seconds,
+For each size (synthetic clustered 384-d keys, a memory-mapped .npy given to the index
+stages as the database's keys) and each engine and worker count, every stage's seconds,
 vectors/s, peak RSS of its largest process (ru_maxrss, measured in that process) and
 bytes on disk; for the neighbour precompute and for single chunk queries, recall@10
 against exact search on a sample, queries/s and p50/p99 latency on one thread.
