@@ -394,23 +394,26 @@ def ivfpq_sweep(work: str, data: SizeData, nprobes: list[int], rerank: int) -> d
     return sweep(bi.open_searcher(work, data.keys, data.chunk_doc, rerank=rerank), data, nprobes)
 
 
-def scann_rows(data: SizeData, work: Path, nlist: int, rerank: int) -> list[dict]:
-    """Per-setting query rows of ScaNN and of the merged IVF-PQ index (re-ranked), then, for each recall
-    target, each one's fastest setting that reaches it."""
-    settings = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= nlist]
-    folder = str(work.parent / "scann")
-    b = in_process(scann_build, data, folder, nlist)
-    s = in_process(scann_sweep, data, folder, settings, threads=1)
-    i = in_process(ivfpq_sweep, str(work), data, settings, rerank, threads=1)
+def sweep_rows(engine: str, m: dict, knob: str, data: SizeData) -> list[dict]:
+    return [search_row("query_sweep", engine, 1, data.n, {**q, "seconds": q["search_s"], "peak_rss_mb": m["peak_rss_mb"]},
+                       data.ids, data, threads=1, **{knob: value}, in_ram=engine == "scann", mergeable=engine != "scann")
+            for value, q in m["settings"].items()]
+
+
+def settings_for(nlist: int) -> list[int]:
+    return [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s <= nlist]
+
+
+def scann_rows(data: SizeData, folder: Path, nlist: int, ivfpq: list[dict]) -> list[dict]:
+    """ScaNN's build and per-setting query rows; then, for each recall target, ScaNN's and the merged
+    IVF-PQ index's (``ivfpq``: its sweep's rows) fastest setting that reaches it."""
+    b = in_process(scann_build, data, str(folder / "scann"), nlist)
     rows = [make_row("build", "scann", 1, data.n, b, data.n, in_ram=True, mergeable=False, num_leaves=nlist)]
-    for engine, m, knob in (("scann", s, "leaves_to_search"), ("ivfpq", i, "nprobe")):
-        for value, q in m["settings"].items():
-            rows.append(search_row("query_sweep", engine, 1, data.n, {**q, "seconds": q["search_s"],
-                                   "peak_rss_mb": m["peak_rss_mb"]}, data.ids, data, threads=1,
-                                   **{knob: value}, in_ram=engine == "scann", mergeable=engine != "scann"))
+    rows += sweep_rows("scann", in_process(scann_sweep, data, str(folder / "scann"), settings_for(nlist), threads=1),
+                       "leaves_to_search", data)
     for target in (0.9, 0.95, 0.99):
-        for engine in ("scann", "ivfpq"):
-            ok = [r for r in rows if r["engine"] == engine and r.get("recall_at_10", 0) >= target]
+        for engine, candidates in (("scann", rows), ("ivfpq", ivfpq)):
+            ok = [r for r in candidates if r["stage"] == "query_sweep" and r["recall_at_10"] >= target]
             best = min(ok, key=lambda r: r["p50_ms"]) if ok else {"suite": "retrieval_scale", "engine": engine,
                                                                    "n_vectors": data.n}
             rows.append({**best, "stage": "equal_recall", "recall_target": target, "reached": bool(ok)})
@@ -474,8 +477,12 @@ def size_rows(n: int, args, folder: Path):
     yield {"suite": "retrieval_scale", "stage": "data", "engine": "synthetic", "workers": 1, "n_vectors": n,
            "seconds": round(time.perf_counter() - t0, 3), "bytes_on_disk": disk_bytes(data.keys), "dim": DIM,
            "n_queries": int(data.range_ids.size), "n_truth": int(data.ids.size), **p}
+    nlist = int(p["factory"].split(",")[0][3:])
     if "local" in args.engines:
         yield from engine_rows("local", 1, folder / "local_1", data, p)
+        ivfpq = sweep_rows("ivfpq", in_process(ivfpq_sweep, str(folder / "local_1"), data, settings_for(nlist),
+                                               p["rerank"], threads=1), "nprobe", data)
+        yield from ivfpq
     if "before" in args.engines or "inram" in args.engines:
         peers = peer_rows(data, folder, max(args.workers), p, folder / "local_1" / "index_trained.faiss")
         yield from (r for r in peers if r["engine"] in args.engines)
@@ -484,7 +491,7 @@ def size_rows(n: int, args, folder: Path):
             first = folder / f"ray_{args.workers[0]}" / "index_trained.faiss"
             yield from engine_rows("ray", w, folder / f"ray_{w}", data, p, trained=first if i else None)
     if "scann" in args.engines and n == args.scann_size:
-        yield from scann_rows(data, folder / "local_1", int(p["factory"].split(",")[0][3:]), p["rerank"])
+        yield from scann_rows(data, folder, nlist, ivfpq)
 
 
 def summary(r: dict) -> str:
