@@ -364,3 +364,22 @@ def test_max_distance_config_is_checked():
     for bad in (-1.0, "2", True, float("nan")):
         with pytest.raises(ValueError, match="max_distance"):
             make_config(max_distance=bad)
+
+
+def test_brought_in_embeddings_are_checked_before_they_are_used(tmp_path):
+    from models.retrieval.build_index import check_embeddings
+
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float16))
+    np.save(tmp_path / "b.npy", np.ones((5, 4), np.float32))
+    check_embeddings(tmp_path, 4, 15)  # a folder of parts, in name order
+    for bad in (np.nan, np.inf, 1e6):  # 1e6: beyond float16, which the database stores
+        np.save(tmp_path / "b.npy", np.full((5, 4), bad, np.float32))
+        with pytest.raises(ValueError, match="^embeddings: .*b.npy has values that are not finite float16"):
+            check_embeddings(tmp_path, 4)
+    with pytest.raises(ValueError, match="holds 10 vectors, the chunk table has 11 chunks"):
+        check_embeddings(tmp_path / "a.npy", 4, 11)
+    with pytest.raises(ValueError, match=r"expected float16 or float32 of shape \(chunks, 8\)"):
+        check_embeddings(tmp_path / "a.npy", 8)
+    np.save(tmp_path / "c.npy", np.ones((3, 4), np.int64))
+    with pytest.raises(ValueError, match="holds int64"):
+        check_embeddings(tmp_path / "c.npy", 4)
