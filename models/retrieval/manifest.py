@@ -57,7 +57,7 @@ class DatabaseError(ValueError):
     """A retrieval database is missing, incomplete, corrupted, or does not match what was expected."""
 
 
-def expected_files(stage: str, info: dict) -> list[str]:
+def expected_files(stage: str) -> list[str]:
     """The files a finished stage makes."""
     splits = STREAM_SPLITS
     return {
@@ -75,7 +75,7 @@ def expected_files(stage: str, info: dict) -> list[str]:
 
 def _file_names() -> list[str]:
     """Regular expressions of the names of the files a build makes in the database folder."""
-    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage, {})]
+    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage)]
     return [re.escape(f) for f in fixed + ["build_stats.jsonl"]]
 
 
@@ -253,7 +253,7 @@ class Manifest:
         """Problems with a finished stage's files: not the files it makes, missing, wrong size,
         or (``full``) wrong sha256."""
         files = self.stages[stage]["files"]
-        expected = expected_files(stage, self.info(stage))
+        expected = expected_files(stage)
         if sorted(files) != sorted(expected) or not expected:
             return [f"it records the files {sorted(files)}, but the stage makes {sorted(expected)}"]
         problems = []

@@ -114,7 +114,6 @@ class RetrievalDatabase:
         self.embeddings = load_npy(self.root / "embeddings.npy")
         self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
                               nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
-        self._embedder = None
         self._embedder_device = embedder_device
         self._embed_batch_size = embed_batch_size
         consistency.check_loaded(self)
@@ -199,12 +198,9 @@ class RetrievalDatabase:
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from .embed import Embedder
+        from .embed import cached_embedder  # (one per process and model)
 
-            self._embedder = Embedder(self.config["embedder"], device=self._embedder_device,
-                                      batch_size=self._embed_batch_size)
-        return self._embedder
+        return cached_embedder(self.config["embedder"], self._embedder_device, self._embed_batch_size)
 
     def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
         """(n, dim) float32 keys of chunks of language-model token ids."""
