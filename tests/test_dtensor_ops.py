@@ -17,6 +17,7 @@ from retro_kernels import dispatch
 OPS = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
 KINDS = ("heads", "batch", "replicate")
 B, HQ, HKV, D = 2, 4, 2, 8  # grouped-query heads: each rank keeps one group of 2 query heads
+SCALARS = {"chunked_cross_attention": (4, 0.3, 0)}  # the custom ops' scalars: chunk_size, scale, start_pos
 
 
 def inputs(op: str, hkv: int = HKV) -> tuple:
@@ -37,7 +38,7 @@ def call(op: str, q, k, v, mask, backend: str):
 
 def check_case(mesh, op: str, backend: str, kinds: tuple[str, ...], masked: bool) -> None:
     """One call on DTensors placed `kinds` (one per mesh dim) against the plain call."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
 
     from retro_kernels.ops.sharding import placement
@@ -47,7 +48,7 @@ def check_case(mesh, op: str, backend: str, kinds: tuple[str, ...], masked: bool
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
     plain = [x.clone().requires_grad_() for x in (q, k, v)]
     want = call(op, *plain, mask, backend)
-    want.backward(dout)
+    (want * dout).sum().backward()
 
     def placements(role, ndim):
         return tuple(placement(kind, role, ndim) for kind in kinds)
@@ -56,14 +57,20 @@ def check_case(mesh, op: str, backend: str, kinds: tuple[str, ...], masked: bool
         return None if x is None else distribute_tensor(x, mesh, placements(role, x.ndim), src_data_rank=None)
 
     dq, dk, dv = (place(x, role).detach().requires_grad_() for x, role in zip((q, k, v), ("q", "kv", "kv")))
+    dmask, weights = place(mask, "mask"), distribute_tensor(dout, mesh, [Replicate()] * mesh.ndim, src_data_rank=None)
     with CommDebugMode() as comms:  # nothing gathered, forward or backward
-        out = call(op, dq, dk, dv, place(mask, "mask"), backend)
-        out.backward(place(dout, "q"))
+        out = call(op, dq, dk, dv, dmask, backend)
+        (out * weights).sum().backward()  # the output's gradient arrives replicated
     assert comms.get_total_counts() == 0, comms.get_comm_counts()
     for got, expect, role in ((out, want, "q"), (dq.grad, plain[0].grad, "q"), (dk.grad, plain[1].grad, "kv"),
                               (dv.grad, plain[2].grad, "kv")):
         assert got.placements == placements(role, got.ndim), (got.placements, kinds, role)
         torch.testing.assert_close(got.full_tensor(), expect, atol=2e-5, rtol=1e-4)
+    if backend != "reference":  # the fused forward's softmax statistics (B, Hq, ...), placed like q
+        forward = getattr(torch.ops.retro_kernels, f"{op}_fwd")
+        _, lse = forward(dq, dk, dv, dmask, *SCALARS.get(op, (0.3,)), backend)
+        assert lse.placements == placements("lse", lse.ndim), (lse.placements, kinds)
+        torch.testing.assert_close(lse.full_tensor(), forward(q, k, v, mask, *SCALARS.get(op, (0.3,)), backend)[1])
 
 
 def refusals(mesh, op: str) -> list[str]:
@@ -96,7 +103,7 @@ def refusals(mesh, op: str) -> list[str]:
             raise AssertionError(f"{op}: no error for placements {[getattr(x, 'placements', x) for x in case]}")
     # the fused custom op checks its DTensor arguments too, when called directly
     try:
-        getattr(torch.ops.retro_kernels, f"{op}_fwd")(*cases[1][:4], *([4, 0.3, 0] if op.startswith("chunked") else [0.3]), "cpu")
+        getattr(torch.ops.retro_kernels, f"{op}_fwd")(*cases[1], *SCALARS.get(op, (0.3,)), "cpu")
     except Exception as e:  # DTensor dispatch may wrap it; the message is ours
         assert "k placed (Replicate(),)" in str(e), str(e)
     else:
