@@ -17,18 +17,28 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
-from torch.distributed.tensor.experimental import register_sharding
 
-DISTRIBUTED = (DTensor, DTensorSpec)  # DTensor dispatch hands strategies DTensorSpecs
+SPECS: dict = {}  # op name -> its spec, for the sharding strategies of its custom ops
+
+
+def distributed_types() -> tuple:
+    """DTensor, and the DTensorSpec that strategies get; () until torch.distributed.tensor is
+    imported, as no DTensor exists before (so that importing the ops does not import it)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return ()
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    return DTensor, DTensorSpec
 
 
 def placement(kind: str, role: str, ndim: int):
     """The placement, on a mesh dim of `kind`, of a tensor of `role` ("q", "kv", "mask", "lse")."""
+    from torch.distributed.tensor import Replicate, Shard
+
     if kind == "replicate" or (kind == "heads" and role == "mask"):
         return Replicate()
     if kind == "batch":
@@ -37,6 +47,8 @@ def placement(kind: str, role: str, ndim: int):
 
 
 def _kind(p, ndim: int) -> str | None:
+    from torch.distributed.tensor import Replicate, Shard
+
     if type(p) is Replicate:
         return "replicate"
     if type(p) is Shard and p.dim % ndim in (0, ndim - 2):
@@ -44,22 +56,20 @@ def _kind(p, ndim: int) -> str | None:
     return None
 
 
-def _mesh(x):
-    return x.device_mesh if isinstance(x, DTensor) else x.mesh
-
 
 def check_placements(q, k, v, mask, mask_name: str) -> tuple[str, ...] | None:
     """How the call is distributed, a kind per mesh dim (None: plain tensors); ValueError if unsupported."""
     tensors = {"q": q, "k": k, "v": v, mask_name: mask}
-    dist = {name: x for name, x in tensors.items() if isinstance(x, DISTRIBUTED)}
+    dist = {name: x for name, x in tensors.items() if isinstance(x, distributed_types())}
     if not dist:
         return None
+    register_strategies()
     first = next(iter(dist))
     for name, x in tensors.items():
         if x is not None and name not in dist:
             raise ValueError(f"{name} must be a DTensor like {first}, got a {type(x).__name__}")
-        if x is not None and _mesh(x) != _mesh(q):
-            raise ValueError(f"{name} is on device mesh {_mesh(x)} but q is on {_mesh(q)}")
+        if x is not None and x.device_mesh != q.device_mesh:
+            raise ValueError(f"{name} is on device mesh {x.device_mesh} but q is on {q.device_mesh}")
     kinds = tuple(_kind(p, q.ndim) for p in q.placements)
     if None in kinds:
         raise ValueError(f"q placed {tuple(q.placements)} is not supported: on each mesh dim shard q "
@@ -70,7 +80,7 @@ def check_placements(q, k, v, mask, mask_name: str) -> tuple[str, ...] | None:
         if any(type(a) is not type(b) or a != b for a, b in zip(x.placements, want)):
             raise ValueError(f"{name} placed {tuple(x.placements)} is not supported with q placed "
                              f"{tuple(q.placements)} ({', '.join(kinds)}): place {name} {want}")
-    shards = math.prod(_mesh(q).size(i) for i, kind in enumerate(kinds) if kind == "heads")
+    shards = math.prod(q.device_mesh.size(i) for i, kind in enumerate(kinds) if kind == "heads")
     if k.shape[-2] % shards:
         raise ValueError(f"k has {k.shape[-2]} key/value heads, which do not split into whole groups over "
                          f"{shards} head shards: shard heads over a mesh whose size divides {k.shape[-2]}")
@@ -87,32 +97,40 @@ def _strategies(kinds, roles: tuple[str, ...], outputs: tuple[str, ...], tensors
 
 
 def register(spec) -> None:
-    """Sharding strategies for spec's custom ops retro_kernels::<name>_fwd and _bwd.
+    """Note spec's op: its custom ops get sharding strategies when DTensors first reach an op."""
+    SPECS[spec.name] = spec
 
-    The strategies keep every input where it is (no redistribution), except the backward's
-    incoming gradient, which DTensor places like the forward's output (as autograd does)."""
-    def forward(q, k, v, mask, *args):
-        kinds = check_placements(q, k, v, mask, spec.mask)
-        return _strategies(kinds, ("q", "kv", "kv", "mask"), ("q", "lse"), (q, k, v, mask), 4 + len(args))
 
-    def backward(dout, q, k, v, mask, out, lse, *args):
-        kinds = check_placements(q, k, v, mask, spec.mask)
-        return _strategies(kinds, ("q", "q", "kv", "kv", "mask", "q", "lse"), ("q", "kv", "kv"),
-                           (dout, q, k, v, mask, out, lse), 7 + len(args))
+@functools.cache
+def register_strategies() -> None:
+    """Sharding strategies for every op's custom ops retro_kernels::<name>_fwd and _bwd.
 
-    ops = torch.ops.retro_kernels
-    register_sharding(getattr(ops, f"{spec.name}_fwd").default)(forward)
-    register_sharding(getattr(ops, f"{spec.name}_bwd").default)(backward)
+    They keep every input where it is (no redistribution), except the backward's incoming
+    gradient, which DTensor places like the forward's output (as autograd does)."""
+    from torch.distributed.tensor.experimental import register_sharding
+
+    for spec in SPECS.values():
+        def forward(q, k, v, mask, *args, spec=spec):
+            kinds = check_placements(q, k, v, mask, spec.mask)
+            return _strategies(kinds, ("q", "kv", "kv", "mask"), ("q", "lse"), (q, k, v, mask), 4 + len(args))
+
+        def backward(dout, q, k, v, mask, out, lse, *args, spec=spec):
+            kinds = check_placements(q, k, v, mask, spec.mask)
+            return _strategies(kinds, ("q", "q", "kv", "kv", "mask", "q", "lse"), ("q", "kv", "kv"),
+                               (dout, q, k, v, mask, out, lse), 7 + len(args))
+
+        register_sharding(getattr(torch.ops.retro_kernels, f"{spec.name}_fwd").default)(forward)
+        register_sharding(getattr(torch.ops.retro_kernels, f"{spec.name}_bwd").default)(backward)
 
 
 def per_rank(reference: Callable) -> Callable:
     """`reference`, run on each rank's local tensors when q is a DTensor (placements checked before)."""
     @functools.wraps(reference)
     def run(q, k, v, **kwargs):
-        if not isinstance(q, DTensor):
+        if not isinstance(q, distributed_types()):
             return reference(q, k, v, **kwargs)
-        local = {name: x.to_local() if isinstance(x, DTensor) else x for name, x in kwargs.items()}
+        local = {name: getattr(x, "to_local", lambda: x)() for name, x in kwargs.items()}
         out = reference(q.to_local(), k.to_local(), v.to_local(), **local)
-        return DTensor.from_local(out, q.device_mesh, q.placements, shape=q.shape,
+        return type(q).from_local(out, q.device_mesh, q.placements, shape=q.shape,
                                   stride=torch.empty(q.shape, device="meta").stride())
     return run
