@@ -97,6 +97,7 @@ def refusals(mesh, op: str) -> list[str]:
         (dt(q, Replicate()), dt(k, Replicate()), DTensor.from_local(v, mesh, [Partial()]), None),
         (dt(q[..., :3, :], Shard(h)), dt(k3, Shard(k.ndim - 2)), dt(v3, Shard(k.ndim - 2)), None),  # 3 heads
         (dt(q, Replicate()), k, v, None),                                                   # plain among DTensors
+        (dt(q, Shard(0)), dt(k, Shard(0)), dt(v, Shard(0)), dt(mask[:1], Shard(0))),        # global shapes checked
     ]
     errors = []
     for case in cases:
@@ -152,8 +153,9 @@ def test_ops_on_dtensors_over_two_gloo_ranks():
             for kinds, masked in cases(backend):
                 assert f"ok {op} {backend} {','.join(kinds)} mask={masked}" in lines, (op, backend, kinds)
         refused = [line for line in lines if line.startswith(f"refused {op}:")]
-        assert len(refused) == 7
-        for words in ("q placed (Shard(dim=1),)", "k placed (Replicate(),)", "neighbour_mask placed" if
+        assert len(refused) == 8
+        mask_shape = f"must have shape {dispatch.SPECS[op].mask_layout} = {tuple(inputs(op)[3].shape)}, got (1, "
+        for words in (mask_shape, "q placed (Shard(dim=1),)", "k placed (Replicate(),)", "neighbour_mask placed" if
                       op != "neighbour_cross_attention" else "chunk_mask placed", "v placed (Partial(sum),)",
                       "k has 3 key/value heads", "k must be a DTensor like q"):
             assert any(words in line for line in refused), (op, words, refused)

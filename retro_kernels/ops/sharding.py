@@ -56,7 +56,6 @@ def _kind(p, ndim: int) -> str | None:
     return None
 
 
-
 def check_placements(q, k, v, mask, mask_name: str) -> tuple[str, ...] | None:
     """How the call is distributed, a kind per mesh dim (None: plain tensors); ValueError if unsupported."""
     tensors = {"q": q, "k": k, "v": v, mask_name: mask}
