@@ -2,7 +2,7 @@
 plain-tensor call on the same global inputs, forward and gradients, on every backend that
 runs here; no collective runs inside the op (CommDebugMode), and bad placements are one-line errors.
 
-One torchrun launch runs every case (this file is its worker); the test reads the cases it reports.
+One torchrun launch runs every case (this file is its worker); the test reads the cases rank 0 reports.
 """
 import os
 import subprocess
@@ -17,13 +17,13 @@ from retro_kernels import dispatch
 OPS = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
 # (placement kind on each mesh dim, with a mask): the mask replicated with heads, sharded with the batch
 CASES = ((("heads",), True), (("batch",), True), (("replicate",), False), (("batch", "heads"), True))
+B, HQ, HKV, D = 2, 4, 2, 8  # grouped-query heads: each rank keeps one group of 2 query heads
+SCALARS = {"chunked_cross_attention": (4, 0.3, 0)}  # the custom ops' scalars: chunk_size, scale, start_pos
 
 
 def cases(backend: str) -> tuple:
     """Triton's interpreter is slow: it runs the cases that shard the heads and the batch."""
     return CASES[::3] if backend == "triton" else CASES
-B, HQ, HKV, D = 2, 4, 2, 8  # grouped-query heads: each rank keeps one group of 2 query heads
-SCALARS = {"chunked_cross_attention": (4, 0.3, 0)}  # the custom ops' scalars: chunk_size, scale, start_pos
 
 
 def inputs(op: str, hkv: int = HKV) -> tuple:
@@ -121,7 +121,8 @@ def refusals(mesh, op: str) -> list[str]:
 def backends(op: str) -> list[str]:
     """The backends that run `op` on these CPU inputs here."""
     probe = dict(zip(("q", "k", "v", dispatch.SPECS[op].mask), inputs(op)))
-    return ["reference"] + [b for b in dispatch.implemented_backends(op) if not dispatch.not_supported_reasons(b, op, **probe)]
+    fused = dispatch.implemented_backends(op)
+    return ["reference"] + [b for b in fused if not dispatch.not_supported_reasons(b, op, **probe)]
 
 
 def worker() -> None:
@@ -155,9 +156,8 @@ def test_ops_on_dtensors_over_two_gloo_ranks():
         refused = [line for line in lines if line.startswith(f"refused {op}:")]
         assert len(refused) == 8
         mask_shape = f"must have shape {dispatch.SPECS[op].mask_layout} = {tuple(inputs(op)[3].shape)}, got (1, "
-        for words in (mask_shape, "q placed (Shard(dim=1),)", "k placed (Replicate(),)", "neighbour_mask placed" if
-                      op != "neighbour_cross_attention" else "chunk_mask placed", "v placed (Partial(sum),)",
-                      "k has 3 key/value heads", "k must be a DTensor like q"):
+        for words in (mask_shape, "q placed (Shard(dim=1),)", "k placed (Replicate(),)", "v placed (Partial(sum),)",
+                      f"{dispatch.SPECS[op].mask} placed", "k has 3 key/value heads", "k must be a DTensor like q"):
             assert any(words in line for line in refused), (op, words, refused)
 
 
