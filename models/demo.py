@@ -25,9 +25,8 @@
 
 Everything goes to one folder (--out): corpus, database, baseline-seedS/ and
 retrofit-seedS/ checkpoints, results.json, overlap.png, sample.txt,
-summary.md. The folder must be new, empty, or a demo's own (its marker; a
-demo folder from before markers is recognised by its results.json), and is
-locked while the demo runs. Re-running reuses the finished database build
+summary.md. The folder must be new, empty, or a demo's own (its marker), and
+is locked while the demo runs. Re-running reuses the finished database build
 (resumable) but trains afresh, replacing only the demo's own checkpoints.
 Exit status 1 when RETROfit ON is not below the baseline on every seed (not
 with --quick: a smoke run, whose tiny corpus shows ON = OFF).
@@ -37,7 +36,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from . import outdir
+from .atomic import atomic_file, temporaries
 from .cli_common import command
 
 # Two presets: the same path, different sizes. On a 2-core CPU the MiniLM
@@ -85,30 +84,15 @@ def demo_corpus(path: Path, corpus_bytes: int | None, max_doc_bytes: int | None)
         text = data[:max_doc_bytes].decode("utf-8", errors="ignore") if max_doc_bytes else doc.text
         chosen.append({"id": doc.doc_id, "text": text})
         total += len(text.encode("utf-8"))
-    from .retrieval.manifest import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for row in chosen:
             f.write(json.dumps(row) + "\n")
     kinds = collections.Counter(r["id"].split(":")[0] for r in chosen)
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
 
 
-# What a killed run leaves in the demo's folder (atomic_path's and save_figure's temporaries).
-TEMPORARIES = (re.compile(r"corpus\.jsonl\.tmp[a-z0-9_]{8}"), re.compile(r"\.overlap\.png\.[a-z0-9_]{8}\.tmp\.png"))
-# The keys of results.json in a finished demo from before output folders had markers: the
-# single-RETRO demo, and the RETROfit protocol's.
-OLD_RESULTS_KEYS = ({"preset", "corpus", "config", "results", "history"},
-                    {"preset", "corpus", "protocol", "seeds", "bpb", "per_seed"})
-
-
-def is_old_demo_folder(path: Path) -> bool:
-    """A finished demo from before output folders had markers (its results.json says so)."""
-    try:
-        report = json.loads((Path(path) / "results.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(report, dict) and any(keys <= set(report) for keys in OLD_RESULTS_KEYS)
+# What a killed run leaves in the demo's folder (models.atomic's temporaries of its files).
+TEMPORARIES = temporaries("corpus.jsonl", "overlap.png", "results.json", "sample.txt", "summary.md")
 
 
 @command("demo")
@@ -135,9 +119,9 @@ def main(argv=None) -> int:
     last_seed = args.seed + args.seeds - 1
     if last_seed >= 2**32:
         raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed ({last_seed}) must be < 2**32")
-    outdir.check_folder(args.out, "demo", legacy=is_old_demo_folder)
+    outdir.check_folder(args.out, "demo")
     check_seed_folders(Path(args.out), range(args.seed, last_seed + 1))
-    with outdir.claimed(args.out, "demo", legacy=is_old_demo_folder, temporaries=TEMPORARIES):
+    with outdir.claimed(args.out, "demo", temporaries=TEMPORARIES):
         return run(args)
 
 
@@ -218,7 +202,8 @@ def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
                       top_k=40, top_p=0.95, seed=seed, stop_ids=(db.eos_id,), device=device)
     text = (f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n"
             + format_generation(db, sample))
-    (out / "sample.txt").write_text(text + "\n")
+    with atomic_file(out / "sample.txt") as tmp:
+        tmp.write_text(text + "\n")
     return text
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_file
+
 SETTINGS = ("baseline", "retrofit_on", "retrofit_on_with_eval_docs")
 NAMES = {"baseline": "baseline (plain decoder = RETROfit OFF)",
          "retrofit_on": "RETROfit ON, database without the held-out documents",
@@ -209,6 +211,7 @@ def write_outputs(out: Path, per_seed: list, summary: dict, meta: dict, quick: b
                          for s in per_seed)
              + f"; generation {times['generation']:.0f}s), {meta['threads']} thread(s), load average "
                f"{report['load_average'][0]:.1f}", ""]
-    (out / "summary.md").write_text("\n".join(lines))
+    with atomic_file(out / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines))
     print(f"\n{tab}")
     return verdict

@@ -150,13 +150,13 @@ def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
 
 
 def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as a PNG atomically (``.<name>.XXXXXXXX.tmp.png``, then a rename) and close it."""
+    """Write a matplotlib figure as a PNG atomically (models.atomic) and close it."""
     import matplotlib.pyplot as plt
 
     from .atomic import atomic_file
 
     try:
-        with atomic_file(path, suffix=".tmp.png") as tmp:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)

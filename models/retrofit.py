@@ -42,7 +42,6 @@ import hashlib
 import inspect
 import json
 import os
-import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,16 +52,15 @@ from torch import Tensor, nn
 
 from retro_kernels.nn import ChunkedCrossAttention
 
+from .atomic import atomic_file, temporaries, write_json_atomic
 from .config import KERNELS
 from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run
-# takes the folder again.
-TEMPORARIES = (re.compile(r"\.retrofit\.safetensors\.[a-z0-9_]{8}\.tmp"),
-               re.compile(r"\.retrofit\.json\.[a-z0-9_]{8}\.tmp"))
+# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run takes the folder.
+TEMPORARIES = temporaries(CONFIG_FILE, WEIGHTS_FILE)
 # Where GPT-2, the Llama family (Mistral, Qwen2, Gemma, ...), GPT-NeoX and OPT keep their blocks.
 KNOWN_LAYERS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 KNOWN_ATTENTION = ("attn", "self_attn", "attention", "self_attention")
@@ -537,8 +535,6 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     """
     from safetensors.torch import save_file
 
-    from .atomic import atomic_file, write_json_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
@@ -590,10 +586,9 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
         raise CheckpointError(f"{config}: not a valid retrofit configuration ({one_line(e)})") from None
     if kernels:
         cfg.kernels = kernels
-    recorded = record.get("weights_sha256")  # absent in retrofits saved before it was recorded
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing (the added weights of the retrofit in {str(path)!r})")
-    if recorded is not None and _sha256(weights_file) != recorded:
+    if _sha256(weights_file) != record.get("weights_sha256"):
         raise CheckpointError(f"{weights_file} is not the file {config} records (its sha256 differs: changed, "
                               f"truncated, or a save interrupted between the two files); retrofit again")
     if base is None:

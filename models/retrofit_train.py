@@ -14,8 +14,7 @@ different things. Our databases carry their own byte-level BPE
 (`tokenizer.json`), so:
 
 - one of our decoders must have been trained with the database's tokenizer
-  (its checkpoint records the tokenizer's fingerprint; a checkpoint from
-  before fingerprints is checked by vocabulary size only, with a note);
+  (its checkpoint records the tokenizer's fingerprint);
 - a transformers folder must hold a `tokenizer.json` equal to the database's,
   and an embedding with exactly as many rows as it has tokens. Either build the
   database with the model's tokenizer (`build-db --tokenizer FOLDER/tokenizer.json`;
@@ -34,7 +33,6 @@ and a non-finite loss stops the training before anything is saved.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +60,6 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     (args.seed, step); a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged)
     unless args.allow_nonfinite.
     """
-    args.validate()
     device = resolve_device(args.device)
     cfg = model.cfg
     if data.neighbours is None or data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
@@ -74,27 +71,21 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
 
 
-def check_out(out, overwrite: bool) -> None:
-    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into. Changes nothing.
-
-    OUT may be new, empty, or a retrofit's own (its marker, or a retrofit.json of ours from before markers);
-    one holding a finished retrofit needs `overwrite`.
-    """
+def check_out(out, overwrite: bool) -> str:
+    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into (new, empty, or a retrofit's
+    own: its marker; one holding a finished retrofit needs `overwrite`); its outdir state. Changes nothing."""
     out = Path(out)
-    outdir.check_folder(out, KIND, legacy=is_retrofit)
+    state = outdir.check_folder(out, KIND)
     if is_retrofit(out) and not overwrite:
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
             f"those two files (nothing else there is touched), or choose another folder")
+    return state
 
 
-@contextlib.contextmanager
 def claimed_out(out, overwrite: bool):
     """``with claimed_out(OUT, overwrite):`` OUT checked, created, marked and locked for one retrofit run."""
-    check_out(out, overwrite)
-    with outdir.claimed(out, KIND, legacy=is_retrofit, temporaries=TEMPORARIES):
-        check_out(out, overwrite)  # again, under the lock
-        yield Path(out)
+    return outdir.claimed(out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(out, overwrite))
 
 
 def fit_and_save(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, source: dict,
@@ -188,10 +179,7 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
     _need(shape["vocab_size"] == db.vocab_size,
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
-    if kind == "models" and trained_with is None:
-        log("note: the base does not record its tokenizer (trained before tokenizer fingerprints): only its "
-            "vocabulary size is checked against the database's")
-    elif shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
+    if shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
         log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
             f"(the same tokenizer)")
 
