@@ -256,11 +256,8 @@ class RetroModel(nn.Module):
 
     @staticmethod
     def is_retrieval_parameter(name: str) -> bool:
-        """CCA and encoder parameters: what retrofitting trains."""
+        """CCA and encoder parameters: what a plain decoder lacks."""
         return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
-
-    def retrieval_parameters(self):
-        return [p for n, p in self.named_parameters() if self.is_retrieval_parameter(n)]
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache(layers=[LayerCache() for _ in self.layers])

@@ -66,7 +66,7 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
         raise ValueError(f"the training data must carry (K, R) = ({cfg.num_neighbours}, {cfg.R}) neighbours per chunk")
     model.to(device).train()
     optimizer = make_optimizer(model, args)
-    batches = training_batches(data, cfg.seq_len, args, retrieval=True)
+    batches = training_batches(data, cfg.seq_len, args)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit")
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
 
@@ -186,7 +186,7 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
 
 # The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                        "overlap_sampling", "eval_every", "seed", "allow_nonfinite", "device", "progress")
+                        "eval_every", "seed", "allow_nonfinite", "device", "progress")
 RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
 
 

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import outdir
 from .cli_common import SEED, Parser, UsageError, check_value, command, device, folder, integer, number
 from .config import KERNELS, RetroConfig
-from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
+from .data import ChunkedTokens, SequenceBatches
 from .evaluate import bits_per_byte, token_nll
 from .model import RetroModel, lm_loss
 from .runtime import is_first_process, progress_bar, resolve_device, setup_distributed
@@ -71,10 +71,6 @@ class TrainArgs:
     clip: float = option(1.0, "gradient norm clip (0: none)", limit=number(0))
     retrieval_dropout: float = option(0.25, "fraction of sequences trained with their neighbours masked",
                                       limit=number(0, 1))
-    overlap_sampling: float = option(
-        0.0, "> 0: draw training sequences with weight (this + the mean overlap of their chunks with their "
-             "neighbours), so sequences whose neighbours are informative come more often; 0: uniformly",
-        limit=number(0))
     eval_every: int = option(0, "steps (0: at the end)", limit=integer(0))
     eval_sequences: int = option(32, "held-out sequences of the evaluation during training", limit=integer(1),
                                  cli=False)
@@ -172,16 +168,10 @@ def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator) -> 
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
-def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, retrieval: bool, rank: int = 0,
+def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, rank: int = 0,
                      world: int = 1) -> SequenceBatches:
-    """The micro-batches of a run (batch_size / accum sequences over all processes), drawn by overlap
-    with their neighbours when args.overlap_sampling > 0 and the model retrieves."""
-    micro = args.batch_size // args.accum
-    batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world)
-    if args.overlap_sampling > 0 and retrieval:
-        weights = sequence_overlap_weights(batches, args.overlap_sampling)
-        batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world, weights=weights)
-    return batches
+    """The micro-batches of a run: batch_size / accum sequences over all processes."""
+    return SequenceBatches(data, seq_len, args.batch_size // args.accum, seed=args.seed, rank=rank, world=world)
 
 
 def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, device, retrieval=True) -> dict:
@@ -362,7 +352,7 @@ def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank,
         def save(step, history):
             run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
 
-    batches = training_batches(train_data, cfg.seq_len, args, cfg.retrieval, rank, world)
+    batches = training_batches(train_data, cfg.seq_len, args, rank, world)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
                         held_out_off=cfg.retrieval, rank=rank, world=world, forward=forward)
     history = loop.run(start_step, history, eval_data, byte_lengths, log, save)

@@ -407,7 +407,7 @@ GARBAGE = ["-1", "0", "nan", "inf", "-inf", "1e309", "abc", "", " ", "2.5", "999
 PLAUSIBLE = ["1", "2", "3", "0.5", "cpu", "auto", "reference", "flat", "gelu", "tokenize"]  # valid for some flags
 FLAGS = {
     "train": ["--steps", "--batch-size", "--accum", "--lr", "--warmup", "--weight-decay", "--clip",
-              "--retrieval-dropout", "--overlap-sampling", "--eval-every", "--ckpt-every", "--seed", "--device",
+              "--retrieval-dropout", "--eval-every", "--ckpt-every", "--seed", "--device",
               "--d-model", "--layers", "--heads", "--kv-heads", "--seq-len", "--neighbours", "--cca-start",
               "--cca-every", "--dropout", "--encoder-ff-mult", "--kernels", "--ff", "--out", "--db"],
     "eval": ["--batch-size", "--kernels", "--device", "--out", "--plot", "--checkpoint", "--db"],
@@ -422,7 +422,7 @@ FLAGS = {
     # demo: --out stays a user's folder (refused), so it never runs
     "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],
     "retrofit": ["--steps", "--batch-size", "--lr", "--warmup", "--weight-decay", "--clip", "--retrieval-dropout",
-                 "--overlap-sampling", "--eval-every", "--seed", "--device", "--threads", "--cca-layers",
+                 "--eval-every", "--seed", "--device", "--threads", "--cca-layers",
                  "--encoder-layers", "--encoder-ff-mult", "--heads", "--neighbours", "--layers", "--attention",
                  "--kernels", "--seq-len", "--out", "--db", "--base"],
 }
