@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from retro_kernels.nn import ChunkedCrossAttention
 
 from .atomic import atomic_file, temporaries, write_json_atomic
-from .config import KERNELS
+from .config import RetroConfig
 from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
 
 FORMAT = "retro_kernels/retrofit"
@@ -99,32 +99,17 @@ class RetrofitConfig:
         return 2 * self.chunk_size if self.neighbour_len is None else self.neighbour_len
 
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(f"retrofit: {msg}")
-
-        for name in ("chunk_size", "d_model", "n_heads", "n_layers", "vocab_size", "num_neighbours", "seq_len",
-                     "encoder_layers", "encoder_ff_mult"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        """ValueError unless cca_layers are layers of the base and the added modules fit it (RetroConfig's rules)."""
         layers = self.cca_layers
-        need(len(layers) >= 1 and all(isinstance(i, int) and 1 <= i <= self.n_layers for i in layers)
-             and list(layers) == sorted(set(layers)),
-             f"cca_layers must be increasing 1-based layer numbers in 1..{self.n_layers} "
-             f"(paper: every 3rd from 6), got {list(layers)}")
-        need(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads >= 2,
-             f"the hidden size ({self.d_model}) must be a multiple of the CCA heads ({self.n_heads}), "
-             f"with a head dim of at least 2")
-        eh = self.n_heads if self.encoder_heads is None else self.encoder_heads
-        need(isinstance(eh, int) and eh >= 1 and self.d_model % eh == 0,
-             f"the hidden size ({self.d_model}) must be a multiple of encoder_heads ({eh})")
-        need(all(1 <= i <= self.encoder_layers for i in self.encoder_cross_attention_layers),
-             f"encoder_cross_attention_layers must be in 1..{self.encoder_layers}, "
-             f"got {list(self.encoder_cross_attention_layers)}")
-        need(self.seq_len % self.chunk_size == 0,
-             f"chunk_size ({self.chunk_size}) must divide seq_len ({self.seq_len})")
-        need(self.R >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
-        need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if not (layers and all(isinstance(i, int) and 1 <= i <= self.n_layers for i in layers)
+                and list(layers) == sorted(set(layers))):
+            raise ValueError(f"retrofit: cca_layers must be increasing 1-based layer numbers in 1..{self.n_layers} "
+                             f"(paper: every 3rd from 6), got {list(layers)}")
+        shared = {k: v for k, v in self.to_dict().items() if k not in ("cca_layers", "layers", "attention")}
+        try:
+            RetroConfig(**shared, cca_start_layer=layers[0])
+        except ValueError as e:
+            raise ValueError(f"retrofit: {str(e).removeprefix('RetroConfig: ')}") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -261,6 +246,10 @@ class RetrofitModel(nn.Module):
     def __init__(self, base: nn.Module, cfg: RetrofitConfig, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.adapter = BaseAdapter(base, cfg.layers, cfg.attention)
+        found = (self.adapter.hidden, len(self.adapter.layers), self.adapter.embedding.num_embeddings)
+        if found != (cfg.d_model, cfg.n_layers, cfg.vocab_size):
+            raise ValueError(f"retrofit: the base model has (d_model, layers, vocabulary) = {found}, the retrofit's "
+                             f"configuration {(cfg.d_model, cfg.n_layers, cfg.vocab_size)}")
         self.base = base
         self.cfg = cfg
         for p in base.parameters():
@@ -397,11 +386,9 @@ class RetrofitModel(nn.Module):
         step.encoded, step.encoded_mask, step.cca_start = step.cache.read_by(step.start_pos, step.complete, m)
 
 
-def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: int = 2, num_neighbours: int = 2,
-             neighbour_len: Optional[int] = None, seq_len: Optional[int] = None, heads: Optional[int] = None,
-             encoder_ff_mult: int = 4, kernels: str = "auto", layers: Optional[str] = None,
-             attention: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             extra: Optional[dict] = None) -> RetrofitModel:
+def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, seq_len: Optional[int] = None,
+             heads: Optional[int] = None, layers: Optional[str] = None, attention: Optional[str] = None,
+             dtype: Optional[torch.dtype] = None, **options) -> RetrofitModel:
     """Freeze `model` and add CCA after the self-attention of the 1-based `cca_layers` and a neighbour encoder.
 
     model: a plain `models.model.RetroModel` or a transformers causal LM (GPT-2, the Llama family, or
@@ -409,16 +396,15 @@ def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: i
     heads: CCA and encoder heads (default: the base model's attention heads).
     seq_len: the sequence length evaluation batches use (default: 8 chunks).
     dtype: of the added weights (default: the base model's).
+    options: the other RetrofitConfig fields (num_neighbours, encoder_layers, kernels, extra, ...).
     """
     adapter = BaseAdapter(model, layers, attention)  # refuses what cannot be retrofitted
     heads = heads or adapter.heads
     if heads is None:
         raise ValueError("retrofit: the base model's config names no num_attention_heads; pass heads=")
-    cfg = RetrofitConfig(
-        chunk_size=chunk_size, cca_layers=tuple(cca_layers), d_model=adapter.hidden, n_heads=heads,
-        n_layers=len(adapter.layers), vocab_size=adapter.embedding.num_embeddings, num_neighbours=num_neighbours,
-        neighbour_len=neighbour_len, seq_len=seq_len or 8 * chunk_size, encoder_layers=encoder_layers,
-        encoder_ff_mult=encoder_ff_mult, kernels=kernels, layers=layers, attention=attention, extra=extra or {})
+    cfg = RetrofitConfig(chunk_size=chunk_size, cca_layers=tuple(cca_layers), d_model=adapter.hidden, n_heads=heads,
+                         n_layers=len(adapter.layers), vocab_size=adapter.embedding.num_embeddings,
+                         seq_len=seq_len or 8 * chunk_size, layers=layers, attention=attention, **options)
     return RetrofitModel(model, cfg, dtype)
 
 
@@ -483,11 +469,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
 
 def base_fingerprint(path, kind: str) -> str:
     """sha256 over the base model's config and weight files."""
-    h = hashlib.sha256()
-    for f in _base_files(Path(path), kind):
-        h.update(f.name.encode())
-        _hash_file(h, f)
-    return h.hexdigest()
+    return _sha256(_base_files(Path(path), kind), with_names=True)
 
 
 def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
@@ -539,22 +521,20 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
-        weights_sha256 = _sha256(tmp)
+        weights_sha256 = _sha256([tmp])
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}
     write_json_atomic(out / CONFIG_FILE, record)
     return out
 
 
-def _hash_file(h, path) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
-def _sha256(path) -> str:
+def _sha256(files, with_names: bool = False) -> str:
     h = hashlib.sha256()
-    _hash_file(h, path)
+    for f in files:
+        h.update(Path(f).name.encode() if with_names else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -588,7 +568,7 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
         cfg.kernels = kernels
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing (the added weights of the retrofit in {str(path)!r})")
-    if _sha256(weights_file) != record.get("weights_sha256"):
+    if _sha256([weights_file]) != record.get("weights_sha256"):
         raise CheckpointError(f"{weights_file} is not the file {config} records (its sha256 differs: changed, "
                               f"truncated, or a save interrupted between the two files); retrofit again")
     if base is None:

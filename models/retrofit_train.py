@@ -218,38 +218,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_flag(g)
 
 
-def plan(flags, shape: dict, db) -> dict:
-    """The keyword arguments of `retrofit()`, checked (UsageError) against the base and the database."""
-    m = db.chunk_size
-    layers = flags.cca_layers or paper_cca_layers(shape["n_layers"])
-    _need(layers[-1] <= shape["n_layers"], f"--cca-layers: the base has {shape['n_layers']} layers, got {layers}")
+def plan(flags, shape: dict, db) -> RetrofitConfig:
+    """What `retrofit` adds, checked (UsageError) against the base's config and the database."""
+    m, n_layers = db.chunk_size, shape["n_layers"]
+    layers = flags.cca_layers or paper_cca_layers(n_layers)
+    _need(layers[-1] <= n_layers, f"--cca-layers: the base has {n_layers} layers, got {layers}")
     seq_len = flags.seq_len or shape["seq_len"] or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
     _need(not shape["positions"] or seq_len <= shape["positions"],
           f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
     _need(flags.neighbours <= int(db.config["k"]),
           f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")
-    kw = dict(chunk_size=m, cca_layers=layers, encoder_layers=flags.encoder_layers, num_neighbours=flags.neighbours,
-              neighbour_len=db.neighbour_len, seq_len=seq_len, heads=flags.heads, encoder_ff_mult=flags.encoder_ff_mult,
-              kernels=flags.kernels, layers=flags.layers, attention=flags.attention,
-              extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     heads = flags.heads or shape["heads"]
-    if shape["d_model"] and heads:  # what retrofit() will check, before any weight is read
-        try:
-            RetrofitConfig(chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads,
-                           n_layers=shape["n_layers"], vocab_size=db.vocab_size, num_neighbours=flags.neighbours,
-                           neighbour_len=db.neighbour_len, seq_len=seq_len, encoder_layers=flags.encoder_layers,
-                           encoder_ff_mult=flags.encoder_ff_mult, kernels=flags.kernels)
-        except ValueError as e:
-            named = f"--heads {heads}" if flags.heads else f"the base model's {heads} heads (--heads)"
-            raise UsageError(f"{named}: {e}") from None
-    return kw
+    _need(heads is not None, "--heads: the base's config names no num_attention_heads; pass --heads")
+    try:
+        return RetrofitConfig(
+            chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads, n_layers=n_layers,
+            vocab_size=db.vocab_size, num_neighbours=flags.neighbours, neighbour_len=db.neighbour_len,
+            seq_len=seq_len, encoder_layers=flags.encoder_layers, encoder_ff_mult=flags.encoder_ff_mult,
+            kernels=flags.kernels, layers=flags.layers, attention=flags.attention,
+            extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
+    except ValueError as e:
+        named = f"--heads {heads}" if flags.heads else f"the base model's {heads} heads (--heads)"
+        raise UsageError(f"{named}: {e}") from None
 
 
 @command("retrofit")
 def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
-    from .retrofit import load_base, retrofit, trainable_share
+    from .retrofit import load_base, trainable_share
 
     p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -261,7 +258,7 @@ def main(argv=None) -> int:
     shape = base_shape(base_path, kind)
     db = open_database(flags.db)
     check_tokenizer(base_path, kind, shape, db, print)
-    kw = plan(flags, shape, db)
+    cfg = plan(flags, shape, db)
 
     threads = configure_threads(flags.threads)
     device = resolve_device(flags.device)
@@ -270,9 +267,9 @@ def main(argv=None) -> int:
     with claimed_out(flags.out, flags.overwrite):
         base, source = load_base(base_path, device, flags.allow_nonfinite)
         torch.manual_seed(flags.seed)
-        model = retrofit(base, **kw)
+        model = RetrofitModel(base, cfg)
         share = trainable_share(model)
-        print(f"retrofitting {kind} model {base_path}: CCA after layers {kw['cca_layers']}, {share['trainable']:,} "
+        print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, {share['trainable']:,} "
               f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
         history, _ = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
                                   state={"args": {k: v for k, v in vars(flags).items() if k != "debug"}})

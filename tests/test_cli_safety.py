@@ -305,7 +305,7 @@ BAD_ARGUMENTS = [
     (["retrofit", "--lr", "nan"], "argument --lr"),
     (["retrofit", "--cca-layers", "2,1"], "argument --cca-layers: expected increasing 1-based layer numbers"),
     (["retrofit", "--cca-layers", "1,3"], "--cca-layers: the base has 2 layers"),
-    (["retrofit", "--heads", "3"], "--heads 3: retrofit: the hidden size (16) must be a multiple of the CCA heads"),
+    (["retrofit", "--heads", "3"], "--heads 3: retrofit: d_model (16) must be divisible by n_heads (3)"),
     (["retrofit", "--neighbours", "4"], "--neighbours: the database precomputed 3 neighbours"),
     (["retrofit", "--seq-len", "48"], "--seq-len: expected a multiple of the database's chunk size 32"),
     (["retrofit", "--device", "cuda:7"], "argument --device: 'cuda:7' is not available"),
