@@ -184,17 +184,9 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 def open_database(path, chunk_size: Optional[int] = None):
-    """Open a built retrieval database, with a clear error when there is none."""
-    from pathlib import Path
-
+    """Open a built retrieval database (--db: cli_common.database checked that there is one)."""
     from .retrieval import RetrievalDatabase
 
-    if path is None:
-        raise ValueError("--db is required: the retrieval database directory (build one with "
-                         "`python -m models build-db --out DIR`)")
-    if not (Path(path) / "manifest.json").is_file():
-        raise FileNotFoundError(f"no retrieval database at {str(path)!r} (no manifest.json); build one with "
-                                f"`python -m models build-db --out {path}`")
     expect = None if chunk_size is None else {"chunk_size": chunk_size}
     return RetrievalDatabase.open(path, expect_config=expect)
 

@@ -2,34 +2,19 @@
 
     python -m models demo [--out runs/demo] [--quick]
 
-1. Corpus: the language-reference topics of Python's own documentation
-   (``pydoc_data``, part of the database's default corpus, no download), whole.
-   They are sections of one reference that quote each other (the "if" topic
-   is also a section of "compound statements", "customization" a section of
-   "special method names", ...): text a held-out topic shares with the others
-   is what retrieval can bring back.
-2. Builds the retrieval database (held-out documents are not in it), with
-   section alignment (a section shared by two documents is chunked the same
-   way in both) and a relevance cut (neighbours farther than ``max_distance``
-   are dropped: a chunk retrieves text only when it has close matches).
-3. The paper's retrofitting protocol (section 4.4), per seed: trains a plain
-   decoder on the training documents (the baseline), freezes it, adds CCA and
-   the neighbour encoder (`models.retrofit`) and trains only those, with
-   same-document neighbours excluded (`models.demo_protocol`).
-4. Prints bits per byte on the held-out documents: the baseline (= RETROfit
-   OFF, the same frozen weights); RETROfit ON with the database (which does
-   not hold them); ON with a database that also holds them (the copying
-   ceiling). `--seeds N` repeats 3-4 for N seeds: mean and spread.
-5. Samples a continuation of a held-out document's opening, with the
-   neighbours retrieved for each chunk.
+1. Corpus: the language-reference topics of Python's own documentation, whole.
+2. The retrieval database (held-out documents not in it), with section
+   alignment and a relevance cut (``max_distance``).
+3. Per seed, the paper's retrofitting protocol (`models.demo_protocol`): a
+   plain decoder (the baseline), frozen, with CCA and the encoder trained.
+4. Bits per byte on the held-out documents: the baseline (= RETROfit OFF),
+   RETROfit ON, and ON with a database that also holds them (the copying
+   ceiling); with `--seeds N`, mean and spread.
+5. A sample continuing a held-out document's opening, with its neighbours.
 
-Everything goes to one folder (--out): corpus, database, baseline-seedS/ and
-retrofit-seedS/ checkpoints, results.json, overlap.png, sample.txt,
-summary.md. The folder must be new, empty, or a demo's own (its marker), and
-is locked while the demo runs. Re-running reuses the finished database build
-(resumable) but trains afresh, replacing only the demo's own checkpoints.
-Exit status 1 when RETROfit ON is not below the baseline on every seed (not
-with --quick: a smoke run, whose tiny corpus shows ON = OFF).
+Everything goes to one folder (--out; docs/model.md, "The demo", lists it),
+new, empty or a demo's own, locked while the demo runs. Exit status 1 when
+RETROfit ON is not below the baseline on every seed (not with --quick).
 """
 from __future__ import annotations
 
@@ -51,18 +36,13 @@ from .cli_common import command
 # set the sizes: a few thousand chunks and a few hundred steps fit in 10 minutes.
 # max_distance: squared L2 between MiniLM chunk keys; on this corpus unrelated
 # chunks are 5-15 apart and a shared section's chunks 0 (identical text).
-PRESETS = {
-    "full": dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
-                 max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, dropout=0.1, steps=450,
-                 batch_size=8, lr=4e-3, warmup=30, eval_every=150, sample_tokens=96,
-                 cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=300, retrofit_lr=4e-3,
-                 retrofit_warmup=30),
-    "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
-                  max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, dropout=0.1, steps=60,
-                  batch_size=8, lr=4e-3, warmup=10, eval_every=0, sample_tokens=40,
-                  cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=40, retrofit_lr=4e-3,
-                  retrofit_warmup=10),
-}
+FULL = dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
+            max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, dropout=0.1, steps=450, batch_size=8,
+            lr=4e-3, warmup=30, eval_every=150, sample_tokens=96, cca_layers=[2, 4], encoder_layers=2,
+            encoder_ff_mult=2, retrofit_steps=300, retrofit_lr=4e-3, retrofit_warmup=30)
+PRESETS = {"full": FULL, "quick": dict(FULL, corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, d_model=96,
+                                       steps=60, warmup=10, eval_every=0, sample_tokens=40, retrofit_steps=40,
+                                       retrofit_warmup=10)}
 K = 2  # neighbours per chunk
 
 

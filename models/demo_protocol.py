@@ -121,23 +121,9 @@ def aggregate(per_seed: list) -> dict:
 
 
 def plot_curves(curves: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from .evaluate import plot_overlap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .evaluate import save_figure
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, name in enumerate(SETTINGS):
-        ax.plot(curves["alpha"], curves[name], marker="o", color=f"C{i}", label=NAMES[name])
-    ax.set_xlabel("max overlap of a chunk with its database neighbours (alpha)")
-    ax.set_ylabel("bits per byte over chunks with overlap <= alpha")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_overlap({NAMES[k]: (curves[k], dict(marker="o", color=f"C{i}")) for i, k in enumerate(SETTINGS)}, path, title)
 
 
 def table(per_seed: list, summary: dict) -> str:

@@ -132,7 +132,7 @@ def format_generation(db, result: Generation, max_neighbour_chars: int = 160) ->
 @command("generate")
 def main(argv=None) -> int:
     from .cli_common import SEED, Parser, UsageError, integer, number, text
-    from .evaluate import add_checkpoint_and_database_flags, add_kernels_and_device_flags, check_tokenizer, \
+    from .evaluate import add_checkpoint_and_database_flags, add_kernels_and_device_flags, check_fits, \
         open_checkpoint_and_database
 
     p = Parser("python -m models generate", description="sample from a RETRO model")
@@ -147,9 +147,7 @@ def main(argv=None) -> int:
     add_kernels_and_device_flags(p)
     flags = p.parse_args(argv)
     model, db, device = open_checkpoint_and_database(flags)
-    check_tokenizer(model.cfg, db)
-    if db.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"the database's vocabulary ({db.vocab_size}) is not the model's ({model.cfg.vocab_size})")
+    check_fits(model.cfg, db)
     retrieves = model.cfg.retrieval and not flags.no_retrieval
     retriever = database_retriever(db, model.cfg.num_neighbours) if retrieves else None
     prompt = db.encode(flags.prompt).tolist()

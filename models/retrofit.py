@@ -26,14 +26,10 @@ return at once: retrofit OFF *is* the base model. Only public torch hooks and
 public transformers API are used (get_input_embeddings, DynamicCache, the
 model's cache argument), so the same code runs on transformers 4.x and 5.x.
 
-`save_retrofit` writes only the added weights (safetensors) and a JSON record
-of the configuration, the base (its path and a sha256 of its files) and the
-weights' sha256; `load_retrofit` rebuilds the base from that record (checking
-it has not changed) or takes the base model given, and refuses weights that
-are not the recorded ones or hold NaN/inf. `RetrofitModel` has the interface of
-`RetroModel` that evaluation and generation use (`cfg`, `new_cache`,
-`forward(tokens, neighbours, neighbour_mask, start_pos=, cache=)`), so
-`models eval` and `models generate` take a retrofit folder as a checkpoint.
+`RetrofitModel` has the interface of `RetroModel` that evaluation and
+generation use (`cfg`, `new_cache`, `forward(tokens, neighbours,
+neighbour_mask, start_pos=, cache=)`): `models eval` and `models generate`
+take a retrofit folder (`save_retrofit`, `load_retrofit`) as a checkpoint.
 """
 from __future__ import annotations
 
@@ -54,7 +50,7 @@ from retro_kernels.nn import ChunkedCrossAttention
 
 from .atomic import atomic_file, temporaries, write_json_atomic
 from .config import RetroConfig
-from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
+from .model import NeighbourCache, RetrievalEncoder, RetroModel, complete_chunks, encoded_for_step
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
@@ -310,26 +306,20 @@ class RetrofitModel(nn.Module):
                 *, start_pos: int = 0, cache: Optional[RetrofitCache] = None) -> Tensor:
         """Logits (B, N, V), as `RetroModel.forward`: neighbours (B, L, K, R) ids, L >= (start_pos + N) // m,
         neighbours[:, u] retrieved with chunk u; None runs the base model alone."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
-        if cache is not None and start_pos != cache.length:
-            raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs a cache from new_cache() (incremental decoding)")
-        B, N = tokens.shape
-        complete = (start_pos + N) // self.cfg.chunk_size
+        if neighbours is not None and not self._hooks:
+            raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
+                             "base was retrofitted again): it cannot read neighbours")
+        complete = complete_chunks(self.cfg, tokens, neighbours, neighbour_mask, start_pos, cache)
         if neighbours is not None:
-            if not self._hooks:
-                raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
-                                 "base was retrofitted again): it cannot read neighbours")
-            check_neighbours(self.cfg, neighbours, neighbour_mask, B, complete)
             self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
         try:
             logits = self.adapter.logits(tokens, start_pos, None if cache is None else cache.base)
         finally:
             self._step = None
         if cache is not None:
-            cache.length = start_pos + N
+            cache.length = start_pos + tokens.shape[1]
         return logits
 
     # -- the hooks ---------------------------------------------------------------------
@@ -378,12 +368,8 @@ class RetrofitModel(nn.Module):
                 embedded = self.adapter.embedding(step.neighbours[:, first:end])
             return self.encoder(embedded.to(dtype), chunks.to(dtype), mask), mask
 
-        if step.cache is None:  # the full sequence, from position 0
-            if step.complete > 0:
-                step.encoded, step.encoded_mask = encode(as_chunks(x, step.complete, m), 0, step.complete)
-            return
-        step.cache.encode_new_chunks(x, step.complete, m, encode)
-        step.encoded, step.encoded_mask, step.cca_start = step.cache.read_by(step.start_pos, step.complete, m)
+        step.encoded, step.encoded_mask, step.cca_start = encoded_for_step(
+            encode, x, step.start_pos, step.complete, step.cache, m)
 
 
 def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, seq_len: Optional[int] = None,
@@ -433,25 +419,16 @@ def base_kind(path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a directory (expected a models checkpoint "
                                 f"or a transformers model folder)")
-    if (path / "latest.json").is_file() or (path / "model.safetensors").is_file() and _is_our_config(path):
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if (path / "latest.json").is_file() or "chunk_size" in config:
         return "models"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except ValueError:
-            meta = {}
-        if "model_type" in meta:
-            return "hf"
+    if "model_type" in config:
+        return "hf"
     raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
-
-
-def _is_our_config(path: Path) -> bool:
-    try:
-        return "chunk_size" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _base_files(path: Path, kind: str) -> list[Path]:

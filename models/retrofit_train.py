@@ -3,32 +3,12 @@
     python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
 
 BASE is one of our plain decoder checkpoints (`python -m models train
---no-retrieval`) or a local transformers model folder (`save_pretrained`;
-loaded with from_pretrained, offline, safetensors only). OUT receives
-`retrofit.json` and `retrofit.safetensors` (the added weights only; the base
-is referenced by path and sha256, never copied or changed); `models eval` and
-`models generate` take OUT as their --checkpoint.
-
-A base and a database must share a tokenizer, or the token ids mean
-different things. Our databases carry their own byte-level BPE
-(`tokenizer.json`), so:
-
-- one of our decoders must have been trained with the database's tokenizer
-  (its checkpoint records the tokenizer's fingerprint);
-- a transformers folder must hold a `tokenizer.json` equal to the database's,
-  and an embedding with exactly as many rows as it has tokens. Either build the
-  database with the model's tokenizer (`build-db --tokenizer FOLDER/tokenizer.json`;
-  it needs `<|endoftext|>` and `<|pad|>` special tokens, so add a pad token and
-  resize the embedding first if the model lacks one), or build the model from a
-  config with the database's vocabulary and save the database's tokenizer.json
-  beside it (what the README example and the tests do).
-
-OUT follows the output-folder rule (docs/ARCHITECTURE.md): new, empty, or a
-retrofit's own (its marker), locked while the command runs; a finished
-retrofit there is replaced only with --overwrite (its two files; nothing
-else in the folder is touched). Everything is checked before any weight is
-loaded; a mismatch is one line (exit 2), a failure while working too (exit 1),
-and a non-finite loss stops the training before anything is saved.
+--no-retrieval`) or a local transformers model folder (offline, safetensors
+only); it must share the database's tokenizer (docs/model.md, "Pairing a base
+with a database"). OUT receives `retrofit.json` and `retrofit.safetensors`
+(the added weights only), which `models eval` and `models generate` take as
+their --checkpoint. Everything is checked before any weight is loaded; OUT
+follows the output-folder rule (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
