@@ -153,8 +153,6 @@ class RunCheckpoints:
     """
 
     def __init__(self, out, keep: int = 2, replace_previous: bool = False):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
         self.out, self.keep = Path(out), keep
         latest = read_latest(self.out)
         previous = latest["checkpoints"] if latest else []

@@ -124,7 +124,7 @@ def run(args) -> int:
     say(f"{threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}")
     data = prepare_data(out, preset, args, times, say)  # 1-2. corpus and database
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = [run_seed(data["db"], data["train"], data["eval"], data["leaky"], data["byte_lengths"], preset, seed,
+    runs = [run_seed(data["db"], data["eval"], data["leaky"], data["byte_lengths"], preset, seed,
                      out, args, device, say) for seed in seeds]  # 3-4. per seed: baseline, RETROfit, evaluation
     per_seed = [r["result"] for r in runs]
     plot_curves(per_seed[0]["overlap"], out / "overlap.png", f"held-out bpb by chunk overlap (seed {seeds[0]})")

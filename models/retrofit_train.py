@@ -25,8 +25,8 @@ from .data import ChunkedTokens
 from .runtime import configure_threads, resolve_device
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, make_optimizer, train_args_from,
-                    training_batches)
+from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, make_optimizer,
+                    train_args_from, training_batches)
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
@@ -41,12 +41,10 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     unless args.allow_nonfinite.
     """
     device = resolve_device(args.device)
-    cfg = model.cfg
-    if data.neighbours is None or data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
-        raise ValueError(f"the training data must carry (K, R) = ({cfg.num_neighbours}, {cfg.R}) neighbours per chunk")
+    check_data(model.cfg, data)
     model.to(device).train()
     optimizer = make_optimizer(model, args)
-    batches = training_batches(data, cfg.seq_len, args)
+    batches = training_batches(data, model.cfg.seq_len, args)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit")
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
 
@@ -61,23 +59,6 @@ def check_out(out, overwrite: bool) -> str:
             f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
             f"those two files (nothing else there is touched), or choose another folder")
     return state
-
-
-def claimed_out(out, overwrite: bool):
-    """``with claimed_out(OUT, overwrite):`` OUT checked, created, marked and locked for one retrofit run."""
-    return outdir.claimed(out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(out, overwrite))
-
-
-def fit_and_save(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, source: dict,
-                 eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None, log=print,
-                 state: Optional[dict] = None) -> tuple[list, dict]:
-    """Train the added weights, then save them into a.out (claimed by the caller); (history, trainable share)."""
-    from .retrofit import save_retrofit, trainable_share
-
-    history = train_retrofit(model, data, a, eval_data, byte_lengths, log)
-    share = trainable_share(model)
-    save_retrofit(model, a.out, source, {"trainable": share, "history": history, **(state or {})})
-    return history, share
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +207,7 @@ def plan(flags, shape: dict, db) -> RetrofitConfig:
 @command("retrofit")
 def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
-    from .retrofit import load_base, trainable_share
+    from .retrofit import load_base, save_retrofit, trainable_share
 
     p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -244,15 +225,16 @@ def main(argv=None) -> int:
     device = resolve_device(flags.device)
     args.device = str(device)
     train_data, eval_data = from_stream(db, "train", flags.neighbours), from_stream(db, "eval", flags.neighbours)
-    with claimed_out(flags.out, flags.overwrite):
+    with outdir.claimed(flags.out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(flags.out, flags.overwrite)):
         base, source = load_base(base_path, device, flags.allow_nonfinite)
         torch.manual_seed(flags.seed)
         model = RetrofitModel(base, cfg)
         share = trainable_share(model)
         print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, {share['trainable']:,} "
               f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
-        history, _ = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
-                                  state={"args": {k: v for k, v in vars(flags).items() if k != "debug"}})
+        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer))
+        save_retrofit(model, flags.out, source, {"trainable": share, "history": history,
+                                                 "args": {k: v for k, v in vars(flags).items() if k != "debug"}})
     print(f"done: {flags.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
           f"{WEIGHTS_FILE} in {flags.out} (evaluate: python -m models eval --checkpoint {flags.out} --db {flags.db})")
     return 0
