@@ -251,18 +251,14 @@ def table(results: dict) -> str:
 
 # -- the command line: eval (and generate, with the same model and database flags) ---------------
 
-def add_checkpoint_and_database_flags(p, db_help: str) -> None:
-    from .cli_common import database
+def add_model_and_database_flags(p, db_help: str) -> None:
+    """--checkpoint, --db, --kernels and --device: what eval and generate load."""
+    from .cli_common import database, device
+    from .config import KERNELS
 
     p.add_argument("--checkpoint", type=model_argument, required=True,
                    help="a checkpoint, a training output directory, or a `models retrofit` output folder")
     p.add_argument("--db", type=database, required=True, help=db_help)
-
-
-def add_kernels_and_device_flags(p) -> None:
-    from .cli_common import device
-    from .config import KERNELS
-
     p.add_argument("--kernels", choices=KERNELS, default=None, help="the kernels to run (default: the model's)")
     p.add_argument("--device", type=device, default="auto", help="auto (cuda if there is one), cpu, cuda or cuda:N")
 
@@ -282,14 +278,13 @@ def main(argv=None) -> int:
     from .cli_common import Parser, integer, output_file
 
     p = Parser("python -m models eval", description="bits per byte on the held-out documents, retrieval ON and OFF")
-    add_checkpoint_and_database_flags(p, "the retrieval database (its 'eval' split is evaluated)")
+    add_model_and_database_flags(p, "the retrieval database (its 'eval' split is evaluated)")
     p.add_argument("--with-eval-docs", action="store_true",
                    help="also evaluate with the held-out documents added to the database (measures copying)")
     p.add_argument("--out", type=output_file, default=None, help="JSON results (default: <checkpoint>/eval.json)")
     p.add_argument("--plot", type=output_file, default=None,
                    help="PNG of bpb vs chunk overlap (default: beside the JSON)")
     p.add_argument("--batch-size", type=integer(1), default=8, help="sequences per forward")
-    add_kernels_and_device_flags(p)
     p.add_argument("--allow-nonfinite", action="store_true", help="report NaN/inf results instead of failing")
     flags = p.parse_args(argv)
 

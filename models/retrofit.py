@@ -108,19 +108,7 @@ class RetrofitConfig:
             raise ValueError(f"retrofit: {str(e).removeprefix('RetroConfig: ')}") from None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("retrieval")
-        d["cca_layers"] = list(self.cca_layers)
-        d["encoder_cross_attention_layers"] = list(self.encoder_cross_attention_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RetrofitConfig":
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"retrofit: unknown configuration fields {sorted(unknown)}")
-        return cls(**d)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "retrieval"}
 
 
 # ---------------------------------------------------------------------------
@@ -538,7 +526,7 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     record = read_record(path)
     config, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
     try:
-        cfg = RetrofitConfig.from_dict(record["config"])
+        cfg = RetrofitConfig(**record["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config}: not a valid retrofit configuration ({one_line(e)})") from None
     if kernels:
