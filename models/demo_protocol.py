@@ -127,10 +127,9 @@ def table(per_seed: list, summary: dict) -> str:
     if len(per_seed) > 1:
         rows.append(["mean +- std", *(f"{summary[k]['mean']:.4f} +- {summary[k]['std']:.4f}" for k in SETTINGS),
                      f"{summary['gain']['mean']:+.4f} +- {summary['gain']['std']:.4f}"])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .evaluate import text_table
+
+    return text_table(head, rows)
 
 
 def run_seed(db, eval_data, leaky, byte_lengths, preset, seed, out, args, device, say) -> dict:

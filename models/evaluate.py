@@ -236,16 +236,19 @@ def summary(results: dict) -> dict:
             for k, v in results.items()}
 
 
-def table(results: dict) -> str:
-    rows = [("retrieval OFF", results["off"])]
-    if "on" in results:
-        rows.append(("retrieval ON, database without the held-out documents", results["on"]))
-    if "on_with_eval_docs" in results:
-        rows.append(("retrieval ON, database including them", results["on_with_eval_docs"]))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'setting'.ljust(width)}  bits/byte", f"{'-' * width}  ---------"]
-    lines += [f"{name.ljust(width)}  {r['bpb']:.4f}" for name, r in rows]
+def text_table(head: list, rows: list) -> str:
+    """Columns of strings, left-aligned, with a rule under the head."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    names = {"off": "retrieval OFF", "on": "retrieval ON, database without the held-out documents",
+             "on_with_eval_docs": "retrieval ON, database including them"}
+    return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
+                                                 if k in results])
 
 
 

@@ -273,12 +273,7 @@ class RetrofitModel(nn.Module):
         self.base.eval()  # the frozen base runs as it was trained to be used: no dropout
         return self
 
-    def set_kernels(self, kernels: str) -> None:
-        self.cfg.kernels = kernels
-        self.cfg.validate()
-        for module in list(self.encoder.modules()) + list(self.cca.modules()):
-            if hasattr(module, "backend"):
-                module.backend = kernels
+    set_kernels = RetroModel.set_kernels  # the added modules are the only ones with a backend
 
     def new_cache(self) -> RetrofitCache:
         return RetrofitCache(base=self.adapter.new_cache())
