@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
 from .engine import peak_rss_mb
-from .manifest import TEMP_SUFFIX, atomic_path, atomic_save_npy, load_npy
+from .manifest import atomic_save_npy, load_npy
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -112,7 +113,7 @@ def _train_unit(keys: str, out: str, factory: str, sample: int, seed: int) -> fl
     n, dim = vectors.shape
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
     index = index_mod.train_index(factory, dim, np.asarray(vectors[ids], dtype=np.float32))
-    with atomic_path(Path(out) / "index_trained.faiss") as tmp:
+    with atomic_file(Path(out) / "index_trained.faiss") as tmp:
         index_mod.write_index(index, tmp)
     return peak_rss_mb()
 
@@ -139,7 +140,7 @@ def add_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local",
 
 
 def _add_unit(trained: str, keys: str, lo: int, hi: int, shard: str) -> float:
-    with atomic_path(shard) as tmp:
+    with atomic_file(shard) as tmp:
         index_mod.add_shard(Path(trained), load_npy(keys), lo, hi, tmp)
     return peak_rss_mb()
 
@@ -163,7 +164,7 @@ def merge_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local
 
 def _merge_unit(out: str, shards: list[str]) -> float:
     out = Path(out)
-    with atomic_path(out / "index.ivfdata") as data_tmp, atomic_path(out / "index.faiss") as index_tmp:
+    with atomic_file(out / "index.ivfdata") as data_tmp, atomic_file(out / "index.faiss") as index_tmp:
         index_mod.merge_shards(out / "index_trained.faiss", [Path(s) for s in shards], index_tmp, out / "index.ivfdata",
                                data_tmp)
     return peak_rss_mb()
@@ -341,7 +342,7 @@ def db_embed(build) -> dict:
 def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> int:
     """The .npy ``files`` (consecutive rows) copied into ``out`` a block at a time; returns the width."""
     dim = load_npy(files[0]).shape[1]
-    with atomic_path(out) as tmp:
+    with atomic_file(out) as tmp:
         joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
         pos = 0
         for f in files:
