@@ -159,12 +159,11 @@ def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[fl
     """The parts ``todo`` embedded by a Ray Data actor pool; the peak memory of each part's actor."""
     import logging
 
-    import ray
+    import ray.data
 
     from .engine import cluster
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # (after its import, which sets it)
     gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
     size = max(1, min(workers, gpus or cpus, len(todo)))
     # an actor pool holding every CPU would starve the tasks that feed it: half a CPU stays free
