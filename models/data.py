@@ -12,6 +12,7 @@ UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,10 +78,8 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
         n = -(-len(ids) // chunk_size)
         padded = np.full(n * chunk_size, pad_id, dtype=np.int64)
         padded[: len(ids)] = ids
-        v = np.zeros(n * chunk_size, dtype=bool)
-        v[: len(ids)] = True
         tokens.append(padded.reshape(n, chunk_size))
-        valid.append(v.reshape(n, chunk_size))
+        valid.append((np.arange(n * chunk_size) < len(ids)).reshape(n, chunk_size))
         doc.append(np.full(n, d, dtype=np.int64))
     return ChunkedTokens(np.concatenate(tokens), np.concatenate(valid), np.concatenate(doc))
 
@@ -142,17 +141,7 @@ class SequenceBatches:
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest run of tokens that a and b share (longest common substring)."""
-    if len(a) == 0 or len(b) == 0:
-        return 0
-    eq = a[:, None] == b[None, :]
-    best = 0
-    prev = np.zeros(len(b) + 1, dtype=np.int64)
-    for i in range(len(a)):
-        cur = np.zeros_like(prev)
-        cur[1:] = np.where(eq[i], prev[:-1] + 1, 0)
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
+    return difflib.SequenceMatcher(None, a.tolist(), b.tolist(), autojunk=False).find_longest_match().size
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
@@ -171,17 +160,12 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
         if data.doc[c] != data.doc[c - 1]:
             continue
         chunk = data.tokens[c][data.valid[c]]
-        best = 0
-        for k in range(data.neighbours.shape[1]):
-            neighbour = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
-            best = max(best, longest_common_run(chunk, neighbour))
-        out[c] = best / m
+        out[c] = max(longest_common_run(chunk, n[ok]) for n, ok in zip(data.neighbours[c - 1],
+                                                                        data.neighbour_mask[c - 1])) / m
     return out
 
 
-# ---------------------------------------------------------------------------
 # From a retrieval database (models.retrieval)
-# ---------------------------------------------------------------------------
 
 def open_database(path, chunk_size: Optional[int] = None):
     """Open a built retrieval database (--db: cli_common.database checked that there is one)."""

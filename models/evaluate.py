@@ -70,32 +70,23 @@ def _position_nll(model, batch: dict, retrieval: bool, device, autocast: bool) -
 
 
 def bits_per_byte(nll: np.ndarray, predicted: np.ndarray, token_bytes: np.ndarray) -> float:
+    """Bits per byte over the `predicted` entries (nan when they hold no byte)."""
     n_bytes = token_bytes[predicted].sum()
     return float(nll[predicted].sum() / math.log(2) / n_bytes) if n_bytes else float("nan")
 
 
 def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *, retrieval: bool,
-             batch_size: int = 8, device="cpu", overlap: bool = True) -> dict:
-    """bpb on `data` (a set of documents); with retrieval, also bpb by chunk overlap.
-
-    byte_lengths: (vocab,) UTF-8 bytes of each token id.
+             batch_size: int = 8, device="cpu") -> dict:
+    """bpb on `data` (a set of documents), and per chunk its overlap with its neighbours (with retrieval),
+    NLL and predicted bytes (`_per_chunk`, for bpb by overlap). byte_lengths: (vocab,) UTF-8 bytes of each token id.
     """
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
     token_bytes = np.asarray(byte_lengths)[data.tokens]
     pred = pred & (token_bytes > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
-    out = {
-        "bpb": bits_per_byte(nll, pred, token_bytes),
-        "tokens": int(pred.sum()),
-        "bytes": int(token_bytes[pred].sum()),
-        "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
-    }
-    chunk_overlap_ = np.zeros(len(data))
-    if overlap and retrieval and data.neighbours is not None:
-        chunk_overlap_ = chunk_overlap(data)
-        out["overlap"] = [{"alpha": alpha, "bpb": bpb, "chunk_fraction": fraction} for alpha, bpb, fraction in zip(
-            ALPHAS, bpb_by_overlap(chunk_overlap_, nll * pred, token_bytes * pred), chunk_fractions(chunk_overlap_))]
-    out["_per_chunk"] = {"overlap": chunk_overlap_, "nll": (nll * pred).sum(1), "bytes": (token_bytes * pred).sum(1)}
-    return out
+    overlap = chunk_overlap(data) if retrieval else np.zeros(len(data))
+    return {"bpb": bits_per_byte(nll, pred, token_bytes), "tokens": int(pred.sum()),
+            "bytes": int(token_bytes[pred].sum()), "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
+            "_per_chunk": {"overlap": overlap, "nll": (nll * pred).sum(1), "bytes": (token_bytes * pred).sum(1)}}
 
 
 def chunk_fractions(overlap: np.ndarray) -> list[float]:
@@ -109,12 +100,7 @@ def bpb_by_overlap(overlap: np.ndarray, nll: np.ndarray, token_bytes: np.ndarray
     nll, token_bytes: per chunk (C,), or per token (C, m), counting only the predicted tokens.
     """
     nll, token_bytes = nll.reshape(len(overlap), -1).sum(1), token_bytes.reshape(len(overlap), -1).sum(1)
-    rates = []
-    for alpha in ALPHAS:
-        keep = overlap <= alpha + 1e-9
-        total = token_bytes[keep].sum()
-        rates.append(float(nll[keep].sum() / math.log(2) / total) if total else float("nan"))
-    return rates
+    return [bits_per_byte(nll, overlap <= alpha + 1e-9, token_bytes) for alpha in ALPHAS]
 
 
 def overlap_rows(on: dict, off: dict) -> list[dict]:
@@ -249,7 +235,6 @@ def table(results: dict) -> str:
              "on_with_eval_docs": "retrieval ON, database including them"}
     return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
                                                  if k in results])
-
 
 
 # -- the command line: eval (and generate, with the same model and database flags) ---------------
