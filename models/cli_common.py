@@ -80,9 +80,7 @@ def command(name: str):
     return wrap
 
 
-# ---------------------------------------------------------------------------
 # argparse type= functions
-# ---------------------------------------------------------------------------
 
 def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
     if lo is not None and hi is not None:
@@ -94,41 +92,33 @@ def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
     return ""
 
 
-def integer(lo: int | None = None, hi: int | None = None):
-    """An int in [lo, hi] (either bound may be None)."""
-    expect = f"an integer {_range_text(lo, hi)}".strip()
+def _bounded(what: str, convert, lo, hi, lo_open=False, hi_open=False):
+    """A type= function: `convert(text)`, finite, in the range (open or closed at each end)."""
+    expect = f"{what} {_range_text(lo, hi, lo_open, hi_open)}".strip()
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text, 10)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            value = math.nan
+        inside = (lo is None or (value > lo if lo_open else value >= lo)) and (
+            hi is None or (value < hi if hi_open else value <= hi))
+        if not (inside and (isinstance(value, int) or math.isfinite(value))):
             raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = what.split()[-1]
     return parse
+
+
+def integer(lo: int | None = None, hi: int | None = None):
+    """An int in [lo, hi] (either bound may be None)."""
+    return _bounded("an integer", lambda text: int(text, 10), lo, hi)
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     """A finite float in the range (open or closed at each end); never nan or inf."""
-    expect = f"a finite number {_range_text(lo, hi, lo_open, hi_open)}".strip()
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= lo is not None and (value <= lo if lo_open else value < lo)
-        bad |= hi is not None and (value >= hi if hi_open else value > hi)
-        if bad:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _bounded("a finite number", float, lo, hi, lo_open, hi_open)
 
 
 SEED = integer(0, 2**32 - 1)
