@@ -114,39 +114,22 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FolderLock:
-    """``with FolderLock(folder):`` holds ``folder/.retro_kernels.lock`` (flock) or raises FolderInUse."""
-
-    def __init__(self, folder, option: str = "--out"):
-        self.folder = Path(folder)
-        self.option = option
-        self._file = None
-
-    def __enter__(self) -> "FolderLock":
-        path = self.folder / LOCK
-        f = open(path, "a+")
+@contextlib.contextmanager
+def locked(folder, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder/.retro_kernels.lock`` (flock, released when the file closes) or raise FolderInUse."""
+    folder = Path(folder)
+    with open(folder / LOCK, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read()
-            f.close()
-            raise FolderInUse(f"{self.option} {str(self.folder)!r} is in use by another run "
-                              f"({describe_holder(holder)}); wait for it to finish or choose another folder") from None
+            raise FolderInUse(f"{option} {str(folder)!r} is in use by another run ({describe_holder(f.read())}); "
+                              f"wait for it to finish or choose another folder") from None
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(),
-                   "since": _now()}, f)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(), "since": _now()}, f)
         f.flush()
-        self._file = f
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-        return False
+        yield
 
 
 def describe_holder(text: str) -> str:
@@ -171,7 +154,7 @@ def claimed(folder, kind: str, option: str = "--out", temporaries: Iterable[re.P
     check = check or (lambda: check_folder(path, kind, option))
     state = check()
     path.mkdir(parents=True, exist_ok=True)
-    with FolderLock(path, option):
+    with locked(path, option):
         check()  # again, under the lock: another run may have won
         write_marker(path, kind)
         remove_temporaries(path, temporaries, inside)
