@@ -111,9 +111,7 @@ class RetrofitConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "retrieval"}
 
 
-# ---------------------------------------------------------------------------
 # How to reach into a base model
-# ---------------------------------------------------------------------------
 
 def _attribute(root: nn.Module, path: str):
     obj = root
@@ -186,9 +184,7 @@ class BaseAdapter:
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-# ---------------------------------------------------------------------------
 # The retrofitted model
-# ---------------------------------------------------------------------------
 
 class CCABlock(nn.Module):
     """cca(norm(h)): the update CCA adds to the residual stream after self-attention."""
@@ -392,9 +388,7 @@ def trainable_share(model: RetrofitModel) -> dict:
     return {"trainable": added, "base": base, "share": added / (added + base)}
 
 
-# ---------------------------------------------------------------------------
 # The base model on disk, and saving / loading what was added
-# ---------------------------------------------------------------------------
 
 def base_kind(path) -> str:
     """'models' (one of our plain decoder checkpoints) or 'hf' (a transformers model folder)."""

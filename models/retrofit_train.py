@@ -61,9 +61,7 @@ def check_out(out, overwrite: bool) -> str:
     return state
 
 
-# ---------------------------------------------------------------------------
 # python -m models retrofit
-# ---------------------------------------------------------------------------
 
 def _need(ok: bool, message: str) -> None:
     if not ok:
