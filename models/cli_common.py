@@ -1,21 +1,10 @@
 """What the model commands share: argument types that validate, and one error convention.
 
-Every ``python -m models`` command parses with :class:`Parser` and runs under
-:func:`command`:
-
-- exit 2: a bad argument, found before any work starts. One line names the
-  argument and what it expects (argparse ``type=`` functions below, and
-  :class:`UsageError` for checks across arguments or against a file's content).
-- exit 1: a failure while working (a corrupted file, a folder in use, a
-  non-finite loss...). One line names the file or argument.
-- exit 130: interrupted.
-- a traceback only with ``--debug``.
-
-The ``type=`` functions are the one place where each kind of argument is
-checked, so that every command accepts and refuses the same values; the two
-that open a file live beside the code that reads it
-(``checkpoint.checkpoint_argument``, ``evaluate.model_argument``), so that this
-module imports nothing of the project but ``errors``.
+Every ``python -m models`` command parses with :class:`Parser` and runs under :func:`command`: exit 2
+for a bad argument found before any work (argparse ``type=`` functions below, :class:`UsageError`),
+1 for a failure while working, 130 when interrupted, each with one line; a traceback only with
+``--debug`` (docs/ARCHITECTURE.md, "Command-line conventions"). The two type= functions that open a
+file live beside the code that reads it, so that this module imports nothing of the project but ``errors``.
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
-"""Training and evaluation data: chunk-aligned token sequences with their neighbours.
+"""Training and evaluation data: chunk-aligned token sequences with their neighbours (docs/model.md, "Data").
 
-The unit is the database's chunk: every document is cut into chunks of m
-tokens from its start (the last one padded), and the retriever gives each
-chunk K neighbours of R tokens. Laying the chunks of a set of documents end
-to end gives a stream; a sequence is S = N / m consecutive chunks of it, so
-every chunk of a sequence is a database chunk with precomputed neighbours.
-
-Targets are the next token of the same document; padding and the first token
-of a document are never predicted (target -100). Bits per byte count the
-UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
+A split's documents laid end to end, cut into the database's chunks of m tokens (each document from a
+chunk boundary, its last chunk padded), each chunk with K neighbours of R tokens; a sequence is N / m
+consecutive chunks. Targets are the next token of the same document (padding and a document's first
+token: IGNORE).
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """The end-to-end demo: RETROfitting a plain decoder lowers bits per byte on held-out documents.
 
-    python -m models demo [--out runs/demo] [--quick]
+    python -m models demo [--out runs/demo] [--quick] [--seeds N]
 
-1. Corpus: the language-reference topics of Python's own documentation, whole.
-2. The retrieval database (held-out documents not in it), with section
-   alignment and a relevance cut (``max_distance``).
-3. Per seed, the paper's retrofitting protocol (section 4.4): train a plain
-   decoder (the baseline, `models train --no-retrieval`), freeze it, train
-   only the added CCA and neighbour encoder (`models retrofit`).
-4. Bits per byte on the held-out documents: the baseline (= RETROfit OFF),
-   RETROfit ON, and ON with a database that also holds them (the copying
-   ceiling); with `--seeds N`, mean and spread. Any gain ON is a gain over
-   the decoder it started from.
-5. A sample continuing a held-out document's opening, with its neighbours.
-
-Everything goes to one folder (--out; docs/model.md, "The demo", lists it),
-new, empty or a demo's own, locked while the demo runs. Exit status 1 when
-RETROfit ON is not below the baseline on every seed (not with --quick).
+Corpus, database, per seed a plain decoder RETROfitted (the paper's protocol, section 4.4) and its bits
+per byte three ways (the baseline = OFF, ON, ON with a database holding the held-out documents), a sample:
+docs/model.md, "The demo", which lists what --out holds. --out is new, empty or a demo's own, locked
+while the demo runs. Exit status 1 when RETROfit ON is not below the baseline on every seed (not with --quick).
 """
 from __future__ import annotations
 
@@ -69,29 +58,6 @@ def run_command(main, argv: list) -> None:
     status = main([str(a) for a in argv])
     if status:
         raise SystemExit(status)
-
-
-def train_baseline(db_dir: Path, preset, seed, out: Path, common: list) -> list:
-    """A plain decoder: `python -m models train --no-retrieval` (replacing only its own run in `out`);
-    its history."""
-    p = preset
-    run_command(train.main, ["--db", db_dir, "--out", out, "--overwrite", "--no-retrieval", "--d-model", p["d_model"],
-                       "--layers", p["layers"], "--heads", p["heads"], "--dropout", p["dropout"], "--steps", p["steps"],
-                       "--lr", p["lr"], "--warmup", p["warmup"], *common])
-    return load_training_state(out, restore_rng=False)["history"]
-
-
-def retrofit_baseline(base_dir: Path, db_dir: Path, preset, seed, out: Path, common: list, device):
-    """`python -m models retrofit --overwrite` on the baseline (replacing only its own two files in `out`);
-    the retrofit, its history and its trainable share."""
-    p = preset
-    run_command(retrofit_train.main, ["--base", base_dir, "--db", db_dir, "--out", out, "--overwrite", "--cca-layers",
-                       ",".join(map(str, p["cca_layers"])), "--encoder-layers", p["encoder_layers"],
-                       "--encoder-ff-mult", p["encoder_ff_mult"], "--neighbours", p["k"], "--steps",
-                       p["retrofit_steps"], "--lr", p["retrofit_lr"], "--warmup", p["retrofit_warmup"],
-                       "--threads", torch.get_num_threads(), *common])
-    record = read_record(out)
-    return load_retrofit(out, device=device), record["history"], record["trainable"]
 
 
 def seed_folders(out: Path, seed: int) -> tuple[Path, Path]:
@@ -155,29 +121,34 @@ def table(per_seed: list, summary: dict) -> str:
     return text_table(head, rows)
 
 
-def run_seed(db, eval_data, leaky, byte_lengths, preset, seed, out, args, device, say) -> dict:
-    """One seed of the protocol: baseline, retrofit, three evaluations; returns the numbers and the model."""
-    common = ["--seq-len", preset["seq_len"], "--batch-size", preset["batch_size"], "--eval-every",
-              preset["eval_every"], "--seed", seed, "--kernels", args.kernels, "--device", device,
+def run_seed(db, eval_data, leaky, byte_lengths, p, seed, out, args, device, say) -> dict:
+    """One seed of the protocol: a plain decoder (`models train --no-retrieval`), RETROfitted (`models retrofit`),
+    each replacing only its own run in its seed folder; three evaluations. The numbers and the model."""
+    common = ["--db", db.root, "--overwrite", "--seq-len", p["seq_len"], "--batch-size", p["batch_size"],
+              "--eval-every", p["eval_every"], "--seed", seed, "--kernels", args.kernels, "--device", device,
               *(["--no-progress"] if args.no_progress else [])]
-    times = {}
-    t = time.perf_counter()
     base_dir, rf_dir = seed_folders(out, seed)
-    say(f"seed {seed}: training the baseline, a plain decoder, for {preset['steps']} steps")
-    base_history = train_baseline(db.root, preset, seed, base_dir, common)
-    times["baseline"] = time.perf_counter() - t
-    t = time.perf_counter()
-    say(f"seed {seed}: RETROfitting it: frozen, CCA after layers {preset['cca_layers']}, "
-        f"{preset['retrofit_steps']} steps")
-    model, rf_history, share = retrofit_baseline(base_dir, db.root, preset, seed, rf_dir, common, device)
-    times["retrofit"] = time.perf_counter() - t
-    t = time.perf_counter()
+    t0 = time.perf_counter()
+    say(f"seed {seed}: training the baseline, a plain decoder, for {p['steps']} steps")
+    run_command(train.main, ["--out", base_dir, "--no-retrieval", "--d-model", p["d_model"], "--layers", p["layers"],
+                             "--heads", p["heads"], "--dropout", p["dropout"], "--steps", p["steps"], "--lr", p["lr"],
+                             "--warmup", p["warmup"], *common])
+    t1 = time.perf_counter()
+    say(f"seed {seed}: RETROfitting it: frozen, CCA after layers {p['cca_layers']}, {p['retrofit_steps']} steps")
+    run_command(retrofit_train.main, [
+        "--base", base_dir, "--out", rf_dir, "--cca-layers", ",".join(map(str, p["cca_layers"])), "--encoder-layers",
+        p["encoder_layers"], "--encoder-ff-mult", p["encoder_ff_mult"], "--neighbours", p["k"], "--steps",
+        p["retrofit_steps"], "--lr", p["retrofit_lr"], "--warmup", p["retrofit_warmup"], "--threads",
+        torch.get_num_threads(), *common])
+    record, model = read_record(rf_dir), load_retrofit(rf_dir, device=device)
+    t2 = time.perf_counter()
     result = evaluate_three(model, eval_data, leaky, byte_lengths, device)
-    times["evaluation"] = time.perf_counter() - t
+    times = {"baseline": t1 - t0, "retrofit": t2 - t1, "evaluation": time.perf_counter() - t2}
     say(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["bpb"].items())
         + f" ({times['baseline']:.0f}s + {times['retrofit']:.0f}s + {times['evaluation']:.0f}s)")
-    result.update(seed=seed, trainable=share, seconds=times, checkpoints={"baseline": str(base_dir),
-                  "retrofit": str(rf_dir)}, history={"baseline": base_history, "retrofit": rf_history})
+    history = {"baseline": load_training_state(base_dir, restore_rng=False)["history"], "retrofit": record["history"]}
+    result.update(seed=seed, trainable=record["trainable"], seconds=times, history=history,
+                  checkpoints={"baseline": str(base_dir), "retrofit": str(rf_dir)})
     return {"result": result, "model": model}
 
 

@@ -1,15 +1,7 @@
-"""Bits per byte with retrieval ON and OFF, and the chunk-overlap breakdown.
+"""Bits per byte with retrieval ON and OFF, and the chunk-overlap breakdown; ``python -m models eval``.
 
-bpb = sum over predicted tokens of NLL (nats) / ln 2 / UTF-8 bytes of those tokens.
-Every token of a document except its first is predicted, so this is the
-formula of docs/spec.md#evaluation over the text the model predicts; it does not depend on the
-tokenizer.
-
-Overlap breakdown (RETRO paper, section 4.4): each evaluation chunk is
-predicted with the neighbours retrieved for the chunk before it; its overlap is
-the longest run of tokens it shares with any of them, divided by m
-(`data.chunk_overlap`). bpb(alpha) is the bpb over the chunks with overlap <=
-alpha, for alpha from 0 to 1: how much of the gain remains without copying.
+bpb = NLL (nats) of the predicted tokens / ln 2 / their UTF-8 bytes (docs/spec.md#evaluation); bpb(alpha)
+is the bpb over the chunks whose overlap with their neighbours is <= alpha (docs/model.md, "Evaluation").
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""Sampling with a KV cache and retrieval as chunks complete.
+"""Sampling with a KV cache and retrieval as chunks complete; ``python -m models generate``.
 
-    python -m models generate --checkpoint runs/x --db DIR --prompt "..." [--max-new-tokens 128
-        --temperature 0.8 --top-k 50 --top-p 0.95 --no-retrieval]
-
-The prompt is fed in one forward; then one token at a time. Whenever a chunk
-of m tokens completes, its neighbours are retrieved with its tokens, and the
-next forward (the chunk's last token, the first that may read them) encodes
-them with the chunk's activations and continues chunked cross-attention over
-them through `chunked_cross_attention(..., start_pos=...)`.
+The prompt in one forward, then one token at a time; when a chunk of m tokens completes, its neighbours
+are retrieved with its tokens and the next forward encodes them and continues CCA over them
+(docs/model.md, "Generation").
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Output folders: which command made a folder (a marker), which run uses it now (a lock).
 
-The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
-command deletes or replaces only what it can prove it made itself.
-
-- A command writes into a folder only if the folder is new or empty, or holds
-  its own marker ``.retro_kernels.json`` (its kind and version). Any other
-  non-empty folder is refused, with ``--overwrite`` or without.
-- Inside its folder it deletes only files it names (its artefacts, and its own
-  temporaries, whose names follow its patterns); anything else stays.
-- While it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``, advisory):
-  a second run on the same folder is refused at once, with a message naming
-  the holder (pid, host, command). The kernel drops the lock when the
-  process dies, however it dies, so a stale lock never blocks anyone.
+A command deletes or replaces only what it can prove it made itself (docs/ARCHITECTURE.md, "What a
+command may delete or replace"): it writes into a folder only if it is new or empty or holds its own
+marker ``.retro_kernels.json``; inside, it deletes only files it names and its own temporaries; while
+it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``), which the kernel drops when the process dies.
 """
 from __future__ import annotations
 
@@ -46,15 +38,18 @@ class FolderInUse(RuntimeError):
     """Another run holds the folder's lock."""
 
 
-def read_marker(folder: Path) -> Optional[dict]:
-    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+def _json_object(path) -> Optional[dict]:
     try:
-        data = json.loads((Path(folder) / MARKER).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("version"), int):
-        return None
-    return data
+    return data if isinstance(data, dict) else None
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+    data = _json_object(Path(folder) / MARKER)
+    return data if data and data.get("kind") in KINDS and isinstance(data.get("version"), int) else None
 
 
 def user_entries(folder: Path) -> list[str]:
@@ -196,11 +191,8 @@ def report_kind(kind: str) -> str:
 
 def read_report(path) -> Optional[dict]:
     """A JSON report we wrote (it carries our "kind"), or None."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+    data = _json_object(path)
+    return data if data and isinstance(data.get("kind"), str) else None
 
 
 def check_own_file(path, kind: str, option: str = "--out", named_by: Optional[Path] = None) -> None:

@@ -1,35 +1,12 @@
 """RETROfit: freeze a trained causal LM, add retrieval, train only what was added (RETRO paper, section 4.4).
 
-    from models.retrofit import retrofit
     rf = retrofit(gpt2, chunk_size=64, cca_layers=[6, 9, 12])   # 1-based, as in the paper
     logits = rf(input_ids)                          # == gpt2(input_ids).logits, bit for bit
     logits = rf(input_ids, neighbours, neighbour_mask)   # (B, L, K, R) neighbour token ids
 
-The base model is a plain `models` decoder (`RetroModel` with retrieval=False)
-or a `transformers` causal LM: GPT-2 and the Llama family are found by
-themselves, others by naming their decoder layers (`layers="model.decoder.layers"`)
-and each layer's self-attention (`attention="self_attn"`). It is changed in
-place only by freezing (requires_grad False) and by forward hooks that do
-nothing unless neighbours are given:
-
-- a pre-hook on each chosen decoder layer keeps the residual stream x it
-  receives; at the first chosen layer it also runs the neighbour encoder
-  (`models.model.RetrievalEncoder`) on the neighbours embedded by the base
-  model's own token embedding, cross-attending to x chunk by chunk;
-- a hook on that layer's self-attention adds cca(norm(x + attn)) to the
-  attention's output, so the layer's own residual sum becomes
-  x + attn + cca(norm(x + attn)): chunked cross-attention right after
-  self-attention (`retro_kernels.nn.ChunkedCrossAttention`).
-
-CCA's output projections start at zero, and without neighbours the hooks
-return at once: retrofit OFF *is* the base model. Only public torch hooks and
-public transformers API are used (get_input_embeddings, DynamicCache, the
-model's cache argument), so the same code runs on transformers 4.x and 5.x.
-
-`RetrofitModel` has the interface of `RetroModel` that evaluation and
-generation use (`cfg`, `new_cache`, `forward(tokens, neighbours,
-neighbour_mask, start_pos=, cache=)`): `models eval` and `models generate`
-take a retrofit folder (`save_retrofit`, `load_retrofit`) as a checkpoint.
+The bases it takes, and how CCA and the encoder are inserted by forward hooks that do nothing
+without neighbours: docs/model.md, "RETROfit". `RetrofitModel` has the interface of `RetroModel`
+that evaluation and generation use; `models eval` and `models generate` take a retrofit folder.
 """
 from __future__ import annotations
 
@@ -451,15 +428,16 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
     return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
 
 
-def is_retrofit(path) -> bool:
-    path = Path(path) / CONFIG_FILE
-    if not path.is_file():
-        return False
+def _record(path) -> Optional[dict]:
     try:
-        record = json.loads(path.read_text())
+        record = json.loads((Path(path) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == FORMAT
+        return None
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+
+
+def is_retrofit(path) -> bool:
+    return _record(path) is not None
 
 
 def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
@@ -493,10 +471,11 @@ def _sha256(files, with_names: bool = False) -> str:
 
 
 def read_record(path) -> dict:
-    if not is_retrofit(path):
+    record = _record(path)
+    if record is None:
         raise FileNotFoundError(f"no retrofit at {str(path)!r} (expected {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 f"written by `python -m models retrofit`)")
-    return json.loads((Path(path) / CONFIG_FILE).read_text())
+    return record
 
 
 def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str] = None,

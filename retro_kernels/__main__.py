@@ -1,11 +1,8 @@
 """`python -m retro_kernels`: what this installation can run, and why not the rest.
 
-Prints the versions (Python, torch, triton, CUDA, the C++ compiler, ninja,
-nvcc), the devices, the native libraries (built ahead of time, compiled on
-first use, or missing and why) with the CPU GEMM in use (`--measure-gemm` times the candidates first), the Triton mode, and
-for each op and backend whether it can run small probe inputs on each device
-and, if not, the dispatch's own reasons. It compiles nothing unless asked
-(`--build`).
+Versions, devices, where the native libraries come from (and the CPU GEMM in use; `--measure-gemm` times
+the candidates first), the Triton mode, and each op and backend on small probe inputs per device with the
+dispatch's own reasons (README, "What this installation can run"). It compiles nothing unless asked (`--build`).
 """
 from __future__ import annotations
 
