@@ -187,7 +187,11 @@ def _compile_cpu(folder: Path):
         raise RuntimeError(f"cannot create the cache folder {folder} for the C++ CPU kernels ({e}); "
                            "set RETRO_KERNELS_CACHE to a writable folder") from None
     with open(folder / "compile.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:  # released by the OS if this process dies
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"retro_kernels: waiting for another process compiling the C++ CPU kernels in {folder}\n")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):
             (folder / "lock").unlink()  # torch's, left by a compile that was killed: nobody else holds ours
         fresh = not (folder / f"{_LIBRARY}.so").exists()

@@ -40,10 +40,9 @@ class BackendNotSupported(ValueError):
 
 
 def kernels(backend: str, op: str) -> tuple[Callable, Callable]:
-    """(forward, backward) of `op` in the fused `backend`: its entry in the backend's `kernels` table."""
-    declared = DECLARED.get(backend)
-    if declared is None:
-        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    """(forward, backward) of `op` in the fused `backend` (a name Op.__call__ checked): its entry in
+    the backend's `kernels` table."""
+    declared = DECLARED[backend]
     why = declared.missing or (None if op in declared.kernels else f"retro_kernels has no {backend} "
                                                                     f"implementation of {op}")
     if why:
