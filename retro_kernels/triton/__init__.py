@@ -15,19 +15,20 @@ import torch
 from ..backend import Backend
 from .interpreter import interpreter_reasons
 
-INSTALLED = importlib.util.find_spec("triton") is not None
-
-if INSTALLED:
+try:
     from . import chunked_cross_attention as cca
     from . import neighbour_attention
-
+except ImportError as e:  # no triton, or one these kernels cannot use: the other backends still work
+    KERNELS = {}
+    MISSING = ("triton is not installed" if importlib.util.find_spec("triton") is None
+               else f"the triton backend failed to import: {e}")
+else:
     KERNELS = {
         "chunked_cross_attention": (cca.forward, cca.backward),
         "neighbour_self_attention": (neighbour_attention.self_forward, neighbour_attention.self_backward),
         "neighbour_cross_attention": (neighbour_attention.cross_forward, neighbour_attention.cross_backward),
     }
-else:
-    KERNELS = {}
+    MISSING = None
 
 BACKEND = Backend(
     name="triton",
@@ -38,6 +39,6 @@ BACKEND = Backend(
     # the tiles are sized for sm_80 and newer data-centre GPUs: 163 KB of shared memory per block
     min_compute_capability=(8, 0),
     min_shared_memory=163 * 1024,
-    missing=None if INSTALLED else "triton is not installed",
+    missing=MISSING,
     limits=interpreter_reasons,
 )
