@@ -107,10 +107,6 @@ def aggregate(per_seed: list) -> dict:
     return out
 
 
-def plot_curves(curves: dict, path: Path, title: str) -> None:
-    plot_overlap({NAMES[k]: (curves[k], dict(marker="o", color=f"C{i}")) for i, k in enumerate(SETTINGS)}, path, title)
-
-
 def table(per_seed: list, summary: dict) -> str:
     """Per seed and (with several seeds) mean +- std: the three settings and the gain."""
     head = ["seed", "baseline (OFF)", "RETROfit ON", "ON incl. held-out", "gain (OFF - ON)"]
@@ -259,7 +255,9 @@ def run(args) -> int:
     runs = [run_seed(data["db"], data["eval"], data["leaky"], data["byte_lengths"], preset, seed,
                      out, args, device, say) for seed in seeds]  # 3-4. per seed: baseline, RETROfit, evaluation
     per_seed = [r["result"] for r in runs]
-    plot_curves(per_seed[0]["overlap"], out / "overlap.png", f"held-out bpb by chunk overlap (seed {seeds[0]})")
+    curves = per_seed[0]["overlap"]
+    plot_overlap({NAMES[k]: (curves[k], dict(marker="o", color=f"C{i}")) for i, k in enumerate(SETTINGS)},
+                 out / "overlap.png", f"held-out bpb by chunk overlap (seed {seeds[0]})")
     t = time.perf_counter()
     sample_text = write_sample(out, runs[0]["model"], data["db"], data["eval"], preset, seeds[0], device)  # 5.
     times["generation"] = time.perf_counter() - t
@@ -269,9 +267,8 @@ def run(args) -> int:
                             "corpus": data["corpus"], "preset_values": preset, "seconds": times,
                             "threads": threads}, args.quick)
     print(f"\n{sample_text}\n\n{verdict}\nwall time {times['total']:.0f}s; everything is in {out}/")
-    if args.quick:  # a smoke run of the same path; the claim is the full demo's
-        return 0
-    return 0 if summary["seeds_with_gain"] == len(seeds) else 1
+    # --quick is a smoke run of the same path; the claim is the full demo's
+    return 0 if args.quick or summary["seeds_with_gain"] == len(seeds) else 1
 
 
 def prepare_data(out: Path, preset: dict, args, times: dict, say) -> dict:

@@ -39,12 +39,8 @@ def token_nll(model: RetroModel, data: ChunkedTokens, retrieval: bool, batch_siz
         inside = (starts[i : i + batch_size, None] + np.arange(S)[None, :]) < C
         pos_nll[rows[inside]] = nll.reshape(-1, S, m)[inside]
         pos_pred[rows[inside]] = pred.reshape(-1, S, m)[inside]
-    # Shift from "position that predicts" to "token predicted".
-    tgt_nll = np.zeros(C * m)
-    tgt_pred = np.zeros(C * m, dtype=bool)
-    tgt_nll[1:] = pos_nll.reshape(-1)[:-1]
-    tgt_pred[1:] = pos_pred.reshape(-1)[:-1]
-    return tgt_nll.reshape(C, m), tgt_pred.reshape(C, m)
+    # Shift from "position that predicts" to "token predicted" (the stream's first token is never predicted).
+    return tuple(np.concatenate([np.zeros(1, a.dtype), a.reshape(-1)[:-1]]).reshape(C, m) for a in (pos_nll, pos_pred))
 
 
 def _position_nll(model, batch: dict, retrieval: bool, device, autocast: bool) -> tuple[np.ndarray, np.ndarray]:
