@@ -99,6 +99,15 @@ def _attribute(root: nn.Module, path: str):
     return obj
 
 
+def _first(root: nn.Module, given: Optional[str], known: tuple, fits, option: str, expected: str) -> str:
+    """`given`, or else the first of the `known` paths, that names an attribute of `root` that `fits`."""
+    for path in (given,) if given else known:
+        if fits(_attribute(root, path)):
+            return path
+    named = f"{option}={given!r} is not" if given else f"none of {list(known)} is"
+    raise ValueError(f"retrofit: {named} {expected}")
+
+
 class BaseAdapter:
     """The decoder layers, their self-attention, the token embedding and the forward of a base model."""
 
@@ -115,34 +124,18 @@ class BaseAdapter:
         if not hasattr(model, "get_input_embeddings"):
             raise ValueError(f"retrofit: expected a models.RetroModel or a transformers causal LM, got "
                              f"{type(model).__name__}")
-        self.layers = self._find_layers(model, layers)
-        self.attention = self._find_attention(self.layers[0], attention)
+        path = _first(model, layers, KNOWN_LAYERS, lambda found: isinstance(found, nn.ModuleList) and len(found) > 0,
+                      "layers", f"a ModuleList of decoder layers in {type(model).__name__}; name them with "
+                                f"layers='dotted.path'")
+        self.layers = list(_attribute(model, path))
+        self.attention = _first(self.layers[0], attention, KNOWN_ATTENTION, lambda found: isinstance(found, nn.Module),
+                                "attention", f"a submodule of {type(self.layers[0]).__name__}; name the layer's "
+                                             f"self-attention with attention='name'")
         self.embedding = model.get_input_embeddings()
         self.hidden = self.embedding.embedding_dim
         self.heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
         forward = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"  # 5.x renamed it
-
-    @staticmethod
-    def _find_layers(model, layers):
-        paths = (layers,) if layers else KNOWN_LAYERS
-        for path in paths:
-            found = _attribute(model, path)
-            if isinstance(found, nn.ModuleList) and len(found) > 0:
-                return list(found)
-        named = f"layers={layers!r} is not" if layers else f"none of {list(KNOWN_LAYERS)} is"
-        raise ValueError(f"retrofit: {named} a ModuleList of decoder layers in {type(model).__name__}; "
-                         f"name them with layers='dotted.path'")
-
-    @staticmethod
-    def _find_attention(layer, attention):
-        names = (attention,) if attention else KNOWN_ATTENTION
-        for name in names:
-            if isinstance(getattr(layer, name, None), nn.Module):
-                return name
-        named = f"attention={attention!r} is not" if attention else f"none of {list(KNOWN_ATTENTION)} is"
-        raise ValueError(f"retrofit: {named} a submodule of {type(layer).__name__}; name the layer's "
-                         f"self-attention with attention='name'")
 
     def new_cache(self):
         if self.ours:
@@ -226,7 +219,7 @@ class RetrofitModel(nn.Module):
         for i in cfg.cca_layers:
             layer = self.adapter.layers[i - 1]
             self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
-            attention = getattr(layer, self.adapter.attention)
+            attention = _attribute(layer, self.adapter.attention)
             self._hooks.append(attention.register_forward_hook(self._attention_output_hook(i)))
         base.eval()
 
