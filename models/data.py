@@ -102,16 +102,12 @@ class SequenceBatches:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self.starts
-        return np.random.default_rng(self.seed + epoch).permutation(self.starts)
-
     def batch(self, step: int) -> dict:
         """The local share of global batch number `step`."""
         n = len(self.starts)
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        orders = {e: self._order(e) for e in np.unique(idx // n).tolist()}
+        orders = {e: np.random.default_rng(self.seed + e).permutation(self.starts) if self.shuffle else self.starts
+                  for e in np.unique(idx // n).tolist()}
         starts = np.array([orders[int(i // n)][i % n] for i in idx])
         return self.gather(starts[self.rank :: self.world])
 
