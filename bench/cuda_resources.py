@@ -9,7 +9,7 @@ are what registers (65536 per SM, allocated per warp in units of 256) and shared
 (sm_80: 164 KB, sm_90: 228 KB per SM, 1 KB reserved per CTA) allow, at most 16 CTAs of
 128 threads.
 
-    python -m bench.cuda_resources [--arch sm_90a] [--json]
+    python -m bench.cuda_resources          (or python -m bench kernels --cuda)
 
 `rows(archs)` returns one dict per (kernel, arch): kernel (cca_fwd, neighbour_bwd_dq, ...),
 dtype, head_dim (the compiled padding: 32, 64, 128), arch, registers, spill_bytes (stores +
@@ -17,11 +17,9 @@ loads), smem_bytes, ctas_per_sm, target_ctas_per_sm.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import glob
-import json
 import os
 import re
 import shutil
@@ -164,17 +162,5 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="default: all of " + ", ".join(ARCHS))
-    parser.add_argument("--json", action="store_true", help="one JSON object per row")
-    args = parser.parse_args(argv)
-    table = rows(tuple(args.arch or ARCHS))
-    if args.json:
-        print("\n".join(json.dumps(r) for r in table))
-    else:
-        print(format_table(table))
-
-
 if __name__ == "__main__":
-    main()
+    print(format_table(rows()))

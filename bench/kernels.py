@@ -13,7 +13,7 @@ memory, warps, pipeline stages, and the CTAs per SM that these allow
 
     python -m bench kernels [--arch sm90] [--head-dims 64,128] [--kv-heads 16,4] [--cuda] [--json FILE]
 
-`--cuda` adds the CUDA kernels of csrc/cuda (bench/cuda_resources.py: nvcc --resource-usage).
+`--cuda` adds the CUDA kernels of csrc/cuda (bench/cuda_resources.py: nvcc --resource-usage, no GPU).
 
 `--json FILE` also writes the rows as JSON (one object per launch and
 configuration), the form the GPU runbook saves. Must run with the Triton
@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from models.cli_common import Parser, command, integer
 
 # Per-SM limits of the targets (CUDA occupancy rules; 1 KB of shared memory per CTA is reserved).
 ARCHS = {
@@ -276,14 +278,15 @@ def print_row(row: dict) -> None:
 
 
 def _split_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def main(argv=None) -> int:
-    from .args import OneLineParser, positive_int
-
-    p = OneLineParser(prog="python -m bench kernels", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+@command("kernels", prog="python -m bench kernels")
+def main(argv) -> int:
+    p = Parser("python -m bench kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="sm90")
     p.add_argument("--head-dims", type=_split_ints, default=(64, 128))
     p.add_argument("--kv-heads", type=_split_ints, default=(16, 4))
@@ -291,15 +294,12 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
     p.add_argument("--configs", choices=("all", "default"), default="all",
                    help="every config an autotuned launch may pick (default), or only its default one")
-    p.add_argument("--jobs", type=positive_int, default=1, help="compile this many kernels at a time")
-    p.add_argument("--cuda", action="store_true",
-                   help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage; bench/cuda_resources.py)")
+    p.add_argument("--jobs", type=integer(1), default=1, help="compile this many kernels at a time")
+    p.add_argument("--cuda", action="store_true", help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage)")
     p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
     args = p.parse_args(argv)
-
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or "triton" in sys.modules:
         env = dict(os.environ, TRITON_INTERPRET="0")
-        argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.call([sys.executable, "-m", "bench.kernels", *argv], env=env)
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; set to silence 3.9's warning
@@ -315,10 +315,8 @@ def main(argv=None) -> int:
     if args.cuda:
         from . import cuda_resources
 
-        arch = {"sm90": "sm_90a", "sm80": "sm_80"}[args.arch]
-        print(f"\nCUDA kernels (csrc/cuda) compiled for {arch}:", flush=True)
-        cuda_rows = cuda_resources.rows((arch,))
-        print(cuda_resources.format_table(cuda_rows))
+        cuda_rows = cuda_resources.rows(({"sm90": "sm_90a", "sm80": "sm_80"}[args.arch],))
+        print("\nCUDA kernels (csrc/cuda):\n" + cuda_resources.format_table(cuda_rows), flush=True)
         rows += [dict(r, backend="cuda") for r in cuda_rows]
     if args.json:
         with open(args.json, "w") as f:

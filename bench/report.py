@@ -14,8 +14,9 @@ import glob
 import os
 from collections import defaultdict
 
-from .args import fail
-from .common import read_jsonl, slug
+from models.cli_common import Parser, UsageError, command
+
+from .common import DEFAULT_OUT, read_jsonl, slug
 
 PROG = "python -m bench report"
 
@@ -155,26 +156,30 @@ def _sweep_figure(plt, op: str, sweep: str, mode: str, group: list[dict]):
     return fig
 
 
+@command("report", prog=PROG)
+def main(argv) -> int:
+    p = Parser(PROG, description=__doc__)
+    p.add_argument("--out", default=DEFAULT_OUT, help="the results folder (default bench/results)")
+    return make_report(p.parse_args(argv).out)
+
+
 def make_report(results_dir: str) -> int:
-    """The plots of every results file in ``results_dir``; exit status 2 if it holds none, 1 without matplotlib."""
+    """The plots of every results file in ``results_dir``; UsageError if it holds none."""
     files = sorted(glob.glob(os.path.join(results_dir, "*.jsonl")))
     if not files:
-        return fail(PROG, f"--out {results_dir!r} holds no results (*.jsonl): run python -m bench first", 2)
+        raise UsageError(f"--out {results_dir!r} holds no results (*.jsonl): run python -m bench first")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return fail(PROG, "the plots need matplotlib (pip install matplotlib)")
+        raise RuntimeError("the plots need matplotlib (pip install matplotlib)") from None
+    plt.switch_backend("Agg")
+
     written = []
     for path in files:
-        rows = read_jsonl(path)
+        rows = read_jsonl(path)[0]
         out_dir = os.path.join(results_dir, "plots", os.path.basename(path)[: -len(".jsonl")])
         os.makedirs(out_dir, exist_ok=True)
-        written += _plot_history(plt, rows, out_dir)
-        written += _plot_sweeps(plt, rows, out_dir)
-    for p in written:
-        print("wrote", p)
+        written += _plot_history(plt, rows, out_dir) + _plot_sweeps(plt, rows, out_dir)
+    print("\n".join(f"wrote {p}" for p in written))
     print(f"{len(written)} plots from {len(files)} results files")
     return 0
