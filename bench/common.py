@@ -1,21 +1,8 @@
-"""What every benchmark shares: the row, the one timer, the machine's peaks, results files, tables.
+"""What every benchmark shares: the row (docs/benchmarks.md, "Results files and the row schema"),
+the one timer, the machine's peaks, results files and the markdown tables.
 
-A benchmark returns rows (dicts). It fills the measurement keys of MEASUREMENT_DEFAULTS
-(`make_row` fills what it leaves out): suite, name (what is measured), impl (who computes
-it: "retro_kernels:triton", "sdpa", ...), role ("ours" or "peer"), mode ("fwd", "bwd",
-"fwd+bwd", "train", ...), sweep and sweep_value (the series and its swept value), shape,
-dtype, status ("ok", "skipped", "failed"), reason, time_ms (median), flops, bytes, speedup
-({peer: peer time / ours}), max_abs_err (forward output against the reference), targets
-(goals, recorded and evaluated into targets_met, never asserted), metrics (anything else:
-tokens_per_s, peak_mem_bytes, ...), notes. `RunContext.finalize_row` adds the rates
-(tflops, gbps, roofline_pct, matmul_pct against the peaks measured in the same run) and the
-run keys: run_id, date, commit, dirty, versions, device, device_name, device_slug,
-peak_gbps, peak_tflops, threads, quick, dry_run, host_note, loadavg, and on the CPU
-cpu_model, cpu_isa, cpu_gemm. The processes of one bench/gpu_check.sh run share a run id
-and date through BENCH_RUN_ID, BENCH_RUN_DATE (and BENCH_DRY_RUN=1 for its dry run).
-
-This module imports torch only inside the functions that measure, so that the runbook's
-summary (bench/gpu_check.py) renders tables in a fraction of a second.
+torch is imported only inside the functions that measure, so that the runbook's summary
+(bench/gpu_check.py) renders tables in a fraction of a second.
 """
 from __future__ import annotations
 

@@ -1,22 +1,13 @@
-"""The Python parts of bench/gpu_check.sh (docs/benchmarks.md, "GPU check"), and `python -m bench import`.
+"""The Python parts of bench/gpu_check.sh, and `python -m bench import` (docs/benchmarks.md, "GPU check").
 
     python -m bench.gpu_check env OUT_DIR [--dry-run]          env.json: versions, the measured peaks
     python -m bench.gpu_check bench PART OUT_DIR [--dry-run]   PART's rows into OUT_DIR/results.jsonl
-    python -m bench.gpu_check summary OUT_DIR [--stages FILE]  rewrite OUT_DIR/summary.md
-    python -m bench import OUT_DIR [--root DIR] [--allow-dry-run]
+    python -m bench.gpu_check summary OUT_DIR [--stages FILE]  rewrite OUT_DIR/summary.md (no torch)
+    python -m bench import OUT_DIR [--root DIR] [--allow-dry-run]   file a run into the repository
 
-PART, most valuable first: cca (ours against the reference and pad/repeat + SDPA),
-neighbour (self- and cross-attention), model (training step), flex (CCA's FlexAttention
-peer: compiling it is the slow part). Each row is appended the moment it is measured,
-so a stage killed at its budget keeps what it measured. With --dry-run everything runs on
-the CPU at tiny shapes and every row says dry_run: true.
-
-`summary` imports no torch (it runs after every stage). `import` appends a run's rows and
-one row of test counts (suite "tests") to bench/results/<device-slug>.jsonl (a run already
-there is not appended twice), then rewrites the block between GPU_BEGIN and GPU_END in
-docs/benchmarks.md (every measurement) and README.md (the fastest of ours) from the latest
-GPU run of each device. It refuses a dry run (--allow-dry-run files it, marked, into
-<slug>-dry-run.jsonl) and anything that is not one run, before writing anything.
+Each row is appended the moment it is measured, so a stage killed at its budget keeps what it
+measured. A dry run (--dry-run: the CPU, tiny shapes) marks every row dry_run: true, and the
+import refuses it unless --allow-dry-run (then into <slug>-dry-run.jsonl, never a device's history).
 """
 from __future__ import annotations
 

@@ -1,19 +1,11 @@
 #!/usr/bin/env bash
-# The one command to run on a GPU machine: build, check and measure retro_kernels on the GPU
-# it finds, inside 8 minutes, leaving every result in OUT_DIR (6 files, each under 16 MiB):
-#
-#   bash bench/gpu_check.sh OUT_DIR             # on a GPU machine, from a fresh checkout
-#   bash bench/gpu_check.sh --dry-run OUT_DIR   # the same stages on a CPU, tiny shapes (CI)
-#   python -m bench import OUT_DIR              # afterwards, here: file the numbers (one commit)
-#
-# It installs nothing and needs no network. Stages, in order of value, each under its own
-# budget (`timeout`) and one deadline; one that fails or runs out of time is recorded and
-# the next one runs: build (setup.py build_ext, in the background), env (env.json), kernels
-# (kernels.txt), tests (junit.xml), bench-cca, -neighbour, -model, -flex (results.jsonl).
-# summary.md is rewritten after every stage; log.txt holds everything printed.
-# docs/benchmarks.md ("GPU check") has the budgets and what each file holds.
-# Environment: PYTHON (default python3); GPU_CHECK_SECONDS (the deadline, default 480;
-# 420 for --dry-run); TORCH_CUDA_ARCH_LIST, MAX_JOBS (default: from the GPU, nproc).
+# The one command to run on a GPU machine: build, test and measure retro_kernels on the GPU it
+# finds within 8 minutes, leaving 6 files in OUT_DIR; docs/benchmarks.md ("GPU check") has the
+# stages, their budgets and what each file holds. Installs nothing, needs no network.
+#   bash bench/gpu_check.sh [--dry-run] OUT_DIR   (--dry-run: the same stages on a CPU, tiny shapes)
+#   python -m bench import OUT_DIR                 (afterwards, here: file the numbers)
+# Environment: PYTHON (default python3); GPU_CHECK_SECONDS (the deadline, default 480, 420 for
+# --dry-run); TORCH_CUDA_ARCH_LIST, MAX_JOBS (default: from the GPU, nproc).
 set -uo pipefail  # no -e: one stage failing must not end the run
 cd "$(dirname "$0")/.." || exit 2
 PROG="bench/gpu_check.sh"

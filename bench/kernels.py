@@ -1,24 +1,12 @@
 """python -m bench kernels: what every Triton kernel asks of a GPU, compiled ahead of time (no GPU needed).
 
-Each op's real launcher runs on meta tensors at the paper shapes (B=8, N=2048,
-m=64, K=2, R=128, Hq=16, Hkv in {16, 4}, D in {64, 128}, bf16, with masks);
-the kernel launches it makes are captured instead of run, specialised the way
-Triton's JIT specialises them (integer arguments equal to 1, 16-byte
-alignment), and compiled for the target with Triton's bundled ptxas. For each
-launch, and for each configuration its autotuner may pick, the report gives
-registers per thread, spilled bytes (the local-memory stack frame), shared
-memory, warps, pipeline stages, and the CTAs per SM that these allow
-(sm_90: 64K registers, 227 KB of shared memory per block and 228 KB per SM,
-2048 threads, 32 CTAs).
-
-    python -m bench kernels [--arch sm90] [--head-dims 64,128] [--kv-heads 16,4] [--cuda] [--json FILE]
-
-`--cuda` adds the CUDA kernels of csrc/cuda (bench/cuda_resources.py: nvcc --resource-usage, no GPU).
-
-`--json FILE` also writes the rows as JSON (one object per launch and
-configuration), the form the GPU runbook saves. Must run with the Triton
-interpreter off: if TRITON_INTERPRET=1 is set (or triton is already imported),
-it reruns itself in a fresh Python without it.
+Each op's real launcher runs on meta tensors at the paper shapes (Hkv in {16, 4}, D in {64, 128},
+bf16, with masks); its kernel launches are captured instead of run, specialised as Triton's JIT
+would (integer arguments equal to 1, 16-byte alignment), and compiled for the target with
+Triton's bundled ptxas. Per launch and per configuration its autotuner may pick: registers,
+spilled bytes, shared memory, warps, stages, and the CTAs per SM these allow. `--cuda` adds the
+CUDA kernels of csrc/cuda (bench/cuda_resources.py); `--json FILE` writes the rows. It reruns
+itself in a fresh Python when the Triton interpreter is on (or triton already imported).
 """
 from __future__ import annotations
 

@@ -1,24 +1,9 @@
-"""Op benchmarks: each retro_kernels backend and each peer, forward, backward, both.
+"""Op benchmarks: each retro_kernels backend and each peer (bench/peers.py), forward, backward, both.
 
-Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA),
-neighbour_cross_attention (NCA). Cost models (docs/spec.md#cost-model); e = bytes per
-element, Lu = N // m chunks read, rows = N - (m-1) attending query rows:
-
-    CCA  fwd flops = 4 * B * Hq * rows * K*R * D
-         fwd bytes = e * (2*B*N*Hq*D + 2*B*Lu*K*R*Hkv*D)         q, out; k, v
-    NSA  fwd flops = 4 * B*L*K * Hq * R*R * D
-         fwd bytes = e * (2*B*L*K*R*Hq*D + 2*B*L*K*R*Hkv*D)
-    NCA  fwd flops = 4 * B*L * Hq * K*R * M * D
-         fwd bytes = e * (2*B*L*K*R*Hq*D + 2*B*L*M*Hkv*D)
-    bwd flops = 2.5 x fwd (five matmuls to the forward's two: S is recomputed);
-    bwd bytes = 2 x fwd bytes + 4*B*Hq*(query rows) (read q, out, dout, k, v and the fp32
-    softmax statistics; write dq, dk, dv); fwd+bwd = fwd + bwd.
-
-The forward is timed under torch.no_grad (inference); the backward alone as
-torch.autograd.grad of a retained graph; fwd+bwd as one training step of the op.
-On the CPU the `cpu` sweep is the C++ kernels' reference problem (B=2, N=1024, m=64,
-K=2, R=128, H=8, D=64, fp32, with and without padded neighbours); with the neighbour
-ops' `base` and `K` sweeps it is what docs/native.md measures.
+Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA), neighbour_cross_attention
+(NCA); their shapes, cost models and timing rules: docs/benchmarks.md ("Shapes", "Cost model and
+rates"; the FLOP and byte counts are docs/spec.md#cost-model's). On the CPU the `cpu` sweep is the
+C++ kernels' reference problem, as docs/native.md ("Speed (CPU)") measures it.
 """
 from __future__ import annotations
 

@@ -23,33 +23,24 @@ import functools
 import importlib
 import sys
 import types
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as _cca_reference
+# The eager plain-PyTorch references (retro_kernels' backend="reference") take the peers' signatures.
+from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as cca_reference
+from retro_kernels.reference.neighbour_cross_attention import neighbour_cross_attention as nca_reference
+from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention as nsa_reference
 
 
-class CCASizes(NamedTuple):
-    B: int
-    N: int
-    Hq: int
-    D: int
-    K: int
-    R: int
-    Hkv: int
-    m: int
-    used: int  # chunks whose neighbours some query reads: N // m
-
-
-def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str) -> CCASizes:
-    """The sizes of a CCA call; NotImplementedError for start_pos > 0 (the peers are written for training)."""
+def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str):
+    """B, N, Hq, D, K, R, Hkv, m and the chunks some query reads (N // m); NotImplementedError for
+    start_pos > 0 (the peers are written for training)."""
     if start_pos != 0:
         raise NotImplementedError(f"the {peer} peer is written for start_pos=0 (training) only")
     B, N, Hq, D = q.shape
     _, _, K, R, Hkv, _ = k.shape
-    return CCASizes(B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size)
+    return B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size
 
 
 def _sdpa(q, k, v, attn_mask, keep, scale):
@@ -76,12 +67,6 @@ def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Chunked cross-attention
 # ---------------------------------------------------------------------------
 
-def cca_reference(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """The eager plain-PyTorch reference (retro_kernels' backend="reference")."""
-    return _cca_reference(q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale,
-                          start_pos=start_pos)
-
-
 def _shifted_chunks(q, chunk_size, used):
     """Pad + reshape: the shifted queries as (B*used, Hq, m, D) (one copy of q: the pad)."""
     B, N, Hq, D = q.shape
@@ -94,9 +79,7 @@ def _shifted_chunks(q, chunk_size, used):
 
 def _unshift(o_rows, B, N, chunk_size):
     """(B, used*m, Hq, D) attending-chunk rows -> (B, N, Hq, D) with m-1 zero rows in front."""
-    m = chunk_size
-    out = F.pad(o_rows, (0, 0, 0, 0, m - 1, 0))
-    return out[:, :N]
+    return F.pad(o_rows, (0, 0, 0, 0, chunk_size - 1, 0))[:, :N]
 
 
 def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
@@ -143,12 +126,8 @@ FLEX_BLOCK = (64, 128)
 @functools.lru_cache(maxsize=64)
 def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, used: int,
                      device: str, block: tuple[int, int]):
-    """The structural block mask: shifted query row r sees the keys of chunk r // m.
-
-    It depends only on the shape, so a training loop builds it once: cached.
-    With block size (m, K*R-multiple) every block is either full or empty
-    (see _flex_block_size for the GPU's).
-    """
+    """The structural block mask: shifted query row r sees the keys of chunk r // m (it depends
+    only on the shape, so a training loop builds it once: cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     m, kr = chunk_size, keys_per_chunk
@@ -184,17 +163,9 @@ def _compiled_flex(device_type: str = "cpu"):
 
 
 def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "cpu") -> tuple[int, int]:
-    """The block mask's (query, key) block size.
-
-    CUDA: flex's default 128 x 128. Inductor's one default kernel config per
-    (GPU, dtype, head dim) tiles queries in up to 128 rows, and a block-mask
-    block must be a multiple of the tile (an H100's fp16/bf16 forward uses
-    128-row tiles, its backward 128-row dk/dv tiles): 64-row blocks, one per
-    chunk, would need autotuning to find a kernel at all. With 128-row blocks
-    every block straddles two chunks and is partial (the mask_mod runs), so
-    half of the scores it computes are masked: the bytes read are the same.
-    CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128.
-    """
+    """The block mask's (query, key) block size. CUDA: flex's default 128 x 128, a multiple of the
+    query tile of inductor's one default kernel (docs/benchmarks.md, "FlexAttention on a GPU").
+    CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128."""
     if device_type == "cuda":
         return 128, 128
     q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
@@ -366,12 +337,6 @@ def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, s
 # Neighbour self-attention (encoder, within each neighbour)
 # ---------------------------------------------------------------------------
 
-def nsa_reference(q, k, v, *, neighbour_mask=None, scale=None):
-    from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention
-
-    return neighbour_self_attention(q, k, v, neighbour_mask=neighbour_mask, scale=scale)
-
-
 def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     """SDPA per neighbour, (B*L*K, H, R, D), with the (R x R) mask materialised."""
     B, L, K, R, Hq, D = q.shape
@@ -392,12 +357,6 @@ def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
 # ---------------------------------------------------------------------------
 # Neighbour cross-attention (encoder layer 1: neighbours -> their chunk)
 # ---------------------------------------------------------------------------
-
-def nca_reference(q, k, v, *, chunk_mask=None, scale=None):
-    from retro_kernels.reference.neighbour_cross_attention import neighbour_cross_attention
-
-    return neighbour_cross_attention(q, k, v, chunk_mask=chunk_mask, scale=scale)
-
 
 def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
     """SDPA per chunk: its K*R neighbour tokens against its M tokens, mask materialised."""
