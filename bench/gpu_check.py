@@ -85,13 +85,11 @@ def write_env(out_dir: str, dry_run: bool) -> int:
     """Stage 1: the machine, its versions and its measured peaks, into OUT_DIR/env.json."""
     import torch
 
-    query = ["nvidia-smi", "--format=csv", "--query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,"
-             "clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu"]
-    info = {"nvidia_smi": _shell("nvidia-smi"), "clocks_before": _shell(*query)}
+    info = {"nvidia_smi": _shell("nvidia-smi")}  # clocks, power and temperature before the peaks
     ctx = _context(dry_run)
     info.update({k: getattr(ctx, k) for k in ("run_id", "date", "dry_run", "commit", "dirty", "device_name",
                                               "device_slug", "versions", "peak_gbps", "peak_tflops")})
-    info.update(clocks_after_peaks=_shell(*query), nvcc=_shell("nvcc", "--version").splitlines()[-1:],
+    info.update(nvidia_smi_after_peaks=_shell("nvidia-smi"), nvcc=_shell("nvcc", "--version").splitlines()[-1:],
                 device=ctx.device.type, cpu_count=os.cpu_count(), loadavg=os.getloadavg(),
                 torch_threads=torch.get_num_threads(),
                 env={k: v for k, v in os.environ.items()

@@ -5,7 +5,7 @@ bf16, with masks); its kernel launches are captured instead of run, specialised 
 would (integer arguments equal to 1, 16-byte alignment), and compiled for the target with
 Triton's bundled ptxas. Per launch and per configuration its autotuner may pick: registers,
 spilled bytes, shared memory, warps, stages, and the CTAs per SM these allow. `--cuda` adds the
-CUDA kernels of csrc/cuda (bench/cuda_resources.py); `--json FILE` writes the rows. It reruns
+CUDA kernels of csrc/cuda (bench/cuda_resources.py). It reruns
 itself in a fresh Python when the Triton interpreter is on (or triton already imported).
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -284,7 +283,6 @@ def main(argv) -> int:
                    help="every config an autotuned launch may pick (default), or only its default one")
     p.add_argument("--jobs", type=integer(1), default=1, help="compile this many kernels at a time")
     p.add_argument("--cuda", action="store_true", help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage)")
-    p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or "triton" in sys.modules:
         env = dict(os.environ, TRITON_INTERPRET="0")
@@ -295,21 +293,14 @@ def main(argv) -> int:
 
     print(f"Triton {triton.__version__} kernels compiled ahead of time for {args.arch}, {args.dtype}, "
           f"paper shapes {PAPER}", flush=True)
-    rows = []
     shapes = paper_shapes(tuple(args.ops.split(",")), args.kv_heads, args.head_dims)
     for row in compile_rows(tasks(shapes, args.dtype, args.configs == "all"), args.arch, args.jobs):
         print_row(row)
-        rows.append(dict(row, triton=triton.__version__))
     if args.cuda:
         from . import cuda_resources
 
         cuda_rows = cuda_resources.rows(({"sm90": "sm_90a", "sm80": "sm_80"}[args.arch],))
         print("\nCUDA kernels (csrc/cuda):\n" + cuda_resources.format_table(cuda_rows), flush=True)
-        rows += [dict(r, backend="cuda") for r in cuda_rows]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 
 

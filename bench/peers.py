@@ -1,21 +1,11 @@
-"""What a user would run instead of retro_kernels: the peers we measure against.
+"""What a user would run instead of retro_kernels: the peers we measure against (docs/benchmarks.md).
 
-Every peer has the signature of the op it stands in for, so the benchmark
-calls ours and theirs the same way:
-
-    cca_*(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0)
-        q (B, N, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, N, Hq, D)
-    nsa_*(q, k, v, *, neighbour_mask=None, scale=None)
-        q (B, L, K, R, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, L, K, R, Hq, D)
-    nca_*(q, k, v, *, chunk_mask=None, scale=None)
-        q (B, L, K, R, Hq, D), k/v (B, L, M, Hkv, D) -> (B, L, K, R, Hq, D)
-
-Each is given its best form: views instead of copies wherever the layout
-allows, PyTorch's fastest attention kernel for the device, block masks that
-skip every empty block, caches for what a training loop would build once.
-tests/test_bench_peers.py checks each against the reference, because a wrong
-peer makes every speed ratio a lie. The peers support start_pos=0 only (the
-training case); `unavailable(...)` says why a peer cannot run somewhere.
+Every peer has the signature of the op it stands in for (cca_*(q, k, v, chunk_size, *,
+neighbour_mask, scale, start_pos=0), nsa_*(q, k, v, *, neighbour_mask, scale), nca_*(q, k, v, *,
+chunk_mask, scale)) and its best form: views instead of copies wherever the layout allows,
+PyTorch's fastest attention kernel, block masks that skip every empty block, caches for what a
+training loop builds once. tests/test_bench_peers.py checks each against the reference (a wrong
+peer makes every ratio a lie). `unavailable(...)` says why a peer cannot run somewhere.
 """
 from __future__ import annotations
 
@@ -83,13 +73,8 @@ def _unshift(o_rows, B, N, chunk_size):
 
 
 def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """Pad + reshape + F.scaled_dot_product_attention (+ reshape back + pad).
-
-    Chunks become the batch: (B*L, Hq, m, D) queries against (B*L, Hkv, K*R, D)
-    keys (views of k and v, no copy); grouped heads go to SDPA's enable_gqa.
-    Without a mask SDPA picks its flash kernel; a mask (broadcast, not
-    materialised) sends it to the memory-efficient or math kernel.
-    """
+    """Pad + reshape + SDPA + reshape back + pad: chunks as the batch, (B*L, Hq, m, D) queries against
+    (B*L, Hkv, K*R, D) keys (views), grouped heads by enable_gqa, the mask broadcast, not materialised."""
     B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "sdpa")
     if used == 0:
         return torch.zeros_like(q)
@@ -105,12 +90,8 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
 
 
 def cca_sdpa_repeat(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """pad + SDPA with grouped heads done by hand: k and v repeated to Hq heads (a copy).
-
-    What code written before SDPA's enable_gqa does; with Hq == Hkv it is
-    cca_sdpa. SDPA's kernels differ in which of them take enable_gqa, so the
-    two can pick different kernels.
-    """
+    """cca_sdpa with grouped heads done by hand, as code written before enable_gqa does: k and v
+    repeated to Hq heads (a copy; SDPA may then pick another kernel)."""
     Hq, Hkv = q.shape[2], k.shape[4]
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=4)
@@ -174,15 +155,9 @@ def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "c
 
 
 def make_cca_flex(compiled: bool = True):
-    """FlexAttention peer: shifted queries (a view), a structural block mask, mask as score_mod.
-
-    The queries q[:, m-1:] are already in attending-chunk order, so query
-    block u (m rows) reads exactly the key blocks of chunk u: no wasted
-    blocks. The neighbour mask is a score_mod (the block mask stays a
-    per-shape constant). `compiled=False` runs flex_attention eagerly (its
-    slow reference path; used under --quick on the CPU, where compiling takes
-    about a minute).
-    """
+    """FlexAttention peer: the queries q[:, m-1:] (a view) are already in attending-chunk order, so with a
+    structural block mask query block u reads exactly the key blocks of chunk u; the neighbour mask is
+    a score_mod. `compiled=False`: flex_attention eagerly (its slow path; --quick on the CPU)."""
 
     def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
         from torch.nn.attention.flex_attention import flex_attention
@@ -243,14 +218,9 @@ def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, star
 # -- RETRO-pytorch -----------------------------------------------------------
 
 def import_retro_pytorch() -> tuple[types.ModuleType, str | None]:
-    """retro_pytorch.retro_pytorch and a note, importing it even without its retrieval deps.
-
-    retro_pytorch's package __init__ imports its retrieval code, which imports
-    faiss and autofaiss at module level. autofaiss pins numpy<2, so we
-    install retro-pytorch with --no-deps; when faiss/autofaiss are missing we
-    put empty stand-ins in sys.modules for the import (the attention code
-    never touches them) and say so in the note.
-    """
+    """retro_pytorch.retro_pytorch and a note. Its package imports faiss and autofaiss for its
+    retrieval code (autofaiss pins numpy<2, so it is installed with --no-deps): where they are
+    missing, empty stand-ins go into sys.modules for the import, and the note says so."""
     stubbed = []
     for name in ("faiss", "autofaiss"):
         if name in sys.modules:
@@ -301,18 +271,10 @@ def _retro_pytorch_cca(chunk_size: int, heads: int, dim_head: int, device: str, 
 
 
 def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only.
-
-    Its own shift, reshapes, masking and un-shift run unchanged; projections
-    are identities and the null key/value is removed (see _retro_pytorch_cca).
-    It applies rotary embeddings inside; we pass zero-width ones (rotary dim
-    0), which still cost it one copy of q and k. It has no grouped-query
-    heads: k and v are repeated to Hq heads. Its masked rows get
-    -finfo.max, so a chunk whose every neighbour token is masked averages
-    all keys instead of giving zeros (the reference): compare it on masks
-    that leave each chunk a key. It needs L == N // m exactly: k and v are
-    cut to that (a view).
-    """
+    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only (docs/benchmarks.md):
+    its own shift, reshapes, masking and un-shift; identity projections, no null key/value, zero-width
+    rotary embeddings, k and v repeated to Hq heads, cut to L == N // m chunks (a view). A chunk
+    whose every neighbour token is masked averages all keys instead of giving zeros."""
     B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "retro_pytorch")
     if used == 0:
         return torch.zeros_like(q)
