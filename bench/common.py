@@ -40,14 +40,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "cpu"
-
-
 def cpu_fields() -> dict:
     """The CPU, its best vector ISA, and the GEMM the C++ CPU kernels chose so far in this process."""
     from retro_kernels.cpu.gemm import gemm_info
@@ -60,10 +52,13 @@ def device_name_and_slug(device) -> tuple[str, str]:
     """('NVIDIA H100 80GB HBM3', 'nvidia-h100-80gb-hbm3') or ('AMD EPYC ... (2 cores)', 'cpu-amd-epyc-...-2c')."""
     import torch
 
+    from retro_kernels.cpu.gemm import cpu_description
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return name, slug(name)
-    return f"{cpu_model_name()} ({os.cpu_count()} cores)", f"cpu-{slug(cpu_model_name())}-{os.cpu_count()}c"
+    model = cpu_description()["cpu_model"]
+    return f"{model} ({os.cpu_count()} cores)", f"cpu-{slug(model)}-{os.cpu_count()}c"
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -92,7 +87,7 @@ def versions() -> dict:
         try:
             out[dist.replace("-", "_")] = version(dist)
         except PackageNotFoundError:
-            out[dist.replace("-", "_")] = None
+            pass
     return out
 
 
