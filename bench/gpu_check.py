@@ -11,6 +11,7 @@ import refuses it unless --allow-dry-run (then into <slug>-dry-run.jsonl, never 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -208,7 +209,7 @@ def write_summary(out_dir: str, stages_path: str | None) -> int:
 
 @command("gpu_check", prog=PROG)
 def main(argv) -> int:
-    p = Parser(PROG, description=__doc__)
+    p = Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
     for name in ("env", "bench", "summary"):
         stage = sub.add_parser(name)
@@ -228,8 +229,6 @@ def main(argv) -> int:
 
 
 def _folder(text: str) -> str:
-    import argparse
-
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
     return text
@@ -332,7 +331,7 @@ def import_run(out_dir: str, root: str, allow_dry_run: bool = False) -> dict[str
 
 @command("import", prog="python -m bench import")
 def import_main(argv) -> int:
-    p = Parser("python -m bench import", description=__doc__)
+    p = Parser("python -m bench import", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=_folder, help="the OUT_DIR of a bench/gpu_check.sh run")
     p.add_argument("--root", type=_folder, default=ROOT, help="the checkout to file it into (default: this one)")
     p.add_argument("--allow-dry-run", action="store_true", help="file a dry run's rows too (tests only)")
