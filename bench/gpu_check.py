@@ -19,6 +19,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 
+from models.atomic import atomic_file, write_json_atomic
 from models.cli_common import Parser, UsageError, command
 
 from .common import append_jsonl, fmt, not_measured, op_tables, read_jsonl, suite_table
@@ -95,7 +96,7 @@ def write_env(out_dir: str, dry_run: bool) -> int:
                 torch_threads=torch.get_num_threads(),
                 env={k: v for k, v in os.environ.items()
                      if k.startswith(("TRITON_", "TORCH_", "CUDA_", "MAX_JOBS", "BENCH_", "RETRO_KERNELS_"))})
-    _write_text(os.path.join(out_dir, "env.json"), json.dumps(info, indent=1, sort_keys=True, default=str))
+    write_json_atomic(os.path.join(out_dir, "env.json"), info)
     print(f"{ctx.device_name}: copy {ctx.peak_gbps:.0f} GB/s, matmul TFLOP/s {ctx.peak_tflops}")
     return 0
 
@@ -192,18 +193,13 @@ def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_summary(out_dir: str, stages_path: str | None) -> int:
     stages = []
     if stages_path and os.path.exists(stages_path):
         with open(stages_path, encoding="utf-8", errors="replace") as f:
             stages = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    _write_text(os.path.join(out_dir, "summary.md"), summary_markdown(out_dir, stages))
+    with atomic_file(os.path.join(out_dir, "summary.md")) as tmp:
+        tmp.write_text(summary_markdown(out_dir, stages), encoding="utf-8")
     return 0
 
 
@@ -325,7 +321,8 @@ def import_run(out_dir: str, root: str, allow_dry_run: bool = False) -> dict[str
             latest = max((r.get("date") or "", r.get("run_id") or "") for r in filed)[1]
             runs.append([r for r in filed if r.get("run_id") == latest])
     for name, text in texts.items():
-        _write_text(os.path.join(root, name), replace_block(text, gpu_block(runs, compact=name == "README.md"), name))
+        with atomic_file(os.path.join(root, name)) as tmp:
+            tmp.write_text(replace_block(text, gpu_block(runs, compact=name == "README.md"), name), encoding="utf-8")
     return added
 
 
