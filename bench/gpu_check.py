@@ -87,7 +87,7 @@ def write_env(out_dir: str, dry_run: bool) -> int:
     """Stage 1: the machine, its versions and its measured peaks, into OUT_DIR/env.json."""
     import torch
 
-    info = {"nvidia_smi": _shell("nvidia-smi")}  # clocks, power and temperature before the peaks
+    info = {"nvidia_smi": _shell("nvidia-smi")}  # power, temperature and performance state before the peaks
     ctx = _context(dry_run)
     info.update({k: getattr(ctx, k) for k in ("run_id", "date", "dry_run", "commit", "dirty", "device_name",
                                               "device_slug", "versions", "peak_gbps", "peak_tflops")})
