@@ -91,9 +91,7 @@ def versions() -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------
-# The one timer
-# ---------------------------------------------------------------------------
+# -- The one timer -----------------------------------------------------------------------------
 
 def time_ms(fn, device, quick: bool = False) -> float:
     """Median milliseconds of one fn() call, the timer of every benchmark here.
@@ -206,9 +204,7 @@ def targets_met(row: dict) -> dict[str, bool]:
     return met
 
 
-# ---------------------------------------------------------------------------
-# Results files
-# ---------------------------------------------------------------------------
+# -- Results files -----------------------------------------------------------------------------
 
 def _json_default(x):
     return None if isinstance(x, float) and not math.isfinite(x) else str(x)
@@ -243,9 +239,7 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
     return rows, bad
 
 
-# ---------------------------------------------------------------------------
-# Markdown tables: the terminal, summary.md and the docs
-# ---------------------------------------------------------------------------
+# -- Markdown tables: the terminal, summary.md and the docs ------------------------------------
 
 OP_ORDER = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
 SHAPE_ORDER = ("B", "N", "L", "m", "K", "R", "M", "Hq", "Hkv", "D", "mask", "dtype")
@@ -317,7 +311,8 @@ def suite_table(rows: list[dict]) -> list[str]:
     for r in ok:
         gain = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup") or {}).items())
         metrics = ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in (r.get("metrics") or {}).items())
-        lines.append(f"| {r['suite']} | {r['name']} | {r['impl']} | {shape_text(r.get('shape') or {}, tuple(r.get('shape') or {}))} "
+        shape = r.get("shape") or {}
+        lines.append(f"| {r['suite']} | {r['name']} | {r['impl']} | {shape_text(shape, tuple(shape))} "
                      f"| {fmt(r.get('time_ms'), '.1f')} | {gain} | {metrics} |")
     return lines + [""]
 

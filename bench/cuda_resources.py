@@ -36,7 +36,8 @@ MAX_CTAS_PER_SM = 16  # 2048 threads / 128
 THREADS = 128
 PASSES = {"fwd": 0, "bwd_dq": 1, "bwd_dkdv": 2}
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
-KERNEL = re.compile(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E.*?(Cca|Neighbour)Problem")
+KERNEL = re.compile(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E"
+                    r".*?(Cca|Neighbour)Problem")
 
 
 def find_nvcc() -> str | None:

@@ -117,7 +117,8 @@ def run_part(part: str, out_dir: str, dry_run: bool) -> int:
         for row in suite_rows("model", dict(quick=dry_run, device=ctx.device)):
             sink(row)
     labels = {"cca": ("CCA",), "flex": ("CCA",), "neighbour": ("NSA", "NCA")}.get(part, ())
-    impls = {"cca": {n for n in ops.CCABench.peers if n != "flex_attention"} | {f"retro_kernels:{b}" for b in ops.FUSED},
+    ours = {f"retro_kernels:{b}" for b in ops.FUSED}
+    impls = {"cca": {n for n in ops.CCABench.peers if n != "flex_attention"} | ours,
              "flex": {"flex_attention"}}.get(part)
     for bench in ops.OP_BENCHES:
         if bench.label in labels:
@@ -127,9 +128,7 @@ def run_part(part: str, out_dir: str, dry_run: bool) -> int:
     return 1 if counts["failed"] else 0
 
 
-# ---------------------------------------------------------------------------
-# summary.md (no torch)
-# ---------------------------------------------------------------------------
+# -- summary.md (no torch) ---------------------------------------------------------------------
 
 def junit_counts(path: str) -> dict | None:
     """Counts, failures and skip reasons of a junit.xml pytest wrote (None if absent)."""
@@ -142,7 +141,8 @@ def junit_counts(path: str) -> dict | None:
     counts, failures, skips = Counter(), [], Counter()
     for case in cases:
         child = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        outcome = {"failure": "failed", "error": "errors", "skipped": "skipped"}.get(getattr(child, "tag", ""), "passed")
+        tag = getattr(child, "tag", None)
+        outcome = {"failure": "failed", "error": "errors", "skipped": "skipped"}.get(tag, "passed")
         counts[outcome] += 1
         message = ((child.get("message") or child.text or "") if child is not None else "").strip()
         if outcome in ("failed", "errors"):
@@ -174,7 +174,8 @@ def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
         v = env.get("versions") or {}
         out += [f"- device: {env.get('device_name')} (run {env.get('run_id')}, {env.get('date')}, commit "
                 f"{(env.get('commit') or '?')[:10]})",
-                f"- versions: python {v.get('python')}, torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}",
+                f"- versions: python {v.get('python')}, torch {v.get('torch')}, triton {v.get('triton')}, "
+                f"CUDA {v.get('cuda')}",
                 f"- measured peaks: copy {fmt(env.get('peak_gbps'), '.0f')} GB/s (the roofline), matmul TFLOP/s "
                 + ", ".join(f"{k} {x:.3g}" for k, x in (env.get("peak_tflops") or {}).items())]
     else:
@@ -221,7 +222,9 @@ def main(argv) -> int:
         return write_summary(args.out_dir, args.stages)
     if args.dry_run:
         os.environ["BENCH_DRY_RUN"] = "1"
-    return write_env(args.out_dir, args.dry_run) if args.stage == "env" else run_part(args.part, args.out_dir, args.dry_run)
+    if args.stage == "env":
+        return write_env(args.out_dir, args.dry_run)
+    return run_part(args.part, args.out_dir, args.dry_run)
 
 
 def _folder(text: str) -> str:
@@ -230,9 +233,7 @@ def _folder(text: str) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------
-# python -m bench import
-# ---------------------------------------------------------------------------
+# -- python -m bench import --------------------------------------------------------------------
 
 def is_gpu_row(row: dict) -> bool:
     return row.get("device") == "cuda" and not row.get("dry_run")
@@ -280,9 +281,9 @@ def gpu_block(runs: list[list[dict]], compact: bool) -> str:
         r = rows[0]
         v = r.get("versions") or {}
         tests = next((t["metrics"] for t in rows if t.get("suite") == "tests"), None)
-        lines += [f"**{r.get('device_name')}**" + " (DRY RUN: CPU, tiny shapes, not GPU numbers)" * bool(r.get("dry_run"))
-                  + f" (`bench/results/{results_name(r)}.jsonl`): run {r.get('run_id')} on {r.get('date')}, commit "
-                  f"{(r.get('commit') or '?')[:10]}{' (dirty)' * bool(r.get('dirty'))}; torch {v.get('torch')}, "
+        dry = " (DRY RUN: CPU, tiny shapes, not GPU numbers)" * bool(r.get("dry_run"))
+        lines += [f"**{r.get('device_name')}**{dry} (`bench/results/{results_name(r)}.jsonl`): run {r.get('run_id')} "
+                  f"on {r.get('date')}, commit {(r.get('commit') or '?')[:10]}{' (dirty)' * bool(r.get('dirty'))}; torch {v.get('torch')}, "
                   f"triton {v.get('triton')}, CUDA {v.get('cuda')}; measured copy bandwidth "
                   f"{fmt(r.get('peak_gbps'), '.0f')} GB/s.", "",
                   f"Tests on it (`bench/gpu_check.sh`): {tests_line(tests)}.", ""]

@@ -43,9 +43,7 @@ class Launch:
     configs: list  # [(meta-parameters dict, num_warps, num_stages)]; kwargs already hold a fixed one
 
 
-# ---------------------------------------------------------------------------
-# Capturing the launches a launcher makes
-# ---------------------------------------------------------------------------
+# -- Capturing the launches a launcher makes ---------------------------------------------------
 
 @contextlib.contextmanager
 def capture_launches():
@@ -93,19 +91,13 @@ def meta_inputs(op: str, dims: dict, dtype):
 
     B, N, m, K, R, Hq, Hkv, D = (dims[k] for k in ("B", "N", "m", "K", "R", "Hq", "Hkv", "D"))
     L = max(1, N // m)
-    meta = dict(device="meta", dtype=dtype)
-    if op == "chunked_cross_attention":
-        q = torch.empty(B, N, Hq, D, **meta)
-        k = torch.empty(B, L, K, R, Hkv, D, **meta)
-        mask = torch.empty(B, L, K, R, device="meta", dtype=torch.bool)
-    elif op == "neighbour_self_attention":
-        q = torch.empty(B, L, K, R, Hq, D, **meta)
-        k = torch.empty(B, L, K, R, Hkv, D, **meta)
-        mask = torch.empty(B, L, K, R, device="meta", dtype=torch.bool)
-    else:  # neighbour_cross_attention
-        q = torch.empty(B, L, K, R, Hq, D, **meta)
-        k = torch.empty(B, L, m, Hkv, D, **meta)
-        mask = torch.empty(B, L, m, device="meta", dtype=torch.bool)
+    q_shape, k_shape, mask_shape = {
+        "chunked_cross_attention": ((B, N, Hq, D), (B, L, K, R, Hkv, D), (B, L, K, R)),
+        "neighbour_self_attention": ((B, L, K, R, Hq, D), (B, L, K, R, Hkv, D), (B, L, K, R)),
+        "neighbour_cross_attention": ((B, L, K, R, Hq, D), (B, L, m, Hkv, D), (B, L, m)),
+    }[op]
+    q, k = (torch.empty(shape, device="meta", dtype=dtype) for shape in (q_shape, k_shape))
+    mask = torch.empty(mask_shape, device="meta", dtype=torch.bool)
     return q, k, torch.empty_like(k), mask
 
 
@@ -126,9 +118,7 @@ def op_launches(op: str, dims: dict, dtype) -> dict[str, list[Launch]]:
     return {"fwd": fwd, "bwd": bwd}
 
 
-# ---------------------------------------------------------------------------
-# Compiling one launch for a target, the way the JIT would
-# ---------------------------------------------------------------------------
+# -- Compiling one launch for a target, the way the JIT would ----------------------------------
 
 def compile_launch(launch: Launch, config, arch: str):
     """The CompiledKernel that Triton's JIT would build for this launch on `arch`."""
@@ -195,9 +185,7 @@ def occupancy(registers: int, smem: int, warps: int, arch: str) -> dict:
     return dict(ctas_per_sm=limits[limit], limited_by=limit)
 
 
-# ---------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------
+# -- The report --------------------------------------------------------------------------------
 
 def _meta_label(launch: Launch, config) -> str:
     meta = dict(config[0]) if config else {}

@@ -104,7 +104,8 @@ class CCABench(OpBench):
 
     def forward_cost(self, s: dict, elem: int):
         kr, rows = s["K"] * s["R"], max(0, s["N"] - (s["m"] - 1))
-        nbytes = elem * (2 * s["B"] * s["N"] * s["Hq"] * s["D"] + 2 * s["B"] * (s["N"] // s["m"]) * kr * s["Hkv"] * s["D"])
+        used = s["N"] // s["m"]
+        nbytes = elem * (2 * s["B"] * s["N"] * s["Hq"] * s["D"] + 2 * s["B"] * used * kr * s["Hkv"] * s["D"])
         return 4 * s["B"] * s["Hq"] * rows * kr * s["D"], nbytes, s["N"]
 
     def targets(self, impl, mode, device, dtype):
@@ -199,9 +200,7 @@ class NCABench(OpBench):
 OP_BENCHES = (CCABench(), NSABench(), NCABench())
 
 
-# ---------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------
+# -- Measuring ---------------------------------------------------------------------------------
 
 def timed_call(fn, q, k, v, kw, mode):
     """The call that `mode` times (fwd: inference; bwd: autograd.grad of a retained graph; fwd+bwd: both)."""
@@ -236,7 +235,8 @@ def candidates(bench: OpBench, device, quick, q, k, v, kw):
     for peer, fn in bench.peers.items():
         notes = None
         if peer == "flex_attention" and device.type == "cpu" and quick:
-            fn, notes = peers.cca_flex_attention_eager, "flex_attention run eagerly (not compiled) under --quick on the CPU"
+            fn = peers.cca_flex_attention_eager
+            notes = "flex_attention run eagerly (not compiled) under --quick on the CPU"
         elif peer == "flex_attention" and device.type == "cuda":
             notes = peers.FLEX_CUDA_NOTE
         elif peer == "retro_pytorch" and not peers.unavailable(peer, device):
@@ -247,7 +247,8 @@ def candidates(bench: OpBench, device, quick, q, k, v, kw):
         why = reasons.get(backend, [])
         if backend == "triton" and device.type == "cpu" and dispatch.triton_interpreting():
             why = why + ["TRITON_INTERPRET=1: the interpreter is a debugger, not a benchmark"]
-        out.append((f"retro_kernels:{backend}", "ours", None if why else bench.ours(backend), "; ".join(why) or None, None))
+        fn = None if why else bench.ours(backend)
+        out.append((f"retro_kernels:{backend}", "ours", fn, "; ".join(why) or None, None))
     return out
 
 
@@ -281,24 +282,32 @@ def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str],
         with torch.no_grad():
             reference = bench.peers["reference"](q, k, v, **kw)
         for mode in MODES:
-            flops, nbytes = bench.cost(case, mode)
-            measured = []
-            for impl, role, fn, skip, notes in chosen:
-                fields = dict(role=role, mode=mode, sweep=case.sweep, sweep_value=case.sweep_value,
-                              shape=dict(case.shape), dtype=case.dtype, flops=flops, bytes=nbytes,
-                              notes=notes, targets=bench.targets(impl, mode, device, case.dtype))
-                skip = skip or (_peer_skip_reason(impl, case, mode, device, quick) if role == "peer" else None)
-                row = measure(bench, impl, fn, skip, fields, (q, k, v, kw), reference, device, quick)
-                if row["status"] == "ok":
-                    measured.append(row)
-                    row["speedup"] = {p["impl"]: p["time_ms"] / row["time_ms"] for p in measured if p["role"] == "peer"} \
-                        if role == "ours" else {}
+            for row in mode_rows(bench, case, mode, chosen, (q, k, v, kw), reference, device, quick):
                 emit(row)
         del reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log(f"  {bench.label} {case.sweep}={case.sweep_value} {case.dtype}: {time.perf_counter() - t0:.1f}s")
     return rows
+
+
+def mode_rows(bench, case, mode, chosen, inputs, reference, device, quick):
+    """Yield the rows of one mode as they are measured, peers first; a row of ours carries its
+    speedups against the peers measured before it."""
+    flops, nbytes = bench.cost(case, mode)
+    peer_ms = {}
+    for impl, role, fn, skip, notes in chosen:
+        fields = dict(role=role, mode=mode, sweep=case.sweep, sweep_value=case.sweep_value, shape=dict(case.shape),
+                      dtype=case.dtype, flops=flops, bytes=nbytes, notes=notes,
+                      targets=bench.targets(impl, mode, device, case.dtype))
+        if role == "peer":
+            skip = skip or _peer_skip_reason(impl, case, mode, device, quick)
+        row = measure(bench, impl, fn, skip, fields, inputs, reference, device, quick)
+        if row["status"] == "ok" and role == "peer":
+            peer_ms[impl] = row["time_ms"]
+        elif row["status"] == "ok":
+            row["speedup"] = {p: ms / row["time_ms"] for p, ms in peer_ms.items()}
+        yield row
 
 
 def measure(bench, impl, fn, skip, fields, inputs, reference, device, quick) -> dict:

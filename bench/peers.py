@@ -53,9 +53,7 @@ def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return key_mask | (first & ~has_key), has_key
 
 
-# ---------------------------------------------------------------------------
-# Chunked cross-attention
-# ---------------------------------------------------------------------------
+# -- Chunked cross-attention -------------------------------------------------------------------
 
 def _shifted_chunks(q, chunk_size, used):
     """Pad + reshape: the shifted queries as (B*used, Hq, m, D) (one copy of q: the pad)."""
@@ -295,9 +293,7 @@ def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, s
     return out.reshape(B, N, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Neighbour self-attention (encoder, within each neighbour)
-# ---------------------------------------------------------------------------
+# -- Neighbour self-attention (encoder, within each neighbour) ---------------------------------
 
 def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     """SDPA per neighbour, (B*L*K, H, R, D), with the (R x R) mask materialised."""
@@ -316,9 +312,7 @@ def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Neighbour cross-attention (encoder layer 1: neighbours -> their chunk)
-# ---------------------------------------------------------------------------
+# -- Neighbour cross-attention (encoder layer 1: neighbours -> their chunk) --------------------
 
 def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
     """SDPA per chunk: its K*R neighbour tokens against its M tokens, mask materialised."""
@@ -352,9 +346,7 @@ def nca_sdpa_repeat(q, k, v, *, chunk_mask=None, scale=None):
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Which peers exist, and why one cannot run
-# ---------------------------------------------------------------------------
+# -- Which peers exist, and why one cannot run -------------------------------------------------
 
 def unavailable(peer: str, device: torch.device) -> str | None:
     """Why `peer` cannot run on `device` here (None: it can)."""
