@@ -283,8 +283,8 @@ def gpu_block(runs: list[list[dict]], compact: bool) -> str:
         tests = next((t["metrics"] for t in rows if t.get("suite") == "tests"), None)
         dry = " (DRY RUN: CPU, tiny shapes, not GPU numbers)" * bool(r.get("dry_run"))
         lines += [f"**{r.get('device_name')}**{dry} (`bench/results/{results_name(r)}.jsonl`): run {r.get('run_id')} "
-                  f"on {r.get('date')}, commit {(r.get('commit') or '?')[:10]}{' (dirty)' * bool(r.get('dirty'))}; torch {v.get('torch')}, "
-                  f"triton {v.get('triton')}, CUDA {v.get('cuda')}; measured copy bandwidth "
+                  f"on {r.get('date')}, commit {(r.get('commit') or '?')[:10]}{' (dirty)' * bool(r.get('dirty'))}; "
+                  f"torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}; measured copy bandwidth "
                   f"{fmt(r.get('peak_gbps'), '.0f')} GB/s.", "",
                   f"Tests on it (`bench/gpu_check.sh`): {tests_line(tests)}.", ""]
         lines += op_tables(rows, compact=compact) + ([] if compact else suite_table(rows))
