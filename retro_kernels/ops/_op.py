@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .._checks import check_backend, check_inputs
+from . import sharding
 from .spec import OpSpec
 
 # Custom-op schema types of the spec's scalars (an int may be symbolic under torch.compile).
@@ -73,6 +74,7 @@ class Op:
         self.forward_op.register_fake(forward_fake)
         self.backward_op.register_fake(_backward_fake)
         self.forward_op.register_autograd(gradients, setup_context=_save_for_backward)
+        sharding.register(spec)  # DTensor inputs run each rank's shard
         dispatch.register_op(spec)  # finds the backends now, so torch.compile can trace the choice
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str, **scalars) -> Tensor:
@@ -82,6 +84,6 @@ class Op:
         check_backend(backend, dispatch.BACKENDS)
         name = dispatch.select_backend(backend, spec.name, q.device, q=q, k=k, v=v, **{spec.mask: mask})
         if name == "reference":
-            return spec.reference(q, k, v, **{spec.mask: mask}, **scalars)
+            return sharding.per_rank(spec.reference)(q, k, v, **{spec.mask: mask}, **scalars)
         out, _ = self.forward_op(q, k, v, mask, *scalars.values(), name)
         return out
