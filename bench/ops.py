@@ -82,11 +82,13 @@ class OpBench:
             return {"speedup_min": {p: 1.2 for p in self.peers if p.startswith("sdpa")}}
         return {}
 
-    def neighbour_cases(self, base_gpu: dict, base_cpu: dict, base_quick: dict, device, quick, dtypes):
+    def cases(self, device, quick, dtypes):
+        """The neighbour ops' cases: the paper's D and a K sweep on a GPU, base and K elsewhere (BASES)."""
         if device.type == "cuda" and not quick:
-            cases = [Case("paper", d, {**base_gpu, "D": d}, dt) for dt in dtypes for d in (64, 128)]
-            return cases + [Case("K", K, {**base_gpu, "K": K}, dtypes[0]) for K in (1, 2, 4, 10)]
-        return _sweeps(base_quick if quick else base_cpu, {"K": (3,) if quick else (1, 4)}, dtypes)
+            gpu = self.BASES["gpu"]
+            cases = [Case("paper", d, {**gpu, "D": d}, dt) for dt in dtypes for d in (64, 128)]
+            return cases + [Case("K", K, {**gpu, "K": K}, dtypes[0]) for K in (1, 2, 4, 10)]
+        return _sweeps(self.BASES["quick" if quick else "cpu"], {"K": (3,) if quick else (1, 4)}, dtypes)
 
 
 class CCABench(OpBench):
@@ -145,6 +147,9 @@ class CCABench(OpBench):
 
 class NSABench(OpBench):
     name, label, peers = "neighbour_self_attention", "NSA", peers.NSA_PEERS
+    BASES = {"gpu": dict(B=16, L=32, K=2, R=128, Hq=16, Hkv=16, D=64, mask=True),
+             "cpu": dict(B=1, L=8, K=2, R=128, Hq=8, Hkv=8, D=64, mask=True),
+             "quick": dict(B=1, L=4, K=2, R=64, Hq=4, Hkv=2, D=32, mask=True)}
 
     def inputs(self, case, device, generator):
         s = case.shape
@@ -159,14 +164,11 @@ class NSABench(OpBench):
         nbytes = elem * (2 * n * s["R"] * s["Hq"] * s["D"] + 2 * n * s["R"] * s["Hkv"] * s["D"])
         return 4 * n * s["Hq"] * s["R"] * s["R"] * s["D"], nbytes, n * s["R"]
 
-    def cases(self, device, quick, dtypes):
-        return self.neighbour_cases(dict(B=16, L=32, K=2, R=128, Hq=16, Hkv=16, D=64, mask=True),
-                                    dict(B=1, L=8, K=2, R=128, Hq=8, Hkv=8, D=64, mask=True),
-                                    dict(B=1, L=4, K=2, R=64, Hq=4, Hkv=2, D=32, mask=True), device, quick, dtypes)
 
 
 class NCABench(OpBench):
     name, label, peers = "neighbour_cross_attention", "NCA", peers.NCA_PEERS
+    BASES = {k: dict(v, M=v["R"] // 2) for k, v in NSABench.BASES.items()}  # M: the chunk's tokens
     mask_key = "chunk_mask"
 
     def inputs(self, case, device, generator):
@@ -190,11 +192,6 @@ class NCABench(OpBench):
             return {"speedup_min": {"sdpa_repeat": 2.0}}
         return super().targets(impl, mode, device, dtype)
 
-    def cases(self, device, quick, dtypes):
-        return self.neighbour_cases(dict(B=16, L=32, K=2, R=128, M=64, Hq=16, Hkv=16, D=64, mask=True),
-                                    dict(B=1, L=8, K=2, R=128, M=64, Hq=8, Hkv=8, D=64, mask=True),
-                                    dict(B=1, L=4, K=2, R=64, M=32, Hq=4, Hkv=2, D=32, mask=True),
-                                    device, quick, dtypes)
 
 
 OP_BENCHES = (CCABench(), NSABench(), NCABench())
