@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .args import OneLineParser, positive_int, with_exit_codes
+from models.cli_common import Parser, command, integer
+
+from .common import DEFAULT_OUT
 
 PROG = "python -m bench retrieval-scale"
 DIM = 384
@@ -515,20 +517,19 @@ def size_list(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 4-bit codebooks, fewer queries")
     p.add_argument("--sizes", type=size_list, help=f"database sizes in chunks (default {SIZES}); each >= 1000")
     p.add_argument("--workers", type=size_list, default=[1, 2], help="Ray worker counts (default 1,2)")
     p.add_argument("--engines", default=",".join(ENGINES + ("scann",)),
                    help="comma-separated: before, inram, local, ray, scann (default all)")
-    p.add_argument("--queries", type=positive_int, help="query chunks the precompute runs over (from chunk 0; "
+    p.add_argument("--queries", type=integer(1), help="query chunks the precompute runs over (from chunk 0; "
                    "default 10000, --quick 1000)")
-    p.add_argument("--truth", type=positive_int, help="queries with exact neighbours (default 500, --quick 100)")
-    p.add_argument("--shard-size", type=positive_int, help="keys per index shard, at every size (default half "
+    p.add_argument("--truth", type=integer(1), help="queries with exact neighbours (default 500, --quick 100)")
+    p.add_argument("--shard-size", type=integer(1), help="keys per index shard, at every size (default half "
                    "the smallest size)")
-    p.add_argument("--scann-size", type=positive_int, help="the size ScaNN is compared at (default the middle one)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="results folder (default bench/results)")
+    p.add_argument("--scann-size", type=integer(1), help="the size ScaNN is compared at (default the middle one)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default bench/results)")
     p.add_argument("--scratch", default=None, help="folder for the run's keys and indexes (default the system's "
                    "temporary folder; removed at the end)")
     args = p.parse_args(argv)
@@ -556,6 +557,6 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    return with_exit_codes(PROG, run)(args)
+@command("retrieval-scale", prog=PROG)
+def main(argv) -> int:
+    return run(parse_args(argv))

@@ -1,15 +1,8 @@
 """``python -m models COMMAND [...]``: a small dispatcher over subcommands.
 
-Each subcommand lives in its own module and is registered below with ONE line:
-
-    "name": ("package.module:function", "one-line help"),
-
-where ``function(argv: list[str]) -> int`` parses its own arguments
-(``models.cli_common.Parser``) and returns its exit code under
-``models.cli_common.command`` (2: a bad argument, 1: a failure; see
-docs/ARCHITECTURE.md, "Command-line conventions"). Modules are imported only
-when their command runs, so ``--help`` stays fast and one command's heavy
-imports never slow another.
+Each subcommand is one line of COMMANDS, ``"name": ("package.module:function", "one-line help")``,
+where ``function(argv) -> int`` parses its own arguments and returns its exit code
+(``models.cli_common.command``). A module is imported only when its command runs, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-db": ("models.retrieval.cli:build_db_main", "build (or resume) a retrieval database from a corpus"),
     "query": ("models.retrieval.cli:query_main", "print the nearest database chunks of some text"),
     "db-info": ("models.retrieval.cli:info_main", "validate a retrieval database and print its summary"),
-    "train": ("models.train:main", "train a RETRO model (or a plain decoder, or retrofit one) on a database"),
+    "train": ("models.train:main", "train a RETRO model (or a plain decoder) on a database"),
     "retrofit": ("models.retrofit_train:main", "freeze a trained decoder (ours or a transformers one), add retrieval, train it"),
     "eval": ("models.evaluate:main", "bits per byte on held-out documents, retrieval ON and OFF"),
     "generate": ("models.generate:main", "sample from a model, retrieving as chunks complete"),

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .atomic import fsync_dir, write_json_atomic
+from .atomic import fsync_dir, temporaries, write_json_atomic
 from .config import RetroConfig
 from .errors import one_line
 from .model import RetroModel
@@ -46,7 +46,7 @@ RUN_KIND = "retro_kernels/train-run"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
 # Leftovers of killed runs, removed when a run takes the folder (mkdtemp below; atomic_file for latest.json).
-TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), re.compile(r"\.latest\.json\.[a-z0-9_]{8}\.tmp"))
+TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), *temporaries(LATEST))
 
 
 class CheckpointError(ValueError):
@@ -121,24 +121,13 @@ def read_latest(out) -> Optional[dict]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is corrupted ({one_line(e)})") from None
-    names = data.get("checkpoints", [data.get("checkpoint")]) if isinstance(data, dict) else None
-    superseded = data.get("superseded", []) if isinstance(data, dict) else None
-    ok = isinstance(data, dict) and isinstance(data.get("checkpoint"), str) and STEP_NAME.fullmatch(data["checkpoint"])
-    ok = ok and all(isinstance(n, list) and all(isinstance(x, str) and STEP_NAME.fullmatch(x) for x in n)
-                    for n in (names, superseded))
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("checkpoints", "superseded"))
+    named = [data.get("checkpoint"), *data["checkpoints"], *data["superseded"]] if ok else []
+    ok = ok and all(isinstance(n, str) and STEP_NAME.fullmatch(n) for n in named)
     if not ok:
         raise CheckpointError(f"{path} is corrupted: expected {{\"checkpoint\": \"step-XXXXXXXX\", ...}} "
                               f"naming checkpoints of this folder")
-    return {**data, "checkpoints": names, "superseded": superseded}
-
-
-def is_run_folder(folder) -> bool:
-    """Whether `folder` holds a training run (latest.json naming a checkpoint): made by `train`."""
-    try:
-        latest = read_latest(folder)
-    except CheckpointError:
-        return False
-    return latest is not None and (Path(folder) / latest["checkpoint"] / "model.safetensors").is_file()
+    return data
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -164,8 +153,6 @@ class RunCheckpoints:
     """
 
     def __init__(self, out, keep: int = 2, replace_previous: bool = False):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
         self.out, self.keep = Path(out), keep
         latest = read_latest(self.out)
         previous = latest["checkpoints"] if latest else []

@@ -1,19 +1,15 @@
-"""Training and evaluation data: chunk-aligned token sequences with their neighbours.
+"""Training and evaluation data: chunk-aligned token sequences with their neighbours (docs/model.md, "Data").
 
-The unit is the database's chunk: every document is cut into chunks of m
-tokens from its start (the last one padded), and the retriever gives each
-chunk K neighbours of R tokens. Laying the chunks of a set of documents end
-to end gives a stream; a sequence is S = N / m consecutive chunks of it, so
-every chunk of a sequence is a database chunk with precomputed neighbours.
-
-Targets are the next token of the same document; padding and the first token
-of a document are never predicted (target -100). Bits per byte count the
-UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
+A split's documents laid end to end, cut into the database's chunks of m tokens (each document from a
+chunk boundary, its last chunk padded), each chunk with K neighbours of R tokens; a sequence is N / m
+consecutive chunks. Targets are the next token of the same document (padding and a document's first
+token: IGNORE).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -77,10 +73,8 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
         n = -(-len(ids) // chunk_size)
         padded = np.full(n * chunk_size, pad_id, dtype=np.int64)
         padded[: len(ids)] = ids
-        v = np.zeros(n * chunk_size, dtype=bool)
-        v[: len(ids)] = True
         tokens.append(padded.reshape(n, chunk_size))
-        valid.append(v.reshape(n, chunk_size))
+        valid.append((np.arange(n * chunk_size) < len(ids)).reshape(n, chunk_size))
         doc.append(np.full(n, d, dtype=np.int64))
     return ChunkedTokens(np.concatenate(tokens), np.concatenate(valid), np.concatenate(doc))
 
@@ -96,7 +90,7 @@ class SequenceBatches:
     """
 
     def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle: bool = True, weights: Optional[np.ndarray] = None):
+                 rank: int = 0, world: int = 1, shuffle: bool = True):
         m = data.chunk_size
         if seq_len % m:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
@@ -104,30 +98,16 @@ class SequenceBatches:
         self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
         self.starts = np.arange(0, len(data), self.S)
         self.targets = data.targets()
-        self.p = None
-        if weights is not None:  # per-sequence sampling weights (an epoch = len(starts) draws)
-            if weights.shape != self.starts.shape or (weights < 0).any() or weights.sum() <= 0:
-                raise ValueError(f"weights must be {self.starts.shape} non-negative numbers, not all zero")
-            self.p = weights / weights.sum()
-        if batch_size % world:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
 
     def __len__(self) -> int:
         return len(self.starts)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self.starts
-        rng = np.random.default_rng(self.seed + epoch)
-        if self.p is not None:
-            return rng.choice(self.starts, size=len(self.starts), p=self.p)
-        return rng.permutation(self.starts)
 
     def batch(self, step: int) -> dict:
         """The local share of global batch number `step`."""
         n = len(self.starts)
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        orders = {e: self._order(e) for e in np.unique(idx // n).tolist()}
+        orders = {e: np.random.default_rng(self.seed + e).permutation(self.starts) if self.shuffle else self.starts
+                  for e in np.unique(idx // n).tolist()}
         starts = np.array([orders[int(i // n)][i % n] for i in idx])
         return self.gather(starts[self.rank :: self.world])
 
@@ -152,26 +132,7 @@ class SequenceBatches:
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest run of tokens that a and b share (longest common substring)."""
-    if len(a) == 0 or len(b) == 0:
-        return 0
-    eq = a[:, None] == b[None, :]
-    best = 0
-    prev = np.zeros(len(b) + 1, dtype=np.int64)
-    for i in range(len(a)):
-        cur = np.zeros_like(prev)
-        cur[1:] = np.where(eq[i], prev[:-1] + 1, 0)
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
-
-
-def sequence_overlap_weights(batches: "SequenceBatches", floor: float) -> np.ndarray:
-    """Sampling weight of each sequence: floor + the mean overlap of its chunks with their neighbours."""
-    overlap = chunk_overlap(batches.data)
-    S = batches.S
-    padded = np.zeros(len(batches.starts) * S)
-    padded[: len(overlap)] = overlap
-    return floor + padded.reshape(-1, S).mean(1)
+    return difflib.SequenceMatcher(None, a.tolist(), b.tolist(), autojunk=False).find_longest_match().size
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
@@ -190,33 +151,17 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
         if data.doc[c] != data.doc[c - 1]:
             continue
         chunk = data.tokens[c][data.valid[c]]
-        best = 0
-        for k in range(data.neighbours.shape[1]):
-            neighbour = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
-            best = max(best, longest_common_run(chunk, neighbour))
-        out[c] = best / m
+        out[c] = max(longest_common_run(chunk, n[ok]) for n, ok in zip(data.neighbours[c - 1],
+                                                                        data.neighbour_mask[c - 1])) / m
     return out
 
 
-TokenBytes = Callable[[np.ndarray], np.ndarray]
-
-
-# ---------------------------------------------------------------------------
 # From a retrieval database (models.retrieval)
-# ---------------------------------------------------------------------------
 
 def open_database(path, chunk_size: Optional[int] = None):
-    """Open a built retrieval database, with a clear error when there is none."""
-    from pathlib import Path
-
+    """Open a built retrieval database (--db: cli_common.database checked that there is one)."""
     from .retrieval import RetrievalDatabase
 
-    if path is None:
-        raise ValueError("--db is required: the retrieval database directory (build one with "
-                         "`python -m models build-db --out DIR`)")
-    if not (Path(path) / "manifest.json").is_file():
-        raise FileNotFoundError(f"no retrieval database at {str(path)!r} (no manifest.json); build one with "
-                                f"`python -m models build-db --out {path}`")
     expect = None if chunk_size is None else {"chunk_size": chunk_size}
     return RetrievalDatabase.open(path, expect_config=expect)
 

@@ -1,13 +1,8 @@
-"""Sampling with a KV cache and retrieval as chunks complete.
+"""Sampling with a KV cache and retrieval as chunks complete; ``python -m models generate``.
 
-    python -m models generate --checkpoint runs/x --db DIR --prompt "..." [--max-new-tokens 128
-        --temperature 0.8 --top-k 50 --top-p 0.95 --no-retrieval]
-
-The prompt is fed in one forward; then one token at a time. Whenever a chunk
-of m tokens completes, its neighbours are retrieved with its tokens, and the
-next forward (the chunk's last token, the first that may read them) encodes
-them with the chunk's activations and continues chunked cross-attention over
-them through `chunked_cross_attention(..., start_pos=...)`.
+The prompt in one forward, then one token at a time; when a chunk of m tokens completes, its neighbours
+are retrieved with its tokens and the next forward encodes them and continues CCA over them
+(docs/model.md, "Generation").
 """
 from __future__ import annotations
 
@@ -67,19 +62,15 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
     out = Generation(tokens=list(prompt), prompt_len=len(prompt))
     K, R = cfg.num_neighbours, cfg.R
 
-    def retrieve_complete_chunks():
-        done = len(out.neighbours)
-        complete = len(out.tokens) // m
-        if complete > done:
-            chunks = [np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)]
-            neighbours, mask = retriever(chunks)
-            out.neighbours.extend(np.asarray(neighbours)[:, :K, :R])
-            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
-
     def neighbour_tensors():
+        """The neighbours of every complete chunk, retrieving those of the chunks completed since the last call."""
         if retriever is None:
             return None, None
-        retrieve_complete_chunks()
+        done, complete = len(out.neighbours), len(out.tokens) // m
+        if complete > done:
+            neighbours, mask = retriever([np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)])
+            out.neighbours.extend(np.asarray(neighbours)[:, :K, :R])
+            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
         if not out.neighbours:
             return torch.zeros(1, 0, K, R, dtype=torch.long, device=device), None
         neighbours = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
@@ -128,15 +119,13 @@ def format_generation(db, result: Generation, max_neighbour_chars: int = 160) ->
     return "\n".join(lines)
 
 
-
 @command("generate")
 def main(argv=None) -> int:
     from .cli_common import SEED, Parser, UsageError, integer, number, text
-    from .evaluate import add_checkpoint_and_database_flags, add_kernels_and_device_flags, check_tokenizer, \
-        open_checkpoint_and_database
+    from .evaluate import add_model_and_database_flags, check_fits, open_checkpoint_and_database
 
     p = Parser("python -m models generate", description="sample from a RETRO model")
-    add_checkpoint_and_database_flags(p, "retrieval database (its tokenizer is the model's)")
+    add_model_and_database_flags(p, "retrieval database (its tokenizer is the model's)")
     p.add_argument("--prompt", type=text("a non-empty prompt"), required=True)
     p.add_argument("--max-new-tokens", type=integer(0, 1_000_000), default=128)
     p.add_argument("--temperature", type=number(0), default=0.8, help="0: greedy")
@@ -144,12 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.95, help="1: no nucleus cut")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-retrieval", action="store_true")
-    add_kernels_and_device_flags(p)
     flags = p.parse_args(argv)
     model, db, device = open_checkpoint_and_database(flags)
-    check_tokenizer(model.cfg, db)
-    if db.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"the database's vocabulary ({db.vocab_size}) is not the model's ({model.cfg.vocab_size})")
+    check_fits(model.cfg, db)
     retrieves = model.cfg.retrieval and not flags.no_retrieval
     retriever = database_retriever(db, model.cfg.num_neighbours) if retrieves else None
     prompt = db.encode(flags.prompt).tolist()

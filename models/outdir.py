@@ -1,18 +1,9 @@
 """Output folders: which command made a folder (a marker), which run uses it now (a lock).
 
-The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
-command deletes or replaces only what it can prove it made itself.
-
-- A command writes into a folder only if the folder is new or empty, or holds
-  its own marker ``.retro_kernels.json`` (its kind and version), or is one it
-  recognises as its own from before the markers (``legacy``). Any other
-  non-empty folder is refused, with ``--overwrite`` or without.
-- Inside its folder it deletes only files it names (its artefacts, and its own
-  temporaries, whose names follow its patterns); anything else stays.
-- While it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``, advisory):
-  a second run on the same folder is refused at once, with a message naming
-  the holder (pid, host, command). The kernel drops the lock when the
-  process dies, however it dies, so a stale lock never blocks anyone.
+A command deletes or replaces only what it can prove it made itself (docs/ARCHITECTURE.md, "What a
+command may delete or replace"): it writes into a folder only if it is new or empty or holds its own
+marker ``.retro_kernels.json``; inside, it deletes only files it names and its own temporaries; while
+it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``), which the kernel drops when the process dies.
 """
 from __future__ import annotations
 
@@ -47,15 +38,18 @@ class FolderInUse(RuntimeError):
     """Another run holds the folder's lock."""
 
 
-def read_marker(folder: Path) -> Optional[dict]:
-    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+def _json_object(path) -> Optional[dict]:
     try:
-        data = json.loads((Path(folder) / MARKER).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("version"), int):
-        return None
-    return data
+    return data if isinstance(data, dict) else None
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+    data = _json_object(Path(folder) / MARKER)
+    return data if data and data.get("kind") in KINDS and isinstance(data.get("version"), int) else None
 
 
 def user_entries(folder: Path) -> list[str]:
@@ -63,8 +57,7 @@ def user_entries(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING)
 
 
-def check_folder(folder, kind: str, option: str = "--out",
-                 legacy: Optional[Callable[[Path], bool]] = None) -> str:
+def check_folder(folder, kind: str, option: str = "--out") -> str:
     """Whether a command of ``kind`` may write into ``folder``: "new", "empty" or "ours".
 
     Raises OutputFolderError (naming ``option``) for a file, a folder another
@@ -91,8 +84,6 @@ def check_folder(folder, kind: str, option: str = "--out",
     entries = user_entries(path)
     if not entries:
         return "empty"
-    if legacy is not None and legacy(path):
-        return "ours"
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise OutputFolderError(
         f"{option} {str(path)!r} is not empty ({shown}) and was not made by `{command}`; it deletes nothing "
@@ -118,39 +109,22 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FolderLock:
-    """``with FolderLock(folder):`` holds ``folder/.retro_kernels.lock`` (flock) or raises FolderInUse."""
-
-    def __init__(self, folder, option: str = "--out"):
-        self.folder = Path(folder)
-        self.option = option
-        self._file = None
-
-    def __enter__(self) -> "FolderLock":
-        path = self.folder / LOCK
-        f = open(path, "a+")
+@contextlib.contextmanager
+def locked(folder, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder/.retro_kernels.lock`` (flock, released when the file closes) or raise FolderInUse."""
+    folder = Path(folder)
+    with open(folder / LOCK, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read()
-            f.close()
-            raise FolderInUse(f"{self.option} {str(self.folder)!r} is in use by another run "
-                              f"({describe_holder(holder)}); wait for it to finish or choose another folder") from None
+            raise FolderInUse(f"{option} {str(folder)!r} is in use by another run ({describe_holder(f.read())}); "
+                              f"wait for it to finish or choose another folder") from None
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(),
-                   "since": _now()}, f)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(), "since": _now()}, f)
         f.flush()
-        self._file = f
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-        return False
+        yield
 
 
 def describe_holder(text: str) -> str:
@@ -162,18 +136,21 @@ def describe_holder(text: str) -> str:
 
 
 @contextlib.contextmanager
-def claimed(folder, kind: str, option: str = "--out", legacy: Optional[Callable[[Path], bool]] = None,
-            temporaries: Iterable[re.Pattern] = (), inside: Iterable = ()) -> Iterator[str]:
+def claimed(folder, kind: str, option: str = "--out", temporaries: Iterable[re.Pattern] = (), inside: Iterable = (),
+            check: Optional[Callable[[], str]] = None) -> Iterator[str]:
     """Check, create, lock and mark ``folder`` for a run of ``kind``; yields its state ("new"/"empty"/"ours").
 
-    Under the lock, the leftovers of killed runs (names matching ``temporaries``;
-    folders among them only if they hold nothing but ``inside``) are removed.
+    ``check()``: the command's refusals (default: ``check_folder``; a command's own adds, say, a finished
+    run without --overwrite), before the folder is made and again under the lock. Under the lock, the
+    leftovers of killed runs (names matching ``temporaries``; folders among them only if they hold
+    nothing but ``inside``) are removed.
     """
     path = Path(folder)
-    state = check_folder(path, kind, option, legacy)
+    check = check or (lambda: check_folder(path, kind, option))
+    state = check()
     path.mkdir(parents=True, exist_ok=True)
-    with FolderLock(path, option):
-        check_folder(path, kind, option, legacy)  # again, under the lock: another run may have won
+    with locked(path, option):
+        check()  # again, under the lock: another run may have won
         write_marker(path, kind)
         remove_temporaries(path, temporaries, inside)
         yield state
@@ -214,11 +191,8 @@ def report_kind(kind: str) -> str:
 
 def read_report(path) -> Optional[dict]:
     """A JSON report we wrote (it carries our "kind"), or None."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+    data = _json_object(path)
+    return data if data and isinstance(data.get("kind"), str) else None
 
 
 def check_own_file(path, kind: str, option: str = "--out", named_by: Optional[Path] = None) -> None:

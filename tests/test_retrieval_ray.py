@@ -1,4 +1,5 @@
-"""The database build on a real local Ray cluster (2 CPUs, loopback only), against the local engine:
+"""The database build on a real local Ray cluster (2 CPUs, no dashboard; Ray cannot be
+kept to the loopback interface: it replaces 127.0.0.1 by the machine's address), against the local engine:
 the same database, resumable ranges, keys brought in with --embeddings."""
 import json
 import os
@@ -26,8 +27,7 @@ SAME_FILES = ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

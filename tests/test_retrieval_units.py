@@ -8,11 +8,12 @@ import pytest
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("tokenizers")
 
+from models.atomic import atomic_file  # noqa: E402
 from models.retrieval import corpus as corpus_mod  # noqa: E402
 from models.retrieval import index as index_mod  # noqa: E402
 from models.retrieval import build_database, held_out, split_documents  # noqa: E402
 from models.retrieval.leakage import MinHasher, find_leaked  # noqa: E402
-from models.retrieval.manifest import DatabaseError, Manifest, atomic_path  # noqa: E402
+from models.retrieval.manifest import DatabaseError, Manifest  # noqa: E402
 from models.retrieval.tokenizer import load_tokenizer, train_bpe  # noqa: E402
 
 
@@ -258,11 +259,11 @@ def test_ivfpq_factory_adapts_and_refuses_too_little_data():
 
 # --- manifest ----------------------------------------------------------------------------------
 
-def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
+def test_atomic_file_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_file(target) as tmp:
             tmp.write_bytes(b"half-written")
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
@@ -364,3 +365,22 @@ def test_max_distance_config_is_checked():
     for bad in (-1.0, "2", True, float("nan")):
         with pytest.raises(ValueError, match="max_distance"):
             make_config(max_distance=bad)
+
+
+def test_brought_in_embeddings_are_checked_before_they_are_used(tmp_path):
+    from models.retrieval.build_index import check_embeddings
+
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float16))
+    np.save(tmp_path / "b.npy", np.ones((5, 4), np.float32))
+    check_embeddings(tmp_path, 4, 15)  # a folder of parts, in name order
+    for bad in (np.nan, np.inf, 1e6):  # 1e6: beyond float16, which the database stores
+        np.save(tmp_path / "b.npy", np.full((5, 4), bad, np.float32))
+        with pytest.raises(ValueError, match="^embeddings: .*b.npy has values that are not finite float16"):
+            check_embeddings(tmp_path, 4)
+    with pytest.raises(ValueError, match="holds 10 vectors, the chunk table has 11 chunks"):
+        check_embeddings(tmp_path / "a.npy", 4, 11)
+    with pytest.raises(ValueError, match=r"expected float16 or float32 of shape \(chunks, 8\)"):
+        check_embeddings(tmp_path / "a.npy", 8)
+    np.save(tmp_path / "c.npy", np.ones((3, 4), np.int64))
+    with pytest.raises(ValueError, match="holds int64"):
+        check_embeddings(tmp_path / "c.npy", 4)

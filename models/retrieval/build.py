@@ -172,7 +172,7 @@ class Builder:
         t0 = time.perf_counter()
         info = dict(STAGE_STEPS[stage](self) or {})
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        self.manifest.record(stage, expected_files(stage, info), info)
+        self.manifest.record(stage, expected_files(stage), info)
         self.log(f"stage {stage} finished in {info['seconds']:.1f}s")
 
 
@@ -221,11 +221,11 @@ def build_database(
         check_value(name, runtime[name])
     builder = Builder(out, config, runtime, None if tokenizer is None else str(tokenizer), log)
     # the folder is the build's: new, empty or a database's; locked
-    outdir.check_folder(out, "retrieval-db", legacy=Manifest.is_database)
+    outdir.check_folder(out, "retrieval-db")
     inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
     if engine == "ray":
         engine_mod.connect(ray_address)
-    with outdir.claimed(out, "retrieval-db", legacy=Manifest.is_database, temporaries=temporary_patterns()):
+    with outdir.claimed(out, "retrieval-db", temporaries=temporary_patterns()):
         builder.open_or_create(overwrite, inputs)
         for stage in builder.stages_to_run(stop_after):
             builder.run_stage(stage)

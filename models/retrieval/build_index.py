@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
 from .engine import peak_rss_mb
-from .manifest import TEMP_SUFFIX, atomic_path, atomic_save_npy, load_npy
+from .manifest import atomic_save_npy, load_npy
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -112,7 +113,7 @@ def _train_unit(keys: str, out: str, factory: str, sample: int, seed: int) -> fl
     n, dim = vectors.shape
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
     index = index_mod.train_index(factory, dim, np.asarray(vectors[ids], dtype=np.float32))
-    with atomic_path(Path(out) / "index_trained.faiss") as tmp:
+    with atomic_file(Path(out) / "index_trained.faiss") as tmp:
         index_mod.write_index(index, tmp)
     return peak_rss_mb()
 
@@ -139,7 +140,7 @@ def add_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local",
 
 
 def _add_unit(trained: str, keys: str, lo: int, hi: int, shard: str) -> float:
-    with atomic_path(shard) as tmp:
+    with atomic_file(shard) as tmp:
         index_mod.add_shard(Path(trained), load_npy(keys), lo, hi, tmp)
     return peak_rss_mb()
 
@@ -163,7 +164,7 @@ def merge_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local
 
 def _merge_unit(out: str, shards: list[str]) -> float:
     out = Path(out)
-    with atomic_path(out / "index.ivfdata") as data_tmp, atomic_path(out / "index.faiss") as index_tmp:
+    with atomic_file(out / "index.ivfdata") as data_tmp, atomic_file(out / "index.faiss") as index_tmp:
         index_mod.merge_shards(out / "index_trained.faiss", [Path(s) for s in shards], index_tmp, out / "index.ivfdata",
                                data_tmp)
     return peak_rss_mb()
@@ -249,13 +250,13 @@ def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
     out[known] = searcher.keys[rows[known]]
     new = np.flatnonzero(~known)
     if new.size:
-        from .embed import stream_chunk_tokens
+        from .embed import chunk_tokens
 
         from .embed import cached_embedder
 
         e = spec.embed
         embedder = cached_embedder(e["embedder"], e["device"], e["batch_size"])
-        tokenizer, chunks = stream_chunk_tokens(Path(e["root"]), e["split"], a + new)
+        tokenizer, chunks = chunk_tokens(Path(e["root"]), a + new, e["split"])
         out[new] = embedder.embed_token_chunks(tokenizer, chunks)
     return out
 
@@ -341,7 +342,7 @@ def db_embed(build) -> dict:
 def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> int:
     """The .npy ``files`` (consecutive rows) copied into ``out`` a block at a time; returns the width."""
     dim = load_npy(files[0]).shape[1]
-    with atomic_path(out) as tmp:
+    with atomic_file(out) as tmp:
         joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
         pos = 0
         for f in files:
@@ -357,16 +358,15 @@ def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> in
 
 def embedding_files(path) -> list[Path]:
     """The .npy files of ``--embeddings``: the file, or a folder's .npy files in name order."""
-    path = Path(path)
-    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    files = sorted(Path(path).glob("*.npy")) if Path(path).is_dir() else [Path(path)]
     if not files or not files[0].is_file():
         raise ValueError(f"embeddings: expected a .npy file or a folder of .npy parts, got {str(path)!r}")
     return files
 
 
-def check_embeddings(path, dim: int, num_chunks: int | None = None) -> int:
-    """ValueError unless ``--embeddings`` holds (rows, dim) float16/float32 finite vectors (rows ==
-    ``num_chunks`` when given); returns the rows."""
+def check_embeddings(path, dim: int, num_chunks: int | None = None) -> None:
+    """ValueError unless ``--embeddings`` holds (rows, dim) finite float16/float32 vectors (``num_chunks``
+    rows when given), read a block at a time."""
     rows = 0
     for f in embedding_files(path):
         try:
@@ -377,22 +377,19 @@ def check_embeddings(path, dim: int, num_chunks: int | None = None) -> int:
             raise ValueError(f"embeddings: {f} holds {part.dtype} of shape {part.shape}; expected float16 or "
                              f"float32 of shape (chunks, {dim}) (the embedder's dimension)")
         for lo in range(0, part.shape[0], 65536):
-            block = np.asarray(part[lo:lo + 65536], dtype=np.float32)
-            if not np.isfinite(block).all() or np.abs(block).max(initial=0) > np.finfo(np.float16).max:
-                raise ValueError(f"embeddings: {f} has values that are not finite float16 numbers near row {lo + rows}")
+            if not (np.abs(part[lo:lo + 65536]) <= np.finfo(np.float16).max).all():  # (NaN compares False)
+                raise ValueError(f"embeddings: {f} has values that are not finite float16 numbers near row {lo}")
         rows += part.shape[0]
     if num_chunks is not None and rows != num_chunks:
         raise ValueError(f"embeddings: {path} holds {rows} vectors, the chunk table has {num_chunks} chunks")
-    return rows
 
 
 def import_embeddings(build, num_chunks: int) -> dict:
     from .embed import embedding_dim
 
-    t0, dim = time.perf_counter(), embedding_dim(build.config["embedder"])
-    check_embeddings(build.config["embeddings"], dim, num_chunks)
-    _join_parts(embedding_files(build.config["embeddings"]), build.root / "embeddings.npy", num_chunks)
-    build.log(f"embed: {num_chunks} keys copied from {build.config['embeddings']}")
-    stats_row(build.root, "embed", "local", 1, num_chunks, time.perf_counter() - t0, [],
-              [build.root / "embeddings.npy"])
+    t0, dim, path = time.perf_counter(), embedding_dim(build.config["embedder"]), build.config["embeddings"]
+    check_embeddings(path, dim, num_chunks)
+    _join_parts(embedding_files(path), build.root / "embeddings.npy", num_chunks)
+    build.log(f"embed: {num_chunks} keys copied from {path}")
+    stats_row(build.root, "embed", "local", 1, num_chunks, time.perf_counter() - t0, [], [build.root / "embeddings.npy"])
     return {"dim": dim, "embedder": build.config["embedder"], "imported": True}

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_file, write_json_atomic
 from . import corpus as corpus_mod
 from . import engine as engine_mod
 from . import index as index_mod
 from .config import held_out, split_documents
 from .embed import embedding_dim
 from .leakage import NUM_PERM, MinHasher, find_leaked
-from .manifest import SPLITS, STREAM_SPLITS, atomic_path, atomic_save_npy, atomic_write_json
+from .manifest import SPLITS, STREAM_SPLITS, atomic_save_npy
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype, train_bpe
 
 BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, at most
@@ -34,7 +35,7 @@ def train_or_copy_tokenizer(build) -> dict:
     dest = build.root / "tokenizer.json"
     if build.tokenizer_path is not None:
         load_tokenizer(build.tokenizer_path)  # validates
-        with atomic_path(dest) as tmp:
+        with atomic_file(dest) as tmp:
             shutil.copyfile(build.tokenizer_path, tmp)
         return {"trained": False}
     cfg = build.config
@@ -51,7 +52,7 @@ def train_or_copy_tokenizer(build) -> dict:
         bar.close()
 
     tokenizer = train_bpe(training_texts(), cfg["vocab_size"])
-    with atomic_path(dest) as tmp:
+    with atomic_file(dest) as tmp:
         tokenizer.save(str(tmp))
     return {"trained": True, "vocab_size": tokenizer.get_vocab_size()}
 
@@ -90,7 +91,7 @@ class DocumentTable:
         atomic_save_npy(root / "doc_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
         atomic_save_npy(root / "doc_bytes.npy", np.asarray(self.bytes, dtype=np.int64))
         atomic_save_npy(root / "doc_signatures.npy", np.stack(self.signatures).astype(np.uint64))
-        atomic_write_json(root / "doc_names.json", self.names)
+        write_json_atomic(root / "doc_names.json", self.names)
 
 
 def tokenize_corpus(build) -> dict:
@@ -108,7 +109,7 @@ def tokenize_corpus(build) -> dict:
                 cfg["align_sections"], cfg["split_seed"])
 
     bar = build.progress(desc="tokenize", unit="doc")
-    with atomic_path(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
+    with atomic_file(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
         for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
             for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
@@ -238,7 +239,7 @@ def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):
 def _tables(root, dtypes: dict, rows: int):
     """``{name: (rows,) memory-mapped .npy}`` written atomically when the block ends."""
     with contextlib.ExitStack() as stack:
-        maps = {n: np.lib.format.open_memmap(stack.enter_context(atomic_path(root / n)), mode="w+", dtype=t,
+        maps = {n: np.lib.format.open_memmap(stack.enter_context(atomic_file(root / n)), mode="w+", dtype=t,
                                              shape=(rows,)) for n, t in dtypes.items()}
         yield maps
         for table in maps.values():
@@ -260,7 +261,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
             in_db = (doc_first_chunk[doc] >= 0) & (within * m < lengths[doc])
             t[f"stream_{name}_chunk_doc.npy"][lo:hi] = doc
             t[f"stream_{name}_db_chunk.npy"][lo:hi] = np.where(in_db, doc_first_chunk[doc] + within, -1)
-    with atomic_path(build.root / f"stream_{name}.bin") as tmp:
+    with atomic_file(build.root / f"stream_{name}.bin") as tmp:
         out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
         out[:] = pad
         pos = 0

@@ -120,7 +120,6 @@ def _build_db_parser() -> Parser:
 def build_db_main(argv: list[str]) -> int:
     from .. import outdir
     from .build import build_database
-    from .manifest import Manifest
 
     flags = _build_db_parser().parse_args(argv)
     if flags.pq_m:
@@ -142,7 +141,7 @@ def build_db_main(argv: list[str]) -> int:
             check_embeddings(flags.embeddings, embedding_dim(flags.embedder))
     except ValueError as e:
         raise UsageError(f"argument --{str(e).split(':')[0]}: {str(e).split(': ', 1)[1]}") from None
-    outdir.check_folder(flags.out, "retrieval-db", legacy=Manifest.is_database)
+    outdir.check_folder(flags.out, "retrieval-db")
     t0 = time.perf_counter()
     out = build_database(
         flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,

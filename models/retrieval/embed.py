@@ -108,32 +108,22 @@ class Embedder:
 
 # -- the build's embed stage: resumable parts, in this process or on a Ray Data actor pool ------------
 
-def _database_files(root: Path):
-    """(tokenizer, tokens.bin memory-mapped, chunk size) of the database being built in ``root``."""
-    from .manifest import Manifest
+def chunk_tokens(root: Path, ids: np.ndarray, split: str | None = None):
+    """(tokenizer, the tokens of database chunks ``ids`` (a document's last chunk is shorter), or of the
+    chunks ``ids`` of stream ``split``) of the database being built in ``root``."""
+    from .manifest import Manifest, load_npy
     from .tokenizer import load_tokenizer
 
     manifest = Manifest.load(root)
-    tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(manifest.info("tokenize")["dtype"]), mode="r")
-    return load_tokenizer(root / "tokenizer.json"), tokens, int(manifest.config["chunk_size"])
-
-
-def chunk_tokens(root: Path, ids: np.ndarray):
-    """(tokenizer, the tokens of database chunks ``ids``: a document's last chunk is shorter)."""
-    from .manifest import load_npy
-
-    tokenizer, tokens, m = _database_files(root)
-    offsets, chunk_doc, chunk_start = (load_npy(root / f) for f in ("doc_offsets.npy", "chunk_doc.npy", "chunk_start.npy"))
-    starts = chunk_start[ids]
-    ends = np.minimum(starts + m, offsets[chunk_doc[ids].astype(np.int64) + 1])
-    return tokenizer, [np.asarray(tokens[s:e]) for s, e in zip(starts, ends)]
-
-
-def stream_chunk_tokens(root: Path, split: str, ids: np.ndarray):
-    """(tokenizer, the tokens of chunks ``ids`` of stream ``split``)."""
-    tokenizer, tokens, m = _database_files(root)
-    stream = np.memmap(root / f"stream_{split}.bin", dtype=tokens.dtype, mode="r")
-    return tokenizer, [np.asarray(stream[u * m:(u + 1) * m]) for u in ids]
+    m, dtype = int(manifest.config["chunk_size"]), np.dtype(manifest.info("tokenize")["dtype"])
+    if split is not None:
+        tokens, starts = np.memmap(root / f"stream_{split}.bin", dtype=dtype, mode="r"), np.asarray(ids) * m
+        ends = starts + m
+    else:
+        tokens, starts = np.memmap(root / "tokens.bin", dtype=dtype, mode="r"), load_npy(root / "chunk_start.npy")[ids]
+        doc = load_npy(root / "chunk_doc.npy")[ids].astype(np.int64)
+        ends = np.minimum(starts + m, load_npy(root / "doc_offsets.npy")[doc + 1])
+    return load_tokenizer(root / "tokenizer.json"), [np.asarray(tokens[s:e]) for s, e in zip(starts, ends)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -169,12 +159,11 @@ def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[fl
     """The parts ``todo`` embedded by a Ray Data actor pool; the peak memory of each part's actor."""
     import logging
 
-    import ray
+    import ray.data
 
     from .engine import cluster
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # (after its import, which sets it)
     gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
     size = max(1, min(workers, gpus or cpus, len(todo)))
     # an actor pool holding every CPU would starve the tasks that feed it: half a CPU stays free

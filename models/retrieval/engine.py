@@ -7,8 +7,10 @@ that ran it, so a stage's peak is that of its largest worker.
 
 Ray joins the cluster at ``address`` or ``RAY_ADDRESS`` (``ray start --head``
 on one machine, ``ray start --address HEAD:6379`` on the others), or starts a
-local one that listens on the loopback interface only. Every worker must see
-the database folder at the same path (one machine, or a shared filesystem).
+local one without a dashboard. (Ray cannot be kept to the loopback interface:
+it replaces 127.0.0.1 by the machine's address and its servers listen on every
+interface, behind its token authentication.) Every worker must see the
+database folder at the same path (one machine, or a shared filesystem).
 """
 from __future__ import annotations
 
@@ -37,18 +39,18 @@ def check_engine(engine: str) -> None:
 
 
 def connect(address: str | None = None) -> None:
-    """Join the Ray cluster at ``address`` (else ``RAY_ADDRESS``), or start a local one on loopback."""
+    """Join the Ray cluster at ``address`` (else ``RAY_ADDRESS``), or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:
         # its workers import this package from where this process does (a checkout, or site-packages)
         path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="WARNING",
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..runtime import progress_bar
 from . import consistency
 from .index import Searcher
-from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
+from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -114,7 +115,6 @@ class RetrievalDatabase:
         self.embeddings = load_npy(self.root / "embeddings.npy")
         self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
                               nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
-        self._embedder = None
         self._embedder_device = embedder_device
         self._embed_batch_size = embed_batch_size
         consistency.check_loaded(self)
@@ -199,12 +199,9 @@ class RetrievalDatabase:
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from .embed import Embedder
+        from .embed import cached_embedder  # (one per process and model)
 
-            self._embedder = Embedder(self.config["embedder"], device=self._embedder_device,
-                                      batch_size=self._embed_batch_size)
-        return self._embedder
+        return cached_embedder(self.config["embedder"], self._embedder_device, self._embed_batch_size)
 
     def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
         """(n, dim) float32 keys of chunks of language-model token ids."""
@@ -293,7 +290,7 @@ class RetrievalDatabase:
             table = np.empty((n, k), dtype=np.int64)
             fill(table)
             return table
-        with atomic_path(out) as tmp:
+        with atomic_file(out) as tmp:
             table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))
             fill(table)
             table.flush()
