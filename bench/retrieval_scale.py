@@ -155,24 +155,6 @@ def factory(n: int, dim: int = DIM) -> str:
     return f"IVF{nlist},PQ48"
 
 
-def train_sample_size(n: int) -> int:
-    return min(n, 100_000)
-
-
-def peer_train(keys_path: str, out: str, factory_string: str) -> dict:
-    import faiss
-
-    keys = np.load(keys_path, mmap_mode="r")
-    n = keys.shape[0]
-    ids = np.sort(np.random.default_rng(0).choice(n, train_sample_size(n), replace=False))
-    index = faiss.index_factory(keys.shape[1], factory_string)
-    index.cp.min_points_per_centroid = 1
-    index.do_polysemous_training = False
-    index.train(np.asarray(keys[ids], dtype=np.float32))
-    faiss.write_index(index, out)
-    return {"n_vectors": int(ids.size)}
-
-
 def peer_add(keys_path: str, trained: str, out: str, lo: int, hi: int) -> dict:
     """keys[lo:hi] added to the trained index, in RAM, written to ``out``."""
     import faiss
@@ -275,11 +257,8 @@ class SizeData:
 def peer_rows(data: SizeData, work: Path, workers: int, p: dict, trained: Path) -> list[dict]:
     """before: added in one process (a shard per SHARD_SIZE), shards searched in turn, no re-ranking;
     inram: the engines' shards, ``workers`` added at once, merged in RAM, searched in RAM. Both start from ``trained``
-    (the local engine's trained index: the same training), or train it first."""
+    (the local engine's trained index: the same training)."""
     n, keys, trained, nprobe, rows = data.n, str(data.keys), str(trained), p["nprobe"], []
-    if not os.path.exists(trained):
-        m = in_process(peer_train, keys, trained, p["factory"])
-        rows.append(make_row("train_index", "before", 1, n, {**m, "bytes_on_disk": disk_bytes(trained)}, m["n_vectors"]))
     ranges = [(lo, min(lo + SHARD_SIZE, n)) for lo in range(0, n, SHARD_SIZE)]
     shards = [str(work / f"before_{i:03d}.faiss") for i in range(len(ranges))]
     m = in_process(_add_in_turn, keys, trained, shards, ranges)
@@ -444,7 +423,7 @@ def machine() -> dict:
 
 def params(n: int, quick: bool, shard_size: int, range_ids: int, max_workers: int) -> dict:
     f = factory(n) + ("x4" if quick else "")  # 4-bit codebooks: seconds, not minutes, to train
-    return {"factory": f, "sample": train_sample_size(n), "shard_size": shard_size, "nprobe": 16 if quick else 32,
+    return {"factory": f, "sample": min(n, 100_000), "shard_size": shard_size, "nprobe": 16 if quick else 32,
             "rerank": 0, "range_size": -(-range_ids // (2 * max_workers))}
 
 
@@ -540,8 +519,9 @@ def parse_args(argv):
     args.engines = set(e.strip() for e in args.engines.split(",") if e.strip())
     if not args.engines or args.engines - set(ENGINES + ("scann",)):
         p.error(f"argument --engines: expected some of before, inram, local, ray, scann, got {sorted(args.engines)}")
-    if "scann" in args.engines and "local" not in args.engines:
-        p.error("argument --engines: scann is compared with the local engine's index: name local too")
+    if args.engines & {"before", "inram", "scann"} and "local" not in args.engines:
+        p.error("argument --engines: before, inram and scann start from or compare with the local engine's "
+                "index: name local too")
     args.queries = args.queries or (1000 if args.quick else 10_000)
     args.truth = min(args.truth or (100 if args.quick else 500), args.queries)
     args.scann_size = args.scann_size or sorted(args.sizes)[len(args.sizes) // 2]

@@ -64,7 +64,7 @@ def test_rows_at_tiny_sizes(tmp_path):
 
 @pytest.mark.parametrize("args, names", [
     (["--sizes", "10"], "--sizes"), (["--sizes", "a,b"], "--sizes"), (["--workers", "0"], "--workers"),
-    (["--engines", "spark"], "--engines"), (["--engines", "scann"], "--engines"),
+    (["--engines", "spark"], "--engines"), (["--engines", "scann"], "--engines"), (["--engines", "inram"], "--engines"),
     (["--sizes", "1000,2000", "--scann-size", "3000"], "--scann-size"), (["--scratch", "/no/such"], "--scratch"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path, args, names):
