@@ -98,7 +98,7 @@ def prepare(model: nn.Module, layout: Layout, device: torch.device, activation_c
             checkpoint(block)
         if compile:
             block.compile()
-    if layout.mesh is None:
+    if layout.mesh is None or layout.parallel == "ddp" and layout.dp_size == 1:
         return model
     if layout.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
