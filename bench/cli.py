@@ -36,6 +36,7 @@ OP_NAMES = {"chunked_cross_attention": "CCA", "neighbour_self_attention": "NSA",
             "neighbour_cross_attention": "NCA", "cpu_cca": "cpu_cca"}
 WHATS = ("ops", "model", "retrieval", "all", "report")
 SWEEP_NAMES = {name: name for name in ("paper", "base", "mask", "K", "D", "N", "GQA")}
+PARALLEL_NAMES = {name: name for name in ("single", "ddp", "fsdp", "tp")}
 
 # The suites besides the ops ("hooks"): (module, how it is called); their rows need not follow
 # bench/common.py's schema.
@@ -63,6 +64,8 @@ def parse_args(argv=None):
                    help="comma-separated sweeps to run (paper, base, mask, K, D, N, GQA); default all")
     p.add_argument("--ops", type=name_list(OP_NAMES, "op"), default=None,
                    help="comma-separated ops to run (chunked_cross_attention or CCA, NSA, NCA); default all")
+    p.add_argument("--parallel", type=name_list(PARALLEL_NAMES, "layout"), default=None,
+                   help="model: the training step in these layouts (single, ddp, fsdp, tp; 2 torchrun processes)")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing")
     # Unknown options first: `--opps CCA` is a misspelt option, not a bad `what`.
     args, extras = p.parse_known_args(argv)
@@ -73,7 +76,7 @@ def parse_args(argv=None):
     return args
 
 
-def run_hook(suite: str, quick: bool, device) -> list[dict]:
+def run_hook(suite: str, quick: bool, device, parallel=None) -> list[dict]:
     """Rows of one of HOOKS, or one row saying why there are none ('skipped' without its module, 'failed')."""
     from .common import make_row
 
@@ -88,6 +91,8 @@ def run_hook(suite: str, quick: bool, device) -> list[dict]:
         kwargs = {"quick": quick}
         if "device" in params:
             kwargs["device"] = device.type
+        if parallel:
+            kwargs["parallel"] = parallel
         rows = list(module.run(**kwargs))
     except Exception as e:
         traceback.print_exc()
@@ -196,5 +201,5 @@ def suite_rows(args, device, dtypes: list[str]) -> list[dict]:
             rows += run_hook("cpu_cca", args.quick, device)
     for suite in ("model", "retrieval"):
         if args.what in (suite, "all"):
-            rows += run_hook(suite, args.quick, device)
+            rows += run_hook(suite, args.quick, device, args.parallel if suite == "model" else None)
     return rows

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -243,11 +243,17 @@ READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, Ind
 def load_model_weights(model, path, strict: bool = True):
     """Load weights into `model` (any layout: its slices of them); returns (missing, unexpected) key lists."""
     folder = resolve(path)
+    for file in sharded.shard_files(folder):
+        try:
+            safe_open(str(file), "pt").__exit__(None, None, None)  # reads and checks the header only
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
+                                  f"(truncated, or not a checkpoint: {one_line(e)})") from None
     try:
         return sharded.load_model(folder, model, strict=strict)
     except READ_ERRORS as e:
-        raise CheckpointError(f"checkpoint {folder}: its shard-*.safetensors are damaged or do not match the model "
-                              f"its config.json describes ({one_line(e)[:400]})") from None
+        raise CheckpointError(f"checkpoint {folder / 'shard-*.safetensors'} does not match the model its "
+                              f"config.json describes ({one_line(e)[:400]})") from None
 
 
 def nonfinite_parameters(model) -> list[str]:
@@ -267,7 +273,7 @@ def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
     bad = nonfinite_parameters(model)
     if bad and not allow_nonfinite:
         raise CheckpointError(
-            f"checkpoint {resolve(path)} holds NaN/inf weights in {len(bad)} "
+            f"checkpoint {resolve(path) / 'shard-*.safetensors'} holds NaN/inf weights in {len(bad)} "
             f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
     return model.to(device).eval()
 

@@ -55,6 +55,7 @@ from retro_kernels.nn import ChunkedCrossAttention
 
 from .config import KERNELS
 from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
+from .sharded import shard_files
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
@@ -449,7 +450,7 @@ def base_kind(path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a directory (expected a models checkpoint "
                                 f"or a transformers model folder)")
-    if (path / "latest.json").is_file() or (path / "model.safetensors").is_file() and _is_our_config(path):
+    if (path / "latest.json").is_file() or shard_files(path) and _is_our_config(path):
         return "models"
     config = path / "config.json"
     if config.is_file():
@@ -459,7 +460,7 @@ def base_kind(path) -> str:
             meta = {}
         if "model_type" in meta:
             return "hf"
-    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
+    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + shard-*.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
 
 
@@ -475,7 +476,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
         from .checkpoint import resolve
 
         ckpt = resolve(path)
-        return [ckpt / "config.json", ckpt / "model.safetensors"]
+        return [ckpt / "config.json", *shard_files(ckpt)]
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"{str(path)!r} has no *.safetensors weights (pickled .bin weights are "
