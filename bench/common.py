@@ -24,7 +24,7 @@ Measurement keys, filled by the benchmark module:
     status        str   "ok", "skipped" (cannot run here) or "failed" (raised)
     reason        str|None   why skipped/failed; None when ok
     time_ms       float|None   median wall time of one call
-    flops         float|None   floating-point operations of one call (model: DESIGN.md)
+    flops         float|None   floating-point operations of one call (model: docs/spec.md#cost-model)
     bytes         float|None   bytes one call must move at least (the roofline model)
     tflops        float|None   flops / time
     gbps          float|None   bytes / time, GB/s (1e9 bytes)
@@ -32,7 +32,7 @@ Measurement keys, filled by the benchmark module:
     matmul_pct    float|None   tflops / measured matmul peak * 100
     speedup       dict  {peer impl: peer time / this time}, for role "ours"
     max_abs_err   float|None   forward output vs the reference at this shape
-    targets       dict  goals from issue 7 that apply to this row (recorded, never asserted):
+    targets       dict  the benchmark's goals that apply to this row (recorded, never asserted):
                         {"roofline_pct_min": 85, "speedup_min": {"sdpa": 1.3}, ...}
     targets_met   dict  {target name: bool} for the targets that could be evaluated
     metrics       dict  anything else a module measures (tokens_per_s, peak_mem_bytes, ...)

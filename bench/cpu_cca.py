@@ -158,7 +158,7 @@ def peak_memory(variant, masked, shape=None):
 
 QUICK_SHAPE = dict(SHAPE, B=1, N=256)  # --quick: the same kernels, a quarter of the work
 IMPL = {"cpu": "retro_kernels:cpu", "pad_sdpa": "sdpa", "reference": "reference"}
-# issue 15's targets (recorded, never asserted): forward+backward vs pad + SDPA, and the
+# targets (recorded, never asserted): forward+backward vs pad + SDPA, and the
 # fraction of the torch.mm rate; the neighbour ops vs their fastest SDPA peer
 TARGET_SPEEDUP = 1.25
 TARGET_OF_MM = 0.6
@@ -278,7 +278,7 @@ def cca_row(name, s, masked, times, flops, of_mm, mm_rate, machine, peak, load) 
 
 def neighbour_cases(quick: bool):
     """(bench, case) pairs: bench/ops.py's CPU base shapes of the two neighbour ops, and
-    the cross-attention with K=1 (where issue 15 found it slowest)."""
+    the cross-attention with K=1 (its slowest case against SDPA)."""
     from bench import ops
 
     cpu = torch.device("cpu")

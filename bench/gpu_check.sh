@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a GPU session: build, check and measure retro_kernels on
+# The one command to run on a GPU machine: build, check and measure retro_kernels on
 # the GPU it finds, inside 8 minutes of wall time, and leave every result in
 # OUT_DIR (at most 6 files, each well under 16 MiB):
 #

@@ -178,7 +178,7 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
     """(C,) overlap of each chunk with the neighbours used to predict it.
 
     Chunk c's tokens are predicted from positions that read the neighbours
-    retrieved with chunk c-1 (DESIGN.md's shift), so its overlap is the longest
+    retrieved with chunk c-1 (docs/spec.md#the-shift), so its overlap is the longest
     common token run between chunk c and any of those neighbours, divided by m.
     A document's first chunk has none: overlap 0.
     """

@@ -2,7 +2,7 @@
 
 bpb = sum over predicted tokens of NLL (nats) / ln 2 / UTF-8 bytes of those tokens.
 Every token of a document except its first is predicted, so this is the
-DESIGN.md formula over the text the model predicts; it does not depend on the
+formula of docs/spec.md#evaluation over the text the model predicts; it does not depend on the
 tokenizer.
 
 Overlap breakdown (RETRO paper, section 4.4): each evaluation chunk is

@@ -246,8 +246,8 @@ class _CpuBuild:
             # torch's own lock file, left behind by a compile that was killed: nobody else holds ours
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / "lock").unlink()
-            sys.stderr.write(f"retro_kernels: compiling the C++ CPU kernels on first use (a few minutes on "
-                             f"2 cores, once; cached in {self.folder}) ... ")
+            sys.stderr.write(f"retro_kernels: compiling the C++ CPU kernels on first use (a few "
+                             f"minutes, once; cached in {self.folder}) ... ")
             sys.stderr.flush()
             start = time.perf_counter()
             try:

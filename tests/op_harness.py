@@ -5,7 +5,7 @@ table of cases, its own mask kinds and whatever else is particular to it. Every
 test here then runs for that op on every fused backend, in every dtype it
 declares (backends.declared: the one way the tests find backends; what cannot
 run here is skipped, saying why), against the reference, forward and backward,
-under DESIGN.md's tolerances (tolerances.py):
+under the tolerances of docs/spec.md#tolerances (tolerances.py):
 
 - the case table, which must hold the awkward cases (`AWKWARD`: head dims that
   are not powers of two, grouped-query and multi-query heads, no mask, and the

@@ -26,7 +26,7 @@ def test_cca_cost_model_matches_design_at_paper_shape():
     assert bwd_bytes == 2 * nbytes + 4 * 16 * 16 * 2048
     both = bench.cost(case, "fwd+bwd")
     assert both == (flops + bwd_flops, nbytes + bwd_bytes)
-    # about 51 FLOP per byte at these shapes in 16-bit types, as DESIGN.md says
+    # about 51 FLOP per byte at these shapes in 16-bit types, as docs/spec.md#cost-model says
     per_chunk_head_flops = 4 * 64 * 256 * 128
     per_chunk_head_bytes = 2 * (64 * 128 + 2 * 256 * 128 + 64 * 128)
     assert 45 < per_chunk_head_flops / per_chunk_head_bytes < 55

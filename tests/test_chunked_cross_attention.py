@@ -1,7 +1,7 @@
 """chunked_cross_attention: what is particular to it; every backend against the reference runs in op_harness.
 
 Its cases (N % m != 0, N < m, start_pos, m = 1, extra chunks, hidden chunks ...),
-its mask kinds, decoding token by token, and the reference against DESIGN.md's rule.
+its mask kinds, decoding token by token, and the reference against the rule of docs/spec.md#the-shift.
 """
 import math
 

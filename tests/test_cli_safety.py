@@ -1,4 +1,4 @@
-"""Every `python -m models` command on a real (small) database: issue 13's reproductions.
+"""Every `python -m models` command on a real (small) database, on every input known to break one.
 
 Bad arguments: one line naming the argument and what it expects, exit 2, before
 any work. Failures: one line naming the file or argument, exit 1. Never a

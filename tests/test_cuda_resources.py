@@ -2,7 +2,7 @@
 every kernel compiles for sm_80 and sm_90a, nothing spills, and each kernel reaches the
 occupancy it is built for (its __launch_bounds__ target; on an H100/H200 also by shared memory).
 
-The compile takes about a minute on 2 cores (both .cu files, both architectures, in parallel).
+The compile takes about a minute (both .cu files, both architectures, in parallel).
 Without nvcc the test is skipped, except in CI (CI=true), where .ci/run requires nvcc anyway.
 """
 from __future__ import annotations

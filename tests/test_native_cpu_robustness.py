@@ -1,11 +1,10 @@
-"""The C++ CPU kernels on the inputs issue 13 found them wrong on (each of these failed
-before the fix):
+"""The C++ CPU kernels on inputs that are easy to get wrong:
 
-- a huge softmax scale: the backward was wrong (dv 5e11 instead of 3 at scale 1e8,
-  NaN at 1e30) while the forward was right; now it is right wherever the forward is;
+- a huge softmax scale: the backward must be right wherever the forward is (a naive
+  backward gives dv 5e11 instead of 3 at scale 1e8, NaN at 1e30);
 - non-finite values at masked positions: a masked token takes no part, whatever it
   holds (NaN or inf in a masked k, v, or, for the self-attention, q and dout);
-- start_pos near 2^63: positions past 2^63 - 1 overflowed (garbage rows).
+- start_pos near 2^63: positions past 2^63 - 1 must not overflow into garbage rows.
 """
 from __future__ import annotations
 
@@ -150,7 +149,7 @@ def test_neighbour_cross_attention_masked_chunk_tokens_take_no_part(value):
 # ---------------------------------------------------------------------------
 
 def cca_by_hand(q, k, v, m, start_pos):
-    """The rule of DESIGN.md, token by token in float64 with Python integers."""
+    """The rule of docs/spec.md#the-shift, token by token in float64 with Python integers."""
     B, N, H, D = q.shape
     out = torch.zeros(B, N, H, D, dtype=torch.float64)
     for i in range(N):

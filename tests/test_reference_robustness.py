@@ -1,7 +1,7 @@
 """The references (the specification, and the fallback path) on hostile input.
 
 - A masked token takes no part whatever it holds: NaN or inf at masked
-  positions changes nothing, in the output or the gradients (issue 13, item 11).
+  positions changes nothing, in the output or the gradients.
 - Chunked cross-attention's memory is O(input), not O(start_pos): a token at
   start_pos = 5e7 must not materialise 5e7 positions.
 - The layers and the model config reject rotary_base <= 0.
@@ -86,7 +86,7 @@ def test_neighbour_cross_attention_ignores_whatever_hidden_chunk_tokens_hold(val
 
 
 def _naive_cca(q, k, v, m, mask, start_pos):
-    """DESIGN.md's rule token by token: position t >= m-1 attends to the neighbours of chunk (t-(m-1))//m."""
+    """docs/spec.md#the-shift token by token: position t >= m-1 reads the neighbours of chunk (t-(m-1))//m."""
     B, N, Hq, D = q.shape
     K, R, Hkv = k.shape[2], k.shape[3], k.shape[4]
     out = torch.zeros_like(q)
@@ -140,7 +140,7 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("start_pos", [0, 7, 50_000_000])
 def test_chunked_cross_attention_memory_is_o_input_not_o_start_pos(start_pos):
-    """One token at start_pos = 5e7 (issue 13: the reference padded all 5e7 positions first)."""
+    """One token at start_pos = 5e7 (the reference must not pad all 5e7 positions first)."""
     m, Hq, D = 64, 1, 2  # small heads: a regression fails the assertion, not the machine
     N = 1
     L = (start_pos + N) // m + 1

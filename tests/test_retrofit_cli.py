@@ -52,7 +52,7 @@ def our_decoder(path, db, retrieval=False, nan=False):
                       retrieval=retrieval, cca_start_layer=1, kernels="reference",
                       extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     model = RetroModel(cfg)
-    if nan:  # what a diverged run saved before issue 13
+    if nan:  # what a diverged run would save
         with torch.no_grad():
             model.embed.weight.fill_(float("nan"))
     ckpt.save_checkpoint(path, model)

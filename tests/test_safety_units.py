@@ -1,4 +1,4 @@
-"""Nothing a user has is ever lost (issue 13): output folders, locks, checkpoints, non-finite runs.
+"""Nothing a user has is ever lost: output folders, locks, checkpoints, non-finite runs.
 
 The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
 command deletes or replaces only what it can prove it made itself. These tests
@@ -105,7 +105,7 @@ def test_stale_temporaries_go_but_look_alike_user_files_stay(tmp_path):
 # -- checkpoints -------------------------------------------------------------------------
 
 def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path):
-    """Issue 13, reproduction 2: glob("step-*") + rmtree deleted a user's step-2023-backup/."""
+    """glob("step-*") + rmtree would delete a user's step-2023-backup/."""
     out = tmp_path / "run"
     train(config(), synthetic_data(), args(out, steps=1, accum=1), log=quiet)  # a run of ours
     backup = out / "step-2023-backup"
@@ -121,8 +121,8 @@ def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path):
 
 
 def test_a_finished_run_is_replaced_only_on_request_and_only_after_the_new_checkpoint(tmp_path, monkeypatch):
-    """Issue 13, reproduction 4: train without --resume silently replaced a finished run; killed between
-    the rmtree and the replace, latest.json named a deleted checkpoint."""
+    """train without --resume must not silently replace a finished run; killed between the
+    removal and the replace, latest.json must not name a deleted checkpoint."""
     out = tmp_path / "run"
     first = train(config(), synthetic_data(), args(out, steps=2, accum=1), log=quiet)
     with pytest.raises(outdir.OutputFolderError, match="holds a training run .* --resume .* --overwrite"):
@@ -191,7 +191,7 @@ def test_broken_checkpoint_files_get_an_error_naming_the_file(tmp_path):
 # -- non-finite numbers ------------------------------------------------------------------
 
 def test_bad_training_numbers_are_refused_before_anything_runs(tmp_path):
-    """Issue 13, reproduction 7: --clip -1 ran gradient ascent, --weight-decay nan saved a NaN model, ..."""
+    """--clip -1 would run gradient ascent, --weight-decay nan would save a NaN model, ..."""
     for bad, match in [(dict(clip=-1.0), "clip"), (dict(weight_decay=float("nan")), "weight_decay"),
                        (dict(steps=0), "steps"), (dict(retrieval_dropout=2.0), "retrieval_dropout"),
                        (dict(warmup=-5), "warmup"), (dict(eval_every=-1), "eval_every"),
@@ -204,7 +204,7 @@ def test_bad_training_numbers_are_refused_before_anything_runs(tmp_path):
 
 
 def nan_checkpoint(path: Path, cfg) -> Path:
-    """A real checkpoint whose weights are NaN (what a diverged run saved before issue 13)."""
+    """A real checkpoint whose weights are NaN (what a diverged run would save)."""
     model = RetroModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -249,6 +249,6 @@ def test_checkpoint_without_optimizer_and_legacy_latest_json_still_load(tmp_path
     model = RetroModel(config())
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unrelated.safetensors"))
     path = ckpt.save_checkpoint(tmp_path, model, step=3)
-    (tmp_path / ckpt.LATEST).write_text(json.dumps({"checkpoint": path.name, "step": 3}))  # before issue 13
+    (tmp_path / ckpt.LATEST).write_text(json.dumps({"checkpoint": path.name, "step": 3}))  # a latest.json without its list of checkpoints
     assert ckpt.resolve(tmp_path) == path and ckpt.is_run_folder(tmp_path)
     assert (tmp_path / "unrelated.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Comparisons against the reference, with the tolerances of DESIGN.md.
+"""Comparisons against the reference, with the tolerances of docs/spec.md#tolerances.
 
 fp32: tight absolute and relative tolerances.
 fp16/bf16: compute the reference in fp32 (ref32) and in the low precision with

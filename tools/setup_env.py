@@ -153,7 +153,7 @@ def install_package(python: str, extras: str, constraints: Path, log: Path, no_d
 
 
 def build_native(python: str, log: Path) -> None:
-    say(f"building the native kernels from csrc/ with ninja (a few minutes the first time on 2 cores; "
+    say(f"building the native kernels from csrc/ with ninja (a few minutes the first time; "
         f"log: {log.relative_to(ROOT)})")
     scripts = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
                              capture_output=True, text=True).stdout.strip()

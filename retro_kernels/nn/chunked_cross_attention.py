@@ -20,7 +20,7 @@ class ChunkedCrossAttention(nn.Module):
         n_kv_heads: key/value heads (default n_heads; fewer = grouped-query).
         head_dim: default d_model // n_heads.
         rotary: apply rotary relative positions with the CCA convention of
-            DESIGN.md: the query at attending index i is rotated by i + m - 1,
+            docs/spec.md#positions-inside-cca: the query at attending index i is rotated by i + m - 1,
             neighbour token j by j, so the relative position is i - j + m - 1.
         backend: passed to `chunked_cross_attention`.
 

@@ -12,7 +12,7 @@ from .rotary import RotaryEmbedding
 
 
 class NeighbourEncoderLayer(nn.Module):
-    """Pre-norm encoder block over the retrieved neighbours (DESIGN.md, "The retrieval encoder").
+    """Pre-norm encoder block over the retrieved neighbours (docs/spec.md#the-neighbour-encoder).
 
         x = x + SelfAttention(RMSNorm(x))            within each neighbour, bidirectional
         x = x + CrossAttention(RMSNorm(x), RMSNorm(chunk))   if cross_attention

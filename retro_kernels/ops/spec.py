@@ -5,7 +5,7 @@ the op is made from it, once, for all ops (retro_kernels/ops/_op.py): the argume
 checks (retro_kernels/_checks.py), the pair of torch custom ops with their fake
 implementations and autograd, and the calls into the backends.
 
-Layouts are written as in DESIGN.md, "(B, N, Hq, D)": dims that share a name
+Layouts are written as in docs/spec.md#notation-and-layouts, "(B, N, Hq, D)": dims that share a name
 must have the same size in every tensor. By convention the query heads are Hq,
 the key/value heads Hkv (Hq % Hkv == 0) and the head dim D.
 

@@ -1,7 +1,7 @@
 """Chunked cross-attention, in plain PyTorch: the specification.
 
 This follows the RETRO paper's pseudocode step by step (Borgeaud et al. 2022,
-and ../shared/DESIGN.md). It pads, reshapes and copies freely: it is the
+and docs/spec.md#chunked-cross-attention). It pads, reshapes and copies freely: it is the
 oracle that every fused backend is tested against, not a fast path. Its
 memory is O(input) all the same (it is also the fallback path): it builds
 only the attending chunks that hold one of the given queries, never the
@@ -24,7 +24,7 @@ def chunked_cross_attention(
     scale: float | None = None,
     start_pos: int = 0,
 ) -> torch.Tensor:
-    """q (B, N, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, N, Hq, D). See DESIGN.md."""
+    """q (B, N, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, N, Hq, D). See docs/spec.md#the-shift."""
     B, N, Hq, D = q.shape
     _, L, K, R, Hkv, _ = k.shape
     m = chunk_size

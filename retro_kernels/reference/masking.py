@@ -1,7 +1,7 @@
 """Masking shared by every reference: a masked token takes no part, a row with no key outputs zeros.
 
 The references differ in which tokens attend to which; how a mask acts is the
-same for all of them (DESIGN.md: masks are bool, True = a real token).
+same for all of them (docs/spec.md#masks: masks are bool, True = a real token).
 """
 from __future__ import annotations
 

@@ -7,8 +7,7 @@ All K neighbours of a chunk share those keys, so here the K*R neighbour tokens
 of a chunk are simply treated as one block of queries against the chunk's M
 keys. `chunk_mask` (B, L, M) hides the missing tokens of a partial last chunk;
 a hidden token takes no part whatever it holds, and a query whose every key
-is hidden outputs zeros. See ../shared/DESIGN.md,
-"The retrieval encoder".
+is hidden outputs zeros. See docs/spec.md#the-neighbour-encoder.
 
 This is the oracle that the fused backends are tested against, not a fast
 path. Gradients come from PyTorch's autograd.

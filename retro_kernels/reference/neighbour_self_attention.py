@@ -6,7 +6,7 @@ its own. Every token of neighbour (b, l, k) attends to every real token of
 the same neighbour; padding tokens (neighbour_mask False) take no weight as
 keys, and as queries they output zeros (and so get zero gradients), whatever
 values they hold.
-See ../shared/DESIGN.md, "The retrieval encoder".
+See docs/spec.md#the-neighbour-encoder.
 
 It repeats the key/value heads for grouped-query attention and builds the
 full R x R score tensor: it is the oracle that the fused backends are tested
