@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-db": ("models.retrieval.cli:build_db_main", "build (or resume) a retrieval database from a corpus"),
     "query": ("models.retrieval.cli:query_main", "print the nearest database chunks of some text"),
     "db-info": ("models.retrieval.cli:info_main", "validate a retrieval database and print its summary"),
-    "train": ("models.train:main", "train a RETRO model (or a plain decoder, or retrofit one) on a database"),
+    "train": ("models.train:main", "train a RETRO model (or a plain decoder) on a database"),
     "retrofit": ("models.retrofit_train:main", "freeze a trained decoder (ours or a transformers one), add retrieval, train it"),
     "eval": ("models.evaluate:main", "bits per byte on held-out documents, retrieval ON and OFF"),
     "generate": ("models.generate:main", "sample from a model, retrieving as chunks complete"),

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import sharded
-from .atomic import fsync_dir, write_json_atomic
+from .atomic import fsync_dir, temporaries, write_json_atomic
 from .config import RetroConfig
 from .errors import one_line
 from .model import RetroModel
@@ -49,7 +49,7 @@ RUN_KIND = "retro_kernels/train-run"
 CHECKPOINT_FILES = ("config.json", "rng.safetensors", "state.json", sharded.SHARD_FILE)
 STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
 # Leftovers of killed runs, removed when a run takes the folder (mkdtemp below; atomic_file for latest.json).
-TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), re.compile(r"\.latest\.json\.[a-z0-9_]{8}\.tmp"))
+TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), *temporaries(LATEST))
 
 
 class CheckpointError(ValueError):
@@ -93,24 +93,13 @@ def read_latest(out) -> Optional[dict]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is corrupted ({one_line(e)})") from None
-    names = data.get("checkpoints", [data.get("checkpoint")]) if isinstance(data, dict) else None
-    superseded = data.get("superseded", []) if isinstance(data, dict) else None
-    ok = isinstance(data, dict) and isinstance(data.get("checkpoint"), str) and STEP_NAME.fullmatch(data["checkpoint"])
-    ok = ok and all(isinstance(n, list) and all(isinstance(x, str) and STEP_NAME.fullmatch(x) for x in n)
-                    for n in (names, superseded))
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("checkpoints", "superseded"))
+    named = [data.get("checkpoint"), *data["checkpoints"], *data["superseded"]] if ok else []
+    ok = ok and all(isinstance(n, str) and STEP_NAME.fullmatch(n) for n in named)
     if not ok:
         raise CheckpointError(f"{path} is corrupted: expected {{\"checkpoint\": \"step-XXXXXXXX\", ...}} "
                               f"naming checkpoints of this folder")
-    return {**data, "checkpoints": names, "superseded": superseded}
-
-
-def is_run_folder(folder) -> bool:
-    """Whether `folder` holds a training run (latest.json naming a checkpoint): made by `train`."""
-    try:
-        latest = read_latest(folder)
-    except CheckpointError:
-        return False
-    return latest is not None and bool(sharded.shard_files(Path(folder) / latest["checkpoint"]))
+    return data
 
 
 def is_checkpoint_file(name: str) -> bool:
@@ -140,8 +129,6 @@ class RunCheckpoints:
     """
 
     def __init__(self, out, keep: int = 2, replace_previous: bool = False):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
         self.out, self.keep = Path(out), keep
         latest = read_latest(self.out)
         previous = latest["checkpoints"] if latest else []
@@ -293,7 +280,8 @@ def load_training_state(path, optimizer=None, restore_rng: bool = True, model=No
             current = path / "rng.safetensors"
             rng = load_file(str(current))
             set_rng_state({k[len("rng."):]: v for k, v in rng.items()}, meta["rng"])
-    except READ_ERRORS as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
+            SafetensorError) as e:
         raise CheckpointError(f"checkpoint {current} cannot be resumed from ({type(e).__name__}: "
                               f"{one_line(e)[:300]})") from None
     return meta

@@ -174,13 +174,6 @@ def device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
 
 
-def existing_file(text: str) -> str:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file" if path.exists() else f"{text!r} does not exist")
-    return text
-
-
 def existing_path(text: str) -> str:
     if not text or not Path(text).exists():
         raise argparse.ArgumentTypeError(f"{text!r} does not exist")

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .cli_common import check_value, integer, number
+
 KERNELS = ("auto", "reference", "triton", "cpu", "cuda")
 FEED_FORWARDS = ("gated", "gelu")
+POSITIVE = integer(1)
+# The range of every number of a config (None is allowed for the OPTIONAL ones, else an int >= 1).
+LIMITS = {**dict.fromkeys(("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "chunk_size", "num_neighbours",
+                           "cca_start_layer", "cca_every", "encoder_layers", "encoder_ff_mult"), POSITIVE),
+          "rotary_base": number(0, lo_open=True), "ff_mult": number(0, lo_open=True),
+          "dropout": number(0, 1, hi_open=True)}
+OPTIONAL = ("n_kv_heads", "encoder_heads", "neighbour_len")
 
 
 @dataclass
@@ -68,46 +76,33 @@ class RetroConfig:
             if not cond:
                 raise ValueError(f"RetroConfig: {msg}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "chunk_size",
-                     "num_neighbours", "cca_every", "encoder_layers", "encoder_ff_mult", "cca_start_layer"):
-            v = getattr(self, name)
-            need(is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
-        for name in ("n_kv_heads", "encoder_heads", "neighbour_len"):
-            v = getattr(self, name)
-            need(v is None or (is_int(v) and v >= 1), f"{name} must be None or an int >= 1, got {v!r}")
+        try:  # the numbers: the command line's type= functions and their messages
+            for name, parse in LIMITS.items():
+                check_value(name, getattr(self, name), parse)
+            for name in OPTIONAL:
+                if getattr(self, name) is not None:
+                    check_value(name, getattr(self, name), POSITIVE)
+        except ValueError as e:
+            raise ValueError(f"RetroConfig: {e}") from None
         for name in ("retrieval", "tie_embeddings"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(is_number(self.rotary_base) and self.rotary_base > 0,
-             f"rotary_base must be a finite number > 0, got {self.rotary_base!r}")
-        need(is_number(self.ff_mult) and self.ff_mult > 0, f"ff_mult must be a finite number > 0, got {self.ff_mult!r}")
-        need(is_number(self.dropout), f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        need(all(is_int(x) for x in self.encoder_cross_attention_layers),
+        need(all(isinstance(x, int) for x in self.encoder_cross_attention_layers),
              f"encoder_cross_attention_layers must be layer numbers, got {self.encoder_cross_attention_layers!r}")
         need(isinstance(self.extra, dict), f"extra must be a JSON object, got {self.extra!r}")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-        need(kv >= 1 and self.n_heads % kv == 0,
+        need(self.n_heads % (self.n_kv_heads or self.n_heads) == 0,
              f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        eh = self.n_heads if self.encoder_heads is None else self.encoder_heads
-        need(eh >= 1 and self.d_model % eh == 0,
+        need(self.d_model % (self.encoder_heads or self.n_heads) == 0,
              f"d_model ({self.d_model}) must be divisible by encoder_heads ({self.encoder_heads})")
         need(self.seq_len % self.chunk_size == 0,
              f"chunk_size ({self.chunk_size}) must divide seq_len ({self.seq_len}): "
              f"training sequences are whole chunks, each with its own neighbours")
-        need(self.R >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
         need(self.feed_forward in FEED_FORWARDS,
              f"feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}")
         need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if self.retrieval:
-            need(1 <= self.cca_start_layer <= self.n_layers,
+            need(self.cca_start_layer <= self.n_layers,
                  f"cca_start_layer ({self.cca_start_layer}) must be a layer number in 1..n_layers "
                  f"({self.n_layers}); layer numbers are 1-based as in the paper")
             for layer in self.encoder_cross_attention_layers:

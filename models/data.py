@@ -13,7 +13,7 @@ UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class SequenceBatches:
     """
 
     def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle: bool = True, weights: Optional[np.ndarray] = None):
+                 rank: int = 0, world: int = 1, shuffle: bool = True):
         m = data.chunk_size
         if seq_len % m:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size ({m})")
@@ -104,13 +104,6 @@ class SequenceBatches:
         self.batch_size, self.seed, self.rank, self.world, self.shuffle = batch_size, seed, rank, world, shuffle
         self.starts = np.arange(0, len(data), self.S)
         self.targets = data.targets()
-        self.p = None
-        if weights is not None:  # per-sequence sampling weights (an epoch = len(starts) draws)
-            if weights.shape != self.starts.shape or (weights < 0).any() or weights.sum() <= 0:
-                raise ValueError(f"weights must be {self.starts.shape} non-negative numbers, not all zero")
-            self.p = weights / weights.sum()
-        if batch_size % world:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -118,10 +111,7 @@ class SequenceBatches:
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.starts
-        rng = np.random.default_rng(self.seed + epoch)
-        if self.p is not None:
-            return rng.choice(self.starts, size=len(self.starts), p=self.p)
-        return rng.permutation(self.starts)
+        return np.random.default_rng(self.seed + epoch).permutation(self.starts)
 
     def batch(self, step: int) -> dict:
         """The local share of global batch number `step`."""
@@ -165,15 +155,6 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
     return best
 
 
-def sequence_overlap_weights(batches: "SequenceBatches", floor: float) -> np.ndarray:
-    """Sampling weight of each sequence: floor + the mean overlap of its chunks with their neighbours."""
-    overlap = chunk_overlap(batches.data)
-    S = batches.S
-    padded = np.zeros(len(batches.starts) * S)
-    padded[: len(overlap)] = overlap
-    return floor + padded.reshape(-1, S).mean(1)
-
-
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
     """(C,) overlap of each chunk with the neighbours used to predict it.
 
@@ -198,25 +179,14 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
     return out
 
 
-TokenBytes = Callable[[np.ndarray], np.ndarray]
-
-
 # ---------------------------------------------------------------------------
 # From a retrieval database (models.retrieval)
 # ---------------------------------------------------------------------------
 
 def open_database(path, chunk_size: Optional[int] = None):
-    """Open a built retrieval database, with a clear error when there is none."""
-    from pathlib import Path
-
+    """Open a built retrieval database (--db: cli_common.database checked that there is one)."""
     from .retrieval import RetrievalDatabase
 
-    if path is None:
-        raise ValueError("--db is required: the retrieval database directory (build one with "
-                         "`python -m models build-db --out DIR`)")
-    if not (Path(path) / "manifest.json").is_file():
-        raise FileNotFoundError(f"no retrieval database at {str(path)!r} (no manifest.json); build one with "
-                                f"`python -m models build-db --out {path}`")
     expect = None if chunk_size is None else {"chunk_size": chunk_size}
     return RetrievalDatabase.open(path, expect_config=expect)
 

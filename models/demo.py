@@ -2,42 +2,25 @@
 
     python -m models demo [--out runs/demo] [--quick]
 
-1. Corpus: the language-reference topics of Python's own documentation
-   (``pydoc_data``, part of the database's default corpus, no download), whole.
-   They are sections of one reference that quote each other (the "if" topic
-   is also a section of "compound statements", "customization" a section of
-   "special method names", ...): text a held-out topic shares with the others
-   is what retrieval can bring back.
-2. Builds the retrieval database (held-out documents are not in it), with
-   section alignment (a section shared by two documents is chunked the same
-   way in both) and a relevance cut (neighbours farther than ``max_distance``
-   are dropped: a chunk retrieves text only when it has close matches).
-3. The paper's retrofitting protocol (section 4.4), per seed: trains a plain
-   decoder on the training documents (the baseline), freezes it, adds CCA and
-   the neighbour encoder (`models.retrofit`) and trains only those, with
-   same-document neighbours excluded (`models.demo_protocol`).
-4. Prints bits per byte on the held-out documents: the baseline (= RETROfit
-   OFF, the same frozen weights); RETROfit ON with the database (which does
-   not hold them); ON with a database that also holds them (the copying
-   ceiling). `--seeds N` repeats 3-4 for N seeds: mean and spread.
-5. Samples a continuation of a held-out document's opening, with the
-   neighbours retrieved for each chunk.
+1. Corpus: the language-reference topics of Python's own documentation, whole.
+2. The retrieval database (held-out documents not in it), with section
+   alignment and a relevance cut (``max_distance``).
+3. Per seed, the paper's retrofitting protocol (`models.demo_protocol`): a
+   plain decoder (the baseline), frozen, with CCA and the encoder trained.
+4. Bits per byte on the held-out documents: the baseline (= RETROfit OFF),
+   RETROfit ON, and ON with a database that also holds them (the copying
+   ceiling); with `--seeds N`, mean and spread.
+5. A sample continuing a held-out document's opening, with its neighbours.
 
-Everything goes to one folder (--out): corpus, database, baseline-seedS/ and
-retrofit-seedS/ checkpoints, results.json, overlap.png, sample.txt,
-summary.md. The folder must be new, empty, or a demo's own (its marker; a
-demo folder from before markers is recognised by its results.json), and is
-locked while the demo runs. Re-running reuses the finished database build
-(resumable) but trains afresh, replacing only the demo's own checkpoints.
-Exit status 1 when RETROfit ON is not below the baseline on every seed (not
-with --quick: a smoke run, whose tiny corpus shows ON = OFF).
+Everything goes to one folder (--out; docs/model.md, "The demo", lists it),
+new, empty or a demo's own, locked while the demo runs. Exit status 1 when
+RETROfit ON is not below the baseline on every seed (not with --quick).
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import outdir
+from .atomic import atomic_file, temporaries
 from .cli_common import command
 
 # Two presets: the same path, different sizes. On a 2-core CPU the MiniLM
@@ -52,18 +36,13 @@ from .cli_common import command
 # set the sizes: a few thousand chunks and a few hundred steps fit in 10 minutes.
 # max_distance: squared L2 between MiniLM chunk keys; on this corpus unrelated
 # chunks are 5-15 apart and a shared section's chunks 0 (identical text).
-PRESETS = {
-    "full": dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
-                 max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, dropout=0.1, steps=450,
-                 batch_size=8, lr=4e-3, warmup=30, eval_every=150, sample_tokens=96,
-                 cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=300, retrofit_lr=4e-3,
-                 retrofit_warmup=30),
-    "quick": dict(corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, chunk_size=32, eval_fraction=0.25,
-                  max_distance=2.0, d_model=96, layers=4, heads=4, seq_len=128, dropout=0.1, steps=60,
-                  batch_size=8, lr=4e-3, warmup=10, eval_every=0, sample_tokens=40,
-                  cca_layers=[2, 4], encoder_layers=2, encoder_ff_mult=2, retrofit_steps=40, retrofit_lr=4e-3,
-                  retrofit_warmup=10),
-}
+FULL = dict(corpus_bytes=None, max_doc_bytes=None, vocab_size=2048, chunk_size=32, eval_fraction=0.25,
+            max_distance=2.0, d_model=128, layers=4, heads=4, seq_len=128, dropout=0.1, steps=450, batch_size=8,
+            lr=4e-3, warmup=30, eval_every=150, sample_tokens=96, cca_layers=[2, 4], encoder_layers=2,
+            encoder_ff_mult=2, retrofit_steps=300, retrofit_lr=4e-3, retrofit_warmup=30)
+PRESETS = {"full": FULL, "quick": dict(FULL, corpus_bytes=60_000, max_doc_bytes=3_000, vocab_size=1024, d_model=96,
+                                       steps=60, warmup=10, eval_every=0, sample_tokens=40, retrofit_steps=40,
+                                       retrofit_warmup=10)}
 K = 2  # neighbours per chunk
 
 
@@ -85,30 +64,15 @@ def demo_corpus(path: Path, corpus_bytes: int | None, max_doc_bytes: int | None)
         text = data[:max_doc_bytes].decode("utf-8", errors="ignore") if max_doc_bytes else doc.text
         chosen.append({"id": doc.doc_id, "text": text})
         total += len(text.encode("utf-8"))
-    from .retrieval.manifest import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for row in chosen:
             f.write(json.dumps(row) + "\n")
     kinds = collections.Counter(r["id"].split(":")[0] for r in chosen)
     return {"documents": len(chosen), "bytes": total, "kinds": dict(kinds)}
 
 
-# What a killed run leaves in the demo's folder (atomic_path's and save_figure's temporaries).
-TEMPORARIES = (re.compile(r"corpus\.jsonl\.tmp[a-z0-9_]{8}"), re.compile(r"\.overlap\.png\.[a-z0-9_]{8}\.tmp\.png"))
-# The keys of results.json in a finished demo from before output folders had markers: the
-# single-RETRO demo, and the RETROfit protocol's.
-OLD_RESULTS_KEYS = ({"preset", "corpus", "config", "results", "history"},
-                    {"preset", "corpus", "protocol", "seeds", "bpb", "per_seed"})
-
-
-def is_old_demo_folder(path: Path) -> bool:
-    """A finished demo from before output folders had markers (its results.json says so)."""
-    try:
-        report = json.loads((Path(path) / "results.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(report, dict) and any(keys <= set(report) for keys in OLD_RESULTS_KEYS)
+# What a killed run leaves in the demo's folder (models.atomic's temporaries of its files).
+TEMPORARIES = temporaries("corpus.jsonl", "overlap.png", "results.json", "sample.txt", "summary.md")
 
 
 @command("demo")
@@ -135,9 +99,9 @@ def main(argv=None) -> int:
     last_seed = args.seed + args.seeds - 1
     if last_seed >= 2**32:
         raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed ({last_seed}) must be < 2**32")
-    outdir.check_folder(args.out, "demo", legacy=is_old_demo_folder)
+    outdir.check_folder(args.out, "demo")
     check_seed_folders(Path(args.out), range(args.seed, last_seed + 1))
-    with outdir.claimed(args.out, "demo", legacy=is_old_demo_folder, temporaries=TEMPORARIES):
+    with outdir.claimed(args.out, "demo", temporaries=TEMPORARIES):
         return run(args)
 
 
@@ -160,7 +124,7 @@ def run(args) -> int:
     say(f"{threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}")
     data = prepare_data(out, preset, args, times, say)  # 1-2. corpus and database
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = [run_seed(data["db"], data["train"], data["eval"], data["leaky"], data["byte_lengths"], preset, seed,
+    runs = [run_seed(data["db"], data["eval"], data["leaky"], data["byte_lengths"], preset, seed,
                      out, args, device, say) for seed in seeds]  # 3-4. per seed: baseline, RETROfit, evaluation
     per_seed = [r["result"] for r in runs]
     plot_curves(per_seed[0]["overlap"], out / "overlap.png", f"held-out bpb by chunk overlap (seed {seeds[0]})")
@@ -218,7 +182,8 @@ def write_sample(out: Path, model, db, eval_data, preset, seed, device) -> str:
                       top_k=40, top_p=0.95, seed=seed, stop_ids=(db.eos_id,), device=device)
     text = (f"held-out document: {db.doc_names[doc]} (RETROfit of the seed-{seed} baseline)\n"
             + format_generation(db, sample))
-    (out / "sample.txt").write_text(text + "\n")
+    with atomic_file(out / "sample.txt") as tmp:
+        tmp.write_text(text + "\n")
     return text
 
 

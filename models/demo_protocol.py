@@ -1,8 +1,9 @@
 """The demo's protocol (RETRO paper, section 4.4): a plain decoder, RETROfitted, against itself.
 
 For each seed: train a plain decoder on the training documents (the
-baseline), freeze it, add CCA and the neighbour encoder (`models.retrofit`),
-train only those, and measure bits per byte on the held-out documents three
+baseline: `python -m models train --no-retrieval`), freeze it, add CCA and
+the neighbour encoder and train only those (`python -m models retrofit`),
+and measure bits per byte on the held-out documents three
 ways: the baseline (= RETROfit OFF: the same frozen weights, no neighbours),
 RETROfit ON (the database, which does not hold them), and ON with a database
 that also holds them (every chunk finds itself: the copying ceiling). Any
@@ -17,54 +18,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_file
+
 SETTINGS = ("baseline", "retrofit_on", "retrofit_on_with_eval_docs")
 NAMES = {"baseline": "baseline (plain decoder = RETROfit OFF)",
          "retrofit_on": "RETROfit ON, database without the held-out documents",
          "retrofit_on_with_eval_docs": "RETROfit ON, database including them (copying ceiling)"}
 
 
-def train_baseline(db, train_data, eval_data, preset, seed, out: Path, kernels, device, progress, log):
-    """A plain decoder (no CCA, no encoder), trained as `python -m models train --no-retrieval` would."""
-    from .config import RetroConfig
-    from .data import token_byte_lengths
-    from .train import TrainArgs, train
-
-    cfg = RetroConfig(
-        vocab_size=db.vocab_size, d_model=preset["d_model"], n_layers=preset["layers"], n_heads=preset["heads"],
-        seq_len=preset["seq_len"], chunk_size=db.chunk_size, retrieval=False, dropout=preset["dropout"],
-        kernels=kernels, extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    args = TrainArgs(out=str(out), steps=preset["steps"], batch_size=preset["batch_size"], lr=preset["lr"],
-                     warmup=preset["warmup"], eval_every=preset["eval_every"], eval_sequences=32, seed=seed,
-                     device=str(device), progress=progress,
-                     overwrite=True)  # a fresh baseline each time; train replaces only its own run there
-    result = train(cfg, train_data, args, eval_data, token_byte_lengths(db.tokenizer), log=log)
-    return result["model"].eval(), result["history"], args
+def run_command(main, argv: list) -> None:
+    """A `python -m models` command's main() on ``argv``; its exit status, unless 0, ends the demo (the
+    command has said why, in one line)."""
+    status = main([str(a) for a in argv])
+    if status:
+        raise SystemExit(status)
 
 
-def retrofit_baseline(base, base_dir: Path, db, train_data, eval_data, preset, seed, out: Path, kernels, device,
-                      progress, log):
-    """Freeze `base`, add retrieval, train the added weights; saved in `out` (the base is only referenced),
-    a folder claimed as `python -m models retrofit --overwrite` would (its marker, its lock, its two files)."""
-    from .data import token_byte_lengths
-    from .retrofit import base_fingerprint, retrofit
-    from .retrofit_train import claimed_out, fit_and_save
-    from .train import TrainArgs
+def train_baseline(db_dir: Path, preset, seed, out: Path, common: list) -> list:
+    """A plain decoder: `python -m models train --no-retrieval` (replacing only its own run in `out`);
+    its history."""
+    from .checkpoint import load_training_state
+    from .train import main
 
-    torch.manual_seed(seed)
-    model = retrofit(base, chunk_size=db.chunk_size, cca_layers=preset["cca_layers"],
-                     encoder_layers=preset["encoder_layers"], num_neighbours=preset["k"],
-                     neighbour_len=db.neighbour_len, seq_len=preset["seq_len"],
-                     encoder_ff_mult=preset["encoder_ff_mult"], kernels=kernels,
-                     extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
-    args = TrainArgs(out=str(out), steps=preset["retrofit_steps"], batch_size=preset["batch_size"],
-                     lr=preset["retrofit_lr"], warmup=preset["retrofit_warmup"], retrieval_dropout=0.0,
-                     eval_every=preset["eval_every"], eval_sequences=32, seed=seed, device=str(device),
-                     progress=progress, overwrite=True)  # a fresh retrofit each time
-    source = {"kind": "models", "path": str(base_dir.resolve()), "sha256": base_fingerprint(base_dir, "models")}
-    with claimed_out(out, args.overwrite):
-        history, share = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
-                                      log)
-    return model.eval(), history, share, args
+    p = preset
+    run_command(main, ["--db", db_dir, "--out", out, "--overwrite", "--no-retrieval", "--d-model", p["d_model"],
+                       "--layers", p["layers"], "--heads", p["heads"], "--dropout", p["dropout"], "--steps", p["steps"],
+                       "--lr", p["lr"], "--warmup", p["warmup"], *common])
+    return load_training_state(out, restore_rng=False)["history"]
+
+
+def retrofit_baseline(base_dir: Path, db_dir: Path, preset, seed, out: Path, common: list, device):
+    """`python -m models retrofit --overwrite` on the baseline (replacing only its own two files in `out`);
+    the retrofit, its history and its trainable share."""
+    from .retrofit import load_retrofit, read_record
+    from .retrofit_train import main
+
+    p = preset
+    run_command(main, ["--base", base_dir, "--db", db_dir, "--out", out, "--overwrite", "--cca-layers",
+                       ",".join(map(str, p["cca_layers"])), "--encoder-layers", p["encoder_layers"],
+                       "--encoder-ff-mult", p["encoder_ff_mult"], "--neighbours", p["k"], "--steps",
+                       p["retrofit_steps"], "--lr", p["retrofit_lr"], "--warmup", p["retrofit_warmup"],
+                       "--threads", torch.get_num_threads(), *common])
+    record = read_record(out)
+    return load_retrofit(out, device=device), record["history"], record["trainable"]
 
 
 def seed_folders(out: Path, seed: int) -> tuple[Path, Path]:
@@ -119,23 +115,9 @@ def aggregate(per_seed: list) -> dict:
 
 
 def plot_curves(curves: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from .evaluate import plot_overlap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .evaluate import save_figure
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, name in enumerate(SETTINGS):
-        ax.plot(curves["alpha"], curves[name], marker="o", color=f"C{i}", label=NAMES[name])
-    ax.set_xlabel("max overlap of a chunk with its database neighbours (alpha)")
-    ax.set_ylabel("bits per byte over chunks with overlap <= alpha")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_overlap({NAMES[k]: (curves[k], dict(marker="o", color=f"C{i}")) for i, k in enumerate(SETTINGS)}, path, title)
 
 
 def table(per_seed: list, summary: dict) -> str:
@@ -145,27 +127,26 @@ def table(per_seed: list, summary: dict) -> str:
     if len(per_seed) > 1:
         rows.append(["mean +- std", *(f"{summary[k]['mean']:.4f} +- {summary[k]['std']:.4f}" for k in SETTINGS),
                      f"{summary['gain']['mean']:+.4f} +- {summary['gain']['std']:.4f}"])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .evaluate import text_table
+
+    return text_table(head, rows)
 
 
-def run_seed(db, train_data, eval_data, leaky, byte_lengths, preset, seed, out, args, device, say) -> dict:
+def run_seed(db, eval_data, leaky, byte_lengths, preset, seed, out, args, device, say) -> dict:
     """One seed of the protocol: baseline, retrofit, three evaluations; returns the numbers and the model."""
-    progress = not args.no_progress
+    common = ["--seq-len", preset["seq_len"], "--batch-size", preset["batch_size"], "--eval-every",
+              preset["eval_every"], "--seed", seed, "--kernels", args.kernels, "--device", device,
+              *(["--no-progress"] if args.no_progress else [])]
     times = {}
     t = time.perf_counter()
     base_dir, rf_dir = seed_folders(out, seed)
     say(f"seed {seed}: training the baseline, a plain decoder, for {preset['steps']} steps")
-    base, base_history, _ = train_baseline(db, train_data, eval_data, preset, seed, base_dir, args.kernels, device,
-                                           progress, say)
+    base_history = train_baseline(db.root, preset, seed, base_dir, common)
     times["baseline"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"seed {seed}: RETROfitting it: frozen, CCA after layers {preset['cca_layers']}, "
         f"{preset['retrofit_steps']} steps")
-    model, rf_history, share, _ = retrofit_baseline(base, base_dir, db, train_data, eval_data, preset, seed, rf_dir,
-                                                    args.kernels, device, progress, say)
+    model, rf_history, share = retrofit_baseline(base_dir, db.root, preset, seed, rf_dir, common, device)
     times["retrofit"] = time.perf_counter() - t
     t = time.perf_counter()
     result = evaluate_three(model, eval_data, leaky, byte_lengths, device)
@@ -209,6 +190,7 @@ def write_outputs(out: Path, per_seed: list, summary: dict, meta: dict, quick: b
                          for s in per_seed)
              + f"; generation {times['generation']:.0f}s), {meta['threads']} thread(s), load average "
                f"{report['load_average'][0]:.1f}", ""]
-    (out / "summary.md").write_text("\n".join(lines))
+    with atomic_file(out / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines))
     print(f"\n{tab}")
     return verdict

@@ -127,44 +127,29 @@ def overlap_rows(on: dict, off: dict) -> list[dict]:
                 bpb_by_overlap(overlap, off["_per_chunk"]["nll"], bytes_))]
 
 
-def plot_overlap(rows_by_name: dict, path: Path, title: str = "") -> None:
-    """bpb vs the chunk-overlap threshold alpha: for each setting, ON (solid) and OFF (dashed)."""
+def plot_overlap(curves: dict, path: Path, title: str) -> None:
+    """A PNG (written atomically) of bits per byte over the chunks with overlap <= alpha, one line per
+    {label: (bpb for each of ALPHAS, matplotlib line keywords)}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, rows) in enumerate(rows_by_name.items()):
-        color = f"C{i}"
-        alphas = [r["alpha"] for r in rows]
-        ax.plot(alphas, [r["bpb_on"] for r in rows], marker="o", color=color, label=f"{name}: retrieval ON")
-        ax.plot(alphas, [r["bpb_off"] for r in rows], ls="--", color=color, label=f"{name}: same chunks, OFF")
-    ax.set_xlabel("max chunk overlap with its neighbours (alpha)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(title or "bpb over evaluation chunks with overlap <= alpha")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as a PNG atomically (``.<name>.XXXXXXXX.tmp.png``, then a rename) and close it."""
-    import matplotlib.pyplot as plt
-
     from .atomic import atomic_file
 
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, (values, style) in curves.items():
+        ax.plot(ALPHAS, values, label=label, **style)
+    ax.set(xlabel="max overlap of a chunk with its neighbours (alpha)", title=title,
+           ylabel="bits per byte over chunks with overlap <= alpha")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     try:
-        with atomic_file(path, suffix=".tmp.png") as tmp:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-
-
-def json_part(result: dict) -> dict:
-    """An evaluate() result without its per-chunk arrays (the keys that start with _)."""
-    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: str = "eval-report") -> None:
@@ -197,16 +182,17 @@ def model_argument(text: str) -> str:
     return text if is_retrofit(text) else checkpoint_argument(text)
 
 
-def check_tokenizer(cfg, db, log=print) -> None:
-    """Refuse a database whose tokenizer is not the model's: its token ids would mean other text."""
+def check_fits(cfg, db) -> None:
+    """Refuse a database whose tokens are not the model's: another tokenizer (its fingerprint, which
+    the model's config records), vocabulary or chunk size."""
     trained_with = cfg.extra.get("tokenizer_fingerprint")
-    if trained_with is None:
-        log("warning: the checkpoint does not record its tokenizer (written before tokenizer fingerprints); "
-            "cannot check that the database's tokenizer is the one it was trained with")
-    elif trained_with != db.tokenizer_fingerprint:
+    if trained_with and trained_with != db.tokenizer_fingerprint:
         raise ValueError(f"the database {str(db.root)!r} has another tokenizer ({db.tokenizer_fingerprint}) than the "
                          f"model was trained with ({trained_with}): its token ids would mean other text; use the "
                          f"training database, or one built with --tokenizer <that database>/tokenizer.json")
+    if db.vocab_size != cfg.vocab_size or db.chunk_size != cfg.chunk_size:
+        raise ValueError(f"the database (vocab {db.vocab_size}, m={db.chunk_size}) does not match the model "
+                         f"(vocab {cfg.vocab_size}, m={cfg.chunk_size})")
 
 
 def check_finite_results(results: dict) -> None:
@@ -223,13 +209,10 @@ def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device=
     from .data import from_stream, neighbours_including, token_byte_lengths
 
     cfg = model.cfg
-    check_tokenizer(cfg, db, log)
+    check_fits(cfg, db)
     trained_on = cfg.extra.get("db_fingerprint")
     if trained_on and trained_on != db.fingerprint:
         log(f"note: the model was trained with database {trained_on}, this one is {db.fingerprint} (same tokenizer)")
-    if db.vocab_size != cfg.vocab_size or db.chunk_size != cfg.chunk_size:
-        raise ValueError(f"the database (vocab {db.vocab_size}, m={db.chunk_size}) does not match the model "
-                         f"(vocab {cfg.vocab_size}, m={cfg.chunk_size})")
     byte_lengths = token_byte_lengths(db.tokenizer)
     data = from_stream(db, "eval", cfg.num_neighbours if cfg.retrieval else None)
 
@@ -248,37 +231,37 @@ def run_evaluation(model, db, with_eval_docs: bool, batch_size: int = 8, device=
 
 
 def summary(results: dict) -> dict:
-    """JSON-ready results: the per-chunk arrays dropped."""
-    return {k: json_part(v) if isinstance(v, dict) else v for k, v in results.items()}
+    """JSON-ready results: the per-chunk arrays (keys that start with _) dropped."""
+    return {k: {n: x for n, x in v.items() if not n.startswith("_")} if isinstance(v, dict) else v
+            for k, v in results.items()}
+
+
+def text_table(head: list, rows: list) -> str:
+    """Columns of strings, left-aligned, with a rule under the head."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
-    rows = [("retrieval OFF", results["off"])]
-    if "on" in results:
-        rows.append(("retrieval ON, database without the held-out documents", results["on"]))
-    if "on_with_eval_docs" in results:
-        rows.append(("retrieval ON, database including them", results["on_with_eval_docs"]))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'setting'.ljust(width)}  bits/byte", f"{'-' * width}  ---------"]
-    lines += [f"{name.ljust(width)}  {r['bpb']:.4f}" for name, r in rows]
-    return "\n".join(lines)
+    names = {"off": "retrieval OFF", "on": "retrieval ON, database without the held-out documents",
+             "on_with_eval_docs": "retrieval ON, database including them"}
+    return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
+                                                 if k in results])
 
 
 
 # -- the command line: eval (and generate, with the same model and database flags) ---------------
 
-def add_checkpoint_and_database_flags(p, db_help: str) -> None:
-    from .cli_common import database
+def add_model_and_database_flags(p, db_help: str) -> None:
+    """--checkpoint, --db, --kernels and --device: what eval and generate load."""
+    from .cli_common import database, device
+    from .config import KERNELS
 
     p.add_argument("--checkpoint", type=model_argument, required=True,
                    help="a checkpoint, a training output directory, or a `models retrofit` output folder")
     p.add_argument("--db", type=database, required=True, help=db_help)
-
-
-def add_kernels_and_device_flags(p) -> None:
-    from .cli_common import device
-    from .config import KERNELS
-
     p.add_argument("--kernels", choices=KERNELS, default=None, help="the kernels to run (default: the model's)")
     p.add_argument("--device", type=device, default="auto", help="auto (cuda if there is one), cpu, cuda or cuda:N")
 
@@ -298,14 +281,13 @@ def main(argv=None) -> int:
     from .cli_common import Parser, integer, output_file
 
     p = Parser("python -m models eval", description="bits per byte on the held-out documents, retrieval ON and OFF")
-    add_checkpoint_and_database_flags(p, "the retrieval database (its 'eval' split is evaluated)")
+    add_model_and_database_flags(p, "the retrieval database (its 'eval' split is evaluated)")
     p.add_argument("--with-eval-docs", action="store_true",
                    help="also evaluate with the held-out documents added to the database (measures copying)")
     p.add_argument("--out", type=output_file, default=None, help="JSON results (default: <checkpoint>/eval.json)")
     p.add_argument("--plot", type=output_file, default=None,
                    help="PNG of bpb vs chunk overlap (default: beside the JSON)")
     p.add_argument("--batch-size", type=integer(1), default=8, help="sequences per forward")
-    add_kernels_and_device_flags(p)
     p.add_argument("--allow-nonfinite", action="store_true", help="report NaN/inf results instead of failing")
     flags = p.parse_args(argv)
 
@@ -317,9 +299,13 @@ def main(argv=None) -> int:
     results = run_evaluation(model, db, flags.with_eval_docs, flags.batch_size, device)
     if not flags.allow_nonfinite:
         check_finite_results(results)
-    curves = {LABELS[k]: results[k]["overlap"] for k in ("on", "on_with_eval_docs") if k in results}
+    curves = {}
+    for i, k in enumerate(k for k in ("on", "on_with_eval_docs") if k in results):
+        rows = results[k]["overlap"]
+        curves[f"{LABELS[k]}: retrieval ON"] = ([r["bpb_on"] for r in rows], dict(marker="o", color=f"C{i}"))
+        curves[f"{LABELS[k]}: same chunks, OFF"] = ([r["bpb_off"] for r in rows], dict(ls="--", color=f"C{i}"))
     if curves:
-        plot_overlap(curves, plot)
+        plot_overlap(curves, plot, "bpb over evaluation chunks with overlap <= alpha")
     write_report(out, summary(results), plot if curves else None)
     print(table(results))
     print(f"wrote {out}" + (f" and {plot}" if curves else ""))

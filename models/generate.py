@@ -132,11 +132,10 @@ def format_generation(db, result: Generation, max_neighbour_chars: int = 160) ->
 @command("generate")
 def main(argv=None) -> int:
     from .cli_common import SEED, Parser, UsageError, integer, number, text
-    from .evaluate import add_checkpoint_and_database_flags, add_kernels_and_device_flags, check_tokenizer, \
-        open_checkpoint_and_database
+    from .evaluate import add_model_and_database_flags, check_fits, open_checkpoint_and_database
 
     p = Parser("python -m models generate", description="sample from a RETRO model")
-    add_checkpoint_and_database_flags(p, "retrieval database (its tokenizer is the model's)")
+    add_model_and_database_flags(p, "retrieval database (its tokenizer is the model's)")
     p.add_argument("--prompt", type=text("a non-empty prompt"), required=True)
     p.add_argument("--max-new-tokens", type=integer(0, 1_000_000), default=128)
     p.add_argument("--temperature", type=number(0), default=0.8, help="0: greedy")
@@ -144,12 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.95, help="1: no nucleus cut")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-retrieval", action="store_true")
-    add_kernels_and_device_flags(p)
     flags = p.parse_args(argv)
     model, db, device = open_checkpoint_and_database(flags)
-    check_tokenizer(model.cfg, db)
-    if db.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"the database's vocabulary ({db.vocab_size}) is not the model's ({model.cfg.vocab_size})")
+    check_fits(model.cfg, db)
     retrieves = model.cfg.retrieval and not flags.no_retrieval
     retriever = database_retriever(db, model.cfg.num_neighbours) if retrieves else None
     prompt = db.encode(flags.prompt).tolist()

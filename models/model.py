@@ -205,8 +205,18 @@ def as_chunks(x: Tensor, count: int, chunk_size: int) -> Tensor:
     return x[:, : count * chunk_size].reshape(x.shape[0], count, chunk_size, x.shape[-1])
 
 
-def check_neighbours(cfg, neighbours: Tensor, neighbour_mask: Optional[Tensor], B: int, complete: int) -> None:
-    """ValueError unless neighbours are (B, L >= complete, K, R) token ids with a mask of their shape."""
+def complete_chunks(cfg, tokens: Tensor, neighbours: Optional[Tensor], neighbour_mask: Optional[Tensor],
+                    start_pos: int, cache) -> int:
+    """The chunks complete after ``tokens`` (B, N) at start_pos (a token here may read their neighbours);
+    ValueError unless the tokens, the cache and the neighbours ((B, L >= complete, K, R) ids, a mask of
+    their shape) fit."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
+    if cache is not None and start_pos != cache.length:
+        raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
+    B, complete = tokens.shape[0], (start_pos + tokens.shape[1]) // cfg.chunk_size
+    if neighbours is None:
+        return complete
     if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != cfg.R:
         raise ValueError(f"neighbours must be (B={B}, L, K, R={cfg.R}) token ids, got {tuple(neighbours.shape)}")
     if neighbours.shape[1] < complete:
@@ -215,6 +225,19 @@ def check_neighbours(cfg, neighbours: Tensor, neighbour_mask: Optional[Tensor], 
     if neighbour_mask is not None and neighbour_mask.shape != neighbours.shape:
         raise ValueError(f"neighbour_mask must have the neighbours' shape {tuple(neighbours.shape)}, "
                          f"got {tuple(neighbour_mask.shape)}")
+    return complete
+
+
+def encoded_for_step(encode, x: Tensor, start_pos: int, complete: int, cache, chunk_size: int):
+    """(encoded, mask, CCA start position) of the neighbours the tokens from start_pos may read, from the
+    activations x at the first CCA layer; ``encode(chunks (B, n, m, d), first, end) -> (encoded, mask)``
+    encodes those of chunks first..end-1. With a cache, the unfinished chunk's activations wait in it."""
+    if cache is None:  # the full sequence, from position 0
+        if complete == 0:
+            return None, None, start_pos
+        return (*encode(as_chunks(x, complete, chunk_size), 0, complete), start_pos)
+    cache.encode_new_chunks(x, complete, chunk_size, encode)
+    return cache.read_by(start_pos, complete, chunk_size)
 
 
 class RetroModel(nn.Module):
@@ -256,11 +279,8 @@ class RetroModel(nn.Module):
 
     @staticmethod
     def is_retrieval_parameter(name: str) -> bool:
-        """CCA and encoder parameters: what retrofitting trains."""
+        """CCA and encoder parameters: what a plain decoder lacks."""
         return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
-
-    def retrieval_parameters(self):
-        return [p for n, p in self.named_parameters() if self.is_retrieval_parameter(n)]
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache(layers=[LayerCache() for _ in self.layers])
@@ -284,21 +304,13 @@ class RetroModel(nn.Module):
         cache: a DecodeCache from `new_cache()` for incremental decoding; then
             start_pos must equal the number of tokens already fed.
         """
-        cfg, m = self.cfg, self.cfg.chunk_size
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
-        B, N = tokens.shape
-        if cache is not None and start_pos != cache.length:
-            raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
-        end = start_pos + N
-        complete = end // m  # chunks whose neighbours some token here may read
+        cfg = self.cfg
         retrieval_on = neighbours is not None
         if retrieval_on and self.encoder is None:
             raise ValueError("neighbours were given but this model has retrieval=False (no CCA layers)")
-        if retrieval_on:
-            check_neighbours(cfg, neighbours, neighbour_mask, B, complete)
         if retrieval_on and cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 with neighbours needs a DecodeCache (incremental decoding)")
+        complete = complete_chunks(cfg, tokens, neighbours, neighbour_mask, start_pos, cache)  # chunks to read
 
         x = self.embed(tokens)
         encoded = encoded_mask = None
@@ -311,23 +323,15 @@ class RetroModel(nn.Module):
             layer_cache = None if cache is None else cache.layers[i]
             x = layer(x, start_pos, layer_cache, encoded, encoded_mask, cca_start)
         if cache is not None:
-            cache.length = end
+            cache.length = start_pos + tokens.shape[1]
         return self.lm_head(self.norm(x))
 
     def _encode(self, x, neighbours, neighbour_mask, start_pos, complete, cache):
-        """(encoded, mask, CCA start position) of the neighbours the tokens may read, from the activations
-        x at the first CCA layer; (None, None, start_pos) when no chunk is complete yet."""
         def encode(chunks, first, end):
             mask = None if neighbour_mask is None else neighbour_mask[:, first:end]
             return self.encoder(self.embed(neighbours[:, first:end]), chunks, mask), mask
 
-        m = self.cfg.chunk_size
-        if cache is None:  # the full sequence, from position 0
-            if complete == 0:
-                return None, None, start_pos
-            return (*encode(as_chunks(x, complete, m), 0, complete), start_pos)
-        cache.encode_new_chunks(x, complete, m, encode)  # the unfinished chunk's activations wait in the cache
-        return cache.read_by(start_pos, complete, m)
+        return encoded_for_step(encode, x, start_pos, complete, cache, self.cfg.chunk_size)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

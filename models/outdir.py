@@ -4,8 +4,7 @@ The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
 command deletes or replaces only what it can prove it made itself.
 
 - A command writes into a folder only if the folder is new or empty, or holds
-  its own marker ``.retro_kernels.json`` (its kind and version), or is one it
-  recognises as its own from before the markers (``legacy``). Any other
+  its own marker ``.retro_kernels.json`` (its kind and version). Any other
   non-empty folder is refused, with ``--overwrite`` or without.
 - Inside its folder it deletes only files it names (its artefacts, and its own
   temporaries, whose names follow its patterns); anything else stays.
@@ -63,8 +62,7 @@ def user_entries(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING)
 
 
-def check_folder(folder, kind: str, option: str = "--out",
-                 legacy: Optional[Callable[[Path], bool]] = None) -> str:
+def check_folder(folder, kind: str, option: str = "--out") -> str:
     """Whether a command of ``kind`` may write into ``folder``: "new", "empty" or "ours".
 
     Raises OutputFolderError (naming ``option``) for a file, a folder another
@@ -91,8 +89,6 @@ def check_folder(folder, kind: str, option: str = "--out",
     entries = user_entries(path)
     if not entries:
         return "empty"
-    if legacy is not None and legacy(path):
-        return "ours"
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise OutputFolderError(
         f"{option} {str(path)!r} is not empty ({shown}) and was not made by `{command}`; it deletes nothing "
@@ -162,18 +158,21 @@ def describe_holder(text: str) -> str:
 
 
 @contextlib.contextmanager
-def claimed(folder, kind: str, option: str = "--out", legacy: Optional[Callable[[Path], bool]] = None,
-            temporaries: Iterable[re.Pattern] = (), inside: Iterable = ()) -> Iterator[str]:
+def claimed(folder, kind: str, option: str = "--out", temporaries: Iterable[re.Pattern] = (), inside: Iterable = (),
+            check: Optional[Callable[[], str]] = None) -> Iterator[str]:
     """Check, create, lock and mark ``folder`` for a run of ``kind``; yields its state ("new"/"empty"/"ours").
 
-    Under the lock, the leftovers of killed runs (names matching ``temporaries``;
-    folders among them only if they hold nothing but ``inside``) are removed.
+    ``check()``: the command's refusals (default: ``check_folder``; a command's own adds, say, a finished
+    run without --overwrite), before the folder is made and again under the lock. Under the lock, the
+    leftovers of killed runs (names matching ``temporaries``; folders among them only if they hold
+    nothing but ``inside``) are removed.
     """
     path = Path(folder)
-    state = check_folder(path, kind, option, legacy)
+    check = check or (lambda: check_folder(path, kind, option))
+    state = check()
     path.mkdir(parents=True, exist_ok=True)
     with FolderLock(path, option):
-        check_folder(path, kind, option, legacy)  # again, under the lock: another run may have won
+        check()  # again, under the lock: another run may have won
         write_marker(path, kind)
         remove_temporaries(path, temporaries, inside)
         yield state

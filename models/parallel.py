@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UsageError
+
 COLWISE = ("to_q", "to_k", "to_v", "up", "gate", "self_q", "self_k", "self_v", "cross_q", "cross_k", "cross_v",
            "ff.0")
 ROWWISE = ("to_out", "down", "self_out", "cross_out", "ff.2")
@@ -43,20 +45,20 @@ class Layout:
 
 
 def check_heads(cfg, tp: int) -> None:
-    """ValueError naming --tp unless it divides every head count (grouped-query: whole groups per rank)."""
+    """UsageError naming --tp unless it divides every head count (grouped-query: whole groups per rank)."""
     heads = {"heads": cfg.n_heads, "kv-heads": cfg.n_kv_heads or cfg.n_heads,
              "encoder heads": cfg.encoder_heads or cfg.n_heads}
     bad = [f"{name} {n}" for name, n in heads.items() if n % tp]
     if bad:
-        raise ValueError(f"--tp {tp} must divide the attention heads (the model has {', '.join(bad)})")
+        raise UsageError(f"--tp {tp} must divide the attention heads (the model has {', '.join(bad)})")
 
 
 def check_layout(world: int, parallel: str, tp: int) -> None:
-    """ValueError naming the flag unless ``world`` processes can form the layout."""
+    """UsageError naming the flag unless ``world`` processes can form the layout."""
     if world % tp:
-        raise ValueError(f"--tp {tp} must divide the number of processes ({world}; torchrun --nproc-per-node)")
+        raise UsageError(f"--tp {tp} must divide the number of processes ({world}; torchrun --nproc-per-node)")
     if parallel == "ddp" and world > tp > 1:
-        raise ValueError(f"--tp {tp} with --parallel ddp: DDP replicates whole models; use --parallel fsdp")
+        raise UsageError(f"--tp {tp} with --parallel ddp: DDP replicates whole models; use --parallel fsdp")
 
 
 def make_layout(world: int, rank: int, device: torch.device, parallel: str, tp: int) -> Layout:

@@ -26,14 +26,10 @@ return at once: retrofit OFF *is* the base model. Only public torch hooks and
 public transformers API are used (get_input_embeddings, DynamicCache, the
 model's cache argument), so the same code runs on transformers 4.x and 5.x.
 
-`save_retrofit` writes only the added weights (safetensors) and a JSON record
-of the configuration, the base (its path and a sha256 of its files) and the
-weights' sha256; `load_retrofit` rebuilds the base from that record (checking
-it has not changed) or takes the base model given, and refuses weights that
-are not the recorded ones or hold NaN/inf. `RetrofitModel` has the interface of
-`RetroModel` that evaluation and generation use (`cfg`, `new_cache`,
-`forward(tokens, neighbours, neighbour_mask, start_pos=, cache=)`), so
-`models eval` and `models generate` take a retrofit folder as a checkpoint.
+`RetrofitModel` has the interface of `RetroModel` that evaluation and
+generation use (`cfg`, `new_cache`, `forward(tokens, neighbours,
+neighbour_mask, start_pos=, cache=)`): `models eval` and `models generate`
+take a retrofit folder (`save_retrofit`, `load_retrofit`) as a checkpoint.
 """
 from __future__ import annotations
 
@@ -42,7 +38,6 @@ import hashlib
 import inspect
 import json
 import os
-import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +48,16 @@ from torch import Tensor, nn
 
 from retro_kernels.nn import ChunkedCrossAttention
 
-from .config import KERNELS
-from .model import NeighbourCache, RetrievalEncoder, RetroModel, as_chunks, check_neighbours
+from .atomic import atomic_file, temporaries, write_json_atomic
+from .config import RetroConfig
+from .model import NeighbourCache, RetrievalEncoder, RetroModel, complete_chunks, encoded_for_step
 from .sharded import shard_files
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run
-# takes the folder again.
-TEMPORARIES = (re.compile(r"\.retrofit\.safetensors\.[a-z0-9_]{8}\.tmp"),
-               re.compile(r"\.retrofit\.json\.[a-z0-9_]{8}\.tmp"))
+# What a killed save leaves (models.atomic's temporaries of its two files), removed when a run takes the folder.
+TEMPORARIES = temporaries(CONFIG_FILE, WEIGHTS_FILE)
 # Where GPT-2, the Llama family (Mistral, Qwen2, Gemma, ...), GPT-NeoX and OPT keep their blocks.
 KNOWN_LAYERS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 KNOWN_ATTENTION = ("attn", "self_attn", "attention", "self_attention")
@@ -102,47 +96,20 @@ class RetrofitConfig:
         return 2 * self.chunk_size if self.neighbour_len is None else self.neighbour_len
 
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(f"retrofit: {msg}")
-
-        for name in ("chunk_size", "d_model", "n_heads", "n_layers", "vocab_size", "num_neighbours", "seq_len",
-                     "encoder_layers", "encoder_ff_mult"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        """ValueError unless cca_layers are layers of the base and the added modules fit it (RetroConfig's rules)."""
         layers = self.cca_layers
-        need(len(layers) >= 1 and all(isinstance(i, int) and 1 <= i <= self.n_layers for i in layers)
-             and list(layers) == sorted(set(layers)),
-             f"cca_layers must be increasing 1-based layer numbers in 1..{self.n_layers} "
-             f"(paper: every 3rd from 6), got {list(layers)}")
-        need(self.d_model % self.n_heads == 0 and self.d_model // self.n_heads >= 2,
-             f"the hidden size ({self.d_model}) must be a multiple of the CCA heads ({self.n_heads}), "
-             f"with a head dim of at least 2")
-        eh = self.n_heads if self.encoder_heads is None else self.encoder_heads
-        need(isinstance(eh, int) and eh >= 1 and self.d_model % eh == 0,
-             f"the hidden size ({self.d_model}) must be a multiple of encoder_heads ({eh})")
-        need(all(1 <= i <= self.encoder_layers for i in self.encoder_cross_attention_layers),
-             f"encoder_cross_attention_layers must be in 1..{self.encoder_layers}, "
-             f"got {list(self.encoder_cross_attention_layers)}")
-        need(self.seq_len % self.chunk_size == 0,
-             f"chunk_size ({self.chunk_size}) must divide seq_len ({self.seq_len})")
-        need(self.R >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
-        need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if not (layers and all(isinstance(i, int) and 1 <= i <= self.n_layers for i in layers)
+                and list(layers) == sorted(set(layers))):
+            raise ValueError(f"retrofit: cca_layers must be increasing 1-based layer numbers in 1..{self.n_layers} "
+                             f"(paper: every 3rd from 6), got {list(layers)}")
+        shared = {k: v for k, v in self.to_dict().items() if k not in ("cca_layers", "layers", "attention")}
+        try:
+            RetroConfig(**shared, cca_start_layer=layers[0])
+        except ValueError as e:
+            raise ValueError(f"retrofit: {str(e).removeprefix('RetroConfig: ')}") from None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("retrieval")
-        d["cca_layers"] = list(self.cca_layers)
-        d["encoder_cross_attention_layers"] = list(self.encoder_cross_attention_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RetrofitConfig":
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"retrofit: unknown configuration fields {sorted(unknown)}")
-        return cls(**d)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "retrieval"}
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +231,10 @@ class RetrofitModel(nn.Module):
     def __init__(self, base: nn.Module, cfg: RetrofitConfig, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.adapter = BaseAdapter(base, cfg.layers, cfg.attention)
+        found = (self.adapter.hidden, len(self.adapter.layers), self.adapter.embedding.num_embeddings)
+        if found != (cfg.d_model, cfg.n_layers, cfg.vocab_size):
+            raise ValueError(f"retrofit: the base model has (d_model, layers, vocabulary) = {found}, the retrofit's "
+                             f"configuration {(cfg.d_model, cfg.n_layers, cfg.vocab_size)}")
         self.base = base
         self.cfg = cfg
         for p in base.parameters():
@@ -303,12 +274,7 @@ class RetrofitModel(nn.Module):
         self.base.eval()  # the frozen base runs as it was trained to be used: no dropout
         return self
 
-    def set_kernels(self, kernels: str) -> None:
-        self.cfg.kernels = kernels
-        self.cfg.validate()
-        for module in list(self.encoder.modules()) + list(self.cca.modules()):
-            if hasattr(module, "backend"):
-                module.backend = kernels
+    set_kernels = RetroModel.set_kernels  # the added modules are the only ones with a backend
 
     def new_cache(self) -> RetrofitCache:
         return RetrofitCache(base=self.adapter.new_cache())
@@ -324,26 +290,20 @@ class RetrofitModel(nn.Module):
                 *, start_pos: int = 0, cache: Optional[RetrofitCache] = None) -> Tensor:
         """Logits (B, N, V), as `RetroModel.forward`: neighbours (B, L, K, R) ids, L >= (start_pos + N) // m,
         neighbours[:, u] retrieved with chunk u; None runs the base model alone."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
-        if cache is not None and start_pos != cache.length:
-            raise ValueError(f"start_pos ({start_pos}) must equal the tokens already in the cache ({cache.length})")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs a cache from new_cache() (incremental decoding)")
-        B, N = tokens.shape
-        complete = (start_pos + N) // self.cfg.chunk_size
+        if neighbours is not None and not self._hooks:
+            raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
+                             "base was retrofitted again): it cannot read neighbours")
+        complete = complete_chunks(self.cfg, tokens, neighbours, neighbour_mask, start_pos, cache)
         if neighbours is not None:
-            if not self._hooks:
-                raise ValueError("this retrofit is detached from its base (remove_hooks() was called, or the "
-                                 "base was retrofitted again): it cannot read neighbours")
-            check_neighbours(self.cfg, neighbours, neighbour_mask, B, complete)
             self._step = _Step(neighbours, neighbour_mask, start_pos, complete, cache)
         try:
             logits = self.adapter.logits(tokens, start_pos, None if cache is None else cache.base)
         finally:
             self._step = None
         if cache is not None:
-            cache.length = start_pos + N
+            cache.length = start_pos + tokens.shape[1]
         return logits
 
     # -- the hooks ---------------------------------------------------------------------
@@ -392,19 +352,13 @@ class RetrofitModel(nn.Module):
                 embedded = self.adapter.embedding(step.neighbours[:, first:end])
             return self.encoder(embedded.to(dtype), chunks.to(dtype), mask), mask
 
-        if step.cache is None:  # the full sequence, from position 0
-            if step.complete > 0:
-                step.encoded, step.encoded_mask = encode(as_chunks(x, step.complete, m), 0, step.complete)
-            return
-        step.cache.encode_new_chunks(x, step.complete, m, encode)
-        step.encoded, step.encoded_mask, step.cca_start = step.cache.read_by(step.start_pos, step.complete, m)
+        step.encoded, step.encoded_mask, step.cca_start = encoded_for_step(
+            encode, x, step.start_pos, step.complete, step.cache, m)
 
 
-def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: int = 2, num_neighbours: int = 2,
-             neighbour_len: Optional[int] = None, seq_len: Optional[int] = None, heads: Optional[int] = None,
-             encoder_ff_mult: int = 4, kernels: str = "auto", layers: Optional[str] = None,
-             attention: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             extra: Optional[dict] = None) -> RetrofitModel:
+def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, seq_len: Optional[int] = None,
+             heads: Optional[int] = None, layers: Optional[str] = None, attention: Optional[str] = None,
+             dtype: Optional[torch.dtype] = None, **options) -> RetrofitModel:
     """Freeze `model` and add CCA after the self-attention of the 1-based `cca_layers` and a neighbour encoder.
 
     model: a plain `models.model.RetroModel` or a transformers causal LM (GPT-2, the Llama family, or
@@ -412,16 +366,15 @@ def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, encoder_layers: i
     heads: CCA and encoder heads (default: the base model's attention heads).
     seq_len: the sequence length evaluation batches use (default: 8 chunks).
     dtype: of the added weights (default: the base model's).
+    options: the other RetrofitConfig fields (num_neighbours, encoder_layers, kernels, extra, ...).
     """
     adapter = BaseAdapter(model, layers, attention)  # refuses what cannot be retrofitted
     heads = heads or adapter.heads
     if heads is None:
         raise ValueError("retrofit: the base model's config names no num_attention_heads; pass heads=")
-    cfg = RetrofitConfig(
-        chunk_size=chunk_size, cca_layers=tuple(cca_layers), d_model=adapter.hidden, n_heads=heads,
-        n_layers=len(adapter.layers), vocab_size=adapter.embedding.num_embeddings, num_neighbours=num_neighbours,
-        neighbour_len=neighbour_len, seq_len=seq_len or 8 * chunk_size, encoder_layers=encoder_layers,
-        encoder_ff_mult=encoder_ff_mult, kernels=kernels, layers=layers, attention=attention, extra=extra or {})
+    cfg = RetrofitConfig(chunk_size=chunk_size, cca_layers=tuple(cca_layers), d_model=adapter.hidden, n_heads=heads,
+                         n_layers=len(adapter.layers), vocab_size=adapter.embedding.num_embeddings,
+                         seq_len=seq_len or 8 * chunk_size, layers=layers, attention=attention, **options)
     return RetrofitModel(model, cfg, dtype)
 
 
@@ -450,25 +403,16 @@ def base_kind(path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a directory (expected a models checkpoint "
                                 f"or a transformers model folder)")
-    if (path / "latest.json").is_file() or shard_files(path) and _is_our_config(path):
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if (path / "latest.json").is_file() or "chunk_size" in config:
         return "models"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except ValueError:
-            meta = {}
-        if "model_type" in meta:
-            return "hf"
+    if "model_type" in config:
+        return "hf"
     raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + shard-*.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
-
-
-def _is_our_config(path: Path) -> bool:
-    try:
-        return "chunk_size" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _base_files(path: Path, kind: str) -> list[Path]:
@@ -486,11 +430,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
 
 def base_fingerprint(path, kind: str) -> str:
     """sha256 over the base model's config and weight files."""
-    h = hashlib.sha256()
-    for f in _base_files(Path(path), kind):
-        h.update(f.name.encode())
-        _hash_file(h, f)
-    return h.hexdigest()
+    return _sha256(_base_files(Path(path), kind), with_names=True)
 
 
 def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
@@ -538,28 +478,24 @@ def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state:
     """
     from safetensors.torch import save_file
 
-    from .atomic import atomic_file, write_json_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
-        weights_sha256 = _sha256(tmp)
+        weights_sha256 = _sha256([tmp])
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}
     write_json_atomic(out / CONFIG_FILE, record)
     return out
 
 
-def _hash_file(h, path) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
-def _sha256(path) -> str:
+def _sha256(files, with_names: bool = False) -> str:
     h = hashlib.sha256()
-    _hash_file(h, path)
+    for f in files:
+        h.update(Path(f).name.encode() if with_names else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -586,15 +522,14 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     record = read_record(path)
     config, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
     try:
-        cfg = RetrofitConfig.from_dict(record["config"])
+        cfg = RetrofitConfig(**record["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config}: not a valid retrofit configuration ({one_line(e)})") from None
     if kernels:
         cfg.kernels = kernels
-    recorded = record.get("weights_sha256")  # absent in retrofits saved before it was recorded
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing (the added weights of the retrofit in {str(path)!r})")
-    if recorded is not None and _sha256(weights_file) != recorded:
+    if _sha256([weights_file]) != record.get("weights_sha256"):
         raise CheckpointError(f"{weights_file} is not the file {config} records (its sha256 differs: changed, "
                               f"truncated, or a save interrupted between the two files); retrofit again")
     if base is None:

@@ -3,38 +3,16 @@
     python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
 
 BASE is one of our plain decoder checkpoints (`python -m models train
---no-retrieval`) or a local transformers model folder (`save_pretrained`;
-loaded with from_pretrained, offline, safetensors only). OUT receives
-`retrofit.json` and `retrofit.safetensors` (the added weights only; the base
-is referenced by path and sha256, never copied or changed); `models eval` and
-`models generate` take OUT as their --checkpoint.
-
-A base and a database must share a tokenizer, or the token ids mean
-different things. Our databases carry their own byte-level BPE
-(`tokenizer.json`), so:
-
-- one of our decoders must have been trained with the database's tokenizer
-  (its checkpoint records the tokenizer's fingerprint; a checkpoint from
-  before fingerprints is checked by vocabulary size only, with a note);
-- a transformers folder must hold a `tokenizer.json` equal to the database's,
-  and an embedding with exactly as many rows as it has tokens. Either build the
-  database with the model's tokenizer (`build-db --tokenizer FOLDER/tokenizer.json`;
-  it needs `<|endoftext|>` and `<|pad|>` special tokens, so add a pad token and
-  resize the embedding first if the model lacks one), or build the model from a
-  config with the database's vocabulary and save the database's tokenizer.json
-  beside it (what the README example and the tests do).
-
-OUT follows the output-folder rule (docs/ARCHITECTURE.md): new, empty, or a
-retrofit's own (its marker), locked while the command runs; a finished
-retrofit there is replaced only with --overwrite (its two files; nothing
-else in the folder is touched). Everything is checked before any weight is
-loaded; a mismatch is one line (exit 2), a failure while working too (exit 1),
-and a non-finite loss stops the training before anything is saved.
+--no-retrieval`) or a local transformers model folder (offline, safetensors
+only); it must share the database's tokenizer (docs/model.md, "Pairing a base
+with a database"). OUT receives `retrofit.json` and `retrofit.safetensors`
+(the added weights only), which `models eval` and `models generate` take as
+their --checkpoint. Everything is checked before any weight is loaded; OUT
+follows the output-folder rule (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -47,8 +25,8 @@ from .data import ChunkedTokens
 from .runtime import configure_threads, resolve_device
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, make_optimizer, train_args_from,
-                    training_batches)
+from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, make_optimizer,
+                    train_args_from, training_batches)
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
@@ -62,51 +40,25 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     (args.seed, step); a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged)
     unless args.allow_nonfinite.
     """
-    args.validate()
     device = resolve_device(args.device)
-    cfg = model.cfg
-    if data.neighbours is None or data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
-        raise ValueError(f"the training data must carry (K, R) = ({cfg.num_neighbours}, {cfg.R}) neighbours per chunk")
+    check_data(model.cfg, data)
     model.to(device).train()
     optimizer = make_optimizer(model, args)
-    batches = training_batches(data, cfg.seq_len, args, retrieval=True)
+    batches = training_batches(data, model.cfg.seq_len, args)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit")
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
 
 
-def check_out(out, overwrite: bool) -> None:
-    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into. Changes nothing.
-
-    OUT may be new, empty, or a retrofit's own (its marker, or a retrofit.json of ours from before markers);
-    one holding a finished retrofit needs `overwrite`.
-    """
+def check_out(out, overwrite: bool) -> str:
+    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into (new, empty, or a retrofit's
+    own: its marker; one holding a finished retrofit needs `overwrite`); its outdir state. Changes nothing."""
     out = Path(out)
-    outdir.check_folder(out, KIND, legacy=is_retrofit)
+    state = outdir.check_folder(out, KIND)
     if is_retrofit(out) and not overwrite:
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
             f"those two files (nothing else there is touched), or choose another folder")
-
-
-@contextlib.contextmanager
-def claimed_out(out, overwrite: bool):
-    """``with claimed_out(OUT, overwrite):`` OUT checked, created, marked and locked for one retrofit run."""
-    check_out(out, overwrite)
-    with outdir.claimed(out, KIND, legacy=is_retrofit, temporaries=TEMPORARIES):
-        check_out(out, overwrite)  # again, under the lock
-        yield Path(out)
-
-
-def fit_and_save(model: RetrofitModel, data: ChunkedTokens, a: TrainArgs, source: dict,
-                 eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None, log=print,
-                 state: Optional[dict] = None) -> tuple[list, dict]:
-    """Train the added weights, then save them into a.out (claimed by the caller); (history, trainable share)."""
-    from .retrofit import save_retrofit, trainable_share
-
-    history = train_retrofit(model, data, a, eval_data, byte_lengths, log)
-    share = trainable_share(model)
-    save_retrofit(model, a.out, source, {"trainable": share, "history": history, **(state or {})})
-    return history, share
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -188,17 +140,14 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
     _need(shape["vocab_size"] == db.vocab_size,
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
-    if kind == "models" and trained_with is None:
-        log("note: the base does not record its tokenizer (trained before tokenizer fingerprints): only its "
-            "vocabulary size is checked against the database's")
-    elif shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
+    if shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
         log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
             f"(the same tokenizer)")
 
 
 # The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                        "overlap_sampling", "eval_every", "seed", "allow_nonfinite", "device", "progress")
+                        "eval_every", "seed", "allow_nonfinite", "device", "progress")
 RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
 
 
@@ -230,38 +179,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_flag(g)
 
 
-def plan(flags, shape: dict, db) -> dict:
-    """The keyword arguments of `retrofit()`, checked (UsageError) against the base and the database."""
-    m = db.chunk_size
-    layers = flags.cca_layers or paper_cca_layers(shape["n_layers"])
-    _need(layers[-1] <= shape["n_layers"], f"--cca-layers: the base has {shape['n_layers']} layers, got {layers}")
+def plan(flags, shape: dict, db) -> RetrofitConfig:
+    """What `retrofit` adds, checked (UsageError) against the base's config and the database."""
+    m, n_layers = db.chunk_size, shape["n_layers"]
+    layers = flags.cca_layers or paper_cca_layers(n_layers)
+    _need(layers[-1] <= n_layers, f"--cca-layers: the base has {n_layers} layers, got {layers}")
     seq_len = flags.seq_len or shape["seq_len"] or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
     _need(not shape["positions"] or seq_len <= shape["positions"],
           f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
     _need(flags.neighbours <= int(db.config["k"]),
           f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")
-    kw = dict(chunk_size=m, cca_layers=layers, encoder_layers=flags.encoder_layers, num_neighbours=flags.neighbours,
-              neighbour_len=db.neighbour_len, seq_len=seq_len, heads=flags.heads, encoder_ff_mult=flags.encoder_ff_mult,
-              kernels=flags.kernels, layers=flags.layers, attention=flags.attention,
-              extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
     heads = flags.heads or shape["heads"]
-    if shape["d_model"] and heads:  # what retrofit() will check, before any weight is read
-        try:
-            RetrofitConfig(chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads,
-                           n_layers=shape["n_layers"], vocab_size=db.vocab_size, num_neighbours=flags.neighbours,
-                           neighbour_len=db.neighbour_len, seq_len=seq_len, encoder_layers=flags.encoder_layers,
-                           encoder_ff_mult=flags.encoder_ff_mult, kernels=flags.kernels)
-        except ValueError as e:
-            named = f"--heads {heads}" if flags.heads else f"the base model's {heads} heads (--heads)"
-            raise UsageError(f"{named}: {e}") from None
-    return kw
+    _need(heads is not None, "--heads: the base's config names no num_attention_heads; pass --heads")
+    try:
+        return RetrofitConfig(
+            chunk_size=m, cca_layers=layers, d_model=shape["d_model"], n_heads=heads, n_layers=n_layers,
+            vocab_size=db.vocab_size, num_neighbours=flags.neighbours, neighbour_len=db.neighbour_len,
+            seq_len=seq_len, encoder_layers=flags.encoder_layers, encoder_ff_mult=flags.encoder_ff_mult,
+            kernels=flags.kernels, layers=flags.layers, attention=flags.attention,
+            extra={"db_fingerprint": db.fingerprint, "tokenizer_fingerprint": db.tokenizer_fingerprint})
+    except ValueError as e:
+        named = f"--heads {heads}" if flags.heads else f"the base model's {heads} heads (--heads)"
+        raise UsageError(f"{named}: {e}") from None
 
 
 @command("retrofit")
 def main(argv=None) -> int:
     from .data import from_stream, open_database, token_byte_lengths
-    from .retrofit import load_base, retrofit, trainable_share
+    from .retrofit import load_base, save_retrofit, trainable_share
 
     p = Parser("python -m models retrofit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -273,21 +219,22 @@ def main(argv=None) -> int:
     shape = base_shape(base_path, kind)
     db = open_database(flags.db)
     check_tokenizer(base_path, kind, shape, db, print)
-    kw = plan(flags, shape, db)
+    cfg = plan(flags, shape, db)
 
     threads = configure_threads(flags.threads)
     device = resolve_device(flags.device)
     args.device = str(device)
     train_data, eval_data = from_stream(db, "train", flags.neighbours), from_stream(db, "eval", flags.neighbours)
-    with claimed_out(flags.out, flags.overwrite):
+    with outdir.claimed(flags.out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(flags.out, flags.overwrite)):
         base, source = load_base(base_path, device, flags.allow_nonfinite)
         torch.manual_seed(flags.seed)
-        model = retrofit(base, **kw)
+        model = RetrofitModel(base, cfg)
         share = trainable_share(model)
-        print(f"retrofitting {kind} model {base_path}: CCA after layers {kw['cca_layers']}, {share['trainable']:,} "
+        print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, {share['trainable']:,} "
               f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
-        history, _ = fit_and_save(model, train_data, args, source, eval_data, token_byte_lengths(db.tokenizer),
-                                  state={"args": {k: v for k, v in vars(flags).items() if k != "debug"}})
+        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer))
+        save_retrofit(model, flags.out, source, {"trainable": share, "history": history,
+                                                 "args": {k: v for k, v in vars(flags).items() if k != "debug"}})
     print(f"done: {flags.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
           f"{WEIGHTS_FILE} in {flags.out} (evaluate: python -m models eval --checkpoint {flags.out} --db {flags.db})")
     return 0

@@ -16,10 +16,6 @@ Retrieval dropout: with probability `retrieval_dropout` a training sequence
 gets all its neighbours masked, which makes every CCA output of it zero: the
 model also learns to work as a plain decoder, so "retrieval OFF" is a fair
 baseline for the same weights.
-
-Retrofit (`--retrofit CKPT`): start from a plain decoder checkpoint
-(retrieval=False), add CCA layers and the encoder, freeze the decoder and
-train only the new parameters.
 """
 from __future__ import annotations
 
@@ -42,7 +38,7 @@ from . import outdir
 from . import parallel
 from .cli_common import SEED, Parser, UsageError, check_value, command, device, folder, integer, number
 from .config import KERNELS, RetroConfig
-from .data import ChunkedTokens, SequenceBatches, sequence_overlap_weights
+from .data import ChunkedTokens, SequenceBatches
 from .evaluate import bits_per_byte, token_nll
 from .model import RetroModel, lm_loss
 from .runtime import is_first_process, progress_bar, resolve_device, setup_distributed
@@ -83,10 +79,6 @@ class TrainArgs:
     clip: float = option(1.0, "gradient norm clip (0: none)", limit=number(0))
     retrieval_dropout: float = option(0.25, "fraction of sequences trained with their neighbours masked",
                                       limit=number(0, 1))
-    overlap_sampling: float = option(
-        0.0, "> 0: draw training sequences with weight (this + the mean overlap of their chunks with their "
-             "neighbours), so sequences whose neighbours are informative come more often; 0: uniformly",
-        limit=number(0))
     eval_every: int = option(0, "steps (0: at the end)", limit=integer(0))
     eval_sequences: int = option(32, "held-out sequences of the evaluation during training", limit=integer(1),
                                  cli=False)
@@ -97,8 +89,6 @@ class TrainArgs:
     overwrite: bool = option(False, "replace the run in --out (its checkpoints are deleted once the new run "
                                     "saved one)")
     allow_nonfinite: bool = option(False, "keep training on a NaN/inf loss (default: stop)")
-    retrofit: Optional[str] = option(None, "a plain decoder checkpoint: freeze it, train CCA + encoder",
-                                     type=ckpt.checkpoint_argument)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda or cuda:N", type=device)
     parallel: str = option("ddp", "under torchrun: ddp (whole model per rank) or fsdp (parameters, gradients and "
                                   "optimizer state sharded)", choices=("ddp", "fsdp"))
@@ -109,21 +99,30 @@ class TrainArgs:
     progress: bool = option(True, "no progress bar", negated="--no-progress")
     extra: dict = option({}, "anything else to record", cli=False)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        """ValueError naming the field unless every number is in its range (LIMITS)."""
+        """The one check of a run's arguments (the command line's too: argparse's type= functions are
+        LIMITS'): ValueError naming the field unless every number is in its range, UsageError unless
+        the fields fit together (torchrun's processes included)."""
         for name, parse in LIMITS.items():
             check_value(name, getattr(self, name), parse)
         for f in dataclasses.fields(self):
             if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
-                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
-        if self.batch_size % self.accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accum ({self.accum})")
+                raise UsageError(f"--{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        parallel.check_layout(world, self.parallel, self.tp)
+        world //= self.tp  # the data-parallel processes
+        if self.batch_size % (self.accum * world):
+            raise UsageError(f"--batch-size {self.batch_size} must be a multiple of --accum {self.accum}"
+                             + (f" x {world} data-parallel processes" if world > 1 else ""))
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
+            raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
 
 
 # The range of every numeric training argument, from TrainArgs: argparse type= functions for the
-# command line (train, retrofit, demo), and TrainArgs.validate() for callers of train().
+# command line (train, retrofit, demo), and TrainArgs.validate() for the Python API.
 LIMITS = {f.name: f.metadata["limit"] for f in dataclasses.fields(TrainArgs) if f.metadata["limit"]}
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.metadata["cli"])
 
@@ -151,9 +150,7 @@ def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
         if f.name in names:
             negated = f.metadata["negated"]
             values[f.name] = not getattr(flags, negated[2:].replace("-", "_")) if negated else getattr(flags, f.name)
-    args = TrainArgs(**values, **given)
-    args.validate()  # the ranges: argparse checked them with the same LIMITS
-    return args
+    return TrainArgs(**values, **given)
 
 
 def _flag(name: str) -> str:
@@ -171,29 +168,6 @@ def lr_at(step: int, args: TrainArgs) -> float:
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
-
-
-def build_model(cfg: RetroConfig, args: TrainArgs) -> RetroModel:
-    """A fresh model, or a retrofitted one: a plain decoder's frozen weights plus new CCA/encoder."""
-    if not args.retrofit:
-        return RetroModel(cfg)
-    base = ckpt.load_config(args.retrofit)
-    if base.retrieval:
-        raise ValueError(f"--retrofit expects a plain decoder checkpoint (retrieval=False); {args.retrofit} has "
-                         f"retrieval")
-    shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "feed_forward", "ff_mult",
-             "rotary_base", "tie_embeddings")
-    mismatch = [k for k in shape if getattr(base, k) != getattr(cfg, k)]
-    if mismatch:
-        raise ValueError(f"--retrofit: the decoder checkpoint differs from the config in {mismatch}")
-    model = RetroModel(cfg)
-    missing, unexpected = ckpt.load_model_weights(model, args.retrofit, strict=False)
-    bad = [k for k in missing if not RetroModel.is_retrieval_parameter(k)]
-    if bad or unexpected:
-        raise ValueError(f"--retrofit: checkpoint does not match the decoder (missing {bad}, unexpected {unexpected})")
-    for name, p in model.named_parameters():
-        p.requires_grad_(RetroModel.is_retrieval_parameter(name))
-    return model
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -216,16 +190,10 @@ def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator, ran
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
-def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, retrieval: bool, rank: int = 0,
+def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, rank: int = 0,
                      world: int = 1) -> SequenceBatches:
-    """The micro-batches of a run (batch_size / accum sequences over all processes), drawn by overlap
-    with their neighbours when args.overlap_sampling > 0 and the model retrieves."""
-    micro = args.batch_size // args.accum
-    batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world)
-    if args.overlap_sampling > 0 and retrieval:
-        weights = sequence_overlap_weights(batches, args.overlap_sampling)
-        batches = SequenceBatches(data, seq_len, micro, seed=args.seed, rank=rank, world=world, weights=weights)
-    return batches
+    """The micro-batches of a run: batch_size / accum sequences over all processes."""
+    return SequenceBatches(data, seq_len, args.batch_size // args.accum, seed=args.seed, rank=rank, world=world)
 
 
 def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, device, retrieval=True) -> dict:
@@ -365,7 +333,7 @@ class TrainingLoop:
 # train()
 # ---------------------------------------------------------------------------
 
-def check_data(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, world: int = 1) -> None:
+def check_data(cfg: RetroConfig, train_data: ChunkedTokens) -> None:
     if cfg.retrieval and train_data.neighbours is None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
     if train_data.chunk_size != cfg.chunk_size:
@@ -374,20 +342,19 @@ def check_data(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, wor
             train_data.neighbours.shape[1] != cfg.num_neighbours or train_data.neighbours.shape[2] != cfg.R):
         raise ValueError(f"the data has (K, R) = {train_data.neighbours.shape[1:]} neighbours but the config "
                          f"expects ({cfg.num_neighbours}, {cfg.R})")
-    if args.batch_size % (args.accum * world):
-        raise ValueError(f"batch_size ({args.batch_size}) must be divisible by accum ({args.accum}) x "
-                         f"data-parallel processes ({world})")
 
 
-def check_out(args: TrainArgs) -> None:
-    """Refuse (OutputFolderError, exit 2) an --out that this run may not write into. Changes nothing."""
+def check_out(args: TrainArgs) -> str:
+    """Refuse (OutputFolderError, exit 2) an --out that this run may not write into; its outdir state.
+    Changes nothing."""
     out = Path(args.out)
-    outdir.check_folder(out, "train-run", legacy=ckpt.is_run_folder)
+    state = outdir.check_folder(out, "train-run")
     latest = ckpt.read_latest(out) if out.is_dir() else None
     if latest is not None and not (args.resume or args.overwrite):
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a training run (at step {latest.get('step')}, {ckpt.LATEST}); pass --resume "
             f"to continue it, or --overwrite to replace it (its checkpoints stay until the new run saves one)")
+    return state
 
 
 def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
@@ -396,16 +363,13 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
 
     Rank 0 takes args.out for the run (outdir.claimed: new, empty or its own, locked).
     """
-    args.validate()
     rank, world, device = setup_distributed(resolve_device(args.device))
     parallel.check_heads(cfg, args.tp)
-    check_data(cfg, train_data, args, world // args.tp)
+    check_data(cfg, train_data)
     if rank != 0:
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
-    check_out(args)
-    with outdir.claimed(args.out, "train-run", legacy=ckpt.is_run_folder, temporaries=ckpt.TEMPORARIES,
-                        inside=ckpt.CHECKPOINT_FILES):
-        check_out(args)  # under the lock
+    with outdir.claimed(args.out, "train-run", temporaries=ckpt.TEMPORARIES, inside=ckpt.CHECKPOINT_FILES,
+                        check=lambda: check_out(args)):
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
@@ -413,7 +377,7 @@ def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank,
     log = log if rank == 0 else (lambda msg: None)
     layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
     torch.manual_seed(args.seed)
-    model = build_model(cfg, args).to(device)
+    model = RetroModel(cfg).to(device)
     forward = parallel.prepare(model, layout, device, args.activation_checkpointing, args.compile)
     optimizer = make_optimizer(model, args)
     start_step, history = _resumed_state(cfg, model, optimizer, args, log)
@@ -422,7 +386,7 @@ def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank,
     def save(step, history):
         run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
 
-    batches = training_batches(train_data, cfg.seq_len, args, cfg.retrieval, layout.dp_rank, layout.dp_size)
+    batches = training_batches(train_data, cfg.seq_len, args, layout.dp_rank, layout.dp_size)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
                         held_out_off=cfg.retrieval, rank=rank, layout=layout, forward=forward)
     metrics = Path(args.out) / "metrics.jsonl" if rank == 0 else None
@@ -484,45 +448,17 @@ def config_from_flags(flags, db) -> RetroConfig:
         raise UsageError(f"--neighbours {flags.neighbours}: the database precomputed {have_k} neighbours per chunk "
                          f"(rebuild it with -k {flags.neighbours})")
     try:
-        cfg = RetroConfig(  # the command line's numbers must fit together, with --retrofit too
+        cfg = RetroConfig(  # the command line's numbers must fit together and with the database
             vocab_size=db.vocab_size, d_model=flags.d_model, n_layers=flags.layers, n_heads=flags.heads,
             n_kv_heads=flags.kv_heads, feed_forward=flags.ff, seq_len=flags.seq_len, chunk_size=db.chunk_size,
             num_neighbours=flags.neighbours, neighbour_len=db.neighbour_len, retrieval=not flags.no_retrieval,
             cca_start_layer=min(flags.cca_start, flags.layers), cca_every=flags.cca_every, kernels=flags.kernels,
             dropout=flags.dropout, encoder_ff_mult=flags.encoder_ff_mult, extra=extra,
         )
-        cfg = _retrofit_config(flags, db, extra) if flags.retrofit else cfg
         parallel.check_heads(cfg, flags.tp)
         return cfg
-    except ckpt.CheckpointError:
-        raise
     except ValueError as e:  # RetroConfig: the arguments do not fit together or with the database
         raise UsageError(str(e)) from None
-
-
-def _retrofit_config(flags, db, extra: dict) -> RetroConfig:
-    """--retrofit: the decoder checkpoint's config with retrieval added (its tokenizer must be the database's)."""
-    base = ckpt.load_config(flags.retrofit)
-    trained_with = base.extra.get("tokenizer_fingerprint")
-    if trained_with and trained_with != db.tokenizer_fingerprint:
-        raise UsageError(f"--retrofit {flags.retrofit} was trained with another tokenizer than --db {flags.db}'s "
-                         f"({trained_with} vs {db.tokenizer_fingerprint})")
-    return base.replace(retrieval=True, num_neighbours=flags.neighbours,
-                        cca_start_layer=min(flags.cca_start, base.n_layers), cca_every=flags.cca_every,
-                        kernels=flags.kernels, extra=extra)
-
-
-def checked_train_args(flags) -> TrainArgs:
-    """The run's TrainArgs; UsageError (naming the flags) when they do not fit together."""
-    if flags.batch_size % flags.accum:
-        raise UsageError(f"--batch-size {flags.batch_size} must be a multiple of --accum {flags.accum}")
-    if flags.resume and flags.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
-    try:
-        parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), flags.parallel, flags.tp)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return train_args_from(flags)
 
 
 @command("train")
@@ -536,7 +472,7 @@ def main(argv=None) -> int:
     add_model_flags(p.add_argument_group("model"))
     add_train_flags(p.add_argument_group("training"))
     flags = p.parse_args(argv)
-    args = checked_train_args(flags)  # every check that needs no file: before anything is read
+    args = train_args_from(flags)  # every check that needs no file: before anything is read
     if is_first_process():
         check_out(args)
     db = open_database(flags.db)

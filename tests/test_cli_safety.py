@@ -127,19 +127,8 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert snapshot(tmp_path / "w") == before
 
 
-def test_demo_knows_its_folders_from_before_markers_and_checks_every_seed_folder_first(tmp_path):
-    """A demo folder from before markers (the single-RETRO demo's or the RETROfit protocol's results.json)
-    is the demo's own; inside its own folder, a seed's folder that a user filled is refused before any work."""
-    from models.demo import OLD_RESULTS_KEYS, is_old_demo_folder
-
-    for i, keys in enumerate(OLD_RESULTS_KEYS):
-        (tmp_path / f"old{i}").mkdir()
-        (tmp_path / f"old{i}" / "results.json").write_text(json.dumps({k: 1 for k in keys}))
-        assert outdir.check_folder(tmp_path / f"old{i}", "demo", legacy=is_old_demo_folder) == "ours"
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "results.json").write_text('{"preset": "my own"}')
-    with pytest.raises(outdir.OutputFolderError, match="was not made by `demo`"):
-        outdir.check_folder(tmp_path / "mine", "demo", legacy=is_old_demo_folder)
+def test_the_demo_checks_every_seed_folder_first(tmp_path):
+    """Inside its own folder, a seed's folder that a user filled is refused before any work."""
     out = tmp_path / "demo"
     with outdir.claimed(out, "demo"):
         pass
@@ -316,7 +305,7 @@ BAD_ARGUMENTS = [
     (["retrofit", "--lr", "nan"], "argument --lr"),
     (["retrofit", "--cca-layers", "2,1"], "argument --cca-layers: expected increasing 1-based layer numbers"),
     (["retrofit", "--cca-layers", "1,3"], "--cca-layers: the base has 2 layers"),
-    (["retrofit", "--heads", "3"], "--heads 3: retrofit: the hidden size (16) must be a multiple of the CCA heads"),
+    (["retrofit", "--heads", "3"], "--heads 3: retrofit: d_model (16) must be divisible by n_heads (3)"),
     (["retrofit", "--neighbours", "4"], "--neighbours: the database precomputed 3 neighbours"),
     (["retrofit", "--seq-len", "48"], "--seq-len: expected a multiple of the database's chunk size 32"),
     (["retrofit", "--device", "cuda:7"], "argument --device: 'cuda:7' is not available"),
@@ -418,9 +407,9 @@ GARBAGE = ["-1", "0", "nan", "inf", "-inf", "1e309", "abc", "", " ", "2.5", "999
 PLAUSIBLE = ["1", "2", "3", "0.5", "cpu", "auto", "reference", "flat", "gelu", "tokenize"]  # valid for some flags
 FLAGS = {
     "train": ["--steps", "--batch-size", "--accum", "--lr", "--warmup", "--weight-decay", "--clip",
-              "--retrieval-dropout", "--overlap-sampling", "--eval-every", "--ckpt-every", "--seed", "--device",
+              "--retrieval-dropout", "--eval-every", "--ckpt-every", "--seed", "--device",
               "--d-model", "--layers", "--heads", "--kv-heads", "--seq-len", "--neighbours", "--cca-start",
-              "--cca-every", "--dropout", "--encoder-ff-mult", "--kernels", "--ff", "--out", "--db", "--retrofit"],
+              "--cca-every", "--dropout", "--encoder-ff-mult", "--kernels", "--ff", "--out", "--db"],
     "eval": ["--batch-size", "--kernels", "--device", "--out", "--plot", "--checkpoint", "--db"],
     "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--kernels", "--device",
                  "--checkpoint", "--db", "--prompt"],
@@ -433,7 +422,7 @@ FLAGS = {
     # demo: --out stays a user's folder (refused), so it never runs
     "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],
     "retrofit": ["--steps", "--batch-size", "--lr", "--warmup", "--weight-decay", "--clip", "--retrieval-dropout",
-                 "--overlap-sampling", "--eval-every", "--seed", "--device", "--threads", "--cca-layers",
+                 "--eval-every", "--seed", "--device", "--threads", "--cca-layers",
                  "--encoder-layers", "--encoder-ff-mult", "--heads", "--neighbours", "--layers", "--attention",
                  "--kernels", "--seq-len", "--out", "--db", "--base"],
 }

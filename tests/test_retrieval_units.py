@@ -8,11 +8,12 @@ import pytest
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("tokenizers")
 
+from models.atomic import atomic_file  # noqa: E402
 from models.retrieval import corpus as corpus_mod  # noqa: E402
 from models.retrieval import index as index_mod  # noqa: E402
 from models.retrieval import build_database, held_out, split_documents  # noqa: E402
 from models.retrieval.leakage import MinHasher, find_leaked  # noqa: E402
-from models.retrieval.manifest import DatabaseError, Manifest, atomic_path  # noqa: E402
+from models.retrieval.manifest import DatabaseError, Manifest  # noqa: E402
 from models.retrieval.tokenizer import load_tokenizer, train_bpe  # noqa: E402
 
 
@@ -236,11 +237,11 @@ def test_ivfpq_factory_adapts_and_refuses_too_little_data():
 
 # --- manifest ----------------------------------------------------------------------------------
 
-def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
+def test_atomic_file_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_file(target) as tmp:
             tmp.write_bytes(b"half-written")
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"

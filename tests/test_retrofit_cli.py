@@ -133,11 +133,10 @@ def test_the_output_folder_is_claimed_locked_and_only_its_own_files_replaced(tmp
         assert "is in use by another run" in capsys.readouterr().err
     assert rt.main(args(base, db, out)) == 0
     assert outdir.read_marker(out)["kind"] == "retrofit"
-    (out / ".retrofit.safetensors.ab12cd34.tmp").write_bytes(b"what a killed save left")
+    (out / "retrofit.safetensors.tmpab12cd34").write_bytes(b"what a killed save left")
     (out / "notes.tmp.txt").write_text("mine")
-    (out / outdir.MARKER).unlink()  # a retrofit from before markers is still recognised as its own
     assert rt.main(args(base, db, out, "--overwrite")) == 0
-    assert not (out / ".retrofit.safetensors.ab12cd34.tmp").exists()
+    assert not (out / "retrofit.safetensors.tmpab12cd34").exists()
     assert (out / "notes.tmp.txt").read_text() == "mine"
     assert sorted(outdir.user_entries(out)) == ["notes.tmp.txt", "retrofit.json", "retrofit.safetensors"]
     before = {p.name: p.read_bytes() for p in base.rglob("*") if p.is_file()}

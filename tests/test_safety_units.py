@@ -92,13 +92,13 @@ def test_stale_temporaries_go_but_look_alike_user_files_stay(tmp_path):
     crashed = out / ".step-00000007.abcd_123"  # what a write killed mid-checkpoint leaves
     crashed.mkdir()
     (crashed / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"half")
-    (out / ".latest.json.x1y2z3w4.tmp").write_text("{")
+    (out / "latest.json.tmpx1y2z3w4").write_text("{")
     (out / "notes.tmp.txt").write_text("mine")
     odd = out / ".step-00000008.qwertyui"  # our name, but someone's file inside: left alone
     odd.mkdir()
     (odd / "mine.txt").write_text("mine")
     train(cfg, data, args(out, steps=2, accum=1, resume=True), log=quiet)
-    assert not crashed.exists() and not (out / ".latest.json.x1y2z3w4.tmp").exists()
+    assert not crashed.exists() and not (out / "latest.json.tmpx1y2z3w4").exists()
     assert (out / "notes.tmp.txt").read_text() == "mine" and (odd / "mine.txt").read_text() == "mine"
 
 
@@ -196,7 +196,7 @@ def test_bad_training_numbers_are_refused_before_anything_runs(tmp_path):
                        (dict(steps=0), "steps"), (dict(retrieval_dropout=2.0), "retrieval_dropout"),
                        (dict(warmup=-5), "warmup"), (dict(eval_every=-1), "eval_every"),
                        (dict(batch_size=0), "batch_size"), (dict(accum=0), "accum"), (dict(keep=0), "keep"),
-                       (dict(lr=float("inf")), "lr"), (dict(batch_size=4, accum=3), "divisible"),
+                       (dict(lr=float("inf")), "lr"), (dict(batch_size=4, accum=3), "multiple of --accum"),
                        (dict(resume=True, overwrite=True), "exclude each other")]:
         with pytest.raises(ValueError, match=match):
             train(config(), synthetic_data(), args(tmp_path / "run", **bad), log=quiet)
@@ -210,19 +210,21 @@ def nan_checkpoint(path: Path, cfg) -> Path:
         for p in model.parameters():
             p.fill_(float("nan"))
     ckpt.RunCheckpoints(path).save(model, step=1)
+    outdir.write_marker(path, "train-run")  # as train() marks its folder
     return path
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
-    plain = config(retrieval=False)
-    base = nan_checkpoint(tmp_path / "nan", plain)
-    out = tmp_path / "retro"
-    with pytest.raises(TrainingDiverged, match="step 1: the training loss is nan"):
-        train(config(), synthetic_data(), args(out, steps=2, accum=1, retrofit=str(base)), log=quiet)
-    assert ckpt.read_latest(out) is None and not list(out.glob("step-*"))
-    run = train(config(), synthetic_data(), args(tmp_path / "allowed", steps=1, accum=1, retrofit=str(base),
-                                                 allow_nonfinite=True), log=quiet)
-    assert run["history"][0]["loss"] != run["history"][0]["loss"]  # nan, because it was allowed
+    out = nan_checkpoint(tmp_path / "run", config())  # a run at step 1 whose weights are NaN
+    before = snapshot(out)  # with the marker (the lock file comes with the run)
+    with pytest.raises(TrainingDiverged, match="step 2: the training loss is nan"):
+        train(config(), synthetic_data(), args(out, steps=2, accum=1, resume=True), log=quiet)
+    assert ckpt.read_latest(out)["checkpoint"] == "step-00000001" and sorted(out.glob("step-*")) == [
+        out / "step-00000001"]
+    assert {k: v for k, v in snapshot(out).items() if k != outdir.LOCK} == before
+    run = train(config(), synthetic_data(), args(out, steps=2, accum=1, resume=True, allow_nonfinite=True),
+                log=quiet)
+    assert run["history"][-1]["loss"] != run["history"][-1]["loss"]  # nan, because it was allowed
 
 
 def test_evaluation_refuses_nan_weights_and_nan_results(tmp_path):
@@ -245,10 +247,9 @@ def test_train_args_validate_types_too():
     TrainArgs().validate()
 
 
-def test_checkpoint_without_optimizer_and_legacy_latest_json_still_load(tmp_path):
+def test_a_checkpoint_without_optimizer_loads_and_other_files_stay(tmp_path):
     model = RetroModel(config())
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unrelated.safetensors"))
     path = ckpt.save_checkpoint(tmp_path, model, step=3)
-    (tmp_path / ckpt.LATEST).write_text(json.dumps({"checkpoint": path.name, "step": 3}))  # a latest.json without its list of checkpoints
-    assert ckpt.resolve(tmp_path) == path and ckpt.is_run_folder(tmp_path)
+    assert ckpt.resolve(tmp_path) == path and not (path / "optimizer.safetensors").exists()
     assert (tmp_path / "unrelated.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Training: exact resume, retrofit trains only the new parameters, DDP keeps ranks identical."""
+"""Training: exact resume, checkpoints without pickle, DDP keeps ranks identical."""
 import json
 import os
 import pickle
@@ -56,7 +56,9 @@ def test_resume_after_a_checkpoint_continues_exactly(tmp_path):
     # A second run that has only the step-2 checkpoint resumes from it.
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "step-00000002", tmp_path / "b" / "step-00000002")
-    (tmp_path / "b" / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002", "step": 2}))
+    shutil.copy(tmp_path / "a" / ".retro_kernels.json", tmp_path / "b")  # train's marker: the folder is a run
+    (tmp_path / "b" / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002", "step": 2,
+                                                            "checkpoints": ["step-00000002"], "superseded": []}))
     resumed = train(cfg, data, args(tmp_path / "b", resume=True), log=lambda *_: None)
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
     assert resumed["history"][2]["loss"] == straight["history"][2]["loss"]  # the next step's loss, exactly
@@ -83,32 +85,12 @@ def test_checkpoints_are_not_pickles_and_load_back(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".step-*")), "temporary checkpoint directories left behind"
 
 
-def test_retrofit_trains_only_the_new_parameters(tmp_path):
-    data, cfg = synthetic_data(), config()
-    plain = train(cfg.replace(retrieval=False), data, args(tmp_path / "plain", steps=2), log=lambda *_: None)
-    before = weights(plain["model"])
-    retro = train(cfg, data, args(tmp_path / "retro", steps=3, retrofit=str(tmp_path / "plain"), retrieval_dropout=0.0),
-                  log=lambda *_: None)
-    after = retro["model"].state_dict()
-    new = [k for k in after if RetroModel.is_retrieval_parameter(k)]
-    assert new and all(k not in before for k in new)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), f"frozen decoder parameter {k} changed"
-    fresh = RetroModel(cfg).state_dict()
-    changed = [k for k in new if not torch.equal(after[k], fresh[k])]
-    assert any(".cca.to_out" in k for k in changed) and any(k.startswith("encoder.") for k in changed), changed
-    with pytest.raises(ValueError, match="plain decoder"):
-        train(cfg, data, args(tmp_path / "x", retrofit=str(tmp_path / "retro")), log=lambda *_: None)
-
-
 def test_bad_training_inputs_are_refused_clearly(tmp_path):
     data = synthetic_data()
     with pytest.raises(ValueError, match="no neighbours"):
         train(config(), ChunkedTokens(data.tokens, data.valid, data.doc), args(tmp_path), log=lambda *_: None)
     with pytest.raises(ValueError, match="chunk size"):
         train(config(chunk_size=8, neighbour_len=8), data, args(tmp_path), log=lambda *_: None)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(config(), data, args(tmp_path, retrofit=str(tmp_path / "missing")), log=lambda *_: None)
 
 
 def _ddp_worker(out):

@@ -211,9 +211,9 @@ def build_database(
         if group.rank != 0:
             return _embed_on_other_rank(builder, runtime["progress"])
         # rank 0 takes the folder for the whole build: new, empty or a database's; locked
-        outdir.check_folder(out, "retrieval-db", legacy=Manifest.is_database)
+        outdir.check_folder(out, "retrieval-db")
         inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
-        with outdir.claimed(out, "retrieval-db", legacy=Manifest.is_database, temporaries=temporary_patterns()):
+        with outdir.claimed(out, "retrieval-db", temporaries=temporary_patterns()):
             builder.open_or_create(overwrite, inputs)
             stages = builder.stages_to_run(stop_after)
             embed_later = [s for s in stages if STAGES.index(s) >= STAGES.index("embed")]

@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 
+from ..atomic import atomic_file
 from . import index as index_mod
 from .embed import Embedder
-from .manifest import PART_FILE, STREAM_SPLITS, TEMP_SUFFIX, atomic_path, atomic_save_npy, load_npy
+from .manifest import PART_FILE, STREAM_SPLITS, TEMP_SUFFIX, atomic_save_npy, load_npy
 from .query import RetrievalDatabase
 
 ADD_BLOCK = 65536  # vectors added to an index per call
@@ -66,7 +67,7 @@ class EmbeddingParts:
         if missing:
             raise RuntimeError(f"embed: parts {missing[:10]} are missing after every rank finished")
         dim = load_npy(self.path(0)).shape[1]
-        with atomic_path(out) as tmp:
+        with atomic_file(out) as tmp:
             joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(num_chunks, dim))
             for p in range(num_parts):
                 joined[p * self.size:(p + 1) * self.size] = load_npy(self.path(p))
@@ -120,7 +121,7 @@ def train_index(build) -> dict:
     factory = index_mod.factory_string(kind, sample_ids.size, dim, cfg)
     t0 = time.perf_counter()
     index = index_mod.train_index(factory, dim, np.asarray(keys[sample_ids], dtype=np.float32))
-    with atomic_path(build.root / "index_trained.faiss") as tmp:
+    with atomic_file(build.root / "index_trained.faiss") as tmp:
         index_mod.write_index(index, tmp)
     build.log(f"train_index: {factory} on {sample_ids.size} vectors in {time.perf_counter() - t0:.1f}s")
     return {"index_type": kind, "factory": factory, "train_vectors": int(sample_ids.size),
@@ -149,7 +150,7 @@ def add_to_index(build) -> dict:
 
         index = index_mod.add_vectors(index, blocks())
         name = f"index_shard_{s:03d}.faiss"
-        with atomic_path(build.root / name) as tmp:
+        with atomic_file(build.root / name) as tmp:
             index_mod.write_index(index, tmp)
         files.append(name)
         offsets.append(lo)

@@ -11,12 +11,13 @@ import shutil
 
 import numpy as np
 
+from ..atomic import atomic_file, write_json_atomic
 from . import corpus as corpus_mod
 from . import index as index_mod
 from .config import held_out, split_documents
 from .embed import embedding_dim
 from .leakage import NUM_PERM, MinHasher, find_leaked
-from .manifest import SPLITS, STREAM_SPLITS, atomic_path, atomic_save_npy, atomic_write_json
+from .manifest import SPLITS, STREAM_SPLITS, atomic_save_npy
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype, train_bpe
 
 BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, at most
@@ -29,7 +30,7 @@ def train_or_copy_tokenizer(build) -> dict:
     dest = build.root / "tokenizer.json"
     if build.tokenizer_path is not None:
         load_tokenizer(build.tokenizer_path)  # validates
-        with atomic_path(dest) as tmp:
+        with atomic_file(dest) as tmp:
             shutil.copyfile(build.tokenizer_path, tmp)
         return {"trained": False}
     cfg = build.config
@@ -46,7 +47,7 @@ def train_or_copy_tokenizer(build) -> dict:
         bar.close()
 
     tokenizer = train_bpe(training_texts(), cfg["vocab_size"])
-    with atomic_path(dest) as tmp:
+    with atomic_file(dest) as tmp:
         tokenizer.save(str(tmp))
     return {"trained": True, "vocab_size": tokenizer.get_vocab_size()}
 
@@ -88,7 +89,7 @@ class DocumentTable:
         atomic_save_npy(root / "doc_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
         atomic_save_npy(root / "doc_bytes.npy", np.asarray(self.bytes, dtype=np.int64))
         atomic_save_npy(root / "doc_signatures.npy", np.stack(self.signatures).astype(np.uint64))
-        atomic_write_json(root / "doc_names.json", self.names)
+        write_json_atomic(root / "doc_names.json", self.names)
 
 
 def tokenize_corpus(build) -> dict:
@@ -98,7 +99,7 @@ def tokenize_corpus(build) -> dict:
     table = DocumentTable(MinHasher(NUM_PERM, seed=build.config["split_seed"]))
     stats = corpus_mod.CorpusStats()
     bar = build.progress(desc="tokenize", unit="doc")
-    with atomic_path(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
+    with atomic_file(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
         for docs in _batches(build.corpus(stats=stats, warn=build.log)):
             texts = [d.text for d in docs]
             for doc, ids in zip(docs, encode_documents(tokenizer, texts, dtype, build.m,
@@ -218,7 +219,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
     # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
     in_db = has_db & (within * m < lengths[stream_chunk_doc])
     db_chunk = np.where(in_db, doc_first_chunk[stream_chunk_doc] + within, -1)
-    with atomic_path(build.root / f"stream_{name}.bin") as tmp:
+    with atomic_file(build.root / f"stream_{name}.bin") as tmp:
         out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
         out[:] = pad
         pos = 0

@@ -105,7 +105,6 @@ def _build_db_parser() -> Parser:
 def build_db_main(argv: list[str]) -> int:
     from .. import outdir
     from .build import build_database
-    from .manifest import Manifest
 
     flags = _build_db_parser().parse_args(argv)
     if flags.pq_m:
@@ -115,7 +114,7 @@ def build_db_main(argv: list[str]) -> int:
         if dim % flags.pq_m:
             raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
     if is_first_process():
-        outdir.check_folder(flags.out, "retrieval-db", legacy=Manifest.is_database)
+        outdir.check_folder(flags.out, "retrieval-db")
     t0 = time.perf_counter()
     out = build_database(
         flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,

@@ -28,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
 
 FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
-LEGACY_KEYS = {"format_version", "config", "versions", "created", "stages"}  # a version-1 manifest, exactly
-TEMP_SUFFIX = r"\.tmp[a-z0-9_]{8}"  # atomic_path's temporaries: <final name>.tmp + mkstemp's 8 characters
 
 SPLITS = {"train": 0, "eval": 1, "removed": 2}  # doc_split.npy's values
 STREAM_SPLITS = ("train", "eval")  # the splits with a token stream (stream_<split>.bin) and a neighbour table
@@ -113,26 +111,8 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_path(final: str | os.PathLike):
-    """``with atomic_path(final) as tmp:`` a temporary path beside ``final`` (``<name>.tmpXXXXXXXX``, its
-    folder made if need be); on success it is moved onto ``final`` atomically, on an exception removed
-    and ``final`` is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_file(final, prefix=final.name + ".tmp", suffix="")
-
-
-def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(final) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(final: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(final, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def atomic_save_npy(final: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(final) as tmp:
+    with atomic_file(final) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
@@ -206,19 +186,6 @@ class Manifest:
         return cls(root, data)
 
     @classmethod
-    def is_database(cls, root: str | os.PathLike) -> bool:
-        """Whether ``root`` holds a manifest written by build-db (this version, or version 1): it made the folder."""
-        try:
-            data = json.loads(cls.path_in(root).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        if not isinstance(data, dict):
-            return False
-        if data.get("format_version") == 1:
-            return set(data) == LEGACY_KEYS and isinstance(data["stages"], dict)
-        return data.get("kind") == KIND and data.get("checksum") == content_checksum(data)
-
-    @classmethod
     def new(cls, root: str | os.PathLike, config: dict[str, Any], inputs: dict[str, Any]) -> "Manifest":
         """``inputs``: the fingerprint of what the database is built from (its corpus)."""
         return cls(root, {
@@ -273,7 +240,7 @@ class Manifest:
     # --- writing -----------------------------------------------------------
     def save(self) -> None:
         self.data["checksum"] = content_checksum(self.data)
-        atomic_write_json(self.path_in(self.root), self.data)
+        write_json_atomic(self.path_in(self.root), self.data)
 
     def record(self, stage: str, files: list[str], info: dict[str, Any] | None = None) -> None:
         """Record ``stage`` as finished, with checksums of ``files`` (relative paths), and save."""

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..runtime import progress_bar
 from . import consistency
 from .index import ShardedIndex
-from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, atomic_path, load_npy, sha256_bytes
+from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -324,7 +325,7 @@ class RetrievalDatabase:
             table = np.empty((n, k), dtype=np.int64)
             fill(table)
             return table
-        with atomic_path(out) as tmp:
+        with atomic_file(out) as tmp:
             table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))
             fill(table)
             table.flush()
