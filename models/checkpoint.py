@@ -280,8 +280,7 @@ def load_training_state(path, optimizer=None, restore_rng: bool = True, model=No
             current = path / "rng.safetensors"
             rng = load_file(str(current))
             set_rng_state({k[len("rng."):]: v for k, v in rng.items()}, meta["rng"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
-            SafetensorError) as e:
+    except READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {current} cannot be resumed from ({type(e).__name__}: "
                               f"{one_line(e)[:300]})") from None
     return meta

@@ -74,12 +74,16 @@ def load_model(folder, model, strict: bool = True) -> tuple[list, list]:
 
 
 def load_optimizer(folder, model, optimizer) -> None:
-    """Read the AdamW state of ``optimizer`` (over ``model``'s parameters, any layout)."""
+    """Read the AdamW state of ``optimizer`` (over ``model``'s parameters, any layout); a checkpoint saved
+    without one leaves it fresh."""
+    saved = saved_keys(folder)
+    if not any(k.startswith("optim.") for k in saved):
+        return
     for group in optimizer.param_groups:  # the tensors the checkpoint's values are read into
         for p in group["params"]:
             optimizer.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
-    flat, saved = get_optimizer_state_dict(model, optimizer, options=FLAT), saved_keys(folder)
+    flat = get_optimizer_state_dict(model, optimizer, options=FLAT)
     tensors = {f"optim.{k}": v for k, v in flat.items() if torch.is_tensor(v)}
     if tensors.keys() - saved:
         raise KeyError(f"the checkpoint lacks optimizer state {sorted(tensors.keys() - saved)[:3]}")

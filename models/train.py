@@ -252,8 +252,7 @@ class TrainingLoop:
         metrics: a file that receives the history so far, then each step's record as it is done (JSON lines).
         """
         args, history = self.args, [] if history is None else history
-        if metrics is not None:
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+        rewrite = True  # the first record comes after the history that a resumed run saved
         tokens_per_step = args.batch_size * self.model.cfg.seq_len
         bar = progress_bar(total=args.steps, initial=start_step, desc=self.name, unit="step",
                            enabled=self.rank == 0 and args.progress)
@@ -268,8 +267,9 @@ class TrainingLoop:
                 record.update(self.held_out(eval_data, byte_lengths, done, log))
             history.append(record)
             if metrics is not None:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                with metrics.open("w" if rewrite else "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in (history if rewrite else [record])))
+                rewrite = False
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
             if save is not None and is_due(done, args.ckpt_every, args.steps):
