@@ -46,7 +46,7 @@ class Layout:
 
 def check_heads(cfg, tp: int) -> None:
     """UsageError naming --tp unless it divides every head count (grouped-query: whole groups per rank)."""
-    heads = {"heads": cfg.n_heads, "kv-heads": cfg.n_kv_heads or cfg.n_heads,
+    heads = {"heads": cfg.n_heads, "kv-heads": getattr(cfg, "n_kv_heads", None) or cfg.n_heads,
              "encoder heads": cfg.encoder_heads or cfg.n_heads}
     bad = [f"{name} {n}" for name, n in heads.items() if n % tp]
     if bad:
@@ -78,12 +78,14 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def split_heads(model: nn.Module, mesh) -> None:
-    """Tensor parallelism: the projections named in COLWISE / ROWWISE split over ``mesh``'s ranks."""
+    """Tensor parallelism: the trained projections named in COLWISE / ROWWISE split over ``mesh``'s ranks
+    (a frozen base that a retrofit reads stays whole; FSDP shards it)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     plan = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(name.endswith("." + s) for s in COLWISE + ROWWISE):
+        if (isinstance(module, nn.Linear) and module.weight.requires_grad
+                and any(name.endswith("." + s) for s in COLWISE + ROWWISE)):
             plan[name] = ColwiseParallel() if any(name.endswith("." + s) for s in COLWISE) else RowwiseParallel()
     parallelize_module(model, mesh, plan)
 

@@ -266,8 +266,10 @@ class RetrofitModel(nn.Module):
 
     # -- parameters, modes, kernels ---------------------------------------------------
     def added_state_dict(self) -> dict:
-        """The weights retrofitting added (what `save_retrofit` writes)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+        """The weights retrofitting added (what `save_retrofit` writes); sharded ones (FSDP, tensor parallel)
+        gathered whole, which every process of the run must ask for."""
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.state_dict().items()
+                if not k.startswith("base.")}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -469,19 +471,21 @@ def is_retrofit(path) -> bool:
     return isinstance(record, dict) and record.get("format") == FORMAT
 
 
-def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
+def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None,
+                  weights: Optional[dict] = None) -> Path:
     """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched.
 
     Each file is written beside itself under a temporary name (TEMPORARIES) and renamed over the old one;
     the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
-    by `load_retrofit`, never loaded as a mismatch.
+    by `load_retrofit`, never loaded as a mismatch. weights: model.added_state_dict(), if already gathered.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
+        weights = model.added_state_dict() if weights is None else weights
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
         weights_sha256 = _sha256([tmp])
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}

@@ -373,13 +373,18 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
+def placed(model, args: TrainArgs, device, rank: int, world: int):
+    """(layout, what to call forward on, optimizer): ``model`` on the run's layout (models.parallel), in place."""
+    layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
+    forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
+    return layout, forward, make_optimizer(model, args)
+
+
 def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank, world, device) -> dict:
     log = log if rank == 0 else (lambda msg: None)
-    layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
     torch.manual_seed(args.seed)
-    model = RetroModel(cfg).to(device)
-    forward = parallel.prepare(model, layout, device, args.activation_checkpointing, args.compile)
-    optimizer = make_optimizer(model, args)
+    model = RetroModel(cfg)
+    layout, forward, optimizer = placed(model, args, device, rank, world)
     start_step, history = _resumed_state(cfg, model, optimizer, args, log)
     run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
 

@@ -23,6 +23,19 @@ LAYOUTS = {"fsdp": dict(parallel="fsdp"), "tp": dict(tp=2), "fsdp_tp": dict(para
 RUN = dict(steps=4, batch_size=4, accum=2, ckpt_every=2, keep=5)
 
 
+def retrofit_run(out, **layout):
+    """A retrofit of a seeded plain decoder (the same on every process), trained a few steps: (model, losses)."""
+    from models.model import RetroModel
+    from models.retrofit import retrofit
+    from models.retrofit_train import train_retrofit
+
+    torch.manual_seed(0)
+    model = retrofit(RetroModel(config(retrieval=False)), chunk_size=4, cca_layers=[2], neighbour_len=8, seq_len=16,
+                     kernels="reference")
+    history = train_retrofit(model, synthetic_data(), args(out, steps=3, accum=1, **layout), log=lambda *_: None)
+    return model, [h["loss"] for h in history]
+
+
 def _worker(out):
     """Under torchrun: each layout trains; then the fsdp run resumes from its step-2 checkpoint."""
     import torch.distributed as dist
@@ -42,11 +55,18 @@ def _worker(out):
                           str(out / "fsdp_weights.safetensors"))
     if dist.get_rank() == 0:
         shutil.copytree(out / "fsdp" / "step-00000002", out / "resumed" / "step-00000002")
-        (out / "resumed" / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002", "step": 2}))
+        shutil.copy(out / "fsdp" / ".retro_kernels.json", out / "resumed")  # train's marker: the folder is a run
+        (out / "resumed" / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002", "step": 2,
+                                                                 "checkpoints": ["step-00000002"], "superseded": []}))
     dist.barrier()
     run = train(config(), synthetic_data(), args(out / "resumed", **RUN, parallel="fsdp", resume=True),
                 log=lambda *_: None)
     losses["resumed"] = [h["loss"] for h in run["history"]]
+    for name, layout in {"retrofit_fsdp": dict(parallel="fsdp"), "retrofit_tp": dict(tp=2)}.items():
+        model, losses[name] = retrofit_run(out / name, **layout)
+        added = model.added_state_dict()  # gathered from the shards, on every process
+        if dist.get_rank() == 0:
+            save_file({k: v.contiguous() for k, v in added.items()}, str(out / f"{name}.safetensors"))
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(losses))
 
@@ -72,6 +92,15 @@ def test_two_processes_train_as_one(runs, layout):
     metrics = [json.loads(line) for line in (out / layout / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["tokens_per_s"] > 0 for m in metrics)
     assert [m["loss"] for m in metrics] == losses[layout] and "eval" not in metrics[0]
+
+
+def test_retrofit_trains_as_one_process_with_its_frozen_base_sharded(runs):
+    out, losses, _ = runs
+    model, expected = retrofit_run(out / "retrofit_single")
+    for name in ("retrofit_fsdp", "retrofit_tp"):
+        assert losses[name] == pytest.approx(expected, rel=1e-5), name
+        added = load_file(str(out / f"{name}.safetensors"))
+        assert {k: v.shape for k, v in added.items()} == {k: v.shape for k, v in model.added_state_dict().items()}
 
 
 def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(runs):
