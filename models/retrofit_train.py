@@ -34,8 +34,9 @@ KIND = "retrofit"  # its output folders' marker (models.outdir)
 
 def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
                    eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None,
-                   log=print) -> list:
-    """Train the added weights of `model` on `data` (with its neighbours); returns the history.
+                   log=print, metrics: Optional[Path] = None) -> list:
+    """Train the added weights of `model` on `data` (with its neighbours); returns the history (and writes it
+    to ``metrics``, JSON lines, as it goes).
 
     The loop of `models.train`, in any of its layouts under torchrun (the frozen base sharded by FSDP too):
     the batch order and the retrieval dropout are functions of (args.seed, step); a non-finite loss,
@@ -49,7 +50,8 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     batches = training_batches(data, model.cfg.seq_len, args, layout.dp_rank, layout.dp_size)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit", rank=rank,
                         layout=layout, forward=forward)
-    return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log if rank == 0 else (lambda msg: None))
+    return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log if rank == 0 else (lambda msg: None),
+                    metrics=metrics if rank == 0 else None)
 
 
 def check_out(out, overwrite: bool) -> str:
@@ -60,7 +62,7 @@ def check_out(out, overwrite: bool) -> str:
     if is_retrofit(out) and not overwrite:
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
-            f"those two files (nothing else there is touched), or choose another folder")
+            f"those two files and its metrics.jsonl (nothing else there is touched), or choose another folder")
     return state
 
 
@@ -163,7 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
     p.add_argument("--out", type=folder, required=True,
                    help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files and "
+                                                                     "metrics.jsonl only)")
     g = p.add_argument_group("what is added")
     g.add_argument("--cca-layers", type=layer_numbers, default=None,
                    help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
             print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, "
                   f"{share['trainable']:,} trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU "
                   f"thread(s)")
-        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer))
+        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer),
+                                 metrics=Path(flags.out) / "metrics.jsonl")
         weights = model.added_state_dict()  # every process: sharded weights are gathered
         if first:
             save_retrofit(model, flags.out, source, {"trainable": share, "history": history, "args": {
