@@ -122,18 +122,18 @@ def meta_inputs(op: str, dims: dict, dtype):
 
 def op_launches(op: str, dims: dict, dtype) -> dict[str, list[Launch]]:
     """{"fwd": [...], "bwd": [...]}: the launches the Triton backend makes for `op` at these shapes."""
-    import importlib
-
     import torch
 
-    module = importlib.import_module(f"retro_kernels.triton.{op}")
+    from retro_kernels.triton import KERNELS
+
+    forward, backward = KERNELS[op]
     q, k, v, mask = meta_inputs(op, dims, dtype)
     scale = dims["D"] ** -0.5
-    extra = (dims["m"], scale, 0) if op == "chunked_cross_attention" else (scale,)
+    scalars = dict(chunk_size=dims["m"], scale=scale, start_pos=0) if op == "chunked_cross_attention" else dict(scale=scale)
     with capture_launches() as fwd:
-        out, lse = module.forward(q, k, v, mask, *extra)
+        out, lse = forward(q, k, v, mask, **scalars)
     with capture_launches() as bwd:
-        module.backward(torch.empty_like(q), q, k, v, mask, out, lse, *extra)
+        backward(torch.empty_like(q), q, k, v, mask, out, lse, **scalars)
     return {"fwd": fwd, "bwd": bwd}
 
 

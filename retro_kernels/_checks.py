@@ -13,6 +13,7 @@ import numbers
 
 import torch
 
+from .ops.sharding import check_placements
 from .ops.spec import SCALE, dims_of
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -147,6 +148,7 @@ def check_inputs(spec, q, k, v, mask, scalars: dict) -> dict:
     check_tensor("k", k, spec.kv)
     check_tensor("v", v, spec.kv)
     check_same(("q", "k", "v"), (q, k, v))
+    check_placements(q, k, v, mask, spec.mask)
     values = {s.name: check_int(s.name, scalars[s.name], s.minimum) for s in spec.scalars if s is not SCALE}
     dims = check_shapes(spec, q, k, v)
     spec.check(dims, values)

@@ -5,7 +5,6 @@ be importable and the package must not be imported.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,13 +21,3 @@ def cpu_source_files(folder: str | os.PathLike) -> list[Path]:
     """The C++ sources and headers of the CPU kernels in `folder`, sorted."""
     folder = Path(folder)
     return sorted(p for p in folder.glob("*") if p.suffix in (".cpp", ".h") and p.is_file())
-
-
-def sources_digest(files: list[Path], *extra: str) -> str:
-    """A hash of the files' names and contents and of `extra` (flags, versions)."""
-    h = hashlib.sha256()
-    for text in extra:
-        h.update(text.encode() + b"\0")
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()

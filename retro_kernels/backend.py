@@ -2,17 +2,17 @@
 
 Each fused backend declares one `Backend` (retro_kernels/triton/__init__.py,
 retro_kernels/cpu/__init__.py, retro_kernels/cuda/_support.py): the devices,
-dtypes, head dims, mask kinds and GPUs its kernels take, and how to find an
-op's kernels. `Backend.not_supported_reasons` is derived from the declaration,
-plus the backend's `limits` for what depends on sizes (launch grids) or on the
+dtypes, head dims and GPUs its kernels take, and its `kernels`, a plain table
+from op name to the (forward, backward) functions the op's custom ops call.
+`Backend.not_supported_reasons` is derived from the declaration, plus the
+backend's `limits` for what depends on sizes (launch grids) or on the
 environment (the Triton interpreter): in the spirit of xformers' operator
-attributes (supported dtypes, max head dim, bias types, compute capability)
-and its `not_supported_reasons`.
+attributes (supported dtypes, max head dim, compute capability) and its
+`not_supported_reasons`.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -26,27 +26,32 @@ def _words(items) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
 
 
-def mask_kind(mask: Optional[torch.Tensor]) -> str:
-    """The kind of an op's mask: "none" when absent, else "bool" (True = a real token)."""
-    return "none" if mask is None else "bool"
-
-
-def launcher_module(backend: "Backend", op: str) -> tuple[Callable, Callable]:
-    """The op's kernels as Python launchers: forward and backward of retro_kernels.<backend>.<op>."""
-    module = importlib.import_module(f"retro_kernels.{backend.name}.{op}")
-    return module.forward, module.backward
-
-
-def extension_functions(backend: "Backend", op: str) -> tuple[Callable, Callable]:
-    """The op's kernels in a native extension: its functions <op>_fwd and <op>_bwd.
-
-    They take the custom ops' arguments as they are (the contract in retro_kernels/ops/spec.py).
-    """
-    return getattr(backend.library, f"{op}_fwd"), getattr(backend.library, f"{op}_bwd")
-
-
 def no_limits(q: torch.Tensor, k: torch.Tensor) -> list[str]:
     return []
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeKernel:
+    """One op of a native extension, torch.ops.<namespace>.<name>: `library()` gives the
+    namespace when the kernel is first called (a library compiled on first use compiles then)."""
+    library: Callable[[], object]
+    name: str
+
+    def __call__(self, *args, **scalars):
+        return getattr(self.library(), self.name)(*args, **scalars)
+
+
+def native_kernels(library: Callable[[], object]) -> dict[str, tuple[NativeKernel, NativeKernel]]:
+    """The `kernels` table of a native extension: each op's ops <op>_fwd and <op>_bwd in the
+    namespace library() gives (their schemas: csrc/cpu/op_schemas.h)."""
+    return {
+        "chunked_cross_attention": (NativeKernel(library, "chunked_cross_attention_fwd"),
+                                    NativeKernel(library, "chunked_cross_attention_bwd")),
+        "neighbour_self_attention": (NativeKernel(library, "neighbour_self_attention_fwd"),
+                                     NativeKernel(library, "neighbour_self_attention_bwd")),
+        "neighbour_cross_attention": (NativeKernel(library, "neighbour_cross_attention_fwd"),
+                                      NativeKernel(library, "neighbour_cross_attention_bwd")),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,34 +61,28 @@ class Backend:
     devices: the device types of the tensors it runs.
     dtypes: the dtypes of q, k and v it runs (the ops allow fp32, fp16, bf16).
     max_head_dim: the largest head dim D its tiles fit (None: any).
-    gqa: whether q may have more heads than k and v (grouped-query, multi-query).
-    mask_kinds: the kinds of mask it takes (see `mask_kind`).
     min_compute_capability, min_shared_memory: what it needs of a CUDA device
         (shared memory per block, in bytes).
     missing: why its kernels cannot be used here at all (an extension not built,
-        no GPU), or None.
-    ops: the ops it has kernels for; None: every op whose kernels `load` finds.
-    library: a native backend's extension (its torch.ops namespace), or None.
-    load(backend, op): the op's (forward, backward); raises ImportError when a
-        backend with ops=None has no kernels for the op.
+        no GPU, triton not installed), or None.
+    kernels: op name -> (forward, backward), called as the fused-backend contract
+        says (retro_kernels/ops/spec.py), the scalars by name.
     limits(q, k): further reasons, for what depends on sizes or on the environment.
     """
     name: str
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
+    kernels: dict[str, tuple[Callable, Callable]]
     max_head_dim: Optional[int] = None
-    gqa: bool = True
-    mask_kinds: tuple[str, ...] = ("none", "bool")
     min_compute_capability: Optional[tuple[int, int]] = None
     min_shared_memory: int = 0
     missing: Optional[str] = None
-    ops: Optional[tuple[str, ...]] = None
-    library: object = None
-    load: Callable[["Backend", str], tuple[Callable, Callable]] = launcher_module
     limits: Callable[[torch.Tensor, torch.Tensor], list[str]] = no_limits
 
-    def not_supported_reasons(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> list[str]:
-        """Why this backend cannot run an op on queries q, keys k and this mask ([] = it can)."""
+    def not_supported_reasons(self, op: str, q: torch.Tensor, k: torch.Tensor) -> list[str]:
+        """Why this backend cannot run `op` on queries q and keys k ([] = it can)."""
+        if op not in self.kernels:
+            return [self.missing or f"retro_kernels has no {self.name} implementation of {op}"]
         reasons = [self.missing] if self.missing else []
         if q.device.type not in self.devices:
             devices = " or ".join(DEVICE_WORDS.get(d, d) for d in self.devices)
@@ -95,11 +94,6 @@ class Backend:
         head_dim = q.shape[-1]
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
             reasons.append(f"head dim {head_dim} > {self.max_head_dim} does not fit the {self.name} kernels' tiles")
-        if not self.gqa and q.shape[-2] != k.shape[-2]:
-            reasons.append(f"the {self.name} backend needs as many query heads as key/value heads, "
-                           f"got {q.shape[-2]} and {k.shape[-2]}")
-        if mask_kind(mask) not in self.mask_kinds:
-            reasons.append(f"the {self.name} backend takes masks of kinds {self.mask_kinds}, got {mask_kind(mask)}")
         return reasons + self.limits(q, k)
 
     def gpu_reasons(self, device: torch.device) -> list[str]:
@@ -117,17 +111,3 @@ class Backend:
             return [f"the {self.name} kernels' tiles need {self.min_shared_memory // 1024} KB of shared memory per "
                     f"block; {props.name} has {smem // 1024} KB"]
         return []
-
-    def unimplemented(self, op: str) -> Optional[str]:
-        """Why this backend has no kernels for `op` (None: it has)."""
-        if self.ops is not None:  # declared: a library that compiles on first use is not touched
-            return None if op in self.ops else f"retro_kernels has no {self.name} implementation of {op}"
-        try:
-            self.load(self, op)
-        except ModuleNotFoundError as e:
-            if e.name and f"retro_kernels.{self.name}.{op}".startswith(e.name):
-                return f"retro_kernels has no {self.name} implementation of {op}"
-            return f"{e.name} is not installed"
-        except ImportError as e:
-            return f"the {self.name} backend failed to import: {e}"
-        return None

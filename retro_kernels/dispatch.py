@@ -2,10 +2,9 @@
 
 Each op (retro_kernels/ops/spec.py) has a plain-PyTorch "reference" and the
 fused backends, each declared once (retro_kernels/backend.py): `BACKEND` in
-retro_kernels/triton, retro_kernels/cpu and retro_kernels/cuda/_support.py.
-`register_op` notes, once per op when the op is defined, which backends have
-kernels for it, so that choosing a backend later is plain lookups (torch.compile
-traces those).
+retro_kernels/triton, retro_kernels/cpu and retro_kernels/cuda/_support.py,
+whose `kernels` table names each op's forward and backward. Choosing a backend
+is plain lookups (torch.compile traces them).
 
 `backend="auto"` tries the fused backends in the op's order for the input's
 device and falls back to the reference; naming a backend that cannot serve
@@ -21,6 +20,7 @@ import torch
 from . import _native, cpu, triton
 from .backend import Backend
 from .cuda import _support as cuda
+from .triton.interpreter import interpreting as triton_interpreting  # noqa: F401  (bench/, __main__)
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
 BACKENDS = ("auto", "reference") + FUSED_BACKENDS
@@ -31,38 +31,28 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 # Every fused backend's declaration, by name.
 DECLARED: dict[str, Backend] = {b.name: b for b in (triton.BACKEND, cpu.BACKEND, cuda.BACKEND)}
 
-# Used by bench/ and `python -m retro_kernels`.
-triton_interpreting = triton.interpreting
+# op name -> its spec (retro_kernels/ops/spec.py), noted by each op when it is defined.
+SPECS: dict = {}
 
 
 class BackendNotSupported(ValueError):
     """The requested backend cannot run these inputs; the message says why."""
 
 
-# op -> its spec, and (backend, op) -> why the backend has no kernels for it (None: it has).
-SPECS: dict = {}
-_UNIMPLEMENTED: dict[tuple[str, str], str | None] = {}
-
-
-def register_op(spec) -> None:
-    """Note `spec`'s op, and which fused backends have kernels for it (importing them now)."""
-    SPECS[spec.name] = spec
-    for name, backend in DECLARED.items():
-        _UNIMPLEMENTED[name, spec.name] = backend.unimplemented(spec.name)
-
-
 def kernels(backend: str, op: str) -> tuple[Callable, Callable]:
-    """(forward, backward) of `op` in the fused `backend`, for the op's custom ops to call."""
+    """(forward, backward) of `op` in the fused `backend` (a name Op.__call__ checked): its entry in
+    the backend's `kernels` table."""
     declared = DECLARED[backend]
-    why = _UNIMPLEMENTED.get((backend, op), f"{op} is not a registered op") or declared.missing
+    why = declared.missing or (None if op in declared.kernels else f"retro_kernels has no {backend} "
+                                                                    f"implementation of {op}")
     if why:
         raise BackendNotSupported(f"backend={backend!r} cannot run {op}: {why}")
-    return declared.load(declared, op)
+    return declared.kernels[op]
 
 
 def implemented_backends(op: str) -> list[str]:
     """The fused backends with kernels for `op` (they may still refuse inputs)."""
-    return [b for b in FUSED_BACKENDS if (b, op) in _UNIMPLEMENTED and not _UNIMPLEMENTED[b, op]]
+    return [b for b in FUSED_BACKENDS if op in DECLARED[b].kernels]
 
 
 def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
@@ -71,15 +61,12 @@ def not_supported_reasons(backend: str, op: str, **inputs) -> list[str]:
         return []
     if op not in SPECS:
         return [f"{op} is not a registered op"]
-    if _UNIMPLEMENTED[backend, op]:
-        return [_UNIMPLEMENTED[backend, op]]
-    return DECLARED[backend].not_supported_reasons(inputs["q"], inputs["k"], inputs.get(SPECS[op].mask))
+    return DECLARED[backend].not_supported_reasons(op, inputs["q"], inputs["k"])
 
 
 def select_backend(requested: str, op: str, device: torch.device, **inputs) -> str:
-    """The backend that will run `op`: `requested`, or the best one for "auto"."""
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    """The backend that will run `op`: `requested` (one of BACKENDS, checked by the caller), or
+    the best one for "auto"."""
     if requested != "auto":
         reasons = not_supported_reasons(requested, op, **inputs)
         if reasons:

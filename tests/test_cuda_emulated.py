@@ -21,6 +21,7 @@ import torch
 
 import retro_kernels as rk
 from retro_kernels import dispatch
+from retro_kernels.backend import native_kernels
 from retro_kernels.cuda import _support
 from tests import cuda_emulation
 from tests import test_chunked_cross_attention as native_cca
@@ -42,7 +43,8 @@ def emulated_cuda(monkeypatch):
     """backend="cuda" runs the emulated kernels on CPU tensors."""
     if OPS is None:
         pytest.skip(MISSING)
-    emulated = dataclasses.replace(_support.BACKEND, devices=("cpu",), missing=None, library=OPS)
+    emulated = dataclasses.replace(_support.BACKEND, devices=("cpu",), missing=None,
+                                   kernels=native_kernels(lambda: OPS))
     monkeypatch.setitem(dispatch.DECLARED, "cuda", emulated)
     return OPS
 

@@ -42,7 +42,7 @@ def test_meta_inputs_get_every_reason(op):
 def test_supported_inputs_differ_only_by_the_device(op, dtype, D):
     """fp16/bf16 with any head dim up to 128 (the scalar path takes D % 8 != 0) is accepted."""
     on_meta = dataclasses.replace(_support.BACKEND, devices=("meta",), missing=None)  # the same declaration
-    assert on_meta.not_supported_reasons(inputs(op, dtype, D, "meta")["q"], inputs(op, dtype, D, "meta")["k"], None) == []
+    assert on_meta.not_supported_reasons(op, inputs(op, dtype, D, "meta")["q"], inputs(op, dtype, D, "meta")["k"]) == []
 
 
 def test_one_check_serves_the_three_ops():

@@ -58,9 +58,9 @@ def test_cpu_aten_gemm_path_matches_reference():
     """The fallback GEMM (at::mm, used when libtorch exports no BLAS sgemm) is also right."""
     code = (
         "import torch\n"
-        "from retro_kernels import _native\n"
+        "from retro_kernels.cpu.gemm import gemm_info\n"
         "import test_chunked_cross_attention as t\n"
-        "assert _native.load('cpu').gemm_backend() == 'aten mm'\n"
+        "assert gemm_info()['summary'] == 'aten mm'\n"
         "torch.manual_seed(0)\n"
         "q, k, v, mask = t.make_inputs(2, 37, 8, 2, 5, 4, 2, 32, 3, 'chunk_hidden', device='cpu')\n"
         "t.check_against_reference('cpu', q, k, v, 8, mask, 3)\n"

@@ -1,12 +1,13 @@
 """The fp32 GEMM under the CPU kernels (csrc/cpu/gemm.h), called directly through the
-test-only op retro_kernels_cpu::gemm_for_tests, against float64 torch.mm, for every
+op of tests/cpu_gemm_helper.cpp (compiled here with csrc/cpu/gemm*.cpp, not shipped),
+against float64 torch.mm, for every
 candidate this CPU can run (the AVX2 and AVX-512 micro-kernels, BLAS sgemm, at::mm)
 and for the measured choice ("auto"): every transpose combination, edge sizes that are
 not multiples of the tiles (6 x 16, 8 x 32), beta 0 (C never read) and 1, alpha != 1,
 and strided A, B, C (views into bigger buffers, whose other elements must stay
 untouched). Then the choice by measurement, its report, and RETRO_KERNELS_CPU_GEMM."""
+import functools
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +31,27 @@ WHY_MISSING = {
     "aten": "",
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC_CPU = os.path.join(ROOT, "csrc", "cpu")
 
 
 def report() -> dict:
-    return json.loads(_native.load("cpu").gemm_report())
+    from retro_kernels.cpu.gemm import gemm_info
+
+    return gemm_info()
+
+
+@functools.cache
+def helper():
+    """torch.ops.retro_kernels_gemm_test.gemm: gemm() called directly (compiled on first use)."""
+    from torch.utils import cpp_extension
+
+    from retro_kernels import _native_build
+
+    sources = [os.path.join(CSRC_CPU, f) for f in ("gemm.cpp", "gemm_avx2.cpp", "gemm_avx512.cpp")]
+    cpp_extension.load(name="retro_kernels_gemm_test", sources=sources + [os.path.join(ROOT, "tests", "cpu_gemm_helper.cpp")],
+                       extra_include_paths=[CSRC_CPU], extra_cflags=_native_build.CPU_CXX_FLAGS,
+                       extra_ldflags=_native_build.CPU_LINK_FLAGS, is_python_module=False, verbose=False)
+    return torch.ops.retro_kernels_gemm_test.gemm
 
 
 def candidates() -> list[str]:
@@ -70,7 +88,7 @@ def check_gemm(M, N, K, trans_a, trans_b, alpha, beta, pad, gen, backend):
     opa = (a.t() if trans_a else a).double()
     opb = (b.t() if trans_b else b).double()
     expected = alpha * (opa @ opb) + (beta * c0.double() if beta != 0.0 else 0.0)
-    torch.ops.retro_kernels_cpu.gemm_for_tests(a, b, c, trans_a, trans_b, alpha, beta, backend)
+    helper()(a, b, c, trans_a, trans_b, alpha, beta, backend)
 
     scale = (opa.abs() @ opb.abs()).abs().max().item() * abs(alpha) + 1.0
     torch.testing.assert_close(c.double(), expected, rtol=0, atol=1e-6 * scale * K ** 0.5 + 1e-6,
@@ -107,8 +125,8 @@ def test_gemm_attention_shapes_and_determinism(backend):
         a = torch.randn(*((K, 8 * M) if trans_a else (M, 8 * K)), generator=gen)[:, : (M if trans_a else K)]
         b = torch.randn(*((N, 8 * K) if trans_b else (K, 8 * N)), generator=gen)[:, : (K if trans_b else N)]
         c1, c2 = torch.empty(M, N), torch.empty(M, N)
-        torch.ops.retro_kernels_cpu.gemm_for_tests(a, b, c1, trans_a, trans_b, 1.0, 0.0, backend)
-        torch.ops.retro_kernels_cpu.gemm_for_tests(a, b, c2, trans_a, trans_b, 1.0, 0.0, backend)
+        helper()(a, b, c1, trans_a, trans_b, 1.0, 0.0, backend)
+        helper()(a, b, c2, trans_a, trans_b, 1.0, 0.0, backend)
         assert torch.equal(c1, c2)
 
 
@@ -122,8 +140,7 @@ def test_candidates_follow_the_cpu():
         assert ("avx2" in have) == ("avx2" in flags and "fma" in flags)
         assert ("avx512" in have) == ("avx512f" in flags)
     with pytest.raises(RuntimeError, match="backend must be auto, avx2, avx512, blas or aten"):
-        torch.ops.retro_kernels_cpu.gemm_for_tests(torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1),
-                                                  False, False, 1.0, 0.0, "fast")
+        helper()(torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1), False, False, 1.0, 0.0, "fast")
 
 
 @needs_cpu_ext
@@ -188,12 +205,11 @@ def test_forced_gemm_runs_everything_through_it():
     reported as forced, and the CCA kernels give the reference's results through it,
     the same bits with 1 and 2 threads."""
     code = (
-        "import json, sys, torch\n"
+        "import sys, torch\n"
         "sys.path.insert(0, 'tests')\n"
         "import test_chunked_cross_attention as t\n"
-        "from retro_kernels import _native\n"
-        "ops = _native.load('cpu')\n"
-        "r = json.loads(ops.gemm_report())\n"
+        "from retro_kernels.cpu.gemm import gemm_info\n"
+        "r = gemm_info()\n"
         "assert r['mode'] == 'forced' and r['forced'] == sys.argv[1], r\n"
         "torch.manual_seed(0)\n"
         "q, k, v, mask = t.make_inputs(2, 37, 8, 2, 5, 4, 2, 32, 3, 'chunk_hidden', torch.float32)\n"
@@ -205,8 +221,9 @@ def test_forced_gemm_runs_everything_through_it():
         "    runs.append(t.TESTS.run('cpu', q, k, v, mask, dict(chunk_size=8, start_pos=3), dout))\n"
         "assert torch.equal(runs[0][0], runs[1][0]), 'out'\n"
         "assert all(torch.equal(a, b) for a, b in zip(runs[0][1:], runs[1][1:])), 'grads'\n"
-        "assert json.loads(ops.gemm_report())['classes'] == []  # nothing measured\n"
-        "print(ops.gemm_backend())\n"
+        "r = gemm_info()\n"
+        "assert r['classes'] == []  # nothing measured\n"
+        "print(r['summary'])\n"
     )
     titles = {"avx2": "avx2 micro-kernel", "avx512": "avx512 micro-kernel", "blas": "blas sgemm", "aten": "aten mm"}
     for kind in candidates():
@@ -245,8 +262,8 @@ def test_unavailable_gemm_setting_is_a_clear_error():
     if not missing:
         pytest.skip("this CPU runs every candidate (avx2, avx512, blas, aten)")
     code = (
-        "import json; from retro_kernels import _native\n"
-        "print(json.loads(_native.load('cpu').gemm_report())['error'])\n"
+        "from retro_kernels.cpu.gemm import gemm_info\n"
+        "print(gemm_info()['error'])\n"
     )
     result = run_forced(missing[0], code)
     assert result.returncode == 0, result.stderr[-3000:]

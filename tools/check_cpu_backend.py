@@ -16,6 +16,7 @@ import torch
 
 import retro_kernels as rk
 from retro_kernels import _native
+from retro_kernels.cpu.gemm import gemm_info
 
 
 def inputs(op: str) -> tuple[tuple, dict]:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     where = _native.describe("cpu")["where"]
     print(f"retro_kernels {rk.__version__} from {rk.__file__}: backend='cpu' matches the reference "
-          f"(forward and backward, 3 ops); C++ CPU kernels {where}; GEMM {_native.load('cpu').gemm_backend()}")
+          f"(forward and backward, 3 ops); C++ CPU kernels {where}; GEMM {gemm_info()['summary']}")
     expected = {"built": "built ahead of time", "compiled": "compiled on first use"}.get(args.expect)
     if expected and not where.startswith(expected):
         print(f"expected the C++ CPU kernels {expected}, got: {where}", file=sys.stderr)

@@ -15,7 +15,6 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <sstream>
 #include <vector>
 
 // The Fortran BLAS sgemm that PyTorch's own matmul calls, when libtorch exports it
@@ -231,26 +230,11 @@ void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
   }
 }
 
-void append_json_string(std::ostringstream& out, const std::string& s) {
-  out << '"';
-  for (char ch : s) {
-    if (ch == '"' || ch == '\\') out << '\\';
-    if (static_cast<unsigned char>(ch) >= 0x20) out << ch;
-  }
-  out << '"';
-}
-
 }  // namespace
 
 const char* gemm_kind_name(GemmKind kind) {
   static const char* const names[kGemmKinds] = {"avx2", "avx512", "blas", "aten"};
   return names[static_cast<int>(kind)];
-}
-
-const char* gemm_kind_title(GemmKind kind) {
-  static const char* const titles[kGemmKinds] = {"avx2 micro-kernel", "avx512 micro-kernel", "blas sgemm",
-                                                 "aten mm"};
-  return titles[static_cast<int>(kind)];
 }
 
 bool gemm_kind_available(GemmKind kind) {
@@ -295,117 +279,27 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   gemm_with(kind, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, prefetch);
 }
 
-std::string gemm_summary() {
-  const Config& c = config();
-  if (!c.error.empty()) return "invalid: " + c.error;
-  if (c.forced) return gemm_kind_title(c.kind);
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_measurements.empty()) return "measured per shape (nothing measured yet)";
-  int count[kGemmKinds] = {};
-  for (const Measurement& m : g_measurements) ++count[static_cast<int>(m.chosen)];
-  std::ostringstream out;
-  out << "measured per shape:";
-  const char* sep = " ";
-  for (int n = static_cast<int>(g_measurements.size()); n > 0; --n) {  // most chosen first
-    for (int i = 0; i < kGemmKinds; ++i) {
-      if (count[i] != n) continue;
-      out << sep << gemm_kind_title(kKinds[i]) << " (" << n << (n == 1 ? " shape)" : " shapes)");
-      sep = ", ";
-    }
-  }
-  return out.str();
-}
-
-std::string gemm_report_json() {
+GemmChoices gemm_choices() {
   const Config& c = config();
   std::lock_guard<std::mutex> lock(g_mutex);
-  std::ostringstream out;
-  out << "{\"mode\": " << (c.forced ? "\"forced\"" : c.error.empty() ? "\"measured\"" : "\"invalid\"");
-  out << ", \"forced\": ";
-  if (c.forced) append_json_string(out, gemm_kind_name(c.kind)); else out << "null";
-  out << ", \"error\": ";
-  if (c.error.empty()) out << "null"; else append_json_string(out, c.error);
-  out << ", \"candidates\": [";
-  const char* sep = "";
-  for (GemmKind kind : kKinds) {
-    if (!gemm_kind_available(kind)) continue;
-    out << sep << '"' << gemm_kind_name(kind) << '"';
-    sep = ", ";
-  }
-  out << "], \"blas\": ";
+  std::vector<int64_t> candidates;
+  for (int i = 0; i < kGemmKinds; ++i)
+    if (gemm_kind_available(kKinds[i])) candidates.push_back(i);
+  std::string blas = sgemm_ != nullptr ? "sgemm_ (unknown BLAS)" : "";
   if (MKL_Get_Version_String != nullptr) {
     char version[256] = {};
     MKL_Get_Version_String(version, sizeof(version) - 1);
-    append_json_string(out, version);
-  } else {
-    out << (sgemm_ != nullptr ? "\"sgemm_ (unknown BLAS)\"" : "null");
+    blas = version;
   }
-  out << ", \"threads\": " << at::get_num_threads() << ", \"classes\": [";
-  sep = "";
+  std::vector<double> classes;
   for (const Measurement& m : g_measurements) {
-    out << sep << "{\"trans_a\": " << (m.trans_a ? "true" : "false") << ", \"trans_b\": "
-        << (m.trans_b ? "true" : "false") << ", \"M\": " << m.M << ", \"N\": " << m.N << ", \"K\": " << m.K
-        << ", \"chosen\": \"" << gemm_kind_name(m.chosen) << "\", \"us\": {";
-    const char* inner = "";
-    for (int i = 0; i < kGemmKinds; ++i) {
-      if (m.best_us[i] < 0) continue;
-      out << inner << '"' << gemm_kind_name(kKinds[i]) << "\": " << m.best_us[i];
-      inner = ", ";
-    }
-    out << "}}";
-    sep = ", ";
+    for (double x : {double(m.trans_a), double(m.trans_b), double(m.M), double(m.N), double(m.K),
+                     double(static_cast<int>(m.chosen))})
+      classes.push_back(x);
+    classes.insert(classes.end(), m.best_us, m.best_us + kGemmKinds);
   }
-  out << "], \"measure_ms\": " << 1e3 * g_measure_seconds << "}";
-  return out.str();
+  return {c.forced ? static_cast<int64_t>(c.kind) : -1, c.error, candidates, blas, classes,
+          1e3 * g_measure_seconds};
 }
 
 }  // namespace retro_kernels::cpu
-
-// -- ops: what the Python side and the tests see ---------------------------------------------
-
-namespace retro_kernels::cpu {
-namespace {
-
-// Test-only: c <- alpha * op(a) op(b) + beta * c through gemm() (backend "auto") or one
-// candidate ("avx2", "avx512", "blas", "aten"), on the tensors' own memory (a, b stored
-// as gemm() reads them; any row strides, unit column strides).
-void gemm_for_tests(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool trans_a, bool trans_b,
-                    double alpha, double beta, c10::string_view backend) {
-  for (const at::Tensor* t : {&a, &b, &c})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->stride(1) == 1,
-                "gemm_for_tests: a, b, c must be 2-d fp32 CPU tensors with unit column stride");
-  const int64_t M = c.size(0), N = c.size(1), K = trans_a ? a.size(0) : a.size(1);
-  TORCH_CHECK((trans_a ? a.size(1) : a.size(0)) == M && (trans_b ? b.size(1) : b.size(0)) == K &&
-                  (trans_b ? b.size(0) : b.size(1)) == N,
-              "gemm_for_tests: shapes do not match");
-  const float* A = a.const_data_ptr<float>();
-  const float* B = b.const_data_ptr<float>();
-  float* C = c.mutable_data_ptr<float>();
-  if (backend == "auto") {
-    check_gemm_config();
-    return gemm(trans_a, trans_b, M, N, K, static_cast<float>(alpha), A, a.stride(0), B, b.stride(0),
-                static_cast<float>(beta), C, c.stride(0));
-  }
-  for (GemmKind kind : kKinds) {
-    if (backend != gemm_kind_name(kind)) continue;
-    TORCH_CHECK(gemm_kind_available(kind), "gemm_for_tests: backend ", backend, ": ", unavailable_reason(kind));
-    return gemm_with(kind, trans_a, trans_b, M, N, K, static_cast<float>(alpha), A, a.stride(0), B, b.stride(0),
-                     static_cast<float>(beta), C, c.stride(0));
-  }
-  TORCH_CHECK(false, "gemm_for_tests: backend must be auto, avx2, avx512, blas or aten, got '", backend, "'");
-}
-
-std::string gemm_backend() { return gemm_summary(); }
-std::string gemm_report() { return gemm_report_json(); }
-
-}  // namespace
-}  // namespace retro_kernels::cpu
-
-TORCH_LIBRARY(retro_kernels_cpu, m) {
-  m.def("gemm_backend() -> str", &retro_kernels::cpu::gemm_backend);
-  m.def("gemm_report() -> str", &retro_kernels::cpu::gemm_report);
-  m.def("gemm_for_tests(Tensor a, Tensor b, Tensor(a!) c, bool trans_a, bool trans_b, float alpha, "
-        "float beta, str backend=\"auto\") -> ()");
-}
-
-TORCH_LIBRARY_IMPL(retro_kernels_cpu, CPU, m) { m.impl("gemm_for_tests", &retro_kernels::cpu::gemm_for_tests); }

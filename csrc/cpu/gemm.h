@@ -22,6 +22,8 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace retro_kernels::cpu {
 
@@ -37,9 +39,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 // The candidates, in the order they are listed and tried.
 enum class GemmKind : int8_t { avx2, avx512, blas, aten };
 constexpr int kGemmKinds = 4;
-const char* gemm_kind_name(GemmKind kind);   // "avx2", "avx512", "blas", "aten"
-const char* gemm_kind_title(GemmKind kind);  // "avx2 micro-kernel", ..., "blas sgemm", "aten mm"
-bool gemm_kind_available(GemmKind kind);     // compiled in and the CPU can run it
+const char* gemm_kind_name(GemmKind kind);  // "avx2", "avx512", "blas", "aten"
+bool gemm_kind_available(GemmKind kind);    // compiled in and the CPU can run it
 
 // gemm() through one given candidate (tests and the measurement); it must be available.
 void gemm_with(GemmKind kind, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
@@ -51,14 +52,13 @@ void gemm_with(GemmKind kind, bool trans_a, bool trans_b, int64_t M, int64_t N, 
 // calls it before starting any work.
 void check_gemm_config();
 
-// One line for people: the forced candidate's title ("aten mm"), or the measured
-// choices ("measured per shape: avx512 micro-kernel (4 shapes), avx2 micro-kernel (1)").
-std::string gemm_summary();
-
-// The same as JSON for programs: {"mode", "forced", "isa", "cpu", "candidates",
-// "classes": [{"trans_a", "trans_b", "M", "N", "K", "chosen", "us": {name: best us}}],
-// "measure_ms"}.
-std::string gemm_report_json();
+// What gemm() runs here and has chosen so far, for retro_kernels/cpu/gemm.py to report:
+// (the forced candidate, or -1; the RETRO_KERNELS_CPU_GEMM error, or ""; the candidates
+// this CPU can run; the BLAS version, or ""; per measured class one row of 10 numbers:
+// trans_a, trans_b, M, N, K, the chosen candidate, each candidate's best time in us
+// (< 0: not timed); the milliseconds spent measuring). Candidates are GemmKind values.
+using GemmChoices = std::tuple<int64_t, std::string, std::vector<int64_t>, std::string, std::vector<double>, double>;
+GemmChoices gemm_choices();
 
 // The micro-kernels behind the first two candidates (same contract, K >= 1); call them
 // only on a CPU that has their ISA. Defined on x86-64 with GCC or Clang.

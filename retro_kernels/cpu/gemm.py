@@ -3,16 +3,20 @@ shape class, see csrc/cpu/gemm.h) and which CPU and ISA this is; benchmarks and
 `python -m retro_kernels` report both."""
 from __future__ import annotations
 
-import json
+import collections
 import os
 import platform
 
 import torch
 
+from .. import _native
 from ..ops.chunked_cross_attention import chunked_cross_attention
 from ..ops.neighbour_cross_attention import neighbour_cross_attention
 from ..ops.neighbour_self_attention import neighbour_self_attention
-from . import MISSING, OPS
+
+# gemm()'s candidates (csrc/cpu/gemm.h's GemmKind, in its order) and their names in the summary.
+GEMM_KINDS = ("avx2", "avx512", "blas", "aten")
+GEMM_TITLES = {"avx2": "avx2 micro-kernel", "avx512": "avx512 micro-kernel", "blas": "blas sgemm", "aten": "aten mm"}
 
 # (flag in /proc/cpuinfo, name we report), best first: the ISA a CPU kernel can use.
 _ISA_LEVELS = (("amx_tile", "amx"), ("avx512f", "avx512f"), ("avx2", "avx2"))
@@ -70,12 +74,39 @@ def gemm_info(calibrate: bool = False) -> dict:
     The choice is made per shape class on first use; `calibrate=True` first runs each
     op once at the paper's shapes so that their classes are measured.
     """
-    info = {"summary": None, "mode": "unavailable", "error": MISSING, "classes": [], **cpu_description()}
-    if OPS is None:
+    info = {"summary": None, "mode": "unavailable", "error": _native.missing_reason("cpu"), "classes": [],
+            **cpu_description()}
+    try:
+        ops = _native.load("cpu")
+    except RuntimeError as e:  # the compile on first use failed
+        return {**info, "error": str(e)}
+    if ops is None:
         return info
-    if calibrate and json.loads(OPS.gemm_report())["mode"] != "invalid":
+    if calibrate and not ops.gemm_choices()[1]:
         _calibrate()
-    info.update(json.loads(OPS.gemm_report()))
-    info["summary"] = OPS.gemm_backend()
-    info["env"] = os.environ.get("RETRO_KERNELS_CPU_GEMM")
+    forced, error, candidates, blas, classes, measure_ms = ops.gemm_choices()
+    rows = [classes[i:i + 10] for i in range(0, len(classes), 10)]
+    info.update(
+        mode="invalid" if error else "forced" if forced >= 0 else "measured",
+        forced=GEMM_KINDS[forced] if forced >= 0 else None, error=error or None,
+        candidates=[GEMM_KINDS[i] for i in candidates], blas=blas or None, threads=torch.get_num_threads(),
+        classes=[{"trans_a": bool(r[0]), "trans_b": bool(r[1]), "M": int(r[2]), "N": int(r[3]), "K": int(r[4]),
+                  "chosen": GEMM_KINDS[int(r[5])], "us": {GEMM_KINDS[i]: t for i, t in enumerate(r[6:]) if t >= 0}}
+                 for r in rows],
+        measure_ms=measure_ms, env=os.environ.get("RETRO_KERNELS_CPU_GEMM"))
+    info["summary"] = _summary(info)
     return info
+
+
+def _summary(info: dict) -> str:
+    """One line: "aten mm" (forced), or "measured per shape: avx512 micro-kernel (4 shapes), ..."."""
+    if info["mode"] == "invalid":
+        return f"invalid: {info['error']}"
+    if info["forced"]:
+        return GEMM_TITLES[info["forced"]]
+    if not info["classes"]:
+        return "measured per shape (nothing measured yet)"
+    count = collections.Counter(c["chosen"] for c in info["classes"])
+    chosen = sorted(count, key=lambda kind: (-count[kind], GEMM_KINDS.index(kind)))  # most chosen first
+    return "measured per shape: " + ", ".join(
+        f"{GEMM_TITLES[kind]} ({count[kind]} shape{'s' if count[kind] > 1 else ''})" for kind in chosen)

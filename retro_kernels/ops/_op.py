@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .._checks import check_backend, check_inputs
+from . import sharding
 from .spec import OpSpec
 
 # Custom-op schema types of the spec's scalars (an int may be symbolic under torch.compile).
@@ -32,7 +33,7 @@ def _save_for_backward(ctx, inputs, output):
     q, k, v, mask, *args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.args = tuple(args)  # the scalars and the backend's name
+    ctx.args = tuple(args)  # the scalars, in the spec's order, and the backend's name
     ctx.mark_non_differentiable(lse)
 
 
@@ -41,39 +42,43 @@ def _backward_fake(dout, q, k, v, mask, out, lse, *args):
 
 
 class Op:
-    """The op that `spec` declares; `forward_op` and `backward_op` are its custom ops."""
+    """The op that `spec` declares; `forward_op` and `backward_op` are its custom ops, which run
+    `run_forward` and `run_backward`: the chosen backend's kernels, from its `kernels` table."""
 
     def __init__(self, spec: OpSpec):
         self.spec = spec
-        name = spec.name
         forward_schema, backward_schema = schemas(spec)
-
-        def forward(q, k, v, mask, *args):
-            *scalars, backend = args
-            forward_kernel, _ = dispatch.kernels(backend, name)
-            return forward_kernel(q, k, v, mask, *scalars)
-
-        def backward(dout, q, k, v, mask, out, lse, *args):
-            *scalars, backend = args
-            _, backward_kernel = dispatch.kernels(backend, name)
-            return backward_kernel(dout, q, k, v, mask, out, lse, *scalars)
-
-        def forward_fake(q, k, v, mask, *args):
-            return q.new_empty(q.shape), q.new_empty(spec.lse_shape(q.shape), dtype=torch.float32)
-
-        def gradients(ctx, dout, _dlse):  # lse is not differentiable
-            q, k, v, mask, out, lse = ctx.saved_tensors
-            dq, dk, dv = self.backward_op(dout, q, k, v, mask, out, lse, *ctx.args)
-            return (dq, dk, dv, None) + (None,) * len(ctx.args)
-
         self.forward_op = torch.library.custom_op(
-            f"retro_kernels::{name}_fwd", forward, mutates_args=(), schema=forward_schema)
+            f"retro_kernels::{spec.name}_fwd", self.run_forward, mutates_args=(), schema=forward_schema)
         self.backward_op = torch.library.custom_op(
-            f"retro_kernels::{name}_bwd", backward, mutates_args=(), schema=backward_schema)
-        self.forward_op.register_fake(forward_fake)
+            f"retro_kernels::{spec.name}_bwd", self.run_backward, mutates_args=(), schema=backward_schema)
+        self.forward_op.register_fake(self.forward_fake)
         self.backward_op.register_fake(_backward_fake)
-        self.forward_op.register_autograd(gradients, setup_context=_save_for_backward)
-        dispatch.register_op(spec)  # finds the backends now, so torch.compile can trace the choice
+        self.forward_op.register_autograd(self.gradients, setup_context=_save_for_backward)
+        sharding.register(spec)  # DTensor inputs run each rank's shard
+        dispatch.SPECS[spec.name] = spec
+
+    def scalars_by_name(self, values) -> dict:
+        """The custom ops' scalars (in the spec's order, the one order they travel in) by name."""
+        return dict(zip((s.name for s in self.spec.scalars), values, strict=True))
+
+    def run_forward(self, q, k, v, mask, *args):
+        *scalars, backend = args
+        forward, _ = dispatch.kernels(backend, self.spec.name)
+        return forward(q, k, v, mask, **self.scalars_by_name(scalars))
+
+    def run_backward(self, dout, q, k, v, mask, out, lse, *args):
+        *scalars, backend = args
+        _, backward = dispatch.kernels(backend, self.spec.name)
+        return backward(dout, q, k, v, mask, out, lse, **self.scalars_by_name(scalars))
+
+    def forward_fake(self, q, k, v, mask, *args):
+        return q.new_empty(q.shape), q.new_empty(self.spec.lse_shape(q.shape), dtype=torch.float32)
+
+    def gradients(self, ctx, dout, _dlse):  # lse is not differentiable
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = self.backward_op(dout, q, k, v, mask, out, lse, *ctx.args)
+        return (dq, dk, dv, None) + (None,) * len(ctx.args)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, backend: str, **scalars) -> Tensor:
         """The op's output: arguments checked, the backend chosen ("auto" or by name) and run."""
@@ -82,6 +87,6 @@ class Op:
         check_backend(backend, dispatch.BACKENDS)
         name = dispatch.select_backend(backend, spec.name, q.device, q=q, k=k, v=v, **{spec.mask: mask})
         if name == "reference":
-            return spec.reference(q, k, v, **{spec.mask: mask}, **scalars)
-        out, _ = self.forward_op(q, k, v, mask, *scalars.values(), name)
+            return sharding.per_rank(spec.reference)(q, k, v, **{spec.mask: mask}, **scalars)
+        out, _ = self.forward_op(q, k, v, mask, **scalars, backend=name)
         return out

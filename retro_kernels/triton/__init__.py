@@ -1,43 +1,44 @@
-"""Triton kernels, one file per op (kernel and launcher side by side), and what they support.
+"""Triton kernels (kernel and launcher side by side: chunked_cross_attention.py, and
+neighbour_attention.py for the two neighbour ops), and what they support.
 
-`BACKEND` declares it once for every op (retro_kernels/backend.py). On the CPU the
-kernels run only under the Triton interpreter (TRITON_INTERPRET=1, set before triton
-is imported), slowly, for tests; its bf16 arithmetic is wrong, so it is refused there.
-This module does not import triton: without it, dispatch says "triton is not installed".
+`BACKEND` declares it once for every op (retro_kernels/backend.py); its `kernels`
+table names each op's launchers. On the CPU the kernels run only under the
+interpreter (interpreter.py). Without triton installed, the table is empty and
+dispatch says "triton is not installed".
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 
 import torch
 
 from ..backend import Backend
+from .interpreter import interpreter_reasons
 
-
-def interpreting() -> bool:
-    """Whether Triton runs its kernels on the CPU, in its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreter_reasons(q: torch.Tensor, k: torch.Tensor) -> list[str]:
-    """Why the interpreter cannot run these CPU tensors (nothing to say of CUDA tensors)."""
-    if q.device.type != "cpu":
-        return []
-    if not interpreting():
-        return [f"triton needs CUDA tensors (got {q.device.type}); set TRITON_INTERPRET=1 "
-                "before importing triton to run the kernels on the CPU, slowly"]
-    if q.dtype == torch.bfloat16:
-        return ["bfloat16 arithmetic is wrong under the Triton interpreter; use a GPU"]
-    return []
-
+try:
+    from . import chunked_cross_attention as cca
+    from . import neighbour_attention
+except ImportError as e:  # no triton, or one these kernels cannot use: the other backends still work
+    KERNELS = {}
+    MISSING = ("triton is not installed" if importlib.util.find_spec("triton") is None
+               else f"the triton backend failed to import: {e}")
+else:
+    KERNELS = {
+        "chunked_cross_attention": (cca.forward, cca.backward),
+        "neighbour_self_attention": (neighbour_attention.self_forward, neighbour_attention.self_backward),
+        "neighbour_cross_attention": (neighbour_attention.cross_forward, neighbour_attention.cross_backward),
+    }
+    MISSING = None
 
 BACKEND = Backend(
     name="triton",
     devices=("cuda", "cpu"),  # cpu: under the interpreter only (interpreter_reasons)
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    kernels=KERNELS,
     max_head_dim=256,
     # the tiles are sized for sm_80 and newer data-centre GPUs: 163 KB of shared memory per block
     min_compute_capability=(8, 0),
     min_shared_memory=163 * 1024,
+    missing=MISSING,
     limits=interpreter_reasons,
 )

@@ -27,7 +27,7 @@ import os
 import torch
 import triton
 
-from . import interpreting as triton_interpreting
+from .interpreter import interpreting as triton_interpreting
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid dimension x; every kernel here uses a 1-D grid
 AUTOTUNE_MIN_PROGRAMS = 512  # smaller launches take the default config: timing them costs more than it saves
