@@ -121,12 +121,11 @@ def _retro_pytorch(s, device):
 
 
 LAYOUTS = {"single": ("ddp", 1), "ddp": ("ddp", 1), "fsdp": ("fsdp", 1), "tp": ("ddp", 2)}
-ATTENTION_INPUTS = ("to_q", "to_k", "to_v", "self_q", "self_k", "self_v", "cross_q", "cross_k", "cross_v")
 
 
 def parallel_row(name: str, quick: bool, device) -> dict:
     """The row of layout ``name`` (LAYOUTS), measured in this process: the only one, or a torchrun rank."""
-    from models.parallel import make_layout, state_bytes
+    from models.parallel import ATTENTION_INPUTS, make_layout, state_bytes
     from models.runtime import setup_distributed
 
     s = SHAPES["quick" if quick else device.type]

@@ -19,8 +19,8 @@ from torch import nn
 
 from .errors import UsageError
 
-COLWISE = ("to_q", "to_k", "to_v", "up", "gate", "self_q", "self_k", "self_v", "cross_q", "cross_k", "cross_v",
-           "ff.0")
+ATTENTION_INPUTS = ("to_q", "to_k", "to_v", "self_q", "self_k", "self_v", "cross_q", "cross_k", "cross_v")
+COLWISE = ATTENTION_INPUTS + ("up", "gate", "ff.0")
 ROWWISE = ("to_out", "down", "self_out", "cross_out", "ff.2")
 
 

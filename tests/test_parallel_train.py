@@ -2,6 +2,7 @@
 on the same global batches and seeds; an FSDP checkpoint resumed exactly and read back in one process."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from models import checkpoint as ckpt
+from models.errors import UsageError
 from models.evaluate import token_nll
+from models.parallel import check_heads
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -103,9 +106,11 @@ def test_retrofit_trains_as_one_process_with_its_frozen_base_sharded(runs):
         assert {k: v.shape for k, v in added.items()} == {k: v.shape for k, v in model.added_state_dict().items()}
 
 
-def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(runs):
+def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(runs, monkeypatch):
     out, losses, single = runs
     assert losses["resumed"][2:] == losses["fsdp"][2:]  # the steps after the checkpoint, exactly
+    for name in ("load", "loads", "Unpickler"):  # reading the shards of 2 processes unpickles nothing
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("a checkpoint load unpickled"))
     model = ckpt.load_checkpoint_model(out / "fsdp")  # written by 2 processes, read by one
     trained = load_file(str(out / "fsdp_weights.safetensors"))
     assert trained and all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
@@ -113,6 +118,18 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(runs):
     nll, pred = token_nll(model, data, True)
     nll_single, _ = token_nll(single["model"], data, True)
     assert nll[pred].mean() == pytest.approx(nll_single[pred].mean(), rel=1e-4)
+
+
+def test_layouts_that_cannot_be_formed_are_refused_in_one_line(monkeypatch):
+    with pytest.raises(UsageError, match=r"--tp 3 must divide the number of processes \(1"):
+        args("x", tp=3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError, match="--tp 2 with --parallel ddp: DDP replicates whole models"):
+        args("x", tp=2)
+    with pytest.raises(UsageError, match="--batch-size 3 must be a multiple of --accum 1 x 2 data-parallel"):
+        args("x", tp=2, parallel="fsdp", batch_size=3, accum=1)
+    with pytest.raises(UsageError, match="--tp 4 must divide the attention heads .the model has heads 2, kv-heads 2"):
+        check_heads(config(), 4)
 
 
 if __name__ == "__main__":
