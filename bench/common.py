@@ -1,58 +1,8 @@
-"""What every benchmark shares: the row schema, timing, the machine's peaks, output.
+"""What every benchmark shares: the row (docs/benchmarks.md, "Results files and the row schema"),
+the one timer, the machine's peaks, results files and the markdown tables.
 
-Row schema
-==========
-Every benchmark module returns a list of dicts ("rows"); the CLI prints them
-as a table and appends them, one JSON object per line, to
-`<out>/<device-slug>.jsonl`. A module fills the *measurement* keys; the CLI
-adds the *run* keys (`finalize_row`). Keys (all JSON-serialisable):
-
-Measurement keys, filled by the benchmark module:
-    suite         str   "ops", "model", "retrieval", "cpu_cca" (the module)
-    name          str   what is measured: an op name ("chunked_cross_attention"),
-                        "train_step", "faiss_search", ...
-    impl          str   who computes it: "retro_kernels:triton", "reference",
-                        "sdpa", "flex_attention", "retro_pytorch", ...
-    role          str   "ours" (a retro_kernels backend) or "peer"
-    mode          str   "fwd", "bwd", "fwd+bwd", or a free word ("train", "search")
-    sweep         str   which series the row belongs to: "paper", "K", "D", "N",
-                        "GQA", "mask", "quick", ... (plots draw one line per impl
-                        along `sweep_value`)
-    sweep_value   number|str|None   the swept quantity's value for this row
-    shape         dict  the problem size, e.g. {"B":.., "N":.., "m":.., "K":.., ...}
-    dtype         str   "fp32", "fp16", "bf16"
-    status        str   "ok", "skipped" (cannot run here) or "failed" (raised)
-    reason        str|None   why skipped/failed; None when ok
-    time_ms       float|None   median wall time of one call
-    flops         float|None   floating-point operations of one call (model: docs/spec.md#cost-model)
-    bytes         float|None   bytes one call must move at least (the roofline model)
-    tflops        float|None   flops / time
-    gbps          float|None   bytes / time, GB/s (1e9 bytes)
-    roofline_pct  float|None   gbps / measured peak bandwidth * 100
-    matmul_pct    float|None   tflops / measured matmul peak * 100
-    speedup       dict  {peer impl: peer time / this time}, for role "ours"
-    max_abs_err   float|None   forward output vs the reference at this shape
-    targets       dict  the benchmark's goals that apply to this row (recorded, never asserted):
-                        {"roofline_pct_min": 85, "speedup_min": {"sdpa": 1.3}, ...}
-    targets_met   dict  {target name: bool} for the targets that could be evaluated
-    metrics       dict  anything else a module measures (tokens_per_s, peak_mem_bytes, ...)
-    notes         str|None   caveats (e.g. "flex_attention not compiled under --quick")
-
-Run keys, added by the CLI (`finalize_row`):
-    run_id, date (UTC ISO 8601), commit, dirty, versions {python, torch, triton,
-    retro_kernels, numpy, flash_attn, retro_pytorch}, device, device_name,
-    device_slug, peak_gbps (measured copy bandwidth), peak_tflops (measured
-    matmul rate, in the row's dtype where measured, else fp32), threads, quick,
-    dry_run (True for rows of `bench/gpu_check.sh --dry-run`: tiny CPU shapes that
-    test the runbook, never numbers to publish), host_note; on the CPU also cpu_model,
-    cpu_isa ("amx", "avx512f", "avx2", ...) and cpu_gemm (the GEMM the C++ CPU kernels
-    chose, `cpu_fields`).
-
-A run made of several processes (bench/gpu_check.sh) shares one run id and
-date through the environment: BENCH_RUN_ID, BENCH_RUN_DATE, BENCH_DRY_RUN=1.
-
-A module may leave out any measurement key except suite, name, impl and
-status; missing ones are filled with None/{} by `finalize_row`.
+torch is imported only inside the functions that measure, so that the runbook's summary
+(bench/gpu_check.py) renders tables in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -63,354 +13,313 @@ import os
 import platform
 import re
 import subprocess
-import sys
-import time
 import uuid
-from typing import Callable
+from collections import Counter, defaultdict
 
-import torch
-
-REQUIRED_KEYS = ("suite", "name", "impl", "status")
 MEASUREMENT_DEFAULTS = {
-    "role": "peer",
-    "mode": None,
-    "sweep": None,
-    "sweep_value": None,
-    "shape": {},
-    "dtype": None,
-    "reason": None,
-    "time_ms": None,
-    "flops": None,
-    "bytes": None,
-    "tflops": None,
-    "gbps": None,
-    "roofline_pct": None,
-    "matmul_pct": None,
-    "speedup": {},
-    "max_abs_err": None,
-    "targets": {},
-    "targets_met": {},
-    "metrics": {},
-    "notes": None,
+    "role": "peer", "mode": None, "sweep": None, "sweep_value": None, "shape": {}, "dtype": None,
+    "reason": None, "time_ms": None, "flops": None, "bytes": None, "tflops": None, "gbps": None,
+    "roofline_pct": None, "matmul_pct": None, "speedup": {}, "max_abs_err": None, "targets": {},
+    "targets_met": {}, "metrics": {}, "notes": None,
 }
 STATUSES = ("ok", "skipped", "failed")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def make_row(suite: str, name: str, impl: str, status: str = "ok", **fields) -> dict:
-    """A row with every measurement key present (see the module doc)."""
+    """A row with every measurement key present; keywords that are not keys land in metrics."""
     row = {"suite": suite, "name": name, "impl": impl, "status": status}
     for key, default in MEASUREMENT_DEFAULTS.items():
-        row[key] = fields.pop(key, default() if callable(default) else
-                              (dict(default) if isinstance(default, dict) else default))
-    if fields:
-        row["metrics"] = {**row["metrics"], **fields}
+        row[key] = fields.pop(key, dict(default) if isinstance(default, dict) else default)
+    row["metrics"] = {**row["metrics"], **fields}
     return row
 
-
-# ---------------------------------------------------------------------------
-# The machine and the checkout
-# ---------------------------------------------------------------------------
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def cpu_fields() -> dict:
-    """cpu_model, cpu_isa and cpu_gemm: the CPU, its best vector ISA, and the GEMM the
-    C++ CPU kernels chose so far in this process (retro_kernels.cpu.gemm.gemm_info)."""
+    """The CPU, its best vector ISA, and the GEMM the C++ CPU kernels chose so far in this process."""
     from retro_kernels.cpu.gemm import gemm_info
 
     info = gemm_info()
     return {"cpu_model": info["cpu_model"], "cpu_isa": info["isa"], "cpu_gemm": info["summary"] or info["error"]}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model_name()} ({os.cpu_count()} cores)"
+def device_name_and_slug(device) -> tuple[str, str]:
+    """('NVIDIA H100 80GB HBM3', 'nvidia-h100-80gb-hbm3') or ('AMD EPYC ... (2 cores)', 'cpu-amd-epyc-...-2c')."""
+    import torch
 
+    from retro_kernels.cpu.gemm import cpu_description
 
-def device_slug(device: torch.device) -> str:
-    """File name stem for the device's results: 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2c'."""
     if device.type == "cuda":
-        return slug(torch.cuda.get_device_name(device))
-    return "cpu-" + slug(cpu_model_name()) + f"-{os.cpu_count()}c"
+        name = torch.cuda.get_device_name(device)
+        return name, slug(name)
+    model = cpu_description()["cpu_model"]
+    return f"{model} ({os.cpu_count()} cores)", f"cpu-{slug(model)}-{os.cpu_count()}c"
 
 
 def git_commit() -> tuple[str | None, bool | None]:
+    """HEAD, and whether the code differs from it (results files do not count)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        # results files change with every run: they do not make the code dirty
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                     ".", ":(exclude)bench/results"],
-                                    cwd=root, capture_output=True, text=True).stdout.strip())
-        return commit, dirty
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)bench/results"], cwd=root, capture_output=True, text=True)
+        return commit, bool(status.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return None, None
 
 
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
-
-
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
     import retro_kernels
 
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "retro_kernels": retro_kernels.__version__,
-    }
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "retro_kernels": retro_kernels.__version__}
     for dist in ("triton", "numpy", "flash-attn", "retro-pytorch", "faiss-cpu"):
-        out[dist.replace("-", "_")] = _version(dist)
+        try:
+            out[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            pass
     return out
 
 
-# ---------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------
+# -- The one timer -----------------------------------------------------------------------------
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_ms(fn, device, quick: bool = False) -> float:
+    """Median milliseconds of one fn() call, the timer of every benchmark here.
 
-
-def median_time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
-    """Median wall time of fn() in milliseconds, after a warm-up call.
-
-    GPU: triton.testing.do_bench (CUDA events, L2 flushed between calls,
-    median). CPU: torch.utils.benchmark.Timer.blocked_autorange on all of
-    torch's threads (median of blocks).
+    GPU: one untimed call (compiles, autotunes), then triton.testing.do_bench (CUDA events,
+    L2 flushed before each call). CPU: torch.utils.benchmark's blocked_autorange on all of
+    torch's threads (its block-size estimate is the warm-up call).
     """
-    fn()  # warm-up: compilation, autotuning, allocator
-    synchronize(device)
+    import torch
+
+    device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
 
+        fn()
+        torch.cuda.synchronize(device)
         warmup, rep = (5, 20) if quick else (25, 100)
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=0.05 if quick else 0.5)
-    return measurement.median * 1e3
+    return timer.blocked_autorange(min_run_time=0.05 if quick else 0.5).median * 1e3
 
 
-def measure_peak_bandwidth(device: torch.device, quick: bool = False) -> float:
-    """Device memory bandwidth in GB/s from a timed device-to-device copy (read + write)."""
-    n_bytes = (64 << 20) if device.type == "cpu" else (1 << 30)
-    if quick:
-        n_bytes //= 4
+def measure_peaks(device, dtypes, quick: bool) -> tuple[float, dict[str, float]]:
+    """(copy bandwidth in GB/s, {dtype: square-matmul TFLOP/s}) of the device."""
+    import torch
+
+    n_bytes = ((64 << 20) if device.type == "cpu" else (1 << 30)) // (4 if quick else 1)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = median_time_ms(lambda: dst.copy_(src), device, quick)
+    gbps = 2 * n_bytes / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
     del src, dst
-    return 2 * n_bytes / (ms * 1e-3) / 1e9
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool = False) -> float:
-    """The machine's dense matmul rate in TFLOP/s for `dtype` (square matmul)."""
     n = 8192 if device.type == "cuda" else (512 if quick else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = median_time_ms(lambda: a @ b, device, quick)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    tflops = {}
+    for name in dict.fromkeys(["fp32", *dtypes]):
+        try:
+            a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, TORCH_DTYPES[name])) for _ in "ab")
+            tflops[name] = 2 * n**3 / time_ms(lambda: a @ b, device, quick) / 1e9
+        except RuntimeError as e:  # a dtype the device cannot multiply
+            print(f"  (no {name} matmul peak: {e})")
+    return gbps, tflops
 
-
-def fill_rates(row: dict, peak_gbps: float | None, peak_tflops: float | None) -> dict:
-    """tflops, gbps, roofline_pct, matmul_pct from time_ms, flops and bytes."""
-    t = row.get("time_ms")
-    if row.get("status") != "ok" or not t:
-        return row
-    seconds = t * 1e-3
-    if row.get("flops"):
-        row["tflops"] = row["flops"] / seconds / 1e12
-        if peak_tflops:
-            row["matmul_pct"] = 100 * row["tflops"] / peak_tflops
-    if row.get("bytes"):
-        row["gbps"] = row["bytes"] / seconds / 1e9
-        if peak_gbps:
-            row["roofline_pct"] = 100 * row["gbps"] / peak_gbps
-    return row
-
-
-# ---------------------------------------------------------------------------
-# Run context, rows, output
-# ---------------------------------------------------------------------------
 
 class RunContext:
     """What a run records in every row: who, where, when, with what peaks."""
 
-    def __init__(self, device: torch.device, quick: bool):
-        self.device = device
-        self.quick = quick
+    def __init__(self, device, quick: bool):
+        self.device, self.quick = device, quick
         self.run_id = os.environ.get("BENCH_RUN_ID") or uuid.uuid4().hex[:12]
         self.date = os.environ.get("BENCH_RUN_DATE") or \
             _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.dry_run = os.environ.get("BENCH_DRY_RUN", "0") == "1"
         self.commit, self.dirty = git_commit()
         self.versions = versions()
-        self.device_name = device_name(device)
-        self.device_slug = device_slug(device)
+        self.device_name, self.device_slug = device_name_and_slug(device)
         self.peak_gbps: float | None = None
         self.peak_tflops: dict[str, float] = {}
-        self.host_note = os.environ.get("BENCH_HOST_NOTE")
 
     def measure_peaks(self, dtypes: list[str]) -> None:
-        t0 = time.perf_counter()
-        self.peak_gbps = measure_peak_bandwidth(self.device, self.quick)
-        for name in dict.fromkeys(["fp32", *dtypes]):
-            try:
-                self.peak_tflops[name] = measure_matmul_tflops(self.device, DTYPES[name], self.quick)
-            except RuntimeError as e:  # e.g. a dtype the device cannot multiply
-                print(f"  (no {name} matmul peak: {e})")
+        self.peak_gbps, self.peak_tflops = measure_peaks(self.device, dtypes, self.quick)
         rates = ", ".join(f"{k} {v:.2f}" for k, v in self.peak_tflops.items())
-        print(f"peaks on {self.device_name}: copy bandwidth {self.peak_gbps:.1f} GB/s; "
-              f"matmul TFLOP/s {rates} ({time.perf_counter() - t0:.1f}s)")
+        print(f"peaks on {self.device_name}: copy {self.peak_gbps:.1f} GB/s; matmul TFLOP/s {rates}")
 
     def finalize_row(self, row: dict) -> dict:
-        missing = [k for k in REQUIRED_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"benchmark row lacks required keys {missing}: {row}")
-        if row["status"] not in STATUSES:
-            raise ValueError(f"row status must be one of {STATUSES}, got {row['status']!r}")
-        full = make_row(row["suite"], row["name"], row["impl"], row["status"])
-        full.update(row)
-        peak_tflops = self.peak_tflops.get(full.get("dtype") or "fp32", self.peak_tflops.get("fp32"))
+        """The row with every key, its rates, the run keys and targets_met; ValueError for a malformed row."""
+        import torch
+
+        missing = [k for k in ("suite", "name", "impl", "status") if k not in row]
+        if missing or row["status"] not in STATUSES:
+            raise ValueError(f"a benchmark row needs suite, name, impl and a status in {STATUSES}: {row}")
+        full = {**make_row(row["suite"], row["name"], row["impl"], row["status"]), **row}
+        peak_tflops = self.peak_tflops.get(full["dtype"] or "fp32", self.peak_tflops.get("fp32"))
         fill_rates(full, self.peak_gbps, peak_tflops)
-        full.update(
-            run_id=self.run_id, date=self.date, commit=self.commit, dirty=self.dirty,
-            versions=self.versions, device=self.device.type, device_name=self.device_name,
-            device_slug=self.device_slug, peak_gbps=self.peak_gbps, peak_tflops=peak_tflops,
-            threads=torch.get_num_threads(), quick=self.quick, dry_run=self.dry_run,
-            host_note=self.host_note,
-        )
+        full.update(run_id=self.run_id, date=self.date, commit=self.commit, dirty=self.dirty,
+                    versions=self.versions, device=self.device.type, device_name=self.device_name,
+                    device_slug=self.device_slug, peak_gbps=self.peak_gbps, peak_tflops=peak_tflops,
+                    threads=torch.get_num_threads(), quick=self.quick, dry_run=self.dry_run,
+                    host_note=os.environ.get("BENCH_HOST_NOTE"), loadavg=list(os.getloadavg()))
         if self.device.type == "cpu":
             full.update(cpu_fields())
-        evaluate_targets(full)
+        full["targets_met"] = targets_met(full)
         return full
 
 
-def evaluate_targets(row: dict) -> None:
-    """targets_met from targets (roofline_pct_min, speedup_min per peer, ...)."""
-    met = {}
-    targets = row.get("targets") or {}
-    if row.get("status") == "ok":
-        if "roofline_pct_min" in targets and row.get("roofline_pct") is not None:
-            met["roofline_pct_min"] = row["roofline_pct"] >= targets["roofline_pct_min"]
-        for peer, need in (targets.get("speedup_min") or {}).items():
-            have = (row.get("speedup") or {}).get(peer)
-            if have is not None:
-                met[f"speedup_vs_{peer}"] = have >= need
-    row["targets_met"] = met
+def fill_rates(row: dict, peak_gbps: float | None, peak_tflops: float | None) -> None:
+    """tflops, gbps, roofline_pct, matmul_pct from time_ms, flops and bytes."""
+    if row["status"] != "ok" or not row["time_ms"]:
+        return
+    seconds = row["time_ms"] * 1e-3
+    if row["flops"]:
+        row["tflops"] = row["flops"] / seconds / 1e12
+        row["matmul_pct"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
+    if row["bytes"]:
+        row["gbps"] = row["bytes"] / seconds / 1e9
+        row["roofline_pct"] = 100 * row["gbps"] / peak_gbps if peak_gbps else None
 
+
+def targets_met(row: dict) -> dict[str, bool]:
+    """{target: met} for the targets (roofline_pct_min, matmul_pct_min, speedup_min per peer) that can be judged."""
+    met, targets = {}, row.get("targets") or {}
+    if row["status"] != "ok":
+        return met
+    for key in ("roofline_pct_min", "matmul_pct_min"):
+        if key in targets and row.get(key[:-4]) is not None:
+            met[key] = row[key[:-4]] >= targets[key]
+    for peer, need in (targets.get("speedup_min") or {}).items():
+        if peer in (row.get("speedup") or {}):
+            met[f"speedup_vs_{peer}"] = row["speedup"][peer] >= need
+    return met
+
+
+# -- Results files -----------------------------------------------------------------------------
 
 def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
 
 
-def append_jsonl(rows: list[dict], out_dir: str, slug_: str) -> str:
-    """Append rows to <out_dir>/<slug>.jsonl (one flushed write; existing lines untouched)."""
+def append_jsonl(rows: list[dict], out_dir: str, name: str) -> str:
+    """Append rows to <out_dir>/<name>.jsonl in one flushed write; existing lines stay untouched."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{slug_}.jsonl")
-    text = "".join(json.dumps(r, default=_json_default, sort_keys=True) + "\n" for r in rows)
+    path = os.path.join(out_dir, f"{name}.jsonl")
     with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
+        f.write("".join(json.dumps(r, default=_json_default, sort_keys=True) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
     return path
 
 
-def read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    print(f"  {path}: skipping a line that is not JSON (interrupted write?)", file=sys.stderr)
-    return rows
+def read_jsonl(path: str) -> tuple[list[dict], int]:
+    """(rows, number of lines that are not JSON objects, e.g. an interrupted write); ([], 0) if absent."""
+    rows, bad = [], 0
+    if not os.path.exists(path):
+        return rows, bad
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in filter(str.strip, f):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+# -- Markdown tables: the terminal, summary.md and the docs ------------------------------------
+
+OP_ORDER = ("chunked_cross_attention", "neighbour_self_attention", "neighbour_cross_attention")
+SHAPE_ORDER = ("B", "N", "L", "m", "K", "R", "M", "Hq", "Hkv", "D", "mask", "dtype")
 
 
-def shape_text(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())
+def fmt(x, spec: str) -> str:
+    if x is None:
+        return "-"
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
-def print_table(rows: list[dict], file=None) -> None:
-    """One line per measured row, grouped by problem; then each distinct reason something did not run.
+def shape_text(shape: dict, keys=SHAPE_ORDER) -> str:
+    return " ".join(f"{k}={shape[k]}" for k in keys if k in shape)
 
-    %roof: percent of the measured copy bandwidth; %mm: percent of the
-    measured matmul FLOP rate (in the row's dtype).
-    """
-    file = file or sys.stdout
-    header = f"{'mode':<8} {'dtype':<5} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} " \
-             f"{'%roof':>6} {'%mm':>5}  speedup (peer time / ours) / notes"
-    last_key = None
+
+def _case_key(r: dict) -> tuple:
+    return r.get("run_id"), r["name"], r.get("dtype"), json.dumps(r.get("shape"), sort_keys=True), r.get("mode")
+
+
+def speedups(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """{id(row of ours): {peer: peer time / our time}} over the peers of the same run, problem and mode
+    (a peer measured in a later stage of the runbook, FlexAttention, counts too)."""
+    peers: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        if r["status"] != "ok":
+        if r.get("role") == "peer":
+            peers[_case_key(r)][r["impl"]] = r["time_ms"]
+    return {id(r): {p: t / r["time_ms"] for p, t in peers[_case_key(r)].items()}
+            for r in rows if r.get("role") == "ours"}
+
+
+def op_tables(rows: list[dict], compact: bool = False) -> list[str]:
+    """One table per op: time, rates and ours' speedups against each peer (compact: the fastest of ours
+    per problem and mode only). Shape keys that every row shares go into the caption."""
+    ok = [r for r in rows if r.get("suite") == "ops" and r.get("status") == "ok" and r.get("time_ms")]
+    gains, lines = speedups(ok), []
+    for op in sorted({r["name"] for r in ok}, key=lambda n: (OP_ORDER + (n,)).index(n)):
+        shown = []
+        for key in dict.fromkeys(_case_key(r) for r in ok if r["name"] == op):
+            group = [r for r in ok if _case_key(r) == key]
+            ours = sorted((r for r in group if r.get("role") == "ours"), key=lambda r: r["time_ms"])
+            shown += ours[:1] if compact else ours + [r for r in group if r.get("role") != "ours"]
+        if not shown:
             continue
-        key = (r["name"], r.get("sweep"), r.get("sweep_value"), json.dumps(r.get("shape"), sort_keys=True))
-        if key != last_key:
-            sweep = r.get("sweep") or ""
-            if r.get("sweep_value") is not None:
-                sweep = f"{sweep}={r['sweep_value']}"
-            print(f"\n{r['name']}  [{sweep}]  {shape_text(r.get('shape') or {})}", file=file)
-            print(header, file=file)
-            last_key = key
-        line = f"{str(r.get('mode') or '')[:8]:<8} {str(r.get('dtype') or '')[:5]:<5} {r['impl'][:22]:<22} " \
-               f"{_fmt(r.get('time_ms'), '9.3f')} {_fmt(r.get('tflops'), '8.3f')} " \
-               f"{_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('roofline_pct'), '6.1f')} " \
-               f"{_fmt(r.get('matmul_pct'), '5.1f')}  "
-        extras = [f"{p} {s:.2f}x" for p, s in (r.get("speedup") or {}).items()]
-        if r.get("max_abs_err") is not None and r["impl"] != "reference":
-            extras.append(f"err {r['max_abs_err']:.1e}")
-        if r.get("metrics"):
-            extras += [f"{k}={_fmt_metric(v)}" for k, v in r["metrics"].items()]
-        if r.get("notes"):
-            extras.append(f"({r['notes']})")
-        print(line + ", ".join(extras), file=file)
-    reasons: dict[tuple, int] = {}
-    for r in rows:
-        if r["status"] != "ok":
-            key = (r["status"], r["name"], r["impl"], r.get("reason") or "")
-            reasons[key] = reasons.get(key, 0) + 1
-    if reasons:
-        print("\nnot measured:", file=file)
-        for (status, name, impl, reason), n in reasons.items():
-            print(f"  {status.upper():<7} {name} / {impl} ({n} rows): {reason}", file=file)
+        peer_names = sorted({p for r in shown for p in gains.get(id(r), {})}, key=lambda p: (p != "reference", p))
+        shapes = [{**(r.get("shape") or {}), "dtype": r.get("dtype")} for r in shown]
+        varying = tuple(k for k in SHAPE_ORDER if len({s.get(k) for s in shapes}) > 1)
+        common = {k: v for k, v in shapes[0].items() if k not in varying}
+        lines += [f"**{op}** ({shape_text(common)}; {'fastest of ours' if compact else 'every impl'}; "
+                  "speedup = peer's time / ours, same run)", ""]
+        header = [", ".join(varying) or "problem", "mode", "impl", "ms", "TFLOP/s", "% roofline", "% matmul"]
+        lines += ["| " + " | ".join(header + [f"vs {p}" for p in peer_names]) + " |",
+                  "|" + "---|" * (len(header) + len(peer_names))]
+        for r, shape in zip(shown, shapes):
+            gain = gains.get(id(r), {})
+            cells = [shape_text(shape, varying) or "-", r.get("mode"), r["impl"], fmt(r["time_ms"], ".3f"),
+                     fmt(r.get("tflops"), ".3g"), fmt(r.get("roofline_pct"), ".0f"), fmt(r.get("matmul_pct"), ".0f")]
+            cells += [f"{gain[p]:.2f}x" if p in gain else "" for p in peer_names]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    return lines
 
 
-def _fmt_metric(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def suite_table(rows: list[dict]) -> list[str]:
+    """The other suites' rows (model, retrieval, ...): time, speedups and metrics."""
+    ok = [r for r in rows if r.get("suite") not in ("ops", "tests") and r.get("status") == "ok"]
+    if not ok:
+        return []
+    lines = ["| suite | name | impl | shape | ms | speedup | metrics |", "|---|---|---|---|---|---|---|"]
+    for r in ok:
+        gain = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup") or {}).items())
+        metrics = ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in (r.get("metrics") or {}).items())
+        shape = r.get("shape") or {}
+        lines.append(f"| {r['suite']} | {r['name']} | {r['impl']} | {shape_text(shape, tuple(shape))} "
+                     f"| {fmt(r.get('time_ms'), '.1f')} | {gain} | {metrics} |")
+    return lines + [""]
+
+
+def not_measured(rows: list[dict]) -> list[str]:
+    """Each distinct reason a row was skipped or failed, with its count."""
+    reasons = Counter((r["status"], r["name"], r["impl"], r.get("reason") or "")
+                      for r in rows if r.get("status") in ("skipped", "failed"))
+    return [f"- {status.upper()} {name} / {impl} ({n} rows): {reason}"
+            for (status, name, impl, reason), n in sorted(reasons.items())]

@@ -1,27 +1,18 @@
 """Registers, spills, shared memory and occupancy of the CUDA kernels (csrc/cuda); no GPU needed.
 
-Every csrc/cuda/*.cu is compiled for the device only (`nvcc -cubin`, with .ci/run's flags)
-with `--resource-usage`, once per architecture; ptxas reports each kernel's registers and
-spill bytes. The kernels' shared memory is dynamic (ptxas does not see it): it is read from
-csrc/cuda/attention_layout.h by a small host program compiled against that header, with
-each kernel's target occupancy (`min_ctas_per_sm`, its __launch_bounds__). The CTAs per SM
-are what registers (65536 per SM, allocated per warp in units of 256) and shared memory
-(sm_80: 164 KB, sm_90: 228 KB per SM, 1 KB reserved per CTA) allow, at most 16 CTAs of
-128 threads.
+    python -m bench.cuda_resources          (or python -m bench kernels --cuda)
 
-    python -m bench.cuda_resources [--arch sm_90a] [--json]
-
-`rows(archs)` returns one dict per (kernel, arch): kernel (cca_fwd, neighbour_bwd_dq, ...),
-dtype, head_dim (the compiled padding: 32, 64, 128), arch, registers, spill_bytes (stores +
-loads), smem_bytes, ctas_per_sm, target_ctas_per_sm.
+Each csrc/cuda/*.cu is compiled for the device only with .ci/run's flags and `--resource-usage`
+(ptxas: registers, spill bytes per kernel); the dynamic shared memory and each kernel's target
+occupancy (its __launch_bounds__) come from csrc/cuda/attention_layout.h through a small host
+program. `rows(archs)`: one dict per (kernel, dtype, head_dim, arch) with registers, spill_bytes,
+smem_bytes, ctas_per_sm (what registers and shared memory allow) and target_ctas_per_sm.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import glob
-import json
 import os
 import re
 import shutil
@@ -45,7 +36,8 @@ MAX_CTAS_PER_SM = 16  # 2048 threads / 128
 THREADS = 128
 PASSES = {"fwd": 0, "bwd_dq": 1, "bwd_dkdv": 2}
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
-KERNEL = re.compile(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E.*?(Cca|Neighbour)Problem")
+KERNEL = re.compile(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E"
+                    r".*?(Cca|Neighbour)Problem")
 
 
 def find_nvcc() -> str | None:
@@ -164,17 +156,5 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="default: all of " + ", ".join(ARCHS))
-    parser.add_argument("--json", action="store_true", help="one JSON object per row")
-    args = parser.parse_args(argv)
-    table = rows(tuple(args.arch or ARCHS))
-    if args.json:
-        print("\n".join(json.dumps(r) for r in table))
-    else:
-        print(format_table(table))
-
-
 if __name__ == "__main__":
-    main()
+    print(format_table(rows()))

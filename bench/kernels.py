@@ -1,36 +1,25 @@
 """python -m bench kernels: what every Triton kernel asks of a GPU, compiled ahead of time (no GPU needed).
 
-Each op's real launcher runs on meta tensors at the paper shapes (B=8, N=2048,
-m=64, K=2, R=128, Hq=16, Hkv in {16, 4}, D in {64, 128}, bf16, with masks);
-the kernel launches it makes are captured instead of run, specialised the way
-Triton's JIT specialises them (integer arguments equal to 1, 16-byte
-alignment), and compiled for the target with Triton's bundled ptxas. For each
-launch, and for each configuration its autotuner may pick, the report gives
-registers per thread, spilled bytes (the local-memory stack frame), shared
-memory, warps, pipeline stages, and the CTAs per SM that these allow
-(sm_90: 64K registers, 227 KB of shared memory per block and 228 KB per SM,
-2048 threads, 32 CTAs).
-
-    python -m bench kernels [--arch sm90] [--head-dims 64,128] [--kv-heads 16,4] [--cuda] [--json FILE]
-
-`--cuda` adds the CUDA kernels of csrc/cuda (bench/cuda_resources.py: nvcc --resource-usage).
-
-`--json FILE` also writes the rows as JSON (one object per launch and
-configuration), the form the GPU runbook saves. Must run with the Triton
-interpreter off: if TRITON_INTERPRET=1 is set (or triton is already imported),
-it reruns itself in a fresh Python without it.
+Each op's real launcher runs on meta tensors at the paper shapes (Hkv in {16, 4}, D in {64, 128},
+bf16, with masks); its kernel launches are captured instead of run, specialised as Triton's JIT
+would (integer arguments equal to 1, 16-byte alignment), and compiled for the target with
+Triton's bundled ptxas. Per launch and per configuration its autotuner may pick: registers,
+spilled bytes, shared memory, warps, stages, and the CTAs per SM these allow. `--cuda` adds the
+CUDA kernels of csrc/cuda (bench/cuda_resources.py). It reruns
+itself in a fresh Python when the Triton interpreter is on (or triton already imported).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+from models.cli_common import Parser, command, integer
 
 # Per-SM limits of the targets (CUDA occupancy rules; 1 KB of shared memory per CTA is reserved).
 ARCHS = {
@@ -54,9 +43,7 @@ class Launch:
     configs: list  # [(meta-parameters dict, num_warps, num_stages)]; kwargs already hold a fixed one
 
 
-# ---------------------------------------------------------------------------
-# Capturing the launches a launcher makes
-# ---------------------------------------------------------------------------
+# -- Capturing the launches a launcher makes ---------------------------------------------------
 
 @contextlib.contextmanager
 def capture_launches():
@@ -104,19 +91,13 @@ def meta_inputs(op: str, dims: dict, dtype):
 
     B, N, m, K, R, Hq, Hkv, D = (dims[k] for k in ("B", "N", "m", "K", "R", "Hq", "Hkv", "D"))
     L = max(1, N // m)
-    meta = dict(device="meta", dtype=dtype)
-    if op == "chunked_cross_attention":
-        q = torch.empty(B, N, Hq, D, **meta)
-        k = torch.empty(B, L, K, R, Hkv, D, **meta)
-        mask = torch.empty(B, L, K, R, device="meta", dtype=torch.bool)
-    elif op == "neighbour_self_attention":
-        q = torch.empty(B, L, K, R, Hq, D, **meta)
-        k = torch.empty(B, L, K, R, Hkv, D, **meta)
-        mask = torch.empty(B, L, K, R, device="meta", dtype=torch.bool)
-    else:  # neighbour_cross_attention
-        q = torch.empty(B, L, K, R, Hq, D, **meta)
-        k = torch.empty(B, L, m, Hkv, D, **meta)
-        mask = torch.empty(B, L, m, device="meta", dtype=torch.bool)
+    q_shape, k_shape, mask_shape = {
+        "chunked_cross_attention": ((B, N, Hq, D), (B, L, K, R, Hkv, D), (B, L, K, R)),
+        "neighbour_self_attention": ((B, L, K, R, Hq, D), (B, L, K, R, Hkv, D), (B, L, K, R)),
+        "neighbour_cross_attention": ((B, L, K, R, Hq, D), (B, L, m, Hkv, D), (B, L, m)),
+    }[op]
+    q, k = (torch.empty(shape, device="meta", dtype=dtype) for shape in (q_shape, k_shape))
+    mask = torch.empty(mask_shape, device="meta", dtype=torch.bool)
     return q, k, torch.empty_like(k), mask
 
 
@@ -137,9 +118,7 @@ def op_launches(op: str, dims: dict, dtype) -> dict[str, list[Launch]]:
     return {"fwd": fwd, "bwd": bwd}
 
 
-# ---------------------------------------------------------------------------
-# Compiling one launch for a target, the way the JIT would
-# ---------------------------------------------------------------------------
+# -- Compiling one launch for a target, the way the JIT would ----------------------------------
 
 def compile_launch(launch: Launch, config, arch: str):
     """The CompiledKernel that Triton's JIT would build for this launch on `arch`."""
@@ -206,9 +185,7 @@ def occupancy(registers: int, smem: int, warps: int, arch: str) -> dict:
     return dict(ctas_per_sm=limits[limit], limited_by=limit)
 
 
-# ---------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------
+# -- The report --------------------------------------------------------------------------------
 
 def _meta_label(launch: Launch, config) -> str:
     meta = dict(config[0]) if config else {}
@@ -276,14 +253,15 @@ def print_row(row: dict) -> None:
 
 
 def _split_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def main(argv=None) -> int:
-    from .args import OneLineParser, positive_int
-
-    p = OneLineParser(prog="python -m bench kernels", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+@command("kernels", prog="python -m bench kernels")
+def main(argv) -> int:
+    p = Parser("python -m bench kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="sm90")
     p.add_argument("--head-dims", type=_split_ints, default=(64, 128))
     p.add_argument("--kv-heads", type=_split_ints, default=(16, 4))
@@ -291,15 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
     p.add_argument("--configs", choices=("all", "default"), default="all",
                    help="every config an autotuned launch may pick (default), or only its default one")
-    p.add_argument("--jobs", type=positive_int, default=1, help="compile this many kernels at a time")
-    p.add_argument("--cuda", action="store_true",
-                   help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage; bench/cuda_resources.py)")
-    p.add_argument("--json", default=None, help="also write the rows to this file as JSON")
+    p.add_argument("--jobs", type=integer(1), default=1, help="compile this many kernels at a time")
+    p.add_argument("--cuda", action="store_true", help="also the CUDA kernels of csrc/cuda (nvcc --resource-usage)")
     args = p.parse_args(argv)
-
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or "triton" in sys.modules:
         env = dict(os.environ, TRITON_INTERPRET="0")
-        argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.call([sys.executable, "-m", "bench.kernels", *argv], env=env)
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; set to silence 3.9's warning
@@ -307,23 +281,14 @@ def main(argv=None) -> int:
 
     print(f"Triton {triton.__version__} kernels compiled ahead of time for {args.arch}, {args.dtype}, "
           f"paper shapes {PAPER}", flush=True)
-    rows = []
     shapes = paper_shapes(tuple(args.ops.split(",")), args.kv_heads, args.head_dims)
     for row in compile_rows(tasks(shapes, args.dtype, args.configs == "all"), args.arch, args.jobs):
         print_row(row)
-        rows.append(dict(row, triton=triton.__version__))
     if args.cuda:
         from . import cuda_resources
 
-        arch = {"sm90": "sm_90a", "sm80": "sm_80"}[args.arch]
-        print(f"\nCUDA kernels (csrc/cuda) compiled for {arch}:", flush=True)
-        cuda_rows = cuda_resources.rows((arch,))
-        print(cuda_resources.format_table(cuda_rows))
-        rows += [dict(r, backend="cuda") for r in cuda_rows]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.json}")
+        cuda_rows = cuda_resources.rows(({"sm90": "sm_90a", "sm80": "sm_80"}[args.arch],))
+        print("\nCUDA kernels (csrc/cuda):\n" + cuda_resources.format_table(cuda_rows), flush=True)
     return 0
 
 

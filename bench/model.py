@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 import types
 
 import torch
+
+from bench.common import time_ms
 
 SHAPES = {
     # paper-like chunking (m = 64, K = 2, R = 128) on a small decoder; head dim 64
@@ -41,22 +41,12 @@ SHAPES = {
 }
 
 
-def _time_steps(step, device, warmup: int, iters: int) -> tuple[float, int | None]:
-    """Median seconds per step, and peak memory (CUDA only)."""
-    for _ in range(warmup):
-        step()
+def _time_steps(step, device, quick: bool) -> tuple[float, int | None]:
+    """Median seconds per step (bench.common.time_ms), and peak memory (CUDA only)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return statistics.median(times), peak
+    seconds = time_ms(step, device, quick) / 1e3
+    return seconds, torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 
 def _batch(s, device):
@@ -133,7 +123,7 @@ def parallel_row(name: str, quick: bool, device) -> dict:
     layout = make_layout(world, rank, device, *LAYOUTS[name])
     share = slice(layout.dp_rank, None, layout.dp_size)
     step, n_params, model, opt = _ours(s, device, "auto", layout, share)
-    seconds, peak = _time_steps(step, device, *((1, 2) if quick else (2, 5)))
+    seconds, peak = _time_steps(step, device, quick)
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, out: seen.append(out.numel() * out.element_size()))
              for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ATTENTION_INPUTS]
@@ -171,7 +161,6 @@ def run(quick: bool = False, device="cpu", parallel=None) -> list[dict]:
         return parallel_rows(parallel, quick, torch.device(device))
     device = torch.device(device)
     s = SHAPES["quick" if quick else device.type]
-    warmup, iters = (1, 2) if quick else (2, 5)
     tokens = s["B"] * s["N"]
     impls = [("retro_kernels:auto", "ours", lambda: _ours(s, device, "auto")[:2]),
              ("reference", "ours", lambda: _ours(s, device, "reference")[:2]),
@@ -183,7 +172,7 @@ def run(quick: bool = False, device="cpu", parallel=None) -> list[dict]:
                "dtype": "bf16" if device.type == "cuda" else "fp32"}
         try:
             step, n_params = make()
-            seconds, peak = _time_steps(step, device, warmup, iters)
+            seconds, peak = _time_steps(step, device, quick)
             row.update(status="ok", time_ms=seconds * 1e3,
                        metrics={"tokens_per_s": tokens / seconds, "peak_mem_bytes": peak, "params": n_params})
         except ImportError as e:

@@ -1,21 +1,11 @@
-"""What a user would run instead of retro_kernels: the peers we measure against.
+"""What a user would run instead of retro_kernels: the peers we measure against (docs/benchmarks.md).
 
-Every peer has the signature of the op it stands in for, so the benchmark
-calls ours and theirs the same way:
-
-    cca_*(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0)
-        q (B, N, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, N, Hq, D)
-    nsa_*(q, k, v, *, neighbour_mask=None, scale=None)
-        q (B, L, K, R, Hq, D), k/v (B, L, K, R, Hkv, D) -> (B, L, K, R, Hq, D)
-    nca_*(q, k, v, *, chunk_mask=None, scale=None)
-        q (B, L, K, R, Hq, D), k/v (B, L, M, Hkv, D) -> (B, L, K, R, Hq, D)
-
-Each is given its best form: views instead of copies wherever the layout
-allows, PyTorch's fastest attention kernel for the device, block masks that
-skip every empty block, caches for what a training loop would build once.
-tests/test_bench_peers.py checks each against the reference, because a wrong
-peer makes every speed ratio a lie. The peers support start_pos=0 only (the
-training case); `unavailable(...)` says why a peer cannot run somewhere.
+Every peer has the signature of the op it stands in for (cca_*(q, k, v, chunk_size, *,
+neighbour_mask, scale, start_pos=0), nsa_*(q, k, v, *, neighbour_mask, scale), nca_*(q, k, v, *,
+chunk_mask, scale)) and its best form: views instead of copies wherever the layout allows,
+PyTorch's fastest attention kernel, block masks that skip every empty block, caches for what a
+training loop builds once. tests/test_bench_peers.py checks each against the reference (a wrong
+peer makes every ratio a lie). `unavailable(...)` says why a peer cannot run somewhere.
 """
 from __future__ import annotations
 
@@ -23,33 +13,24 @@ import functools
 import importlib
 import sys
 import types
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as _cca_reference
+# The eager plain-PyTorch references (retro_kernels' backend="reference") take the peers' signatures.
+from retro_kernels.reference.chunked_cross_attention import chunked_cross_attention as cca_reference
+from retro_kernels.reference.neighbour_cross_attention import neighbour_cross_attention as nca_reference
+from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention as nsa_reference
 
 
-class CCASizes(NamedTuple):
-    B: int
-    N: int
-    Hq: int
-    D: int
-    K: int
-    R: int
-    Hkv: int
-    m: int
-    used: int  # chunks whose neighbours some query reads: N // m
-
-
-def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str) -> CCASizes:
-    """The sizes of a CCA call; NotImplementedError for start_pos > 0 (the peers are written for training)."""
+def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str):
+    """B, N, Hq, D, K, R, Hkv, m and the chunks some query reads (N // m); NotImplementedError for
+    start_pos > 0 (the peers are written for training)."""
     if start_pos != 0:
         raise NotImplementedError(f"the {peer} peer is written for start_pos=0 (training) only")
     B, N, Hq, D = q.shape
     _, _, K, R, Hkv, _ = k.shape
-    return CCASizes(B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size)
+    return B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size
 
 
 def _sdpa(q, k, v, attn_mask, keep, scale):
@@ -72,15 +53,7 @@ def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return key_mask | (first & ~has_key), has_key
 
 
-# ---------------------------------------------------------------------------
-# Chunked cross-attention
-# ---------------------------------------------------------------------------
-
-def cca_reference(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """The eager plain-PyTorch reference (retro_kernels' backend="reference")."""
-    return _cca_reference(q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale,
-                          start_pos=start_pos)
-
+# -- Chunked cross-attention -------------------------------------------------------------------
 
 def _shifted_chunks(q, chunk_size, used):
     """Pad + reshape: the shifted queries as (B*used, Hq, m, D) (one copy of q: the pad)."""
@@ -94,19 +67,12 @@ def _shifted_chunks(q, chunk_size, used):
 
 def _unshift(o_rows, B, N, chunk_size):
     """(B, used*m, Hq, D) attending-chunk rows -> (B, N, Hq, D) with m-1 zero rows in front."""
-    m = chunk_size
-    out = F.pad(o_rows, (0, 0, 0, 0, m - 1, 0))
-    return out[:, :N]
+    return F.pad(o_rows, (0, 0, 0, 0, chunk_size - 1, 0))[:, :N]
 
 
 def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """Pad + reshape + F.scaled_dot_product_attention (+ reshape back + pad).
-
-    Chunks become the batch: (B*L, Hq, m, D) queries against (B*L, Hkv, K*R, D)
-    keys (views of k and v, no copy); grouped heads go to SDPA's enable_gqa.
-    Without a mask SDPA picks its flash kernel; a mask (broadcast, not
-    materialised) sends it to the memory-efficient or math kernel.
-    """
+    """Pad + reshape + SDPA + reshape back + pad: chunks as the batch, (B*L, Hq, m, D) queries against
+    (B*L, Hkv, K*R, D) keys (views), grouped heads by enable_gqa, the mask broadcast, not materialised."""
     B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "sdpa")
     if used == 0:
         return torch.zeros_like(q)
@@ -122,12 +88,8 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
 
 
 def cca_sdpa_repeat(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """pad + SDPA with grouped heads done by hand: k and v repeated to Hq heads (a copy).
-
-    What code written before SDPA's enable_gqa does; with Hq == Hkv it is
-    cca_sdpa. SDPA's kernels differ in which of them take enable_gqa, so the
-    two can pick different kernels.
-    """
+    """cca_sdpa with grouped heads done by hand, as code written before enable_gqa does: k and v
+    repeated to Hq heads (a copy; SDPA may then pick another kernel)."""
     Hq, Hkv = q.shape[2], k.shape[4]
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=4)
@@ -143,12 +105,8 @@ FLEX_BLOCK = (64, 128)
 @functools.lru_cache(maxsize=64)
 def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, used: int,
                      device: str, block: tuple[int, int]):
-    """The structural block mask: shifted query row r sees the keys of chunk r // m.
-
-    It depends only on the shape, so a training loop builds it once: cached.
-    With block size (m, K*R-multiple) every block is either full or empty
-    (see _flex_block_size for the GPU's).
-    """
+    """The structural block mask: shifted query row r sees the keys of chunk r // m (it depends
+    only on the shape, so a training loop builds it once: cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     m, kr = chunk_size, keys_per_chunk
@@ -184,17 +142,9 @@ def _compiled_flex(device_type: str = "cpu"):
 
 
 def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "cpu") -> tuple[int, int]:
-    """The block mask's (query, key) block size.
-
-    CUDA: flex's default 128 x 128. Inductor's one default kernel config per
-    (GPU, dtype, head dim) tiles queries in up to 128 rows, and a block-mask
-    block must be a multiple of the tile (an H100's fp16/bf16 forward uses
-    128-row tiles, its backward 128-row dk/dv tiles): 64-row blocks, one per
-    chunk, would need autotuning to find a kernel at all. With 128-row blocks
-    every block straddles two chunks and is partial (the mask_mod runs), so
-    half of the scores it computes are masked: the bytes read are the same.
-    CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128.
-    """
+    """The block mask's (query, key) block size. CUDA: flex's default 128 x 128, a multiple of the
+    query tile of inductor's one default kernel (docs/benchmarks.md, "FlexAttention on a GPU").
+    CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128."""
     if device_type == "cuda":
         return 128, 128
     q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
@@ -203,15 +153,9 @@ def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "c
 
 
 def make_cca_flex(compiled: bool = True):
-    """FlexAttention peer: shifted queries (a view), a structural block mask, mask as score_mod.
-
-    The queries q[:, m-1:] are already in attending-chunk order, so query
-    block u (m rows) reads exactly the key blocks of chunk u: no wasted
-    blocks. The neighbour mask is a score_mod (the block mask stays a
-    per-shape constant). `compiled=False` runs flex_attention eagerly (its
-    slow reference path; used under --quick on the CPU, where compiling takes
-    about a minute).
-    """
+    """FlexAttention peer: the queries q[:, m-1:] (a view) are already in attending-chunk order, so with a
+    structural block mask query block u reads exactly the key blocks of chunk u; the neighbour mask is
+    a score_mod. `compiled=False`: flex_attention eagerly (its slow path; --quick on the CPU)."""
 
     def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
         from torch.nn.attention.flex_attention import flex_attention
@@ -272,14 +216,9 @@ def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, star
 # -- RETRO-pytorch -----------------------------------------------------------
 
 def import_retro_pytorch() -> tuple[types.ModuleType, str | None]:
-    """retro_pytorch.retro_pytorch and a note, importing it even without its retrieval deps.
-
-    retro_pytorch's package __init__ imports its retrieval code, which imports
-    faiss and autofaiss at module level. autofaiss pins numpy<2, so we
-    install retro-pytorch with --no-deps; when faiss/autofaiss are missing we
-    put empty stand-ins in sys.modules for the import (the attention code
-    never touches them) and say so in the note.
-    """
+    """retro_pytorch.retro_pytorch and a note. Its package imports faiss and autofaiss for its
+    retrieval code (autofaiss pins numpy<2, so it is installed with --no-deps): where they are
+    missing, empty stand-ins go into sys.modules for the import, and the note says so."""
     stubbed = []
     for name in ("faiss", "autofaiss"):
         if name in sys.modules:
@@ -330,18 +269,10 @@ def _retro_pytorch_cca(chunk_size: int, heads: int, dim_head: int, device: str, 
 
 
 def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only.
-
-    Its own shift, reshapes, masking and un-shift run unchanged; projections
-    are identities and the null key/value is removed (see _retro_pytorch_cca).
-    It applies rotary embeddings inside; we pass zero-width ones (rotary dim
-    0), which still cost it one copy of q and k. It has no grouped-query
-    heads: k and v are repeated to Hq heads. Its masked rows get
-    -finfo.max, so a chunk whose every neighbour token is masked averages
-    all keys instead of giving zeros (the reference): compare it on masks
-    that leave each chunk a key. It needs L == N // m exactly: k and v are
-    cut to that (a view).
-    """
+    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only (docs/benchmarks.md):
+    its own shift, reshapes, masking and un-shift; identity projections, no null key/value, zero-width
+    rotary embeddings, k and v repeated to Hq heads, cut to L == N // m chunks (a view). A chunk
+    whose every neighbour token is masked averages all keys instead of giving zeros."""
     B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "retro_pytorch")
     if used == 0:
         return torch.zeros_like(q)
@@ -362,15 +293,7 @@ def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, s
     return out.reshape(B, N, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Neighbour self-attention (encoder, within each neighbour)
-# ---------------------------------------------------------------------------
-
-def nsa_reference(q, k, v, *, neighbour_mask=None, scale=None):
-    from retro_kernels.reference.neighbour_self_attention import neighbour_self_attention
-
-    return neighbour_self_attention(q, k, v, neighbour_mask=neighbour_mask, scale=scale)
-
+# -- Neighbour self-attention (encoder, within each neighbour) ---------------------------------
 
 def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     """SDPA per neighbour, (B*L*K, H, R, D), with the (R x R) mask materialised."""
@@ -389,15 +312,7 @@ def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Neighbour cross-attention (encoder layer 1: neighbours -> their chunk)
-# ---------------------------------------------------------------------------
-
-def nca_reference(q, k, v, *, chunk_mask=None, scale=None):
-    from retro_kernels.reference.neighbour_cross_attention import neighbour_cross_attention
-
-    return neighbour_cross_attention(q, k, v, chunk_mask=chunk_mask, scale=scale)
-
+# -- Neighbour cross-attention (encoder layer 1: neighbours -> their chunk) --------------------
 
 def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
     """SDPA per chunk: its K*R neighbour tokens against its M tokens, mask materialised."""
@@ -431,9 +346,7 @@ def nca_sdpa_repeat(q, k, v, *, chunk_mask=None, scale=None):
     return o.transpose(1, 2).reshape(B, L, K, R, Hq, D)
 
 
-# ---------------------------------------------------------------------------
-# Which peers exist, and why one cannot run
-# ---------------------------------------------------------------------------
+# -- Which peers exist, and why one cannot run -------------------------------------------------
 
 def unavailable(peer: str, device: torch.device) -> str | None:
     """Why `peer` cannot run on `device` here (None: it can)."""

@@ -45,9 +45,10 @@ class Parser(argparse.ArgumentParser):
 EXPECTED = (ValueError, OSError, RuntimeError, LookupError)
 
 
-def command(name: str):
-    """Decorate ``main(argv) -> int``: the exit-code convention above, one line on stderr."""
-    prog = f"python -m models {name}"
+def command(name: str, prog: str | None = None):
+    """Decorate ``main(argv) -> int``: the exit-code convention above, one line on stderr
+    (which begins with ``prog``, by default ``python -m models <name>``)."""
+    prog = prog or f"python -m models {name}"
 
     def wrap(main_fn):
         @functools.wraps(main_fn)

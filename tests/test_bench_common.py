@@ -63,7 +63,7 @@ def test_rates_and_targets_are_filled_from_time_flops_bytes():
 
 def test_rows_are_checked():
     ctx = common.RunContext(torch.device("cpu"), quick=True)
-    with pytest.raises(ValueError, match="required keys"):
+    with pytest.raises(ValueError, match="needs suite, name, impl"):
         ctx.finalize_row({"suite": "model", "impl": "x", "status": "ok"})
     with pytest.raises(ValueError, match="status"):
         ctx.finalize_row({"suite": "model", "name": "n", "impl": "x", "status": "great"})
@@ -72,18 +72,16 @@ def test_rows_are_checked():
     assert row["metrics"] == {"tokens_per_s": 123.0}
 
 
-def test_speedups_are_peer_time_over_ours_per_mode():
+def test_speedups_are_peer_time_over_ours_per_problem_and_mode():
     rows = [
         common.make_row("ops", "op", "retro_kernels:triton", role="ours", mode="fwd", time_ms=1.0),
         common.make_row("ops", "op", "sdpa", mode="fwd", time_ms=3.0),
         common.make_row("ops", "op", "sdpa", mode="bwd", time_ms=8.0),
-        common.make_row("ops", "op", "flex_attention", "skipped", mode="fwd"),
         common.make_row("ops", "op", "retro_kernels:triton", role="ours", mode="bwd", time_ms=2.0),
+        common.make_row("ops", "op", "sdpa", mode="fwd", time_ms=9.0, shape={"B": 2}),
     ]
-    ops.add_speedups(rows)
-    assert rows[0]["speedup"] == {"sdpa": 3.0}
-    assert rows[4]["speedup"] == {"sdpa": 4.0}
-    assert rows[1]["speedup"] == {}
+    gains = common.speedups(rows)
+    assert gains == {id(rows[0]): {"sdpa": 3.0}, id(rows[3]): {"sdpa": 4.0}}
 
 
 def test_jsonl_is_appended_and_read_back(tmp_path):
@@ -92,33 +90,29 @@ def test_jsonl_is_appended_and_read_back(tmp_path):
     common.append_jsonl(rows, str(tmp_path), "cpu-test")
     with open(path, "a") as f:
         f.write('{"truncated": ')  # an interrupted write
-    back = common.read_jsonl(path)
-    assert len(back) == 2 and back[0]["shape"] == {"B": 1}
+    back, bad = common.read_jsonl(path)
+    assert len(back) == 2 and bad == 1 and back[0]["shape"] == {"B": 1}
     json.dumps(back)
 
 
-def test_missing_and_failing_hooks_give_rows_with_reasons(monkeypatch):
-    monkeypatch.setitem(cli.HOOKS, "absent", ("bench._no_such_module", "run(quick, device)"))
-    rows = cli.run_hook("absent", quick=True, device=torch.device("cpu"))
-    assert rows[0]["status"] == "skipped" and "bench._no_such_module" in rows[0]["reason"]
-
-    broken = types.ModuleType("bench._broken_hook")
+def test_a_failing_suite_is_a_row_and_a_foreign_row_is_kept_whole(monkeypatch):
+    broken = types.ModuleType("bench._broken_suite")
 
     def run(quick, device):
         raise RuntimeError("boom")
 
     broken.run = run
-    monkeypatch.setitem(sys.modules, "bench._broken_hook", broken)
-    monkeypatch.setitem(cli.HOOKS, "broken", ("bench._broken_hook", "run(quick, device)"))
-    rows = cli.run_hook("broken", quick=True, device=torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "bench._broken_suite", broken)
+    monkeypatch.setitem(cli.SUITES, "broken", "bench._broken_suite")
+    rows = cli.suite_rows("broken", dict(quick=True, device=torch.device("cpu")))
     assert rows[0]["status"] == "failed" and "boom" in rows[0]["reason"]
 
-    good = types.ModuleType("bench._good_hook")
-    good.run = lambda quick: [common.make_row("cpu_cca", "cca", "cpu", time_ms=1.0)]
-    monkeypatch.setitem(sys.modules, "bench._good_hook", good)
-    monkeypatch.setitem(cli.HOOKS, "good", ("bench._good_hook", "run(quick)"))
-    rows = cli.run_hook("good", quick=True, device=torch.device("cpu"))
-    assert rows[0]["status"] == "ok" and rows[0]["suite"] == "cpu_cca"
+    own = types.ModuleType("bench._own_format")
+    own.run = lambda quick: [{"suite": "own", "case": "embed", "chunks_per_s": 5.0}]
+    monkeypatch.setitem(sys.modules, "bench._own_format", own)
+    monkeypatch.setitem(cli.SUITES, "own", "bench._own_format")
+    rows = cli.suite_rows("own", dict(quick=True, device=torch.device("cpu")))
+    assert rows[0]["status"] == "ok" and rows[0]["name"] == "embed" and rows[0]["metrics"] == {"chunks_per_s": 5.0}
 
 
 def test_padding_masks_never_hide_a_whole_row():
@@ -168,4 +162,4 @@ def test_report_draws_history_and_sweeps(tmp_path):
 def test_sweeps_and_ops_can_be_selected():
     cpu = torch.device("cpu")
     assert ops.run(True, cpu, ["fp32"], log=lambda *a: None, sweeps={"no-such-sweep"}) == []
-    assert ops.run(True, cpu, ["fp32"], log=lambda *a: None, op_names={"no-such-op"}) == []
+    assert ops.run(True, cpu, ["fp32"], log=lambda *a: None, ops={"no-such-op"}) == []

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bench import common, gpu_import, gpu_report, ops
+from bench import common, gpu_check, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
@@ -51,7 +51,7 @@ def test_script_never_touches_a_folder_it_did_not_make(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "summary.md"]
     assert (tmp_path / "summary.md").read_text() == "my own summary\n"
     # a folder of an earlier run, plus a file of someone else's: refused too
-    (tmp_path / "summary.md").write_text(gpu_report.MARKER + "\n")
+    (tmp_path / "summary.md").write_text(gpu_check.MARKER + "\n")
     result = run_script("--dry-run", tmp_path)
     assert result.returncode == 2 and "notes.txt" in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
@@ -108,7 +108,8 @@ def synthetic_run(out_dir, monkeypatch, dry_run=False, run_id="feedc0ffee01"):
     made.append(common.make_row("model", "train_step", "reference", role="ours", mode="train",
                                 dtype="bf16", time_ms=100.0, metrics={"tokens_per_s": 1.6e5}))
     made.append(common.make_row("model", "train_step", "retro_kernels:auto", role="ours", mode="train",
-                                dtype="bf16", time_ms=80.0, metrics={"tokens_per_s": 2e5}))
+                                dtype="bf16", time_ms=80.0, metrics={"tokens_per_s": 2e5},
+                                speedup={"reference": 1.25}))
     rows = [ctx.finalize_row(r) for r in made]
     if not dry_run:
         for r in rows:
@@ -129,16 +130,16 @@ def test_summary_puts_the_headline_first(tmp_path, monkeypatch):
     stages = tmp_path / "stages.tsv"
     stages.write_text("env\tok\t10\t60\tenv.json\ntests\tfailed (exit 1)\t100\t200\tjunit.xml\n"
                       "bench-flex\ttimed out\t120\t120\tcompiles\n")
-    assert gpu_report.main(["summary", str(tmp_path), "--stages", str(stages)]) == 0
+    assert gpu_check.main(["summary", str(tmp_path), "--stages", str(stages)]) == 0
     text = (tmp_path / "summary.md").read_text()
-    assert text.splitlines()[0] == gpu_report.MARKER
+    assert text.splitlines()[0] == gpu_check.MARKER
     assert "1 passed, 1 failed, 0 errors, 1 skipped (3 tests)" in text
     headline = text[text.index("## Headline"):text.index("## Stages")]
     # the fastest of ours only, with speedups against every peer, FlexAttention from another stage included
     assert "retro_kernels:cuda" not in headline
     assert "| fwd | retro_kernels:triton | 1.000 |" in headline
     assert "4.00x | 3.00x | 2.00x |" in headline  # vs reference, flex_attention, sdpa
-    assert "| retro_kernels:auto | 80.0 | 200,000 | - | 1.25x |" in headline
+    assert "| model | train_step | retro_kernels:auto |" in headline and "| 80.0 | reference 1.25x |" in headline
     assert "| bench-flex | timed out | 120 | 120 | compiles |" in text
     assert "FAILED `tests.test_a::test_bad`: assert 1 == 2" in text
     assert "1 x needs a CUDA GPU" in text
@@ -146,12 +147,12 @@ def test_summary_puts_the_headline_first(tmp_path, monkeypatch):
 
 
 def test_summary_of_an_empty_or_killed_run(tmp_path):
-    assert gpu_report.main(["summary", str(tmp_path)]) == 0
+    assert gpu_check.main(["summary", str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "no env.json" in text and "no junit.xml" in text and "(no measurements)" in text
     (tmp_path / "results.jsonl").write_text('{"suite": "ops", "name": "x", "impl": "y", "status": "ok"}\n{"trunc')
     (tmp_path / "junit.xml").write_text("<testsuites><testsuite>")  # killed while writing
-    assert gpu_report.main(["summary", str(tmp_path)]) == 0
+    assert gpu_check.main(["summary", str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "1 unreadable lines" in text and "junit.xml is not valid XML" in text
 
@@ -162,7 +163,7 @@ def checkout(tmp_path):
     root = tmp_path / "root"
     (root / "docs").mkdir(parents=True)
     for name in ("README.md", "docs/benchmarks.md"):
-        (root / name).write_text(f"before {name}\n{gpu_import.GPU_BEGIN}\nold table\n{gpu_import.GPU_END}\nafter\n")
+        (root / name).write_text(f"before {name}\n{gpu_check.GPU_BEGIN}\nold table\n{gpu_check.GPU_END}\nafter\n")
     return root
 
 
@@ -171,28 +172,28 @@ def test_the_checkouts_docs_hold_one_results_block_each():
     root = pathlib.Path(__file__).resolve().parent.parent
     for name in ("README.md", "docs/benchmarks.md"):
         text = (root / name).read_text()
-        assert text.count(gpu_import.GPU_BEGIN) == 1 and text.count(gpu_import.GPU_END) == 1, name
-        gpu_import.replace_block(text, "new", name)
+        assert text.count(gpu_check.GPU_BEGIN) == 1 and text.count(gpu_check.GPU_END) == 1, name
+        gpu_check.replace_block(text, "new", name)
 
 
 def test_import_files_rows_and_replaces_only_the_block(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rows = synthetic_run(out, monkeypatch)
     root = checkout(tmp_path)
-    assert gpu_import.main([str(out), "--root", str(root)]) == 0
-    filed = gpu_report.read_rows(str(root / "bench" / "results" / "nvidia-h200.jsonl"))[0]
+    assert gpu_check.import_main([str(out), "--root", str(root)]) == 0
+    filed = common.read_jsonl(str(root / "bench" / "results" / "nvidia-h200.jsonl"))[0]
     assert len(filed) == len(rows) + 1 and filed[-1]["suite"] == "tests"
-    assert filed[-1]["metrics"]["failures"] == ["tests.test_a::test_bad"]
+    assert len(filed[-1]["metrics"]["failures"]) == 1 and "tests.test_a::test_bad" in filed[-1]["metrics"]["failures"][0]
     readme = (root / "README.md").read_text()
     docs = (root / "docs" / "benchmarks.md").read_text()
     for name, text in (("README.md", readme), ("docs/benchmarks.md", docs)):
-        assert text.startswith(f"before {name}\n{gpu_import.GPU_BEGIN}") and text.endswith(f"{gpu_import.GPU_END}\nafter\n")
+        assert text.startswith(f"before {name}\n{gpu_check.GPU_BEGIN}") and text.endswith(f"{gpu_check.GPU_END}\nafter\n")
         assert "old table" not in text and "NVIDIA H200" in text and "1 passed, 1 failed" in text
     assert "retro_kernels:cuda" not in readme and "retro_kernels:cuda" in docs  # compact vs every row
-    assert "model training step" in docs
+    assert "| model | train_step | retro_kernels:auto |" in docs
     # importing the same run again adds nothing and gives the same text
-    assert gpu_import.main([str(out), "--root", str(root)]) == 0
-    assert len(gpu_report.read_rows(str(root / "bench" / "results" / "nvidia-h200.jsonl"))[0]) == len(rows) + 1
+    assert gpu_check.import_main([str(out), "--root", str(root)]) == 0
+    assert len(common.read_jsonl(str(root / "bench" / "results" / "nvidia-h200.jsonl"))[0]) == len(rows) + 1
     assert (root / "README.md").read_text() == readme
 
 
@@ -201,11 +202,11 @@ def test_import_refuses_a_dry_run_unless_asked(tmp_path, monkeypatch, capsys):
     synthetic_run(out, monkeypatch, dry_run=True)
     root = checkout(tmp_path)
     before = (root / "README.md").read_text()
-    assert gpu_import.main([str(out), "--root", str(root)]) == 1
+    assert gpu_check.import_main([str(out), "--root", str(root)]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "dry run" in err
     assert not (root / "bench").exists() and (root / "README.md").read_text() == before
-    assert gpu_import.main([str(out), "--root", str(root), "--allow-dry-run"]) == 0
+    assert gpu_check.import_main([str(out), "--root", str(root), "--allow-dry-run"]) == 0
     files = os.listdir(root / "bench" / "results")
     assert len(files) == 1 and files[0].endswith("-dry-run.jsonl")  # never a device's real history
     assert "DRY RUN" in (root / "README.md").read_text()
@@ -226,7 +227,7 @@ def test_import_refuses_before_writing_anything(tmp_path, monkeypatch, capsys, p
     else:
         os.remove(out / "results.jsonl")
     readme = (root / "README.md").read_text()
-    assert gpu_import.main([str(out), "--root", str(root)]) == 1
+    assert gpu_check.import_main([str(out), "--root", str(root)]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (root / "bench").exists() and (root / "README.md").read_text() == readme
 

@@ -273,16 +273,16 @@ def test_unavailable_gemm_setting_is_a_clear_error():
 
 @needs_cpu_ext
 def test_cpu_bench_rows_record_the_cpu_isa_and_gemm():
-    """bench.cpu_cca rows (and, through bench.common.cpu_fields, every CPU row of
-    `python -m bench`) say which CPU, ISA and GEMM produced them."""
-    import bench.cpu_cca as cpu_cca
-    from bench.common import RunContext, make_row
+    """Every CPU row of `python -m bench` says which CPU, ISA and GEMM produced it; the `cpu`
+    sweep measures the C++ CCA against pad + SDPA with its targets."""
+    from bench import ops
+    from bench.common import RunContext
 
-    rows = cpu_cca.run(quick=True, reps=1, memory=False)
-    ours = [r for r in rows if r["role"] == "ours"]
-    assert ours and all(r["status"] == "ok" for r in rows)
-    for r in rows:
-        assert r["cpu_model"] and r["cpu_isa"] and r["cpu_gemm"]
-    assert set(ours[0]["targets_met"]) == {"speedup_min.sdpa", "fraction_of_matmul_min"}
-    final = RunContext(torch.device("cpu"), quick=True).finalize_row(make_row("ops", "x", "y", time_ms=1.0))
-    assert {"cpu_model", "cpu_isa", "cpu_gemm"} <= set(final)
+    case = next(c for c in ops.CCABench().cases(torch.device("cpu"), True, ["fp32"]) if c.sweep == "cpu")
+    rows = ops.run_op(ops.CCABench(), torch.device("cpu"), True, ["fp32"], log=lambda *a: None, cases=[case],
+                      impls={"sdpa", "retro_kernels:cpu"})
+    ctx = RunContext(torch.device("cpu"), quick=True)
+    final = [ctx.finalize_row(r) for r in rows]
+    assert final and all(r["status"] == "ok" and r["cpu_model"] and r["cpu_isa"] and r["cpu_gemm"] for r in final)
+    ours = next(r for r in final if r["role"] == "ours" and r["mode"] == "fwd+bwd")
+    assert set(ours["targets_met"]) == {"speedup_vs_sdpa"} and ours["speedup"]["sdpa"] > 0
