@@ -2,13 +2,10 @@
 
     python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
 
-BASE is one of our plain decoder checkpoints (`python -m models train
---no-retrieval`) or a local transformers model folder (offline, safetensors
-only); it must share the database's tokenizer (docs/model.md, "Pairing a base
-with a database"). OUT receives `retrofit.json` and `retrofit.safetensors`
-(the added weights only), which `models eval` and `models generate` take as
-their --checkpoint. Everything is checked before any weight is loaded; OUT
-follows the output-folder rule (docs/ARCHITECTURE.md).
+BASE: one of our plain decoder checkpoints or a local transformers model folder (offline, safetensors
+only) sharing the database's tokenizer (docs/model.md, "RETROfit"). OUT receives `retrofit.json` and
+`retrofit.safetensors` (the added weights only), a --checkpoint for `models eval` and `models generate`.
+Everything is checked before any weight is loaded.
 """
 from __future__ import annotations
 
@@ -66,9 +63,7 @@ def check_out(out, overwrite: bool) -> str:
     return state
 
 
-# ---------------------------------------------------------------------------
 # python -m models retrofit
-# ---------------------------------------------------------------------------
 
 def _need(ok: bool, message: str) -> None:
     if not ok:

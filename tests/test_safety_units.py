@@ -77,7 +77,7 @@ def test_a_second_run_on_a_folder_is_refused_at_once_naming_the_holder(tmp_path)
         assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "pytest" in message
         # another process too (flock, not a file that merely exists)
         probe = subprocess.run([sys.executable, "-c", "import sys; from models import outdir\n"
-                                "try:\n    outdir.FolderLock(sys.argv[1]).__enter__()\n"
+                                "try:\n    outdir.locked(sys.argv[1]).__enter__()\n"
                                 "except outdir.FolderInUse as e:\n    print(e); sys.exit(3)", str(tmp_path / "out")],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert probe.returncode == 3 and f"pid {os.getpid()}" in probe.stdout, probe.stderr
