@@ -28,6 +28,7 @@ from retro_kernels.nn import ChunkedCrossAttention
 from .atomic import atomic_file, temporaries, write_json_atomic
 from .config import RetroConfig
 from .model import NeighbourCache, RetrievalEncoder, RetroModel, complete_chunks, encoded_for_step
+from .sharded import shard_files
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
@@ -231,8 +232,10 @@ class RetrofitModel(nn.Module):
 
     # -- parameters, modes, kernels ---------------------------------------------------
     def added_state_dict(self) -> dict:
-        """The weights retrofitting added (what `save_retrofit` writes)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+        """The weights retrofitting added (what `save_retrofit` writes); sharded ones (FSDP, tensor parallel)
+        gathered whole, which every process of the run must ask for."""
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.state_dict().items()
+                if not k.startswith("base.")}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -374,7 +377,7 @@ def base_kind(path) -> str:
         return "models"
     if "model_type" in config:
         return "hf"
-    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
+    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + shard-*.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
 
 
@@ -383,7 +386,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
         from .checkpoint import resolve
 
         ckpt = resolve(path)
-        return [ckpt / "config.json", ckpt / "model.safetensors"]
+        return [ckpt / "config.json", *shard_files(ckpt)]
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"{str(path)!r} has no *.safetensors weights (pickled .bin weights are "
@@ -433,19 +436,21 @@ def is_retrofit(path) -> bool:
     return _record(path) is not None
 
 
-def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
+def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None,
+                  weights: Optional[dict] = None) -> Path:
     """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched.
 
     Each file is written beside itself under a temporary name (TEMPORARIES) and renamed over the old one;
     the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
-    by `load_retrofit`, never loaded as a mismatch.
+    by `load_retrofit`, never loaded as a mismatch. weights: model.added_state_dict(), if already gathered.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
+        weights = model.added_state_dict() if weights is None else weights
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
         weights_sha256 = _sha256([tmp])
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}

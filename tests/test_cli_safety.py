@@ -245,7 +245,7 @@ def test_eval_writes_a_report_and_never_nan(world, tmp_path):
     cfg = ckpt.load_config(world.run)
     nan = nan_checkpoint(tmp_path / "nan", cfg)
     r = cli("eval", "--checkpoint", nan, "--db", world.db, "--out", tmp_path / "nan.json")
-    assert_one_line_error(r, 1, "NaN/inf weights", "model.safetensors")
+    assert_one_line_error(r, 1, "NaN/inf weights", "shard-*.safetensors")
     assert "nan" not in r.out and not (tmp_path / "nan.json").exists()
     nan_rf = nan_retrofit(tmp_path / "nan-rf", world.rf)
     r = cli("eval", "--checkpoint", nan_rf, "--db", world.db, "--out", tmp_path / "nan.json")
@@ -365,15 +365,15 @@ def test_late_checks_come_first(world, tmp_path):
 def test_broken_checkpoints_fail_with_one_line_naming_the_file(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
-    weights = ckpt.resolve(run) / "model.safetensors"
+    weights = ckpt.resolve(run) / "shard-00001-model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     r = cli("eval", "--checkpoint", run, "--db", world.db, "--out", tmp_path / "e.json")
     assert_one_line_error(r, 1, str(weights), "not a valid safetensors file")
-    shutil.copy(ckpt.resolve(world.run) / "model.safetensors", weights)
+    shutil.copy(ckpt.resolve(world.run) / "shard-00001-model-00001-of-00001.safetensors", weights)
     config = ckpt.resolve(run) / "config.json"
     config.write_text(ckpt.load_config(run).replace(n_layers=3).to_json())
     r = cli("generate", "--checkpoint", run, "--db", world.db, "--prompt", "x")
-    assert_one_line_error(r, 1, str(weights), "does not match the model its config.json describes")
+    assert_one_line_error(r, 1, str(weights.parent), "does not match the model its config.json describes")
     r = cli("train", "--db", world.db, "--out", world.run, *TRAIN_ARGS, "--resume", "--d-model", "32")
     assert_one_line_error(r, 1, "--resume", "different config")
 
