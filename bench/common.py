@@ -1,9 +1,5 @@
-"""What every benchmark shares: the row (docs/benchmarks.md, "Results files and the row schema"),
-the one timer, the machine's peaks, results files and the markdown tables.
-
-torch is imported only inside the functions that measure, so that the runbook's summary
-(bench/gpu_check.py) renders tables in a fraction of a second.
-"""
+"""What every benchmark shares: the row (docs/benchmarks.md), the one timer, the machine's peaks, results
+files and the markdown tables. torch is imported only where a function measures (summaries stay fast)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -94,12 +90,8 @@ def versions() -> dict:
 # -- The one timer -----------------------------------------------------------------------------
 
 def time_ms(fn, device, quick: bool = False) -> float:
-    """Median milliseconds of one fn() call, the timer of every benchmark here.
-
-    GPU: one untimed call (compiles, autotunes), then triton.testing.do_bench (CUDA events,
-    L2 flushed before each call). CPU: torch.utils.benchmark's blocked_autorange on all of
-    torch's threads (its block-size estimate is the warm-up call).
-    """
+    """Median milliseconds of one fn() call. GPU: one untimed call (compiles, autotunes), then
+    triton.testing.do_bench (CUDA events, L2 flushed). CPU: torch.utils.benchmark's blocked_autorange."""
     import torch
 
     device = torch.device(device)

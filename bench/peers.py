@@ -94,9 +94,6 @@ def cca_sdpa_repeat(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, sta
 
 # -- FlexAttention -----------------------------------------------------------
 
-FLEX_BLOCK = (64, 128)
-
-
 @functools.lru_cache(maxsize=64)
 def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, used: int,
                      device: str, block: tuple[int, int]):
@@ -119,14 +116,12 @@ FLEX_CUDA_NOTE = ("torch.compile(flex_attention) in its default mode; block mask
 
 @functools.lru_cache(maxsize=4)
 def _compiled_flex(device_type: str = "cpu"):
-    """torch.compile(flex_attention) in the default mode (no autotuning: seconds, not minutes, per shape)."""
+    """torch.compile(flex_attention) in the default mode (no autotuning: seconds, not minutes, per shape);
+    one graph per problem shape, so the recompile limits rise, and a sweep that would still fall back to
+    the eager (unfused) flex_attention fails loudly."""
     import torch._dynamo
-
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled graph per problem shape: raise the recompile limits so that
-    # a sweep never silently falls back to the eager (unfused) flex_attention,
-    # and fail loudly if it ever would.
     config = torch._dynamo.config
     for limit, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
         if hasattr(config, limit):
@@ -142,51 +137,39 @@ def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "c
     CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128."""
     if device_type == "cuda":
         return 128, 128
-    q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
-    kv_block = FLEX_BLOCK[1] if keys_per_chunk % FLEX_BLOCK[1] == 0 else keys_per_chunk
-    return q_block, kv_block
+    return (chunk_size if chunk_size in (16, 32, 64, 128) else 64), (128 if keys_per_chunk % 128 == 0 else keys_per_chunk)
 
 
-def make_cca_flex(compiled: bool = True):
+def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0, compiled=True):
     """FlexAttention peer: the queries q[:, m-1:] (a view) are already in attending-chunk order, so with a
     structural block mask query block u reads exactly the key blocks of chunk u; the neighbour mask is
     a score_mod. `compiled=False`: flex_attention eagerly (its slow path; --quick on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-        from torch.nn.attention.flex_attention import flex_attention
+    B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flex_attention")
+    if used == 0:
+        return torch.zeros_like(q)
+    kr = K * R
+    qs = q[:, m - 1 :].transpose(1, 2)  # (B, Hq, N-m+1, D): a view, already shifted
+    ks, vs = (_heads(t[:, :used], B, used * kr) for t in (k, v))
+    block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device), _flex_block_size(m, kr, q.device.type))
+    score_mod = has_key = None
+    if neighbour_mask is not None:
+        key_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B, used, kr))
+        key_mask = key_mask.reshape(B, used * kr)
 
-        B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flex_attention")
-        if used == 0:
-            return torch.zeros_like(q)
-        kr = K * R
-        qs = q[:, m - 1 :].transpose(1, 2)  # (B, Hq, N-m+1, D): a view, already shifted
-        ks, vs = (_heads(t[:, :used], B, used * kr) for t in (k, v))
-        block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device),
-                                      _flex_block_size(m, kr, q.device.type))
-        score_mod = None
-        has_key = None
-        if neighbour_mask is not None:
-            key_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B, used, kr))
-            key_mask = key_mask.reshape(B, used * kr)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(key_mask[b, kv_idx], score, -float("inf"))
 
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return torch.where(key_mask[b, kv_idx], score, -float("inf"))
-
-        attend = _compiled_flex(q.device.type) if compiled else flex_attention
-        o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                   enable_gqa=Hq != Hkv)  # (B, Hq, N-m+1, D)
-        o = o.transpose(1, 2)
-        if has_key is not None:
-            rows = torch.arange(o.shape[1], device=q.device) // m
-            o = o * has_key.reshape(B, used)[:, rows, None, None]
-        return F.pad(o, (0, 0, 0, 0, m - 1, 0))
-
-    cca_flex_attention.__name__ = "cca_flex_attention" if compiled else "cca_flex_attention_eager"
-    return cca_flex_attention
+    attend = _compiled_flex(q.device.type) if compiled else flex_attention
+    o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
+               enable_gqa=Hq != Hkv).transpose(1, 2)  # (B, N-m+1, Hq, D)
+    if has_key is not None:
+        o = o * has_key.reshape(B, used)[:, torch.arange(o.shape[1], device=q.device) // m, None, None]
+    return F.pad(o, (0, 0, 0, 0, m - 1, 0))
 
 
-cca_flex_attention = make_cca_flex(compiled=True)
-cca_flex_attention_eager = make_cca_flex(compiled=False)
+cca_flex_attention_eager = functools.partial(cca_flex_attention, compiled=False)
 
 
 # -- flash-attn --------------------------------------------------------------
