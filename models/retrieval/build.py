@@ -1,31 +1,6 @@
-"""Building a retrieval database, in resumable stages (see ``manifest.STAGES``).
-
-Files of a database directory (all arrays memory-mappable; no pickles):
-
-  manifest.json                    config, library versions, finished stages with file checksums
-  tokenizer.json                   the language model's byte-level BPE
-  tokens.bin                       token ids of every document, concatenated (uint16/uint32, raw)
-  doc_offsets.npy (D+1,) int64     document d is tokens[doc_offsets[d]:doc_offsets[d+1]]
-  doc_bytes.npy (D,) int64         UTF-8 bytes of each document (for bits per byte)
-  doc_names.json                   the corpus's document ids
-  doc_signatures.npy (D, 128)      MinHash signatures (leakage filter)
-  doc_split.npy (D,) int8          0 train, 1 eval (held out), 2 removed by the leakage filter
-  chunk_doc.npy (C,) int32         document of each retrieval chunk (the index's ids are chunk ids)
-  chunk_start.npy (C,) int64       first token of each chunk in tokens.bin
-  stream_{train,eval}.bin          token streams: each document starts on a chunk boundary and
-                                   ends with <|endoftext|>, then <|pad|> up to the next boundary
-  stream_{train,eval}_chunk_doc.npy  document of each stream chunk
-  stream_{train,eval}_db_chunk.npy   the database chunk with the same tokens (-1: not in the index)
-  embeddings.npy (C, dim) float16  chunk keys (the index's exact re-ranking reads them too)
-  index_trained.faiss              the trained, empty IVF index
-  index.faiss, index.ivfdata       the index: its inverted lists on disk, memory-mapped when searched
-  neighbours_{train,eval}.npy (C_s, K) int64   precomputed neighbours of every stream chunk
-  build_stats.jsonl                each heavy stage's seconds, vectors/s, peak memory, bytes (a log)
-
-Documents start on chunk boundaries in the streams so that a stream chunk of a
-retrieval document is exactly a database chunk: its key is reused, never
-embedded twice.
-"""
+"""Building a retrieval database in resumable stages (``manifest.STAGES``, each a function in `STAGE_STEPS`);
+its files are listed in docs/retrieval.md. Documents start on chunk boundaries in the streams, so a stream
+chunk of a retrieval document is exactly a database chunk: its key is reused, never embedded twice."""
 from __future__ import annotations
 
 import os

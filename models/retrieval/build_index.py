@@ -1,14 +1,8 @@
-"""The build's last stages, from chunks to neighbours: embed, train_index, add (shards, then one merged
-on-disk index), query (the neighbour tables), on either engine (`engine`).
-
-The index stages are functions of files (a keys .npy, a chunk -> document .npy,
-an output folder), usable without a corpus; the database build
-(`models.retrieval.build.Builder`) calls them on its own files. Each runs in
-units (a part of the chunks, a shard of keys, a range of query chunks) whose
-finished files are kept in ``<stage>_parts_<key>/``: a rerun skips them, and
-the key changes with the inputs, so a resumed stage equals an uninterrupted one.
-Each stage returns a statistics row, also appended to ``build_stats.jsonl``.
-"""
+"""The build's last stages, from chunks to neighbours (embed, train_index, add + merge, query), on either
+engine. The index stages are functions of files (keys .npy, chunk -> document .npy, an output folder),
+usable without a corpus. Each runs in units whose finished files stay in ``<stage>_parts_<key>/`` (the key
+names the inputs), so a rerun skips them and a resumed stage equals an uninterrupted one. Each stage
+returns a statistics row, also appended to ``build_stats.jsonl``."""
 from __future__ import annotations
 
 import contextlib

@@ -1,9 +1,5 @@
-"""The build's first stages, from the corpus's text to token streams: tokenizer, tokenize, split, chunk.
-
-Each stage is a function of the build (`models.retrieval.build.Builder`) that
-writes its files atomically into the database folder and returns what the
-manifest records about them.
-"""
+"""The build's first stages, from text to token streams (tokenizer, tokenize, split, chunk): functions of
+the build (`build.Builder`) that write their files atomically and return what the manifest records."""
 from __future__ import annotations
 
 import collections

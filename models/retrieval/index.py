@@ -1,19 +1,8 @@
-"""One FAISS IVF index over the chunk keys, its inverted lists on disk, searched memory-mapped.
-
-faiss's recipe for indexes larger than RAM, in steps any process can run
-(`build_index` runs them locally or as Ray tasks): train the IVF on a sample of
-the keys; add consecutive shards of keys (global chunk ids) to copies of the
-trained index, each encoding its own vectors; merge the shards' inverted lists
-into ``index.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``; ``index.faiss``
-keeps the coarse quantizer and the lists' directory); open it with the lists
-memory-mapped. No process holds every code, and a query makes one coarse search.
-
-Index types: ``flat`` is ``IVF1,SQfp16`` (one list, scanned whole, the float16 keys stored as they are:
-exact search);
-``ivfpq`` is ``IVF{nlist},PQ{m}x{nbits}`` sized from the data; any FAISS factory
-string that starts with ``IVF`` (``IVF4096,SQ8``, ``IVF1024,PQ48``) is taken as
-it is. Compressed codes (PQ, SQ) are re-ranked: ``rerank`` candidates are fetched
-and ordered by their exact L2 distance to the memory-mapped keys (float16 or float32).
+"""One FAISS IVF index over the chunk keys, its inverted lists on disk, searched memory-mapped: faiss's
+recipe for indexes larger than RAM, in steps any process can run (`build_index` runs them locally or as
+Ray tasks; docs/retrieval.md, "The index"). Index types: ``flat`` (``IVF1,SQfp16``: exact), ``ivfpq``
+(sized from the data), or any FAISS factory string starting with ``IVF``; compressed codes are re-ranked
+by exact L2 distance to the memory-mapped keys.
 """
 from __future__ import annotations
 
@@ -70,8 +59,6 @@ def factory_string(index_type: str, num_train: int, dim: int, params: dict) -> s
         return "IVF1,SQfp16"
     if index_type.startswith("IVF"):
         return _checked_factory(index_type, num_train, dim)
-    if index_type != "ivfpq":
-        raise ValueError(f"index_type: expected flat, ivfpq or IVF...,..., got {index_type!r}")
     # FAISS wants >= 39 training points per centroid; use sqrt-scaling capped by that.
     nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(num_train)), num_train // 39)))
     pq_m = int(params.get("pq_m") or next(m for m in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if dim % m == 0))

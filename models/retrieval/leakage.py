@@ -1,15 +1,7 @@
-"""Leakage filter: MinHash over 13-gram shingles (RETRO, section 2.6 / appendix A.2).
-
-A document's shingles are its word 13-grams (lower-cased, whitespace split).
-Its MinHash signature is, for each of ``num_perm`` hash functions
-``h_i(x) = (a_i * x + b_i) mod (2^61 - 1)``, the minimum over its shingle
-hashes; the fraction of equal entries in two signatures estimates the Jaccard
-similarity of their shingle sets. Training/retrieval documents whose estimate
-against any evaluation document is >= the threshold (0.8) are removed.
-Candidate pairs are found with LSH banding (``bands`` x ``rows`` = num_perm), so
-the cost grows with the number of documents, not its square; each candidate is
-then checked on the full signature.
-"""
+"""Leakage filter (RETRO, section 2.6 / appendix A.2): MinHash signatures over word 13-gram shingles
+(``h_i(x) = (a_i x + b_i) mod (2^61 - 1)``); LSH banding finds candidate pairs (so the cost grows with
+the number of documents, not its square), each checked on the full signature; training documents whose
+estimated Jaccard with an evaluation document is >= the threshold are removed."""
 from __future__ import annotations
 
 import hashlib
