@@ -18,8 +18,9 @@ import numpy as np
 from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
+from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from .manifest import atomic_save_npy, load_npy
+from .manifest import STREAM_SPLITS, atomic_save_npy, load_npy
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -244,10 +245,6 @@ def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
     out[known] = searcher.keys[rows[known]]
     new = np.flatnonzero(~known)
     if new.size:
-        from .embed import chunk_tokens
-
-        from .embed import cached_embedder
-
         e = spec.embed
         embedder = cached_embedder(e["embedder"], e["device"], e["batch_size"])
         tokenizer, chunks = chunk_tokens(Path(e["root"]), a + new, e["split"])
@@ -282,8 +279,6 @@ def db_add(build) -> dict:
 def db_query(build) -> dict:
     """neighbours_<split>.npy: the k nearest database chunks of every stream chunk; for the training split,
     chunks of the query chunk's document and of the next chunk's are excluded."""
-    from .manifest import STREAM_SPLITS
-
     cfg, root, info = build.config, build.root, {}
     for split in STREAM_SPLITS:
         spec = QuerySpec(str(root), str(root / "embeddings.npy"), str(root / "chunk_doc.npy"), cfg["k"], cfg["nprobe"],
@@ -302,8 +297,6 @@ def db_query(build) -> dict:
 def db_embed(build) -> dict:
     """embeddings.npy (float16): the key of every retrieval chunk, embedded in resumable parts of
     ``embed_part_size`` chunks, or copied from ``--embeddings``."""
-    from .embed import EmbedParts, embed_on_ray
-
     num_chunks, t0 = build.manifest.info("chunk")["num_chunks"], time.perf_counter()
     if build.config["embeddings"] is not None:
         return import_embeddings(build, num_chunks)
@@ -379,8 +372,6 @@ def check_embeddings(path, dim: int, num_chunks: int | None = None) -> None:
 
 
 def import_embeddings(build, num_chunks: int) -> dict:
-    from .embed import embedding_dim
-
     t0, dim, path = time.perf_counter(), embedding_dim(build.config["embedder"]), build.config["embeddings"]
     check_embeddings(path, dim, num_chunks)
     _join_parts(embedding_files(path), build.root / "embeddings.npy", num_chunks)

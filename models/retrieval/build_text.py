@@ -29,8 +29,7 @@ BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, 
 def train_or_copy_tokenizer(build) -> dict:
     """tokenizer.json: the given one (checked), or a byte-level BPE trained on the training documents."""
     dest = build.root / "tokenizer.json"
-    if build.tokenizer_path is not None:
-        load_tokenizer(build.tokenizer_path)  # validates
+    if build.tokenizer_path is not None:  # (checked by build_database)
         with atomic_file(dest) as tmp:
             shutil.copyfile(build.tokenizer_path, tmp)
         return {"trained": False}
@@ -273,10 +272,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
 
 
 def _check_index_fits(cfg: dict, num_chunks: int) -> None:
-    """The index options and brought-in keys against the number of chunks, now: not after the (long) embedding."""
+    """The index options against the number of chunks, now: not after the (long) embedding (brought-in keys
+    are counted by the next stage, before they are copied)."""
     kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
     index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
-    if cfg["embeddings"] is not None:
-        from .build_index import check_embeddings
-
-        check_embeddings(cfg["embeddings"], embedding_dim(cfg["embedder"]), num_chunks)

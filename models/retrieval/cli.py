@@ -51,13 +51,10 @@ CONFIG_FLAGS = {
     "split_seed": "seed of the held-out split (a hash of each document id) and of the index's training sample",
     "leakage_threshold": "remove training documents with 13-gram Jaccard >= this to an evaluation document",
     "index_eval_docs": "make the held-out evaluation documents retrievable too (a 'leaky' database)",
-    "align_sections": "start every section heading and body on a chunk boundary, so that a section two "
-                      "documents share is chunked the same way in both",
+    "align_sections": "start every section heading and body on a chunk boundary (shared sections chunk alike)",
     "max_distance": "drop neighbours farther than this squared L2 distance (default: keep the K nearest)",
-    "embeddings": "the chunks' keys, brought in (a .npy of shape (chunks, dim), float16/32, or a folder of .npy "
-                  "parts in chunk order): no embedding; they must come from --embedder's model",
-    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks, else ivfpq), or a FAISS factory string "
-                  "starting with IVF (e.g. IVF4096,SQ8)",
+    "embeddings": "the chunks' keys from --embedder's model: a (chunks, dim) float16/32 .npy or a folder of parts",
+    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks), or a FAISS factory string IVF...",
     "nlist": "IVF lists (0: from the data)",
     "pq_m": "PQ sub-quantizers (0: from the data)",
     "pq_nbits": "bits per PQ code (0: from the data)",
@@ -118,30 +115,25 @@ def _build_db_parser() -> Parser:
 
 @command("build-db")
 def build_db_main(argv: list[str]) -> int:
-    from .. import outdir
     from .build import build_database
 
     flags = _build_db_parser().parse_args(argv)
-    if flags.pq_m:
-        from .embed import embedding_dim
-
-        dim = embedding_dim(flags.embedder)
-        if dim % flags.pq_m:
-            raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
     if flags.ray_address and flags.engine != "ray":
         raise UsageError("argument --ray-address: only with --engine ray")
-    try:  # before any work: Ray installed, the brought-in keys readable, finite, of the embedder's width
+    try:  # before any work: Ray installed, --pq-m and the brought-in keys of the embedder's width
+        from .build_index import check_embeddings
+        from .embed import embedding_dim
         from .engine import check_engine
 
         check_engine(flags.engine)
+        dim = embedding_dim(flags.embedder)
+        if flags.pq_m and dim % flags.pq_m:
+            raise ValueError(f"pq_m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
         if flags.embeddings is not None:
-            from .build_index import check_embeddings
-            from .embed import embedding_dim
-
-            check_embeddings(flags.embeddings, embedding_dim(flags.embedder))
+            check_embeddings(flags.embeddings, dim)
     except ValueError as e:
-        raise UsageError(f"argument --{str(e).split(':')[0]}: {str(e).split(': ', 1)[1]}") from None
-    outdir.check_folder(flags.out, "retrieval-db")
+        name, _, why = str(e).partition(": ")
+        raise UsageError(f"argument --{name.replace('_', '-')}: {why}") from None
     t0 = time.perf_counter()
     out = build_database(
         flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,

@@ -93,7 +93,7 @@ class RetrievalDatabase:
     its index. Every table is memory-mapped, the index's inverted lists too."""
 
     def __init__(self, root: Path, manifest: Manifest, *, nprobe: int | None = None, rerank: int | None = None,
-                 embedder_device: str | None = None, embed_batch_size: int = 128):
+                 embedder_device: str | None = None):
         self.root = Path(root)
         self.manifest = manifest
         self.config: dict[str, Any] = dict(manifest.config)
@@ -116,7 +116,6 @@ class RetrievalDatabase:
         self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
                               nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
         self._embedder_device = embedder_device
-        self._embed_batch_size = embed_batch_size
         consistency.check_loaded(self)
 
     # --- opening -------------------------------------------------------------------
@@ -201,7 +200,7 @@ class RetrievalDatabase:
     def embedder(self):
         from .embed import cached_embedder  # (one per process and model)
 
-        return cached_embedder(self.config["embedder"], self._embedder_device, self._embed_batch_size)
+        return cached_embedder(self.config["embedder"], self._embedder_device, 128)
 
     def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
         """(n, dim) float32 keys of chunks of language-model token ids."""
@@ -274,25 +273,18 @@ class RetrievalDatabase:
             nxt_last = doc_ids[np.minimum((np.arange(n) + 2) * m, tokens.size) - 1]
             exclude = np.stack([first, nxt_last], axis=1)
 
-        def vectors(lo, hi):
-            return self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
-
         def fill(table):
             bar = progress_bar(total=n, desc="neighbours", unit="chunk", enabled=progress)
             for lo in range(0, n, SEARCH_BLOCK):
                 hi = min(lo + SEARCH_BLOCK, n)
-                _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])
-                table[lo:hi] = ids
+                vectors = self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
+                table[lo:hi] = self.search(vectors, k, None if exclude is None else exclude[lo:hi])[1]
                 bar.update(hi - lo)
             bar.close()
+            return table
 
         if out is None:
-            table = np.empty((n, k), dtype=np.int64)
-            fill(table)
-            return table
+            return fill(np.empty((n, k), dtype=np.int64))
         with atomic_file(out) as tmp:
-            table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))
-            fill(table)
-            table.flush()
-            del table
+            fill(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))).flush()
         return load_npy(out)

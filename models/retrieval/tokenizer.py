@@ -1,10 +1,5 @@
-"""The language model's tokenizer: a byte-level BPE trained with the `tokenizers` library.
-
-Byte-level means every string can be encoded (no unknown token) and decoding
-the ids of a whole document gives its text back. Two special tokens come first:
-``<|endoftext|>`` (id 0, between documents in a token stream) and ``<|pad|>``
-(id 1, padding of neighbour values; always masked out).
-"""
+"""The language model's tokenizer: a byte-level BPE (`tokenizers`; every string encodes, no unknown token),
+with ``<|endoftext|>`` (id 0, between documents in a stream) and ``<|pad|>`` (id 1, always masked out)."""
 from __future__ import annotations
 
 import os
