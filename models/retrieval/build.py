@@ -3,6 +3,7 @@ its files are listed in docs/retrieval.md. Documents start on chunk boundaries i
 chunk of a retrieval document is exactly a database chunk: its key is reused, never embedded twice."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -42,13 +43,12 @@ class Builder:
                  tokenizer_path: str | None, log: Callable[[str], None]):
         self.root = Path(out)
         self.config = config
-        self.runtime = {**DEFAULT_RUNTIME, **runtime}
+        self.runtime = runtime
         self.tokenizer_path = tokenizer_path
         self.log = log
         self.corpus_path = None if config["corpus"] == corpus_mod.DEFAULT_CORPUS else config["corpus"]
         self.exclude = [self.root]  # a database inside its own corpus folder never reads itself
         self.manifest: Manifest | None = None
-        self._tokenizer = None
 
     # --- what the stages read ------------------------------------------------------
     def corpus(self, **kw):
@@ -58,17 +58,12 @@ class Builder:
     def m(self) -> int:
         return self.config["chunk_size"]
 
+    @functools.cached_property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.root / "tokenizer.json")
-        return self._tokenizer
+        return load_tokenizer(self.root / "tokenizer.json")
 
     def npy(self, name: str) -> np.ndarray:
         return load_npy(self.root / name)
-
-    def tokens(self) -> np.ndarray:
-        info = self.manifest.info("tokenize")
-        return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
 
     @property
     def engine(self) -> dict:
@@ -102,7 +97,7 @@ class Builder:
         """(the manifest of the database in ``root`` that this build resumes, None) or (None, why there is
         none to resume: None for an empty folder)."""
         root = self.root
-        if not Manifest.exists(root):
+        if not (root / MANIFEST_NAME).is_file():
             if any(p.fullmatch(e) for e in outdir.user_entries(root) for p in database_file_patterns()):
                 return None, (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's "
                               f"files but no {MANIFEST_NAME}")
@@ -179,13 +174,10 @@ def build_database(
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after: expected one of {STAGES}, got {stop_after!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if corpus is not None and not Path(corpus).exists():
-        raise ValueError(f"corpus: {str(corpus)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
     if tokenizer is not None:
         load_tokenizer(tokenizer)
     engine_mod.check_engine(engine)
-    if workers is not None:
-        check_value("workers", workers)
+    check_value("workers", workers)
     config = make_config(corpus=corpus_mod.DEFAULT_CORPUS if corpus is None else str(Path(corpus).resolve()),
                          tokenizer=None if tokenizer is None else sha256_file(tokenizer), **config_overrides)
     if config["embeddings"] is not None:

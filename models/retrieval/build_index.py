@@ -58,10 +58,7 @@ class Parts:
 def inputs_key(*items) -> str:
     """12 hex digits naming ``items``; a path stands for its name, size and modification time."""
     def describe(x):
-        if isinstance(x, Path):
-            st = x.stat()
-            return [x.name, st.st_size, st.st_mtime_ns]
-        return x
+        return [x.name, x.stat().st_size, x.stat().st_mtime_ns] if isinstance(x, Path) else x
 
     return hashlib.sha256(json.dumps([describe(x) for x in items], default=str).encode()).hexdigest()[:12]
 
@@ -95,8 +92,7 @@ def train_ivf(keys, out, factory: str, *, sample: int = 100_000, seed: int = 0, 
               workers: int | None = None) -> dict:
     """``out/index_trained.faiss``: the empty IVF index ``factory``, trained on a sample of the keys (one unit)."""
     workers, t0 = _prepare(engine, workers), time.perf_counter()
-    out = Path(out)
-    n = load_npy(keys).shape[0]
+    out, n = Path(out), load_npy(keys).shape[0]
     rss = engine_mod.run_units(engine, _train_unit, [("sample", (str(keys), str(out), factory, sample, seed))],
                                what="train_index")
     return stats_row(out, "train_index", engine, 1, min(n, sample), time.perf_counter() - t0, rss,
@@ -269,9 +265,8 @@ def db_add(build) -> dict:
     """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk."""
     keys, shard = build.root / "embeddings.npy", build.config["shard_size"]
     count = len(ranges(load_npy(keys).shape[0], shard))
-    bar = build.progress(total=count, desc="add", unit="shard")
-    add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)
-    bar.close()
+    with build.progress(total=count, desc="add", unit="shard") as bar:
+        add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)
     merge_shards(keys, build.root, shard_size=shard, **build.engine)
     return {"shards": count}
 
@@ -287,9 +282,8 @@ def db_query(build) -> dict:
                          embed={"root": str(root), "split": split, "embedder": cfg["embedder"],
                                 "device": build.runtime["device"], "batch_size": build.runtime["embed_batch_size"]})
         table, size = root / f"neighbours_{split}.npy", cfg["shard_size"]
-        bar = build.progress(total=len(ranges(spec.num_queries(), size)), desc=f"query {split}", unit="range")
-        precompute_table(spec, table, range_size=size, progress=bar.update, **build.engine)
-        bar.close()
+        with build.progress(total=len(ranges(spec.num_queries(), size)), desc=f"query {split}", unit="range") as bar:
+            precompute_table(spec, table, range_size=size, progress=bar.update, **build.engine)
         info[f"neighbours_{split}"] = list(load_npy(table).shape)
     return info
 
@@ -309,16 +303,15 @@ def db_embed(build) -> dict:
     spec = {"root": str(build.root), "embedder": build.config["embedder"], "device": build.runtime["device"],
             "batch_size": build.runtime["embed_batch_size"], "part_size": size, "num_chunks": num_chunks,
             "folder": str(parts.folder)}
-    bar = build.progress(total=len(todo), desc="embed", unit="part")
     engine, workers = build.engine["engine"], _prepare(**build.engine)
-    if engine == "ray" and todo:
-        rss = embed_on_ray(spec, todo, workers, bar.update)
-    else:
-        embed, rss = EmbedParts(spec) if todo else None, []
-        for p in todo:  # (a failure names its part)
-            rss.append(float(embed({"part": [p]})["rss"][0]))
-            bar.update(1)
-    bar.close()
+    with build.progress(total=len(todo), desc="embed", unit="part") as bar:
+        if engine == "ray" and todo:
+            rss = embed_on_ray(spec, todo, workers, bar.update)
+        else:
+            embed, rss = EmbedParts(spec) if todo else None, []
+            for p in todo:  # (a failure names its part)
+                rss.append(float(embed({"part": [p]})["rss"][0]))
+                bar.update(1)
     dim = _join_parts([parts.path(p) for p in range(count)], build.root / "embeddings.npy", num_chunks)
     parts.remove(count)
     stats_row(build.root, "embed", engine, workers, num_chunks, time.perf_counter() - t0, rss,

@@ -37,14 +37,13 @@ def train_or_copy_tokenizer(build) -> dict:
 
     def training_texts():
         skip = False
-        bar = build.progress(desc="tokenizer: reading corpus", unit="doc")
-        for doc in build.corpus(warn=lambda msg: None):
-            if not doc.continued:
-                skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
-                bar.update(1)
-            if not skip:  # evaluation documents never shape the tokenizer
-                yield doc.text
-        bar.close()
+        with build.progress(desc="tokenizer: reading corpus", unit="doc") as bar:
+            for doc in build.corpus(warn=lambda msg: None):
+                if not doc.continued:
+                    skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
+                    bar.update(1)
+                if not skip:  # evaluation documents never shape the tokenizer
+                    yield doc.text
 
     tokenizer = train_bpe(training_texts(), cfg["vocab_size"])
     with atomic_file(dest) as tmp:
@@ -92,7 +91,7 @@ class DocumentTable:
 def tokenize_corpus(build) -> dict:
     """tokens.bin (every document's token ids, concatenated) and the document table; batches of documents
     are encoded in parallel on the Ray engine, written in corpus order."""
-    dtype = token_dtype(build.tokenizer().get_vocab_size())
+    dtype = token_dtype(build.tokenizer.get_vocab_size())
     table, stats, batches = DocumentTable(), corpus_mod.CorpusStats(), collections.deque()
     cfg = build.config
 
@@ -103,14 +102,13 @@ def tokenize_corpus(build) -> dict:
                 str(build.root / "tokenizer.json"), [d.text for d in docs], dtype.name, build.m,
                 cfg["align_sections"], cfg["split_seed"])
 
-    bar = build.progress(desc="tokenize", unit="doc")
-    with atomic_file(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
+    with build.progress(desc="tokenize", unit="doc") as bar, atomic_file(build.root / "tokens.bin") as tmp, \
+            open(tmp, "wb") as f:
         for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
             for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
                 bar.update(table.add(doc, ids.size, size, signature))
             bar.set_postfix(tokens=table.num_tokens, refresh=False)
-    bar.close()
     if not table.names:
         (build.root / "tokens.bin").unlink(missing_ok=True)
         raise ValueError(f"corpus {build.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
@@ -246,7 +244,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
     """Stream ``name`` of documents ``docs``: each from a chunk boundary, then <|endoftext|>, then padding;
     with the document of each stream chunk and the database chunk holding the same tokens (-1: none)."""
     m, lengths = build.m, np.diff(offsets)
-    tokens, tokenizer = build.tokens(), build.tokenizer()
+    tokens, tokenizer = build.manifest.tokens(), build.tokenizer
     eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
     nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
     tables = {f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64}

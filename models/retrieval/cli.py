@@ -6,7 +6,11 @@ import sys
 import time
 
 from ..cli_common import Parser, UsageError, command, database, device, existing_path, folder, integer
+from .config import DEFAULT_CONFIG, DEFAULT_RUNTIME, LIMITS
+from .embed import resolve_model_dir
+from .index import resolve_index_type
 from .manifest import STAGES
+from .tokenizer import load_tokenizer
 
 
 def _checked_by(check):
@@ -19,26 +23,7 @@ def _checked_by(check):
             raise argparse.ArgumentTypeError(why if name.isidentifier() and why else str(e)) from None
         return text
 
-    parse.__name__ = check.__name__
     return parse
-
-
-def _tokenizer_file(text: str) -> str:
-    from .tokenizer import load_tokenizer
-
-    return _checked_by(load_tokenizer)(text)
-
-
-def _index_type(text: str) -> str:
-    from .index import resolve_index_type
-
-    return _checked_by(lambda t: resolve_index_type(t, 0))(text)
-
-
-def _embedder(text: str) -> str:
-    from .embed import resolve_model_dir
-
-    return _checked_by(resolve_model_dir)(text)
 
 
 # build-db's flags for the database's configuration (config.DEFAULT_CONFIG, whose values are their defaults;
@@ -67,9 +52,8 @@ CONFIG_FLAGS = {
 
 
 def _add_config_flags(p) -> None:
-    from .config import DEFAULT_CONFIG, LIMITS
-    other_types = {"embedder": dict(type=_embedder), "index_type": dict(type=_index_type),
-                   "embeddings": dict(type=existing_path)}
+    other_types = {"embedder": dict(type=_checked_by(resolve_model_dir)), "embeddings": dict(type=existing_path),
+                   "index_type": dict(type=_checked_by(lambda text: resolve_index_type(text, 0)))}
     for key, help_ in CONFIG_FLAGS.items():
         names = ("-k", "--k") if key == "k" else ("--" + key.replace("_", "-"),)
         default = DEFAULT_CONFIG[key]
@@ -81,8 +65,6 @@ def _add_config_flags(p) -> None:
 
 
 def _build_db_parser() -> Parser:
-    from .config import DEFAULT_RUNTIME, LIMITS
-
     p = Parser(
         "python -m models build-db",
         description="Build a RETRO retrieval database (resumable: re-run the same command after an interruption). "
@@ -91,7 +73,7 @@ def _build_db_parser() -> Parser:
                    help="text file, folder, or .jsonl file (field 'text', optional 'id'); "
                         "default: Python's own documentation, no download")
     p.add_argument("--out", type=folder, required=True, help="database directory")
-    p.add_argument("--tokenizer", type=_tokenizer_file, default=None,
+    p.add_argument("--tokenizer", type=_checked_by(load_tokenizer), default=None,
                    help="use this tokenizer.json instead of training a BPE")
     _add_config_flags(p)
     p.add_argument("--batch-size", type=LIMITS["embed_batch_size"], default=DEFAULT_RUNTIME["embed_batch_size"],

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from .config import LIMITS, check_value, config_differences
-from .manifest import STAGES, STREAM_SPLITS, DatabaseError, load_npy, sha256_bytes
+from .manifest import STAGES, STREAM_SPLITS, DatabaseError, load_npy
 from .tokenizer import load_tokenizer, token_dtype
 
 
@@ -34,7 +34,7 @@ def check_finished(root, manifest, verify: bool, expect_config: dict | None, tok
     if tokenizer is not None:
         given = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         ours = load_tokenizer(root / "tokenizer.json")
-        if sha256_bytes(given.to_str().encode()) != sha256_bytes(ours.to_str().encode()):
+        if given.to_str() != ours.to_str():
             raise DatabaseError(
                 f"database {str(root)!r} was built with a different tokenizer than the one given "
                 f"({given.get_vocab_size()} vs {ours.get_vocab_size()} tokens); its token ids would be wrong")

@@ -11,10 +11,13 @@ import re
 import dataclasses
 import json
 import os
+import platform
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from .manifest import sha256_file
 
 PIECE_BYTES = 1 << 20       # a large text file is yielded in pieces of about this many bytes
 BINARY_SNIFF_BYTES = 8192   # a NUL byte in the first bytes marks a file as binary
@@ -83,7 +86,9 @@ def iter_corpus(
     """Stream the documents of ``path`` (file or folder), or the default corpus for None."""
     stats = stats if stats is not None else CorpusStats()
     if path is None or str(path) == DEFAULT_CORPUS:
-        yield from _count_docs(python_docs_corpus(), stats)
+        for doc in python_docs_corpus():  # (whole documents)
+            stats.documents += 1
+            yield doc
         return
     for file, name in corpus_files(path, exclude):
         yield from _iter_file(file, name, stats, warn)
@@ -98,10 +103,6 @@ def fingerprint(path: str | os.PathLike | None, exclude: Iterable[str | os.PathL
     A database records it when its build starts; a later run compares (``fingerprint_changes``).
     The default corpus is Python's own documentation: it changes with the Python version.
     """
-    import platform
-
-    from .manifest import sha256_file
-
     if path is None or str(path) == DEFAULT_CORPUS:
         return {"kind": DEFAULT_CORPUS, "python": platform.python_version()}
     files = corpus_files(path, exclude)
@@ -125,12 +126,6 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     found = {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b)),
              "changed": sorted(n for n in set(a) & set(b) if a[n] != b[n])}
     return [f"{label}: {names(xs)}" for label, xs in found.items() if xs]
-
-
-def _count_docs(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:
-    for doc in docs:
-        stats.documents += not doc.continued
-        yield doc
 
 
 def _iter_file(path: Path, name: str, stats: CorpusStats, warn: Callable[[str], None]) -> Iterator[Document]:

@@ -129,9 +129,9 @@ def add_shard(trained: Path, keys: np.ndarray, lo: int, hi: int, out: Path, bloc
     write_index(index, out)
 
 
-def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> int:
+def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> None:
     """The shards' lists merged into ``data_tmp`` (to be renamed ``data_out``), the index that reads them
-    written to ``index_out``; returns the number of vectors."""
+    written to ``index_out``."""
     from faiss.contrib.ondisk import merge_ondisk
 
     faiss = _faiss()
@@ -141,32 +141,22 @@ def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: P
     # opened with IO_FLAG_ONDISK_SAME_DIR: the lists are found by this name beside index.faiss
     faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = data_out.name
     write_index(index, index_out)
-    return int(index.ntotal)
-
-
-def open_index(path: Path, nprobe: int = 32):
-    """The merged index at ``path`` (``index.faiss``), its lists memory-mapped read-only from beside it."""
-    faiss = _faiss()
-    try:
-        with quiet_stdout():
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as e:
-        raise ValueError(f"index {path} cannot be read ({str(e).strip().splitlines()[0]})") from None
-    faiss.extract_index_ivf(index).nprobe = int(nprobe)
-    return index
 
 
 class Searcher:
-    """K nearest keys of query vectors in the merged index, re-ranked by exact distance when the codes are
-    compressed, skipping chunks of excluded documents.
-
-    ``keys``: (N, dim) memory-mapped chunk keys; ``chunk_doc``: (N,) document of each chunk.
-    ``rerank``: candidates fetched per query for re-ranking (0: max(100, 10 k)).
-    """
+    """K nearest keys of query vectors in the merged index, re-ranked by exact distance to ``keys`` (N, dim,
+    memory-mapped) when the codes are compressed (``rerank`` candidates per query, 0: max(100, 10 k)), skipping
+    chunks of excluded documents (``chunk_doc``: (N,) document of each chunk). Another index type overrides
+    ``_candidates`` (and ``ntotal``, ``dim``, ``set_nprobe``)."""
 
     def __init__(self, index_path: Path, keys: np.ndarray, chunk_doc: np.ndarray, nprobe: int = 32, rerank: int = 0):
         faiss = _faiss()
-        self.index = open_index(index_path, nprobe)
+        try:  # its lists memory-mapped read-only from beside it
+            with quiet_stdout():
+                self.index = faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            raise ValueError(f"index {index_path} cannot be read ({str(e).strip().splitlines()[0]})") from None
+        self.set_nprobe(nprobe)
         self.keys, self.chunk_doc, self.rerank = keys, chunk_doc, int(rerank)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
         self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)

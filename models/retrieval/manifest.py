@@ -6,6 +6,7 @@ version, a sha256 of its content, exactly the files each stage makes); docs/retr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,9 +90,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def atomic_save_npy(final: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_file(final) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    with atomic_file(final) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
@@ -102,11 +102,8 @@ def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("torch", "faiss", "tokenizers", "transformers"):
-        try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "unknown")
-        except Exception:  # an optional library that is not installed
-            pass
+        with contextlib.suppress(Exception):  # an optional library that is not installed
+            versions[name] = getattr(__import__(name), "__version__", "unknown")
     return versions
 
 
@@ -122,16 +119,8 @@ class Manifest:
 
     # --- reading -----------------------------------------------------------
     @classmethod
-    def path_in(cls, root: str | os.PathLike) -> Path:
-        return Path(root) / MANIFEST_NAME
-
-    @classmethod
-    def exists(cls, root: str | os.PathLike) -> bool:
-        return cls.path_in(root).is_file()
-
-    @classmethod
     def load(cls, root: str | os.PathLike) -> "Manifest":
-        path = cls.path_in(root)
+        path = Path(root) / MANIFEST_NAME
         if not Path(root).is_dir():
             raise DatabaseError(f"retrieval database directory {str(root)!r} does not exist")
         if not path.is_file():
@@ -183,6 +172,11 @@ class Manifest:
     def inputs(self) -> dict[str, Any]:
         return self.data.get("inputs", {})
 
+    def tokens(self) -> np.memmap:
+        """``tokens.bin``, memory-mapped, as the tokenize stage recorded it."""
+        info = self.info("tokenize")
+        return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
+
     def finished(self, stage: str) -> bool:
         return stage in self.stages
 
@@ -210,7 +204,7 @@ class Manifest:
     # --- writing -----------------------------------------------------------
     def save(self) -> None:
         self.data["checksum"] = content_checksum(self.data)
-        write_json_atomic(self.path_in(self.root), self.data)
+        write_json_atomic(self.root / MANIFEST_NAME, self.data)
 
     def record(self, stage: str, files: list[str], info: dict[str, Any] | None = None) -> None:
         """Record ``stage`` as finished, with checksums of ``files`` (relative paths), and save."""
