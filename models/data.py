@@ -19,14 +19,8 @@ IGNORE = -100
 
 @dataclass
 class ChunkedTokens:
-    """Documents cut into chunks of m tokens, in stream order, with their neighbours.
-
-    tokens: (C, m) int token ids, padding where `valid` is False.
-    valid: (C, m) bool.
-    doc: (C,) int document id of each chunk (consecutive chunks of one document are adjacent).
-    neighbours: (C, K, R) int token ids of each chunk's neighbours, or None (no retrieval).
-    neighbour_mask: (C, K, R) bool, True where a neighbour token is real.
-    """
+    """Documents cut into chunks in stream order: tokens, valid (C, m); doc (C,) document ids;
+    neighbours (C, K, R) token ids or None (no retrieval); neighbour_mask (C, K, R), True where real."""
     tokens: np.ndarray
     valid: np.ndarray
     doc: np.ndarray
@@ -80,14 +74,9 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
 
 
 class SequenceBatches:
-    """Batches of S = seq_len / m consecutive chunks, in a seeded order that a resume can replay.
-
-    Sequences start at chunks 0, S, 2S, ... (the last one padded when the chunks
-    run out), so every chunk is in exactly one sequence. Epoch e visits them in the order of a
-    permutation drawn from `seed + e`; `batch(step)` is a pure function of the step,
-    so resuming at step s reproduces exactly the batches a straight run would see.
-    Under DDP each rank takes every world-th sequence of the global batch.
-    """
+    """Batches of S = seq_len / m consecutive chunks from chunks 0, S, 2S, ...; epoch e in the order of a
+    permutation drawn from `seed + e`, so `batch(step)` is a pure function of the step (exact resume).
+    Each data-parallel rank takes every world-th sequence of the global batch."""
 
     def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True):
@@ -136,13 +125,8 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
-    """(C,) overlap of each chunk with the neighbours used to predict it.
-
-    Chunk c's tokens are predicted from positions that read the neighbours
-    retrieved with chunk c-1 (docs/spec.md#the-shift), so its overlap is the longest
-    common token run between chunk c and any of those neighbours, divided by m.
-    A document's first chunk has none: overlap 0.
-    """
+    """(C,) overlap of each chunk with the neighbours that predict it, those of chunk c-1 (docs/spec.md#the-shift):
+    the longest common token run, divided by m (a document's first chunk: 0)."""
     C, m = data.tokens.shape
     out = np.zeros(C)
     if data.neighbours is None:
@@ -167,11 +151,7 @@ def open_database(path, chunk_size: Optional[int] = None):
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
-    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (special tokens: 0).
-
-    In the byte-level alphabet every byte is one character, so a token's byte
-    count is the length of its string.
-    """
+    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (one character per byte; special tokens: 0)."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     out = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
@@ -181,10 +161,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 
 def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
-    """A database split ("train" or "eval") as ChunkedTokens with its precomputed neighbours.
-
-    num_neighbours: K to keep from the precomputed table (None: no neighbours).
-    """
+    """A database split ("train" or "eval") with the first num_neighbours precomputed neighbours (None: none)."""
     stream = db.stream(split)
     m = db.chunk_size
     chunk_doc = np.asarray(stream.chunk_doc, dtype=np.int64)
@@ -207,14 +184,8 @@ def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
 
 
 def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> ChunkedTokens:
-    """`data`'s neighbours from the database plus `data`'s own chunks (a "leaky" database).
-
-    Equivalent to an exact (flat) database holding both the database's chunks
-    and those of `data`'s documents: each chunk is embedded with the database's
-    embedder, searched in the database and among `data`'s chunks by L2, and the
-    K nearest of both are kept. A chunk's own document is not excluded, so its
-    nearest neighbour is itself with its continuation: this measures copying.
-    """
+    """`data`'s neighbours from the database plus `data`'s own chunks (an exact "leaky" database of both, by L2;
+    a chunk's nearest is itself with its continuation: this measures copying)."""
     m, R, K = db.chunk_size, db.neighbour_len, num_neighbours
     C = len(data)
     keys = db.embed_chunks([data.tokens[c][data.valid[c]] for c in range(C)])

@@ -32,10 +32,7 @@ from retro_kernels.nn import ChunkedCrossAttention, NeighbourEncoderLayer, Rotar
 from .config import RetroConfig
 
 
-
-# ---------------------------------------------------------------------------
 # Decoder pieces
-# ---------------------------------------------------------------------------
 
 class FeedForward(nn.Module):
     """SwiGLU ("gated") or GELU MLP."""
@@ -130,9 +127,7 @@ class DecoderBlock(nn.Module):
         return x + self.ff(self.ff_norm(x))
 
 
-# ---------------------------------------------------------------------------
 # Retrieval encoder
-# ---------------------------------------------------------------------------
 
 class RetrievalEncoder(nn.Module):
     """Encodes embedded neighbours, conditioned on the chunk activations they were retrieved for."""
@@ -153,9 +148,7 @@ class RetrievalEncoder(nn.Module):
         return self.norm(embedded)
 
 
-# ---------------------------------------------------------------------------
 # The model
-# ---------------------------------------------------------------------------
 
 @dataclass
 class NeighbourCache:
@@ -286,24 +279,11 @@ class RetroModel(nn.Module):
         return DecodeCache(layers=[LayerCache() for _ in self.layers])
 
     # -- forward -------------------------------------------------------------
-    def forward(
-        self,
-        tokens: Tensor,
-        neighbours: Optional[Tensor] = None,
-        neighbour_mask: Optional[Tensor] = None,
-        *,
-        start_pos: int = 0,
-        cache: Optional[DecodeCache] = None,
-    ) -> Tensor:
-        """Logits (B, N, V) for `tokens` (B, N) at absolute positions start_pos.. .
-
-        neighbours: (B, L, K, R) token ids, L >= (start_pos + N) // m; neighbours[:, u]
-            were retrieved with the tokens of chunk u (positions u*m .. u*m+m-1).
-            None: retrieval OFF (a plain decoder).
-        neighbour_mask: (B, L, K, R) bool, True where a neighbour token is real.
-        cache: a DecodeCache from `new_cache()` for incremental decoding; then
-            start_pos must equal the number of tokens already fed.
-        """
+    def forward(self, tokens: Tensor, neighbours: Optional[Tensor] = None, neighbour_mask: Optional[Tensor] = None,
+                *, start_pos: int = 0, cache: Optional[DecodeCache] = None) -> Tensor:
+        """Logits (B, N, V) for `tokens` (B, N) at positions start_pos.. . neighbours: (B, L, K, R) token ids,
+        L >= (start_pos + N) // m, neighbours[:, u] retrieved with chunk u (None: retrieval OFF); neighbour_mask:
+        True where a neighbour token is real; cache: new_cache()'s, start_pos = the tokens already fed."""
         cfg = self.cfg
         retrieval_on = neighbours is not None
         if retrieval_on and self.encoder is None:

@@ -1,11 +1,7 @@
-"""Training a retrofit, and ``python -m models retrofit``.
+"""Training a retrofit, and ``python -m models retrofit --base BASE --db DB --out OUT``.
 
-    python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
-
-BASE: one of our plain decoder checkpoints or a local transformers model folder (offline, safetensors
-only) sharing the database's tokenizer (docs/model.md, "RETROfit"). OUT receives `retrofit.json` and
-`retrofit.safetensors` (the added weights only), a --checkpoint for `models eval` and `models generate`.
-Everything is checked before any weight is loaded.
+BASE: a plain decoder checkpoint of ours or a local transformers folder (safetensors) sharing the database's
+tokenizer; OUT receives retrofit.json and retrofit.safetensors (docs/model.md, "RETROfit").
 """
 from __future__ import annotations
 
@@ -32,13 +28,8 @@ KIND = "retrofit"  # its output folders' marker (models.outdir)
 def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
                    eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None,
                    log=print, metrics: Optional[Path] = None) -> list:
-    """Train the added weights of `model` on `data` (with its neighbours); returns the history (and writes it
-    to ``metrics``, JSON lines, as it goes).
-
-    The loop of `models.train`, in any of its layouts under torchrun (the frozen base sharded by FSDP too):
-    the batch order and the retrieval dropout are functions of (args.seed, step); a non-finite loss,
-    gradient norm or held-out number stops it (TrainingDiverged) unless args.allow_nonfinite.
-    """
+    """Train the added weights of `model` with `models.train`'s loop (any layout); the history (also to
+    ``metrics``, JSON lines)."""
     rank, world, device = setup_distributed(resolve_device(args.device))
     check_data(model.cfg, data)
     parallel.check_heads(model.cfg, args.tp)
@@ -52,8 +43,7 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
 
 
 def check_out(out, overwrite: bool) -> str:
-    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into (new, empty, or a retrofit's
-    own: its marker; one holding a finished retrofit needs `overwrite`); its outdir state. Changes nothing."""
+    """Refuse (OutputFolderError) an OUT that is not new, empty or a retrofit's own (a finished one: overwrite)."""
     out = Path(out)
     state = outdir.check_folder(out, KIND)
     if is_retrofit(out) and not overwrite:

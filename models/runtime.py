@@ -1,7 +1,5 @@
-"""What a command takes from the machine it runs on: the device, CPU threads, torchrun's processes, progress bars.
-
-torch is imported inside the functions: opening a retrieval database
-(`python -m models db-info`) needs none of it.
+"""What a command takes from the machine: the device, CPU threads, torchrun's processes, progress bars.
+(torch is imported inside the functions: `python -m models db-info` needs none of it.)
 """
 from __future__ import annotations
 
@@ -20,12 +18,8 @@ def resolve_device(name: str) -> "torch.device":
 
 
 def configure_threads(threads: Optional[int] = None) -> int:
-    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
-
-    On a small shared machine, a thread pool wider than the idle cores makes every
-    op wait for a descheduled thread (here: 100x slower elementwise ops), so
-    the default falls back to 1 thread when the load average says the cores are taken.
-    """
+    """Set torch's CPU threads: `threads`, or the idle cores by the load average (a pool wider than them
+    makes every op wait for a descheduled thread: docs/model.md, "Threads")."""
     import torch
 
     if threads is None:
@@ -60,11 +54,7 @@ def is_first_process() -> bool:
 
 
 class TorchrunGroup:
-    """The processes torchrun started (WORLD_SIZE > 1), joined by gloo; without torchrun, this process alone.
-
-    For the database build: only the embedding is shared, so the group waits long (12 hours)
-    for the first process's stages.
-    """
+    """torchrun's processes joined by gloo (or this one alone), for the database build: waits up to 12 hours."""
 
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,11 +1,8 @@
-"""Model and optimizer state of any layout (one process, DDP, FSDP, tensor parallel) in safetensors files.
+"""Model and optimizer state of any layout in safetensors files, readable by any other layout.
 
-torch.distributed.checkpoint saves each rank's shards to its own `shard-XXXXX-model-...safetensors`
-file (HuggingFaceStorageWriter), with the offset of every shard in the file's header; any other layout
-or number of processes reads back the slices it holds (HuggingFaceStorageReader). Nothing is pickled:
-DCP's default format unpickles its `.metadata` file, this one reads safetensors headers only. Keys:
-``model.<parameter>`` and ``optim.state.<parameter>.<exp_avg|exp_avg_sq|step>`` (tensors only: the
-optimizer's hyperparameters come from the run's arguments).
+torch.distributed.checkpoint's HuggingFace storage: one `shard-*.safetensors` per rank, located by the
+headers' offsets, nothing pickled (DCP's default unpickles `.metadata`). Keys: ``model.<parameter>`` and
+``optim.state.<parameter>.<exp_avg|exp_avg_sq|step>`` (tensors only: hyperparameters come from the args).
 """
 from __future__ import annotations
 

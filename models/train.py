@@ -1,21 +1,9 @@
-"""Training: AdamW, warmup + cosine, clipping, accumulation, bf16 on GPU, checkpoints, exact resume, DDP.
+"""Training: AdamW, warmup + cosine, clipping, accumulation, bf16 on GPU, checkpoints, exact resume, DDP/FSDP/TP.
 
     python -m models train --db DIR --out runs/x [--steps 2000 --batch-size 16 ...]
-    torchrun --nproc-per-node 2 -m models train --db DIR --out runs/x   # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc-per-node 4 -m models train ... --parallel fsdp --tp 2   # FSDP2 x tensor parallel
 
-Each step's loss is the mean over the global batch's tokens (whatever the layout: the
-data-parallel ranks add up their token counts first), so every layout trains as one process would.
-
-Everything random in a step is a function of (seed, step): the batch order
-(`SequenceBatches`), the retrieval dropout, and the global torch RNG, which is
-saved in each checkpoint. So `--resume` continues exactly where a straight run
-would have been.
-
-Retrieval dropout: with probability `retrieval_dropout` a training sequence
-gets all its neighbours masked, which makes every CCA output of it zero: the
-model also learns to work as a plain decoder, so "retrieval OFF" is a fair
-baseline for the same weights.
+Retrieval dropout, exact resume and the layouts' equal losses: docs/model.md, "Training".
 """
 from __future__ import annotations
 
@@ -50,12 +38,8 @@ class TrainingDiverged(RuntimeError):
 
 def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None,
            choices: Optional[tuple] = None):
-    """A TrainArgs field, declared once for the Python API and the command line.
-
-    limit: the range of a number, an argparse type= of models.cli_common (TrainArgs.validate checks it too);
-    type: any other argparse type=; cli=False: the Python API only; negated: the flag of a True
-    default that the command line turns off (--no-progress); choices: the values a string may take.
-    """
+    """A TrainArgs field for the Python API and (cli) the command line: limit, a models.cli_common range that
+    validate() checks too; negated: the flag turning a True default off; choices: a string's values."""
     metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated,
                 "choices": choices}
     if isinstance(default, dict):
@@ -103,9 +87,7 @@ class TrainArgs:
         self.validate()
 
     def validate(self) -> None:
-        """The one check of a run's arguments (the command line's too: argparse's type= functions are
-        LIMITS'): ValueError naming the field unless every number is in its range, UsageError unless
-        the fields fit together (torchrun's processes included)."""
+        """ValueError naming a number out of its range (LIMITS), UsageError unless the fields fit together."""
         for name, parse in LIMITS.items():
             check_value(name, getattr(self, name), parse)
         for f in dataclasses.fields(self):
@@ -121,8 +103,7 @@ class TrainArgs:
             raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
 
 
-# The range of every numeric training argument, from TrainArgs: argparse type= functions for the
-# command line (train, retrofit, demo), and TrainArgs.validate() for the Python API.
+# Every numeric argument's range: argparse type= of train, retrofit and demo; TrainArgs.validate().
 LIMITS = {f.name: f.metadata["limit"] for f in dataclasses.fields(TrainArgs) if f.metadata["limit"]}
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.metadata["cli"])
 
@@ -156,10 +137,6 @@ def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
-
-# ---------------------------------------------------------------------------
-# The pieces of a run
-# ---------------------------------------------------------------------------
 
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
@@ -225,17 +202,9 @@ def is_due(done: int, every: int, steps: int) -> bool:
     return bool(every and done % every == 0) or done == steps
 
 
-# ---------------------------------------------------------------------------
-# The loop (train and retrofit training)
-# ---------------------------------------------------------------------------
-
 class TrainingLoop:
-    """Optimizer steps over seeded batches: accumulation, retrieval dropout, bf16 autocast on GPUs,
-    clipping, non-finite stops, held-out numbers, progress.
-
-    retrieval: the batches' neighbours are read; held_out_off: the held-out numbers without them too;
-    forward: the model or its DDP wrapper; layout: the data-parallel ranks (models.parallel).
-    """
+    """Optimizer steps over seeded batches (train and retrofit). held_out_off: held-out numbers without
+    retrieval too; forward: the model or its DDP wrapper; layout: the data-parallel ranks (models.parallel)."""
 
     def __init__(self, model, optimizer, batches: SequenceBatches, args: TrainArgs, device, *, retrieval: bool,
                  held_out_off: bool = False, name: str = "train", rank: int = 0, layout=None, forward=None):
@@ -247,10 +216,8 @@ class TrainingLoop:
 
     def run(self, start_step: int = 0, history: Optional[list] = None, eval_data=None, byte_lengths=None,
             log=print, save=None, metrics: Optional[Path] = None) -> list:
-        """Steps start_step..args.steps-1 appended to ``history``; ``save(step, history)`` when a checkpoint is due.
-
-        metrics: a file that receives the history so far, then each step's record as it is done (JSON lines).
-        """
+        """Steps start_step..args.steps-1 appended to ``history`` (and to ``metrics``, JSON lines);
+        ``save(step, history)`` when a checkpoint is due."""
         args, history = self.args, [] if history is None else history
         rewrite = True  # the first record comes after the history that a resumed run saved
         tokens_per_step = args.batch_size * self.model.cfg.seq_len
@@ -329,10 +296,6 @@ class TrainingLoop:
         return numbers
 
 
-# ---------------------------------------------------------------------------
-# train()
-# ---------------------------------------------------------------------------
-
 def check_data(cfg: RetroConfig, train_data: ChunkedTokens) -> None:
     if cfg.retrieval and train_data.neighbours is None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
@@ -345,8 +308,7 @@ def check_data(cfg: RetroConfig, train_data: ChunkedTokens) -> None:
 
 
 def check_out(args: TrainArgs) -> str:
-    """Refuse (OutputFolderError, exit 2) an --out that this run may not write into; its outdir state.
-    Changes nothing."""
+    """Refuse (OutputFolderError, exit 2) an --out this run may not write into; its outdir state."""
     out = Path(args.out)
     state = outdir.check_folder(out, "train-run")
     latest = ckpt.read_latest(out) if out.is_dir() else None
@@ -359,10 +321,7 @@ def check_out(args: TrainArgs) -> str:
 
 def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
           byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
-    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to args.out.
-
-    Rank 0 takes args.out for the run (outdir.claimed: new, empty or its own, locked).
-    """
+    """Train (or resume) and return {"model", "history", "step"}; rank 0 claims and locks args.out."""
     rank, world, device = setup_distributed(resolve_device(args.device))
     parallel.check_heads(cfg, args.tp)
     check_data(cfg, train_data)
@@ -402,8 +361,7 @@ def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank,
 
 
 def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, list]:
-    """(step, history) of the run in args.out that --resume continues (its weights, optimizer and RNG
-    states loaded), or (0, []) for a new run."""
+    """(step, history) of the run --resume continues (weights, optimizer, RNG loaded), or (0, [])."""
     out = Path(args.out)
     if not (args.resume and (out / ckpt.LATEST).is_file()):
         return 0, []
@@ -416,9 +374,7 @@ def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, li
     return state["step"], state.get("history", [])
 
 
-# ---------------------------------------------------------------------------
 # python -m models train
-# ---------------------------------------------------------------------------
 
 # The model's flags: {flag: add_argument keywords}; retrofit takes some of them (with its own defaults).
 MODEL_FLAGS = {

@@ -250,6 +250,6 @@ def test_train_args_validate_types_too():
 def test_a_checkpoint_without_optimizer_loads_and_other_files_stay(tmp_path):
     model = RetroModel(config())
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unrelated.safetensors"))
-    path = ckpt.save_checkpoint(tmp_path, model, step=3)
+    path = ckpt.RunCheckpoints(tmp_path).save(model, step=3)
     assert ckpt.resolve(tmp_path) == path and not any(k.startswith("optim.") for k in ckpt.sharded.saved_keys(path))
     assert (tmp_path / "unrelated.safetensors").exists()
