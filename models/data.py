@@ -1,9 +1,4 @@
 """Training and evaluation data: chunk-aligned token sequences with their neighbours (docs/model.md, "Data").
-
-A split's documents laid end to end, cut into the database's chunks of m tokens (each document from a
-chunk boundary, its last chunk padded), each chunk with K neighbours of R tokens; a sequence is N / m
-consecutive chunks. Targets are the next token of the same document (padding and a document's first
-token: IGNORE).
 """
 from __future__ import annotations
 

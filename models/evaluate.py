@@ -65,9 +65,8 @@ def bits_per_byte(nll: np.ndarray, predicted: np.ndarray, token_bytes: np.ndarra
 
 def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *, retrieval: bool,
              batch_size: int = 8, device="cpu") -> dict:
-    """bpb on `data` (a set of documents), and per chunk its overlap with its neighbours (with retrieval),
-    NLL and predicted bytes (`_per_chunk`, for bpb by overlap). byte_lengths: (vocab,) UTF-8 bytes of each token id.
-    """
+    """bpb on `data`, and per chunk (`_per_chunk`) its overlap with its neighbours, NLL and predicted bytes.
+    byte_lengths: (vocab,) UTF-8 bytes of each token id."""
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
     token_bytes = np.asarray(byte_lengths)[data.tokens]
     pred = pred & (token_bytes > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
@@ -83,10 +82,8 @@ def chunk_fractions(overlap: np.ndarray) -> list[float]:
 
 
 def bpb_by_overlap(overlap: np.ndarray, nll: np.ndarray, token_bytes: np.ndarray) -> list[float]:
-    """For each alpha of ALPHAS, bits per byte over the chunks whose overlap is <= alpha.
-
-    nll, token_bytes: per chunk (C,), or per token (C, m), counting only the predicted tokens.
-    """
+    """For each alpha of ALPHAS, bits per byte over the chunks whose overlap is <= alpha (nll, token_bytes:
+    per chunk (C,) or per predicted token (C, m))."""
     nll, token_bytes = nll.reshape(len(overlap), -1).sum(1), token_bytes.reshape(len(overlap), -1).sum(1)
     return [bits_per_byte(nll, overlap <= alpha + 1e-9, token_bytes) for alpha in ALPHAS]
 
@@ -138,8 +135,7 @@ def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: st
 
 
 def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False):
-    """The model of a checkpoint or a retrofit folder, for inference; a CheckpointError if its weights hold
-    NaN or inf."""
+    """The model of a checkpoint or a retrofit folder, for inference (NaN/inf weights: CheckpointError)."""
     from .checkpoint import load_checkpoint_model
     from .retrofit import is_retrofit, load_retrofit
 
@@ -157,8 +153,7 @@ def model_argument(text: str) -> str:
 
 
 def check_fits(cfg, db) -> None:
-    """Refuse a database whose tokens are not the model's: another tokenizer (its fingerprint, which
-    the model's config records), vocabulary or chunk size."""
+    """Refuse a database whose tokens are not the model's: another tokenizer, vocabulary or chunk size."""
     trained_with = cfg.extra.get("tokenizer_fingerprint")
     if trained_with and trained_with != db.tokenizer_fingerprint:
         raise ValueError(f"the database {str(db.root)!r} has another tokenizer ({db.tokenizer_fingerprint}) than the "

@@ -1,8 +1,5 @@
-"""Sampling with a KV cache and retrieval as chunks complete; ``python -m models generate``.
-
-The prompt in one forward, then one token at a time; when a chunk of m tokens completes, its neighbours
-are retrieved with its tokens and the next forward encodes them and continues CCA over them
-(docs/model.md, "Generation").
+"""Sampling with a KV cache and retrieval as chunks complete (docs/model.md, "Generation");
+``python -m models generate``.
 """
 from __future__ import annotations
 

@@ -19,8 +19,7 @@ from .data import ChunkedTokens
 from .runtime import configure_threads, is_first_process, resolve_device, setup_distributed
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, placed,
-                    train_args_from, training_batches)
+from .train import TrainArgs, TrainingLoop, add_model_flags, add_train_flags, train_args_from
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
@@ -31,13 +30,7 @@ def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
     """Train the added weights of `model` with `models.train`'s loop (any layout); the history (also to
     ``metrics``, JSON lines)."""
     rank, world, device = setup_distributed(resolve_device(args.device))
-    check_data(model.cfg, data)
-    parallel.check_heads(model.cfg, args.tp)
-    layout, forward, optimizer = placed(model, args, device, rank, world)
-    model.train()
-    batches = training_batches(data, model.cfg.seq_len, args, layout.dp_rank, layout.dp_size)
-    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit", rank=rank,
-                        layout=layout, forward=forward)
+    loop = TrainingLoop(model, data, args, device, rank, world, retrieval=True, name="retrofit")
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log if rank == 0 else (lambda msg: None),
                     metrics=metrics if rank == 0 else None)
 
@@ -90,10 +83,8 @@ def base_shape(path: Path, kind: str) -> dict:
         cfg = load_config(path)
         _need(not cfg.retrieval, f"--base: {str(path)!r} already has retrieval (CCA layers); retrofit a plain "
                                  f"decoder (python -m models train --no-retrieval)")
-        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
-                "heads": cfg.n_heads, "positions": None, "seq_len": cfg.seq_len,
-                "db_fingerprint": cfg.extra.get("db_fingerprint"),
-                "tokenizer_fingerprint": cfg.extra.get("tokenizer_fingerprint")}
+        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "heads": cfg.n_heads,
+                "seq_len": cfg.seq_len, **{k: cfg.extra.get(k) for k in ("db_fingerprint", "tokenizer_fingerprint")}}
     from transformers import AutoConfig
 
     try:
@@ -105,8 +96,7 @@ def base_shape(path: Path, kind: str) -> dict:
     _need(isinstance(n_layers, int), f"--base: {str(path)!r}'s config names no num_hidden_layers")
     return {"n_layers": n_layers, "vocab_size": getattr(cfg, "vocab_size", None),
             "d_model": getattr(cfg, "hidden_size", None), "heads": getattr(cfg, "num_attention_heads", None),
-            "positions": getattr(cfg, "max_position_embeddings", None), "seq_len": None, "db_fingerprint": None,
-            "tokenizer_fingerprint": None}
+            "positions": getattr(cfg, "max_position_embeddings", None)}
 
 
 def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
@@ -123,14 +113,14 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
             RetrievalDatabase.open(db.root, tokenizer=tok, verify=False)
         except DatabaseError as e:  # a different tokenizer, or one that cannot be read
             raise UsageError(f"--base: {one_line(e)}") from None
-    trained_with = shape["tokenizer_fingerprint"]
+    trained_with = shape.get("tokenizer_fingerprint")
     _need(trained_with is None or trained_with == db.tokenizer_fingerprint,
           f"--base {str(path)!r} was trained with another tokenizer ({trained_with}) than --db "
           f"{str(db.root)!r}'s ({db.tokenizer_fingerprint}): its token ids would mean other text")
     _need(shape["vocab_size"] == db.vocab_size,
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
-    if shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
+    if shape.get("db_fingerprint") not in (None, db.fingerprint):
         log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
             f"(the same tokenizer)")
 
@@ -139,7 +129,7 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
                         "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp",
                         "activation_checkpointing", "compile", "progress")
-RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
+RETROFIT_DEFAULTS = TrainArgs(retrieval_dropout=0.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,9 +166,9 @@ def plan(flags, shape: dict, db) -> RetrofitConfig:
     m, n_layers = db.chunk_size, shape["n_layers"]
     layers = flags.cca_layers or paper_cca_layers(n_layers)
     _need(layers[-1] <= n_layers, f"--cca-layers: the base has {n_layers} layers, got {layers}")
-    seq_len = flags.seq_len or shape["seq_len"] or 512
+    seq_len = flags.seq_len or shape.get("seq_len") or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
-    _need(not shape["positions"] or seq_len <= shape["positions"],
+    _need(not shape.get("positions") or seq_len <= shape["positions"],
           f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
     _need(flags.neighbours <= int(db.config["k"]),
           f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")

@@ -42,8 +42,6 @@ def option(default, help: str, *, limit=None, type=None, cli: bool = True, negat
     validate() checks too; negated: the flag turning a True default off; choices: a string's values."""
     metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated,
                 "choices": choices}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -81,7 +79,6 @@ class TrainArgs:
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
     compile: bool = option(False, "torch.compile each block")
     progress: bool = option(True, "no progress bar", negated="--no-progress")
-    extra: dict = option({}, "anything else to record", cli=False)
 
     def __post_init__(self):
         self.validate()
@@ -167,12 +164,6 @@ def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator, ran
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
-def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, rank: int = 0,
-                     world: int = 1) -> SequenceBatches:
-    """The micro-batches of a run: batch_size / accum sequences over all processes."""
-    return SequenceBatches(data, seq_len, args.batch_size // args.accum, seed=args.seed, rank=rank, world=world)
-
-
 def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, device, retrieval=True) -> dict:
     """Quick held-out numbers during training (on the first eval_sequences sequences)."""
     m, N = data.chunk_size, model.cfg.seq_len
@@ -203,15 +194,20 @@ def is_due(done: int, every: int, steps: int) -> bool:
 
 
 class TrainingLoop:
-    """Optimizer steps over seeded batches (train and retrofit). held_out_off: held-out numbers without
-    retrieval too; forward: the model or its DDP wrapper; layout: the data-parallel ranks (models.parallel)."""
+    """Optimizer steps over seeded batches (train and retrofit), ``model`` placed in place on the run's layout
+    (models.parallel; ``forward``: the model or its DDP wrapper). held_out_off: held-out numbers without
+    retrieval too."""
 
-    def __init__(self, model, optimizer, batches: SequenceBatches, args: TrainArgs, device, *, retrieval: bool,
-                 held_out_off: bool = False, name: str = "train", rank: int = 0, layout=None, forward=None):
-        self.model, self.optimizer, self.batches, self.args, self.device = model, optimizer, batches, args, device
+    def __init__(self, model, data: ChunkedTokens, args: TrainArgs, device, rank: int, world: int, *,
+                 retrieval: bool, held_out_off: bool = False, name: str = "train"):
+        check_data(model.cfg, data)
+        parallel.check_heads(model.cfg, args.tp)
+        self.layout = layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
+        self.forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
+        self.model, self.optimizer, self.args, self.device = model, make_optimizer(model, args), args, device
+        self.batches = SequenceBatches(data, model.cfg.seq_len, args.batch_size // args.accum, seed=args.seed,
+                                       rank=layout.dp_rank, world=layout.dp_size)
         self.retrieval, self.held_out_off, self.name, self.rank = retrieval, held_out_off, name, rank
-        self.layout = layout or parallel.Layout()
-        self.forward = forward or model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, start_step: int = 0, history: Optional[list] = None, eval_data=None, byte_lengths=None,
@@ -324,7 +320,7 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
     """Train (or resume) and return {"model", "history", "step"}; rank 0 claims and locks args.out."""
     rank, world, device = setup_distributed(resolve_device(args.device))
     parallel.check_heads(cfg, args.tp)
-    check_data(cfg, train_data)
+    check_data(cfg, train_data)  # before rank 0 claims --out (TrainingLoop checks again)
     if rank != 0:
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
     with outdir.claimed(args.out, "train-run", temporaries=ckpt.TEMPORARIES, inside=ckpt.CHECKPOINT_FILES,
@@ -332,27 +328,18 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
-def placed(model, args: TrainArgs, device, rank: int, world: int):
-    """(layout, what to call forward on, optimizer): ``model`` on the run's layout (models.parallel), in place."""
-    layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
-    forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
-    return layout, forward, make_optimizer(model, args)
-
-
 def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank, world, device) -> dict:
     log = log if rank == 0 else (lambda msg: None)
     torch.manual_seed(args.seed)
     model = RetroModel(cfg)
-    layout, forward, optimizer = placed(model, args, device, rank, world)
-    start_step, history = _resumed_state(cfg, model, optimizer, args, log)
+    loop = TrainingLoop(model, train_data, args, device, rank, world, retrieval=cfg.retrieval,
+                        held_out_off=cfg.retrieval)
+    start_step, history = _resumed_state(cfg, model, loop.optimizer, args, log)
     run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
 
     def save(step, history):
-        run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
+        run.save(model, loop.optimizer, step, {"history": history, "args": asdict(args)})
 
-    batches = training_batches(train_data, cfg.seq_len, args, layout.dp_rank, layout.dp_size)
-    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
-                        held_out_off=cfg.retrieval, rank=rank, layout=layout, forward=forward)
     metrics = Path(args.out) / "metrics.jsonl" if rank == 0 else None
     history = loop.run(start_step, history, eval_data, byte_lengths, log, save, metrics)
     if world > 1:
