@@ -79,17 +79,14 @@ def read_latest(out) -> Optional[dict]:
     return data
 
 
-def is_checkpoint_file(name: str) -> bool:
-    return name in CHECKPOINT_FILES or bool(sharded.SHARD_FILE.fullmatch(name))
-
-
 def remove_checkpoint(path: Path) -> None:
     """Delete checkpoint folder `path`: only the files a checkpoint holds; a folder with anything else stays."""
     path = Path(path)
     if not STEP_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
         return
     for child in path.iterdir():
-        if is_checkpoint_file(child.name) and child.is_file() and not child.is_symlink():
+        ours = child.name in CHECKPOINT_FILES or sharded.SHARD_FILE.fullmatch(child.name)
+        if ours and child.is_file() and not child.is_symlink():
             child.unlink()
     try:
         path.rmdir()

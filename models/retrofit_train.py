@@ -121,7 +121,7 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
     if shape.get("db_fingerprint") not in (None, db.fingerprint):
-        log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
+        log(f"note: the base was trained on database {shape.get('db_fingerprint')}, retrofitting on {db.fingerprint} "
             f"(the same tokenizer)")
 
 
@@ -169,7 +169,7 @@ def plan(flags, shape: dict, db) -> RetrofitConfig:
     seq_len = flags.seq_len or shape.get("seq_len") or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
     _need(not shape.get("positions") or seq_len <= shape["positions"],
-          f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
+          f"--seq-len: the base has {shape.get('positions')} positions, got {seq_len}")
     _need(flags.neighbours <= int(db.config["k"]),
           f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")
     heads = flags.heads or shape["heads"]

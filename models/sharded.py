@@ -27,16 +27,9 @@ def shard_files(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if SHARD_FILE.fullmatch(p.name)) if folder.is_dir() else []
 
 
-def _tied(model) -> set:
-    """Names of parameters that are another one (tied embeddings): stored once."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(p) in seen else seen.add(id(p)))
-    return tied
-
-
 def _model_state(model) -> dict:
-    tied = _tied(model)
+    """``model.<name>`` of every state tensor; a tied parameter (the output layer's embedding) once."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     return {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k not in tied}
 
 

@@ -7,6 +7,7 @@ Retrieval dropout, exact resume and the layouts' equal losses: docs/model.md, "T
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -36,12 +37,10 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or evaluation number: training stops (--allow-nonfinite lets it run)."""
 
 
-def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None,
-           choices: Optional[tuple] = None):
+def option(default, help: str, *, limit=None, type=None, cli: bool = True, choices: Optional[tuple] = None):
     """A TrainArgs field for the Python API and (cli) the command line: limit, a models.cli_common range that
-    validate() checks too; negated: the flag turning a True default off; choices: a string's values."""
-    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated,
-                "choices": choices}
+    validate() checks too; choices: a string's values."""
+    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "choices": choices}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -78,7 +77,7 @@ class TrainArgs:
                         "processes and the heads)", limit=integer(1, 1024))
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
     compile: bool = option(False, "torch.compile each block")
-    progress: bool = option(True, "no progress bar", negated="--no-progress")
+    progress: bool = option(True, "a progress bar on stderr")
 
     def __post_init__(self):
         self.validate()
@@ -111,28 +110,17 @@ def add_train_flags(group, names=TRAIN_FLAGS, defaults: Optional[TrainArgs] = No
     for f in dataclasses.fields(TrainArgs):
         if f.name not in names:
             continue
-        meta, default = f.metadata, getattr(defaults, f.name)
-        if meta["negated"]:
-            group.add_argument(meta["negated"], action="store_true", help=meta["help"])
-        elif isinstance(default, bool):
-            group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
+        meta, default, flag = f.metadata, getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):  # a True default: --no-FLAG turns it off
+            group.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true",
+                               default=default, help=meta["help"])
         else:
-            group.add_argument(_flag(f.name), type=meta["type"], default=default, help=meta["help"],
-                               choices=meta["choices"])
+            group.add_argument(flag, type=meta["type"], default=default, help=meta["help"], choices=meta["choices"])
 
 
 def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
     """The TrainArgs of parsed flags (those ``add_train_flags(names)`` declared), and the fields ``given``."""
-    values = {}
-    for f in dataclasses.fields(TrainArgs):
-        if f.name in names:
-            negated = f.metadata["negated"]
-            values[f.name] = not getattr(flags, negated[2:].replace("-", "_")) if negated else getattr(flags, f.name)
-    return TrainArgs(**values, **given)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return TrainArgs(**{name: getattr(flags, name) for name in names}, **given)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:

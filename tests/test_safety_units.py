@@ -5,6 +5,7 @@ command deletes or replaces only what it can prove it made itself. These tests
 need no database: real training on synthetic data (tests/test_train.py's).
 The command-line half, with a real database, is tests/test_cli_safety.py.
 """
+import dataclasses
 import json
 import os
 import socket
@@ -177,7 +178,7 @@ def test_broken_checkpoint_files_get_an_error_naming_the_file(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"{weights.parent}.* does not match"):
         load_model(out)
     weights.write_bytes(data)
-    (weights.parent / "config.json").write_text(ckpt.load_config(out).replace(d_model=64).to_json())
+    (weights.parent / "config.json").write_text(dataclasses.replace(ckpt.load_config(out), d_model=64).to_json())
     with pytest.raises(ckpt.CheckpointError, match="does not match the model its config.json describes"):
         load_model(out)
     (weights.parent / "config.json").write_text('{"vocab_size": 10, "rotary_base": -1}')
