@@ -166,17 +166,6 @@ def resolve(path) -> Path:
     return path
 
 
-def checkpoint_argument(text: str) -> str:
-    """argparse type: a checkpoint folder, or a training output folder with latest.json."""
-    import argparse
-
-    try:
-        resolve(text)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(one_line(e)) from None
-    return text
-
-
 def load_config(path) -> RetroConfig:
     file = resolve(path) / "config.json"
     try:
@@ -190,8 +179,8 @@ READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, Ind
                AssertionError, SafetensorError, CheckpointException)
 
 
-def load_model_weights(model, path, strict: bool = True):
-    """Load weights into `model` (any layout: its slices of them); returns (missing, unexpected) key lists."""
+def load_model_weights(model, path) -> None:
+    """Load weights into `model` (any layout: its slices of them)."""
     folder = resolve(path)
     for file in sharded.shard_files(folder):
         try:
@@ -200,7 +189,7 @@ def load_model_weights(model, path, strict: bool = True):
             raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
                                   f"(truncated, or not a checkpoint: {one_line(e)})") from None
     try:
-        return sharded.load_model(folder, model, strict=strict)
+        sharded.load_model(folder, model)
     except READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {folder / 'shard-*.safetensors'} does not match the model its "
                               f"config.json describes ({one_line(e)[:400]})") from None

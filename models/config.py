@@ -108,21 +108,16 @@ class RetroConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RetroConfig":
+    def from_json(cls, text: str) -> "RetroConfig":
+        d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError(f"RetroConfig: expected a JSON object, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"RetroConfig: unknown fields {sorted(unknown)}")
-        if "vocab_size" not in d:
-            raise ValueError("RetroConfig: vocab_size is missing")
         if not isinstance(d.get("encoder_cross_attention_layers", ()), (list, tuple)):
             raise ValueError("RetroConfig: encoder_cross_attention_layers must be a list of layer numbers")
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "RetroConfig":
-        return cls.from_dict(json.loads(text))

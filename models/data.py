@@ -45,9 +45,7 @@ class ChunkedTokens:
     def targets(self) -> np.ndarray:
         """(C, m) next-token targets in the stream, IGNORE where there is none."""
         C, m = self.tokens.shape
-        flat_tok = self.tokens.reshape(-1)
-        flat_valid = self.valid.reshape(-1)
-        flat_doc = np.repeat(self.doc, m)
+        flat_tok, flat_valid, flat_doc = self.tokens.reshape(-1), self.valid.reshape(-1), np.repeat(self.doc, m)
         nxt = np.full(C * m, IGNORE, dtype=np.int64)
         ok = flat_valid[1:] & (flat_doc[1:] == flat_doc[:-1])
         nxt[:-1] = np.where(ok, flat_tok[1:], IGNORE)
@@ -103,11 +101,9 @@ class SequenceBatches:
         rows = np.minimum(rows, len(d) - 1)
         tokens = np.where(inside[..., None], d.tokens[rows], 0)
         targets = np.where(inside[..., None], self.targets[rows], IGNORE)
-        out = {
-            "tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
-            "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
-            "chunk_rows": torch.from_numpy(rows),
-        }
+        out = {"tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
+               "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
+               "chunk_rows": torch.from_numpy(rows)}
         if d.neighbours is not None:
             out["neighbours"] = torch.from_numpy(d.neighbours[rows].astype(np.int64))
             out["neighbour_mask"] = torch.from_numpy(d.neighbour_mask[rows] & inside[..., None, None])
@@ -195,9 +191,7 @@ def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> Chunke
     own_dist = np.take_along_axis(d2, own_order, 1)
     db_vals, db_mask = db.chunk_values(db_ids)
     # values of data's own chunks: the chunk and its continuation within the document
-    flat_tok = data.tokens.reshape(-1)
-    flat_text = text.reshape(-1)
-    flat_doc = np.repeat(data.doc, m)
+    flat_tok, flat_text, flat_doc = data.tokens.reshape(-1), text.reshape(-1), np.repeat(data.doc, m)
     starts = own[own_order] * m  # (C, K)
     pos = starts[..., None] + np.arange(R)
     inside = pos < flat_tok.size
@@ -205,9 +199,8 @@ def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> Chunke
     own_mask = inside & flat_text[pos_c] & (flat_doc[pos_c] == flat_doc[starts][..., None])
     own_vals = np.where(own_mask, flat_tok[pos_c], db.pad_id)
     # merge by distance
-    dist = np.concatenate([db_dist, own_dist], 1)
-    vals = np.concatenate([db_vals, own_vals], 1)
-    mask = np.concatenate([db_mask, own_mask], 1)
+    dist, vals, mask = (np.concatenate(pair, 1) for pair in ((db_dist, own_dist), (db_vals, own_vals),
+                                                             (db_mask, own_mask)))
     dist = np.where(np.concatenate([db_ids >= 0, np.ones_like(own_order, bool)], 1), dist, np.inf)
     if db.max_distance is not None:  # the database's relevance cut applies to the added chunks too
         far = dist > db.max_distance

@@ -145,11 +145,18 @@ def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_no
 
 
 def model_argument(text: str) -> str:
-    """argparse type: what eval and generate load, a checkpoint (checkpoint_argument) or a retrofit folder."""
-    from .checkpoint import checkpoint_argument
+    """argparse type: a checkpoint, a training output folder with latest.json, or a retrofit folder."""
+    import argparse
+
+    from .checkpoint import resolve
+    from .errors import one_line
     from .retrofit import is_retrofit
 
-    return text if is_retrofit(text) else checkpoint_argument(text)
+    try:
+        is_retrofit(text) or resolve(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
 
 
 def check_fits(cfg, db) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import operator
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -89,12 +90,10 @@ class RetrofitConfig:
 # How to reach into a base model
 
 def _attribute(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    try:
+        return operator.attrgetter(path)(root)
+    except AttributeError:
+        return None
 
 
 def _first(root: nn.Module, given: Optional[str], known: tuple, fits, option: str, expected: str) -> str:

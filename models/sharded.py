@@ -52,15 +52,13 @@ def saved_keys(folder) -> set:
     return set(HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata)
 
 
-def load_model(folder, model, strict: bool = True) -> tuple[list, list]:
-    """Read ``model``'s parameters (its layout's slices of them); (missing, unexpected) key lists.
-    strict: a KeyError unless the checkpoint holds exactly the model's parameters."""
+def load_model(folder, model) -> None:
+    """Read ``model``'s parameters (its layout's slices of them); a KeyError unless the checkpoint holds them all."""
     state, saved = _model_state(model), {k for k in saved_keys(folder) if k.startswith("model.")}
-    missing, unexpected = sorted(k[6:] for k in state.keys() - saved), sorted(k[6:] for k in saved - state.keys())
-    if strict and (missing or unexpected):
-        raise KeyError(f"the checkpoint lacks {missing[:5]} and has {unexpected[:5]} that the model lacks")
-    _read({k: v for k, v in state.items() if k in saved}, folder)
-    return missing, unexpected
+    if state.keys() != saved:
+        raise KeyError(f"the checkpoint lacks {sorted(state.keys() - saved)[:5]} and has "
+                       f"{sorted(saved - state.keys())[:5]} that the model lacks")
+    _read(state, folder)
 
 
 def load_optimizer(folder, model, optimizer) -> None:

@@ -134,11 +134,9 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on the matrices only."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -156,9 +154,8 @@ def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, dev
     """Quick held-out numbers during training (on the first eval_sequences sequences)."""
     m, N = data.chunk_size, model.cfg.seq_len
     rows = min(len(data), args.eval_sequences * (N // m))
-    sub = ChunkedTokens(data.tokens[:rows], data.valid[:rows], data.doc[:rows],
-                        None if data.neighbours is None else data.neighbours[:rows],
-                        None if data.neighbour_mask is None else data.neighbour_mask[:rows])
+    sub = ChunkedTokens(*(None if a is None else a[:rows] for a in (data.tokens, data.valid, data.doc,
+                                                                     data.neighbours, data.neighbour_mask)))
     on = retrieval and sub.neighbours is not None and model.cfg.retrieval
     nll, pred = token_nll(model, sub, on, batch_size=8, device=device, autocast=device.type == "cuda")
     out = {"loss": float(nll[pred].sum() / max(1, pred.sum()))}

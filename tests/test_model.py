@@ -1,5 +1,6 @@
-import dataclasses
 """The RETRO model: kernels agree, incremental decoding matches, retrieval OFF is a plain GPT."""
+import dataclasses
+import json
 import numpy as np
 import pytest
 import torch
@@ -153,7 +154,7 @@ def test_config_round_trips_through_json():
     cfg = small_config(n_kv_heads=2, feed_forward="gelu")
     assert RetroConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
-        RetroConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+        RetroConfig.from_json(json.dumps({**cfg.to_dict(), "bogus": 1}))
 
 
 def test_generation_retrieves_each_completed_chunk_and_matches_greedy_full_forward():
