@@ -1,10 +1,10 @@
 """Retrieval benchmarks: embedding throughput, and build time / query QPS / recall@10 of
-Flat, IVF-PQ and HNSW indexes on real chunk embeddings (Python's documentation).
+Flat and IVF-PQ indexes on real chunk embeddings (Python's documentation).
 
 ``run(quick, device) -> list[dict]`` is called by the bench CLI. Rows:
 
   {"suite": "retrieval", "case": "embed", "device", "chunks", "seconds", "chunks_per_s", ...}
-  {"suite": "retrieval", "case": "index/<flat|ivfpq|hnsw>", "device", "vectors", "queries",
+  {"suite": "retrieval", "case": "index/<flat|ivfpq>", "device", "vectors", "queries",
    "factory", "build_s", "qps", "recall@10", "faiss_gpu"}
 
 Recall@10 is measured against exact (Flat) search over the same vectors. The
@@ -51,17 +51,15 @@ def _index_rows(vectors: np.ndarray, queries: np.ndarray, device: str, k: int = 
     rows = []
     truth = None
     n, dim = vectors.shape
-    for kind in ("flat", "ivfpq", "hnsw"):
-        factory = index_mod.factory_string(kind, n, dim, {"hnsw_m": 32})
+    for kind in ("flat", "ivfpq"):
+        factory = "Flat" if kind == "flat" else index_mod.factory_string(kind, n, dim, {})
         t0 = time.perf_counter()
         index = index_mod.train_index(factory, dim, vectors, use_gpu=use_gpu)
-        index = index_mod.add_vectors(index, [vectors], use_gpu=use_gpu and kind != "hnsw")
+        index.add(vectors)
         build_s = time.perf_counter() - t0
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.nprobe = min(32, ivf.nlist)
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = 128
         _, found = index.search(queries, k)
         search_s = time_ms(lambda: index.search(queries, k), "cpu") / 1e3
         if truth is None:
@@ -76,7 +74,7 @@ def _index_rows(vectors: np.ndarray, queries: np.ndarray, device: str, k: int = 
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    """Embedding chunks/s on ``device``; Flat/IVF-PQ/HNSW build time, QPS and recall@10."""
+    """Embedding chunks/s on ``device``; Flat/IVF-PQ build time, QPS and recall@10."""
     from models.retrieval.embed import Embedder
 
     on_gpu = device.startswith("cuda")

@@ -201,11 +201,10 @@ def _edit_manifest(db: Path, edit, recompute: bool = True) -> None:
 @pytest.mark.parametrize("edit, recompute, message", [
     (lambda d: d["stages"]["tokenize"]["info"].update(dtype="uint32"), False, "does not match its checksum"),
     (lambda d: d["stages"]["tokenize"]["info"].update(dtype="uint32"), True, "token dtype 'uint32'"),
-    (lambda d: d["stages"]["add"]["info"].update(offsets=[7]), True, "index shard offsets [7]"),
     (lambda d: d["config"].update(chunk_size=64), True, "chunks of 64"),
     (lambda d: d["stages"]["embed"].update(files={}), True, "records the files [], but the stage makes"),
-    (lambda d: d["stages"]["add"]["info"].update(shards=["../db/index_shard_000.faiss"]), True,
-     "are not the files the add stage made"),
+    (lambda d: d["stages"]["add"].update(files={"../db/index.faiss": {"sha256": "0", "size": 1}}), True,
+     "records the files ['../db/index.faiss'], but the stage makes"),
 ])
 def test_the_manifest_is_checked_before_it_is_trusted(world, edit, recompute, message):
     """Reproduction 9: editing dtype, shard offsets or chunk size gave junk while db-info said OK;
@@ -277,7 +276,9 @@ BAD_ARGUMENTS = [
     (["train", "--warmup", "-5"], "argument --warmup"),
     (["train", "--eval-every", "-1"], "argument --eval-every"),
     (["eval", "--batch-size", "-2"], "argument --batch-size: expected an integer >= 1"),
-    (["build-db", "--hnsw-m", "0"], "argument --hnsw-m: expected an integer in [2, 1024]"),
+    (["build-db", "--nprobe", "0"], "argument --nprobe: expected an integer >= 1"),
+    (["build-db", "--index-type", "HNSW32"], "argument --index-type: expected one of"),
+    (["build-db", "--ray-address", "127.0.0.1:6379"], "argument --ray-address: only with --engine ray"),
     (["generate", "--top-p", "1.5"], "argument --top-p: expected a finite number in (0, 1]"),
     # tracebacks before
     (["train", "--batch-size", "0"], "argument --batch-size"),
@@ -415,10 +416,11 @@ FLAGS = {
     "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--kernels", "--device",
                  "--checkpoint", "--db", "--prompt"],
     "build-db": ["--vocab-size", "--chunk-size", "--eval-fraction", "--split-seed", "--leakage-threshold",
-                 "--max-distance", "--index-type", "--nlist", "--pq-m", "--pq-nbits", "--hnsw-m", "--train-sample",
+                 "--max-distance", "--index-type", "--nlist", "--pq-m", "--pq-nbits", "--nprobe", "--rerank", "--train-sample",
                  "--shard-size", "-k", "--batch-size", "--part-size", "--device", "--out", "--corpus",
-                 "--tokenizer", "--embedder", "--stop-after"],
-    "query": ["-k", "--nprobe", "--show", "--db"],
+                 "--tokenizer", "--embedder", "--stop-after", "--engine", "--workers", "--ray-address",
+                 "--embeddings"],
+    "query": ["-k", "--nprobe", "--rerank", "--show", "--db"],
     "db-info": ["--db"],
     # demo: --out stays a user's folder (refused), so it never runs
     "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],
