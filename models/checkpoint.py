@@ -195,10 +195,12 @@ def load_model_weights(model, path) -> None:
                               f"config.json describes ({one_line(e)[:400]})") from None
 
 
-def nonfinite_parameters(model) -> list[str]:
-    """Names of the parameters and buffers holding NaN or inf."""
-    return [name for name, t in model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def refuse_nonfinite(model, where: str, advice: str = "", skip: str = "\0") -> None:
+    """CheckpointError naming ``where`` if a parameter or buffer (not under ``skip``) holds NaN or inf."""
+    bad = [name for name, t in model.state_dict().items()
+           if not name.startswith(skip) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf weights in {len(bad)} tensor(s) (e.g. {bad[0]}){advice}")
 
 
 def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
@@ -209,11 +211,9 @@ def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
         cfg.kernels = kernels
     model = RetroModel(cfg)
     load_model_weights(model, path)
-    bad = nonfinite_parameters(model)
-    if bad and not allow_nonfinite:
-        raise CheckpointError(
-            f"checkpoint {resolve(path) / 'shard-*.safetensors'} holds NaN/inf weights in {len(bad)} "
-            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
+    if not allow_nonfinite:
+        refuse_nonfinite(model, f"checkpoint {resolve(path) / 'shard-*.safetensors'}",
+                         ": its training diverged; use an earlier checkpoint")
     return model.to(device).eval()
 
 

@@ -343,11 +343,8 @@ def paper_cca_layers(n_layers: int) -> list[int]:
 
 def trainable_share(model: RetrofitModel) -> dict:
     """Parameters retrofitting trains vs the base model's (tied weights counted once)."""
-    def count(params):
-        return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-    added = count(p for p in model.parameters() if p.requires_grad)
-    base = count(model.base.parameters())
+    added = sum(p.numel() for p in model.parameters() if p.requires_grad)  # parameters(): tied ones once
+    base = sum(p.numel() for p in model.base.parameters())
     return {"trainable": added, "base": base, "share": added / (added + base)}
 
 
@@ -392,7 +389,7 @@ def base_fingerprint(path, kind: str) -> str:
 def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
     """The base model from disk, and the record `save_retrofit` keeps of it. Nothing is downloaded;
     a base with NaN/inf weights is refused (CheckpointError) unless allow_nonfinite."""
-    from .checkpoint import CheckpointError, nonfinite_parameters
+    from .checkpoint import refuse_nonfinite
 
     path = Path(path)
     kind = base_kind(path)
@@ -407,10 +404,8 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
         _base_files(path, kind)  # refuses a folder with pickled weights only
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         model = model.to(device).eval()
-        bad = nonfinite_parameters(model)
-        if bad and not allow_nonfinite:
-            raise CheckpointError(f"the transformers model in {str(path)!r} holds NaN/inf weights in {len(bad)} "
-                                  f"tensor(s) (e.g. {bad[0]})")
+        if not allow_nonfinite:
+            refuse_nonfinite(model, f"the transformers model in {str(path)!r}")
     return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
 
 
@@ -469,7 +464,7 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError, nonfinite_parameters
+    from .checkpoint import CheckpointError, refuse_nonfinite
     from .errors import one_line
 
     record = read_record(path)
@@ -497,10 +492,8 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     if missing or unexpected:
         raise CheckpointError(f"{weights_file}: the saved weights do not match the retrofit {config} describes "
                               f"(missing {missing}, unexpected {unexpected})")
-    bad = [k for k in nonfinite_parameters(model) if not k.startswith("base.")]
-    if bad and not allow_nonfinite:
-        raise CheckpointError(f"{weights_file} holds NaN/inf weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
-                              f"its training diverged; retrofit again")
+    if not allow_nonfinite:
+        refuse_nonfinite(model, str(weights_file), ": its training diverged; retrofit again", skip="base.")
     return model.to(device).eval()
 
 
