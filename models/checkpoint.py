@@ -107,7 +107,7 @@ class RunCheckpoints:
 
     def _free_name(self, step: int) -> Path:
         name, n = f"step-{step:08d}", 0
-        while (self.out / name).exists() or os.path.lexists(self.out / name):
+        while os.path.lexists(self.out / name):  # a dangling link's name is taken too
             n += 1
             name = f"step-{step:08d}-{n}"
         return self.out / name

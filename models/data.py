@@ -153,15 +153,13 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
     """A database split ("train" or "eval") with the first num_neighbours precomputed neighbours (None: none)."""
-    stream = db.stream(split)
-    m = db.chunk_size
+    stream, m = db.stream(split), db.chunk_size
     chunk_doc = np.asarray(stream.chunk_doc, dtype=np.int64)
     C = chunk_doc.size
     if C == 0:
         raise ValueError(f"the database's {split!r} split is empty")
     tokens = np.asarray(stream.tokens[: C * m], dtype=np.int64).reshape(C, m)
-    valid = tokens != db.pad_id
-    data = ChunkedTokens(tokens, valid, chunk_doc)
+    data = ChunkedTokens(tokens, tokens != db.pad_id, chunk_doc)
     if num_neighbours is None:
         return data
     if stream.neighbours is None:

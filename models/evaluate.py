@@ -17,7 +17,7 @@ from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
 from .runtime import resolve_device
 
-LABELS = {"on": "database without the held-out docs", "on_with_eval_docs": "database including them"}
+LABELS = {"on": "database without the held-out documents", "on_with_eval_docs": "database including them"}
 ALPHAS = [round(a, 2) for a in np.linspace(0.0, 1.0, 11)]
 
 
@@ -28,8 +28,7 @@ def token_nll(model: RetroModel, data: ChunkedTokens, retrieval: bool, batch_siz
     model.eval()
     batches = SequenceBatches(data, model.cfg.seq_len, batch_size=1, shuffle=False)
     C, m = data.tokens.shape
-    pos_nll = np.zeros((C, m))
-    pos_pred = np.zeros((C, m), dtype=bool)
+    pos_nll, pos_pred = np.zeros((C, m)), np.zeros((C, m), dtype=bool)
     starts = batches.starts
     for i in range(0, len(starts), batch_size):
         batch = batches.gather(starts[i : i + batch_size])
@@ -221,8 +220,7 @@ def text_table(head: list, rows: list) -> str:
 
 
 def table(results: dict) -> str:
-    names = {"off": "retrieval OFF", "on": "retrieval ON, database without the held-out documents",
-             "on_with_eval_docs": "retrieval ON, database including them"}
+    names = {"off": "retrieval OFF", **{k: f"retrieval ON, {label}" for k, label in LABELS.items()}}
     return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
                                                  if k in results])
 

@@ -132,8 +132,7 @@ class RetrievalEncoder(nn.Module):
 
 @dataclass
 class NeighbourCache:
-    """What incremental decoding keeps for retrieval: the activations (at the first CCA layer) of the
-    chunk not complete yet, and the encoded neighbours of the chunks before it."""
+    """What incremental decoding keeps for retrieval (the fields' comments say what)."""
     chunk_hidden: Optional[Tensor] = None  # first-CCA-input activations of the unfinished chunk
     encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
     encoded_mask: Optional[Tensor] = None  # (B, chunks done, K, R) or None

@@ -127,8 +127,8 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
 
 # The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                        "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp",
-                        "activation_checkpointing", "compile", "progress")
+                        "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp", "activation_checkpointing",
+                        "compile", "progress")
 RETROFIT_DEFAULTS = TrainArgs(retrieval_dropout=0.0)
 
 
@@ -140,8 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
     p.add_argument("--out", type=folder, required=True,
                    help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files and "
-                                                                     "metrics.jsonl only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (only its own files)")
     g = p.add_argument_group("what is added")
     g.add_argument("--cca-layers", type=layer_numbers, default=None,
                    help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
@@ -149,14 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(g, ("--encoder-ff-mult", "--heads", "--neighbours"),
                     heads=dict(default=None, help="CCA/encoder heads (default: the base's)"))
     g.add_argument("--layers", type=text("a dotted path of decoder layers"), default=None,
-                   help="transformers models other than GPT-2/Llama: dotted path of the decoder layers "
-                        "(e.g. model.decoder.layers)")
+                   help="other transformers models: dotted path of the decoder layers (e.g. model.decoder.layers)")
     g.add_argument("--attention", type=text("an attribute name"), default=None,
                    help="... and each layer's self-attention attribute (e.g. self_attn)")
     add_model_flags(g, ("--kernels",))
     g = p.add_argument_group("training (only the added weights)")
-    add_model_flags(g, ("--seq-len",), seq_len=dict(default=None, help="tokens per sequence (default: the "
-                                                                        "base's, or 512)"))
+    add_model_flags(g, ("--seq-len",), seq_len=dict(default=None, help="tokens per sequence (default: base's or 512)"))
     add_train_flags(g, RETROFIT_TRAIN_FLAGS, RETROFIT_DEFAULTS)
     add_threads_flag(g)
 

@@ -282,8 +282,7 @@ def check_data(cfg: RetroConfig, train_data: ChunkedTokens) -> None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
     if train_data.chunk_size != cfg.chunk_size:
         raise ValueError(f"the data's chunk size ({train_data.chunk_size}) differs from the config's ({cfg.chunk_size})")
-    if train_data.neighbours is not None and cfg.retrieval and (
-            train_data.neighbours.shape[1] != cfg.num_neighbours or train_data.neighbours.shape[2] != cfg.R):
+    if cfg.retrieval and train_data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
         raise ValueError(f"the data has (K, R) = {train_data.neighbours.shape[1:]} neighbours but the config "
                          f"expects ({cfg.num_neighbours}, {cfg.R})")
 
