@@ -1,32 +1,12 @@
-"""RETRO model benchmark: training-step throughput and peak memory.
-
-``run(quick, device) -> list[dict]`` (called by ``python -m bench model``). One row
-per implementation of the same model and batch:
-
-  impl "retro_kernels:auto"  our model, fused kernels (Triton on CUDA; on the CPU
-                             the C++ backend where it exists, else the reference)
-  impl "reference"           our model, plain-PyTorch reference ops (same weights)
-  impl "retro_pytorch"       lucidrains' RETRO-pytorch 0.3.9 model at the same sizes
-                             (when installed; its package imports autofaiss for its
-                             retriever only, which is stubbed since only the model runs)
-
-A step is forward + backward + AdamW update on (B, N) tokens with K neighbours of
-R = 2m tokens per chunk, bf16 autocast on CUDA, fp32 on the CPU. Rows carry
-``metrics = {tokens_per_s, peak_mem_bytes}`` and, for ours, ``speedup`` against the others.
-
-``--parallel single,ddp,fsdp,tp`` (``run(..., parallel=...)``): our model's step in each layout of
-models.parallel, on 2 torchrun processes (the global batch B split between them; tp: both ranks
-compute the same batch, each with half of the heads); rows "train_step_parallel" with tokens/s, the
-bytes of parameters, gradients and optimizer state each rank holds, and the bytes of the attention
-inputs (the q/k/v projections' outputs) each rank computes in a forward pass.
-"""
+"""RETRO model benchmark: training-step throughput and peak memory of our model (fused kernels, and
+the reference ops with the same weights) and of RETRO-pytorch 0.3.9's model at the same sizes;
+`parallel=` (--parallel): our step in each layout of models.parallel on 2 torchrun processes."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import types
 
 import torch
 
@@ -55,6 +35,12 @@ def _batch(s, device):
     tokens = torch.randint(2, s["V"], (s["B"], s["N"] + 1), generator=g)
     nb = torch.randint(2, s["V"], (s["B"], L, s["K"], 2 * s["m"]), generator=g)
     return tokens.to(device), nb.to(device)
+
+
+def _row(name: str, impl: str, s: dict, quick: bool, device, **fields) -> dict:
+    return {"suite": "model", "name": name, "impl": impl, "role": "ours", "mode": "train",
+            "sweep": "quick" if quick else "model", "sweep_value": None, "shape": dict(s),
+            "dtype": "bf16" if device.type == "cuda" else "fp32", **fields}
 
 
 def _ours(s, device, kernels, layout=None, share=slice(None)):
@@ -90,9 +76,9 @@ def _ours(s, device, kernels, layout=None, share=slice(None)):
 
 
 def _retro_pytorch(s, device):
-    sys.modules.setdefault("autofaiss", types.SimpleNamespace(build_index=None))  # retriever only; unused
-    from retro_pytorch.retro_pytorch import RETRO
+    from bench.peers import import_retro_pytorch
 
+    RETRO = import_retro_pytorch()[0].RETRO
     cca = tuple(range(s["cca_start"], s["layers"] + 1, 3))
     model = RETRO(num_tokens=s["V"], max_seq_len=s["N"], enc_dim=s["d"], enc_depth=2, dec_depth=s["layers"],
                   dec_cross_attn_layers=cca, heads=s["heads"], dec_dim=s["d"], dim_head=s["d"] // s["heads"],
@@ -133,10 +119,8 @@ def parallel_row(name: str, quick: bool, device) -> dict:
     held = state_bytes(model, opt)
     metrics = {"tokens_per_s": s["B"] * s["N"] / seconds, "peak_mem_bytes": peak, "params": n_params, **held,
                "state_bytes": sum(held.values()), "attention_input_bytes": sum(seen)}
-    return {"suite": "model", "name": "train_step_parallel", "impl": name, "role": "ours", "mode": "train",
-            "sweep": "quick" if quick else "model", "sweep_value": None, "shape": {**s, "processes": world},
-            "dtype": "bf16" if device.type == "cuda" else "fp32", "status": "ok", "time_ms": seconds * 1e3,
-            "metrics": metrics}
+    return _row("train_step_parallel", name, {**s, "processes": world}, quick, device, status="ok",
+                time_ms=seconds * 1e3, metrics=metrics)
 
 
 def parallel_rows(names, quick: bool, device, processes: int = 2) -> list[dict]:
@@ -167,9 +151,7 @@ def run(quick: bool = False, device="cpu", parallel=None) -> list[dict]:
              ("retro_pytorch", "peer", lambda: _retro_pytorch(s, device))]
     rows = []
     for impl, role, make in impls:
-        row = {"suite": "model", "name": "train_step", "impl": impl, "role": role, "mode": "train",
-               "sweep": "quick" if quick else "model", "sweep_value": None, "shape": dict(s),
-               "dtype": "bf16" if device.type == "cuda" else "fp32"}
+        row = _row("train_step", impl, s, quick, device, role=role)
         try:
             step, n_params = make()
             seconds, peak = _time_steps(step, device, quick)
@@ -186,8 +168,7 @@ def run(quick: bool = False, device="cpu", parallel=None) -> list[dict]:
     for r in rows:
         if r["role"] == "ours" and r["status"] == "ok":
             r["speedup"] = {other: t / r["time_ms"] for other, t in ok.items() if other != r["impl"]}
-    if device.type == "cpu":
-        for r in rows:
+        if device.type == "cpu":
             r["notes"] = ("on the CPU 'auto' runs the C++ CPU backend where an op has one, else the reference; "
                           "retro_pytorch's model differs in details (its own encoder widths and positions)")
     return rows

@@ -1,17 +1,6 @@
-"""Retrieval benchmarks: embedding throughput, and build time / query QPS / recall@10 of
-Flat and IVF-PQ indexes on real chunk embeddings (Python's documentation).
-
-``run(quick, device) -> list[dict]`` is called by the bench CLI. Rows:
-
-  {"suite": "retrieval", "case": "embed", "device", "chunks", "seconds", "chunks_per_s", ...}
-  {"suite": "retrieval", "case": "index/<flat|ivfpq>", "device", "vectors", "queries",
-   "factory", "build_s", "qps", "recall@10", "faiss_gpu"}
-
-Recall@10 is measured against exact (Flat) search over the same vectors. The
-vectors are the embeddings just computed, or, when ``RETRO_BENCH_DB`` names a
-built database, its stored keys (more vectors than a CPU can embed in a
-benchmark run). Queries are held-out vectors, never in the index.
-"""
+"""Retrieval benchmarks: embedding chunks/s, and build time, QPS and recall@10 (against exact search)
+of Flat and IVF-PQ indexes over the chunk embeddings, or over the stored keys of the database
+RETRO_BENCH_DB names; queries are held-out vectors. Rows in this module's own format (bench/cli.py)."""
 from __future__ import annotations
 
 import os
@@ -100,11 +89,3 @@ def run(quick: bool, device: str) -> list[dict]:
     queries, base = vectors[perm[:n_queries]], vectors[perm[n_queries:]]
     rows += _index_rows(np.ascontiguousarray(base), np.ascontiguousarray(queries), device)
     return rows
-
-
-if __name__ == "__main__":  # a quick look without the bench CLI
-    import json
-    import sys
-
-    for row in run(quick="--full" not in sys.argv, device="cuda" if "--cuda" in sys.argv else "cpu"):
-        print(json.dumps(row))
