@@ -22,7 +22,7 @@
 //   and stored for the dk/dv kernel; every output element has one writer (no atomics), and
 //   every sum runs in a fixed order: results are bitwise reproducible.
 //
-// RETRO_KERNELS_EMULATION (tests only, see emulation/cuda_emulation.h) compiles the same
+// RETRO_KERNELS_EMULATION (tests only, see tests/cuda_emulation/) compiles the same
 // kernels and launchers as host C++ that runs the kernels on the CPU: the PTX primitives,
 // the launch, the device guard and the op library's name are the only things it replaces.
 #pragma once
@@ -160,7 +160,7 @@ struct AttentionArgs {
 // =========================================================================================
 
 #ifdef RETRO_KERNELS_EMULATION
-#include "emulation/ptx_primitives.h"  // the same primitives, run on the CPU
+#include "ptx_primitives.h"  // tests/cuda_emulation/: the same primitives, run on the CPU
 #else
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
