@@ -69,6 +69,8 @@ def parse_args(argv):
                    help=f"comma-separated sweeps to run ({', '.join(SWEEP_NAMES)}); default all")
     p.add_argument("--ops", type=name_list([*OP_NAMES, *OP_NAMES.values()], "op"), default=None,
                    help="comma-separated ops to run (chunked_cross_attention or CCA, NSA, NCA); default all")
+    p.add_argument("--parallel", type=name_list(("single", "ddp", "fsdp", "tp"), "layout"), default=None,
+                   help="model: the training step in these layouts (single, ddp, fsdp, tp; 2 torchrun processes)")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing")
     args, extras = p.parse_known_args(argv)  # a misspelt option first: `--opps CCA` is not a bad `what`
     if extras:
@@ -105,7 +107,8 @@ def measure(argv) -> int:
     print(f"bench {args.what} on {ctx.device_name} ({torch.get_num_threads()} threads), dtypes {dtypes}, "
           f"quick={args.quick}, commit {ctx.commit}{' (dirty)' if ctx.dirty else ''}")
     ctx.measure_peaks(dtypes)
-    options = dict(quick=args.quick, device=device, dtypes=dtypes, sweeps=args.sweeps, ops=args.ops)
+    options = dict(quick=args.quick, device=device, dtypes=dtypes, sweeps=args.sweeps, ops=args.ops,
+                   parallel=args.parallel)
     rows = [ctx.finalize_row(r) for suite in (SUITES if args.what == "all" else [args.what])
             for r in suite_rows(suite, options)]
     print("\n" + "\n".join(op_tables(rows) + suite_table(rows) + ["not measured:"] * any(

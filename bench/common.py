@@ -1,9 +1,5 @@
-"""What every benchmark shares: the row (docs/benchmarks.md, "Results files and the row schema"),
-the one timer, the machine's peaks, results files and the markdown tables.
-
-torch is imported only inside the functions that measure, so that the runbook's summary
-(bench/gpu_check.py) renders tables in a fraction of a second.
-"""
+"""What every benchmark shares: the row (docs/benchmarks.md), the one timer, the machine's peaks, results
+files and the markdown tables. torch is imported only where a function measures (summaries stay fast)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -94,12 +90,8 @@ def versions() -> dict:
 # -- The one timer -----------------------------------------------------------------------------
 
 def time_ms(fn, device, quick: bool = False) -> float:
-    """Median milliseconds of one fn() call, the timer of every benchmark here.
-
-    GPU: one untimed call (compiles, autotunes), then triton.testing.do_bench (CUDA events,
-    L2 flushed before each call). CPU: torch.utils.benchmark's blocked_autorange on all of
-    torch's threads (its block-size estimate is the warm-up call).
-    """
+    """Median milliseconds of one fn() call. GPU: one untimed call (compiles, autotunes), then
+    triton.testing.do_bench (CUDA events, L2 flushed). CPU: torch.utils.benchmark's blocked_autorange."""
     import torch
 
     device = torch.device(device)
@@ -114,26 +106,6 @@ def time_ms(fn, device, quick: bool = False) -> float:
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=0.05 if quick else 0.5).median * 1e3
-
-
-def measure_peaks(device, dtypes, quick: bool) -> tuple[float, dict[str, float]]:
-    """(copy bandwidth in GB/s, {dtype: square-matmul TFLOP/s}) of the device."""
-    import torch
-
-    n_bytes = ((64 << 20) if device.type == "cpu" else (1 << 30)) // (4 if quick else 1)
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    gbps = 2 * n_bytes / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
-    del src, dst
-    n = 8192 if device.type == "cuda" else (512 if quick else 1024)
-    tflops = {}
-    for name in dict.fromkeys(["fp32", *dtypes]):
-        try:
-            a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, TORCH_DTYPES[name])) for _ in "ab")
-            tflops[name] = 2 * n**3 / time_ms(lambda: a @ b, device, quick) / 1e9
-        except RuntimeError as e:  # a dtype the device cannot multiply
-            print(f"  (no {name} matmul peak: {e})")
-    return gbps, tflops
 
 
 class RunContext:
@@ -152,7 +124,22 @@ class RunContext:
         self.peak_tflops: dict[str, float] = {}
 
     def measure_peaks(self, dtypes: list[str]) -> None:
-        self.peak_gbps, self.peak_tflops = measure_peaks(self.device, dtypes, self.quick)
+        """The device's copy bandwidth (GB/s) and square-matmul TFLOP/s of fp32 and each of `dtypes`."""
+        import torch
+
+        device, quick = self.device, self.quick
+        n_bytes = ((64 << 20) if device.type == "cpu" else (1 << 30)) // (4 if quick else 1)
+        src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        self.peak_gbps = 2 * n_bytes / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
+        del src, dst
+        n = 8192 if device.type == "cuda" else (512 if quick else 1024)
+        for name in dict.fromkeys(["fp32", *dtypes]):
+            try:
+                a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, TORCH_DTYPES[name])) for _ in "ab")
+                self.peak_tflops[name] = 2 * n**3 / time_ms(lambda: a @ b, device, quick) / 1e9
+            except RuntimeError as e:  # a dtype the device cannot multiply
+                print(f"  (no {name} matmul peak: {e})")
         rates = ", ".join(f"{k} {v:.2f}" for k, v in self.peak_tflops.items())
         print(f"peaks on {self.device_name}: copy {self.peak_gbps:.1f} GB/s; matmul TFLOP/s {rates}")
 

@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import pathlib
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -63,14 +64,17 @@ def _context(dry_run: bool, out_dir: str | None = None):
     if not dry_run and not torch.cuda.is_available():
         raise UsageError(NO_GPU)
     ctx = RunContext(torch.device("cpu" if dry_run else "cuda"), quick=dry_run)
-    env_path = os.path.join(out_dir or "", "env.json")
-    if out_dir and os.path.exists(env_path):
-        with open(env_path, encoding="utf-8") as f:
-            env = json.load(f)
+    env = _read_env(out_dir) if out_dir else {}
+    if env:
         ctx.peak_gbps, ctx.peak_tflops = env["peak_gbps"], env["peak_tflops"]
     else:
         ctx.measure_peaks(["fp32"] if dry_run else ["bf16"])
     return ctx
+
+
+def _read_env(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "env.json")  # {} where stage 1 did not write it
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8")) if os.path.exists(path) else {}
 
 
 def _shell(*argv: str) -> str:
@@ -164,10 +168,7 @@ def tests_line(counts: dict | None) -> str:
 def summary_markdown(out_dir: str, stages: list[list[str]]) -> str:
     rows, bad = read_jsonl(os.path.join(out_dir, "results.jsonl"))
     tests = junit_counts(os.path.join(out_dir, "junit.xml"))
-    env = {}
-    if os.path.exists(os.path.join(out_dir, "env.json")):
-        with open(os.path.join(out_dir, "env.json"), encoding="utf-8") as f:
-            env = json.load(f)
+    env = _read_env(out_dir)
     dry = env.get("dry_run") or any(r.get("dry_run") for r in rows)
     out = [MARKER, "# GPU check" + " (DRY RUN: CPU, tiny shapes; not GPU numbers)" * bool(dry), ""]
     if env:

@@ -148,12 +148,11 @@ run_stage tests "${BUDGETS[3]}" "junit.xml; see Tests below" \
   "${TEST_ENV[@]}" "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${TEST_FILES[@]}"
 
 # -- bench, most valuable first
-i=4
-for part in "cca:ours vs reference, pad+SDPA, repeat+SDPA" "neighbour:self- and cross-attention vs their peers" \
-            "model:training step, fused vs reference" "flex:CCA vs FlexAttention (compiles per shape)"; do
-  run_stage "bench-${part%%:*}" "${BUDGETS[$i]}" "${part#*:}" "$PYTHON" -m bench.gpu_check bench "${part%%:*}" "$OUT" $PY_DRY
-  i=$((i + 1))
-done
+bench_part() { run_stage "bench-$1" "${BUDGETS[$2]}" "$3" "$PYTHON" -m bench.gpu_check bench "$1" "$OUT" $PY_DRY; }
+bench_part cca 4 "ours vs reference, pad+SDPA, repeat+SDPA"
+bench_part neighbour 5 "self- and cross-attention vs their peers"
+bench_part model 6 "training step, fused vs reference"
+bench_part flex 7 "CCA vs FlexAttention (compiles per shape)"
 
 # -- what comes back: every file well under 16 MiB (log.txt cut in the middle past 12 MiB)
 if [ "$(stat -c %s "$OUT/log.txt")" -gt $((12 << 20)) ]; then

@@ -1,17 +1,11 @@
-"""Op benchmarks: each retro_kernels backend and each peer (bench/peers.py), forward, backward, both.
-
-Ops: chunked_cross_attention (CCA), neighbour_self_attention (NSA), neighbour_cross_attention
-(NCA); their shapes, cost models and timing rules: docs/benchmarks.md ("Shapes", "Cost model and
-rates"; the FLOP and byte counts are docs/spec.md#cost-model's). On the CPU the `cpu` sweep is the
-C++ kernels' reference problem, as docs/native.md ("Speed (CPU)") measures it.
-"""
+"""Op benchmarks: each retro_kernels backend and each peer (bench/peers.py), forward, backward, both;
+shapes, cost models and timing rules: docs/benchmarks.md."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import traceback
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -25,8 +19,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 FUSED = ("triton", "cpu", "cuda")
 
 
-@dataclasses.dataclass
-class Case:
+class Case(NamedTuple):
     sweep: str
     sweep_value: object
     shape: dict
@@ -252,12 +245,8 @@ def candidates(bench: OpBench, device, quick, q, k, v, kw):
 def run_op(bench: OpBench, device: torch.device, quick: bool, dtypes: list[str], log=print,
            sweeps: set[str] | None = None, cases: list[Case] | None = None,
            impls: set[str] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Rows of `bench` for its cases (or `cases`), every impl (or those named in `impls`).
-
-    Each row is complete when it is made: forward error against the reference (computed
-    untimed when the reference is not among `impls`) and speedups against the peers measured
-    for the same mode; `on_row(row)` sees it at once (bench/gpu_check.py appends it to a file).
-    """
+    """Rows of `bench` for its cases (or `cases`), every impl (or those in `impls`), each complete when
+    made (forward error, speedups against the peers of its mode); `on_row(row)` sees it at once."""
     rows, logged = [], set()
 
     def emit(row):

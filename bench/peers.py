@@ -1,12 +1,5 @@
-"""What a user would run instead of retro_kernels: the peers we measure against (docs/benchmarks.md).
-
-Every peer has the signature of the op it stands in for (cca_*(q, k, v, chunk_size, *,
-neighbour_mask, scale, start_pos=0), nsa_*(q, k, v, *, neighbour_mask, scale), nca_*(q, k, v, *,
-chunk_mask, scale)) and its best form: views instead of copies wherever the layout allows,
-PyTorch's fastest attention kernel, block masks that skip every empty block, caches for what a
-training loop builds once. tests/test_bench_peers.py checks each against the reference (a wrong
-peer makes every ratio a lie). `unavailable(...)` says why a peer cannot run somewhere.
-"""
+"""The peers we measure against, each with its op's signature and in its best form
+(docs/benchmarks.md, "What is measured"); `unavailable(...)` says why one cannot run somewhere."""
 from __future__ import annotations
 
 import functools
@@ -33,6 +26,17 @@ def _cca_sizes(q, k, chunk_size: int, start_pos: int, peer: str):
     return B, N, Hq, D, K, R, Hkv, chunk_size, N // chunk_size
 
 
+def _heads(t, n, rows):
+    """(..., H, D) -> (n, H, rows, D), a view where the layout allows."""
+    return t.reshape(n, rows, *t.shape[-2:]).transpose(1, 2)
+
+
+def _repeat_heads(k, v, hq, dim):
+    """k and v repeated to hq heads along `dim` (a copy), for code without grouped heads."""
+    r = hq // k.shape[dim]
+    return (k, v) if r == 1 else (k.repeat_interleave(r, dim=dim), v.repeat_interleave(r, dim=dim))
+
+
 def _sdpa(q, k, v, attn_mask, keep, scale):
     """F.scaled_dot_product_attention over (n, H, rows, D) views, grouped heads by enable_gqa; the rows
     where ``keep`` is False (queries that see no key, or padding) are zeroed, as the reference does."""
@@ -41,12 +45,8 @@ def _sdpa(q, k, v, attn_mask, keep, scale):
 
 
 def _no_key_fix(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask with key 0 switched on in rows that see no key, which rows see a key).
-
-    Attention kernels disagree on rows whose every key is masked (NaN, zeros,
-    or a uniform average); the reference outputs zeros. Giving such rows one
-    key keeps every kernel finite, and the caller zeroes their output.
-    """
+    """(mask with key 0 switched on in rows that see no key, which rows see a key): kernels disagree on
+    rows without keys (NaN, zeros, an average); one key keeps them finite, and the caller zeroes them."""
     has_key = key_mask.any(dim=-1, keepdim=True)
     first = torch.zeros_like(key_mask)
     first[..., 0] = True
@@ -77,8 +77,7 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
     if used == 0:
         return torch.zeros_like(q)
     qs = _shifted_chunks(q, m, used)
-    ks = k[:, :used].reshape(B * used, K * R, Hkv, D).transpose(1, 2)
-    vs = v[:, :used].reshape(B * used, K * R, Hkv, D).transpose(1, 2)
+    ks, vs = (_heads(t[:, :used], B * used, K * R) for t in (k, v))
     attn_mask, has_key = None, None
     if neighbour_mask is not None:
         attn_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B * used, 1, 1, K * R))
@@ -88,19 +87,12 @@ def cca_sdpa(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=
 
 
 def cca_sdpa_repeat(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """cca_sdpa with grouped heads done by hand, as code written before enable_gqa does: k and v
-    repeated to Hq heads (a copy; SDPA may then pick another kernel)."""
-    Hq, Hkv = q.shape[2], k.shape[4]
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=4)
-        v = v.repeat_interleave(Hq // Hkv, dim=4)
+    """cca_sdpa with k and v repeated to Hq heads (a copy), as code written before enable_gqa does."""
+    k, v = _repeat_heads(k, v, q.shape[2], 4)
     return cca_sdpa(q, k, v, chunk_size, neighbour_mask=neighbour_mask, scale=scale, start_pos=start_pos)
 
 
 # -- FlexAttention -----------------------------------------------------------
-
-FLEX_BLOCK = (64, 128)
-
 
 @functools.lru_cache(maxsize=64)
 def _flex_block_mask(n_query_rows: int, chunk_size: int, keys_per_chunk: int, used: int,
@@ -124,14 +116,12 @@ FLEX_CUDA_NOTE = ("torch.compile(flex_attention) in its default mode; block mask
 
 @functools.lru_cache(maxsize=4)
 def _compiled_flex(device_type: str = "cpu"):
-    """torch.compile(flex_attention) in the default mode (no autotuning: seconds, not minutes, per shape)."""
+    """torch.compile(flex_attention) in the default mode (no autotuning: seconds, not minutes, per shape);
+    one graph per problem shape, so the recompile limits rise, and a sweep that would still fall back to
+    the eager (unfused) flex_attention fails loudly."""
     import torch._dynamo
-
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled graph per problem shape: raise the recompile limits so that
-    # a sweep never silently falls back to the eager (unfused) flex_attention,
-    # and fail loudly if it ever would.
     config = torch._dynamo.config
     for limit, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
         if hasattr(config, limit):
@@ -147,52 +137,39 @@ def _flex_block_size(chunk_size: int, keys_per_chunk: int, device_type: str = "c
     CPU: (m, K*R-multiple) blocks, each full or empty, when m is 16..128."""
     if device_type == "cuda":
         return 128, 128
-    q_block = chunk_size if chunk_size in (16, 32, 64, 128) else FLEX_BLOCK[0]
-    kv_block = FLEX_BLOCK[1] if keys_per_chunk % FLEX_BLOCK[1] == 0 else keys_per_chunk
-    return q_block, kv_block
+    return (chunk_size if chunk_size in (16, 32, 64, 128) else 64), (128 if keys_per_chunk % 128 == 0 else keys_per_chunk)
 
 
-def make_cca_flex(compiled: bool = True):
+def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0, compiled=True):
     """FlexAttention peer: the queries q[:, m-1:] (a view) are already in attending-chunk order, so with a
     structural block mask query block u reads exactly the key blocks of chunk u; the neighbour mask is
     a score_mod. `compiled=False`: flex_attention eagerly (its slow path; --quick on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    def cca_flex_attention(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-        from torch.nn.attention.flex_attention import flex_attention
+    B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flex_attention")
+    if used == 0:
+        return torch.zeros_like(q)
+    kr = K * R
+    qs = q[:, m - 1 :].transpose(1, 2)  # (B, Hq, N-m+1, D): a view, already shifted
+    ks, vs = (_heads(t[:, :used], B, used * kr) for t in (k, v))
+    block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device), _flex_block_size(m, kr, q.device.type))
+    score_mod = has_key = None
+    if neighbour_mask is not None:
+        key_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B, used, kr))
+        key_mask = key_mask.reshape(B, used * kr)
 
-        B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "flex_attention")
-        if used == 0:
-            return torch.zeros_like(q)
-        kr = K * R
-        qs = q[:, m - 1 :].transpose(1, 2)  # (B, Hq, N-m+1, D): a view, already shifted
-        ks = k[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
-        vs = v[:, :used].reshape(B, used * kr, Hkv, D).transpose(1, 2)
-        block_mask = _flex_block_mask(qs.shape[2], m, kr, used, str(q.device),
-                                      _flex_block_size(m, kr, q.device.type))
-        score_mod = None
-        has_key = None
-        if neighbour_mask is not None:
-            key_mask, has_key = _no_key_fix(neighbour_mask[:, :used].reshape(B, used, kr))
-            key_mask = key_mask.reshape(B, used * kr)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(key_mask[b, kv_idx], score, -float("inf"))
 
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return torch.where(key_mask[b, kv_idx], score, -float("inf"))
-
-        attend = _compiled_flex(q.device.type) if compiled else flex_attention
-        o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                   enable_gqa=Hq != Hkv)  # (B, Hq, N-m+1, D)
-        o = o.transpose(1, 2)
-        if has_key is not None:
-            rows = torch.arange(o.shape[1], device=q.device) // m
-            o = o * has_key.reshape(B, used)[:, rows, None, None]
-        return F.pad(o, (0, 0, 0, 0, m - 1, 0))
-
-    cca_flex_attention.__name__ = "cca_flex_attention" if compiled else "cca_flex_attention_eager"
-    return cca_flex_attention
+    attend = _compiled_flex(q.device.type) if compiled else flex_attention
+    o = attend(qs, ks, vs, score_mod=score_mod, block_mask=block_mask, scale=scale,
+               enable_gqa=Hq != Hkv).transpose(1, 2)  # (B, N-m+1, Hq, D)
+    if has_key is not None:
+        o = o * has_key.reshape(B, used)[:, torch.arange(o.shape[1], device=q.device) // m, None, None]
+    return F.pad(o, (0, 0, 0, 0, m - 1, 0))
 
 
-cca_flex_attention = make_cca_flex(compiled=True)
-cca_flex_attention_eager = make_cca_flex(compiled=False)
+cca_flex_attention_eager = functools.partial(cca_flex_attention, compiled=False)
 
 
 # -- flash-attn --------------------------------------------------------------
@@ -207,8 +184,7 @@ def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, star
     if used == 0:
         return torch.zeros_like(q)
     qs = _shifted_chunks(q, m, used).transpose(1, 2)  # (B*used, m, Hq, D), contiguous
-    ks = k[:, :used].reshape(B * used, K * R, Hkv, D)
-    vs = v[:, :used].reshape(B * used, K * R, Hkv, D)
+    ks, vs = (t[:, :used].reshape(B * used, K * R, Hkv, D) for t in (k, v))
     o = flash_attn_func(qs, ks, vs, softmax_scale=scale)  # GQA native
     return _unshift(o.reshape(B, used * m, Hq, D), B, N, m)
 
@@ -216,9 +192,8 @@ def cca_flash_attn(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, star
 # -- RETRO-pytorch -----------------------------------------------------------
 
 def import_retro_pytorch() -> tuple[types.ModuleType, str | None]:
-    """retro_pytorch.retro_pytorch and a note. Its package imports faiss and autofaiss for its
-    retrieval code (autofaiss pins numpy<2, so it is installed with --no-deps): where they are
-    missing, empty stand-ins go into sys.modules for the import, and the note says so."""
+    """retro_pytorch.retro_pytorch and a note: where faiss or autofaiss (imported by its package
+    for its retriever only) are missing, stand-ins go into sys.modules, and the note says so."""
     stubbed = []
     for name in ("faiss", "autofaiss"):
         if name in sys.modules:
@@ -269,19 +244,14 @@ def _retro_pytorch_cca(chunk_size: int, heads: int, dim_head: int, device: str, 
 
 
 def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, start_pos=0):
-    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only (docs/benchmarks.md):
-    its own shift, reshapes, masking and un-shift; identity projections, no null key/value, zero-width
-    rotary embeddings, k and v repeated to Hq heads, cut to L == N // m chunks (a view). A chunk
-    whose every neighbour token is masked averages all keys instead of giving zeros."""
+    """RETRO-pytorch 0.3.9's ChunkedCrossAttention.forward, attention part only (docs/benchmarks.md)."""
     B, N, Hq, D, K, R, Hkv, m, used = _cca_sizes(q, k, chunk_size, start_pos, "retro_pytorch")
     if used == 0:
         return torch.zeros_like(q)
     module = _retro_pytorch_cca(m, Hq, D, str(q.device), q.dtype)
     attn = module.cross_attn
     attn.scale = D ** -0.5 if scale is None else scale
-    if Hkv != Hq:
-        k = k.repeat_interleave(Hq // Hkv, dim=4)
-        v = v.repeat_interleave(Hq // Hkv, dim=4)
+    k, v = _repeat_heads(k, v, Hq, 4)
     context = k[:, :used].reshape(B, used, K, R, Hq * D)
     attn.to_v.value = v[:, :used].reshape(B * used, K * R, Hq * D)
     mask = neighbour_mask[:, :used] if neighbour_mask is not None else None
@@ -298,11 +268,8 @@ def cca_retro_pytorch(q, k, v, chunk_size, *, neighbour_mask=None, scale=None, s
 def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
     """SDPA per neighbour, (B*L*K, H, R, D), with the (R x R) mask materialised."""
     B, L, K, R, Hq, D = q.shape
-    Hkv = k.shape[-2]
     n = B * L * K
-    qs = q.reshape(n, R, Hq, D).transpose(1, 2)
-    ks = k.reshape(n, R, Hkv, D).transpose(1, 2)
-    vs = v.reshape(n, R, Hkv, D).transpose(1, 2)
+    qs, ks, vs = (_heads(t, n, R) for t in (q, k, v))
     attn_mask = query_ok = None
     if neighbour_mask is not None:
         key_ok = neighbour_mask.reshape(n, 1, 1, R)
@@ -317,11 +284,8 @@ def nsa_sdpa_masked(q, k, v, *, neighbour_mask=None, scale=None):
 def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
     """SDPA per chunk: its K*R neighbour tokens against its M tokens, mask materialised."""
     B, L, K, R, Hq, D = q.shape
-    M, Hkv = k.shape[2], k.shape[3]
-    n = B * L
-    qs = q.reshape(n, K * R, Hq, D).transpose(1, 2)
-    ks = k.reshape(n, M, Hkv, D).transpose(1, 2)
-    vs = v.reshape(n, M, Hkv, D).transpose(1, 2)
+    n, M = B * L, k.shape[2]
+    qs, ks, vs = _heads(q, n, K * R), _heads(k, n, M), _heads(v, n, M)
     attn_mask = has_key = None
     if chunk_mask is not None:
         full = chunk_mask.reshape(n, 1, 1, M).expand(n, 1, K * R, M).contiguous()  # materialised
@@ -333,11 +297,9 @@ def nca_sdpa_masked(q, k, v, *, chunk_mask=None, scale=None):
 def nca_sdpa_repeat(q, k, v, *, chunk_mask=None, scale=None):
     """SDPA per neighbour with the chunk activations repeated K times (RETRO-pytorch's way)."""
     B, L, K, R, Hq, D = q.shape
-    M, Hkv = k.shape[2], k.shape[3]
-    n = B * L * K
-    qs = q.reshape(n, R, Hq, D).transpose(1, 2)
-    ks = k[:, :, None].expand(B, L, K, M, Hkv, D).reshape(n, M, Hkv, D).transpose(1, 2)  # copy
-    vs = v[:, :, None].expand(B, L, K, M, Hkv, D).reshape(n, M, Hkv, D).transpose(1, 2)
+    n, M = B * L * K, k.shape[2]
+    qs = _heads(q, n, R)
+    ks, vs = (_heads(t[:, :, None].expand(B, L, K, *t.shape[2:]), n, M) for t in (k, v))  # copies
     attn_mask = has_key = None
     if chunk_mask is not None:
         key_ok = chunk_mask[:, :, None].expand(B, L, K, M).reshape(n, 1, 1, M)

@@ -1,9 +1,5 @@
-"""python -m bench report: PNG plots of the results history and of each sweep.
-
-For every <out>/<device-slug>.jsonl: plots/<slug>/history-<op>.png (how each impl moves over
-runs: ours over commits, peers with the machine and software) and
-plots/<slug>/sweep-<op>-<sweep>-<mode>.png (the latest run along each sweep).
-"""
+"""python -m bench report: for every <out>/<device-slug>.jsonl, PNG plots of each op's history
+(plots/<slug>/history-<op>.png) and of each sweep (plots/<slug>/sweep-<op>-<sweep>-<mode>.png)."""
 from __future__ import annotations
 
 import glob

@@ -1,17 +1,6 @@
-"""Retrieval benchmarks: embedding throughput, and build time / query QPS / recall@10 of
-Flat, IVF-PQ and HNSW indexes on real chunk embeddings (Python's documentation).
-
-``run(quick, device) -> list[dict]`` is called by the bench CLI. Rows:
-
-  {"suite": "retrieval", "case": "embed", "device", "chunks", "seconds", "chunks_per_s", ...}
-  {"suite": "retrieval", "case": "index/<flat|ivfpq|hnsw>", "device", "vectors", "queries",
-   "factory", "build_s", "qps", "recall@10", "faiss_gpu"}
-
-Recall@10 is measured against exact (Flat) search over the same vectors. The
-vectors are the embeddings just computed, or, when ``RETRO_BENCH_DB`` names a
-built database, its stored keys (more vectors than a CPU can embed in a
-benchmark run). Queries are held-out vectors, never in the index.
-"""
+"""Retrieval benchmarks: embedding chunks/s, and build time, QPS and recall@10 (against exact search)
+of Flat and IVF-PQ indexes over the chunk embeddings, or over the stored keys of the database
+RETRO_BENCH_DB names; queries are held-out vectors. Rows in this module's own format (bench/cli.py)."""
 from __future__ import annotations
 
 import os
@@ -51,17 +40,15 @@ def _index_rows(vectors: np.ndarray, queries: np.ndarray, device: str, k: int = 
     rows = []
     truth = None
     n, dim = vectors.shape
-    for kind in ("flat", "ivfpq", "hnsw"):
-        factory = index_mod.factory_string(kind, n, dim, {"hnsw_m": 32})
+    for kind in ("flat", "ivfpq"):
+        factory = "Flat" if kind == "flat" else index_mod.factory_string(kind, n, dim, {})
         t0 = time.perf_counter()
         index = index_mod.train_index(factory, dim, vectors, use_gpu=use_gpu)
-        index = index_mod.add_vectors(index, [vectors], use_gpu=use_gpu and kind != "hnsw")
+        index.add(vectors)
         build_s = time.perf_counter() - t0
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.nprobe = min(32, ivf.nlist)
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = 128
         _, found = index.search(queries, k)
         search_s = time_ms(lambda: index.search(queries, k), "cpu") / 1e3
         if truth is None:
@@ -76,7 +63,7 @@ def _index_rows(vectors: np.ndarray, queries: np.ndarray, device: str, k: int = 
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    """Embedding chunks/s on ``device``; Flat/IVF-PQ/HNSW build time, QPS and recall@10."""
+    """Embedding chunks/s on ``device``; Flat/IVF-PQ build time, QPS and recall@10."""
     from models.retrieval.embed import Embedder
 
     on_gpu = device.startswith("cuda")
@@ -102,11 +89,3 @@ def run(quick: bool, device: str) -> list[dict]:
     queries, base = vectors[perm[:n_queries]], vectors[perm[n_queries:]]
     rows += _index_rows(np.ascontiguousarray(base), np.ascontiguousarray(queries), device)
     return rows
-
-
-if __name__ == "__main__":  # a quick look without the bench CLI
-    import json
-    import sys
-
-    for row in run(quick="--full" not in sys.argv, device="cuda" if "--cuda" in sys.argv else "cpu"):
-        print(json.dumps(row))

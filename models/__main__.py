@@ -1,15 +1,8 @@
 """``python -m models COMMAND [...]``: a small dispatcher over subcommands.
 
-Each subcommand lives in its own module and is registered below with ONE line:
-
-    "name": ("package.module:function", "one-line help"),
-
-where ``function(argv: list[str]) -> int`` parses its own arguments
-(``models.cli_common.Parser``) and returns its exit code under
-``models.cli_common.command`` (2: a bad argument, 1: a failure; see
-docs/ARCHITECTURE.md, "Command-line conventions"). Modules are imported only
-when their command runs, so ``--help`` stays fast and one command's heavy
-imports never slow another.
+Each subcommand is one line of COMMANDS, ``"name": ("package.module:function", "one-line help")``,
+where ``function(argv) -> int`` parses its own arguments and returns its exit code
+(``models.cli_common.command``). A module is imported only when its command runs, so ``--help`` stays fast.
 """
 from __future__ import annotations
 

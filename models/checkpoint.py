@@ -3,10 +3,10 @@
 A checkpoint is a directory `step-XXXXXXXX/` holding
 
     config.json          the RetroConfig
-    model.safetensors    the weights (tied weights stored once)
-    optimizer.safetensors  every tensor of the optimizer state, flattened keys
+    shard-*.safetensors  the weights and optimizer state, one file per process that trained it, readable
+                         by any layout (models.sharded; tied weights stored once)
     rng.safetensors      the RNG states' tensors
-    state.json           step, optimizer/scheduler scalars, RNG states, training args
+    state.json           step, RNG states, training args
 
 `latest.json` names the newest one and lists the run's own checkpoints: a
 run deletes only checkpoints it listed there itself (never a `step-*` folder
@@ -33,9 +33,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
+from . import sharded
 from .atomic import fsync_dir, temporaries, write_json_atomic
 from .config import RetroConfig
 from .errors import one_line
@@ -43,7 +46,7 @@ from .model import RetroModel
 
 LATEST = "latest.json"
 RUN_KIND = "retro_kernels/train-run"
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+CHECKPOINT_FILES = ("config.json", "rng.safetensors", "state.json", sharded.SHARD_FILE)
 STEP_NAME = re.compile(r"step-\d{8}(?:-\d+)?")
 # Leftovers of killed runs, removed when a run takes the folder (mkdtemp below; atomic_file for latest.json).
 TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), *temporaries(LATEST))
@@ -51,37 +54,6 @@ TEMPORARIES = (re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}"), *temporaries(LATEST))
 
 class CheckpointError(ValueError):
     """A checkpoint (or latest.json) that is missing, corrupted, or does not match; the message names the file."""
-
-
-# -- nested state <-> (tensors, json) -----------------------------------------
-
-def _flatten(obj, prefix: str, tensors: dict):
-    """Replace tensors in a nested dict/list by {"__tensor__": key}, collecting them."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__" if isinstance(obj, list) else "__tuple__":
-                [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint without pickle")
-
-
-def _unflatten(obj, tensors: dict):
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__dict__" in obj:
-            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
-        if "__list__" in obj:
-            return [_unflatten(v, tensors) for v in obj["__list__"]]
-        if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-    return obj
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -130,13 +102,17 @@ def read_latest(out) -> Optional[dict]:
     return data
 
 
+def is_checkpoint_file(name: str) -> bool:
+    return name in CHECKPOINT_FILES or bool(sharded.SHARD_FILE.fullmatch(name))
+
+
 def remove_checkpoint(path: Path) -> None:
     """Delete checkpoint folder `path`: only the files a checkpoint holds; a folder with anything else stays."""
     path = Path(path)
     if not STEP_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
         return
     for child in path.iterdir():
-        if child.name in CHECKPOINT_FILES and child.is_file() and not child.is_symlink():
+        if is_checkpoint_file(child.name) and child.is_file() and not child.is_symlink():
             child.unlink()
     try:
         path.rmdir()
@@ -167,24 +143,30 @@ class RunCheckpoints:
             name = f"step-{step:08d}-{n}"
         return self.out / name
 
-    def save(self, model, optimizer=None, step: int = 0, state: Optional[dict] = None) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=f".step-{step:08d}."))
+    def save(self, model, optimizer=None, step: int = 0, state: Optional[dict] = None) -> Optional[Path]:
+        """Checkpoint ``step``; under torchrun every process calls it (each writes its shards), and the
+        first one, which writes the rest and returns the folder, keeps the registry (the others: None)."""
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if first:
+            self.out.mkdir(parents=True, exist_ok=True)
+        tmp = [str(tempfile.mkdtemp(dir=self.out, prefix=f".step-{step:08d}.")) if first else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(tmp, src=0)
+        tmp = Path(tmp[0])
         try:
+            sharded.save(tmp, model, optimizer)
+            if not first:
+                return None
             (tmp / "config.json").write_text(model.cfg.to_json())
-            save_model(model, str(tmp / "model.safetensors"))
             meta = {"step": step, **(state or {})}
             rng_tensors, meta["rng"] = rng_state()
             save_file({f"rng.{k}": v for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-            if optimizer is not None:
-                tensors: dict = {}
-                meta["optimizer"] = _flatten(optimizer.state_dict(), "opt", tensors)
-                save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             final = self._free_name(step)
             os.replace(tmp, final)  # a new name: no checkpoint is deleted to make room
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # made by this call, just now
+            if first:
+                shutil.rmtree(tmp, ignore_errors=True)  # made by this call, just now
             raise
         fsync_dir(self.out)
         self.mine.append(final.name)
@@ -214,9 +196,9 @@ def resolve(path) -> Path:
         if not named.is_dir():
             raise CheckpointError(f"{path / LATEST} names {latest['checkpoint']}, which does not exist")
         path = named
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+    if not sharded.shard_files(path) or not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"no checkpoint at {str(path)!r}: expected a directory with config.json and model.safetensors, "
+            f"no checkpoint at {str(path)!r}: expected a directory with config.json and shard-*.safetensors, "
             f"or a training output directory with {LATEST}")
     return path
 
@@ -240,17 +222,25 @@ def load_config(path) -> RetroConfig:
         raise CheckpointError(f"checkpoint {file}: {one_line(e)}") from None
 
 
+# What reading a damaged or mismatched checkpoint raises (DCP wraps the readers' errors in CheckpointException).
+READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
+               AssertionError, SafetensorError, CheckpointException)
+
+
 def load_model_weights(model, path, strict: bool = True):
-    """Load weights into `model`; returns (missing, unexpected) key lists."""
-    file = resolve(path) / "model.safetensors"
+    """Load weights into `model` (any layout: its slices of them); returns (missing, unexpected) key lists."""
+    folder = resolve(path)
+    for file in sharded.shard_files(folder):
+        try:
+            safe_open(str(file), "pt").__exit__(None, None, None)  # reads and checks the header only
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
+                                  f"(truncated, or not a checkpoint: {one_line(e)})") from None
     try:
-        return load_model(model, str(file), strict=strict)
-    except SafetensorError as e:
-        raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
-                              f"(truncated, or not a checkpoint: {one_line(e)})") from None
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {file} does not match the model its config.json describes "
-                              f"({one_line(e)[:400]})") from None
+        return sharded.load_model(folder, model, strict=strict)
+    except READ_ERRORS as e:
+        raise CheckpointError(f"checkpoint {folder / 'shard-*.safetensors'} does not match the model its "
+                              f"config.json describes ({one_line(e)[:400]})") from None
 
 
 def nonfinite_parameters(model) -> list[str]:
@@ -270,29 +260,27 @@ def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
     bad = nonfinite_parameters(model)
     if bad and not allow_nonfinite:
         raise CheckpointError(
-            f"checkpoint {resolve(path) / 'model.safetensors'} holds NaN/inf weights in {len(bad)} "
+            f"checkpoint {resolve(path) / 'shard-*.safetensors'} holds NaN/inf weights in {len(bad)} "
             f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
     return model.to(device).eval()
 
 
-def load_training_state(path, optimizer=None, restore_rng: bool = True) -> dict:
-    """Load optimizer state and RNG states; returns the JSON state (step, scheduler, args...)."""
+def load_training_state(path, optimizer=None, restore_rng: bool = True, model=None) -> dict:
+    """Load the optimizer state (of ``model``'s parameters) and RNG states; returns the JSON state (step, args...)."""
     path = resolve(path)
     current = path / "state.json"
     try:
         meta = json.loads(current.read_text())
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
             raise ValueError("expected a JSON object with an integer step")
-        if optimizer is not None and "optimizer" in meta:
-            current = path / "optimizer.safetensors"
-            tensors = load_file(str(current))
-            optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
+        if optimizer is not None:
+            current = path / "shard-*.safetensors"
+            sharded.load_optimizer(path, model, optimizer)
         if restore_rng:
             current = path / "rng.safetensors"
             rng = load_file(str(current))
             set_rng_state({k[len("rng."):]: v for k, v in rng.items()}, meta["rng"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
-            SafetensorError) as e:
+    except READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {current} cannot be resumed from ({type(e).__name__}: "
                               f"{one_line(e)[:300]})") from None
     return meta

@@ -1,21 +1,10 @@
 """What the model commands share: argument types that validate, and one error convention.
 
-Every ``python -m models`` command parses with :class:`Parser` and runs under
-:func:`command`:
-
-- exit 2: a bad argument, found before any work starts. One line names the
-  argument and what it expects (argparse ``type=`` functions below, and
-  :class:`UsageError` for checks across arguments or against a file's content).
-- exit 1: a failure while working (a corrupted file, a folder in use, a
-  non-finite loss...). One line names the file or argument.
-- exit 130: interrupted.
-- a traceback only with ``--debug``.
-
-The ``type=`` functions are the one place where each kind of argument is
-checked, so that every command accepts and refuses the same values; the two
-that open a file live beside the code that reads it
-(``checkpoint.checkpoint_argument``, ``evaluate.model_argument``), so that this
-module imports nothing of the project but ``errors``.
+Every ``python -m models`` command parses with :class:`Parser` and runs under :func:`command`: exit 2
+for a bad argument found before any work (argparse ``type=`` functions below, :class:`UsageError`),
+1 for a failure while working, 130 when interrupted, each with one line; a traceback only with
+``--debug`` (docs/ARCHITECTURE.md, "Command-line conventions"). The two type= functions that open a
+file live beside the code that reads it, so that this module imports nothing of the project but ``errors``.
 """
 from __future__ import annotations
 
@@ -81,9 +70,7 @@ def command(name: str, prog: str | None = None):
     return wrap
 
 
-# ---------------------------------------------------------------------------
 # argparse type= functions
-# ---------------------------------------------------------------------------
 
 def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
     if lo is not None and hi is not None:
@@ -95,41 +82,33 @@ def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
     return ""
 
 
-def integer(lo: int | None = None, hi: int | None = None):
-    """An int in [lo, hi] (either bound may be None)."""
-    expect = f"an integer {_range_text(lo, hi)}".strip()
+def _bounded(what: str, convert, lo, hi, lo_open=False, hi_open=False):
+    """A type= function: `convert(text)`, finite, in the range (open or closed at each end)."""
+    expect = f"{what} {_range_text(lo, hi, lo_open, hi_open)}".strip()
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text, 10)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            value = math.nan
+        inside = (lo is None or (value > lo if lo_open else value >= lo)) and (
+            hi is None or (value < hi if hi_open else value <= hi))
+        if not (inside and (isinstance(value, int) or math.isfinite(value))):
             raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = what.split()[-1]
     return parse
+
+
+def integer(lo: int | None = None, hi: int | None = None):
+    """An int in [lo, hi] (either bound may be None)."""
+    return _bounded("an integer", lambda text: int(text, 10), lo, hi)
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     """A finite float in the range (open or closed at each end); never nan or inf."""
-    expect = f"a finite number {_range_text(lo, hi, lo_open, hi_open)}".strip()
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= lo is not None and (value <= lo if lo_open else value < lo)
-        bad |= hi is not None and (value >= hi if hi_open else value > hi)
-        if bad:
-            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _bounded("a finite number", float, lo, hi, lo_open, hi_open)
 
 
 SEED = integer(0, 2**32 - 1)

@@ -77,11 +77,9 @@ class RetroConfig:
                 raise ValueError(f"RetroConfig: {msg}")
 
         try:  # the numbers: the command line's type= functions and their messages
-            for name, parse in LIMITS.items():
-                check_value(name, getattr(self, name), parse)
-            for name in OPTIONAL:
-                if getattr(self, name) is not None:
-                    check_value(name, getattr(self, name), POSITIVE)
+            for name, parse in {**LIMITS, **dict.fromkeys(OPTIONAL, POSITIVE)}.items():
+                if name not in OPTIONAL or getattr(self, name) is not None:
+                    check_value(name, getattr(self, name), parse)
         except ValueError as e:
             raise ValueError(f"RetroConfig: {e}") from None
         for name in ("retrieval", "tie_embeddings"):

@@ -1,17 +1,13 @@
-"""Training and evaluation data: chunk-aligned token sequences with their neighbours.
+"""Training and evaluation data: chunk-aligned token sequences with their neighbours (docs/model.md, "Data").
 
-The unit is the database's chunk: every document is cut into chunks of m
-tokens from its start (the last one padded), and the retriever gives each
-chunk K neighbours of R tokens. Laying the chunks of a set of documents end
-to end gives a stream; a sequence is S = N / m consecutive chunks of it, so
-every chunk of a sequence is a database chunk with precomputed neighbours.
-
-Targets are the next token of the same document; padding and the first token
-of a document are never predicted (target -100). Bits per byte count the
-UTF-8 bytes of exactly the predicted tokens (`token_bytes`).
+A split's documents laid end to end, cut into the database's chunks of m tokens (each document from a
+chunk boundary, its last chunk padded), each chunk with K neighbours of R tokens; a sequence is N / m
+consecutive chunks. Targets are the next token of the same document (padding and a document's first
+token: IGNORE).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,10 +73,8 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
         n = -(-len(ids) // chunk_size)
         padded = np.full(n * chunk_size, pad_id, dtype=np.int64)
         padded[: len(ids)] = ids
-        v = np.zeros(n * chunk_size, dtype=bool)
-        v[: len(ids)] = True
         tokens.append(padded.reshape(n, chunk_size))
-        valid.append(v.reshape(n, chunk_size))
+        valid.append((np.arange(n * chunk_size) < len(ids)).reshape(n, chunk_size))
         doc.append(np.full(n, d, dtype=np.int64))
     return ChunkedTokens(np.concatenate(tokens), np.concatenate(valid), np.concatenate(doc))
 
@@ -108,16 +102,12 @@ class SequenceBatches:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self.starts
-        return np.random.default_rng(self.seed + epoch).permutation(self.starts)
-
     def batch(self, step: int) -> dict:
         """The local share of global batch number `step`."""
         n = len(self.starts)
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        orders = {e: self._order(e) for e in np.unique(idx // n).tolist()}
+        orders = {e: np.random.default_rng(self.seed + e).permutation(self.starts) if self.shuffle else self.starts
+                  for e in np.unique(idx // n).tolist()}
         starts = np.array([orders[int(i // n)][i % n] for i in idx])
         return self.gather(starts[self.rank :: self.world])
 
@@ -142,17 +132,7 @@ class SequenceBatches:
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest run of tokens that a and b share (longest common substring)."""
-    if len(a) == 0 or len(b) == 0:
-        return 0
-    eq = a[:, None] == b[None, :]
-    best = 0
-    prev = np.zeros(len(b) + 1, dtype=np.int64)
-    for i in range(len(a)):
-        cur = np.zeros_like(prev)
-        cur[1:] = np.where(eq[i], prev[:-1] + 1, 0)
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
+    return difflib.SequenceMatcher(None, a.tolist(), b.tolist(), autojunk=False).find_longest_match().size
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
@@ -171,17 +151,12 @@ def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
         if data.doc[c] != data.doc[c - 1]:
             continue
         chunk = data.tokens[c][data.valid[c]]
-        best = 0
-        for k in range(data.neighbours.shape[1]):
-            neighbour = data.neighbours[c - 1, k][data.neighbour_mask[c - 1, k]]
-            best = max(best, longest_common_run(chunk, neighbour))
-        out[c] = best / m
+        out[c] = max(longest_common_run(chunk, n[ok]) for n, ok in zip(data.neighbours[c - 1],
+                                                                        data.neighbour_mask[c - 1])) / m
     return out
 
 
-# ---------------------------------------------------------------------------
 # From a retrieval database (models.retrieval)
-# ---------------------------------------------------------------------------
 
 def open_database(path, chunk_size: Optional[int] = None):
     """Open a built retrieval database (--db: cli_common.database checked that there is one)."""

@@ -15,9 +15,7 @@ class UsageError(ValueError):
 def one_line(message: str) -> str:
     """A message on one line: its lines joined (after a colon by a space, else by '; ')."""
     parts = [p.strip() for p in str(message).splitlines() if p.strip()]
-    if not parts:
-        return ""
-    out = parts[0]
+    out = parts[0] if parts else ""
     for prev, part in zip(parts, parts[1:]):
         out += (" " if prev.endswith(":") else "; ") + part
     return out

@@ -1,15 +1,7 @@
-"""Bits per byte with retrieval ON and OFF, and the chunk-overlap breakdown.
+"""Bits per byte with retrieval ON and OFF, and the chunk-overlap breakdown; ``python -m models eval``.
 
-bpb = sum over predicted tokens of NLL (nats) / ln 2 / UTF-8 bytes of those tokens.
-Every token of a document except its first is predicted, so this is the
-formula of docs/spec.md#evaluation over the text the model predicts; it does not depend on the
-tokenizer.
-
-Overlap breakdown (RETRO paper, section 4.4): each evaluation chunk is
-predicted with the neighbours retrieved for the chunk before it; its overlap is
-the longest run of tokens it shares with any of them, divided by m
-(`data.chunk_overlap`). bpb(alpha) is the bpb over the chunks with overlap <=
-alpha, for alpha from 0 to 1: how much of the gain remains without copying.
+bpb = NLL (nats) of the predicted tokens / ln 2 / their UTF-8 bytes (docs/spec.md#evaluation); bpb(alpha)
+is the bpb over the chunks whose overlap with their neighbours is <= alpha (docs/model.md, "Evaluation").
 """
 from __future__ import annotations
 
@@ -47,12 +39,8 @@ def token_nll(model: RetroModel, data: ChunkedTokens, retrieval: bool, batch_siz
         inside = (starts[i : i + batch_size, None] + np.arange(S)[None, :]) < C
         pos_nll[rows[inside]] = nll.reshape(-1, S, m)[inside]
         pos_pred[rows[inside]] = pred.reshape(-1, S, m)[inside]
-    # Shift from "position that predicts" to "token predicted".
-    tgt_nll = np.zeros(C * m)
-    tgt_pred = np.zeros(C * m, dtype=bool)
-    tgt_nll[1:] = pos_nll.reshape(-1)[:-1]
-    tgt_pred[1:] = pos_pred.reshape(-1)[:-1]
-    return tgt_nll.reshape(C, m), tgt_pred.reshape(C, m)
+    # Shift from "position that predicts" to "token predicted" (the stream's first token is never predicted).
+    return tuple(np.concatenate([np.zeros(1, a.dtype), a.reshape(-1)[:-1]]).reshape(C, m) for a in (pos_nll, pos_pred))
 
 
 def _position_nll(model, batch: dict, retrieval: bool, device, autocast: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -70,32 +58,23 @@ def _position_nll(model, batch: dict, retrieval: bool, device, autocast: bool) -
 
 
 def bits_per_byte(nll: np.ndarray, predicted: np.ndarray, token_bytes: np.ndarray) -> float:
+    """Bits per byte over the `predicted` entries (nan when they hold no byte)."""
     n_bytes = token_bytes[predicted].sum()
     return float(nll[predicted].sum() / math.log(2) / n_bytes) if n_bytes else float("nan")
 
 
 def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *, retrieval: bool,
-             batch_size: int = 8, device="cpu", overlap: bool = True) -> dict:
-    """bpb on `data` (a set of documents); with retrieval, also bpb by chunk overlap.
-
-    byte_lengths: (vocab,) UTF-8 bytes of each token id.
+             batch_size: int = 8, device="cpu") -> dict:
+    """bpb on `data` (a set of documents), and per chunk its overlap with its neighbours (with retrieval),
+    NLL and predicted bytes (`_per_chunk`, for bpb by overlap). byte_lengths: (vocab,) UTF-8 bytes of each token id.
     """
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
     token_bytes = np.asarray(byte_lengths)[data.tokens]
     pred = pred & (token_bytes > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
-    out = {
-        "bpb": bits_per_byte(nll, pred, token_bytes),
-        "tokens": int(pred.sum()),
-        "bytes": int(token_bytes[pred].sum()),
-        "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
-    }
-    chunk_overlap_ = np.zeros(len(data))
-    if overlap and retrieval and data.neighbours is not None:
-        chunk_overlap_ = chunk_overlap(data)
-        out["overlap"] = [{"alpha": alpha, "bpb": bpb, "chunk_fraction": fraction} for alpha, bpb, fraction in zip(
-            ALPHAS, bpb_by_overlap(chunk_overlap_, nll * pred, token_bytes * pred), chunk_fractions(chunk_overlap_))]
-    out["_per_chunk"] = {"overlap": chunk_overlap_, "nll": (nll * pred).sum(1), "bytes": (token_bytes * pred).sum(1)}
-    return out
+    overlap = chunk_overlap(data) if retrieval else np.zeros(len(data))
+    return {"bpb": bits_per_byte(nll, pred, token_bytes), "tokens": int(pred.sum()),
+            "bytes": int(token_bytes[pred].sum()), "nats_per_token": float(nll[pred].sum() / max(1, pred.sum())),
+            "_per_chunk": {"overlap": overlap, "nll": (nll * pred).sum(1), "bytes": (token_bytes * pred).sum(1)}}
 
 
 def chunk_fractions(overlap: np.ndarray) -> list[float]:
@@ -109,12 +88,7 @@ def bpb_by_overlap(overlap: np.ndarray, nll: np.ndarray, token_bytes: np.ndarray
     nll, token_bytes: per chunk (C,), or per token (C, m), counting only the predicted tokens.
     """
     nll, token_bytes = nll.reshape(len(overlap), -1).sum(1), token_bytes.reshape(len(overlap), -1).sum(1)
-    rates = []
-    for alpha in ALPHAS:
-        keep = overlap <= alpha + 1e-9
-        total = token_bytes[keep].sum()
-        rates.append(float(nll[keep].sum() / math.log(2) / total) if total else float("nan"))
-    return rates
+    return [bits_per_byte(nll, overlap <= alpha + 1e-9, token_bytes) for alpha in ALPHAS]
 
 
 def overlap_rows(on: dict, off: dict) -> list[dict]:
@@ -249,7 +223,6 @@ def table(results: dict) -> str:
              "on_with_eval_docs": "retrieval ON, database including them"}
     return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
                                                  if k in results])
-
 
 
 # -- the command line: eval (and generate, with the same model and database flags) ---------------

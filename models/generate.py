@@ -1,13 +1,8 @@
-"""Sampling with a KV cache and retrieval as chunks complete.
+"""Sampling with a KV cache and retrieval as chunks complete; ``python -m models generate``.
 
-    python -m models generate --checkpoint runs/x --db DIR --prompt "..." [--max-new-tokens 128
-        --temperature 0.8 --top-k 50 --top-p 0.95 --no-retrieval]
-
-The prompt is fed in one forward; then one token at a time. Whenever a chunk
-of m tokens completes, its neighbours are retrieved with its tokens, and the
-next forward (the chunk's last token, the first that may read them) encodes
-them with the chunk's activations and continues chunked cross-attention over
-them through `chunked_cross_attention(..., start_pos=...)`.
+The prompt in one forward, then one token at a time; when a chunk of m tokens completes, its neighbours
+are retrieved with its tokens and the next forward encodes them and continues CCA over them
+(docs/model.md, "Generation").
 """
 from __future__ import annotations
 
@@ -67,19 +62,15 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
     out = Generation(tokens=list(prompt), prompt_len=len(prompt))
     K, R = cfg.num_neighbours, cfg.R
 
-    def retrieve_complete_chunks():
-        done = len(out.neighbours)
-        complete = len(out.tokens) // m
-        if complete > done:
-            chunks = [np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)]
-            neighbours, mask = retriever(chunks)
-            out.neighbours.extend(np.asarray(neighbours)[:, :K, :R])
-            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
-
     def neighbour_tensors():
+        """The neighbours of every complete chunk, retrieving those of the chunks completed since the last call."""
         if retriever is None:
             return None, None
-        retrieve_complete_chunks()
+        done, complete = len(out.neighbours), len(out.tokens) // m
+        if complete > done:
+            neighbours, mask = retriever([np.asarray(out.tokens[u * m:(u + 1) * m]) for u in range(done, complete)])
+            out.neighbours.extend(np.asarray(neighbours)[:, :K, :R])
+            out.neighbour_masks.extend(np.asarray(mask)[:, :K, :R])
         if not out.neighbours:
             return torch.zeros(1, 0, K, R, dtype=torch.long, device=device), None
         neighbours = torch.as_tensor(np.stack(out.neighbours), dtype=torch.long, device=device)[None]
@@ -126,7 +117,6 @@ def format_generation(db, result: Generation, max_neighbour_chars: int = 160) ->
             text = db.decode(neighbours[k][mask[k]]).replace("\n", " ")
             lines.append(f"    neighbour {k}: {text[:max_neighbour_chars]!r}")
     return "\n".join(lines)
-
 
 
 @command("generate")

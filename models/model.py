@@ -45,16 +45,13 @@ class FeedForward(nn.Module):
         self.gated = kind == "gated"
         hidden = int(d_model * mult * (2 / 3 if self.gated else 1))
         hidden = 8 * math.ceil(hidden / 8)
-        self.up = nn.Linear(d_model, hidden * (2 if self.gated else 1), bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.gate = nn.Linear(d_model, hidden, bias=False) if self.gated else None  # apart: tensor-parallel splits
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            a, g = self.up(x).chunk(2, dim=-1)
-            h = a * F.silu(g)
-        else:
-            h = F.gelu(self.up(x))
+        h = self.up(x) * F.silu(self.gate(x)) if self.gated else F.gelu(self.up(x))
         return self.dropout(self.down(h))
 
 
@@ -71,24 +68,27 @@ class LayerCache:
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head (or grouped-query) self-attention with rotary positions, via SDPA."""
+    """Causal multi-head (or grouped-query) self-attention with rotary positions, via SDPA.
+
+    The head counts come from the projections' outputs: under tensor parallelism a rank holds some heads.
+    """
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.head_dim
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        self.to_qkv = nn.Linear(cfg.d_model, (H + 2 * Hkv) * D, bias=False)
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.head_dim
+        self.head_dim = D
+        self.to_q = nn.Linear(cfg.d_model, H * D, bias=False)
+        self.to_k = nn.Linear(cfg.d_model, Hkv * D, bias=False)
+        self.to_v = nn.Linear(cfg.d_model, Hkv * D, bias=False)
         self.to_out = nn.Linear(H * D, cfg.d_model, bias=False)
         self.rotary = RotaryEmbedding(D - D % 2, cfg.rotary_base)
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, start_pos: int = 0, cache: Optional[LayerCache] = None) -> Tensor:
         B, N, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.to_qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, N, H, D), k.view(B, N, Hkv, D), v.view(B, N, Hkv, D)
+        D = self.head_dim
+        q, k, v = (f(x).view(B, N, -1, D) for f in (self.to_q, self.to_k, self.to_v))
+        H, Hkv = q.shape[2], k.shape[2]
         positions = torch.arange(start_pos, start_pos + N, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:

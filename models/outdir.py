@@ -1,17 +1,9 @@
 """Output folders: which command made a folder (a marker), which run uses it now (a lock).
 
-The rule (docs/ARCHITECTURE.md, "What a command may delete or replace"): a
-command deletes or replaces only what it can prove it made itself.
-
-- A command writes into a folder only if the folder is new or empty, or holds
-  its own marker ``.retro_kernels.json`` (its kind and version). Any other
-  non-empty folder is refused, with ``--overwrite`` or without.
-- Inside its folder it deletes only files it names (its artefacts, and its own
-  temporaries, whose names follow its patterns); anything else stays.
-- While it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``, advisory):
-  a second run on the same folder is refused at once, with a message naming
-  the holder (pid, host, command). The kernel drops the lock when the
-  process dies, however it dies, so a stale lock never blocks anyone.
+A command deletes or replaces only what it can prove it made itself (docs/ARCHITECTURE.md, "What a
+command may delete or replace"): it writes into a folder only if it is new or empty or holds its own
+marker ``.retro_kernels.json``; inside, it deletes only files it names and its own temporaries; while
+it runs it holds ``.retro_kernels.lock`` (``fcntl.flock``), which the kernel drops when the process dies.
 """
 from __future__ import annotations
 
@@ -46,15 +38,18 @@ class FolderInUse(RuntimeError):
     """Another run holds the folder's lock."""
 
 
-def read_marker(folder: Path) -> Optional[dict]:
-    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+def _json_object(path) -> Optional[dict]:
     try:
-        data = json.loads((Path(folder) / MARKER).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("version"), int):
-        return None
-    return data
+    return data if isinstance(data, dict) else None
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    """The folder's marker ({"kind", "version", ...}), or None if it has none or it is not ours."""
+    data = _json_object(Path(folder) / MARKER)
+    return data if data and data.get("kind") in KINDS and isinstance(data.get("version"), int) else None
 
 
 def user_entries(folder: Path) -> list[str]:
@@ -114,39 +109,22 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FolderLock:
-    """``with FolderLock(folder):`` holds ``folder/.retro_kernels.lock`` (flock) or raises FolderInUse."""
-
-    def __init__(self, folder, option: str = "--out"):
-        self.folder = Path(folder)
-        self.option = option
-        self._file = None
-
-    def __enter__(self) -> "FolderLock":
-        path = self.folder / LOCK
-        f = open(path, "a+")
+@contextlib.contextmanager
+def locked(folder, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder/.retro_kernels.lock`` (flock, released when the file closes) or raise FolderInUse."""
+    folder = Path(folder)
+    with open(folder / LOCK, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read()
-            f.close()
-            raise FolderInUse(f"{self.option} {str(self.folder)!r} is in use by another run "
-                              f"({describe_holder(holder)}); wait for it to finish or choose another folder") from None
+            raise FolderInUse(f"{option} {str(folder)!r} is in use by another run ({describe_holder(f.read())}); "
+                              f"wait for it to finish or choose another folder") from None
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(),
-                   "since": _now()}, f)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(), "since": _now()}, f)
         f.flush()
-        self._file = f
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-        return False
+        yield
 
 
 def describe_holder(text: str) -> str:
@@ -171,7 +149,7 @@ def claimed(folder, kind: str, option: str = "--out", temporaries: Iterable[re.P
     check = check or (lambda: check_folder(path, kind, option))
     state = check()
     path.mkdir(parents=True, exist_ok=True)
-    with FolderLock(path, option):
+    with locked(path, option):
         check()  # again, under the lock: another run may have won
         write_marker(path, kind)
         remove_temporaries(path, temporaries, inside)
@@ -213,11 +191,8 @@ def report_kind(kind: str) -> str:
 
 def read_report(path) -> Optional[dict]:
     """A JSON report we wrote (it carries our "kind"), or None."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+    data = _json_object(path)
+    return data if data and isinstance(data.get("kind"), str) else None
 
 
 def check_own_file(path, kind: str, option: str = "--out", named_by: Optional[Path] = None) -> None:

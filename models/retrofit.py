@@ -1,35 +1,12 @@
 """RETROfit: freeze a trained causal LM, add retrieval, train only what was added (RETRO paper, section 4.4).
 
-    from models.retrofit import retrofit
     rf = retrofit(gpt2, chunk_size=64, cca_layers=[6, 9, 12])   # 1-based, as in the paper
     logits = rf(input_ids)                          # == gpt2(input_ids).logits, bit for bit
     logits = rf(input_ids, neighbours, neighbour_mask)   # (B, L, K, R) neighbour token ids
 
-The base model is a plain `models` decoder (`RetroModel` with retrieval=False)
-or a `transformers` causal LM: GPT-2 and the Llama family are found by
-themselves, others by naming their decoder layers (`layers="model.decoder.layers"`)
-and each layer's self-attention (`attention="self_attn"`). It is changed in
-place only by freezing (requires_grad False) and by forward hooks that do
-nothing unless neighbours are given:
-
-- a pre-hook on each chosen decoder layer keeps the residual stream x it
-  receives; at the first chosen layer it also runs the neighbour encoder
-  (`models.model.RetrievalEncoder`) on the neighbours embedded by the base
-  model's own token embedding, cross-attending to x chunk by chunk;
-- a hook on that layer's self-attention adds cca(norm(x + attn)) to the
-  attention's output, so the layer's own residual sum becomes
-  x + attn + cca(norm(x + attn)): chunked cross-attention right after
-  self-attention (`retro_kernels.nn.ChunkedCrossAttention`).
-
-CCA's output projections start at zero, and without neighbours the hooks
-return at once: retrofit OFF *is* the base model. Only public torch hooks and
-public transformers API are used (get_input_embeddings, DynamicCache, the
-model's cache argument), so the same code runs on transformers 4.x and 5.x.
-
-`RetrofitModel` has the interface of `RetroModel` that evaluation and
-generation use (`cfg`, `new_cache`, `forward(tokens, neighbours,
-neighbour_mask, start_pos=, cache=)`): `models eval` and `models generate`
-take a retrofit folder (`save_retrofit`, `load_retrofit`) as a checkpoint.
+The bases it takes, and how CCA and the encoder are inserted by forward hooks that do nothing
+without neighbours: docs/model.md, "RETROfit". `RetrofitModel` has the interface of `RetroModel`
+that evaluation and generation use; `models eval` and `models generate` take a retrofit folder.
 """
 from __future__ import annotations
 
@@ -51,6 +28,7 @@ from retro_kernels.nn import ChunkedCrossAttention
 from .atomic import atomic_file, temporaries, write_json_atomic
 from .config import RetroConfig
 from .model import NeighbourCache, RetrievalEncoder, RetroModel, complete_chunks, encoded_for_step
+from .sharded import shard_files
 
 FORMAT = "retro_kernels/retrofit"
 CONFIG_FILE = "retrofit.json"
@@ -111,9 +89,7 @@ class RetrofitConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "retrieval"}
 
 
-# ---------------------------------------------------------------------------
 # How to reach into a base model
-# ---------------------------------------------------------------------------
 
 def _attribute(root: nn.Module, path: str):
     obj = root
@@ -122,6 +98,15 @@ def _attribute(root: nn.Module, path: str):
         if obj is None:
             return None
     return obj
+
+
+def _first(root: nn.Module, given: Optional[str], known: tuple, fits, option: str, expected: str) -> str:
+    """`given`, or else the first of the `known` paths, that names an attribute of `root` that `fits`."""
+    for path in (given,) if given else known:
+        if fits(_attribute(root, path)):
+            return path
+    named = f"{option}={given!r} is not" if given else f"none of {list(known)} is"
+    raise ValueError(f"retrofit: {named} {expected}")
 
 
 class BaseAdapter:
@@ -140,34 +125,18 @@ class BaseAdapter:
         if not hasattr(model, "get_input_embeddings"):
             raise ValueError(f"retrofit: expected a models.RetroModel or a transformers causal LM, got "
                              f"{type(model).__name__}")
-        self.layers = self._find_layers(model, layers)
-        self.attention = self._find_attention(self.layers[0], attention)
+        path = _first(model, layers, KNOWN_LAYERS, lambda found: isinstance(found, nn.ModuleList) and len(found) > 0,
+                      "layers", f"a ModuleList of decoder layers in {type(model).__name__}; name them with "
+                                f"layers='dotted.path'")
+        self.layers = list(_attribute(model, path))
+        self.attention = _first(self.layers[0], attention, KNOWN_ATTENTION, lambda found: isinstance(found, nn.Module),
+                                "attention", f"a submodule of {type(self.layers[0]).__name__}; name the layer's "
+                                             f"self-attention with attention='name'")
         self.embedding = model.get_input_embeddings()
         self.hidden = self.embedding.embedding_dim
         self.heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
         forward = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"  # 5.x renamed it
-
-    @staticmethod
-    def _find_layers(model, layers):
-        paths = (layers,) if layers else KNOWN_LAYERS
-        for path in paths:
-            found = _attribute(model, path)
-            if isinstance(found, nn.ModuleList) and len(found) > 0:
-                return list(found)
-        named = f"layers={layers!r} is not" if layers else f"none of {list(KNOWN_LAYERS)} is"
-        raise ValueError(f"retrofit: {named} a ModuleList of decoder layers in {type(model).__name__}; "
-                         f"name them with layers='dotted.path'")
-
-    @staticmethod
-    def _find_attention(layer, attention):
-        names = (attention,) if attention else KNOWN_ATTENTION
-        for name in names:
-            if isinstance(getattr(layer, name, None), nn.Module):
-                return name
-        named = f"attention={attention!r} is not" if attention else f"none of {list(KNOWN_ATTENTION)} is"
-        raise ValueError(f"retrofit: {named} a submodule of {type(layer).__name__}; name the layer's "
-                         f"self-attention with attention='name'")
 
     def new_cache(self):
         if self.ours:
@@ -186,9 +155,7 @@ class BaseAdapter:
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-# ---------------------------------------------------------------------------
 # The retrofitted model
-# ---------------------------------------------------------------------------
 
 class CCABlock(nn.Module):
     """cca(norm(h)): the update CCA adds to the residual stream after self-attention."""
@@ -253,7 +220,7 @@ class RetrofitModel(nn.Module):
         for i in cfg.cca_layers:
             layer = self.adapter.layers[i - 1]
             self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
-            attention = getattr(layer, self.adapter.attention)
+            attention = _attribute(layer, self.adapter.attention)
             self._hooks.append(attention.register_forward_hook(self._attention_output_hook(i)))
         base.eval()
 
@@ -265,8 +232,10 @@ class RetrofitModel(nn.Module):
 
     # -- parameters, modes, kernels ---------------------------------------------------
     def added_state_dict(self) -> dict:
-        """The weights retrofitting added (what `save_retrofit` writes)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+        """The weights retrofitting added (what `save_retrofit` writes); sharded ones (FSDP, tensor parallel)
+        gathered whole, which every process of the run must ask for."""
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.state_dict().items()
+                if not k.startswith("base.")}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -392,9 +361,7 @@ def trainable_share(model: RetrofitModel) -> dict:
     return {"trainable": added, "base": base, "share": added / (added + base)}
 
 
-# ---------------------------------------------------------------------------
 # The base model on disk, and saving / loading what was added
-# ---------------------------------------------------------------------------
 
 def base_kind(path) -> str:
     """'models' (one of our plain decoder checkpoints) or 'hf' (a transformers model folder)."""
@@ -410,7 +377,7 @@ def base_kind(path) -> str:
         return "models"
     if "model_type" in config:
         return "hf"
-    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + model.safetensors, "
+    raise ValueError(f"{str(path)!r} is neither a models checkpoint (config.json + shard-*.safetensors, "
                      f"or latest.json) nor a transformers model folder (config.json with a model_type)")
 
 
@@ -419,7 +386,7 @@ def _base_files(path: Path, kind: str) -> list[Path]:
         from .checkpoint import resolve
 
         ckpt = resolve(path)
-        return [ckpt / "config.json", ckpt / "model.safetensors"]
+        return [ckpt / "config.json", *shard_files(ckpt)]
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"{str(path)!r} has no *.safetensors weights (pickled .bin weights are "
@@ -457,30 +424,33 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
     return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
 
 
-def is_retrofit(path) -> bool:
-    path = Path(path) / CONFIG_FILE
-    if not path.is_file():
-        return False
+def _record(path) -> Optional[dict]:
     try:
-        record = json.loads(path.read_text())
+        record = json.loads((Path(path) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == FORMAT
+        return None
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
 
 
-def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None) -> Path:
+def is_retrofit(path) -> bool:
+    return _record(path) is not None
+
+
+def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None,
+                  weights: Optional[dict] = None) -> Path:
     """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched.
 
     Each file is written beside itself under a temporary name (TEMPORARIES) and renamed over the old one;
     the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
-    by `load_retrofit`, never loaded as a mismatch.
+    by `load_retrofit`, never loaded as a mismatch. weights: model.added_state_dict(), if already gathered.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.added_state_dict().items()}, str(tmp))
+        weights = model.added_state_dict() if weights is None else weights
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
         weights_sha256 = _sha256([tmp])
     record = {"format": FORMAT, "version": 1, "config": model.cfg.to_dict(), "base": base,
               "weights_sha256": weights_sha256, **(state or {})}
@@ -499,10 +469,11 @@ def _sha256(files, with_names: bool = False) -> str:
 
 
 def read_record(path) -> dict:
-    if not is_retrofit(path):
+    record = _record(path)
+    if record is None:
         raise FileNotFoundError(f"no retrofit at {str(path)!r} (expected {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 f"written by `python -m models retrofit`)")
-    return json.loads((Path(path) / CONFIG_FILE).read_text())
+    return record
 
 
 def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str] = None,

@@ -2,30 +2,28 @@
 
     python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
 
-BASE is one of our plain decoder checkpoints (`python -m models train
---no-retrieval`) or a local transformers model folder (offline, safetensors
-only); it must share the database's tokenizer (docs/model.md, "Pairing a base
-with a database"). OUT receives `retrofit.json` and `retrofit.safetensors`
-(the added weights only), which `models eval` and `models generate` take as
-their --checkpoint. Everything is checked before any weight is loaded; OUT
-follows the output-folder rule (docs/ARCHITECTURE.md).
+BASE: one of our plain decoder checkpoints or a local transformers model folder (offline, safetensors
+only) sharing the database's tokenizer (docs/model.md, "RETROfit"). OUT receives `retrofit.json` and
+`retrofit.safetensors` (the added weights only), a --checkpoint for `models eval` and `models generate`.
+Everything is checked before any weight is loaded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import outdir
+from . import outdir, parallel
 from .cli_common import Parser, UsageError, command, one_line
 from .data import ChunkedTokens
-from .runtime import configure_threads, resolve_device
+from .runtime import configure_threads, is_first_process, resolve_device, setup_distributed
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, make_optimizer,
+from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, placed,
                     train_args_from, training_batches)
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
@@ -33,20 +31,24 @@ KIND = "retrofit"  # its output folders' marker (models.outdir)
 
 def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
                    eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None,
-                   log=print) -> list:
-    """Train the added weights of `model` on `data` (with its neighbours); returns the history.
+                   log=print, metrics: Optional[Path] = None) -> list:
+    """Train the added weights of `model` on `data` (with its neighbours); returns the history (and writes it
+    to ``metrics``, JSON lines, as it goes).
 
-    The loop of `models.train` (one process): the batch order and the retrieval dropout are functions of
-    (args.seed, step); a non-finite loss, gradient norm or held-out number stops it (TrainingDiverged)
-    unless args.allow_nonfinite.
+    The loop of `models.train`, in any of its layouts under torchrun (the frozen base sharded by FSDP too):
+    the batch order and the retrieval dropout are functions of (args.seed, step); a non-finite loss,
+    gradient norm or held-out number stops it (TrainingDiverged) unless args.allow_nonfinite.
     """
-    device = resolve_device(args.device)
+    rank, world, device = setup_distributed(resolve_device(args.device))
     check_data(model.cfg, data)
-    model.to(device).train()
-    optimizer = make_optimizer(model, args)
-    batches = training_batches(data, model.cfg.seq_len, args)
-    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit")
-    return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log)
+    parallel.check_heads(model.cfg, args.tp)
+    layout, forward, optimizer = placed(model, args, device, rank, world)
+    model.train()
+    batches = training_batches(data, model.cfg.seq_len, args, layout.dp_rank, layout.dp_size)
+    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit", rank=rank,
+                        layout=layout, forward=forward)
+    return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log if rank == 0 else (lambda msg: None),
+                    metrics=metrics if rank == 0 else None)
 
 
 def check_out(out, overwrite: bool) -> str:
@@ -57,13 +59,11 @@ def check_out(out, overwrite: bool) -> str:
     if is_retrofit(out) and not overwrite:
         raise outdir.OutputFolderError(
             f"--out {str(out)!r} holds a retrofit ({CONFIG_FILE}, {WEIGHTS_FILE}); pass --overwrite to replace "
-            f"those two files (nothing else there is touched), or choose another folder")
+            f"those two files and its metrics.jsonl (nothing else there is touched), or choose another folder")
     return state
 
 
-# ---------------------------------------------------------------------------
 # python -m models retrofit
-# ---------------------------------------------------------------------------
 
 def _need(ok: bool, message: str) -> None:
     if not ok:
@@ -147,7 +147,8 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
 
 # The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                        "eval_every", "seed", "allow_nonfinite", "device", "progress")
+                        "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp",
+                        "activation_checkpointing", "compile", "progress")
 RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
 
 
@@ -159,7 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
     p.add_argument("--out", type=folder, required=True,
                    help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files and "
+                                                                     "metrics.jsonl only)")
     g = p.add_argument_group("what is added")
     g.add_argument("--cca-layers", type=layer_numbers, default=None,
                    help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
@@ -221,20 +223,32 @@ def main(argv=None) -> int:
     check_tokenizer(base_path, kind, shape, db, print)
     cfg = plan(flags, shape, db)
 
+    parallel.check_heads(cfg, flags.tp)
     threads = configure_threads(flags.threads)
-    device = resolve_device(flags.device)
+    first = is_first_process()  # under torchrun: it holds OUT and prints
+    _, _, device = setup_distributed(resolve_device(flags.device))
     args.device = str(device)
     train_data, eval_data = from_stream(db, "train", flags.neighbours), from_stream(db, "eval", flags.neighbours)
-    with outdir.claimed(flags.out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(flags.out, flags.overwrite)):
+    claim = outdir.claimed(flags.out, KIND, temporaries=TEMPORARIES, check=lambda: check_out(flags.out, flags.overwrite))
+    with claim if first else contextlib.nullcontext():
         base, source = load_base(base_path, device, flags.allow_nonfinite)
         torch.manual_seed(flags.seed)
         model = RetrofitModel(base, cfg)
         share = trainable_share(model)
-        print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, {share['trainable']:,} "
-              f"trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU thread(s)")
-        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer))
-        save_retrofit(model, flags.out, source, {"trainable": share, "history": history,
-                                                 "args": {k: v for k, v in vars(flags).items() if k != "debug"}})
+        if first:
+            print(f"retrofitting {kind} model {base_path}: CCA after layers {list(cfg.cca_layers)}, "
+                  f"{share['trainable']:,} trainable parameters ({100 * share['share']:.1f}% of all), {threads} CPU "
+                  f"thread(s)")
+        history = train_retrofit(model, train_data, args, eval_data, token_byte_lengths(db.tokenizer),
+                                 metrics=Path(flags.out) / "metrics.jsonl")
+        weights = model.added_state_dict()  # every process: sharded weights are gathered
+        if first:
+            save_retrofit(model, flags.out, source, {"trainable": share, "history": history, "args": {
+                k: v for k, v in vars(flags).items() if k != "debug"}}, weights=weights)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not first:
+        return 0
     print(f"done: {flags.steps} steps, last loss {history[-1]['loss']:.4f}, eval {history[-1].get('eval')}; "
           f"{WEIGHTS_FILE} in {flags.out} (evaluate: python -m models eval --checkpoint {flags.out} --db {flags.db})")
     return 0

@@ -59,45 +59,6 @@ def is_first_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class TorchrunGroup:
-    """The processes torchrun started (WORLD_SIZE > 1), joined by gloo; without torchrun, this process alone.
-
-    For the database build: only the embedding is shared, so the group waits long (12 hours)
-    for the first process's stages.
-    """
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self._dist = None
-        if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-            self._dist = dist
-
-    def barrier(self) -> None:
-        if self._dist is not None:
-            self._dist.barrier()
-
-    def broadcast_flag(self, value: int) -> int:
-        """Rank 0's ``value``, on every rank."""
-        if self._dist is None:
-            return value
-        import torch
-
-        t = torch.tensor([value])
-        self._dist.broadcast(t, 0)
-        return int(t.item())
-
-    def close(self) -> None:
-        if self._dist is not None and self._dist.is_initialized():
-            self._dist.destroy_process_group()
-
-
 def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = True, initial: int = 0):
     """A tqdm bar on stderr (disabled: one whose update, set_postfix and close do nothing)."""
     from tqdm import tqdm

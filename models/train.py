@@ -2,6 +2,10 @@
 
     python -m models train --db DIR --out runs/x [--steps 2000 --batch-size 16 ...]
     torchrun --nproc-per-node 2 -m models train --db DIR --out runs/x   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 4 -m models train ... --parallel fsdp --tp 2   # FSDP2 x tensor parallel
+
+Each step's loss is the mean over the global batch's tokens (whatever the layout: the
+data-parallel ranks add up their token counts first), so every layout trains as one process would.
 
 Everything random in a step is a function of (seed, step): the batch order
 (`SequenceBatches`), the retrieval dropout, and the global torch RNG, which is
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -30,6 +35,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import outdir
+from . import parallel
 from .cli_common import SEED, Parser, UsageError, check_value, command, device, folder, integer, number
 from .config import KERNELS, RetroConfig
 from .data import ChunkedTokens, SequenceBatches
@@ -42,14 +48,16 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or evaluation number: training stops (--allow-nonfinite lets it run)."""
 
 
-def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None):
+def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None,
+           choices: Optional[tuple] = None):
     """A TrainArgs field, declared once for the Python API and the command line.
 
     limit: the range of a number, an argparse type= of models.cli_common (TrainArgs.validate checks it too);
     type: any other argparse type=; cli=False: the Python API only; negated: the flag of a True
-    default that the command line turns off (--no-progress).
+    default that the command line turns off (--no-progress); choices: the values a string may take.
     """
-    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated}
+    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated,
+                "choices": choices}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -82,6 +90,12 @@ class TrainArgs:
                                     "saved one)")
     allow_nonfinite: bool = option(False, "keep training on a NaN/inf loss (default: stop)")
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda or cuda:N", type=device)
+    parallel: str = option("ddp", "under torchrun: ddp (whole model per rank) or fsdp (parameters, gradients and "
+                                  "optimizer state sharded)", choices=("ddp", "fsdp"))
+    tp: int = option(1, "tensor-parallel ranks splitting the attention heads (under torchrun; divides the "
+                        "processes and the heads)", limit=integer(1, 1024))
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
+    compile: bool = option(False, "torch.compile each block")
     progress: bool = option(True, "no progress bar", negated="--no-progress")
     extra: dict = option({}, "anything else to record", cli=False)
 
@@ -94,10 +108,15 @@ class TrainArgs:
         the fields fit together (torchrun's processes included)."""
         for name, parse in LIMITS.items():
             check_value(name, getattr(self, name), parse)
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
+                raise UsageError(f"--{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        parallel.check_layout(world, self.parallel, self.tp)
+        world //= self.tp  # the data-parallel processes
         if self.batch_size % (self.accum * world):
             raise UsageError(f"--batch-size {self.batch_size} must be a multiple of --accum {self.accum}"
-                             + (f" x {world} processes" if world > 1 else ""))
+                             + (f" x {world} data-parallel processes" if world > 1 else ""))
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
 
@@ -120,7 +139,8 @@ def add_train_flags(group, names=TRAIN_FLAGS, defaults: Optional[TrainArgs] = No
         elif isinstance(default, bool):
             group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
         else:
-            group.add_argument(_flag(f.name), type=meta["type"], default=default, help=meta["help"])
+            group.add_argument(_flag(f.name), type=meta["type"], default=default, help=meta["help"],
+                               choices=meta["choices"])
 
 
 def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
@@ -160,11 +180,13 @@ def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Mask all neighbours of each sequence with probability p (that sequence then runs as a plain LM)."""
+def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator, rank: int = 0,
+                   world: int = 1) -> torch.Tensor:
+    """Mask all neighbours of each sequence with probability p (that sequence then runs as a plain LM);
+    ``mask`` is rank's share (every world-th sequence) of the global micro-batch the draws are for."""
     if p <= 0:
         return mask
-    keep = torch.rand(mask.shape[0], generator=generator) >= p
+    keep = (torch.rand(mask.shape[0] * world, generator=generator) >= p)[rank::world]
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
@@ -212,20 +234,25 @@ class TrainingLoop:
     clipping, non-finite stops, held-out numbers, progress.
 
     retrieval: the batches' neighbours are read; held_out_off: the held-out numbers without them too;
-    forward: the model or its DDP wrapper.
+    forward: the model or its DDP wrapper; layout: the data-parallel ranks (models.parallel).
     """
 
     def __init__(self, model, optimizer, batches: SequenceBatches, args: TrainArgs, device, *, retrieval: bool,
-                 held_out_off: bool = False, name: str = "train", rank: int = 0, world: int = 1, forward=None):
+                 held_out_off: bool = False, name: str = "train", rank: int = 0, layout=None, forward=None):
         self.model, self.optimizer, self.batches, self.args, self.device = model, optimizer, batches, args, device
-        self.retrieval, self.held_out_off, self.name, self.rank, self.world = retrieval, held_out_off, name, rank, world
+        self.retrieval, self.held_out_off, self.name, self.rank = retrieval, held_out_off, name, rank
+        self.layout = layout or parallel.Layout()
         self.forward = forward or model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, start_step: int = 0, history: Optional[list] = None, eval_data=None, byte_lengths=None,
-            log=print, save=None) -> list:
-        """Steps start_step..args.steps-1 appended to ``history``; ``save(step, history)`` when a checkpoint is due."""
+            log=print, save=None, metrics: Optional[Path] = None) -> list:
+        """Steps start_step..args.steps-1 appended to ``history``; ``save(step, history)`` when a checkpoint is due.
+
+        metrics: a file that receives the history so far, then each step's record as it is done (JSON lines).
+        """
         args, history = self.args, [] if history is None else history
+        rewrite = True  # the first record comes after the history that a resumed run saved
         tokens_per_step = args.batch_size * self.model.cfg.seq_len
         bar = progress_bar(total=args.steps, initial=start_step, desc=self.name, unit="step",
                            enabled=self.rank == 0 and args.progress)
@@ -236,9 +263,13 @@ class TrainingLoop:
             loss = self.step(step)
             rate = (done - start_step) * tokens_per_step / (time.perf_counter() - t0)
             record = {"step": done, "loss": loss, "lr": lr_at(step, args), "tokens_per_s": rate}
-            if eval_data is not None and self.rank == 0 and is_due(done, args.eval_every, args.steps):
+            if eval_data is not None and is_due(done, args.eval_every, args.steps):
                 record.update(self.held_out(eval_data, byte_lengths, done, log))
             history.append(record)
+            if metrics is not None:
+                with metrics.open("w" if rewrite else "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in (history if rewrite else [record])))
+                rewrite = False
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
             if save is not None and is_due(done, args.ckpt_every, args.steps):
@@ -251,32 +282,37 @@ class TrainingLoop:
         args = self.args
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = sum(self.micro_step(step * args.accum + k, last=k == args.accum - 1) for k in range(args.accum))
+        micro = [self.batches.batch(step * args.accum + k) for k in range(args.accum)]
+        tokens = self.layout.sum(sum((b["targets"] != -100).sum() for b in micro).to(self.device)).clamp(min=1)
+        loss = sum(self.micro_step(b, step * args.accum + k, tokens, last=k == args.accum - 1)
+                   for k, b in enumerate(micro))
+        loss = float(self.layout.sum(loss))
         check_finite("training loss", loss, step + 1, args)
         # clip 0: no clipping, but the norm is still measured: a non-finite gradient never reaches the weights
-        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, args.clip or float("inf")))
+        norm = parallel.clip_grad_norm(self.trainable, args.clip or float("inf"))
         check_finite("gradient norm", norm, step + 1, args)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def micro_step(self, index: int, last: bool) -> float:
-        """Forward and backward of micro-batch ``index``; DDP syncs the gradients on the last one."""
-        args, device = self.args, self.device
-        batch = self.batches.batch(index)
+    def micro_step(self, batch: dict, index: int, step_tokens: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of micro-batch ``index``; its share of the step's loss (whose ``step_tokens``
+        targets all ranks share). DDP syncs the gradients on the last one."""
+        args, device, layout = self.args, self.device, self.layout
         tokens, targets = batch["tokens"].to(device), batch["targets"].to(device)
         neighbours = mask = None
         if self.retrieval:
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index * self.world + self.rank)
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
             neighbours = batch["neighbours"].to(device)
-            mask = drop_retrieval(batch["neighbour_mask"], args.retrieval_dropout, generator).to(device)
-        skip_sync = self.world > 1 and not last
-        with self.forward.no_sync() if skip_sync else contextlib.nullcontext():
+            mask = drop_retrieval(batch["neighbour_mask"], args.retrieval_dropout, generator, layout.dp_rank,
+                                  layout.dp_size).to(device)
+        ddp = isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
+        with self.forward.no_sync() if ddp and not last else contextlib.nullcontext():
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = self.forward(tokens, neighbours, mask)
-            loss = lm_loss(logits, targets) / args.accum
-            loss.backward()
-        return loss.item()
+            loss = lm_loss(logits, targets, reduction="sum") / step_tokens
+            (loss * layout.dp_size).backward()  # the ranks' gradients are averaged: their sum is the step's
+        return loss.detach()
 
     def held_out(self, eval_data, byte_lengths, done: int, log) -> dict:
         """{"eval": ..., "eval_off": ...}: held-out loss and bpb with retrieval, and (held_out_off) without;
@@ -328,6 +364,7 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
     Rank 0 takes args.out for the run (outdir.claimed: new, empty or its own, locked).
     """
     rank, world, device = setup_distributed(resolve_device(args.device))
+    parallel.check_heads(cfg, args.tp)
     check_data(cfg, train_data)
     if rank != 0:
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
@@ -336,26 +373,29 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
+def placed(model, args: TrainArgs, device, rank: int, world: int):
+    """(layout, what to call forward on, optimizer): ``model`` on the run's layout (models.parallel), in place."""
+    layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
+    forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
+    return layout, forward, make_optimizer(model, args)
+
+
 def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank, world, device) -> dict:
+    log = log if rank == 0 else (lambda msg: None)
     torch.manual_seed(args.seed)
-    model = RetroModel(cfg).to(device)
-    optimizer = make_optimizer(model, args)
-    start_step, history = _resumed_state(cfg, model, optimizer, args, log if rank == 0 else (lambda msg: None))
-    forward = model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    save = None
-    if rank == 0:
-        run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
+    model = RetroModel(cfg)
+    layout, forward, optimizer = placed(model, args, device, rank, world)
+    start_step, history = _resumed_state(cfg, model, optimizer, args, log)
+    run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
 
-        def save(step, history):
-            run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
+    def save(step, history):
+        run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
 
-    batches = training_batches(train_data, cfg.seq_len, args, rank, world)
+    batches = training_batches(train_data, cfg.seq_len, args, layout.dp_rank, layout.dp_size)
     loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
-                        held_out_off=cfg.retrieval, rank=rank, world=world, forward=forward)
-    history = loop.run(start_step, history, eval_data, byte_lengths, log, save)
+                        held_out_off=cfg.retrieval, rank=rank, layout=layout, forward=forward)
+    metrics = Path(args.out) / "metrics.jsonl" if rank == 0 else None
+    history = loop.run(start_step, history, eval_data, byte_lengths, log, save, metrics)
     if world > 1:
         dist.barrier()
     return {"model": model, "history": history, "step": max(args.steps, start_step)}
@@ -371,7 +411,7 @@ def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, li
     if saved.to_dict() != {**cfg.to_dict(), "kernels": saved.kernels}:
         raise ValueError(f"--resume: the checkpoint in {out} was trained with a different config")
     ckpt.load_model_weights(model, out)
-    state = ckpt.load_training_state(out, optimizer)
+    state = ckpt.load_training_state(out, optimizer, model=model)
     log(f"resumed from {ckpt.resolve(out)} at step {state['step']}")
     return state["step"], state.get("history", [])
 
@@ -413,13 +453,15 @@ def config_from_flags(flags, db) -> RetroConfig:
         raise UsageError(f"--neighbours {flags.neighbours}: the database precomputed {have_k} neighbours per chunk "
                          f"(rebuild it with -k {flags.neighbours})")
     try:
-        return RetroConfig(  # the command line's numbers must fit together and with the database
+        cfg = RetroConfig(  # the command line's numbers must fit together and with the database
             vocab_size=db.vocab_size, d_model=flags.d_model, n_layers=flags.layers, n_heads=flags.heads,
             n_kv_heads=flags.kv_heads, feed_forward=flags.ff, seq_len=flags.seq_len, chunk_size=db.chunk_size,
             num_neighbours=flags.neighbours, neighbour_len=db.neighbour_len, retrieval=not flags.no_retrieval,
             cca_start_layer=min(flags.cca_start, flags.layers), cca_every=flags.cca_every, kernels=flags.kernels,
             dropout=flags.dropout, encoder_ff_mult=flags.encoder_ff_mult, extra=extra,
         )
+        parallel.check_heads(cfg, flags.tp)
+        return cfg
     except ValueError as e:  # RetroConfig: the arguments do not fit together or with the database
         raise UsageError(str(e)) from None
 

@@ -200,11 +200,10 @@ def _edit_manifest(db: Path, edit, recompute: bool = True) -> None:
 @pytest.mark.parametrize("edit, recompute, message", [
     (lambda d: d["stages"]["tokenize"]["info"].update(dtype="uint32"), False, "does not match its checksum"),
     (lambda d: d["stages"]["tokenize"]["info"].update(dtype="uint32"), True, "token dtype 'uint32'"),
-    (lambda d: d["stages"]["add"]["info"].update(offsets=[7]), True, "index shard offsets [7]"),
     (lambda d: d["config"].update(chunk_size=64), True, "chunks of 64"),
     (lambda d: d["stages"]["embed"].update(files={}), True, "records the files [], but the stage makes"),
-    (lambda d: d["stages"]["add"]["info"].update(shards=["../db/index_shard_000.faiss"]), True,
-     "are not the files the add stage made"),
+    (lambda d: d["stages"]["add"].update(files={"../db/index.faiss": {"sha256": "0", "size": 1}}), True,
+     "records the files ['../db/index.faiss'], but the stage makes"),
 ])
 def test_the_manifest_is_checked_before_it_is_trusted(world, edit, recompute, message):
     """Reproduction 9: editing dtype, shard offsets or chunk size gave junk while db-info said OK;
@@ -246,7 +245,7 @@ def test_eval_writes_a_report_and_never_nan(world, tmp_path):
     cfg = ckpt.load_config(world.run)
     nan = nan_checkpoint(tmp_path / "nan", cfg)
     r = cli("eval", "--checkpoint", nan, "--db", world.db, "--out", tmp_path / "nan.json")
-    assert_one_line_error(r, 1, "NaN/inf weights", "model.safetensors")
+    assert_one_line_error(r, 1, "NaN/inf weights", "shard-*.safetensors")
     assert "nan" not in r.out and not (tmp_path / "nan.json").exists()
     nan_rf = nan_retrofit(tmp_path / "nan-rf", world.rf)
     r = cli("eval", "--checkpoint", nan_rf, "--db", world.db, "--out", tmp_path / "nan.json")
@@ -276,7 +275,9 @@ BAD_ARGUMENTS = [
     (["train", "--warmup", "-5"], "argument --warmup"),
     (["train", "--eval-every", "-1"], "argument --eval-every"),
     (["eval", "--batch-size", "-2"], "argument --batch-size: expected an integer >= 1"),
-    (["build-db", "--hnsw-m", "0"], "argument --hnsw-m: expected an integer in [2, 1024]"),
+    (["build-db", "--nprobe", "0"], "argument --nprobe: expected an integer >= 1"),
+    (["build-db", "--index-type", "HNSW32"], "argument --index-type: expected one of"),
+    (["build-db", "--ray-address", "127.0.0.1:6379"], "argument --ray-address: only with --engine ray"),
     (["generate", "--top-p", "1.5"], "argument --top-p: expected a finite number in (0, 1]"),
     # tracebacks before
     (["train", "--batch-size", "0"], "argument --batch-size"),
@@ -364,15 +365,15 @@ def test_late_checks_come_first(world, tmp_path):
 def test_broken_checkpoints_fail_with_one_line_naming_the_file(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
-    weights = ckpt.resolve(run) / "model.safetensors"
+    weights = ckpt.resolve(run) / "shard-00001-model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     r = cli("eval", "--checkpoint", run, "--db", world.db, "--out", tmp_path / "e.json")
     assert_one_line_error(r, 1, str(weights), "not a valid safetensors file")
-    shutil.copy(ckpt.resolve(world.run) / "model.safetensors", weights)
+    shutil.copy(ckpt.resolve(world.run) / "shard-00001-model-00001-of-00001.safetensors", weights)
     config = ckpt.resolve(run) / "config.json"
     config.write_text(ckpt.load_config(run).replace(n_layers=3).to_json())
     r = cli("generate", "--checkpoint", run, "--db", world.db, "--prompt", "x")
-    assert_one_line_error(r, 1, str(weights), "does not match the model its config.json describes")
+    assert_one_line_error(r, 1, str(weights.parent), "does not match the model its config.json describes")
     r = cli("train", "--db", world.db, "--out", world.run, *TRAIN_ARGS, "--resume", "--d-model", "32")
     assert_one_line_error(r, 1, "--resume", "different config")
 
@@ -414,10 +415,11 @@ FLAGS = {
     "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--kernels", "--device",
                  "--checkpoint", "--db", "--prompt"],
     "build-db": ["--vocab-size", "--chunk-size", "--eval-fraction", "--split-seed", "--leakage-threshold",
-                 "--max-distance", "--index-type", "--nlist", "--pq-m", "--pq-nbits", "--hnsw-m", "--train-sample",
+                 "--max-distance", "--index-type", "--nlist", "--pq-m", "--pq-nbits", "--nprobe", "--rerank", "--train-sample",
                  "--shard-size", "-k", "--batch-size", "--part-size", "--device", "--out", "--corpus",
-                 "--tokenizer", "--embedder", "--stop-after"],
-    "query": ["-k", "--nprobe", "--show", "--db"],
+                 "--tokenizer", "--embedder", "--stop-after", "--engine", "--workers", "--ray-address",
+                 "--embeddings"],
+    "query": ["-k", "--nprobe", "--rerank", "--show", "--db"],
     "db-info": ["--db"],
     # demo: --out stays a user's folder (refused), so it never runs
     "demo": ["--steps", "--kernels", "--device", "--seed", "--seeds", "--retrofit-steps", "--threads"],

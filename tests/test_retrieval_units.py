@@ -185,18 +185,27 @@ def _write(index, path):
     return path
 
 
-def test_sharded_flat_search_equals_brute_force(tmp_path):
-    x, q = _vectors(1000), _vectors(40, seed=1)
-    paths, offsets = [], []
-    for s, lo in enumerate(range(0, 1000, 300)):  # 4 shards, the last one short
-        idx = index_mod.train_index("Flat", 48, x[:10])
-        idx.add(x[lo:lo + 300])
-        paths.append(_write(idx, tmp_path / f"s{s}.faiss"))
-        offsets.append(lo)
-    sharded = index_mod.ShardedIndex(paths, offsets, mmap=True)
-    assert sharded.ntotal == 1000
-    d, i = sharded.search(q, 10)
-    brute = ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+def _merged(x, tmp_path, factory, shard_size, chunk_doc=None):
+    """``x`` (as keys.npy) in an on-disk index merged from shards; its searcher."""
+    from models.retrieval import build_index as bi
+
+    keys, docs = tmp_path / "keys.npy", tmp_path / "doc.npy"
+    np.save(keys, x)
+    np.save(docs, np.arange(len(x)) if chunk_doc is None else chunk_doc)
+    bi.train_ivf(keys, tmp_path, factory, sample=len(x))
+    bi.add_shards(keys, tmp_path, shard_size=shard_size)
+    bi.merge_shards(keys, tmp_path, shard_size=shard_size)
+    return bi.open_searcher(tmp_path, keys, docs)
+
+
+def test_merged_flat_index_equals_brute_force(tmp_path):
+    x, q = _vectors(1000).astype(np.float16), _vectors(40, seed=1)
+    searcher = _merged(x, tmp_path, index_mod.factory_string("flat", 1000, 48, {}), 300)  # 4 shards, one short
+    assert searcher.ntotal == 1000 and searcher.exact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build_stats.jsonl", "doc.npy", "index.faiss",
+                                                         "index.ivfdata", "index_trained.faiss", "keys.npy"]
+    d, i = searcher.search(q, 10)
+    brute = ((q[:, None, :] - x.astype(np.float32)[None, :, :]) ** 2).sum(-1)
     expect = np.argsort(brute, axis=1)[:, :10]
     assert np.array_equal(i, expect)
     np.testing.assert_allclose(d, np.take_along_axis(brute, expect, 1), rtol=1e-4, atol=1e-3)
@@ -209,11 +218,9 @@ def test_search_excluding_refetches_until_k_from_other_documents(tmp_path):
     other = rng.standard_normal((300, 16)).astype(np.float32) * 3             # docs 1..3
     x = np.concatenate([same, other])
     chunk_doc = np.concatenate([np.zeros(200), 1 + np.arange(300) % 3]).astype(np.int64)
-    idx = index_mod.train_index("Flat", 16, x)
-    idx.add(x)
-    sharded = index_mod.ShardedIndex([_write(idx, tmp_path / "i.faiss")], [0])
+    searcher = _merged(x, tmp_path, "IVF1,Flat", 500, chunk_doc)
     q = centre[None, :].repeat(2, 0)
-    _, i = sharded.search_excluding(q, 5, np.array([[0, 0], [0, 2]]), chunk_doc)
+    _, i = searcher.search(q, 5, np.array([[0, 0], [0, 2]]))
     assert (i >= 0).all()
     assert not np.isin(chunk_doc[i[0]], [0]).any()
     assert not np.isin(chunk_doc[i[1]], [0, 2]).any()
@@ -221,6 +228,21 @@ def test_search_excluding_refetches_until_k_from_other_documents(tmp_path):
     allowed = np.flatnonzero(chunk_doc != 0)
     brute = ((x[allowed] - centre) ** 2).sum(-1)
     assert np.array_equal(i[0], allowed[np.argsort(brute)[:5]])
+
+
+def test_compressed_index_is_reranked_by_exact_distance(tmp_path):
+    x, q = _vectors(2000, d=32), _vectors(30, d=32, seed=1)
+    searcher = _merged(x, tmp_path, "IVF4,PQ4x4", 700)
+    searcher.set_nprobe(4)
+    assert not searcher.exact
+    brute = ((q[:, None, :] - x[None]) ** 2).sum(-1)
+    truth = np.argsort(brute, axis=1)[:, :5]
+    searcher.rerank = 2000  # every candidate: the exact answer
+    d, i = searcher.search(q, 5)
+    assert np.array_equal(i, truth)
+    np.testing.assert_allclose(d, np.take_along_axis(brute, truth, 1), rtol=1e-4)
+    searcher.rerank = 5  # the codes' own top 5, re-ordered: worse
+    assert (searcher.search(q, 5)[1] == truth).mean() < 0.9
 
 
 def test_ivfpq_factory_adapts_and_refuses_too_little_data():
@@ -343,3 +365,22 @@ def test_max_distance_config_is_checked():
     for bad in (-1.0, "2", True, float("nan")):
         with pytest.raises(ValueError, match="max_distance"):
             make_config(max_distance=bad)
+
+
+def test_brought_in_embeddings_are_checked_before_they_are_used(tmp_path):
+    from models.retrieval.build_index import check_embeddings
+
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float16))
+    np.save(tmp_path / "b.npy", np.ones((5, 4), np.float32))
+    check_embeddings(tmp_path, 4, 15)  # a folder of parts, in name order
+    for bad in (np.nan, np.inf, 1e6):  # 1e6: beyond float16, which the database stores
+        np.save(tmp_path / "b.npy", np.full((5, 4), bad, np.float32))
+        with pytest.raises(ValueError, match="^embeddings: .*b.npy has values that are not finite float16"):
+            check_embeddings(tmp_path, 4)
+    with pytest.raises(ValueError, match="holds 10 vectors, the chunk table has 11 chunks"):
+        check_embeddings(tmp_path / "a.npy", 4, 11)
+    with pytest.raises(ValueError, match=r"expected float16 or float32 of shape \(chunks, 8\)"):
+        check_embeddings(tmp_path / "a.npy", 8)
+    np.save(tmp_path / "c.npy", np.ones((3, 4), np.int64))
+    with pytest.raises(ValueError, match="holds int64"):
+        check_embeddings(tmp_path / "c.npy", 4)

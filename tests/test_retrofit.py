@@ -236,7 +236,7 @@ def load_retrofit_like(rf, base):
 
 def test_the_demo_protocol_evaluates_three_settings_on_one_overlap_axis():
     from models.data import chunk_documents
-    from models.demo_protocol import SETTINGS, aggregate, evaluate_three, table
+    from models.demo import SETTINGS, aggregate, evaluate_three, table
     from models.evaluate import evaluate
 
     _, rf = make("ours")

@@ -138,7 +138,9 @@ def test_the_output_folder_is_claimed_locked_and_only_its_own_files_replaced(tmp
     assert rt.main(args(base, db, out, "--overwrite")) == 0
     assert not (out / "retrofit.safetensors.tmpab12cd34").exists()
     assert (out / "notes.tmp.txt").read_text() == "mine"
-    assert sorted(outdir.user_entries(out)) == ["notes.tmp.txt", "retrofit.json", "retrofit.safetensors"]
+    assert sorted(outdir.user_entries(out)) == ["metrics.jsonl", "notes.tmp.txt", "retrofit.json",
+                                                "retrofit.safetensors"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     before = {p.name: p.read_bytes() for p in base.rglob("*") if p.is_file()}
     refused(capsys, args(base, db, base), "was not made by `retrofit`", base)  # another command's folder
     assert {p.name: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
@@ -148,7 +150,7 @@ def test_a_nan_base_is_refused_and_a_diverging_retrofit_stops_before_saving(tmp_
     out = tmp_path / "rf"
     assert rt.main(args(our_decoder(tmp_path / "nan", db, nan=True), db, out)) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "NaN/inf weights" in err and "model.safetensors" in err, err
+    assert len(err.splitlines()) == 1 and "NaN/inf weights" in err and "shard-*.safetensors" in err, err
     assert not (out / "retrofit.json").exists()
     assert rt.main(args(our_decoder(tmp_path / "plain", db), db, out, "--lr", "1e30", "--steps", "3")) == 1
     err = capsys.readouterr().err.strip()

@@ -77,7 +77,7 @@ def test_a_second_run_on_a_folder_is_refused_at_once_naming_the_holder(tmp_path)
         assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "pytest" in message
         # another process too (flock, not a file that merely exists)
         probe = subprocess.run([sys.executable, "-c", "import sys; from models import outdir\n"
-                                "try:\n    outdir.FolderLock(sys.argv[1]).__enter__()\n"
+                                "try:\n    outdir.locked(sys.argv[1]).__enter__()\n"
                                 "except outdir.FolderInUse as e:\n    print(e); sys.exit(3)", str(tmp_path / "out")],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert probe.returncode == 3 and f"pid {os.getpid()}" in probe.stdout, probe.stderr
@@ -91,7 +91,7 @@ def test_stale_temporaries_go_but_look_alike_user_files_stay(tmp_path):
     train(cfg, data, args(out, steps=1, accum=1), log=quiet)
     crashed = out / ".step-00000007.abcd_123"  # what a write killed mid-checkpoint leaves
     crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
+    (crashed / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"half")
     (out / "latest.json.tmpx1y2z3w4").write_text("{")
     (out / "notes.tmp.txt").write_text("mine")
     odd = out / ".step-00000008.qwertyui"  # our name, but someone's file inside: left alone
@@ -115,7 +115,7 @@ def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path):
     train(config(), synthetic_data(), args(out, steps=5, accum=1, ckpt_every=1, keep=2, resume=True), log=quiet)
     assert (backup / "model.safetensors").read_text() == "my backup"
     assert (out / "step-00000001" / "my-notes.txt").read_text() == "mine"  # emptied of ours, not deleted
-    assert not (out / "step-00000001" / "model.safetensors").exists()
+    assert not ckpt.sharded.shard_files(out / "step-00000001")
     assert sorted(p.name for p in out.glob("step-0*")) == ["step-00000001", "step-00000004", "step-00000005"]
     assert ckpt.read_latest(out)["checkpoints"] == ["step-00000004", "step-00000005"]
 
@@ -168,13 +168,13 @@ def test_a_hostile_latest_json_cannot_make_a_run_delete_outside_its_folder(tmp_p
 def test_broken_checkpoint_files_get_an_error_naming_the_file(tmp_path):
     out = tmp_path / "run"
     train(config(), synthetic_data(), args(out, steps=1, accum=1), log=quiet)
-    weights = ckpt.resolve(out) / "model.safetensors"
+    weights = ckpt.resolve(out) / "shard-00001-model-00001-of-00001.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ckpt.CheckpointError, match=f"{weights}.* not a valid safetensors file"):
         load_model(out)
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # foreign: no tensors at all
-    with pytest.raises(ckpt.CheckpointError, match=f"{weights}.* does not match"):
+    with pytest.raises(ckpt.CheckpointError, match=f"{weights.parent}.* does not match"):
         load_model(out)
     weights.write_bytes(data)
     (weights.parent / "config.json").write_text(ckpt.load_config(out).replace(d_model=64).to_json())
@@ -251,5 +251,5 @@ def test_a_checkpoint_without_optimizer_loads_and_other_files_stay(tmp_path):
     model = RetroModel(config())
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unrelated.safetensors"))
     path = ckpt.save_checkpoint(tmp_path, model, step=3)
-    assert ckpt.resolve(tmp_path) == path and not (path / "optimizer.safetensors").exists()
+    assert ckpt.resolve(tmp_path) == path and not any(k.startswith("optim.") for k in ckpt.sharded.saved_keys(path))
     assert (tmp_path / "unrelated.safetensors").exists()

@@ -70,26 +70,28 @@ def run(command: list, log: Path | None = None, env: dict | None = None) -> bool
         return subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode == 0
 
 
+def output(command: list) -> tuple[int, str]:
+    result = subprocess.run(command, capture_output=True, text=True)
+    return result.returncode, result.stdout.strip()
+
+
 def installed_version(python: str, distribution: str) -> str | None:
-    code = ("import importlib.metadata as m, sys\n"
-            f"try: print(m.version({distribution!r}))\n"
-            "except m.PackageNotFoundError: sys.exit(3)\n")
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
+    code = (f"import importlib.metadata as m, sys\ntry: print(m.version({distribution!r}))\n"
+            "except m.PackageNotFoundError: sys.exit(3)")
+    status, version = output([python, "-c", code])
+    return version if status == 0 else None
 
 
 def has_nvidia_gpu() -> bool:
-    if shutil.which("nvidia-smi") is None:
-        return False
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return result.returncode == 0 and "GPU" in result.stdout
+    status, listing = output(["nvidia-smi", "-L"]) if shutil.which("nvidia-smi") else (1, "")
+    return status == 0 and "GPU" in listing
 
 
 def check_python(python: str) -> None:
     code = "import sys; print('%d.%d' % sys.version_info[:2]); sys.exit(sys.version_info < (3, 10))"
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        fail(f"{python} is Python {result.stdout.strip() or '?'}: retro_kernels needs Python 3.10 or newer "
+    status, version = output([python, "-c", code])
+    if status != 0:
+        fail(f"{python} is Python {version or '?'}: retro_kernels needs Python 3.10 or newer "
              "(make BOOTSTRAP_PYTHON=python3.11, or PYTHON=... for an environment of your own)")
 
 
@@ -105,13 +107,11 @@ def make_venv(venv: Path) -> str:
 
 def install_torch(python: str, log: Path) -> None:
     """torch==2.13.0: the CPU wheel without a GPU, PyPI's CUDA build with one."""
-    pip = [python, "-m", "pip", "install", "-q"]
-    if has_nvidia_gpu():
-        say(f"an NVIDIA GPU is here: installing torch=={CPU_TORCH} with CUDA from PyPI (several GB); "
-            "to keep a CUDA torch you already have instead: make ... PYTHON=/path/to/its/python")
-        ok = run(pip + [f"torch=={CPU_TORCH}"], log)
-    elif platform.system() != "Linux":
-        say(f"installing torch=={CPU_TORCH} (on {platform.system()} PyPI's wheel is the CPU build)")
+    pip, gpu, linux = [python, "-m", "pip", "install", "-q"], has_nvidia_gpu(), platform.system() == "Linux"
+    if gpu or not linux:
+        say(f"an NVIDIA GPU is here: installing torch=={CPU_TORCH} with CUDA from PyPI (several GB); to keep a CUDA "
+            "torch you already have instead: make ... PYTHON=/path/to/its/python" if gpu else
+            f"installing torch=={CPU_TORCH} (on {platform.system()} PyPI's wheel is the CPU build)")
         ok = run(pip + [f"torch=={CPU_TORCH}"], log)
     else:
         say(f"no GPU: installing the CPU build of torch, torch=={CPU_TORCH}+cpu")
@@ -125,14 +125,10 @@ def install_torch(python: str, log: Path) -> None:
 
 def write_constraints(python: str, path: Path) -> str:
     """Pin the torch (and triton) in `python`, so that no later install replaces them."""
-    torch_version = installed_version(python, "torch")
-    triton_version = installed_version(python, "triton")
-    lines = [f"torch=={torch_version}"]
-    if triton_version:
-        lines.append(f"triton=={triton_version}")
-    elif "+cpu" in torch_version or not has_nvidia_gpu():
-        lines.append(f"triton=={CPU_TRITON}")
-    path.write_text("\n".join(lines) + "\n")
+    torch_version, triton_version = installed_version(python, "torch"), installed_version(python, "triton")
+    if not triton_version and ("+cpu" in torch_version or not has_nvidia_gpu()):
+        triton_version = CPU_TRITON
+    path.write_text(f"torch=={torch_version}\n" + (f"triton=={triton_version}\n" if triton_version else ""))
     return torch_version
 
 
@@ -155,8 +151,7 @@ def install_package(python: str, extras: str, constraints: Path, log: Path, no_d
 def build_native(python: str, log: Path) -> None:
     say(f"building the native kernels from csrc/ with ninja (a few minutes the first time; "
         f"log: {log.relative_to(ROOT)})")
-    scripts = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"],
-                             capture_output=True, text=True).stdout.strip()
+    scripts = output([python, "-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])[1]
     env = dict(os.environ, PATH=scripts + os.pathsep + os.environ.get("PATH", ""))  # the venv's ninja
     start = time.perf_counter()
     if not run([python, "setup.py", "build_ext", "--inplace"], log, env):
@@ -209,8 +204,7 @@ def main(argv=None) -> int:
         stamp = {"deps": deps_key}
         stamp_path.write_text(json.dumps(stamp))
     built = any((ROOT / "retro_kernels").glob("_C_cpu*.so"))  # gone after a `git clean -x`, say
-    skipped = os.environ.get("RETRO_KERNELS_NO_NATIVE", "0") == "1"
-    if stamp.get("native") != native_key or not (built or skipped):
+    if stamp.get("native") != native_key or not (built or os.environ.get("RETRO_KERNELS_NO_NATIVE", "0") == "1"):
         build_native(python, logs / "native.log")
         stamp["native"] = native_key
         stamp_path.write_text(json.dumps(stamp))

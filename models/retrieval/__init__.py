@@ -4,7 +4,7 @@ Build (command line; resumable, re-run the same command after an interruption):
 
     python -m models build-db --out db/                    # Python's own docs, no download
     python -m models build-db --corpus texts/ --out db/ --index-type ivfpq
-    torchrun --nproc-per-node 2 -m models build-db ...     # embedding shared by 2 processes
+    python -m models build-db --engine ray ...            # every heavy stage as Ray work
     python -m models query --db db/ "how do I sort a list"
 
 Build (Python):
@@ -35,7 +35,7 @@ Use (the API the model uses):
     ids, mask = db.neighbours_for_tokens(token_ids, k, exclude_doc=None)   # (L, K, R) each
     table = db.precompute_neighbours(tokens, doc_ids, k, out="n.npy")   # (ceil(T/m), K) memmap
     ids, mask = db.chunk_values(table[rows])                            # (..., K, R) each
-    dist, chunk_ids = db.search(vectors, k, exclude_docs=None)          # raw FAISS search
+    dist, chunk_ids = db.search(vectors, k, exclude_docs=None)          # the index (re-ranked if compressed)
 
     # Document splits:
     db.documents("train" | "eval" | "removed") -> document indices; db.doc_names[i]; db.doc_tokens(i)

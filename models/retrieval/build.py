@@ -16,10 +16,11 @@ Files of a database directory (all arrays memory-mappable; no pickles):
                                    ends with <|endoftext|>, then <|pad|> up to the next boundary
   stream_{train,eval}_chunk_doc.npy  document of each stream chunk
   stream_{train,eval}_db_chunk.npy   the database chunk with the same tokens (-1: not in the index)
-  embeddings.npy (C, dim) float16  chunk keys
-  index_trained.faiss              the trained, empty index
-  index_shard_NNN.faiss            index shards (consecutive chunk-id ranges)
+  embeddings.npy (C, dim) float16  chunk keys (the index's exact re-ranking reads them too)
+  index_trained.faiss              the trained, empty IVF index
+  index.faiss, index.ivfdata       the index: its inverted lists on disk, memory-mapped when searched
   neighbours_{train,eval}.npy (C_s, K) int64   precomputed neighbours of every stream chunk
+  build_stats.jsonl                each heavy stage's seconds, vectors/s, peak memory, bytes (a log)
 
 Documents start on chunk boundaries in the streams so that a stream chunk of a
 retrieval document is exactly a database chunk: its key is reused, never
@@ -36,10 +37,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import outdir
-from ..runtime import TorchrunGroup, progress_bar
+from ..runtime import progress_bar
 from . import build_index, build_text
+from . import engine as engine_mod
 from . import corpus as corpus_mod
 from .config import DEFAULT_RUNTIME, check_value, config_differences, make_config
+from .embed import embedding_dim
 from .manifest import (MANIFEST_NAME, PART_FILE, STAGES, DatabaseError, Manifest, database_file_patterns,
                        expected_files, load_npy, sha256_file, temporary_patterns)
 from .tokenizer import load_tokenizer
@@ -50,24 +53,23 @@ STAGE_STEPS = {
     "tokenize": build_text.tokenize_corpus,
     "split": build_text.hold_out_documents,
     "chunk": build_text.cut_chunks_and_streams,
-    "embed": build_index.embed_chunks,
-    "train_index": build_index.train_index,
-    "add": build_index.add_to_index,
-    "query": build_index.precompute_neighbours,
+    "embed": build_index.db_embed,
+    "train_index": build_index.db_train_index,
+    "add": build_index.db_add,
+    "query": build_index.db_query,
 }
 
 
 class Builder:
-    """One build of a database: its folder, configuration, runtime options, manifest and processes."""
+    """One build of a database: its folder, configuration, runtime options (engine included) and manifest."""
 
     def __init__(self, out: str | os.PathLike, config: dict[str, Any], runtime: dict[str, Any],
-                 tokenizer_path: str | None, log: Callable[[str], None], group: TorchrunGroup | None = None):
+                 tokenizer_path: str | None, log: Callable[[str], None]):
         self.root = Path(out)
         self.config = config
         self.runtime = {**DEFAULT_RUNTIME, **runtime}
         self.tokenizer_path = tokenizer_path
         self.log = log
-        self.group = group or TorchrunGroup()
         self.corpus_path = None if config["corpus"] == corpus_mod.DEFAULT_CORPUS else config["corpus"]
         self.exclude = [self.root]  # a database inside its own corpus folder never reads itself
         self.manifest: Manifest | None = None
@@ -92,6 +94,11 @@ class Builder:
     def tokens(self) -> np.ndarray:
         info = self.manifest.info("tokenize")
         return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
+
+    @property
+    def engine(self) -> dict:
+        """The keyword arguments that run a stage's units on the build's engine."""
+        return {"engine": self.runtime["engine"], "workers": self.runtime["workers"]}
 
     def progress(self, **kw):
         return progress_bar(enabled=self.runtime["progress"], **kw)
@@ -165,7 +172,7 @@ class Builder:
         t0 = time.perf_counter()
         info = dict(STAGE_STEPS[stage](self) or {})
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        self.manifest.record(stage, expected_files(stage, info), info)
+        self.manifest.record(stage, expected_files(stage), info)
         self.log(f"stage {stage} finished in {info['seconds']:.1f}s")
 
 
@@ -177,6 +184,9 @@ def build_database(
     overwrite: bool = False,
     stop_after: str | None = None,
     log: Callable[[str], None] | None = None,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
     runtime: dict[str, Any] | None = None,
     **config_overrides,
 ) -> Path:
@@ -184,11 +194,12 @@ def build_database(
 
     ``corpus``: a text file, folder or JSONL file; None for Python's documentation.
     ``tokenizer``: a tokenizer.json to use instead of training one.
-    ``config_overrides``: keys of ``DEFAULT_CONFIG`` (vocab_size, chunk_size, index_type, k, ...).
+    ``engine``: "local" (this process) or "ray" (the heavy stages as Ray work, at most ``workers``
+    units at a time, on the cluster at ``ray_address`` / RAY_ADDRESS, else a local one); both make the
+    same database.
+    ``config_overrides``: keys of ``DEFAULT_CONFIG`` (vocab_size, chunk_size, index_type, k, embeddings, ...).
     ``runtime``: keys of ``DEFAULT_RUNTIME`` (embed_batch_size, embed_part_size, device, progress).
     ``stop_after``: finish this stage, then return (the rest is done by a later call).
-    Under ``torchrun`` every rank runs this; rank 0 does all stages but the
-    embedding, which every rank shares; the other ranks return after it.
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after: expected one of {STAGES}, got {stop_after!r}")
@@ -197,40 +208,25 @@ def build_database(
         raise ValueError(f"corpus: {str(corpus)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
     if tokenizer is not None:
         load_tokenizer(tokenizer)
+    engine_mod.check_engine(engine)
+    if workers is not None:
+        check_value("workers", workers)
     config = make_config(corpus=corpus_mod.DEFAULT_CORPUS if corpus is None else str(Path(corpus).resolve()),
                          tokenizer=None if tokenizer is None else sha256_file(tokenizer), **config_overrides)
-    runtime = {**DEFAULT_RUNTIME, **(runtime or {})}
+    if config["embeddings"] is not None:
+        config["embeddings"] = str(Path(config["embeddings"]).resolve())
+        build_index.check_embeddings(config["embeddings"], embedding_dim(config["embedder"]))
+    runtime = {**DEFAULT_RUNTIME, **(runtime or {}), "engine": engine, "workers": workers}
     for name in ("embed_batch_size", "embed_part_size"):
         check_value(name, runtime[name])
-    group = TorchrunGroup()
-    # one set of bars and messages: rank 0's (each rank shows its own bar for the embedding)
-    builder = Builder(out, config, {**runtime, "progress": runtime["progress"] and group.rank == 0},
-                      None if tokenizer is None else str(tokenizer), log if group.rank == 0 else (lambda msg: None),
-                      group)
-    try:
-        if group.rank != 0:
-            return _embed_on_other_rank(builder, runtime["progress"])
-        # rank 0 takes the folder for the whole build: new, empty or a database's; locked
-        outdir.check_folder(out, "retrieval-db")
-        inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
-        with outdir.claimed(out, "retrieval-db", temporaries=temporary_patterns()):
-            builder.open_or_create(overwrite, inputs)
-            stages = builder.stages_to_run(stop_after)
-            embed_later = [s for s in stages if STAGES.index(s) >= STAGES.index("embed")]
-            for stage in stages[:len(stages) - len(embed_later)]:  # the stages before the embedding: rank 0 alone
-                builder.run_stage(stage)
-            group.broadcast_flag(int("embed" in stages))
-            for stage in embed_later:
-                builder.run_stage(stage)
-        return Path(out)
-    finally:
-        group.close()
-
-
-def _embed_on_other_rank(builder: Builder, progress: bool) -> Path:
-    """A rank other than 0: when rank 0 says the embedding is to run, embed this rank's share of the parts."""
-    if builder.group.broadcast_flag(0):
-        builder.manifest = Manifest.load(builder.root)
-        builder.runtime["progress"] = progress
-        build_index.embed_chunks(builder)
-    return builder.root
+    builder = Builder(out, config, runtime, None if tokenizer is None else str(tokenizer), log)
+    # the folder is the build's: new, empty or a database's; locked
+    outdir.check_folder(out, "retrieval-db")
+    inputs = corpus_mod.fingerprint(builder.corpus_path, builder.exclude)
+    if engine == "ray":
+        engine_mod.connect(ray_address)
+    with outdir.claimed(out, "retrieval-db", temporaries=temporary_patterns()):
+        builder.open_or_create(overwrite, inputs)
+        for stage in builder.stages_to_run(stop_after):
+            builder.run_stage(stage)
+    return Path(out)

@@ -1,172 +1,395 @@
-"""The build's last stages, from chunks to neighbours: embed, train_index, add, query.
+"""The build's last stages, from chunks to neighbours: embed, train_index, add (shards, then one merged
+on-disk index), query (the neighbour tables), on either engine (`engine`).
 
-Each stage is a function of the build (`models.retrieval.build.Builder`), as in
-`build_text`. The embedding is the one stage every torchrun process shares:
-each embeds its parts (resumable files of `embed_part_size` chunks), rank 0 joins them.
+The index stages are functions of files (a keys .npy, a chunk -> document .npy,
+an output folder), usable without a corpus; the database build
+(`models.retrieval.build.Builder`) calls them on its own files. Each runs in
+units (a part of the chunks, a shard of keys, a range of query chunks) whose
+finished files are kept in ``<stage>_parts_<key>/``: a rerun skips them, and
+the key changes with the inputs, so a resumed stage equals an uninterrupted one.
+Each stage returns a statistics row, also appended to ``build_stats.jsonl``.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import re
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import TEMP_SUFFIX, atomic_file
+from . import engine as engine_mod
 from . import index as index_mod
-from .embed import Embedder
-from .manifest import PART_FILE, STREAM_SPLITS, TEMP_SUFFIX, atomic_save_npy, load_npy
-from .query import RetrievalDatabase
+from .engine import peak_rss_mb
+from .manifest import atomic_save_npy, load_npy
 
-ADD_BLOCK = 65536  # vectors added to an index per call
-
-
-# -- embed --------------------------------------------------------------------------------
-
-def embed_chunks(build) -> dict | None:
-    """embeddings.npy: the key of every retrieval chunk (float16). None on the ranks other than 0."""
-    group = build.group
-    num_chunks = build.manifest.info("chunk")["num_chunks"]
-    part = int(build.runtime["embed_part_size"])
-    parts = EmbeddingParts(build, part)
-    num_parts = -(-num_chunks // part)
-    mine = [p for p in range(num_parts) if p % group.world == group.rank]
-    todo = [p for p in mine if not parts.path(p).exists()]
-    if len(todo) < len(mine):
-        build.log(f"embed: resuming, {len(mine) - len(todo)} of {len(mine)} parts already done")
-    if todo:
-        _embed_parts(build, parts, todo, num_chunks)
-    group.barrier()  # every rank's parts are on disk
-    if group.rank != 0:
-        return None
-    dim = parts.join(num_parts, num_chunks, build.root / "embeddings.npy")
-    return {"dim": dim, "embedder": build.config["embedder"]}
+STATS_FILE = "build_stats.jsonl"
+SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
 
 
-class EmbeddingParts:
-    """The folder ``embed_parts_<chunk table sha256>_<part size>`` of the resumable parts: a part
-    finished by a killed run is kept, one it was writing is removed."""
+# -- resumable units ------------------------------------------------------------------------
 
-    def __init__(self, build, part_size: int):
-        chunk_sum = build.manifest.stages["chunk"]["files"]["chunk_start.npy"]["sha256"][:12]
-        self.folder = build.root / f"embed_parts_{chunk_sum}_{part_size}"
-        self.size = part_size
-        self.folder.mkdir(exist_ok=True)
-        being_written = re.compile(PART_FILE.pattern.replace(f"(?:{TEMP_SUFFIX})?", TEMP_SUFFIX))
+class Parts:
+    """``<stage>_parts_<key>/part_NNNNNN.<ext>``: the finished units of a stage (each written atomically); a
+    temporary a killed run left is removed. ``key`` names the inputs, so other inputs start afresh."""
+
+    def __init__(self, root: Path, stage: str, key: str, ext: str):
+        self.folder = Path(root) / f"{stage}_parts_{key}"
+        self.ext = ext
+        self.folder.mkdir(parents=True, exist_ok=True)
+        being_written = re.compile(rf"part_\d{{6}}\.{ext}{TEMP_SUFFIX}")
         for stale in self.folder.iterdir():
             if being_written.fullmatch(stale.name) and stale.is_file():
                 stale.unlink()
 
-    def path(self, p: int):
-        return self.folder / f"part_{p:06d}.npy"
+    def path(self, p: int) -> Path:
+        return self.folder / f"part_{p:06d}.{self.ext}"
 
-    def join(self, num_parts: int, num_chunks: int, out) -> int:
-        """Every part into ``out``, then the parts (and the folder, if nothing else is in it) deleted;
-        returns the vectors' dimension."""
-        missing = [p for p in range(num_parts) if not self.path(p).exists()]
-        if missing:
-            raise RuntimeError(f"embed: parts {missing[:10]} are missing after every rank finished")
-        dim = load_npy(self.path(0)).shape[1]
-        with atomic_file(out) as tmp:
-            joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(num_chunks, dim))
-            for p in range(num_parts):
-                joined[p * self.size:(p + 1) * self.size] = load_npy(self.path(p))
-            joined.flush()
-            del joined
-        for p in range(num_parts):  # the parts this stage wrote; a folder with anything else in it stays
-            self.path(p).unlink()
+    def todo(self, n: int) -> list[int]:
+        return [p for p in range(n) if not self.path(p).exists()]
+
+    def remove(self, n: int) -> None:
+        """The parts this stage wrote (and the folder, if nothing else is in it)."""
+        for p in range(n):
+            self.path(p).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.folder.rmdir()
-        return int(dim)
 
 
-def _embed_parts(build, parts: EmbeddingParts, todo: list[int], num_chunks: int) -> None:
-    group, size = build.group, parts.size
-    embedder = Embedder(build.config["embedder"], device=build.runtime["device"],
-                        batch_size=build.runtime["embed_batch_size"])
-    tokenizer = build.tokenizer()
-    desc = "embed" if group.world == 1 else f"embed (rank {group.rank}/{group.world})"
-    bar = build.progress(total=sum(min(size, num_chunks - p * size) for p in todo), desc=desc, unit="chunk")
-    for p in todo:
-        ids = np.arange(p * size, min((p + 1) * size, num_chunks))
-        vectors = embedder.embed_token_chunks(tokenizer, chunk_tokens(build, ids), on_batch=bar.update)
-        atomic_save_npy(parts.path(p), vectors.astype(np.float16))
-    bar.close()
+def inputs_key(*items) -> str:
+    """12 hex digits naming ``items``; a path stands for its name, size and modification time."""
+    def describe(x):
+        if isinstance(x, Path):
+            st = x.stat()
+            return [x.name, st.st_size, st.st_mtime_ns]
+        return x
+
+    return hashlib.sha256(json.dumps([describe(x) for x in items], default=str).encode()).hexdigest()[:12]
 
 
-def chunk_tokens(build, ids: np.ndarray) -> list[np.ndarray]:
-    """The tokens of database chunks ``ids`` (the last chunk of a document is shorter)."""
-    tokens = build.tokens()
-    offsets = np.asarray(build.npy("doc_offsets.npy"))
-    chunk_doc = build.npy("chunk_doc.npy")
-    chunk_start = build.npy("chunk_start.npy")
-    out = []
-    for c in ids:
-        start = int(chunk_start[c])
-        end = min(start + build.m, int(offsets[int(chunk_doc[c]) + 1]))
-        out.append(np.asarray(tokens[start:end]))
+def ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)] or [(0, 0)]
+
+
+def stats_row(out: Path, stage: str, engine: str, workers: int, n: int, seconds: float, rss: list[float],
+              files: list[Path]) -> dict:
+    """The stage's statistics, appended to ``out/build_stats.jsonl``."""
+    row = {"stage": stage, "engine": engine, "workers": workers, "n_vectors": int(n), "seconds": round(seconds, 3),
+           "vectors_per_s": round(n / seconds, 1) if seconds > 0 else None,
+           "peak_rss_mb": round(max([peak_rss_mb(), *rss]), 1),
+           "bytes_on_disk": int(sum(f.stat().st_size for f in files if f.exists()))}
+    with open(Path(out) / STATS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _prepare(engine: str, workers: int | None) -> int:
+    engine_mod.check_engine(engine)
+    if engine == "ray":
+        engine_mod.connect()
+    return engine_mod.default_workers(engine, workers)
+
+
+# -- train_index ------------------------------------------------------------------------------
+
+def train_ivf(keys, out, factory: str, *, sample: int = 100_000, seed: int = 0, engine: str = "local",
+              workers: int | None = None) -> dict:
+    """``out/index_trained.faiss``: the empty IVF index ``factory``, trained on a sample of the keys (one unit)."""
+    workers, t0 = _prepare(engine, workers), time.perf_counter()
+    out = Path(out)
+    n = load_npy(keys).shape[0]
+    rss = engine_mod.run_units(engine, _train_unit, [("sample", (str(keys), str(out), factory, sample, seed))],
+                               what="train_index")
+    return stats_row(out, "train_index", engine, 1, min(n, sample), time.perf_counter() - t0, rss,
+                     [out / "index_trained.faiss"])
+
+
+def _train_unit(keys: str, out: str, factory: str, sample: int, seed: int) -> float:
+    vectors = load_npy(keys)
+    n, dim = vectors.shape
+    ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
+    index = index_mod.train_index(factory, dim, np.asarray(vectors[ids], dtype=np.float32))
+    with atomic_file(Path(out) / "index_trained.faiss") as tmp:
+        index_mod.write_index(index, tmp)
+    return peak_rss_mb()
+
+
+# -- add: shards, merged into one on-disk index -------------------------------------------------
+
+def add_parts(out: Path, keys: Path, shard_size: int) -> Parts:
+    return Parts(out, "add", inputs_key(Path(out) / "index_trained.faiss", Path(keys), shard_size), "faiss")
+
+
+def add_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local", workers: int | None = None,
+               progress=None) -> dict:
+    """One unit per shard of ``shard_size`` consecutive keys (their chunk ids), each encoded by a copy of
+    the trained index into ``out/add_parts_<key>/``; finished shards are kept across runs."""
+    workers, t0 = _prepare(engine, workers), time.perf_counter()
+    out, keys = Path(out), Path(keys)
+    n = load_npy(keys).shape[0]
+    parts, shards = add_parts(out, keys, shard_size), ranges(n, shard_size)
+    units = [(f"shard {s} (keys {lo}:{hi})", (str(out / "index_trained.faiss"), str(keys), lo, hi, str(parts.path(s))))
+             for s in parts.todo(len(shards)) for lo, hi in [shards[s]]]
+    rss = engine_mod.run_units(engine, _add_unit, units, what="add", workers=workers, progress=progress)
+    return stats_row(out, "add", engine, workers, n, time.perf_counter() - t0, rss,
+                     [parts.path(s) for s in range(len(shards))])
+
+
+def _add_unit(trained: str, keys: str, lo: int, hi: int, shard: str) -> float:
+    with atomic_file(shard) as tmp:
+        index_mod.add_shard(Path(trained), load_npy(keys), lo, hi, tmp)
+    return peak_rss_mb()
+
+
+def merge_shards(keys, out, *, shard_size: int = 1_000_000, engine: str = "local", workers: int | None = None) -> dict:
+    """``out/index.faiss`` and ``out/index.ivfdata``: every shard's inverted lists merged on disk (one
+    unit); the shards are deleted. ``keys``, ``shard_size``: those `add_shards` had (they name its parts)."""
+    _prepare(engine, workers)
+    out, keys, t0 = Path(out), Path(keys), time.perf_counter()
+    n = load_npy(keys).shape[0]
+    parts, count = add_parts(out, keys, shard_size), len(ranges(n, shard_size))
+    missing = parts.todo(count)
+    if missing:
+        raise RuntimeError(f"merge: index shards {missing[:10]} are missing (run add_shards first)")
+    rss = engine_mod.run_units(engine, _merge_unit, [("index", (str(out), [str(parts.path(s)) for s in range(count)]))],
+                               what="merge")
+    parts.remove(count)
+    return stats_row(out, "merge", engine, 1, n, time.perf_counter() - t0, rss,
+                     [out / "index.faiss", out / "index.ivfdata"])
+
+
+def _merge_unit(out: str, shards: list[str]) -> float:
+    out = Path(out)
+    with atomic_file(out / "index.ivfdata") as data_tmp, atomic_file(out / "index.faiss") as index_tmp:
+        index_mod.merge_shards(out / "index_trained.faiss", [Path(s) for s in shards], index_tmp, out / "index.ivfdata",
+                               data_tmp)
+    return peak_rss_mb()
+
+
+def open_searcher(out, keys, chunk_doc, *, nprobe: int = 32, rerank: int = 0) -> index_mod.Searcher:
+    """The merged index in ``out``, memory-mapped, with its keys and chunk documents for re-ranking and
+    exclusion."""
+    return index_mod.Searcher(Path(out) / "index.faiss", load_npy(keys), load_npy(chunk_doc), nprobe, rerank)
+
+
+# -- query: neighbour tables ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """What a range of query chunks needs: the index, its keys and chunk documents, the search options, and
+    where the query vectors come from."""
+    out: str                       # the folder of index.faiss
+    keys: str
+    chunk_doc: str
+    k: int
+    nprobe: int = 32
+    rerank: int = 0
+    max_distance: float | None = None
+    rows: str | None = None        # (n,) key row of each query chunk, -1: embedded (``embed``); None: the keys
+    docs: str | None = None        # (n,) document of each query chunk: its and the next chunk's are excluded
+    embed: dict | None = None      # {"root", "split", "embedder", "device", "batch_size"}: a stream's chunks
+
+    def num_queries(self) -> int:
+        return load_npy(self.rows if self.rows is not None else self.keys).shape[0]
+
+
+def precompute(keys, chunk_doc, out, *, k: int, nprobe: int = 32, rerank: int = 0, range_size: int = 100_000,
+               engine: str = "local", workers: int | None = None, neighbours: str = "neighbours.npy") -> dict:
+    """``out/<neighbours>`` (N, k) int64: the neighbours of every key, chunks of its own document and of the
+    next chunk's excluded (as RETRO's training data are retrieved)."""
+    spec = QuerySpec(str(out), str(keys), str(chunk_doc), k, nprobe, rerank, docs=str(chunk_doc))
+    return precompute_table(spec, Path(out) / neighbours, range_size=range_size, engine=engine, workers=workers)
+
+
+def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: str = "local", workers: int | None = None,
+                     progress=None) -> dict:
+    """``table`` (n, k) int64 from tasks over ranges of ``range_size`` query chunks, each memory-mapping
+    the merged index and writing its own range (kept across runs), joined at the end."""
+    workers, t0 = _prepare(engine, workers), time.perf_counter()
+    out, n = Path(spec.out), spec.num_queries()
+    spans = ranges(n, range_size)
+    key = inputs_key(out / "index.faiss", out / "index.ivfdata", Path(spec.keys), asdict(spec), range_size, table.name)
+    parts = Parts(out, "query", key, "npy")
+    units = [(f"range {lo}:{hi}", (spec, lo, hi, str(parts.path(r)))) for r in parts.todo(len(spans))
+             for lo, hi in [spans[r]]]
+    rss = engine_mod.run_units(engine, _query_unit, units, what=f"query {table.name}", workers=workers,
+                               progress=progress)
+    _join_parts([parts.path(r) for r in range(len(spans))], table, n, np.int64)
+    parts.remove(len(spans))
+    return stats_row(out, "query", engine, workers, n, time.perf_counter() - t0, rss, [table])
+
+
+def _query_unit(spec: QuerySpec, lo: int, hi: int, part: str) -> float:
+    searcher = open_searcher(spec.out, spec.keys, spec.chunk_doc, nprobe=spec.nprobe, rerank=spec.rerank)
+    docs = load_npy(spec.docs) if spec.docs is not None else None
+    ids = np.empty((hi - lo, spec.k), np.int64)
+    for a in range(lo, hi, SEARCH_BLOCK):
+        b = min(a + SEARCH_BLOCK, hi)
+        exclude = None
+        if docs is not None:  # the chunk's document and the next chunk's
+            exclude = np.stack([docs[a:b], docs[np.minimum(np.arange(a, b) + 1, len(docs) - 1)]], 1).astype(np.int64)
+        dist, found = searcher.search(_query_vectors(spec, searcher, a, b), spec.k, exclude)
+        if spec.max_distance is not None:
+            found = np.where(dist > spec.max_distance, -1, found)
+        ids[a - lo:b - lo] = found
+    atomic_save_npy(part, ids)
+    return peak_rss_mb()
+
+
+def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
+    """Query chunks ``a:b``: stored keys, and (``spec.embed``) the stream chunks the database lacks embedded."""
+    if spec.rows is None:
+        return np.asarray(searcher.keys[a:b], dtype=np.float32)
+    rows = np.asarray(load_npy(spec.rows)[a:b])
+    out = np.empty((b - a, searcher.dim), np.float32)
+    known = rows >= 0
+    out[known] = searcher.keys[rows[known]]
+    new = np.flatnonzero(~known)
+    if new.size:
+        from .embed import chunk_tokens
+
+        from .embed import cached_embedder
+
+        e = spec.embed
+        embedder = cached_embedder(e["embedder"], e["device"], e["batch_size"])
+        tokenizer, chunks = chunk_tokens(Path(e["root"]), a + new, e["split"])
+        out[new] = embedder.embed_token_chunks(tokenizer, chunks)
     return out
 
 
-# -- train_index, add ---------------------------------------------------------------------
+# -- the database's stages (functions of `build.Builder`) -----------------------------------------
 
-def train_index(build) -> dict:
-    """index_trained.faiss: the empty index, trained (IVF-PQ) on a sample of the keys."""
-    cfg = build.config
-    keys = build.npy("embeddings.npy")
-    n, dim = keys.shape
-    kind = index_mod.resolve_index_type(cfg["index_type"], n)
-    rng = np.random.default_rng(cfg["split_seed"])
-    sample_ids = np.sort(rng.choice(n, size=min(n, cfg["train_sample"]), replace=False))
-    factory = index_mod.factory_string(kind, sample_ids.size, dim, cfg)
-    t0 = time.perf_counter()
-    index = index_mod.train_index(factory, dim, np.asarray(keys[sample_ids], dtype=np.float32))
-    with atomic_file(build.root / "index_trained.faiss") as tmp:
-        index_mod.write_index(index, tmp)
-    build.log(f"train_index: {factory} on {sample_ids.size} vectors in {time.perf_counter() - t0:.1f}s")
-    return {"index_type": kind, "factory": factory, "train_vectors": int(sample_ids.size),
-            "seconds": time.perf_counter() - t0}
+def db_train_index(build) -> dict:
+    """index_trained.faiss: the empty IVF index, trained on a sample of the keys."""
+    cfg, keys = build.config, build.root / "embeddings.npy"
+    n, dim = load_npy(keys).shape
+    factory = index_mod.factory_string(index_mod.resolve_index_type(cfg["index_type"], n),
+                                       min(n, cfg["train_sample"]), dim, cfg)
+    row = train_ivf(keys, build.root, factory, sample=cfg["train_sample"], seed=cfg["split_seed"], **build.engine)
+    build.log(f"train_index: {factory} on {row['n_vectors']} vectors in {row['seconds']:.1f}s")
+    return {"factory": factory, "train_vectors": row["n_vectors"]}
 
 
-def add_to_index(build) -> dict:
-    """index_shard_NNN.faiss: every key added to a copy of the trained index, shard_size keys per shard."""
-    import faiss
-
-    keys = build.npy("embeddings.npy")
-    n = keys.shape[0]
-    shard = int(build.config["shard_size"])
-    files, offsets = [], []
-    bar = build.progress(total=n, desc="add", unit="vec")
-    t0 = time.perf_counter()
-    for s in range(max(1, -(-n // shard))):
-        index = faiss.read_index(str(build.root / "index_trained.faiss"))
-        lo, hi = s * shard, min((s + 1) * shard, n)
-
-        def blocks(lo=lo, hi=hi):
-            for start in range(lo, hi, ADD_BLOCK):
-                end = min(start + ADD_BLOCK, hi)
-                yield np.asarray(keys[start:end], dtype=np.float32)
-                bar.update(end - start)
-
-        index = index_mod.add_vectors(index, blocks())
-        name = f"index_shard_{s:03d}.faiss"
-        with atomic_file(build.root / name) as tmp:
-            index_mod.write_index(index, tmp)
-        files.append(name)
-        offsets.append(lo)
+def db_add(build) -> dict:
+    """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk."""
+    keys, shard = build.root / "embeddings.npy", build.config["shard_size"]
+    count = len(ranges(load_npy(keys).shape[0], shard))
+    bar = build.progress(total=count, desc="add", unit="shard")
+    add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)
     bar.close()
-    return {"shards": files, "offsets": offsets, "seconds": time.perf_counter() - t0}
+    merge_shards(keys, build.root, shard_size=shard, **build.engine)
+    return {"shards": count}
 
 
-# -- query: the neighbour tables ------------------------------------------------------------
+def db_query(build) -> dict:
+    """neighbours_<split>.npy: the k nearest database chunks of every stream chunk; for the training split,
+    chunks of the query chunk's document and of the next chunk's are excluded."""
+    from .manifest import STREAM_SPLITS
 
-def precompute_neighbours(build) -> dict:
-    """neighbours_<split>.npy: the k nearest database chunks of every stream chunk (the index queried)."""
-    db = RetrievalDatabase(build.root, build.manifest, embedder_device=build.runtime["device"],
-                           embed_batch_size=build.runtime["embed_batch_size"])  # as far as it is built
-    info = {}
-    for name in STREAM_SPLITS:
-        table = db.precompute_stream_neighbours(name, build.config["k"], build.root / f"neighbours_{name}.npy",
-                                                progress=build.runtime["progress"])
-        info[f"neighbours_{name}"] = list(table.shape)
+    cfg, root, info = build.config, build.root, {}
+    for split in STREAM_SPLITS:
+        spec = QuerySpec(str(root), str(root / "embeddings.npy"), str(root / "chunk_doc.npy"), cfg["k"], cfg["nprobe"],
+                         cfg["rerank"], cfg["max_distance"], rows=str(root / f"stream_{split}_db_chunk.npy"),
+                         docs=str(root / f"stream_{split}_chunk_doc.npy") if split == "train" else None,
+                         embed={"root": str(root), "split": split, "embedder": cfg["embedder"],
+                                "device": build.runtime["device"], "batch_size": build.runtime["embed_batch_size"]})
+        table, size = root / f"neighbours_{split}.npy", cfg["shard_size"]
+        bar = build.progress(total=len(ranges(spec.num_queries(), size)), desc=f"query {split}", unit="range")
+        precompute_table(spec, table, range_size=size, progress=bar.update, **build.engine)
+        bar.close()
+        info[f"neighbours_{split}"] = list(load_npy(table).shape)
     return info
+
+
+def db_embed(build) -> dict:
+    """embeddings.npy (float16): the key of every retrieval chunk, embedded in resumable parts of
+    ``embed_part_size`` chunks, or copied from ``--embeddings``."""
+    from .embed import EmbedParts, embed_on_ray
+
+    num_chunks, t0 = build.manifest.info("chunk")["num_chunks"], time.perf_counter()
+    if build.config["embeddings"] is not None:
+        return import_embeddings(build, num_chunks)
+    size = int(build.runtime["embed_part_size"])
+    parts = Parts(build.root, "embed", inputs_key(build.root / "chunk_start.npy", size), "npy")
+    count = len(ranges(num_chunks, size))
+    todo = parts.todo(count)
+    if len(todo) < count:
+        build.log(f"embed: resuming, {count - len(todo)} of {count} parts already done")
+    spec = {"root": str(build.root), "embedder": build.config["embedder"], "device": build.runtime["device"],
+            "batch_size": build.runtime["embed_batch_size"], "part_size": size, "num_chunks": num_chunks,
+            "folder": str(parts.folder)}
+    bar = build.progress(total=len(todo), desc="embed", unit="part")
+    engine, workers = build.engine["engine"], _prepare(**build.engine)
+    if engine == "ray" and todo:
+        rss = embed_on_ray(spec, todo, workers, bar.update)
+    else:
+        embed, rss = EmbedParts(spec) if todo else None, []
+        for p in todo:  # (a failure names its part)
+            rss.append(float(embed({"part": [p]})["rss"][0]))
+            bar.update(1)
+    bar.close()
+    dim = _join_parts([parts.path(p) for p in range(count)], build.root / "embeddings.npy", num_chunks)
+    parts.remove(count)
+    stats_row(build.root, "embed", engine, workers, num_chunks, time.perf_counter() - t0, rss,
+              [build.root / "embeddings.npy"])
+    return {"dim": dim, "embedder": build.config["embedder"]}
+
+
+def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> int:
+    """The .npy ``files`` (consecutive rows) copied into ``out`` a block at a time; returns the width."""
+    dim = load_npy(files[0]).shape[1]
+    with atomic_file(out) as tmp:
+        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
+        pos = 0
+        for f in files:
+            part = load_npy(f)
+            for lo in range(0, part.shape[0], 65536):
+                block = part[lo:lo + 65536]
+                joined[pos:pos + block.shape[0]] = block
+                pos += block.shape[0]
+        joined.flush()
+        del joined
+    return int(dim)
+
+
+def embedding_files(path) -> list[Path]:
+    """The .npy files of ``--embeddings``: the file, or a folder's .npy files in name order."""
+    files = sorted(Path(path).glob("*.npy")) if Path(path).is_dir() else [Path(path)]
+    if not files or not files[0].is_file():
+        raise ValueError(f"embeddings: expected a .npy file or a folder of .npy parts, got {str(path)!r}")
+    return files
+
+
+def check_embeddings(path, dim: int, num_chunks: int | None = None) -> None:
+    """ValueError unless ``--embeddings`` holds (rows, dim) finite float16/float32 vectors (``num_chunks``
+    rows when given), read a block at a time."""
+    rows = 0
+    for f in embedding_files(path):
+        try:
+            part = load_npy(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"embeddings: {f} is not a readable .npy file ({e})") from None
+        if part.dtype not in (np.float16, np.float32) or part.ndim != 2 or part.shape[1] != dim:
+            raise ValueError(f"embeddings: {f} holds {part.dtype} of shape {part.shape}; expected float16 or "
+                             f"float32 of shape (chunks, {dim}) (the embedder's dimension)")
+        for lo in range(0, part.shape[0], 65536):
+            if not (np.abs(part[lo:lo + 65536]) <= np.finfo(np.float16).max).all():  # (NaN compares False)
+                raise ValueError(f"embeddings: {f} has values that are not finite float16 numbers near row {lo}")
+        rows += part.shape[0]
+    if num_chunks is not None and rows != num_chunks:
+        raise ValueError(f"embeddings: {path} holds {rows} vectors, the chunk table has {num_chunks} chunks")
+
+
+def import_embeddings(build, num_chunks: int) -> dict:
+    from .embed import embedding_dim
+
+    t0, dim, path = time.perf_counter(), embedding_dim(build.config["embedder"]), build.config["embeddings"]
+    check_embeddings(path, dim, num_chunks)
+    _join_parts(embedding_files(path), build.root / "embeddings.npy", num_chunks)
+    build.log(f"embed: {num_chunks} keys copied from {path}")
+    stats_row(build.root, "embed", "local", 1, num_chunks, time.perf_counter() - t0, [], [build.root / "embeddings.npy"])
+    return {"dim": dim, "embedder": build.config["embedder"], "imported": True}

@@ -6,13 +6,18 @@ manifest records about them.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_file, write_json_atomic
 from . import corpus as corpus_mod
+from . import engine as engine_mod
 from . import index as index_mod
 from .config import held_out, split_documents
 from .embed import embedding_dim
@@ -58,8 +63,7 @@ class DocumentTable:
     """What tokenizing learns of each document: its id, token offset, UTF-8 bytes, MinHash signature.
     The pieces of a long document (``continued``) extend the document before them."""
 
-    def __init__(self, hasher: MinHasher):
-        self.hasher = hasher
+    def __init__(self):
         self.names: list[str] = []
         self.offsets = [0]
         self.bytes: list[int] = []
@@ -69,11 +73,9 @@ class DocumentTable:
     def num_tokens(self) -> int:
         return self.offsets[-1]
 
-    def add(self, doc: corpus_mod.Document, num_tokens: int) -> int:
+    def add(self, doc: corpus_mod.Document, num_tokens: int, size: int, signature: np.ndarray) -> int:
         """Record a piece of ``num_tokens`` tokens; returns 1 for a new document, 0 for a continued one."""
         end = self.num_tokens + num_tokens
-        size = len(doc.text.encode("utf-8", errors="replace"))
-        signature = self.hasher.signature(doc.text)
         if doc.continued and self.names:
             self.offsets[-1] = end
             self.bytes[-1] += size
@@ -93,19 +95,25 @@ class DocumentTable:
 
 
 def tokenize_corpus(build) -> dict:
-    """tokens.bin (every document's token ids, concatenated) and the document table."""
-    tokenizer = build.tokenizer()
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    table = DocumentTable(MinHasher(NUM_PERM, seed=build.config["split_seed"]))
-    stats = corpus_mod.CorpusStats()
+    """tokens.bin (every document's token ids, concatenated) and the document table; batches of documents
+    are encoded in parallel on the Ray engine, written in corpus order."""
+    dtype = token_dtype(build.tokenizer().get_vocab_size())
+    table, stats, batches = DocumentTable(), corpus_mod.CorpusStats(), collections.deque()
+    cfg = build.config
+
+    def units():
+        for docs in _batches(build.corpus(stats=stats, warn=build.log)):
+            batches.append(docs)
+            yield f"of the documents from {docs[0].doc_id!r}", (
+                str(build.root / "tokenizer.json"), [d.text for d in docs], dtype.name, build.m,
+                cfg["align_sections"], cfg["split_seed"])
+
     bar = build.progress(desc="tokenize", unit="doc")
     with atomic_file(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
-        for docs in _batches(build.corpus(stats=stats, warn=build.log)):
-            texts = [d.text for d in docs]
-            for doc, ids in zip(docs, encode_documents(tokenizer, texts, dtype, build.m,
-                                                       build.config["align_sections"])):
+        for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
+            for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
-                bar.update(table.add(doc, ids.size))
+                bar.update(table.add(doc, ids.size, size, signature))
             bar.set_postfix(tokens=table.num_tokens, refresh=False)
     bar.close()
     if not table.names:
@@ -118,6 +126,20 @@ def tokenize_corpus(build) -> dict:
               f"corpus {stats.as_dict()}")
     return {"dtype": dtype.name, "num_tokens": int(table.num_tokens), "num_docs": len(table.names),
             "num_bytes": int(num_bytes), "empty_docs": empty, "corpus": stats.as_dict()}
+
+
+def encode_unit(tokenizer_path: str, texts: list[str], dtype: str, chunk_size: int, align_sections: bool,
+                seed: int) -> tuple[list, list, list]:
+    """A batch of documents: (token ids, UTF-8 bytes, MinHash signature) of each."""
+    tokenizer = _tokenizer(tokenizer_path, Path(tokenizer_path).stat().st_mtime_ns)
+    hasher = MinHasher(NUM_PERM, seed=seed)
+    ids = encode_documents(tokenizer, texts, np.dtype(dtype), chunk_size, align_sections)
+    return ids, [len(t.encode("utf-8", errors="replace")) for t in texts], [hasher.signature(t) for t in texts]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, mtime_ns: int):
+    return load_tokenizer(path)
 
 
 def _batches(docs):
@@ -177,11 +199,10 @@ def hold_out_documents(build) -> dict:
 
 def cut_chunks_and_streams(build) -> dict:
     """The chunk table of the retrieval documents (chunk_doc.npy, chunk_start.npy) and the token stream
-    of each split (stream_<split>.bin and its chunks' documents and database chunks)."""
-    m = build.m
-    offsets = np.asarray(build.npy("doc_offsets.npy"))
-    split = np.asarray(build.npy("doc_split.npy"))
-    lengths = np.diff(offsets)
+    of each split (stream_<split>.bin and its chunks' documents and database chunks); the per-chunk
+    tables are written a block of documents at a time."""
+    m, offsets = build.m, np.asarray(build.npy("doc_offsets.npy"))
+    split, lengths = np.asarray(build.npy("doc_split.npy")), np.diff(offsets)
     retrievable = split == SPLITS["train"]
     if build.config["index_eval_docs"]:
         retrievable |= split == SPLITS["eval"]
@@ -189,21 +210,41 @@ def cut_chunks_and_streams(build) -> dict:
     if docs.size == 0:
         raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
     per_doc = -(-lengths[docs] // m)  # ceil: the last, partial chunk is kept (padded and masked)
-    chunk_doc = np.repeat(docs, per_doc).astype(np.int32)
-    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    chunk_start = offsets[chunk_doc] + (np.arange(chunk_doc.size) - first) * m
-    atomic_save_npy(build.root / "chunk_doc.npy", chunk_doc)
-    atomic_save_npy(build.root / "chunk_start.npy", chunk_start.astype(np.int64))
     # database chunk id of (doc, chunk-in-doc): chunks of a doc are consecutive
     doc_first_chunk = np.full(len(lengths), -1, dtype=np.int64)
     doc_first_chunk[docs] = np.cumsum(per_doc) - per_doc
-    info = {"num_chunks": int(chunk_doc.size), "retrieval_docs": int(docs.size)}
+    with _tables(build.root, {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}, int(per_doc.sum())) as t:
+        for lo, hi, doc, within in _doc_blocks(docs, per_doc):
+            t["chunk_doc.npy"][lo:hi], t["chunk_start.npy"][lo:hi] = doc, offsets[doc] + within * m
+    info = {"num_chunks": int(per_doc.sum()), "retrieval_docs": int(docs.size)}
     for name in STREAM_SPLITS:
         info.update(write_stream(build, name, np.flatnonzero((split == SPLITS[name]) & (lengths > 0)), offsets,
                                  doc_first_chunk))
-    build.log(f"chunk: {chunk_doc.size} retrieval chunks of {m} tokens from {docs.size} documents")
-    _check_index_fits(build.config, chunk_doc.size)
+    build.log(f"chunk: {info['num_chunks']} retrieval chunks of {m} tokens from {docs.size} documents")
+    _check_index_fits(build.config, info["num_chunks"])
     return info
+
+
+def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):
+    """(lo, hi, document of each row, row within its document) of the rows of ``block`` documents at a
+    time, document ``docs[i]`` having ``counts[i]`` consecutive rows."""
+    first = np.cumsum(counts) - counts
+    for a in range(0, len(docs), block):
+        lo, n = int(first[a]), counts[a:a + block]
+        hi = lo + int(n.sum())
+        yield lo, hi, np.repeat(docs[a:a + block], n), np.arange(hi - lo) - np.repeat(first[a:a + block] - lo, n)
+
+
+@contextlib.contextmanager
+def _tables(root, dtypes: dict, rows: int):
+    """``{name: (rows,) memory-mapped .npy}`` written atomically when the block ends."""
+    with contextlib.ExitStack() as stack:
+        maps = {n: np.lib.format.open_memmap(stack.enter_context(atomic_file(root / n)), mode="w+", dtype=t,
+                                             shape=(rows,)) for n, t in dtypes.items()}
+        yield maps
+        for table in maps.values():
+            table.flush()
+        maps.clear()
 
 
 def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_first_chunk: np.ndarray) -> dict:
@@ -213,12 +254,13 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
     tokens, tokenizer = build.tokens(), build.tokenizer()
     eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
     nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
-    stream_chunk_doc = np.repeat(docs, nchunks).astype(np.int32)
-    within = np.arange(stream_chunk_doc.size) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
-    has_db = doc_first_chunk[stream_chunk_doc] >= 0
-    # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
-    in_db = has_db & (within * m < lengths[stream_chunk_doc])
-    db_chunk = np.where(in_db, doc_first_chunk[stream_chunk_doc] + within, -1)
+    tables = {f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64}
+    with _tables(build.root, tables, int(nchunks.sum())) as t:
+        for lo, hi, doc, within in _doc_blocks(docs, nchunks):
+            # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
+            in_db = (doc_first_chunk[doc] >= 0) & (within * m < lengths[doc])
+            t[f"stream_{name}_chunk_doc.npy"][lo:hi] = doc
+            t[f"stream_{name}_db_chunk.npy"][lo:hi] = np.where(in_db, doc_first_chunk[doc] + within, -1)
     with atomic_file(build.root / f"stream_{name}.bin") as tmp:
         out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
         out[:] = pad
@@ -229,12 +271,16 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
             pos += int(n) * m
         out.flush()
         del out
-    atomic_save_npy(build.root / f"stream_{name}_chunk_doc.npy", stream_chunk_doc)
-    atomic_save_npy(build.root / f"stream_{name}_db_chunk.npy", db_chunk.astype(np.int64))
-    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size)}
+    size = int(np.asarray(build.npy("doc_bytes.npy"))[docs].sum())
+    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size),
+            f"stream_{name}_bytes": size}
 
 
 def _check_index_fits(cfg: dict, num_chunks: int) -> None:
-    """The index options against the number of chunks, now: not after the (long) embedding."""
+    """The index options and brought-in keys against the number of chunks, now: not after the (long) embedding."""
     kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
     index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
+    if cfg["embeddings"] is not None:
+        from .build_index import check_embeddings
+
+        check_embeddings(cfg["embeddings"], embedding_dim(cfg["embedder"]), num_chunks)

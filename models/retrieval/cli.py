@@ -6,7 +6,6 @@ import sys
 import time
 
 from ..cli_common import Parser, UsageError, command, database, device, existing_path, folder, integer
-from ..runtime import is_first_process
 from .manifest import STAGES
 
 
@@ -15,8 +14,9 @@ def _checked_by(check):
     def parse(text: str) -> str:
         try:
             check(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except ValueError as e:  # "name: why" becomes "argument --name: why"
+            name, _, why = str(e).partition(": ")
+            raise argparse.ArgumentTypeError(why if name.isidentifier() and why else str(e)) from None
         return text
 
     parse.__name__ = check.__name__
@@ -27,6 +27,12 @@ def _tokenizer_file(text: str) -> str:
     from .tokenizer import load_tokenizer
 
     return _checked_by(load_tokenizer)(text)
+
+
+def _index_type(text: str) -> str:
+    from .index import resolve_index_type
+
+    return _checked_by(lambda t: resolve_index_type(t, 0))(text)
 
 
 def _embedder(text: str) -> str:
@@ -48,22 +54,25 @@ CONFIG_FLAGS = {
     "align_sections": "start every section heading and body on a chunk boundary, so that a section two "
                       "documents share is chunked the same way in both",
     "max_distance": "drop neighbours farther than this squared L2 distance (default: keep the K nearest)",
-    "index_type": "flat (exact), ivfpq, hnsw, or auto (flat up to 200,000 chunks, else ivfpq)",
+    "embeddings": "the chunks' keys, brought in (a .npy of shape (chunks, dim), float16/32, or a folder of .npy "
+                  "parts in chunk order): no embedding; they must come from --embedder's model",
+    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks, else ivfpq), or a FAISS factory string "
+                  "starting with IVF (e.g. IVF4096,SQ8)",
     "nlist": "IVF lists (0: from the data)",
     "pq_m": "PQ sub-quantizers (0: from the data)",
     "pq_nbits": "bits per PQ code (0: from the data)",
-    "hnsw_m": "HNSW graph degree",
-    "train_sample": "vectors the IVF-PQ index is trained on",
-    "shard_size": "vectors per index shard",
+    "train_sample": "vectors the IVF index is trained on",
+    "shard_size": "keys per add unit and query chunks per neighbour-table unit (the resumable units)",
+    "nprobe": "IVF lists searched for the neighbour tables",
+    "rerank": "candidates of a compressed index (PQ, SQ) re-ranked by exact distance (0: max(100, 10 k))",
     "k": "neighbours precomputed per chunk",
 }
 
 
 def _add_config_flags(p) -> None:
     from .config import DEFAULT_CONFIG, LIMITS
-    from .index import INDEX_TYPES
-
-    other_types = {"embedder": dict(type=_embedder), "index_type": dict(choices=INDEX_TYPES)}
+    other_types = {"embedder": dict(type=_embedder), "index_type": dict(type=_index_type),
+                   "embeddings": dict(type=existing_path)}
     for key, help_ in CONFIG_FLAGS.items():
         names = ("-k", "--k") if key == "k" else ("--" + key.replace("_", "-"),)
         default = DEFAULT_CONFIG[key]
@@ -80,7 +89,7 @@ def _build_db_parser() -> Parser:
     p = Parser(
         "python -m models build-db",
         description="Build a RETRO retrieval database (resumable: re-run the same command after an interruption). "
-                    "Run it under `torchrun --nproc-per-node N` to share the embedding across N processes.")
+                    "--engine ray runs its heavy stages on a Ray cluster.")
     p.add_argument("--corpus", type=existing_path, default=None,
                    help="text file, folder, or .jsonl file (field 'text', optional 'id'); "
                         "default: Python's own documentation, no download")
@@ -93,6 +102,12 @@ def _build_db_parser() -> Parser:
     p.add_argument("--part-size", type=LIMITS["embed_part_size"], default=DEFAULT_RUNTIME["embed_part_size"],
                    help="chunks per resumable embedding part")
     p.add_argument("--device", type=device, default=None, help="embedding device (default: cuda if available)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: the heavy stages as Ray work (pip install 'retro_kernels[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="the Ray cluster to join (default: RAY_ADDRESS, else a local cluster on this machine)")
+    p.add_argument("--workers", type=LIMITS["workers"], default=None,
+                   help="Ray units at a time (default: the cluster's CPUs)")
     p.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild a database built with another configuration or from a changed corpus "
@@ -113,16 +128,28 @@ def build_db_main(argv: list[str]) -> int:
         dim = embedding_dim(flags.embedder)
         if dim % flags.pq_m:
             raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
-    if is_first_process():
-        outdir.check_folder(flags.out, "retrieval-db")
+    if flags.ray_address and flags.engine != "ray":
+        raise UsageError("argument --ray-address: only with --engine ray")
+    try:  # before any work: Ray installed, the brought-in keys readable, finite, of the embedder's width
+        from .engine import check_engine
+
+        check_engine(flags.engine)
+        if flags.embeddings is not None:
+            from .build_index import check_embeddings
+            from .embed import embedding_dim
+
+            check_embeddings(flags.embeddings, embedding_dim(flags.embedder))
+    except ValueError as e:
+        raise UsageError(f"argument --{str(e).split(':')[0]}: {str(e).split(': ', 1)[1]}") from None
+    outdir.check_folder(flags.out, "retrieval-db")
     t0 = time.perf_counter()
     out = build_database(
         flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,
+        engine=flags.engine, workers=flags.workers, ray_address=flags.ray_address,
         runtime={"embed_batch_size": flags.batch_size, "embed_part_size": flags.part_size,
                  "device": None if flags.device == "auto" else flags.device, "progress": not flags.no_progress},
         **{key: getattr(flags, key) for key in CONFIG_FLAGS})
-    if is_first_process():
-        print(f"database {out} ready ({time.perf_counter() - t0:.1f}s this run)", file=sys.stderr)
+    print(f"database {out} ready ({time.perf_counter() - t0:.1f}s this run)", file=sys.stderr)
     return 0
 
 
@@ -132,7 +159,9 @@ def query_main(argv: list[str]) -> int:
     p.add_argument("--db", type=database, required=True, help="database directory")
     p.add_argument("text", nargs="+", help="query text (several arguments are joined with spaces)")
     p.add_argument("-k", type=integer(1, 4096), default=3, help="neighbours per chunk")
-    p.add_argument("--nprobe", type=integer(1), default=None, help="IVF lists searched")
+    p.add_argument("--nprobe", type=integer(1), default=None, help="IVF lists searched (default: the build's)")
+    p.add_argument("--rerank", type=integer(0), default=None,
+                   help="candidates of a compressed index re-ranked by exact distance (default: the build's)")
     p.add_argument("--show", type=integer(0), default=300, help="characters of each neighbour to print")
     flags = p.parse_args(argv)
     text = " ".join(flags.text)
@@ -140,7 +169,7 @@ def query_main(argv: list[str]) -> int:
         raise UsageError("argument text: expected some query text, got only spaces")
     from .query import RetrievalDatabase
 
-    db = RetrievalDatabase.open(flags.db, nprobe=flags.nprobe)
+    db = RetrievalDatabase.open(flags.db, nprobe=flags.nprobe, rerank=flags.rerank)
     ids = db.encode(text)
     if ids.size == 0:
         raise UsageError(f"argument text: {text!r} encodes to no token")
@@ -174,7 +203,8 @@ def info_main(argv: list[str]) -> int:
     print(f"  documents: {len(db.doc_names)} ({len(db.documents('train'))} train, {len(db.documents('eval'))} eval, "
           f"{len(db.documents('removed'))} removed by the leakage filter)")
     print(f"  tokens: {db.tokens.size}, vocab {db.vocab_size}, chunks {db.num_chunks} of {db.chunk_size}")
-    print(f"  index: {stages['train_index']['info'].get('factory')} in {len(stages['add']['info']['shards'])} shard(s)")
+    print(f"  index: {stages['train_index']['info'].get('factory')}, inverted lists on disk "
+          f"({stages['add']['info'].get('shards')} shard(s) merged)")
     for stage in STAGES:
         print(f"  stage {stage:12s} {stages[stage]['info'].get('seconds', 0):8.1f}s")
     return 0

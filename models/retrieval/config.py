@@ -29,11 +29,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "leakage_threshold": THRESHOLD,
     "index_eval_docs": False,   # True: the evaluation documents are retrievable too
     "align_sections": False,    # True: every section heading and body starts on a chunk boundary
-    "index_type": "auto",       # auto / flat / ivfpq / hnsw
+    "embeddings": None,         # a .npy (chunks, dim) or folder of parts: the keys, brought in (no embedding)
+    "index_type": "auto",       # auto / flat / ivfpq, or a FAISS factory string starting with IVF
     "nlist": 0, "pq_m": 0, "pq_nbits": 0,  # IVF-PQ sizes; 0 = chosen from the data
-    "hnsw_m": 32,
-    "train_sample": 100_000,    # vectors the IVF-PQ index is trained on
-    "shard_size": 5_000_000,    # vectors per index shard
+    "train_sample": 100_000,    # vectors the IVF index is trained on
+    "shard_size": 1_000_000,    # keys per add unit, query chunks per neighbour-table unit
+    "nprobe": 32,               # IVF lists searched for the neighbour tables
+    "rerank": 0,                # compressed codes: candidates re-ranked by exact distance (0: max(100, 10 k))
     "k": 4,                     # neighbours precomputed per stream chunk
     "max_distance": None,       # None (RETRO): the K nearest, however far; a number: farther ones are dropped
 }
@@ -49,9 +51,9 @@ def _limits():
         "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
         "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
         "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
-        "pq_nbits": integer(0, 16), "hnsw_m": integer(2, 1024), "train_sample": integer(1),
-        "shard_size": integer(1), "k": integer(1, 4096), "max_distance": number(0),
-        "embed_batch_size": integer(1), "embed_part_size": integer(1),
+        "pq_nbits": integer(0, 16), "train_sample": integer(1), "shard_size": integer(1), "nprobe": integer(1),
+        "rerank": integer(0), "k": integer(1, 4096), "max_distance": number(0),
+        "embed_batch_size": integer(1), "embed_part_size": integer(1), "workers": integer(1),
     }
 
 
@@ -62,7 +64,7 @@ def check_value(name: str, value) -> None:
     """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
     from ..cli_common import check_value as check
 
-    if not (name == "max_distance" and value is None):
+    if not (name in ("max_distance", "workers") and value is None):
         check(name, value, LIMITS[name])
 
 

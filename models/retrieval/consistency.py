@@ -3,7 +3,7 @@
 Three checks, in the order `RetrievalDatabase` makes them: that every stage
 finished with the files it recorded (`check_finished`, when a database is
 opened); that what the manifest declares about its files (config ranges,
-token dtype, sizes, shard list) holds before they are read (`check_declared`);
+token dtype, sizes) holds before they are read (`check_declared`);
 and that the loaded tables agree with each other and with the manifest's
 counts (`check_loaded`). Each raises one DatabaseError that lists every
 problem it found.
@@ -70,11 +70,6 @@ def check_declared(db) -> None:
         whole_chunks = size % dtype.itemsize == 0 and (size // dtype.itemsize) % m == 0
         if not whole_chunks and size != dtype.itemsize:  # an empty stream is one padding token
             problems.append(f"stream_{split}.bin holds {size} bytes: not whole chunks of {m} {dtype.name} tokens")
-    add = db.manifest.info("add")
-    shards, offsets = add.get("shards"), add.get("offsets")
-    if shards != list(db.manifest.stages["add"]["files"]) or not isinstance(offsets, list) \
-            or len(offsets) != len(shards) or not all(isinstance(o, int) for o in offsets):
-        problems.append(f"the index shards {shards!r} and offsets {offsets!r} are not the files the add stage made")
     _raise_if(db, problems)
 
 
@@ -99,17 +94,17 @@ def _document_problems(db) -> list[str]:
     return problems
 
 
-def _chunk_problems(db) -> list[str]:
-    n, m = db.chunk_doc.shape[0], db.chunk_size
-    offsets = np.asarray(db.doc_offsets)
+def _chunk_problems(db, block: int = 1 << 20) -> list[str]:
+    n, m, offsets = db.chunk_doc.shape[0], db.chunk_size, db.doc_offsets
     if db.chunk_start.shape[0] != n or db.embeddings.shape[0] != n:
         return [f"chunk table ({n}) and embeddings ({db.embeddings.shape[0]}) disagree"]
-    doc = np.asarray(db.chunk_doc, dtype=np.int64)
-    if n and (doc.min() < 0 or doc.max() >= len(offsets) - 1):
-        return ["chunk_doc.npy names documents that do not exist"]
-    within = np.asarray(db.chunk_start) - offsets[doc]
-    if ((within < 0) | (within >= np.diff(offsets)[doc]) | (within % m != 0)).any():
-        return [f"chunk_start.npy does not cut the documents into chunks of {m} tokens"]
+    for lo in range(0, n, block):  # memory-mapped tables, read a block at a time
+        doc = np.asarray(db.chunk_doc[lo:lo + block], dtype=np.int64)
+        if doc.min() < 0 or doc.max() >= len(offsets) - 1:
+            return ["chunk_doc.npy names documents that do not exist"]
+        within = db.chunk_start[lo:lo + block] - offsets[doc]
+        if ((within < 0) | (within >= offsets[doc + 1] - offsets[doc]) | (within % m != 0)).any():
+            return [f"chunk_start.npy does not cut the documents into chunks of {m} tokens"]
     return []
 
 
@@ -118,9 +113,6 @@ def _index_problems(db) -> list[str]:
     problems = []
     if db.embeddings.shape[1:] != (dim,):
         problems.append(f"embeddings.npy has shape {db.embeddings.shape}, the manifest declares dimension {dim!r}")
-    sizes = [s.ntotal for s in db.index.shards]
-    if list(db.index.offsets) != [int(x) for x in np.cumsum([0] + sizes[:-1])]:
-        problems.append(f"index shard offsets {db.index.offsets} do not match the shards' sizes {sizes}")
     if db.index.ntotal != n:
         problems.append(f"index holds {db.index.ntotal} vectors, the chunk table {n}")
     if db.index.dim != db.embeddings.shape[1]:

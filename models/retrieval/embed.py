@@ -13,6 +13,7 @@ length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -103,3 +104,81 @@ class Embedder:
         """Embed chunks of language-model token ids (detokenised, then re-tokenised)."""
         texts = lm_tokenizer.decode_batch([np.asarray(c).tolist() for c in chunks], skip_special_tokens=True)
         return self.embed_texts(texts, on_batch=on_batch)
+
+
+# -- the build's embed stage: resumable parts, in this process or on a Ray Data actor pool ------------
+
+def chunk_tokens(root: Path, ids: np.ndarray, split: str | None = None):
+    """(tokenizer, the tokens of database chunks ``ids`` (a document's last chunk is shorter), or of the
+    chunks ``ids`` of stream ``split``) of the database being built in ``root``."""
+    from .manifest import Manifest, load_npy
+    from .tokenizer import load_tokenizer
+
+    manifest = Manifest.load(root)
+    m, dtype = int(manifest.config["chunk_size"]), np.dtype(manifest.info("tokenize")["dtype"])
+    if split is not None:
+        tokens, starts = np.memmap(root / f"stream_{split}.bin", dtype=dtype, mode="r"), np.asarray(ids) * m
+        ends = starts + m
+    else:
+        tokens, starts = np.memmap(root / "tokens.bin", dtype=dtype, mode="r"), load_npy(root / "chunk_start.npy")[ids]
+        doc = load_npy(root / "chunk_doc.npy")[ids].astype(np.int64)
+        ends = np.minimum(starts + m, load_npy(root / "doc_offsets.npy")[doc + 1])
+    return load_tokenizer(root / "tokenizer.json"), [np.asarray(tokens[s:e]) for s, e in zip(starts, ends)]
+
+
+@functools.lru_cache(maxsize=2)
+def cached_embedder(name: str, device: str | None, batch_size: int) -> Embedder:
+    """One embedder per process and model, kept between the units it runs."""
+    return Embedder(name, device=device, batch_size=batch_size)
+
+
+class EmbedParts:
+    """Embeds parts of the chunk table into the parts folder: called in this process, or a Ray Data actor
+    (`map_batches`: one embedder per actor, one GPU each where the cluster has them)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.embedder = cached_embedder(spec["embedder"], spec["device"], spec["batch_size"])
+
+    def __call__(self, batch: dict) -> dict:
+        from .engine import peak_rss_mb
+        from .manifest import atomic_save_npy
+
+        s = self.spec
+        for p in batch["part"]:
+            try:
+                ids = np.arange(p * s["part_size"], min((p + 1) * s["part_size"], s["num_chunks"]))
+                vectors = self.embedder.embed_token_chunks(*chunk_tokens(Path(s["root"]), ids))
+                atomic_save_npy(Path(s["folder"]) / f"part_{p:06d}.npy", vectors.astype(np.float16))
+            except Exception as e:
+                raise RuntimeError(f"embed part {p}: {type(e).__name__}: {e}") from e
+        return {"part": batch["part"], "rss": np.full(len(batch["part"]), peak_rss_mb())}
+
+
+def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[float]:
+    """The parts ``todo`` embedded by a Ray Data actor pool; the peak memory of each part's actor."""
+    import logging
+
+    import ray.data
+
+    from .engine import cluster
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # (after its import, which sets it)
+    gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
+    size = max(1, min(workers, gpus or cpus, len(todo)))
+    # an actor pool holding every CPU would starve the tasks that feed it: half a CPU stays free
+    per_actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, (cpus - 0.5) / size)}
+    data = ray.data.from_items([{"part": p} for p in todo]).map_batches(
+        EmbedParts, fn_constructor_args=(spec,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+        **per_actor)
+    rss = []
+    try:
+        for row in data.iter_rows():
+            rss.append(float(row["rss"]))
+            progress(1)
+    except Exception as e:  # Ray's error is pages long: the line that names the part
+        import re
+
+        found = re.search(r"embed part \d+: .*", str(e))
+        raise RuntimeError(found.group(0) if found else f"embed: {type(e).__name__}") from None
+    return rss

@@ -1,26 +1,33 @@
-"""FAISS L2 indexes over chunk embeddings: Flat, IVF-PQ or HNSW, in one or several shards.
+"""One FAISS IVF index over the chunk keys, its inverted lists on disk, searched memory-mapped.
 
-- ``flat``: exact search; the default for small databases.
-- ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}`` trained on a sample; for large ones.
-- ``hnsw``: ``HNSW{M}`` graph over the full vectors; no training.
+faiss's recipe for indexes larger than RAM, in steps any process can run
+(`build_index` runs them locally or as Ray tasks): train the IVF on a sample of
+the keys; add consecutive shards of keys (global chunk ids) to copies of the
+trained index, each encoding its own vectors; merge the shards' inverted lists
+into ``index.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``; ``index.faiss``
+keeps the coarse quantizer and the lists' directory); open it with the lists
+memory-mapped. No process holds every code, and a query makes one coarse search.
 
-Shards cover consecutive ranges of chunk ids (``shard_size`` vectors each) and
-are searched one after the other with their results merged, so an index that
-does not fit in memory at once still works; each shard file is memory-mapped
-on load (``faiss.IO_FLAG_MMAP``). When the installed FAISS has GPU support and
-a GPU is present, training and adding (Flat, IVF) run on the GPU and the result
-is moved back to the CPU to be saved.
+Index types: ``flat`` is ``IVF1,SQfp16`` (one list, scanned whole, the float16 keys stored as they are:
+exact search);
+``ivfpq`` is ``IVF{nlist},PQ{m}x{nbits}`` sized from the data; any FAISS factory
+string that starts with ``IVF`` (``IVF4096,SQ8``, ``IVF1024,PQ48``) is taken as
+it is. Compressed codes (PQ, SQ) are re-ranked: ``rerank`` candidates are fetched
+and ordered by their exact L2 distance to the memory-mapped keys (float16 or float32).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-INDEX_TYPES = ("auto", "flat", "ivfpq", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivfpq")  # or an IVF factory string
 AUTO_FLAT_MAX = 200_000  # "auto" picks exact search up to this many chunks, IVF-PQ above
+RERANK_BLOCK = 64  # queries whose candidates are re-ranked at once (64 x rerank x dim floats)
 
 
 def _faiss():
@@ -34,22 +41,37 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+@contextlib.contextmanager
+def quiet_stdout():
+    """FAISS's C++ code prints progress ("resizing ...") on standard output: silence it at the descriptor."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def resolve_index_type(index_type: str, num_vectors: int) -> str:
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type: expected one of {INDEX_TYPES}, got {index_type!r}")
     if index_type == "auto":
         return "flat" if num_vectors <= AUTO_FLAT_MAX else "ivfpq"
-    return index_type
+    if index_type in INDEX_TYPES or (isinstance(index_type, str) and index_type.startswith("IVF")):
+        return index_type
+    raise ValueError(f"index_type: expected one of {INDEX_TYPES} or a FAISS factory string starting with IVF, "
+                     f"got {index_type!r}")
 
 
 def factory_string(index_type: str, num_train: int, dim: int, params: dict) -> str:
     """The FAISS index_factory string; IVF-PQ sizes adapt to the training sample when left at 0."""
     if index_type == "flat":
-        return "Flat"
-    if index_type == "hnsw":
-        return f"HNSW{int(params.get('hnsw_m') or 32)}"
+        return "IVF1,SQfp16"
+    if index_type.startswith("IVF"):
+        return _checked_factory(index_type, num_train, dim)
     if index_type != "ivfpq":
-        raise ValueError(f"index_type: expected flat/ivfpq/hnsw, got {index_type!r}")
+        raise ValueError(f"index_type: expected flat, ivfpq or IVF...,..., got {index_type!r}")
     # FAISS wants >= 39 training points per centroid; use sqrt-scaling capped by that.
     nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(num_train)), num_train // 39)))
     pq_m = int(params.get("pq_m") or next(m for m in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if dim % m == 0))
@@ -63,15 +85,27 @@ def factory_string(index_type: str, num_train: int, dim: int, params: dict) -> s
     return f"IVF{nlist},PQ{pq_m}x{nbits}"
 
 
+def _checked_factory(factory: str, num_train: int, dim: int) -> str:
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(faiss.index_factory(dim, factory, faiss.METRIC_L2))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"index_type: {factory!r} is not an IVF factory string for dimension {dim} "
+                         f"({str(e).strip().splitlines()[-1]})") from None
+    if num_train < ivf.nlist:
+        raise ValueError(f"index_type: {num_train} training vectors are fewer than the {ivf.nlist} lists of {factory!r}")
+    return factory
+
+
 def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None = None):
-    """An empty index of type ``factory``, trained on ``sample`` (no-op for Flat/HNSW)."""
+    """An empty index of type ``factory`` (IVF, or any other), trained on ``sample``."""
     faiss = _faiss()
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
-    if index.is_trained:
-        return index
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf = faiss.downcast_index(ivf)
+        if _fp16_codes(ivf):
+            ivf.by_residual = False  # the float16 codes of float16 keys are the keys: exact
         if hasattr(ivf, "do_polysemous_training"):
             # the factory turns it on; it costs minutes (we never search with Hamming filtering)
             ivf.do_polysemous_training = False
@@ -80,12 +114,9 @@ def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None
         if hasattr(ivf, "pq"):
             ivf.pq.cp.min_points_per_centroid = 1
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    if use_gpu is None:
-        use_gpu = gpu_available()
-    if use_gpu:
+    if use_gpu if use_gpu is not None else gpu_available():
         try:
-            res = faiss.StandardGpuResources()
-            gpu = faiss.index_cpu_to_gpu(res, 0, index)
+            gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
             gpu.train(sample)
             return faiss.index_gpu_to_cpu(gpu)
         except Exception as e:  # an index layout the GPU build does not support
@@ -94,120 +125,112 @@ def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None
     return index
 
 
-def serialize(index) -> np.ndarray:
-    return _faiss().serialize_index(index)
-
-
-def deserialize(blob: np.ndarray):
-    return _faiss().deserialize_index(np.asarray(blob, dtype=np.uint8))
+def _fp16_codes(ivf) -> bool:
+    return isinstance(ivf, _faiss().IndexIVFScalarQuantizer) and ivf.sq.qtype == _faiss().ScalarQuantizer.QT_fp16
 
 
 def write_index(index, path: Path) -> None:
     _faiss().write_index(index, str(path))
 
 
-def add_vectors(index, vectors_iter, use_gpu: bool | None = None):
-    """Add batches of vectors (an iterator of float arrays) to ``index``; returns the CPU index."""
+def add_shard(trained: Path, keys: np.ndarray, lo: int, hi: int, out: Path, block: int = 65536) -> None:
+    """Keys ``lo:hi`` (ids lo..hi-1) added to a copy of the trained index, written to ``out``."""
+    index = _faiss().read_index(str(trained))
+    for start in range(lo, hi, block):
+        end = min(start + block, hi)
+        index.add_with_ids(np.ascontiguousarray(keys[start:end], dtype=np.float32), np.arange(start, end))
+    write_index(index, out)
+
+
+def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> int:
+    """The shards' lists merged into ``data_tmp`` (to be renamed ``data_out``), the index that reads them
+    written to ``index_out``; returns the number of vectors."""
+    from faiss.contrib.ondisk import merge_ondisk
+
     faiss = _faiss()
-    if use_gpu is None:
-        use_gpu = gpu_available() and "HNSW" not in type(index).__name__
-    target = index
-    if use_gpu:
-        try:
-            res = faiss.StandardGpuResources()
-            target = faiss.index_cpu_to_gpu(res, 0, index)
-        except Exception as e:
-            print(f"warning: cannot move the index to the GPU ({e}); adding on the CPU", file=sys.stderr)
-            use_gpu = False
-    for batch in vectors_iter:
-        target.add(np.ascontiguousarray(batch, dtype=np.float32))
-    return faiss.index_gpu_to_cpu(target) if use_gpu else target
+    index = faiss.read_index(str(trained))
+    with quiet_stdout():
+        merge_ondisk(index, [str(s) for s in shards], str(data_tmp))
+    # opened with IO_FLAG_ONDISK_SAME_DIR: the lists are found by this name beside index.faiss
+    faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = data_out.name
+    write_index(index, index_out)
+    return int(index.ntotal)
 
 
-class ShardedIndex:
-    """Search over index shards covering consecutive id ranges; results merged by distance."""
+def open_index(path: Path, nprobe: int = 32):
+    """The merged index at ``path`` (``index.faiss``), its lists memory-mapped read-only from beside it."""
+    faiss = _faiss()
+    try:
+        with quiet_stdout():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise ValueError(f"index {path} cannot be read ({str(e).strip().splitlines()[0]})") from None
+    faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    return index
 
-    def __init__(self, paths: list[Path], offsets: list[int], mmap: bool = True,
-                 nprobe: int | None = None, ef_search: int | None = None):
+
+class Searcher:
+    """K nearest keys of query vectors in the merged index, re-ranked by exact distance when the codes are
+    compressed, skipping chunks of excluded documents.
+
+    ``keys``: (N, dim) memory-mapped chunk keys; ``chunk_doc``: (N,) document of each chunk.
+    ``rerank``: candidates fetched per query for re-ranking (0: max(100, 10 k)).
+    """
+
+    def __init__(self, index_path: Path, keys: np.ndarray, chunk_doc: np.ndarray, nprobe: int = 32, rerank: int = 0):
         faiss = _faiss()
-        flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        self.shards = []
-        for path in paths:
-            try:
-                shard = faiss.read_index(str(path), flags)
-            except RuntimeError as e:
-                raise ValueError(f"index shard {path} cannot be read ({str(e).splitlines()[0]})") from None
-            self.shards.append(shard)
-        self.offsets = list(offsets)
-        self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        self.index = open_index(index_path, nprobe)
+        self.keys, self.chunk_doc, self.rerank = keys, chunk_doc, int(rerank)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
+        self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)
 
     @property
     def ntotal(self) -> int:
-        return sum(s.ntotal for s in self.shards)
+        return int(self.index.ntotal)
 
     @property
     def dim(self) -> int:
-        return self.shards[0].d
+        return int(self.index.d)
 
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        faiss = _faiss()
-        for shard in self.shards:
-            ivf = faiss.try_extract_index_ivf(shard)
-            if ivf is not None and nprobe:
-                ivf.nprobe = int(nprobe)
-            if hasattr(shard, "hnsw") and ef_search:
-                shard.hnsw.efSearch = int(ef_search)
+    def set_nprobe(self, nprobe: int) -> None:
+        _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids), each (n, k), ascending squared L2; id -1 where fewer than k exist."""
+    def breadth(self, k: int) -> int:
+        return k if self.exact else max(self.rerank or max(100, 10 * k), k)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), each (n, k), ascending squared L2, id -1 where fewer than k are found.
+        ``exclude``: (n, E) documents whose chunks query ``i`` may not return (-1: none).
+
+        Rows that lose too many candidates to the exclusion are searched again, 4 times as broadly."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = queries.shape[0]
-        all_d, all_i = [], []
-        for shard, offset in zip(self.shards, self.offsets):
-            kk = min(k, shard.ntotal)
-            if kk == 0:
-                continue
-            d, i = shard.search(queries, kk)
-            all_d.append(d)
-            all_i.append(np.where(i >= 0, i + offset, -1))
-        if not all_d:
-            return np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
-        d = np.concatenate(all_d, axis=1)
-        i = np.concatenate(all_i, axis=1)
-        d = np.where(i < 0, np.inf, d)
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        d = np.take_along_axis(d, order, axis=1)
-        i = np.take_along_axis(i, order, axis=1)
-        if d.shape[1] < k:  # fewer vectors than k in all
-            pad = k - d.shape[1]
-            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.inf)
-            i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
-        return d.astype(np.float32), i.astype(np.int64)
-
-    def search_excluding(self, queries: np.ndarray, k: int, exclude: np.ndarray | None,
-                         chunk_doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Like ``search`` but skipping neighbours from the documents ``exclude[row]`` ((n,) or (n, E)).
-
-        Over-fetches, and searches again with a larger k for the rows that lost
-        too many neighbours to the exclusion, until they have k or the index is exhausted.
-        """
-        n = queries.shape[0]
-        if exclude is None:
-            return self.search(queries, k)
-        exclude = np.asarray(exclude, dtype=np.int64).reshape(n, -1)  # (n, E) documents per query
-        out_d = np.full((n, k), np.inf, np.float32)
-        out_i = np.full((n, k), -1, np.int64)
-        todo = np.arange(n)
-        fetch = min(self.ntotal, 2 * k + 16)
-        while todo.size:
-            d, i = self.search(queries[todo], fetch)
-            docs = chunk_doc[np.maximum(i, 0)]
-            keep = (i >= 0) & ~np.any(docs[:, :, None] == exclude[todo][:, None, :], axis=2)
-            done = (keep.sum(1) >= k) | (fetch >= self.ntotal)
+        out_d, out_i = np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
+        todo, fetch = np.arange(n), min(self.ntotal, self.breadth(k) + (k + 16 if exclude is not None else 0))
+        while todo.size and fetch > 0:
+            d, i = self._candidates(queries[todo], fetch)
+            keep = i >= 0
+            if exclude is not None:
+                keep &= ~np.any(self.chunk_doc[np.maximum(i, 0)][:, :, None] == exclude[todo][:, None, :], axis=2)
+            done = (keep.sum(1) >= k) | (i < 0).any(1) | (fetch >= self.ntotal)
             for row in np.flatnonzero(done):
                 sel = np.flatnonzero(keep[row])[:k]
-                out_d[todo[row], :sel.size] = d[row, sel]
-                out_i[todo[row], :sel.size] = i[row, sel]
-            todo = todo[~done]
-            fetch = min(self.ntotal, fetch * 4)
+                out_d[todo[row], :sel.size], out_i[todo[row], :sel.size] = d[row, sel], i[row, sel]
+            todo, fetch = todo[~done], min(self.ntotal, fetch * 4)
         return out_d, out_i
+
+    def _candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``fetch`` candidates per query, ordered by exact distance (re-ranked when the codes are compressed)."""
+        d, i = self.index.search(queries, fetch)
+        if self.exact:
+            return d, i
+        for lo in range(0, len(queries), RERANK_BLOCK):
+            ids = i[lo:lo + RERANK_BLOCK]
+            flat = np.maximum(ids, 0).reshape(-1)
+            order = np.argsort(flat, kind="stable")  # memory-mapped rows read in file order
+            vectors = np.empty((flat.size, self.dim), np.float32)
+            vectors[order] = self.keys[flat[order]]
+            diff = vectors.reshape(*ids.shape, -1) - queries[lo:lo + RERANK_BLOCK, None, :]
+            d[lo:lo + RERANK_BLOCK] = np.where(ids >= 0, np.einsum("qcd,qcd->qc", diff, diff), np.inf)
+        order = np.argsort(d, axis=1, kind="stable")
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)

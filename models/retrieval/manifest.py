@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
 
-FORMAT_VERSION = 2  # 2: kind and checksum; version 1 databases are rebuilt (--overwrite)
+FORMAT_VERSION = 3  # 2: kind and checksum; 3: one merged on-disk index. Older databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
 
@@ -44,9 +44,9 @@ STAGES = (
     "tokenize",     # stream the corpus: token ids, document table, MinHash signatures
     "split",        # hold out evaluation documents; leakage filter (MinHash, Jaccard >= threshold)
     "chunk",        # chunk table of the retrieval documents; token streams of train/eval splits
-    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts, torchrun-shardable)
-    "train_index",  # train the FAISS index (IVF-PQ) on a sample; Flat/HNSW need none
-    "add",          # add all embeddings to the index shards, save them
+    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts), or --embeddings copied
+    "train_index",  # train the FAISS IVF index on a sample of the keys
+    "add",          # add the keys in shards, merge them into one index with its lists on disk
     "query",        # precompute the K nearest neighbours of every train/eval chunk
 )
 
@@ -55,8 +55,8 @@ class DatabaseError(ValueError):
     """A retrieval database is missing, incomplete, corrupted, or does not match what was expected."""
 
 
-def expected_files(stage: str, info: dict) -> list[str]:
-    """The files a finished stage makes (``info``: the stage's recorded info, for the index shards)."""
+def expected_files(stage: str) -> list[str]:
+    """The files a finished stage makes."""
     splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
@@ -66,19 +66,19 @@ def expected_files(stage: str, info: dict) -> list[str]:
                  + [f"stream_{s}{x}" for s in splits for x in (".bin", "_chunk_doc.npy", "_db_chunk.npy")],
         "embed": ["embeddings.npy"],
         "train_index": ["index_trained.faiss"],
-        "add": [f"index_shard_{s:03d}.faiss" for s in range(len(info.get("shards", [])))],
+        "add": ["index.faiss", "index.ivfdata"],
         "query": [f"neighbours_{s}.npy" for s in splits],
     }[stage]
 
 
 def _file_names() -> list[str]:
     """Regular expressions of the names of the files a build makes in the database folder."""
-    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage, {})]
-    return [re.escape(f) for f in fixed] + [r"index_shard_\d{3,}\.faiss"]
+    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage)]
+    return [re.escape(f) for f in fixed + ["build_stats.jsonl"]]
 
 
-PARTS_FOLDER = re.compile(r"embed_parts_[0-9a-f]{12}_\d+")  # the embedding's resumable parts
-PART_FILE = re.compile(rf"part_\d{{6}}\.npy(?:{TEMP_SUFFIX})?")
+PARTS_FOLDER = re.compile(r"(?:embed|add|query)_parts_[0-9a-f]{12}")  # the stages' resumable units
+PART_FILE = re.compile(rf"part_\d{{6}}\.(?:npy|faiss)(?:{TEMP_SUFFIX})?")
 
 
 def database_file_patterns() -> list[re.Pattern]:
@@ -220,7 +220,7 @@ class Manifest:
         """Problems with a finished stage's files: not the files it makes, missing, wrong size,
         or (``full``) wrong sha256."""
         files = self.stages[stage]["files"]
-        expected = expected_files(stage, self.info(stage))
+        expected = expected_files(stage)
         if sorted(files) != sorted(expected) or not expected:
             return [f"it records the files {sorted(files)}, but the stage makes {sorted(expected)}"]
         problems = []

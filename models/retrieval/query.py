@@ -11,7 +11,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..runtime import progress_bar
 from . import consistency
-from .index import ShardedIndex
+from .index import Searcher
 from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
@@ -33,8 +33,8 @@ class TokenStream:
         root = db.root
         self.tokens = np.memmap(root / f"stream_{split}.bin", dtype=db.tokens.dtype, mode="r")
         self.chunk_doc = load_npy(root / f"stream_{split}_chunk_doc.npy")
-        self.num_docs = int(np.unique(np.asarray(self.chunk_doc)).size)
-        self.num_bytes = int(np.asarray(db.doc_bytes)[np.unique(np.asarray(self.chunk_doc))].sum())
+        chunk = db.manifest.info("chunk")
+        self.num_docs, self.num_bytes = chunk[f"stream_{split}_docs"], chunk[f"stream_{split}_bytes"]
         table = root / f"neighbours_{split}.npy"
         self.neighbours = load_npy(table) if table.exists() else None
 
@@ -90,10 +90,10 @@ class TokenStream:
 class RetrievalDatabase:
     """A built retrieval database; open it with :meth:`open` (which checks that every stage finished
     and every file is the one recorded). The constructor takes a database as far as it is built, up to
-    its index (the build's last stage uses it to precompute the streams' neighbours)."""
+    its index. Every table is memory-mapped, the index's inverted lists too."""
 
-    def __init__(self, root: Path, manifest: Manifest, *, mmap: bool = True, nprobe: int | None = None,
-                 ef_search: int | None = None, embedder_device: str | None = None, embed_batch_size: int = 128):
+    def __init__(self, root: Path, manifest: Manifest, *, nprobe: int | None = None, rerank: int | None = None,
+                 embedder_device: str | None = None, embed_batch_size: int = 128):
         self.root = Path(root)
         self.manifest = manifest
         self.config: dict[str, Any] = dict(manifest.config)
@@ -113,10 +113,8 @@ class RetrievalDatabase:
         self.chunk_doc = load_npy(self.root / "chunk_doc.npy")
         self.chunk_start = load_npy(self.root / "chunk_start.npy")
         self.embeddings = load_npy(self.root / "embeddings.npy")
-        add = manifest.info("add")
-        self.index = ShardedIndex([self.root / f for f in add["shards"]], add["offsets"], mmap=mmap,
-                                  nprobe=nprobe or 32, ef_search=ef_search or 128)
-        self._embedder = None
+        self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
+                              nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
         self._embedder_device = embedder_device
         self._embed_batch_size = embed_batch_size
         consistency.check_loaded(self)
@@ -124,21 +122,22 @@ class RetrievalDatabase:
     # --- opening -------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, *, expect_config: dict[str, Any] | None = None, tokenizer=None,
-             verify: bool = True, mmap: bool = True, nprobe: int | None = None, ef_search: int | None = None,
+             verify: bool = True, nprobe: int | None = None, rerank: int | None = None,
              device: str | None = None) -> "RetrievalDatabase":
         """Open and validate a finished database.
 
         ``expect_config``: config keys that must match (e.g. ``{"chunk_size": 64}``).
         ``tokenizer``: a tokenizer.json path or ``tokenizers.Tokenizer`` that must equal the database's.
         ``verify``: check every file's sha256 (else only sizes; for very large databases).
-        ``nprobe`` / ``ef_search``: IVF and HNSW search breadth. ``device``: for the query embedder.
+        ``nprobe``: IVF lists searched; ``rerank``: candidates re-ranked by exact distance (compressed codes;
+        0: max(100, 10 k)); the build's by default. ``device``: for the query embedder.
         Raises :class:`DatabaseError` (a ValueError) saying what is wrong.
         """
         root = Path(path)
         manifest = Manifest.load(root)
         consistency.check_finished(root, manifest, verify, expect_config, tokenizer)
         try:
-            return cls(root, manifest, mmap=mmap, nprobe=nprobe, ef_search=ef_search, embedder_device=device)
+            return cls(root, manifest, nprobe=nprobe, rerank=rerank, embedder_device=device)
         except (OSError, ValueError) as e:
             if isinstance(e, DatabaseError):
                 raise
@@ -170,7 +169,7 @@ class RetrievalDatabase:
         """Indices of the documents of ``split``: "train", "eval" (held out) or "removed" (leakage)."""
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
-        return np.flatnonzero(np.asarray(self.doc_split) == SPLITS[split])
+        return np.flatnonzero(self.doc_split[:] == SPLITS[split])
 
     def doc_tokens(self, doc: int) -> np.ndarray:
         return np.asarray(self.tokens[self.doc_offsets[doc]:self.doc_offsets[doc + 1]], dtype=np.int64)
@@ -190,8 +189,8 @@ class RetrievalDatabase:
         ids = np.asarray(chunk_ids, dtype=np.int64)
         valid_chunk = ids >= 0
         safe = np.where(valid_chunk, ids, 0)
-        start = np.asarray(self.chunk_start)[safe]
-        end = np.asarray(self.doc_offsets)[np.asarray(self.chunk_doc)[safe].astype(np.int64) + 1]
+        start = self.chunk_start[safe]
+        end = self.doc_offsets[self.chunk_doc[safe].astype(np.int64) + 1]
         pos = start[..., None] + np.arange(self.neighbour_len)
         mask = valid_chunk[..., None] & (pos < end[..., None])
         tokens = np.asarray(self.tokens[np.where(mask, pos, 0).reshape(-1)], dtype=np.int64).reshape(mask.shape)
@@ -200,12 +199,9 @@ class RetrievalDatabase:
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from .embed import Embedder
+        from .embed import cached_embedder  # (one per process and model)
 
-            self._embedder = Embedder(self.config["embedder"], device=self._embedder_device,
-                                      batch_size=self._embed_batch_size)
-        return self._embedder
+        return cached_embedder(self.config["embedder"], self._embedder_device, self._embed_batch_size)
 
     def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
         """(n, dim) float32 keys of chunks of language-model token ids."""
@@ -227,7 +223,7 @@ class RetrievalDatabase:
             raise ValueError(f"queries: expected shape (n, {self.index.dim}), got {queries.shape}")
         if exclude_docs is not None:
             exclude_docs = np.asarray(exclude_docs, dtype=np.int64).reshape(queries.shape[0], -1)
-        dist, ids = self.index.search_excluding(queries, k, exclude_docs, np.asarray(self.chunk_doc))
+        dist, ids = self.index.search(queries, k, exclude_docs)
         if self.max_distance is not None:  # neighbours too far to be relevant are dropped, not kept
             far = dist > self.max_distance
             dist, ids = np.where(far, np.inf, dist), np.where(far, -1, ids)
@@ -281,39 +277,8 @@ class RetrievalDatabase:
         def vectors(lo, hi):
             return self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
 
-        return self._fill_table(n, k, vectors, exclude, out, progress, desc="neighbours")
-
-    def precompute_stream_neighbours(self, split: str, k: int, out: Path, progress: bool = True) -> np.ndarray:
-        """The ``(chunks, k)`` neighbour table of stream ``split`` (``neighbours_<split>.npy``), written to ``out``.
-
-        A stream chunk of a retrieval document reuses its stored key; the others are embedded. For the
-        training split, neighbours from the chunk's own document and the next chunk's are excluded.
-        """
-        exclude_same_doc = split == "train"
-        stream_tokens = np.memmap(self.root / f"stream_{split}.bin", dtype=self.tokens.dtype, mode="r")
-        chunk_doc = np.asarray(load_npy(self.root / f"stream_{split}_chunk_doc.npy"), dtype=np.int64)
-        db_chunk = np.asarray(load_npy(self.root / f"stream_{split}_db_chunk.npy"))
-        n = chunk_doc.size
-        m = self.chunk_size
-        exclude = None
-        if exclude_same_doc and n:
-            exclude = np.stack([chunk_doc, chunk_doc[np.minimum(np.arange(n) + 1, n - 1)]], axis=1)
-
-        def vectors(lo, hi):
-            out_v = np.empty((hi - lo, self.index.dim), dtype=np.float32)
-            known = db_chunk[lo:hi] >= 0  # a retrieval document's chunk: reuse its stored key
-            out_v[known] = self.embeddings[db_chunk[lo:hi][known]]
-            new = np.flatnonzero(~known)
-            if new.size:
-                out_v[new] = self.embed_chunks([np.asarray(stream_tokens[(lo + u) * m:(lo + u + 1) * m]) for u in new])
-            return out_v
-
-        return self._fill_table(n, k, vectors, exclude, out, progress, desc=f"query {split}")
-
-    def _fill_table(self, n, k, vectors, exclude, out, progress, desc) -> np.ndarray:
-        """Search the blocks of ``n`` query vectors (``vectors(lo, hi)``) into an (n, k) table."""
         def fill(table):
-            bar = progress_bar(total=n, desc=desc, unit="chunk", enabled=progress)
+            bar = progress_bar(total=n, desc="neighbours", unit="chunk", enabled=progress)
             for lo in range(0, n, SEARCH_BLOCK):
                 hi = min(lo + SEARCH_BLOCK, n)
                 _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])

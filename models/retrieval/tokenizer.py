@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -59,15 +59,3 @@ def load_tokenizer(path: str | os.PathLike):
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def encode_batches(tokenizer, texts: Iterator[str], batch_size: int = 256) -> Iterator[list[list[int]]]:
-    """Encode a stream of texts in batches (the Rust side encodes a batch in parallel)."""
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == batch_size:
-            yield [e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False)]
-            batch = []
-    if batch:
-        yield [e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False)]

@@ -66,9 +66,9 @@ class ChunkedCrossAttention(nn.Module):
             )
         _, L, K, R, _ = neighbours.shape
         m = self.chunk_size
-        q = self.to_q(hidden).view(B, N, self.n_heads, self.head_dim)
-        k = self.to_k(neighbours).view(B, L, K, R, self.n_kv_heads, self.head_dim)
-        v = self.to_v(neighbours).view(B, L, K, R, self.n_kv_heads, self.head_dim)
+        q = self.to_q(hidden).view(B, N, -1, self.head_dim)  # -1: the heads this rank holds (tensor parallel)
+        k = self.to_k(neighbours).view(B, L, K, R, -1, self.head_dim)
+        v = self.to_v(neighbours).view(B, L, K, R, -1, self.head_dim)
         if self.rotary is not None:
             t = torch.arange(start_pos, start_pos + N, device=hidden.device)
             q = self.rotary(q, (t - (m - 1)) % m + (m - 1))  # attending index i, plus m - 1
@@ -76,4 +76,4 @@ class ChunkedCrossAttention(nn.Module):
         out = chunked_cross_attention(
             q, k, v, m, neighbour_mask=neighbour_mask, start_pos=start_pos, backend=self.backend
         )
-        return self.to_out(out.reshape(B, N, self.n_heads * self.head_dim))
+        return self.to_out(out.reshape(B, N, -1))

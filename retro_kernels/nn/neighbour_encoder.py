@@ -137,29 +137,29 @@ class NeighbourEncoderLayer(nn.Module):
     ) -> torch.Tensor:
         self._check_inputs(x, chunk)
         B, L, K, R, _ = x.shape
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        hd = self.head_dim  # the head counts from the projections: a tensor-parallel rank holds some heads
         keep = None if neighbour_mask is None else neighbour_mask[..., None].to(x.dtype)
 
         # -- self-attention within each neighbour, relative positions j' - j
         h = self.self_norm(x)
-        q = self.self_q(h).view(B, L, K, R, H, hd)
-        k = self.self_k(h).view(B, L, K, R, Hkv, hd)
-        v = self.self_v(h).view(B, L, K, R, Hkv, hd)
+        q = self.self_q(h).view(B, L, K, R, -1, hd)
+        k = self.self_k(h).view(B, L, K, R, -1, hd)
+        v = self.self_v(h).view(B, L, K, R, -1, hd)
         positions = torch.arange(R, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         a = neighbour_self_attention(q, k, v, neighbour_mask=neighbour_mask, backend=self.backend)
-        x = x + self.self_out(a.reshape(B, L, K, R, H * hd))  # padding rows: a = 0
+        x = x + self.self_out(a.reshape(B, L, K, R, -1))  # padding rows: a = 0
 
         # -- cross-attention to the chunk's own activations (no positions) ---
         if self.cross_attention:
             M = chunk.shape[2]
             h = self.cross_norm(x)
             c = self.chunk_norm(chunk)
-            q = self.cross_q(h).view(B, L, K, R, H, hd)
-            k = self.cross_k(c).view(B, L, M, Hkv, hd)
-            v = self.cross_v(c).view(B, L, M, Hkv, hd)
+            q = self.cross_q(h).view(B, L, K, R, -1, hd)
+            k = self.cross_k(c).view(B, L, M, -1, hd)
+            v = self.cross_v(c).view(B, L, M, -1, hd)
             a = neighbour_cross_attention(q, k, v, chunk_mask=chunk_mask, backend=self.backend)
-            update = self.cross_out(a.reshape(B, L, K, R, H * hd))
+            update = self.cross_out(a.reshape(B, L, K, R, -1))
             x = x + (update if keep is None else update * keep)
 
         # -- feed-forward ---------------------------------------------------
