@@ -812,16 +812,7 @@ auto pass_kernel() {
 }
 
 #ifdef RETRO_KERNELS_EMULATION
-template <Pass PASS, typename T, int D_PAD, typename Problem>
-void launch_pass(const typename Problem::Params& p, int64_t programs) {
-  const auto kernel = pass_kernel<PASS, T, D_PAD, Problem>();
-  emulation::run_grid(programs, SmemLayout<PASS, D_PAD>::bytes, smem, [&] { kernel(p); });
-}
-using DeviceGuard = emulation::DeviceGuard;
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
-#define RETRO_KERNELS_CUDA_LIBRARY(m) TORCH_LIBRARY(retro_kernels_cuda_emulated, m)
-#define RETRO_KERNELS_CUDA_LIBRARY_FRAGMENT(m) TORCH_LIBRARY_FRAGMENT(retro_kernels_cuda_emulated, m)
-#define RETRO_KERNELS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(retro_kernels_cuda_emulated, CPU, m)
+#include "emulated_launch.h"  // tests/cuda_emulation/: the launch, on the CPU
 #else
 template <Pass PASS, typename T, int D_PAD, typename Problem>
 void launch_pass(const typename Problem::Params& p, int64_t programs) {
