@@ -21,7 +21,6 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-ARCHS = ("sm_80", "sm_90a")
 # .ci/run's nvcc flags (torch's BuildExtension's), without the -gencode list
 NVCC_FLAGS = [
     "-std=c++20", "-O3", "--expt-relaxed-constexpr",
@@ -29,10 +28,15 @@ NVCC_FLAGS = [
     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
     "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
 ]
-SMEM_PER_SM = {"sm_80": 167936, "sm_90a": 233472}
-SMEM_RESERVED_PER_CTA = 1024
-REGISTERS_PER_SM = 65536
-MAX_CTAS_PER_SM = 16  # 2048 threads / 128
+# Per-SM limits of the targets (CUDA occupancy rules; 1 KB of shared memory per CTA is reserved).
+ARCHS = {  # by Triton's names; NVCC_ARCH: nvcc's
+    "sm90": dict(capability=90, registers=65536, smem_per_sm=228 * 1024, smem_per_block=227 * 1024,
+                 threads=2048, ctas=32),
+    "sm80": dict(capability=80, registers=65536, smem_per_sm=164 * 1024, smem_per_block=163 * 1024,
+                 threads=2048, ctas=32),
+}
+RESERVED_SMEM_PER_CTA = 1024
+NVCC_ARCH = {"sm80": "sm_80", "sm90": "sm_90a"}
 THREADS = 128
 PASSES = {"fwd": 0, "bwd_dq": 1, "bwd_dkdv": 2}
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
@@ -115,15 +119,8 @@ def smem_table(tmp: str) -> dict[tuple[str, int], tuple[int, int]]:
     return table
 
 
-def ctas_per_sm(registers: int, smem_bytes: int, arch: str) -> int:
-    per_warp = -(-registers * 32 // 256) * 256
-    by_registers = REGISTERS_PER_SM // (per_warp * THREADS // 32)
-    by_smem = SMEM_PER_SM[arch] // (smem_bytes + SMEM_RESERVED_PER_CTA)
-    return min(by_registers, by_smem, MAX_CTAS_PER_SM)
-
-
 @functools.cache
-def rows(archs: tuple[str, ...] = ARCHS) -> list[dict]:
+def rows(archs: tuple[str, ...] = tuple(NVCC_ARCH.values())) -> list[dict]:
     """One row per (kernel, dtype, head dim, arch); raises RuntimeError without nvcc."""
     nvcc = find_nvcc()
     if nvcc is None:
@@ -135,17 +132,32 @@ def rows(archs: tuple[str, ...] = ARCHS) -> list[dict]:
         jobs = [(s, a) for s in sources for a in archs]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
             compiled = list(pool.map(lambda job: _compile(nvcc, job[0], job[1], includes, tmp), jobs))
-    result = []
+    result, by_nvcc_name = [], {v: k for k, v in NVCC_ARCH.items()}
     for kernels in compiled:
         for row in kernels:
             smem, target = table[row["kernel"].split("_", 1)[1], row["head_dim"]]
+            limits = by_nvcc_name[row["arch"]]
             row.update(smem_bytes=smem, target_ctas_per_sm=target,
-                       ctas_per_sm=ctas_per_sm(row["registers"], smem, row["arch"]))
+                       ctas_per_sm=occupancy(row["registers"], smem, THREADS // 32, limits)["ctas_per_sm"])
             result.append(row)
     order = {name: i for i, name in enumerate(PASSES)}
     result.sort(key=lambda r: (r["arch"], r["kernel"].split("_")[0], order[r["kernel"].split("_", 1)[1]],
                                r["head_dim"], r["dtype"]))
     return result
+
+
+def occupancy(registers: int, smem: int, warps: int, arch: str) -> dict:
+    """CTAs per SM and which resource limits them (registers are allocated per warp, 256 at a time)."""
+    a = ARCHS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = {
+        "registers": (a["registers"] // regs_per_warp) // warps,
+        "smem": a["smem_per_sm"] // (smem + RESERVED_SMEM_PER_CTA) if smem <= a["smem_per_block"] else 0,
+        "threads": a["threads"] // (32 * warps),
+        "ctas": a["ctas"],
+    }
+    limit = min(limits, key=limits.get)
+    return dict(ctas_per_sm=limits[limit], limited_by=limit)
 
 
 def format_table(table: list[dict]) -> str:

@@ -21,14 +21,8 @@ import time
 
 from models.cli_common import Parser, command, integer
 
-# Per-SM limits of the targets (CUDA occupancy rules; 1 KB of shared memory per CTA is reserved).
-ARCHS = {
-    "sm90": dict(capability=90, registers=65536, smem_per_sm=228 * 1024, smem_per_block=227 * 1024,
-                 threads=2048, ctas=32),
-    "sm80": dict(capability=80, registers=65536, smem_per_sm=164 * 1024, smem_per_block=163 * 1024,
-                 threads=2048, ctas=32),
-}
-RESERVED_SMEM_PER_CTA = 1024
+from .cli import name_list
+from .cuda_resources import ARCHS, NVCC_ARCH, format_table, occupancy, rows
 
 PAPER = dict(B=8, N=2048, m=64, K=2, R=128, Hq=16)
 
@@ -171,20 +165,6 @@ def _parse_res_usage(text: str) -> dict:
     raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
 
 
-def occupancy(registers: int, smem: int, warps: int, arch: str) -> dict:
-    """CTAs per SM and which resource limits them (registers are allocated per warp, 256 at a time)."""
-    a = ARCHS[arch]
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    limits = {
-        "registers": (a["registers"] // regs_per_warp) // warps,
-        "smem": a["smem_per_sm"] // (smem + RESERVED_SMEM_PER_CTA) if smem <= a["smem_per_block"] else 0,
-        "threads": a["threads"] // (32 * warps),
-        "ctas": a["ctas"],
-    }
-    limit = min(limits, key=limits.get)
-    return dict(ctas_per_sm=limits[limit], limited_by=limit)
-
-
 # -- The report --------------------------------------------------------------------------------
 
 def _meta_label(launch: Launch, config) -> str:
@@ -266,7 +246,7 @@ def main(argv) -> int:
     p.add_argument("--head-dims", type=_split_ints, default=(64, 128))
     p.add_argument("--kv-heads", type=_split_ints, default=(16, 4))
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
+    p.add_argument("--ops", type=name_list(OPS, "op"), default=set(OPS), help="comma-separated op names")
     p.add_argument("--configs", choices=("all", "default"), default="all",
                    help="every config an autotuned launch may pick (default), or only its default one")
     p.add_argument("--jobs", type=integer(1), default=1, help="compile this many kernels at a time")
@@ -281,14 +261,11 @@ def main(argv) -> int:
 
     print(f"Triton {triton.__version__} kernels compiled ahead of time for {args.arch}, {args.dtype}, "
           f"paper shapes {PAPER}", flush=True)
-    shapes = paper_shapes(tuple(args.ops.split(",")), args.kv_heads, args.head_dims)
+    shapes = paper_shapes(tuple(op for op in OPS if op in args.ops), args.kv_heads, args.head_dims)
     for row in compile_rows(tasks(shapes, args.dtype, args.configs == "all"), args.arch, args.jobs):
         print_row(row)
     if args.cuda:
-        from . import cuda_resources
-
-        cuda_rows = cuda_resources.rows(({"sm90": "sm_90a", "sm80": "sm_80"}[args.arch],))
-        print("\nCUDA kernels (csrc/cuda):\n" + cuda_resources.format_table(cuda_rows), flush=True)
+        print("\nCUDA kernels (csrc/cuda):\n" + format_table(rows((NVCC_ARCH[args.arch],))), flush=True)
     return 0
 
 

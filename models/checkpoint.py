@@ -1,24 +1,6 @@
-"""Checkpoints without pickle, written atomically, in a training run's folder.
-
-A checkpoint is a directory `step-XXXXXXXX/` holding
-
-    config.json          the RetroConfig
-    shard-*.safetensors  the weights and optimizer state, one file per process that trained it, readable
-                         by any layout (models.sharded; tied weights stored once)
-    rng.safetensors      the RNG states' tensors
-    state.json           step, RNG states, training args
-
-`latest.json` names the newest one and lists the run's own checkpoints: a
-run deletes only checkpoints it listed there itself (never a `step-*` folder
-it did not write, never a file it does not name).
-
-Saving is atomic across the whole replace: a checkpoint is written into a
-temporary directory and renamed to a name that is not taken (a checkpoint
-is never deleted to make room for its successor); only then is
-`latest.json` replaced to point at it, and only after that are the
-checkpoints it replaces deleted. A run killed at any moment leaves
-`latest.json` naming a complete checkpoint. Nothing is unpickled when
-loading: safetensors and JSON only, and every failure names its file.
+"""A training run's checkpoints: `step-XXXXXXXX/` folders (config.json, shard-*.safetensors, rng.safetensors,
+state.json) and `latest.json`, which names the newest and lists the run's own (the only ones it deletes).
+Written atomically, never pickled; the layout and its guarantees: docs/model.md, "Checkpoints".
 """
 from __future__ import annotations
 
@@ -61,13 +43,9 @@ def rng_state() -> tuple[dict, dict]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda.{i}"] = s
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
+    n, p = np.random.get_state(), random.getstate()
+    return tensors, {"numpy": [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])],
+                     "python": [p[0], list(p[1]), p[2]]}
 
 
 def set_rng_state(tensors: dict, meta: dict) -> None:
@@ -76,9 +54,8 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
         states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("torch_cuda."))]
         if states:
             torch.cuda.set_rng_state_all(states)
-    n = meta["numpy"]
+    n, p = meta["numpy"], meta["python"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = meta["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
@@ -102,17 +79,14 @@ def read_latest(out) -> Optional[dict]:
     return data
 
 
-def is_checkpoint_file(name: str) -> bool:
-    return name in CHECKPOINT_FILES or bool(sharded.SHARD_FILE.fullmatch(name))
-
-
 def remove_checkpoint(path: Path) -> None:
     """Delete checkpoint folder `path`: only the files a checkpoint holds; a folder with anything else stays."""
     path = Path(path)
     if not STEP_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
         return
     for child in path.iterdir():
-        if is_checkpoint_file(child.name) and child.is_file() and not child.is_symlink():
+        ours = child.name in CHECKPOINT_FILES or sharded.SHARD_FILE.fullmatch(child.name)
+        if ours and child.is_file() and not child.is_symlink():
             child.unlink()
     try:
         path.rmdir()
@@ -121,24 +95,19 @@ def remove_checkpoint(path: Path) -> None:
 
 
 class RunCheckpoints:
-    """The checkpoints of one training run in `out`.
-
-    replace_previous=False continues the registry in latest.json (a new run
-    in an empty folder, or a resumed one); True starts a new registry and
-    deletes the previous run's checkpoints once the first new one is saved.
-    """
+    """The checkpoints of one training run in `out`; replace_previous: a new registry, the previous run's
+    checkpoints deleted once the first new one is saved (else latest.json's registry continues)."""
 
     def __init__(self, out, keep: int = 2, replace_previous: bool = False):
         self.out, self.keep = Path(out), keep
-        latest = read_latest(self.out)
-        previous = latest["checkpoints"] if latest else []
-        leftover = latest["superseded"] if latest else []
-        self.mine = [] if replace_previous else list(previous)
-        self.superseded = list(leftover) + (list(previous) if replace_previous else [])
+        latest = read_latest(self.out) or {"checkpoints": [], "superseded": []}
+        previous = latest["checkpoints"] if replace_previous else []
+        self.mine = [] if replace_previous else list(latest["checkpoints"])
+        self.superseded = list(latest["superseded"]) + list(previous)
 
     def _free_name(self, step: int) -> Path:
         name, n = f"step-{step:08d}", 0
-        while (self.out / name).exists() or os.path.lexists(self.out / name):
+        while os.path.lexists(self.out / name):  # a dangling link's name is taken too
             n += 1
             name = f"step-{step:08d}-{n}"
         return self.out / name
@@ -179,12 +148,6 @@ class RunCheckpoints:
         return final
 
 
-def save_checkpoint(out_dir, model, optimizer=None, step: int = 0, state: Optional[dict] = None,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` under out_dir atomically; keep the newest `keep` of the run's own."""
-    return RunCheckpoints(out_dir, keep).save(model, optimizer, step, state)
-
-
 # -- loading: every failure names its file -----------------------------------------
 
 def resolve(path) -> Path:
@@ -203,17 +166,6 @@ def resolve(path) -> Path:
     return path
 
 
-def checkpoint_argument(text: str) -> str:
-    """argparse type: a checkpoint folder, or a training output folder with latest.json."""
-    import argparse
-
-    try:
-        resolve(text)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(one_line(e)) from None
-    return text
-
-
 def load_config(path) -> RetroConfig:
     file = resolve(path) / "config.json"
     try:
@@ -227,8 +179,8 @@ READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, Ind
                AssertionError, SafetensorError, CheckpointException)
 
 
-def load_model_weights(model, path, strict: bool = True):
-    """Load weights into `model` (any layout: its slices of them); returns (missing, unexpected) key lists."""
+def load_model_weights(model, path) -> None:
+    """Load weights into `model` (any layout: its slices of them)."""
     folder = resolve(path)
     for file in sharded.shard_files(folder):
         try:
@@ -237,16 +189,18 @@ def load_model_weights(model, path, strict: bool = True):
             raise CheckpointError(f"checkpoint {file} is not a valid safetensors file "
                                   f"(truncated, or not a checkpoint: {one_line(e)})") from None
     try:
-        return sharded.load_model(folder, model, strict=strict)
+        sharded.load_model(folder, model)
     except READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {folder / 'shard-*.safetensors'} does not match the model its "
                               f"config.json describes ({one_line(e)[:400]})") from None
 
 
-def nonfinite_parameters(model) -> list[str]:
-    """Names of the parameters and buffers holding NaN or inf."""
-    return [name for name, t in model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def refuse_nonfinite(model, where: str, advice: str = "", skip: str = "\0") -> None:
+    """CheckpointError naming ``where`` if a parameter or buffer (not under ``skip``) holds NaN or inf."""
+    bad = [name for name, t in model.state_dict().items()
+           if not name.startswith(skip) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf weights in {len(bad)} tensor(s) (e.g. {bad[0]}){advice}")
 
 
 def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
@@ -257,11 +211,9 @@ def load_checkpoint_model(path, kernels: Optional[str] = None, device="cpu",
         cfg.kernels = kernels
     model = RetroModel(cfg)
     load_model_weights(model, path)
-    bad = nonfinite_parameters(model)
-    if bad and not allow_nonfinite:
-        raise CheckpointError(
-            f"checkpoint {resolve(path) / 'shard-*.safetensors'} holds NaN/inf weights in {len(bad)} "
-            f"tensor(s) (e.g. {bad[0]}): its training diverged; use an earlier checkpoint")
+    if not allow_nonfinite:
+        refuse_nonfinite(model, f"checkpoint {resolve(path) / 'shard-*.safetensors'}",
+                         ": its training diverged; use an earlier checkpoint")
     return model.to(device).eval()
 
 

@@ -1,9 +1,5 @@
 """`RetroConfig`: the shape of a RETRO model, checked once, saved as JSON with every checkpoint.
-
-Layer numbers are 1-based, as in the paper: `cca_start_layer=6` puts chunked
-cross-attention in decoder layers 6, 9, 12, ... (`cca_every=3`), and
-`encoder_cross_attention_layers=(1,)` conditions the retrieval encoder on the
-decoder's chunk activations in its first layer.
+Layer numbers are 1-based, as in the paper (cca_start_layer=6, cca_every=3: layers 6, 9, 12, ...).
 """
 from __future__ import annotations
 
@@ -55,7 +51,6 @@ class RetroConfig:
         self.encoder_cross_attention_layers = tuple(self.encoder_cross_attention_layers)
         self.validate()
 
-    # ------------------------------------------------------------------
     @property
     def R(self) -> int:
         return 2 * self.chunk_size if self.neighbour_len is None else self.neighbour_len
@@ -107,32 +102,22 @@ class RetroConfig:
                 need(1 <= layer <= self.encoder_layers,
                      f"encoder_cross_attention_layers has {layer}, not in 1..{self.encoder_layers}")
 
-    # ------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["encoder_cross_attention_layers"] = list(self.encoder_cross_attention_layers)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RetroConfig":
+    def from_json(cls, text: str) -> "RetroConfig":
+        d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError(f"RetroConfig: expected a JSON object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"RetroConfig: unknown fields {sorted(unknown)}")
-        if "vocab_size" not in d:
-            raise ValueError("RetroConfig: vocab_size is missing")
         if not isinstance(d.get("encoder_cross_attention_layers", ()), (list, tuple)):
             raise ValueError("RetroConfig: encoder_cross_attention_layers must be a list of layer numbers")
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "RetroConfig":
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes) -> "RetroConfig":
-        return dataclasses.replace(self, **changes)

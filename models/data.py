@@ -1,9 +1,4 @@
 """Training and evaluation data: chunk-aligned token sequences with their neighbours (docs/model.md, "Data").
-
-A split's documents laid end to end, cut into the database's chunks of m tokens (each document from a
-chunk boundary, its last chunk padded), each chunk with K neighbours of R tokens; a sequence is N / m
-consecutive chunks. Targets are the next token of the same document (padding and a document's first
-token: IGNORE).
 """
 from __future__ import annotations
 
@@ -19,14 +14,8 @@ IGNORE = -100
 
 @dataclass
 class ChunkedTokens:
-    """Documents cut into chunks of m tokens, in stream order, with their neighbours.
-
-    tokens: (C, m) int token ids, padding where `valid` is False.
-    valid: (C, m) bool.
-    doc: (C,) int document id of each chunk (consecutive chunks of one document are adjacent).
-    neighbours: (C, K, R) int token ids of each chunk's neighbours, or None (no retrieval).
-    neighbour_mask: (C, K, R) bool, True where a neighbour token is real.
-    """
+    """Documents cut into chunks in stream order: tokens, valid (C, m); doc (C,) document ids;
+    neighbours (C, K, R) token ids or None (no retrieval); neighbour_mask (C, K, R), True where real."""
     tokens: np.ndarray
     valid: np.ndarray
     doc: np.ndarray
@@ -56,9 +45,7 @@ class ChunkedTokens:
     def targets(self) -> np.ndarray:
         """(C, m) next-token targets in the stream, IGNORE where there is none."""
         C, m = self.tokens.shape
-        flat_tok = self.tokens.reshape(-1)
-        flat_valid = self.valid.reshape(-1)
-        flat_doc = np.repeat(self.doc, m)
+        flat_tok, flat_valid, flat_doc = self.tokens.reshape(-1), self.valid.reshape(-1), np.repeat(self.doc, m)
         nxt = np.full(C * m, IGNORE, dtype=np.int64)
         ok = flat_valid[1:] & (flat_doc[1:] == flat_doc[:-1])
         nxt[:-1] = np.where(ok, flat_tok[1:], IGNORE)
@@ -80,14 +67,9 @@ def chunk_documents(docs: list, chunk_size: int, pad_id: int = 0) -> ChunkedToke
 
 
 class SequenceBatches:
-    """Batches of S = seq_len / m consecutive chunks, in a seeded order that a resume can replay.
-
-    Sequences start at chunks 0, S, 2S, ... (the last one padded when the chunks
-    run out), so every chunk is in exactly one sequence. Epoch e visits them in the order of a
-    permutation drawn from `seed + e`; `batch(step)` is a pure function of the step,
-    so resuming at step s reproduces exactly the batches a straight run would see.
-    Under DDP each rank takes every world-th sequence of the global batch.
-    """
+    """Batches of S = seq_len / m consecutive chunks from chunks 0, S, 2S, ...; epoch e in the order of a
+    permutation drawn from `seed + e`, so `batch(step)` is a pure function of the step (exact resume).
+    Each data-parallel rank takes every world-th sequence of the global batch."""
 
     def __init__(self, data: ChunkedTokens, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True):
@@ -119,11 +101,9 @@ class SequenceBatches:
         rows = np.minimum(rows, len(d) - 1)
         tokens = np.where(inside[..., None], d.tokens[rows], 0)
         targets = np.where(inside[..., None], self.targets[rows], IGNORE)
-        out = {
-            "tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
-            "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
-            "chunk_rows": torch.from_numpy(rows),
-        }
+        out = {"tokens": torch.from_numpy(tokens.reshape(len(starts), S * m).astype(np.int64)),
+               "targets": torch.from_numpy(targets.reshape(len(starts), S * m).astype(np.int64)),
+               "chunk_rows": torch.from_numpy(rows)}
         if d.neighbours is not None:
             out["neighbours"] = torch.from_numpy(d.neighbours[rows].astype(np.int64))
             out["neighbour_mask"] = torch.from_numpy(d.neighbour_mask[rows] & inside[..., None, None])
@@ -136,13 +116,8 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def chunk_overlap(data: ChunkedTokens) -> np.ndarray:
-    """(C,) overlap of each chunk with the neighbours used to predict it.
-
-    Chunk c's tokens are predicted from positions that read the neighbours
-    retrieved with chunk c-1 (docs/spec.md#the-shift), so its overlap is the longest
-    common token run between chunk c and any of those neighbours, divided by m.
-    A document's first chunk has none: overlap 0.
-    """
+    """(C,) overlap of each chunk with the neighbours that predict it, those of chunk c-1 (docs/spec.md#the-shift):
+    the longest common token run, divided by m (a document's first chunk: 0)."""
     C, m = data.tokens.shape
     out = np.zeros(C)
     if data.neighbours is None:
@@ -167,11 +142,7 @@ def open_database(path, chunk_size: Optional[int] = None):
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
-    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (special tokens: 0).
-
-    In the byte-level alphabet every byte is one character, so a token's byte
-    count is the length of its string.
-    """
+    """(vocab,) UTF-8 bytes of each token of a byte-level BPE (one character per byte; special tokens: 0)."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     out = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
@@ -181,19 +152,14 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 
 def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
-    """A database split ("train" or "eval") as ChunkedTokens with its precomputed neighbours.
-
-    num_neighbours: K to keep from the precomputed table (None: no neighbours).
-    """
-    stream = db.stream(split)
-    m = db.chunk_size
+    """A database split ("train" or "eval") with the first num_neighbours precomputed neighbours (None: none)."""
+    stream, m = db.stream(split), db.chunk_size
     chunk_doc = np.asarray(stream.chunk_doc, dtype=np.int64)
     C = chunk_doc.size
     if C == 0:
         raise ValueError(f"the database's {split!r} split is empty")
     tokens = np.asarray(stream.tokens[: C * m], dtype=np.int64).reshape(C, m)
-    valid = tokens != db.pad_id
-    data = ChunkedTokens(tokens, valid, chunk_doc)
+    data = ChunkedTokens(tokens, tokens != db.pad_id, chunk_doc)
     if num_neighbours is None:
         return data
     if stream.neighbours is None:
@@ -207,14 +173,8 @@ def from_stream(db, split: str, num_neighbours: Optional[int]) -> ChunkedTokens:
 
 
 def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> ChunkedTokens:
-    """`data`'s neighbours from the database plus `data`'s own chunks (a "leaky" database).
-
-    Equivalent to an exact (flat) database holding both the database's chunks
-    and those of `data`'s documents: each chunk is embedded with the database's
-    embedder, searched in the database and among `data`'s chunks by L2, and the
-    K nearest of both are kept. A chunk's own document is not excluded, so its
-    nearest neighbour is itself with its continuation: this measures copying.
-    """
+    """`data`'s neighbours from the database plus `data`'s own chunks (an exact "leaky" database of both, by L2;
+    a chunk's nearest is itself with its continuation: this measures copying)."""
     m, R, K = db.chunk_size, db.neighbour_len, num_neighbours
     C = len(data)
     keys = db.embed_chunks([data.tokens[c][data.valid[c]] for c in range(C)])
@@ -229,9 +189,7 @@ def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> Chunke
     own_dist = np.take_along_axis(d2, own_order, 1)
     db_vals, db_mask = db.chunk_values(db_ids)
     # values of data's own chunks: the chunk and its continuation within the document
-    flat_tok = data.tokens.reshape(-1)
-    flat_text = text.reshape(-1)
-    flat_doc = np.repeat(data.doc, m)
+    flat_tok, flat_text, flat_doc = data.tokens.reshape(-1), text.reshape(-1), np.repeat(data.doc, m)
     starts = own[own_order] * m  # (C, K)
     pos = starts[..., None] + np.arange(R)
     inside = pos < flat_tok.size
@@ -239,9 +197,8 @@ def neighbours_including(db, data: ChunkedTokens, num_neighbours: int) -> Chunke
     own_mask = inside & flat_text[pos_c] & (flat_doc[pos_c] == flat_doc[starts][..., None])
     own_vals = np.where(own_mask, flat_tok[pos_c], db.pad_id)
     # merge by distance
-    dist = np.concatenate([db_dist, own_dist], 1)
-    vals = np.concatenate([db_vals, own_vals], 1)
-    mask = np.concatenate([db_mask, own_mask], 1)
+    dist, vals, mask = (np.concatenate(pair, 1) for pair in ((db_dist, own_dist), (db_vals, own_vals),
+                                                             (db_mask, own_mask)))
     dist = np.where(np.concatenate([db_ids >= 0, np.ones_like(own_order, bool)], 1), dist, np.inf)
     if db.max_distance is not None:  # the database's relevance cut applies to the added chunks too
         far = dist > db.max_distance

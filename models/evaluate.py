@@ -17,7 +17,7 @@ from .data import IGNORE, ChunkedTokens, SequenceBatches, chunk_overlap
 from .model import RetroModel
 from .runtime import resolve_device
 
-LABELS = {"on": "database without the held-out docs", "on_with_eval_docs": "database including them"}
+LABELS = {"on": "database without the held-out documents", "on_with_eval_docs": "database including them"}
 ALPHAS = [round(a, 2) for a in np.linspace(0.0, 1.0, 11)]
 
 
@@ -28,8 +28,7 @@ def token_nll(model: RetroModel, data: ChunkedTokens, retrieval: bool, batch_siz
     model.eval()
     batches = SequenceBatches(data, model.cfg.seq_len, batch_size=1, shuffle=False)
     C, m = data.tokens.shape
-    pos_nll = np.zeros((C, m))
-    pos_pred = np.zeros((C, m), dtype=bool)
+    pos_nll, pos_pred = np.zeros((C, m)), np.zeros((C, m), dtype=bool)
     starts = batches.starts
     for i in range(0, len(starts), batch_size):
         batch = batches.gather(starts[i : i + batch_size])
@@ -65,9 +64,8 @@ def bits_per_byte(nll: np.ndarray, predicted: np.ndarray, token_bytes: np.ndarra
 
 def evaluate(model: RetroModel, data: ChunkedTokens, byte_lengths: np.ndarray, *, retrieval: bool,
              batch_size: int = 8, device="cpu") -> dict:
-    """bpb on `data` (a set of documents), and per chunk its overlap with its neighbours (with retrieval),
-    NLL and predicted bytes (`_per_chunk`, for bpb by overlap). byte_lengths: (vocab,) UTF-8 bytes of each token id.
-    """
+    """bpb on `data`, and per chunk (`_per_chunk`) its overlap with its neighbours, NLL and predicted bytes.
+    byte_lengths: (vocab,) UTF-8 bytes of each token id."""
     nll, pred = token_nll(model, data, retrieval, batch_size, device, autocast=torch.device(device).type == "cuda")
     token_bytes = np.asarray(byte_lengths)[data.tokens]
     pred = pred & (token_bytes > 0)  # special tokens (<|endoftext|>) have no bytes: not part of the text
@@ -83,10 +81,8 @@ def chunk_fractions(overlap: np.ndarray) -> list[float]:
 
 
 def bpb_by_overlap(overlap: np.ndarray, nll: np.ndarray, token_bytes: np.ndarray) -> list[float]:
-    """For each alpha of ALPHAS, bits per byte over the chunks whose overlap is <= alpha.
-
-    nll, token_bytes: per chunk (C,), or per token (C, m), counting only the predicted tokens.
-    """
+    """For each alpha of ALPHAS, bits per byte over the chunks whose overlap is <= alpha (nll, token_bytes:
+    per chunk (C,) or per predicted token (C, m))."""
     nll, token_bytes = nll.reshape(len(overlap), -1).sum(1), token_bytes.reshape(len(overlap), -1).sum(1)
     return [bits_per_byte(nll, overlap <= alpha + 1e-9, token_bytes) for alpha in ALPHAS]
 
@@ -138,8 +134,7 @@ def write_report(path: Path, report: dict, plot: Optional[Path] = None, kind: st
 
 
 def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_nonfinite: bool = False):
-    """The model of a checkpoint or a retrofit folder, for inference; a CheckpointError if its weights hold
-    NaN or inf."""
+    """The model of a checkpoint or a retrofit folder, for inference (NaN/inf weights: CheckpointError)."""
     from .checkpoint import load_checkpoint_model
     from .retrofit import is_retrofit, load_retrofit
 
@@ -149,16 +144,22 @@ def load_model(checkpoint, kernels: Optional[str] = None, device="cpu", allow_no
 
 
 def model_argument(text: str) -> str:
-    """argparse type: what eval and generate load, a checkpoint (checkpoint_argument) or a retrofit folder."""
-    from .checkpoint import checkpoint_argument
+    """argparse type: a checkpoint, a training output folder with latest.json, or a retrofit folder."""
+    import argparse
+
+    from .checkpoint import resolve
+    from .errors import one_line
     from .retrofit import is_retrofit
 
-    return text if is_retrofit(text) else checkpoint_argument(text)
+    try:
+        is_retrofit(text) or resolve(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
 
 
 def check_fits(cfg, db) -> None:
-    """Refuse a database whose tokens are not the model's: another tokenizer (its fingerprint, which
-    the model's config records), vocabulary or chunk size."""
+    """Refuse a database whose tokens are not the model's: another tokenizer, vocabulary or chunk size."""
     trained_with = cfg.extra.get("tokenizer_fingerprint")
     if trained_with and trained_with != db.tokenizer_fingerprint:
         raise ValueError(f"the database {str(db.root)!r} has another tokenizer ({db.tokenizer_fingerprint}) than the "
@@ -219,8 +220,7 @@ def text_table(head: list, rows: list) -> str:
 
 
 def table(results: dict) -> str:
-    names = {"off": "retrieval OFF", "on": "retrieval ON, database without the held-out documents",
-             "on_with_eval_docs": "retrieval ON, database including them"}
+    names = {"off": "retrieval OFF", **{k: f"retrieval ON, {label}" for k, label in LABELS.items()}}
     return text_table(["setting", "bits/byte"], [[n, f"{results[k]['bpb']:.4f}"] for k, n in names.items()
                                                  if k in results])
 

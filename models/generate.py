@@ -1,8 +1,5 @@
-"""Sampling with a KV cache and retrieval as chunks complete; ``python -m models generate``.
-
-The prompt in one forward, then one token at a time; when a chunk of m tokens completes, its neighbours
-are retrieved with its tokens and the next forward encodes them and continues CCA over them
-(docs/model.md, "Generation").
+"""Sampling with a KV cache and retrieval as chunks complete (docs/model.md, "Generation");
+``python -m models generate``.
 """
 from __future__ import annotations
 
@@ -94,11 +91,7 @@ def generate(model: RetroModel, prompt: list, max_new_tokens: int, retriever: Op
 
 def database_retriever(db, K: int) -> Retriever:
     """Retrieve from a database with the chunk's own tokens (nothing excluded)."""
-    def retrieve(chunks):
-        ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])
-        return db.neighbours_for_tokens(ids, K)
-
-    return retrieve
+    return lambda chunks: db.neighbours_for_tokens(np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks]), K)
 
 
 def format_generation(db, result: Generation, max_neighbour_chars: int = 160) -> str:

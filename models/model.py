@@ -1,21 +1,7 @@
-"""A thin RETRO: a decoder-only LM with chunked cross-attention to encoded neighbours.
+"""A thin RETRO: a decoder-only LM with chunked cross-attention to encoded neighbours (docs/model.md, "Model").
 
-    tokens (B, N) ──embed──► decoder blocks ──norm──► logits (B, N, V)
-                                 │
-            at the first CCA layer: hidden (B, N, d) = chunk activations
-                                 ▼
-    neighbours (B, L, K, R) ──embed (shared)──► retrieval encoder (2 layers,
-        cross-attending to the m activations of the chunk they were retrieved for)
-                                 ▼
-        encoded neighbours (B, L, K, R, d), computed once, read by every CCA layer
-
-Each decoder block is pre-norm: x += attn(norm(x)); [x += cca(norm(x), E)]; x += ff(norm(x)).
-CCA sits in every `cca_every`-th layer from `cca_start_layer` (1-based). Retrieval
-OFF (`neighbours=None`) skips CCA and the encoder: the same weights run as a plain GPT.
-
-Incremental decoding passes a `DecodeCache` and `start_pos`; the cache holds the
-self-attention keys/values, the first-CCA-layer activations of the chunk being
-written, and the encoded neighbours of every completed chunk.
+Pre-norm blocks: x += attn(norm(x)); [x += cca(norm(x), E)]; x += ff(norm(x)). The retrieval encoder runs once
+per forward on the neighbours, reading the first CCA layer's chunk activations; neighbours=None is a plain GPT.
 """
 from __future__ import annotations
 
@@ -32,10 +18,7 @@ from retro_kernels.nn import ChunkedCrossAttention, NeighbourEncoderLayer, Rotar
 from .config import RetroConfig
 
 
-
-# ---------------------------------------------------------------------------
 # Decoder pieces
-# ---------------------------------------------------------------------------
 
 class FeedForward(nn.Module):
     """SwiGLU ("gated") or GELU MLP."""
@@ -68,10 +51,8 @@ class LayerCache:
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head (or grouped-query) self-attention with rotary positions, via SDPA.
-
-    The head counts come from the projections' outputs: under tensor parallelism a rank holds some heads.
-    """
+    """Causal multi-head (or grouped-query) self-attention with rotary positions, via SDPA; the head counts
+    come from the projections' outputs (under tensor parallelism a rank holds some heads)."""
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
@@ -101,10 +82,8 @@ class SelfAttention(nn.Module):
             mask, causal = None, False
         else:  # a block of new tokens after a cached prefix
             mask, causal = torch.arange(T, device=x.device)[None, :] <= positions[:, None], False
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(o.transpose(1, 2).reshape(B, N, H * D))
 
 
@@ -118,10 +97,8 @@ class DecoderBlock(nn.Module):
         self.has_cca = has_cca
         if has_cca:
             self.cca_norm = nn.RMSNorm(cfg.d_model)
-            self.cca = ChunkedCrossAttention(
-                cfg.d_model, cfg.n_heads, cfg.chunk_size, n_kv_heads=cfg.n_kv_heads,
-                rotary=True, rotary_base=cfg.rotary_base, backend=cfg.kernels,
-            )
+            self.cca = ChunkedCrossAttention(cfg.d_model, cfg.n_heads, cfg.chunk_size, n_kv_heads=cfg.n_kv_heads,
+                                             rotary=True, rotary_base=cfg.rotary_base, backend=cfg.kernels)
 
     def forward(self, x, start_pos=0, cache=None, encoded=None, encoded_mask=None, cca_start_pos=None):
         x = x + self.attn(self.attn_norm(x), start_pos, cache)
@@ -130,9 +107,7 @@ class DecoderBlock(nn.Module):
         return x + self.ff(self.ff_norm(x))
 
 
-# ---------------------------------------------------------------------------
 # Retrieval encoder
-# ---------------------------------------------------------------------------
 
 class RetrievalEncoder(nn.Module):
     """Encodes embedded neighbours, conditioned on the chunk activations they were retrieved for."""
@@ -153,14 +128,11 @@ class RetrievalEncoder(nn.Module):
         return self.norm(embedded)
 
 
-# ---------------------------------------------------------------------------
 # The model
-# ---------------------------------------------------------------------------
 
 @dataclass
 class NeighbourCache:
-    """What incremental decoding keeps for retrieval: the activations (at the first CCA layer) of the
-    chunk not complete yet, and the encoded neighbours of the chunks before it."""
+    """What incremental decoding keeps for retrieval (the fields' comments say what)."""
     chunk_hidden: Optional[Tensor] = None  # first-CCA-input activations of the unfinished chunk
     encoded: Optional[Tensor] = None  # (B, chunks done, K, R, d)
     encoded_mask: Optional[Tensor] = None  # (B, chunks done, K, R) or None
@@ -207,9 +179,8 @@ def as_chunks(x: Tensor, count: int, chunk_size: int) -> Tensor:
 
 def complete_chunks(cfg, tokens: Tensor, neighbours: Optional[Tensor], neighbour_mask: Optional[Tensor],
                     start_pos: int, cache) -> int:
-    """The chunks complete after ``tokens`` (B, N) at start_pos (a token here may read their neighbours);
-    ValueError unless the tokens, the cache and the neighbours ((B, L >= complete, K, R) ids, a mask of
-    their shape) fit."""
+    """The chunks complete after ``tokens`` (B, N) at start_pos; ValueError unless the tokens, the cache and
+    the neighbours ((B, L >= complete, K, R) ids, a mask of their shape) fit."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, N) token ids, got shape {tuple(tokens.shape)}")
     if cache is not None and start_pos != cache.length:
@@ -229,9 +200,8 @@ def complete_chunks(cfg, tokens: Tensor, neighbours: Optional[Tensor], neighbour
 
 
 def encoded_for_step(encode, x: Tensor, start_pos: int, complete: int, cache, chunk_size: int):
-    """(encoded, mask, CCA start position) of the neighbours the tokens from start_pos may read, from the
-    activations x at the first CCA layer; ``encode(chunks (B, n, m, d), first, end) -> (encoded, mask)``
-    encodes those of chunks first..end-1. With a cache, the unfinished chunk's activations wait in it."""
+    """(encoded, mask, CCA start position) of the neighbours the tokens from start_pos may read, from x at the
+    first CCA layer by ``encode(chunks (B, n, m, d), first, end)``; a cache keeps the unfinished chunk."""
     if cache is None:  # the full sequence, from position 0
         if complete == 0:
             return None, None, start_pos
@@ -268,7 +238,6 @@ class RetroModel(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    # -- kernels and parameter groups --------------------------------------
     def set_kernels(self, kernels: str) -> None:
         """Switch every fused layer to `kernels` ("auto", "reference", "triton", ...)."""
         self.cfg.kernels = kernels
@@ -277,33 +246,14 @@ class RetroModel(nn.Module):
             if module is not self and hasattr(module, "backend"):
                 module.backend = kernels
 
-    @staticmethod
-    def is_retrieval_parameter(name: str) -> bool:
-        """CCA and encoder parameters: what a plain decoder lacks."""
-        return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
-
     def new_cache(self) -> DecodeCache:
         return DecodeCache(layers=[LayerCache() for _ in self.layers])
 
-    # -- forward -------------------------------------------------------------
-    def forward(
-        self,
-        tokens: Tensor,
-        neighbours: Optional[Tensor] = None,
-        neighbour_mask: Optional[Tensor] = None,
-        *,
-        start_pos: int = 0,
-        cache: Optional[DecodeCache] = None,
-    ) -> Tensor:
-        """Logits (B, N, V) for `tokens` (B, N) at absolute positions start_pos.. .
-
-        neighbours: (B, L, K, R) token ids, L >= (start_pos + N) // m; neighbours[:, u]
-            were retrieved with the tokens of chunk u (positions u*m .. u*m+m-1).
-            None: retrieval OFF (a plain decoder).
-        neighbour_mask: (B, L, K, R) bool, True where a neighbour token is real.
-        cache: a DecodeCache from `new_cache()` for incremental decoding; then
-            start_pos must equal the number of tokens already fed.
-        """
+    def forward(self, tokens: Tensor, neighbours: Optional[Tensor] = None, neighbour_mask: Optional[Tensor] = None,
+                *, start_pos: int = 0, cache: Optional[DecodeCache] = None) -> Tensor:
+        """Logits (B, N, V) for `tokens` (B, N) at positions start_pos.. . neighbours: (B, L, K, R) token ids,
+        L >= (start_pos + N) // m, neighbours[:, u] retrieved with chunk u (None: retrieval OFF); neighbour_mask:
+        True where a neighbour token is real; cache: new_cache()'s, start_pos = the tokens already fed."""
         cfg = self.cfg
         retrieval_on = neighbours is not None
         if retrieval_on and self.encoder is None:
@@ -336,7 +286,5 @@ class RetroModel(nn.Module):
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy in nats; targets == -100 are ignored."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=-100, reduction=reduction,
-    )
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)

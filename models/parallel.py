@@ -1,12 +1,6 @@
-"""Training on several processes: a (data x tensor parallel) device mesh, DDP or FSDP2, attention heads split
-over the tensor-parallel ranks, per-block activation checkpointing and torch.compile.
-
-    torchrun --nproc-per-node 4 -m models train ... --parallel fsdp --tp 2   # dp 2 x tp 2
-
-Tensor parallelism (torch.distributed.tensor.parallel): the q/k/v projections and the first feed-forward
-layers are split by output columns, the output projections and the last feed-forward layers by input rows
-(their outputs all-reduced), so each rank computes its own heads with the plain-tensor ops; the
-embedding, norms and head stay whole. The data-parallel ranks take separate shares of each global batch.
+"""Training on several processes: a (data x tensor parallel) mesh, DDP or FSDP2, attention heads split
+over the tensor-parallel ranks (COLWISE / ROWWISE projections), activation checkpointing, torch.compile.
+See docs/model.md, "Several processes and machines".
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """RETROfit: freeze a trained causal LM, add retrieval, train only what was added (RETRO paper, section 4.4).
 
-    rf = retrofit(gpt2, chunk_size=64, cca_layers=[6, 9, 12])   # 1-based, as in the paper
-    logits = rf(input_ids)                          # == gpt2(input_ids).logits, bit for bit
+    rf = retrofit(gpt2, chunk_size=64, cca_layers=[6, 9, 12])   # 1-based; rf(ids) == gpt2(ids).logits
     logits = rf(input_ids, neighbours, neighbour_mask)   # (B, L, K, R) neighbour token ids
 
-The bases it takes, and how CCA and the encoder are inserted by forward hooks that do nothing
-without neighbours: docs/model.md, "RETROfit". `RetrofitModel` has the interface of `RetroModel`
-that evaluation and generation use; `models eval` and `models generate` take a retrofit folder.
+The bases it takes and its forward hooks: docs/model.md, "RETROfit".
 """
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import operator
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -92,12 +90,10 @@ class RetrofitConfig:
 # How to reach into a base model
 
 def _attribute(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    try:
+        return operator.attrgetter(path)(root)
+    except AttributeError:
+        return None
 
 
 def _first(root: nn.Module, given: Optional[str], known: tuple, fits, option: str, expected: str) -> str:
@@ -327,15 +323,9 @@ class RetrofitModel(nn.Module):
 def retrofit(model: nn.Module, *, chunk_size: int, cca_layers, seq_len: Optional[int] = None,
              heads: Optional[int] = None, layers: Optional[str] = None, attention: Optional[str] = None,
              dtype: Optional[torch.dtype] = None, **options) -> RetrofitModel:
-    """Freeze `model` and add CCA after the self-attention of the 1-based `cca_layers` and a neighbour encoder.
-
-    model: a plain `models.model.RetroModel` or a transformers causal LM (GPT-2, the Llama family, or
-        another one with `layers=` / `attention=` naming its decoder layers and their self-attention).
-    heads: CCA and encoder heads (default: the base model's attention heads).
-    seq_len: the sequence length evaluation batches use (default: 8 chunks).
-    dtype: of the added weights (default: the base model's).
-    options: the other RetrofitConfig fields (num_neighbours, encoder_layers, kernels, extra, ...).
-    """
+    """Freeze `model` (a plain RetroModel or a transformers causal LM) and add a neighbour encoder and CCA
+    after the self-attention of the 1-based `cca_layers`. heads (default: the base's), seq_len (default:
+    8 chunks), dtype (default: the base's), options: the other RetrofitConfig fields."""
     adapter = BaseAdapter(model, layers, attention)  # refuses what cannot be retrofitted
     heads = heads or adapter.heads
     if heads is None:
@@ -353,11 +343,8 @@ def paper_cca_layers(n_layers: int) -> list[int]:
 
 def trainable_share(model: RetrofitModel) -> dict:
     """Parameters retrofitting trains vs the base model's (tied weights counted once)."""
-    def count(params):
-        return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-    added = count(p for p in model.parameters() if p.requires_grad)
-    base = count(model.base.parameters())
+    added = sum(p.numel() for p in model.parameters() if p.requires_grad)  # parameters(): tied ones once
+    base = sum(p.numel() for p in model.base.parameters())
     return {"trainable": added, "base": base, "share": added / (added + base)}
 
 
@@ -402,7 +389,7 @@ def base_fingerprint(path, kind: str) -> str:
 def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Module, dict]:
     """The base model from disk, and the record `save_retrofit` keeps of it. Nothing is downloaded;
     a base with NaN/inf weights is refused (CheckpointError) unless allow_nonfinite."""
-    from .checkpoint import CheckpointError, nonfinite_parameters
+    from .checkpoint import refuse_nonfinite
 
     path = Path(path)
     kind = base_kind(path)
@@ -417,10 +404,8 @@ def load_base(path, device="cpu", allow_nonfinite: bool = False) -> tuple[nn.Mod
         _base_files(path, kind)  # refuses a folder with pickled weights only
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         model = model.to(device).eval()
-        bad = nonfinite_parameters(model)
-        if bad and not allow_nonfinite:
-            raise CheckpointError(f"the transformers model in {str(path)!r} holds NaN/inf weights in {len(bad)} "
-                                  f"tensor(s) (e.g. {bad[0]})")
+        if not allow_nonfinite:
+            refuse_nonfinite(model, f"the transformers model in {str(path)!r}")
     return model, {"kind": kind, "path": str(path.resolve()), "sha256": base_fingerprint(path, kind)}
 
 
@@ -438,12 +423,8 @@ def is_retrofit(path) -> bool:
 
 def save_retrofit(model: RetrofitModel, out, base: Optional[dict] = None, state: Optional[dict] = None,
                   weights: Optional[dict] = None) -> Path:
-    """Write the added weights and the record (config, base, `state`) into `out`; the base is not touched.
-
-    Each file is written beside itself under a temporary name (TEMPORARIES) and renamed over the old one;
-    the record carries the weights' sha256, so a pair torn by a kill between the two renames is refused
-    by `load_retrofit`, never loaded as a mismatch. weights: model.added_state_dict(), if already gathered.
-    """
+    """Write the added weights and the record (config, base, `state`) into `out`, each atomically; the record
+    holds the weights' sha256, so `load_retrofit` refuses a pair torn between the two renames."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -478,15 +459,12 @@ def read_record(path) -> dict:
 
 def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str] = None,
                   device="cpu", allow_nonfinite: bool = False) -> RetrofitModel:
-    """A saved retrofit on `base`, or on the base model its record names (which must be unchanged).
-
-    Every failure is a CheckpointError (or FileNotFoundError) naming the file; NaN/inf weights, in
-    the added weights or the base, are refused unless allow_nonfinite.
-    """
+    """A saved retrofit on `base`, or on the (unchanged) base its record names; every failure names its file,
+    NaN/inf weights are refused unless allow_nonfinite."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError, nonfinite_parameters
+    from .checkpoint import CheckpointError, refuse_nonfinite
     from .errors import one_line
 
     record = read_record(path)
@@ -514,10 +492,8 @@ def load_retrofit(path, base: Optional[nn.Module] = None, kernels: Optional[str]
     if missing or unexpected:
         raise CheckpointError(f"{weights_file}: the saved weights do not match the retrofit {config} describes "
                               f"(missing {missing}, unexpected {unexpected})")
-    bad = [k for k in nonfinite_parameters(model) if not k.startswith("base.")]
-    if bad and not allow_nonfinite:
-        raise CheckpointError(f"{weights_file} holds NaN/inf weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
-                              f"its training diverged; retrofit again")
+    if not allow_nonfinite:
+        refuse_nonfinite(model, str(weights_file), ": its training diverged; retrofit again", skip="base.")
     return model.to(device).eval()
 
 

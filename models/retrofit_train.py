@@ -1,11 +1,7 @@
-"""Training a retrofit, and ``python -m models retrofit``.
+"""Training a retrofit, and ``python -m models retrofit --base BASE --db DB --out OUT``.
 
-    python -m models retrofit --base BASE --db DB --out OUT [--cca-layers 6,9,12 --steps 1000 ...]
-
-BASE: one of our plain decoder checkpoints or a local transformers model folder (offline, safetensors
-only) sharing the database's tokenizer (docs/model.md, "RETROfit"). OUT receives `retrofit.json` and
-`retrofit.safetensors` (the added weights only), a --checkpoint for `models eval` and `models generate`.
-Everything is checked before any weight is loaded.
+BASE: a plain decoder checkpoint of ours or a local transformers folder (safetensors) sharing the database's
+tokenizer; OUT receives retrofit.json and retrofit.safetensors (docs/model.md, "RETROfit").
 """
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ from .data import ChunkedTokens
 from .runtime import configure_threads, is_first_process, resolve_device, setup_distributed
 from .retrofit import (CONFIG_FILE, TEMPORARIES, WEIGHTS_FILE, RetrofitConfig, RetrofitModel, base_kind,
                        is_retrofit, paper_cca_layers)
-from .train import (TrainArgs, TrainingLoop, add_model_flags, add_train_flags, check_data, placed,
-                    train_args_from, training_batches)
+from .train import TrainArgs, TrainingLoop, add_model_flags, add_train_flags, train_args_from
 
 KIND = "retrofit"  # its output folders' marker (models.outdir)
 
@@ -32,28 +27,16 @@ KIND = "retrofit"  # its output folders' marker (models.outdir)
 def train_retrofit(model: RetrofitModel, data: ChunkedTokens, args: TrainArgs,
                    eval_data: Optional[ChunkedTokens] = None, byte_lengths: Optional[np.ndarray] = None,
                    log=print, metrics: Optional[Path] = None) -> list:
-    """Train the added weights of `model` on `data` (with its neighbours); returns the history (and writes it
-    to ``metrics``, JSON lines, as it goes).
-
-    The loop of `models.train`, in any of its layouts under torchrun (the frozen base sharded by FSDP too):
-    the batch order and the retrieval dropout are functions of (args.seed, step); a non-finite loss,
-    gradient norm or held-out number stops it (TrainingDiverged) unless args.allow_nonfinite.
-    """
+    """Train the added weights of `model` with `models.train`'s loop (any layout); the history (also to
+    ``metrics``, JSON lines)."""
     rank, world, device = setup_distributed(resolve_device(args.device))
-    check_data(model.cfg, data)
-    parallel.check_heads(model.cfg, args.tp)
-    layout, forward, optimizer = placed(model, args, device, rank, world)
-    model.train()
-    batches = training_batches(data, model.cfg.seq_len, args, layout.dp_rank, layout.dp_size)
-    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=True, name="retrofit", rank=rank,
-                        layout=layout, forward=forward)
+    loop = TrainingLoop(model, data, args, device, rank, world, retrieval=True, name="retrofit")
     return loop.run(eval_data=eval_data, byte_lengths=byte_lengths, log=log if rank == 0 else (lambda msg: None),
                     metrics=metrics if rank == 0 else None)
 
 
 def check_out(out, overwrite: bool) -> str:
-    """Refuse (OutputFolderError, exit 2) an OUT this command may not write into (new, empty, or a retrofit's
-    own: its marker; one holding a finished retrofit needs `overwrite`); its outdir state. Changes nothing."""
+    """Refuse (OutputFolderError) an OUT that is not new, empty or a retrofit's own (a finished one: overwrite)."""
     out = Path(out)
     state = outdir.check_folder(out, KIND)
     if is_retrofit(out) and not overwrite:
@@ -100,10 +83,8 @@ def base_shape(path: Path, kind: str) -> dict:
         cfg = load_config(path)
         _need(not cfg.retrieval, f"--base: {str(path)!r} already has retrieval (CCA layers); retrofit a plain "
                                  f"decoder (python -m models train --no-retrieval)")
-        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
-                "heads": cfg.n_heads, "positions": None, "seq_len": cfg.seq_len,
-                "db_fingerprint": cfg.extra.get("db_fingerprint"),
-                "tokenizer_fingerprint": cfg.extra.get("tokenizer_fingerprint")}
+        return {"n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "heads": cfg.n_heads,
+                "seq_len": cfg.seq_len, **{k: cfg.extra.get(k) for k in ("db_fingerprint", "tokenizer_fingerprint")}}
     from transformers import AutoConfig
 
     try:
@@ -115,8 +96,7 @@ def base_shape(path: Path, kind: str) -> dict:
     _need(isinstance(n_layers, int), f"--base: {str(path)!r}'s config names no num_hidden_layers")
     return {"n_layers": n_layers, "vocab_size": getattr(cfg, "vocab_size", None),
             "d_model": getattr(cfg, "hidden_size", None), "heads": getattr(cfg, "num_attention_heads", None),
-            "positions": getattr(cfg, "max_position_embeddings", None), "seq_len": None, "db_fingerprint": None,
-            "tokenizer_fingerprint": None}
+            "positions": getattr(cfg, "max_position_embeddings", None)}
 
 
 def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
@@ -133,23 +113,23 @@ def check_tokenizer(path: Path, kind: str, shape: dict, db, log) -> None:
             RetrievalDatabase.open(db.root, tokenizer=tok, verify=False)
         except DatabaseError as e:  # a different tokenizer, or one that cannot be read
             raise UsageError(f"--base: {one_line(e)}") from None
-    trained_with = shape["tokenizer_fingerprint"]
+    trained_with = shape.get("tokenizer_fingerprint")
     _need(trained_with is None or trained_with == db.tokenizer_fingerprint,
           f"--base {str(path)!r} was trained with another tokenizer ({trained_with}) than --db "
           f"{str(db.root)!r}'s ({db.tokenizer_fingerprint}): its token ids would mean other text")
     _need(shape["vocab_size"] == db.vocab_size,
           f"--base: the model has {shape['vocab_size']} token embeddings but the database's tokenizer has "
           f"{db.vocab_size} tokens; they must be the same tokenizer")
-    if shape["db_fingerprint"] and shape["db_fingerprint"] != db.fingerprint:
-        log(f"note: the base was trained on database {shape['db_fingerprint']}, retrofitting on {db.fingerprint} "
+    if shape.get("db_fingerprint") not in (None, db.fingerprint):
+        log(f"note: the base was trained on database {shape.get('db_fingerprint')}, retrofitting on {db.fingerprint} "
             f"(the same tokenizer)")
 
 
 # The training flags retrofit takes from `python -m models train` (TrainArgs), and its defaults for them.
 RETROFIT_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "clip", "retrieval_dropout",
-                        "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp",
-                        "activation_checkpointing", "compile", "progress")
-RETROFIT_DEFAULTS = TrainArgs(steps=1000, lr=1e-3, warmup=100, retrieval_dropout=0.0)
+                        "eval_every", "seed", "allow_nonfinite", "device", "parallel", "tp", "activation_checkpointing",
+                        "compile", "progress")
+RETROFIT_DEFAULTS = TrainArgs(retrieval_dropout=0.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,8 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=database, required=True, help="the retrieval database (same tokenizer as the base)")
     p.add_argument("--out", type=folder, required=True,
                    help="a new (or empty) folder for retrofit.json + retrofit.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (its two files and "
-                                                                     "metrics.jsonl only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the retrofit in --out (only its own files)")
     g = p.add_argument_group("what is added")
     g.add_argument("--cca-layers", type=layer_numbers, default=None,
                    help="1-based layers followed by CCA, e.g. 6,9,12 (default: every 3rd from 6, as in the paper)")
@@ -169,14 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(g, ("--encoder-ff-mult", "--heads", "--neighbours"),
                     heads=dict(default=None, help="CCA/encoder heads (default: the base's)"))
     g.add_argument("--layers", type=text("a dotted path of decoder layers"), default=None,
-                   help="transformers models other than GPT-2/Llama: dotted path of the decoder layers "
-                        "(e.g. model.decoder.layers)")
+                   help="other transformers models: dotted path of the decoder layers (e.g. model.decoder.layers)")
     g.add_argument("--attention", type=text("an attribute name"), default=None,
                    help="... and each layer's self-attention attribute (e.g. self_attn)")
     add_model_flags(g, ("--kernels",))
     g = p.add_argument_group("training (only the added weights)")
-    add_model_flags(g, ("--seq-len",), seq_len=dict(default=None, help="tokens per sequence (default: the "
-                                                                        "base's, or 512)"))
+    add_model_flags(g, ("--seq-len",), seq_len=dict(default=None, help="tokens per sequence (default: base's or 512)"))
     add_train_flags(g, RETROFIT_TRAIN_FLAGS, RETROFIT_DEFAULTS)
     add_threads_flag(g)
 
@@ -186,10 +163,10 @@ def plan(flags, shape: dict, db) -> RetrofitConfig:
     m, n_layers = db.chunk_size, shape["n_layers"]
     layers = flags.cca_layers or paper_cca_layers(n_layers)
     _need(layers[-1] <= n_layers, f"--cca-layers: the base has {n_layers} layers, got {layers}")
-    seq_len = flags.seq_len or shape["seq_len"] or 512
+    seq_len = flags.seq_len or shape.get("seq_len") or 512
     _need(seq_len % m == 0, f"--seq-len: expected a multiple of the database's chunk size {m}, got {seq_len}")
-    _need(not shape["positions"] or seq_len <= shape["positions"],
-          f"--seq-len: the base has {shape['positions']} positions, got {seq_len}")
+    _need(not shape.get("positions") or seq_len <= shape["positions"],
+          f"--seq-len: the base has {shape.get('positions')} positions, got {seq_len}")
     _need(flags.neighbours <= int(db.config["k"]),
           f"--neighbours: the database precomputed {db.config['k']} neighbours per chunk, got {flags.neighbours}")
     heads = flags.heads or shape["heads"]

@@ -1,7 +1,5 @@
-"""What a command takes from the machine it runs on: the device, CPU threads, torchrun's processes, progress bars.
-
-torch is imported inside the functions: opening a retrieval database
-(`python -m models db-info`) needs none of it.
+"""What a command takes from the machine: the device, CPU threads, torchrun's processes, progress bars.
+(torch is imported inside the functions: `python -m models db-info` needs none of it.)
 """
 from __future__ import annotations
 
@@ -20,12 +18,8 @@ def resolve_device(name: str) -> "torch.device":
 
 
 def configure_threads(threads: Optional[int] = None) -> int:
-    """Set torch's CPU threads: `threads`, or all cores unless other processes keep them busy.
-
-    On a small shared machine, a thread pool wider than the idle cores makes every
-    op wait for a descheduled thread (here: 100x slower elementwise ops), so
-    the default falls back to 1 thread when the load average says the cores are taken.
-    """
+    """Set torch's CPU threads: `threads`, or the idle cores by the load average (a pool wider than them
+    makes every op wait for a descheduled thread: docs/model.md, "Threads")."""
     import torch
 
     if threads is None:

@@ -1,11 +1,8 @@
-"""Model and optimizer state of any layout (one process, DDP, FSDP, tensor parallel) in safetensors files.
+"""Model and optimizer state of any layout in safetensors files, readable by any other layout.
 
-torch.distributed.checkpoint saves each rank's shards to its own `shard-XXXXX-model-...safetensors`
-file (HuggingFaceStorageWriter), with the offset of every shard in the file's header; any other layout
-or number of processes reads back the slices it holds (HuggingFaceStorageReader). Nothing is pickled:
-DCP's default format unpickles its `.metadata` file, this one reads safetensors headers only. Keys:
-``model.<parameter>`` and ``optim.state.<parameter>.<exp_avg|exp_avg_sq|step>`` (tensors only: the
-optimizer's hyperparameters come from the run's arguments).
+torch.distributed.checkpoint's HuggingFace storage: one `shard-*.safetensors` per rank, located by the
+headers' offsets, nothing pickled (DCP's default unpickles `.metadata`). Keys: ``model.<parameter>`` and
+``optim.state.<parameter>.<exp_avg|exp_avg_sq|step>`` (tensors only: hyperparameters come from the args).
 """
 from __future__ import annotations
 
@@ -30,16 +27,9 @@ def shard_files(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if SHARD_FILE.fullmatch(p.name)) if folder.is_dir() else []
 
 
-def _tied(model) -> set:
-    """Names of parameters that are another one (tied embeddings): stored once."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(p) in seen else seen.add(id(p)))
-    return tied
-
-
 def _model_state(model) -> dict:
-    tied = _tied(model)
+    """``model.<name>`` of every state tensor; a tied parameter (the output layer's embedding) once."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     return {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k not in tied}
 
 
@@ -62,15 +52,13 @@ def saved_keys(folder) -> set:
     return set(HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata)
 
 
-def load_model(folder, model, strict: bool = True) -> tuple[list, list]:
-    """Read ``model``'s parameters (its layout's slices of them); (missing, unexpected) key lists.
-    strict: a KeyError unless the checkpoint holds exactly the model's parameters."""
+def load_model(folder, model) -> None:
+    """Read ``model``'s parameters (its layout's slices of them); a KeyError unless the checkpoint holds them all."""
     state, saved = _model_state(model), {k for k in saved_keys(folder) if k.startswith("model.")}
-    missing, unexpected = sorted(k[6:] for k in state.keys() - saved), sorted(k[6:] for k in saved - state.keys())
-    if strict and (missing or unexpected):
-        raise KeyError(f"the checkpoint lacks {missing[:5]} and has {unexpected[:5]} that the model lacks")
-    _read({k: v for k, v in state.items() if k in saved}, folder)
-    return missing, unexpected
+    if state.keys() != saved:
+        raise KeyError(f"the checkpoint lacks {sorted(state.keys() - saved)[:5]} and has "
+                       f"{sorted(saved - state.keys())[:5]} that the model lacks")
+    _read(state, folder)
 
 
 def load_optimizer(folder, model, optimizer) -> None:

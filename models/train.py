@@ -1,24 +1,13 @@
-"""Training: AdamW, warmup + cosine, clipping, accumulation, bf16 on GPU, checkpoints, exact resume, DDP.
+"""Training: AdamW, warmup + cosine, clipping, accumulation, bf16 on GPU, checkpoints, exact resume, DDP/FSDP/TP.
 
     python -m models train --db DIR --out runs/x [--steps 2000 --batch-size 16 ...]
-    torchrun --nproc-per-node 2 -m models train --db DIR --out runs/x   # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc-per-node 4 -m models train ... --parallel fsdp --tp 2   # FSDP2 x tensor parallel
 
-Each step's loss is the mean over the global batch's tokens (whatever the layout: the
-data-parallel ranks add up their token counts first), so every layout trains as one process would.
-
-Everything random in a step is a function of (seed, step): the batch order
-(`SequenceBatches`), the retrieval dropout, and the global torch RNG, which is
-saved in each checkpoint. So `--resume` continues exactly where a straight run
-would have been.
-
-Retrieval dropout: with probability `retrieval_dropout` a training sequence
-gets all its neighbours masked, which makes every CCA output of it zero: the
-model also learns to work as a plain decoder, so "retrieval OFF" is a fair
-baseline for the same weights.
+Retrieval dropout, exact resume and the layouts' equal losses: docs/model.md, "Training".
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -48,18 +37,10 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or evaluation number: training stops (--allow-nonfinite lets it run)."""
 
 
-def option(default, help: str, *, limit=None, type=None, cli: bool = True, negated: Optional[str] = None,
-           choices: Optional[tuple] = None):
-    """A TrainArgs field, declared once for the Python API and the command line.
-
-    limit: the range of a number, an argparse type= of models.cli_common (TrainArgs.validate checks it too);
-    type: any other argparse type=; cli=False: the Python API only; negated: the flag of a True
-    default that the command line turns off (--no-progress); choices: the values a string may take.
-    """
-    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "negated": negated,
-                "choices": choices}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata=metadata)
+def option(default, help: str, *, limit=None, type=None, cli: bool = True, choices: Optional[tuple] = None):
+    """A TrainArgs field for the Python API and (cli) the command line: limit, a models.cli_common range that
+    validate() checks too; choices: a string's values."""
+    metadata = {"help": help, "limit": limit, "type": type or limit, "cli": cli, "choices": choices}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -96,16 +77,13 @@ class TrainArgs:
                         "processes and the heads)", limit=integer(1, 1024))
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
     compile: bool = option(False, "torch.compile each block")
-    progress: bool = option(True, "no progress bar", negated="--no-progress")
-    extra: dict = option({}, "anything else to record", cli=False)
+    progress: bool = option(True, "a progress bar on stderr")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        """The one check of a run's arguments (the command line's too: argparse's type= functions are
-        LIMITS'): ValueError naming the field unless every number is in its range, UsageError unless
-        the fields fit together (torchrun's processes included)."""
+        """ValueError naming a number out of its range (LIMITS), UsageError unless the fields fit together."""
         for name, parse in LIMITS.items():
             check_value(name, getattr(self, name), parse)
         for f in dataclasses.fields(self):
@@ -121,8 +99,7 @@ class TrainArgs:
             raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
 
 
-# The range of every numeric training argument, from TrainArgs: argparse type= functions for the
-# command line (train, retrofit, demo), and TrainArgs.validate() for the Python API.
+# Every numeric argument's range: argparse type= of train, retrofit and demo; TrainArgs.validate().
 LIMITS = {f.name: f.metadata["limit"] for f in dataclasses.fields(TrainArgs) if f.metadata["limit"]}
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainArgs) if f.metadata["cli"])
 
@@ -133,33 +110,18 @@ def add_train_flags(group, names=TRAIN_FLAGS, defaults: Optional[TrainArgs] = No
     for f in dataclasses.fields(TrainArgs):
         if f.name not in names:
             continue
-        meta, default = f.metadata, getattr(defaults, f.name)
-        if meta["negated"]:
-            group.add_argument(meta["negated"], action="store_true", help=meta["help"])
-        elif isinstance(default, bool):
-            group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
+        meta, default, flag = f.metadata, getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):  # a True default: --no-FLAG turns it off
+            group.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true",
+                               default=default, help=meta["help"])
         else:
-            group.add_argument(_flag(f.name), type=meta["type"], default=default, help=meta["help"],
-                               choices=meta["choices"])
+            group.add_argument(flag, type=meta["type"], default=default, help=meta["help"], choices=meta["choices"])
 
 
 def train_args_from(flags, names=TRAIN_FLAGS, **given) -> TrainArgs:
     """The TrainArgs of parsed flags (those ``add_train_flags(names)`` declared), and the fields ``given``."""
-    values = {}
-    for f in dataclasses.fields(TrainArgs):
-        if f.name in names:
-            negated = f.metadata["negated"]
-            values[f.name] = not getattr(flags, negated[2:].replace("-", "_")) if negated else getattr(flags, f.name)
-    return TrainArgs(**values, **given)
+    return TrainArgs(**{name: getattr(flags, name) for name in names}, **given)
 
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-# ---------------------------------------------------------------------------
-# The pieces of a run
-# ---------------------------------------------------------------------------
 
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
@@ -172,11 +134,9 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on the matrices only."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -190,19 +150,12 @@ def drop_retrieval(mask: torch.Tensor, p: float, generator: torch.Generator, ran
     return mask & keep.view(-1, *([1] * (mask.dim() - 1)))
 
 
-def training_batches(data: ChunkedTokens, seq_len: int, args: TrainArgs, rank: int = 0,
-                     world: int = 1) -> SequenceBatches:
-    """The micro-batches of a run: batch_size / accum sequences over all processes."""
-    return SequenceBatches(data, seq_len, args.batch_size // args.accum, seed=args.seed, rank=rank, world=world)
-
-
 def evaluate_loss(model, data: ChunkedTokens, byte_lengths, args: TrainArgs, device, retrieval=True) -> dict:
     """Quick held-out numbers during training (on the first eval_sequences sequences)."""
     m, N = data.chunk_size, model.cfg.seq_len
     rows = min(len(data), args.eval_sequences * (N // m))
-    sub = ChunkedTokens(data.tokens[:rows], data.valid[:rows], data.doc[:rows],
-                        None if data.neighbours is None else data.neighbours[:rows],
-                        None if data.neighbour_mask is None else data.neighbour_mask[:rows])
+    sub = ChunkedTokens(*(None if a is None else a[:rows] for a in (data.tokens, data.valid, data.doc,
+                                                                     data.neighbours, data.neighbour_mask)))
     on = retrieval and sub.neighbours is not None and model.cfg.retrieval
     nll, pred = token_nll(model, sub, on, batch_size=8, device=device, autocast=device.type == "cuda")
     out = {"loss": float(nll[pred].sum() / max(1, pred.sum()))}
@@ -225,32 +178,27 @@ def is_due(done: int, every: int, steps: int) -> bool:
     return bool(every and done % every == 0) or done == steps
 
 
-# ---------------------------------------------------------------------------
-# The loop (train and retrofit training)
-# ---------------------------------------------------------------------------
-
 class TrainingLoop:
-    """Optimizer steps over seeded batches: accumulation, retrieval dropout, bf16 autocast on GPUs,
-    clipping, non-finite stops, held-out numbers, progress.
+    """Optimizer steps over seeded batches (train and retrofit), ``model`` placed in place on the run's layout
+    (models.parallel; ``forward``: the model or its DDP wrapper). held_out_off: held-out numbers without
+    retrieval too."""
 
-    retrieval: the batches' neighbours are read; held_out_off: the held-out numbers without them too;
-    forward: the model or its DDP wrapper; layout: the data-parallel ranks (models.parallel).
-    """
-
-    def __init__(self, model, optimizer, batches: SequenceBatches, args: TrainArgs, device, *, retrieval: bool,
-                 held_out_off: bool = False, name: str = "train", rank: int = 0, layout=None, forward=None):
-        self.model, self.optimizer, self.batches, self.args, self.device = model, optimizer, batches, args, device
+    def __init__(self, model, data: ChunkedTokens, args: TrainArgs, device, rank: int, world: int, *,
+                 retrieval: bool, held_out_off: bool = False, name: str = "train"):
+        check_data(model.cfg, data)
+        parallel.check_heads(model.cfg, args.tp)
+        self.layout = layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
+        self.forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
+        self.model, self.optimizer, self.args, self.device = model, make_optimizer(model, args), args, device
+        self.batches = SequenceBatches(data, model.cfg.seq_len, args.batch_size // args.accum, seed=args.seed,
+                                       rank=layout.dp_rank, world=layout.dp_size)
         self.retrieval, self.held_out_off, self.name, self.rank = retrieval, held_out_off, name, rank
-        self.layout = layout or parallel.Layout()
-        self.forward = forward or model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, start_step: int = 0, history: Optional[list] = None, eval_data=None, byte_lengths=None,
             log=print, save=None, metrics: Optional[Path] = None) -> list:
-        """Steps start_step..args.steps-1 appended to ``history``; ``save(step, history)`` when a checkpoint is due.
-
-        metrics: a file that receives the history so far, then each step's record as it is done (JSON lines).
-        """
+        """Steps start_step..args.steps-1 appended to ``history`` (and to ``metrics``, JSON lines);
+        ``save(step, history)`` when a checkpoint is due."""
         args, history = self.args, [] if history is None else history
         rewrite = True  # the first record comes after the history that a resumed run saved
         tokens_per_step = args.batch_size * self.model.cfg.seq_len
@@ -329,24 +277,18 @@ class TrainingLoop:
         return numbers
 
 
-# ---------------------------------------------------------------------------
-# train()
-# ---------------------------------------------------------------------------
-
 def check_data(cfg: RetroConfig, train_data: ChunkedTokens) -> None:
     if cfg.retrieval and train_data.neighbours is None:
         raise ValueError("the config has retrieval=True but the training data has no neighbours")
     if train_data.chunk_size != cfg.chunk_size:
         raise ValueError(f"the data's chunk size ({train_data.chunk_size}) differs from the config's ({cfg.chunk_size})")
-    if train_data.neighbours is not None and cfg.retrieval and (
-            train_data.neighbours.shape[1] != cfg.num_neighbours or train_data.neighbours.shape[2] != cfg.R):
+    if cfg.retrieval and train_data.neighbours.shape[1:] != (cfg.num_neighbours, cfg.R):
         raise ValueError(f"the data has (K, R) = {train_data.neighbours.shape[1:]} neighbours but the config "
                          f"expects ({cfg.num_neighbours}, {cfg.R})")
 
 
 def check_out(args: TrainArgs) -> str:
-    """Refuse (OutputFolderError, exit 2) an --out that this run may not write into; its outdir state.
-    Changes nothing."""
+    """Refuse (OutputFolderError, exit 2) an --out this run may not write into; its outdir state."""
     out = Path(args.out)
     state = outdir.check_folder(out, "train-run")
     latest = ckpt.read_latest(out) if out.is_dir() else None
@@ -359,13 +301,10 @@ def check_out(args: TrainArgs) -> str:
 
 def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_data: Optional[ChunkedTokens] = None,
           byte_lengths: Optional[np.ndarray] = None, log=print) -> dict:
-    """Train (or resume) and return {"model", "history", "step"}; checkpoints go to args.out.
-
-    Rank 0 takes args.out for the run (outdir.claimed: new, empty or its own, locked).
-    """
+    """Train (or resume) and return {"model", "history", "step"}; rank 0 claims and locks args.out."""
     rank, world, device = setup_distributed(resolve_device(args.device))
     parallel.check_heads(cfg, args.tp)
-    check_data(cfg, train_data)
+    check_data(cfg, train_data)  # before rank 0 claims --out (TrainingLoop checks again)
     if rank != 0:
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
     with outdir.claimed(args.out, "train-run", temporaries=ckpt.TEMPORARIES, inside=ckpt.CHECKPOINT_FILES,
@@ -373,27 +312,18 @@ def train(cfg: RetroConfig, train_data: ChunkedTokens, args: TrainArgs, eval_dat
         return _train(cfg, train_data, args, eval_data, byte_lengths, log, rank, world, device)
 
 
-def placed(model, args: TrainArgs, device, rank: int, world: int):
-    """(layout, what to call forward on, optimizer): ``model`` on the run's layout (models.parallel), in place."""
-    layout = parallel.make_layout(world, rank, device, args.parallel, args.tp)
-    forward = parallel.prepare(model.to(device), layout, device, args.activation_checkpointing, args.compile)
-    return layout, forward, make_optimizer(model, args)
-
-
 def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank, world, device) -> dict:
     log = log if rank == 0 else (lambda msg: None)
     torch.manual_seed(args.seed)
     model = RetroModel(cfg)
-    layout, forward, optimizer = placed(model, args, device, rank, world)
-    start_step, history = _resumed_state(cfg, model, optimizer, args, log)
+    loop = TrainingLoop(model, train_data, args, device, rank, world, retrieval=cfg.retrieval,
+                        held_out_off=cfg.retrieval)
+    start_step, history = _resumed_state(cfg, model, loop.optimizer, args, log)
     run = ckpt.RunCheckpoints(Path(args.out), args.keep, replace_previous=args.overwrite)
 
     def save(step, history):
-        run.save(model, optimizer, step, {"history": history, "args": asdict(args)})
+        run.save(model, loop.optimizer, step, {"history": history, "args": asdict(args)})
 
-    batches = training_batches(train_data, cfg.seq_len, args, layout.dp_rank, layout.dp_size)
-    loop = TrainingLoop(model, optimizer, batches, args, device, retrieval=cfg.retrieval,
-                        held_out_off=cfg.retrieval, rank=rank, layout=layout, forward=forward)
     metrics = Path(args.out) / "metrics.jsonl" if rank == 0 else None
     history = loop.run(start_step, history, eval_data, byte_lengths, log, save, metrics)
     if world > 1:
@@ -402,8 +332,7 @@ def _train(cfg, train_data, args: TrainArgs, eval_data, byte_lengths, log, rank,
 
 
 def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, list]:
-    """(step, history) of the run in args.out that --resume continues (its weights, optimizer and RNG
-    states loaded), or (0, []) for a new run."""
+    """(step, history) of the run --resume continues (weights, optimizer, RNG loaded), or (0, [])."""
     out = Path(args.out)
     if not (args.resume and (out / ckpt.LATEST).is_file()):
         return 0, []
@@ -416,9 +345,7 @@ def _resumed_state(cfg, model, optimizer, args: TrainArgs, log) -> tuple[int, li
     return state["step"], state.get("history", [])
 
 
-# ---------------------------------------------------------------------------
 # python -m models train
-# ---------------------------------------------------------------------------
 
 # The model's flags: {flag: add_argument keywords}; retrofit takes some of them (with its own defaults).
 MODEL_FLAGS = {

@@ -7,6 +7,7 @@ Real text, the real MiniLM encoder, real FAISS; commands run in-process through
 `models.__main__.main(argv)` (fast), and a few as real processes for the exit codes.
 """
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -371,7 +372,7 @@ def test_broken_checkpoints_fail_with_one_line_naming_the_file(world, tmp_path):
     assert_one_line_error(r, 1, str(weights), "not a valid safetensors file")
     shutil.copy(ckpt.resolve(world.run) / "shard-00001-model-00001-of-00001.safetensors", weights)
     config = ckpt.resolve(run) / "config.json"
-    config.write_text(ckpt.load_config(run).replace(n_layers=3).to_json())
+    config.write_text(dataclasses.replace(ckpt.load_config(run), n_layers=3).to_json())
     r = cli("generate", "--checkpoint", run, "--db", world.db, "--prompt", "x")
     assert_one_line_error(r, 1, str(weights.parent), "does not match the model its config.json describes")
     r = cli("train", "--db", world.db, "--out", world.run, *TRAIN_ARGS, "--resume", "--d-model", "32")

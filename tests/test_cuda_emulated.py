@@ -1,5 +1,5 @@
 """The CUDA kernels (csrc/cuda) against the reference, run on the CPU by the emulation of
-tests/cuda_emulation.py: the real kernel and launcher source, with mma.sync, ldmatrix,
+tests/cuda_emulation/: the real kernel and launcher source, with mma.sync, ldmatrix,
 cp.async, shuffles and barriers emulated (a cp.async destination reads NaN until its
 group is waited for; a barrier that not every thread reaches is reported).
 

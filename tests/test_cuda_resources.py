@@ -29,7 +29,7 @@ def test_every_kernel_compiles_for_both_archs(table):
     kernels = {(r["kernel"], r["dtype"], r["head_dim"], r["arch"]) for r in table}
     want = {(f"{op}_{p}", dtype, d, arch)
             for op in ("cca", "neighbour") for p in cuda_resources.PASSES for dtype in ("fp16", "bf16")
-            for d in (32, 64, 128) for arch in cuda_resources.ARCHS}
+            for d in (32, 64, 128) for arch in cuda_resources.NVCC_ARCH.values()}
     assert kernels == want
 
 
@@ -65,6 +65,6 @@ def test_parse_ptxas_and_occupancy_arithmetic():
         dict(kernel="neighbour_fwd", dtype="bf16", head_dim=128, spill_bytes=0, registers=213),
     ]
     # 213 registers -> 216 per thread, 27648 per CTA: 2 CTAs; 87552 + 1024 bytes: 2 on sm_90a, 1 on sm_80
-    assert cuda_resources.ctas_per_sm(213, 87552, "sm_90a") == 2
-    assert cuda_resources.ctas_per_sm(213, 87552, "sm_80") == 1
-    assert cuda_resources.ctas_per_sm(96, 1024, "sm_90a") == 5
+    assert cuda_resources.occupancy(213, 87552, 4, "sm90")["ctas_per_sm"] == 2
+    assert cuda_resources.occupancy(213, 87552, 4, "sm80")["ctas_per_sm"] == 1
+    assert cuda_resources.occupancy(96, 1024, 4, "sm90")["ctas_per_sm"] == 5

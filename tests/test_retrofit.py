@@ -174,7 +174,7 @@ def test_the_added_weights_save_and_load_without_touching_the_base(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "gpt2").iterdir()} == files  # the base is untouched
     # our own decoder, referenced by its checkpoint folder
     mine, rf2 = make("ours")
-    ckpt.save_checkpoint(tmp_path / "plain", mine)
+    ckpt.RunCheckpoints(tmp_path / "plain").save(mine)
     _, source = load_base(tmp_path / "plain")
     save_retrofit(rf2, tmp_path / "rf2", source)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_the_added_weights_save_and_load_without_touching_the_base(tmp_path):
     # a base that changed since is refused
     with torch.no_grad():
         mine.embed.weight.add_(1.0)
-    ckpt.save_checkpoint(tmp_path / "plain", mine, step=1)
+    ckpt.RunCheckpoints(tmp_path / "plain").save(mine, step=1)
     with pytest.raises(ValueError, match="changed since it was retrofitted"):
         load_retrofit(tmp_path / "rf2")
 

@@ -55,7 +55,7 @@ def our_decoder(path, db, retrieval=False, nan=False):
     if nan:  # what a diverged run would save
         with torch.no_grad():
             model.embed.weight.fill_(float("nan"))
-    ckpt.save_checkpoint(path, model)
+    ckpt.RunCheckpoints(path).save(model)
     return path
 
 

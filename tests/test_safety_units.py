@@ -5,6 +5,7 @@ command deletes or replaces only what it can prove it made itself. These tests
 need no database: real training on synthetic data (tests/test_train.py's).
 The command-line half, with a real database, is tests/test_cli_safety.py.
 """
+import dataclasses
 import json
 import os
 import socket
@@ -177,7 +178,7 @@ def test_broken_checkpoint_files_get_an_error_naming_the_file(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"{weights.parent}.* does not match"):
         load_model(out)
     weights.write_bytes(data)
-    (weights.parent / "config.json").write_text(ckpt.load_config(out).replace(d_model=64).to_json())
+    (weights.parent / "config.json").write_text(dataclasses.replace(ckpt.load_config(out), d_model=64).to_json())
     with pytest.raises(ckpt.CheckpointError, match="does not match the model its config.json describes"):
         load_model(out)
     (weights.parent / "config.json").write_text('{"vocab_size": 10, "rotary_base": -1}')
@@ -250,6 +251,6 @@ def test_train_args_validate_types_too():
 def test_a_checkpoint_without_optimizer_loads_and_other_files_stay(tmp_path):
     model = RetroModel(config())
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unrelated.safetensors"))
-    path = ckpt.save_checkpoint(tmp_path, model, step=3)
+    path = ckpt.RunCheckpoints(tmp_path).save(model, step=3)
     assert ckpt.resolve(tmp_path) == path and not any(k.startswith("optim.") for k in ckpt.sharded.saved_keys(path))
     assert (tmp_path / "unrelated.safetensors").exists()

@@ -22,7 +22,7 @@
 //   and stored for the dk/dv kernel; every output element has one writer (no atomics), and
 //   every sum runs in a fixed order: results are bitwise reproducible.
 //
-// RETRO_KERNELS_EMULATION (tests only, see emulation/cuda_emulation.h) compiles the same
+// RETRO_KERNELS_EMULATION (tests only, see tests/cuda_emulation/) compiles the same
 // kernels and launchers as host C++ that runs the kernels on the CPU: the PTX primitives,
 // the launch, the device guard and the op library's name are the only things it replaces.
 #pragma once
@@ -160,7 +160,7 @@ struct AttentionArgs {
 // =========================================================================================
 
 #ifdef RETRO_KERNELS_EMULATION
-#include "emulation/ptx_primitives.h"  // the same primitives, run on the CPU
+#include "ptx_primitives.h"  // tests/cuda_emulation/: the same primitives, run on the CPU
 #else
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -518,6 +518,25 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], const flo
   }
 }
 
+// The double-buffered main loop of every kernel: step i works on stage i % 2 while step
+// i + 1's tiles load into the other stage (last read before the previous barrier).
+// `load(step, stage)` issues and commits the copies of a step; `work(step, stage)` uses them.
+template <typename Load, typename Work>
+__device__ __forceinline__ void double_buffered(int steps, Load&& load, Work&& work) {
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % 2;
+    if (step + 1 < steps) {
+      load(step + 1, 1 - stage);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this step's tiles (and any loaded before the loop) are in shared memory
+    work(step, stage);
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+}
+
 template <typename T, int D_PAD, typename Problem>
 __global__ void __launch_bounds__(NUM_THREADS, min_ctas_per_sm(Pass::Forward, D_PAD))
 attention_fwd_kernel(const typename Problem::Params p) {
@@ -554,29 +573,19 @@ attention_fwd_kernel(const typename Problem::Params p) {
   uint32_t q_frag[D_STEPS][4];
   float o[D_TILES][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   zero(o);
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile % 2;
-    if (tile + 1 < n_tiles) {
-      load_keys(tile + 1, 1 - stage);  // that stage was last read before the previous barrier
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this tile (and at tile 0 the query tile) is in shared memory
+  double_buffered(n_tiles, load_keys, [&](int tile, int stage) {
     if (tile == 0) {
 #pragma unroll
       for (int ks = 0; ks < D_STEPS; ++ks) load_a<LD>(q_frag[ks], q_s + warp * WARP_ROWS * LD, ks * 16);
     }
-    const T* k_tile = k_s + stage * K_STAGE;
     float s[N_TILES][4];
     zero(s);
-    warp_mma_abt<T, N_TILES, D_STEPS, LD>(s, q_frag, k_tile);  // S = Q K^T, Q in registers
+    warp_mma_abt<T, N_TILES, D_STEPS, LD>(s, q_frag, k_s + stage * K_STAGE);  // S = Q K^T, Q in registers
     online_softmax_step(s, bias_s + stage * B::N, a.qk_scale, m, l, o);
     uint32_t p_frag[N_TILES / 2][4];
     c_to_a<T>(p_frag, s);
     warp_mma_ab<T, D_TILES, N_TILES / 2, LD>(o, p_frag, v_s + stage * K_STAGE);  // O += P V
-    __syncthreads();  // every warp is done with this stage before it is refilled
-  }
+  });
 
   // -- normalise; rows with no real key (or padding rows) output zeros and lse = +inf ------
   float inv[2];
@@ -689,15 +698,7 @@ attention_bwd_dq_kernel(const typename Problem::Params p) {
   // -- dQ = sum over key tiles of dS K --------------------------------------------------------
   float dq[D_TILES][4];
   zero(dq);
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile % 2;
-    if (tile + 1 < n_tiles) {
-      load_keys(tile + 1, 1 - stage);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+  double_buffered(n_tiles, load_keys, [&](int, int stage) {
     const T* k_tile = k_s + stage * K_STAGE;
     float s[N_TILES][4], dp[N_TILES][4];
     zero(s);
@@ -708,8 +709,7 @@ attention_bwd_dq_kernel(const typename Problem::Params p) {
     uint32_t ds_frag[N_TILES / 2][4];
     c_to_a<T>(ds_frag, dp);
     warp_mma_ab<T, D_TILES, N_TILES / 2, LD>(dq, ds_frag, k_tile);               // dQ += dS K
-    __syncthreads();
-  }
+  });
 
   // -- dq * scale, through the O tile (read only before the loop) -------------------------
   __syncthreads();
@@ -774,15 +774,7 @@ attention_bwd_dkdv_kernel(const typename Problem::Params p) {
   float dk[D_TILES][4], dv[D_TILES][4];
   zero(dk);
   zero(dv);
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step % 2;
-    if (step + 1 < steps) {
-      load_rows(step + 1, 1 - stage);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+  double_buffered(steps, load_rows, [&](int, int stage) {
     const T* q_tile = q_s + stage * Q_STAGE;
     const T* do_tile = do_s + stage * Q_STAGE;
     float st[M_TILES][4], dpt[M_TILES][4];  // S^T and dP^T: this warp's keys x the tile's rows
@@ -797,8 +789,7 @@ attention_bwd_dkdv_kernel(const typename Problem::Params p) {
     c_to_a<T>(ds_frag, dpt);
     warp_mma_ab<T, D_TILES, M_TILES / 2, LD>(dv, p_frag, do_tile);  // dV += P^T dO
     warp_mma_ab<T, D_TILES, M_TILES / 2, LD>(dk, ds_frag, q_tile);  // dK += dS^T Q
-    __syncthreads();
-  }
+  });
 
   // -- dk * scale and dv through the K, V tiles ----------------------------------------------
   __syncthreads();
@@ -821,16 +812,7 @@ auto pass_kernel() {
 }
 
 #ifdef RETRO_KERNELS_EMULATION
-template <Pass PASS, typename T, int D_PAD, typename Problem>
-void launch_pass(const typename Problem::Params& p, int64_t programs) {
-  const auto kernel = pass_kernel<PASS, T, D_PAD, Problem>();
-  emulation::run_grid(programs, SmemLayout<PASS, D_PAD>::bytes, smem, [&] { kernel(p); });
-}
-using DeviceGuard = emulation::DeviceGuard;
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
-#define RETRO_KERNELS_CUDA_LIBRARY(m) TORCH_LIBRARY(retro_kernels_cuda_emulated, m)
-#define RETRO_KERNELS_CUDA_LIBRARY_FRAGMENT(m) TORCH_LIBRARY_FRAGMENT(retro_kernels_cuda_emulated, m)
-#define RETRO_KERNELS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(retro_kernels_cuda_emulated, CPU, m)
+#include "emulated_launch.h"  // tests/cuda_emulation/: the launch, on the CPU
 #else
 template <Pass PASS, typename T, int D_PAD, typename Problem>
 void launch_pass(const typename Problem::Params& p, int64_t programs) {

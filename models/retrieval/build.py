@@ -1,33 +1,9 @@
-"""Building a retrieval database, in resumable stages (see ``manifest.STAGES``).
-
-Files of a database directory (all arrays memory-mappable; no pickles):
-
-  manifest.json                    config, library versions, finished stages with file checksums
-  tokenizer.json                   the language model's byte-level BPE
-  tokens.bin                       token ids of every document, concatenated (uint16/uint32, raw)
-  doc_offsets.npy (D+1,) int64     document d is tokens[doc_offsets[d]:doc_offsets[d+1]]
-  doc_bytes.npy (D,) int64         UTF-8 bytes of each document (for bits per byte)
-  doc_names.json                   the corpus's document ids
-  doc_signatures.npy (D, 128)      MinHash signatures (leakage filter)
-  doc_split.npy (D,) int8          0 train, 1 eval (held out), 2 removed by the leakage filter
-  chunk_doc.npy (C,) int32         document of each retrieval chunk (the index's ids are chunk ids)
-  chunk_start.npy (C,) int64       first token of each chunk in tokens.bin
-  stream_{train,eval}.bin          token streams: each document starts on a chunk boundary and
-                                   ends with <|endoftext|>, then <|pad|> up to the next boundary
-  stream_{train,eval}_chunk_doc.npy  document of each stream chunk
-  stream_{train,eval}_db_chunk.npy   the database chunk with the same tokens (-1: not in the index)
-  embeddings.npy (C, dim) float16  chunk keys (the index's exact re-ranking reads them too)
-  index_trained.faiss              the trained, empty IVF index
-  index.faiss, index.ivfdata       the index: its inverted lists on disk, memory-mapped when searched
-  neighbours_{train,eval}.npy (C_s, K) int64   precomputed neighbours of every stream chunk
-  build_stats.jsonl                each heavy stage's seconds, vectors/s, peak memory, bytes (a log)
-
-Documents start on chunk boundaries in the streams so that a stream chunk of a
-retrieval document is exactly a database chunk: its key is reused, never
-embedded twice.
-"""
+"""Building a retrieval database in resumable stages (``manifest.STAGES``, each a function in `STAGE_STEPS`);
+its files are listed in docs/retrieval.md. Documents start on chunk boundaries in the streams, so a stream
+chunk of a retrieval document is exactly a database chunk: its key is reused, never embedded twice."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -67,13 +43,12 @@ class Builder:
                  tokenizer_path: str | None, log: Callable[[str], None]):
         self.root = Path(out)
         self.config = config
-        self.runtime = {**DEFAULT_RUNTIME, **runtime}
+        self.runtime = runtime
         self.tokenizer_path = tokenizer_path
         self.log = log
         self.corpus_path = None if config["corpus"] == corpus_mod.DEFAULT_CORPUS else config["corpus"]
         self.exclude = [self.root]  # a database inside its own corpus folder never reads itself
         self.manifest: Manifest | None = None
-        self._tokenizer = None
 
     # --- what the stages read ------------------------------------------------------
     def corpus(self, **kw):
@@ -83,17 +58,12 @@ class Builder:
     def m(self) -> int:
         return self.config["chunk_size"]
 
+    @functools.cached_property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.root / "tokenizer.json")
-        return self._tokenizer
+        return load_tokenizer(self.root / "tokenizer.json")
 
     def npy(self, name: str) -> np.ndarray:
         return load_npy(self.root / name)
-
-    def tokens(self) -> np.ndarray:
-        info = self.manifest.info("tokenize")
-        return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
 
     @property
     def engine(self) -> dict:
@@ -127,7 +97,7 @@ class Builder:
         """(the manifest of the database in ``root`` that this build resumes, None) or (None, why there is
         none to resume: None for an empty folder)."""
         root = self.root
-        if not Manifest.exists(root):
+        if not (root / MANIFEST_NAME).is_file():
             if any(p.fullmatch(e) for e in outdir.user_entries(root) for p in database_file_patterns()):
                 return None, (f"{str(root)!r} is not empty, and is not a retrieval database: it holds a database's "
                               f"files but no {MANIFEST_NAME}")
@@ -204,13 +174,10 @@ def build_database(
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after: expected one of {STAGES}, got {stop_after!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if corpus is not None and not Path(corpus).exists():
-        raise ValueError(f"corpus: {str(corpus)!r} does not exist (expected a text file, a folder, or a .jsonl file)")
     if tokenizer is not None:
         load_tokenizer(tokenizer)
     engine_mod.check_engine(engine)
-    if workers is not None:
-        check_value("workers", workers)
+    check_value("workers", workers)
     config = make_config(corpus=corpus_mod.DEFAULT_CORPUS if corpus is None else str(Path(corpus).resolve()),
                          tokenizer=None if tokenizer is None else sha256_file(tokenizer), **config_overrides)
     if config["embeddings"] is not None:

@@ -1,14 +1,8 @@
-"""The build's last stages, from chunks to neighbours: embed, train_index, add (shards, then one merged
-on-disk index), query (the neighbour tables), on either engine (`engine`).
-
-The index stages are functions of files (a keys .npy, a chunk -> document .npy,
-an output folder), usable without a corpus; the database build
-(`models.retrieval.build.Builder`) calls them on its own files. Each runs in
-units (a part of the chunks, a shard of keys, a range of query chunks) whose
-finished files are kept in ``<stage>_parts_<key>/``: a rerun skips them, and
-the key changes with the inputs, so a resumed stage equals an uninterrupted one.
-Each stage returns a statistics row, also appended to ``build_stats.jsonl``.
-"""
+"""The build's last stages, from chunks to neighbours (embed, train_index, add + merge, query), on either
+engine. The index stages are functions of files (keys .npy, chunk -> document .npy, an output folder),
+usable without a corpus. Each runs in units whose finished files stay in ``<stage>_parts_<key>/`` (the key
+names the inputs), so a rerun skips them and a resumed stage equals an uninterrupted one. Each stage
+returns a statistics row, also appended to ``build_stats.jsonl``."""
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +18,9 @@ import numpy as np
 from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
+from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from .manifest import atomic_save_npy, load_npy
+from .manifest import STREAM_SPLITS, atomic_save_npy, load_npy
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -63,10 +58,7 @@ class Parts:
 def inputs_key(*items) -> str:
     """12 hex digits naming ``items``; a path stands for its name, size and modification time."""
     def describe(x):
-        if isinstance(x, Path):
-            st = x.stat()
-            return [x.name, st.st_size, st.st_mtime_ns]
-        return x
+        return [x.name, x.stat().st_size, x.stat().st_mtime_ns] if isinstance(x, Path) else x
 
     return hashlib.sha256(json.dumps([describe(x) for x in items], default=str).encode()).hexdigest()[:12]
 
@@ -100,8 +92,7 @@ def train_ivf(keys, out, factory: str, *, sample: int = 100_000, seed: int = 0, 
               workers: int | None = None) -> dict:
     """``out/index_trained.faiss``: the empty IVF index ``factory``, trained on a sample of the keys (one unit)."""
     workers, t0 = _prepare(engine, workers), time.perf_counter()
-    out = Path(out)
-    n = load_npy(keys).shape[0]
+    out, n = Path(out), load_npy(keys).shape[0]
     rss = engine_mod.run_units(engine, _train_unit, [("sample", (str(keys), str(out), factory, sample, seed))],
                                what="train_index")
     return stats_row(out, "train_index", engine, 1, min(n, sample), time.perf_counter() - t0, rss,
@@ -250,10 +241,6 @@ def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
     out[known] = searcher.keys[rows[known]]
     new = np.flatnonzero(~known)
     if new.size:
-        from .embed import chunk_tokens
-
-        from .embed import cached_embedder
-
         e = spec.embed
         embedder = cached_embedder(e["embedder"], e["device"], e["batch_size"])
         tokenizer, chunks = chunk_tokens(Path(e["root"]), a + new, e["split"])
@@ -278,9 +265,8 @@ def db_add(build) -> dict:
     """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk."""
     keys, shard = build.root / "embeddings.npy", build.config["shard_size"]
     count = len(ranges(load_npy(keys).shape[0], shard))
-    bar = build.progress(total=count, desc="add", unit="shard")
-    add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)
-    bar.close()
+    with build.progress(total=count, desc="add", unit="shard") as bar:
+        add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)
     merge_shards(keys, build.root, shard_size=shard, **build.engine)
     return {"shards": count}
 
@@ -288,8 +274,6 @@ def db_add(build) -> dict:
 def db_query(build) -> dict:
     """neighbours_<split>.npy: the k nearest database chunks of every stream chunk; for the training split,
     chunks of the query chunk's document and of the next chunk's are excluded."""
-    from .manifest import STREAM_SPLITS
-
     cfg, root, info = build.config, build.root, {}
     for split in STREAM_SPLITS:
         spec = QuerySpec(str(root), str(root / "embeddings.npy"), str(root / "chunk_doc.npy"), cfg["k"], cfg["nprobe"],
@@ -298,9 +282,8 @@ def db_query(build) -> dict:
                          embed={"root": str(root), "split": split, "embedder": cfg["embedder"],
                                 "device": build.runtime["device"], "batch_size": build.runtime["embed_batch_size"]})
         table, size = root / f"neighbours_{split}.npy", cfg["shard_size"]
-        bar = build.progress(total=len(ranges(spec.num_queries(), size)), desc=f"query {split}", unit="range")
-        precompute_table(spec, table, range_size=size, progress=bar.update, **build.engine)
-        bar.close()
+        with build.progress(total=len(ranges(spec.num_queries(), size)), desc=f"query {split}", unit="range") as bar:
+            precompute_table(spec, table, range_size=size, progress=bar.update, **build.engine)
         info[f"neighbours_{split}"] = list(load_npy(table).shape)
     return info
 
@@ -308,8 +291,6 @@ def db_query(build) -> dict:
 def db_embed(build) -> dict:
     """embeddings.npy (float16): the key of every retrieval chunk, embedded in resumable parts of
     ``embed_part_size`` chunks, or copied from ``--embeddings``."""
-    from .embed import EmbedParts, embed_on_ray
-
     num_chunks, t0 = build.manifest.info("chunk")["num_chunks"], time.perf_counter()
     if build.config["embeddings"] is not None:
         return import_embeddings(build, num_chunks)
@@ -322,16 +303,15 @@ def db_embed(build) -> dict:
     spec = {"root": str(build.root), "embedder": build.config["embedder"], "device": build.runtime["device"],
             "batch_size": build.runtime["embed_batch_size"], "part_size": size, "num_chunks": num_chunks,
             "folder": str(parts.folder)}
-    bar = build.progress(total=len(todo), desc="embed", unit="part")
     engine, workers = build.engine["engine"], _prepare(**build.engine)
-    if engine == "ray" and todo:
-        rss = embed_on_ray(spec, todo, workers, bar.update)
-    else:
-        embed, rss = EmbedParts(spec) if todo else None, []
-        for p in todo:  # (a failure names its part)
-            rss.append(float(embed({"part": [p]})["rss"][0]))
-            bar.update(1)
-    bar.close()
+    with build.progress(total=len(todo), desc="embed", unit="part") as bar:
+        if engine == "ray" and todo:
+            rss = embed_on_ray(spec, todo, workers, bar.update)
+        else:
+            embed, rss = EmbedParts(spec) if todo else None, []
+            for p in todo:  # (a failure names its part)
+                rss.append(float(embed({"part": [p]})["rss"][0]))
+                bar.update(1)
     dim = _join_parts([parts.path(p) for p in range(count)], build.root / "embeddings.npy", num_chunks)
     parts.remove(count)
     stats_row(build.root, "embed", engine, workers, num_chunks, time.perf_counter() - t0, rss,
@@ -385,8 +365,6 @@ def check_embeddings(path, dim: int, num_chunks: int | None = None) -> None:
 
 
 def import_embeddings(build, num_chunks: int) -> dict:
-    from .embed import embedding_dim
-
     t0, dim, path = time.perf_counter(), embedding_dim(build.config["embedder"]), build.config["embeddings"]
     check_embeddings(path, dim, num_chunks)
     _join_parts(embedding_files(path), build.root / "embeddings.npy", num_chunks)

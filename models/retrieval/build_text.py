@@ -1,9 +1,5 @@
-"""The build's first stages, from the corpus's text to token streams: tokenizer, tokenize, split, chunk.
-
-Each stage is a function of the build (`models.retrieval.build.Builder`) that
-writes its files atomically into the database folder and returns what the
-manifest records about them.
-"""
+"""The build's first stages, from text to token streams (tokenizer, tokenize, split, chunk): functions of
+the build (`build.Builder`) that write their files atomically and return what the manifest records."""
 from __future__ import annotations
 
 import collections
@@ -33,8 +29,7 @@ BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, 
 def train_or_copy_tokenizer(build) -> dict:
     """tokenizer.json: the given one (checked), or a byte-level BPE trained on the training documents."""
     dest = build.root / "tokenizer.json"
-    if build.tokenizer_path is not None:
-        load_tokenizer(build.tokenizer_path)  # validates
+    if build.tokenizer_path is not None:  # (checked by build_database)
         with atomic_file(dest) as tmp:
             shutil.copyfile(build.tokenizer_path, tmp)
         return {"trained": False}
@@ -42,14 +37,13 @@ def train_or_copy_tokenizer(build) -> dict:
 
     def training_texts():
         skip = False
-        bar = build.progress(desc="tokenizer: reading corpus", unit="doc")
-        for doc in build.corpus(warn=lambda msg: None):
-            if not doc.continued:
-                skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
-                bar.update(1)
-            if not skip:  # evaluation documents never shape the tokenizer
-                yield doc.text
-        bar.close()
+        with build.progress(desc="tokenizer: reading corpus", unit="doc") as bar:
+            for doc in build.corpus(warn=lambda msg: None):
+                if not doc.continued:
+                    skip = held_out(doc.doc_id, cfg["eval_fraction"], cfg["split_seed"])
+                    bar.update(1)
+                if not skip:  # evaluation documents never shape the tokenizer
+                    yield doc.text
 
     tokenizer = train_bpe(training_texts(), cfg["vocab_size"])
     with atomic_file(dest) as tmp:
@@ -97,7 +91,7 @@ class DocumentTable:
 def tokenize_corpus(build) -> dict:
     """tokens.bin (every document's token ids, concatenated) and the document table; batches of documents
     are encoded in parallel on the Ray engine, written in corpus order."""
-    dtype = token_dtype(build.tokenizer().get_vocab_size())
+    dtype = token_dtype(build.tokenizer.get_vocab_size())
     table, stats, batches = DocumentTable(), corpus_mod.CorpusStats(), collections.deque()
     cfg = build.config
 
@@ -108,14 +102,13 @@ def tokenize_corpus(build) -> dict:
                 str(build.root / "tokenizer.json"), [d.text for d in docs], dtype.name, build.m,
                 cfg["align_sections"], cfg["split_seed"])
 
-    bar = build.progress(desc="tokenize", unit="doc")
-    with atomic_file(build.root / "tokens.bin") as tmp, open(tmp, "wb") as f:
+    with build.progress(desc="tokenize", unit="doc") as bar, atomic_file(build.root / "tokens.bin") as tmp, \
+            open(tmp, "wb") as f:
         for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
             for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
                 bar.update(table.add(doc, ids.size, size, signature))
             bar.set_postfix(tokens=table.num_tokens, refresh=False)
-    bar.close()
     if not table.names:
         (build.root / "tokens.bin").unlink(missing_ok=True)
         raise ValueError(f"corpus {build.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
@@ -251,7 +244,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
     """Stream ``name`` of documents ``docs``: each from a chunk boundary, then <|endoftext|>, then padding;
     with the document of each stream chunk and the database chunk holding the same tokens (-1: none)."""
     m, lengths = build.m, np.diff(offsets)
-    tokens, tokenizer = build.tokens(), build.tokenizer()
+    tokens, tokenizer = build.manifest.tokens(), build.tokenizer
     eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
     nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
     tables = {f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64}
@@ -277,10 +270,7 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
 
 
 def _check_index_fits(cfg: dict, num_chunks: int) -> None:
-    """The index options and brought-in keys against the number of chunks, now: not after the (long) embedding."""
+    """The index options against the number of chunks, now: not after the (long) embedding (brought-in keys
+    are counted by the next stage, before they are copied)."""
     kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
     index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
-    if cfg["embeddings"] is not None:
-        from .build_index import check_embeddings
-
-        check_embeddings(cfg["embeddings"], embedding_dim(cfg["embedder"]), num_chunks)

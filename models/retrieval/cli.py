@@ -6,7 +6,11 @@ import sys
 import time
 
 from ..cli_common import Parser, UsageError, command, database, device, existing_path, folder, integer
+from .config import DEFAULT_CONFIG, DEFAULT_RUNTIME, LIMITS
+from .embed import resolve_model_dir
+from .index import resolve_index_type
 from .manifest import STAGES
+from .tokenizer import load_tokenizer
 
 
 def _checked_by(check):
@@ -19,26 +23,7 @@ def _checked_by(check):
             raise argparse.ArgumentTypeError(why if name.isidentifier() and why else str(e)) from None
         return text
 
-    parse.__name__ = check.__name__
     return parse
-
-
-def _tokenizer_file(text: str) -> str:
-    from .tokenizer import load_tokenizer
-
-    return _checked_by(load_tokenizer)(text)
-
-
-def _index_type(text: str) -> str:
-    from .index import resolve_index_type
-
-    return _checked_by(lambda t: resolve_index_type(t, 0))(text)
-
-
-def _embedder(text: str) -> str:
-    from .embed import resolve_model_dir
-
-    return _checked_by(resolve_model_dir)(text)
 
 
 # build-db's flags for the database's configuration (config.DEFAULT_CONFIG, whose values are their defaults;
@@ -51,13 +36,10 @@ CONFIG_FLAGS = {
     "split_seed": "seed of the held-out split (a hash of each document id) and of the index's training sample",
     "leakage_threshold": "remove training documents with 13-gram Jaccard >= this to an evaluation document",
     "index_eval_docs": "make the held-out evaluation documents retrievable too (a 'leaky' database)",
-    "align_sections": "start every section heading and body on a chunk boundary, so that a section two "
-                      "documents share is chunked the same way in both",
+    "align_sections": "start every section heading and body on a chunk boundary (shared sections chunk alike)",
     "max_distance": "drop neighbours farther than this squared L2 distance (default: keep the K nearest)",
-    "embeddings": "the chunks' keys, brought in (a .npy of shape (chunks, dim), float16/32, or a folder of .npy "
-                  "parts in chunk order): no embedding; they must come from --embedder's model",
-    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks, else ivfpq), or a FAISS factory string "
-                  "starting with IVF (e.g. IVF4096,SQ8)",
+    "embeddings": "the chunks' keys from --embedder's model: a (chunks, dim) float16/32 .npy or a folder of parts",
+    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks), or a FAISS factory string IVF...",
     "nlist": "IVF lists (0: from the data)",
     "pq_m": "PQ sub-quantizers (0: from the data)",
     "pq_nbits": "bits per PQ code (0: from the data)",
@@ -70,9 +52,8 @@ CONFIG_FLAGS = {
 
 
 def _add_config_flags(p) -> None:
-    from .config import DEFAULT_CONFIG, LIMITS
-    other_types = {"embedder": dict(type=_embedder), "index_type": dict(type=_index_type),
-                   "embeddings": dict(type=existing_path)}
+    other_types = {"embedder": dict(type=_checked_by(resolve_model_dir)), "embeddings": dict(type=existing_path),
+                   "index_type": dict(type=_checked_by(lambda text: resolve_index_type(text, 0)))}
     for key, help_ in CONFIG_FLAGS.items():
         names = ("-k", "--k") if key == "k" else ("--" + key.replace("_", "-"),)
         default = DEFAULT_CONFIG[key]
@@ -84,8 +65,6 @@ def _add_config_flags(p) -> None:
 
 
 def _build_db_parser() -> Parser:
-    from .config import DEFAULT_RUNTIME, LIMITS
-
     p = Parser(
         "python -m models build-db",
         description="Build a RETRO retrieval database (resumable: re-run the same command after an interruption). "
@@ -94,7 +73,7 @@ def _build_db_parser() -> Parser:
                    help="text file, folder, or .jsonl file (field 'text', optional 'id'); "
                         "default: Python's own documentation, no download")
     p.add_argument("--out", type=folder, required=True, help="database directory")
-    p.add_argument("--tokenizer", type=_tokenizer_file, default=None,
+    p.add_argument("--tokenizer", type=_checked_by(load_tokenizer), default=None,
                    help="use this tokenizer.json instead of training a BPE")
     _add_config_flags(p)
     p.add_argument("--batch-size", type=LIMITS["embed_batch_size"], default=DEFAULT_RUNTIME["embed_batch_size"],
@@ -118,30 +97,25 @@ def _build_db_parser() -> Parser:
 
 @command("build-db")
 def build_db_main(argv: list[str]) -> int:
-    from .. import outdir
     from .build import build_database
 
     flags = _build_db_parser().parse_args(argv)
-    if flags.pq_m:
-        from .embed import embedding_dim
-
-        dim = embedding_dim(flags.embedder)
-        if dim % flags.pq_m:
-            raise UsageError(f"argument --pq-m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
     if flags.ray_address and flags.engine != "ray":
         raise UsageError("argument --ray-address: only with --engine ray")
-    try:  # before any work: Ray installed, the brought-in keys readable, finite, of the embedder's width
+    try:  # before any work: Ray installed, --pq-m and the brought-in keys of the embedder's width
+        from .build_index import check_embeddings
+        from .embed import embedding_dim
         from .engine import check_engine
 
         check_engine(flags.engine)
+        dim = embedding_dim(flags.embedder)
+        if flags.pq_m and dim % flags.pq_m:
+            raise ValueError(f"pq_m: expected a divisor of the embedding dimension {dim}, got {flags.pq_m}")
         if flags.embeddings is not None:
-            from .build_index import check_embeddings
-            from .embed import embedding_dim
-
-            check_embeddings(flags.embeddings, embedding_dim(flags.embedder))
+            check_embeddings(flags.embeddings, dim)
     except ValueError as e:
-        raise UsageError(f"argument --{str(e).split(':')[0]}: {str(e).split(': ', 1)[1]}") from None
-    outdir.check_folder(flags.out, "retrieval-db")
+        name, _, why = str(e).partition(": ")
+        raise UsageError(f"argument --{name.replace('_', '-')}: {why}") from None
     t0 = time.perf_counter()
     out = build_database(
         flags.out, flags.corpus, tokenizer=flags.tokenizer, overwrite=flags.overwrite, stop_after=flags.stop_after,

@@ -1,10 +1,6 @@
-"""A retrieval database's build options: their defaults, their ranges, the held-out split.
-
-``DEFAULT_CONFIG`` holds what a database *is* (recorded in its manifest and
-compared when it is reopened); ``DEFAULT_RUNTIME`` how it is built (never
-compared). ``LIMITS`` is the range of every numeric option, once: the
-command line's argparse types and ``make_config`` both use it.
-"""
+"""A retrieval database's build options: ``DEFAULT_CONFIG`` (what a database *is*: recorded and compared
+when reopened), ``DEFAULT_RUNTIME`` (how it is built), ``LIMITS`` (every numeric option's range, once, for
+the command line and `make_config`), and the held-out split."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..cli_common import SEED, integer, number
+from ..cli_common import check_value as check_number
 from . import corpus as corpus_mod
 from . import index as index_mod
 from .embed import DEFAULT_EMBEDDER
@@ -43,29 +41,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
 DEFAULT_RUNTIME = {"embed_batch_size": 128, "embed_part_size": 2048, "device": None, "progress": True}
 
 
-def _limits():
-    """The range of every numeric build option, once: the command line's argparse types, and make_config."""
-    from ..cli_common import SEED, integer, number
-
-    return {
-        "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
-        "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
-        "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
-        "pq_nbits": integer(0, 16), "train_sample": integer(1), "shard_size": integer(1), "nprobe": integer(1),
-        "rerank": integer(0), "k": integer(1, 4096), "max_distance": number(0),
-        "embed_batch_size": integer(1), "embed_part_size": integer(1), "workers": integer(1),
-    }
-
-
-LIMITS = _limits()
+# The range of every numeric build option, once: the command line's argparse types, and make_config.
+LIMITS = {
+    "vocab_size": integer(MIN_VOCAB, 2**31 - 1), "chunk_size": integer(1, 1 << 16),
+    "eval_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
+    "leakage_threshold": number(0, 1, lo_open=True), "nlist": integer(0), "pq_m": integer(0),
+    "pq_nbits": integer(0, 16), "train_sample": integer(1), "shard_size": integer(1), "nprobe": integer(1),
+    "rerank": integer(0), "k": integer(1, 4096), "max_distance": number(0),
+    "embed_batch_size": integer(1), "embed_part_size": integer(1), "workers": integer(1),
+}
 
 
 def check_value(name: str, value) -> None:
     """ValueError naming ``name`` unless ``value`` is in LIMITS[name]'s range (None allowed for max_distance)."""
-    from ..cli_common import check_value as check
-
     if not (name in ("max_distance", "workers") and value is None):
-        check(name, value, LIMITS[name])
+        check_number(name, value, LIMITS[name])
 
 
 def held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:

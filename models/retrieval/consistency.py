@@ -1,13 +1,7 @@
-"""A database's files checked before they are trusted: the manifest is the root of trust, its files must agree.
-
-Three checks, in the order `RetrievalDatabase` makes them: that every stage
-finished with the files it recorded (`check_finished`, when a database is
-opened); that what the manifest declares about its files (config ranges,
-token dtype, sizes) holds before they are read (`check_declared`);
-and that the loaded tables agree with each other and with the manifest's
-counts (`check_loaded`). Each raises one DatabaseError that lists every
-problem it found.
-"""
+"""A database's files checked before they are trusted, in the order `RetrievalDatabase` makes the checks:
+every stage finished with its recorded files (`check_finished`); what the manifest declares holds before
+the files are read (`check_declared`); the loaded tables agree (`check_loaded`). Each raises one
+DatabaseError listing every problem it found."""
 from __future__ import annotations
 
 import os
@@ -15,7 +9,7 @@ import os
 import numpy as np
 
 from .config import LIMITS, check_value, config_differences
-from .manifest import STAGES, STREAM_SPLITS, DatabaseError, load_npy, sha256_bytes
+from .manifest import STAGES, STREAM_SPLITS, DatabaseError, load_npy
 from .tokenizer import load_tokenizer, token_dtype
 
 
@@ -40,7 +34,7 @@ def check_finished(root, manifest, verify: bool, expect_config: dict | None, tok
     if tokenizer is not None:
         given = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         ours = load_tokenizer(root / "tokenizer.json")
-        if sha256_bytes(given.to_str().encode()) != sha256_bytes(ours.to_str().encode()):
+        if given.to_str() != ours.to_str():
             raise DatabaseError(
                 f"database {str(root)!r} was built with a different tokenizer than the one given "
                 f"({given.get_vocab_size()} vs {ours.get_vocab_size()} tokens); its token ids would be wrong")

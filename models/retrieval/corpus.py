@@ -1,22 +1,8 @@
-"""Corpus ingestion, streaming: text files, folders of them, JSONL, or Python's own documentation.
-
-A corpus is an iterator of :class:`Document` pieces. A large document may come
-as several consecutive pieces (``continued=True`` after the first; a big text
-file is read a block of lines at a time), so corpora larger than memory stream
-through.
-
-- a text file: one document (``doc_id`` = the path relative to the corpus root);
-- a folder: every file under it, in sorted order, each by its suffix;
-- ``*.jsonl`` / ``*.jsonl.gz`` style line files: one document per line, with a
-  ``text`` field and an optional ``id`` (default ``<file>:<line>``);
-- no path: :func:`python_docs_corpus`, the documentation that ships with Python
-  (``pydoc_data.topics`` and the standard library's docstrings, read with ``ast``,
-  never imported), one document per topic or module: a few MB of real English.
-
-Problem files never crash ingestion: empty files, binary files (NUL bytes) and
-bad JSONL lines are skipped, and non-UTF-8 text is decoded with replacement
-characters; each case is reported by ``warn`` (default: a line on stderr) and
-counted in ``CorpusStats``.
+"""Corpus ingestion, streaming (docs/retrieval.md, "Quick start"): a text file, a folder of them, JSONL, or
+Python's own documentation. A corpus is an iterator of :class:`Document` pieces: a big text file comes as
+several (``continued=True`` after the first), so corpora larger than memory stream through. Problem files
+(empty, binary, bad JSONL lines, non-UTF-8) never crash ingestion: each is reported by ``warn`` and counted
+in ``CorpusStats``.
 """
 from __future__ import annotations
 
@@ -25,10 +11,13 @@ import re
 import dataclasses
 import json
 import os
+import platform
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from .manifest import sha256_file
 
 PIECE_BYTES = 1 << 20       # a large text file is yielded in pieces of about this many bytes
 BINARY_SNIFF_BYTES = 8192   # a NUL byte in the first bytes marks a file as binary
@@ -97,7 +86,9 @@ def iter_corpus(
     """Stream the documents of ``path`` (file or folder), or the default corpus for None."""
     stats = stats if stats is not None else CorpusStats()
     if path is None or str(path) == DEFAULT_CORPUS:
-        yield from _count_docs(python_docs_corpus(), stats)
+        for doc in python_docs_corpus():  # (whole documents)
+            stats.documents += 1
+            yield doc
         return
     for file, name in corpus_files(path, exclude):
         yield from _iter_file(file, name, stats, warn)
@@ -112,26 +103,12 @@ def fingerprint(path: str | os.PathLike | None, exclude: Iterable[str | os.PathL
     A database records it when its build starts; a later run compares (``fingerprint_changes``).
     The default corpus is Python's own documentation: it changes with the Python version.
     """
-    import hashlib
-    import platform
-
     if path is None or str(path) == DEFAULT_CORPUS:
         return {"kind": DEFAULT_CORPUS, "python": platform.python_version()}
     files = corpus_files(path, exclude)
     by_content = sum(f.stat().st_size for f, _ in files) <= HASH_LIMIT_BYTES
-    out = {}
-    for file, name in files:
-        st = file.stat()
-        entry = {"size": st.st_size}
-        if by_content:
-            h = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            entry["sha256"] = h.hexdigest()
-        else:
-            entry["mtime_ns"] = st.st_mtime_ns
-        out[name] = entry
+    out = {name: {"size": file.stat().st_size, **({"sha256": sha256_file(file)} if by_content else
+                                                  {"mtime_ns": file.stat().st_mtime_ns})} for file, name in files}
     return {"kind": "files", "by": "content" if by_content else "size and mtime", "files": out}
 
 
@@ -146,17 +123,9 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     def names(xs: list) -> str:
         return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
 
-    added = sorted(set(b) - set(a))
-    removed = sorted(set(a) - set(b))
-    changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
-    found = (("added", added), ("removed", removed), ("changed", changed))
-    return [f"{label}: {names(xs)}" for label, xs in found if xs]
-
-
-def _count_docs(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:
-    for doc in docs:
-        stats.documents += not doc.continued
-        yield doc
+    found = {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b)),
+             "changed": sorted(n for n in set(a) & set(b) if a[n] != b[n])}
+    return [f"{label}: {names(xs)}" for label, xs in found.items() if xs]
 
 
 def _iter_file(path: Path, name: str, stats: CorpusStats, warn: Callable[[str], None]) -> Iterator[Document]:

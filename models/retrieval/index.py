@@ -1,19 +1,8 @@
-"""One FAISS IVF index over the chunk keys, its inverted lists on disk, searched memory-mapped.
-
-faiss's recipe for indexes larger than RAM, in steps any process can run
-(`build_index` runs them locally or as Ray tasks): train the IVF on a sample of
-the keys; add consecutive shards of keys (global chunk ids) to copies of the
-trained index, each encoding its own vectors; merge the shards' inverted lists
-into ``index.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``; ``index.faiss``
-keeps the coarse quantizer and the lists' directory); open it with the lists
-memory-mapped. No process holds every code, and a query makes one coarse search.
-
-Index types: ``flat`` is ``IVF1,SQfp16`` (one list, scanned whole, the float16 keys stored as they are:
-exact search);
-``ivfpq`` is ``IVF{nlist},PQ{m}x{nbits}`` sized from the data; any FAISS factory
-string that starts with ``IVF`` (``IVF4096,SQ8``, ``IVF1024,PQ48``) is taken as
-it is. Compressed codes (PQ, SQ) are re-ranked: ``rerank`` candidates are fetched
-and ordered by their exact L2 distance to the memory-mapped keys (float16 or float32).
+"""One FAISS IVF index over the chunk keys, its inverted lists on disk, searched memory-mapped: faiss's
+recipe for indexes larger than RAM, in steps any process can run (`build_index` runs them locally or as
+Ray tasks; docs/retrieval.md, "The index"). Index types: ``flat`` (``IVF1,SQfp16``: exact), ``ivfpq``
+(sized from the data), or any FAISS factory string starting with ``IVF``; compressed codes are re-ranked
+by exact L2 distance to the memory-mapped keys.
 """
 from __future__ import annotations
 
@@ -70,8 +59,6 @@ def factory_string(index_type: str, num_train: int, dim: int, params: dict) -> s
         return "IVF1,SQfp16"
     if index_type.startswith("IVF"):
         return _checked_factory(index_type, num_train, dim)
-    if index_type != "ivfpq":
-        raise ValueError(f"index_type: expected flat, ivfpq or IVF...,..., got {index_type!r}")
     # FAISS wants >= 39 training points per centroid; use sqrt-scaling capped by that.
     nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(num_train)), num_train // 39)))
     pq_m = int(params.get("pq_m") or next(m for m in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if dim % m == 0))
@@ -142,9 +129,9 @@ def add_shard(trained: Path, keys: np.ndarray, lo: int, hi: int, out: Path, bloc
     write_index(index, out)
 
 
-def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> int:
+def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> None:
     """The shards' lists merged into ``data_tmp`` (to be renamed ``data_out``), the index that reads them
-    written to ``index_out``; returns the number of vectors."""
+    written to ``index_out``."""
     from faiss.contrib.ondisk import merge_ondisk
 
     faiss = _faiss()
@@ -154,32 +141,22 @@ def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: P
     # opened with IO_FLAG_ONDISK_SAME_DIR: the lists are found by this name beside index.faiss
     faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = data_out.name
     write_index(index, index_out)
-    return int(index.ntotal)
-
-
-def open_index(path: Path, nprobe: int = 32):
-    """The merged index at ``path`` (``index.faiss``), its lists memory-mapped read-only from beside it."""
-    faiss = _faiss()
-    try:
-        with quiet_stdout():
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as e:
-        raise ValueError(f"index {path} cannot be read ({str(e).strip().splitlines()[0]})") from None
-    faiss.extract_index_ivf(index).nprobe = int(nprobe)
-    return index
 
 
 class Searcher:
-    """K nearest keys of query vectors in the merged index, re-ranked by exact distance when the codes are
-    compressed, skipping chunks of excluded documents.
-
-    ``keys``: (N, dim) memory-mapped chunk keys; ``chunk_doc``: (N,) document of each chunk.
-    ``rerank``: candidates fetched per query for re-ranking (0: max(100, 10 k)).
-    """
+    """K nearest keys of query vectors in the merged index, re-ranked by exact distance to ``keys`` (N, dim,
+    memory-mapped) when the codes are compressed (``rerank`` candidates per query, 0: max(100, 10 k)), skipping
+    chunks of excluded documents (``chunk_doc``: (N,) document of each chunk). Another index type overrides
+    ``_candidates`` (and ``ntotal``, ``dim``, ``set_nprobe``)."""
 
     def __init__(self, index_path: Path, keys: np.ndarray, chunk_doc: np.ndarray, nprobe: int = 32, rerank: int = 0):
         faiss = _faiss()
-        self.index = open_index(index_path, nprobe)
+        try:  # its lists memory-mapped read-only from beside it
+            with quiet_stdout():
+                self.index = faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            raise ValueError(f"index {index_path} cannot be read ({str(e).strip().splitlines()[0]})") from None
+        self.set_nprobe(nprobe)
         self.keys, self.chunk_doc, self.rerank = keys, chunk_doc, int(rerank)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
         self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)

@@ -1,15 +1,7 @@
-"""Leakage filter: MinHash over 13-gram shingles (RETRO, section 2.6 / appendix A.2).
-
-A document's shingles are its word 13-grams (lower-cased, whitespace split).
-Its MinHash signature is, for each of ``num_perm`` hash functions
-``h_i(x) = (a_i * x + b_i) mod (2^61 - 1)``, the minimum over its shingle
-hashes; the fraction of equal entries in two signatures estimates the Jaccard
-similarity of their shingle sets. Training/retrieval documents whose estimate
-against any evaluation document is >= the threshold (0.8) are removed.
-Candidate pairs are found with LSH banding (``bands`` x ``rows`` = num_perm), so
-the cost grows with the number of documents, not its square; each candidate is
-then checked on the full signature.
-"""
+"""Leakage filter (RETRO, section 2.6 / appendix A.2): MinHash signatures over word 13-gram shingles
+(``h_i(x) = (a_i x + b_i) mod (2^61 - 1)``); LSH banding finds candidate pairs (so the cost grows with
+the number of documents, not its square), each checked on the full signature; training documents whose
+estimated Jaccard with an evaluation document is >= the threshold are removed."""
 from __future__ import annotations
 
 import hashlib
@@ -25,53 +17,34 @@ _PRIME = np.uint64((1 << 61) - 1)
 _EMPTY = np.uint64((1 << 61) - 1)
 
 
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
-    return a, b
-
-
 def shingle_hashes(text: str, ngram: int = NGRAM) -> np.ndarray:
     """32-bit hashes of the word ``ngram``-grams of ``text`` (one shingle if it is shorter)."""
     words = text.lower().split()
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    if len(words) <= ngram:
-        grams = [" ".join(words)]
-    else:
-        grams = [" ".join(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+    grams = {" ".join(words[i:i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
     # A stable hash (Python's hash() of str changes between processes).
-    hashes = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in set(grams)),
-        dtype=np.uint64,
-    )
-    return hashes
+    return np.fromiter((int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in grams),
+                       dtype=np.uint64)
 
 
 class MinHasher:
     def __init__(self, num_perm: int = NUM_PERM, seed: int = 0, ngram: int = NGRAM):
         if num_perm % BANDS:
             raise ValueError(f"num_perm: expected a multiple of {BANDS}, got {num_perm}")
-        self.num_perm = num_perm
-        self.ngram = ngram
-        self.a, self.b = _permutations(num_perm, seed)
+        self.num_perm, self.ngram, rng = num_perm, ngram, np.random.default_rng(seed)
+        self.a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         """(num_perm,) uint64 MinHash signature; all entries 2^61-1 for a text with no words."""
         x = shingle_hashes(text, self.ngram)
-        if x.size == 0:
-            return np.full(self.num_perm, _EMPTY, dtype=np.uint64)
         sig = np.full(self.num_perm, _EMPTY, dtype=np.uint64)
         for start in range(0, x.size, 4096):  # bounded memory for very long documents
             block = x[start:start + 4096, None]
             # a < 2^31 and x < 2^32 so a*x + b < 2^64: no overflow before the modulus.
             sig = np.minimum(sig, ((self.a[None, :] * block + self.b[None, :]) % _PRIME).min(axis=0))
         return sig
-
-
-def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    return float(np.mean(sig_a == sig_b))
 
 
 def find_leaked(
@@ -97,11 +70,8 @@ def find_leaked(
         candidates = set()
         for band in range(BANDS):
             candidates.update(buckets[band].get(signatures[doc, band * rows:(band + 1) * rows].tobytes(), ()))
-        best = (-1, 0.0)
-        for other in candidates:
-            j = jaccard_estimate(signatures[doc], signatures[other])
-            if j > best[1]:
-                best = (other, j)
+        best = max(((other, float(np.mean(signatures[doc] == signatures[other]))) for other in candidates),
+                   key=lambda match: match[1], default=(-1, 0.0))
         if best[1] >= threshold:
             leaked[doc] = True
             matches[int(doc)] = best

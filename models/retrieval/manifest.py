@@ -1,22 +1,12 @@
-"""The database manifest and atomic file writing.
+"""``manifest.json``, a database's root of trust, and its files' names.
 
-Every stage of a build writes its outputs to temporary files and moves them
-into place with ``os.replace`` (atomic on POSIX), then records itself in
-``manifest.json`` (also written atomically) with the sha256 and size of each
-output. A build that is killed leaves at worst some temporaries behind
-(``<name>.tmp`` + 8 random characters, for a file the database names) and a
-manifest that lists only the stages that had fully finished, so the next run
-resumes after the last finished stage and a reader never sees half a file.
-
-The manifest is the root of trust, so it is checked before it is trusted: it
-carries its kind, format version and a sha256 of its own content, and every
-finished stage must record exactly the files that stage makes
-(``expected_files``). What it declares about those files (dtype, sizes,
-shard offsets, chunk size) is checked against them when the database is
-opened (``models.retrieval.consistency``).
+Every stage writes its files atomically, then records itself with each file's sha256 and size; a killed
+build resumes after its last finished stage. The manifest is checked before it is trusted (kind, format
+version, a sha256 of its content, exactly the files each stage makes); docs/retrieval.md says more.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,18 +27,9 @@ MANIFEST_NAME = "manifest.json"
 SPLITS = {"train": 0, "eval": 1, "removed": 2}  # doc_split.npy's values
 STREAM_SPLITS = ("train", "eval")  # the splits with a token stream (stream_<split>.bin) and a neighbour table
 
-# The build stages, in order. A stage is redone (with every later one) when it
+# The build stages, in order (docs/retrieval.md's table). A stage is redone (with every later one) when it
 # is missing from the manifest or one of its files fails its check.
-STAGES = (
-    "tokenizer",    # train the byte-level BPE (or copy the given tokenizer.json)
-    "tokenize",     # stream the corpus: token ids, document table, MinHash signatures
-    "split",        # hold out evaluation documents; leakage filter (MinHash, Jaccard >= threshold)
-    "chunk",        # chunk table of the retrieval documents; token streams of train/eval splits
-    "embed",        # frozen BERT embeddings of every retrieval chunk (resumable parts), or --embeddings copied
-    "train_index",  # train the FAISS IVF index on a sample of the keys
-    "add",          # add the keys in shards, merge them into one index with its lists on disk
-    "query",        # precompute the K nearest neighbours of every train/eval chunk
-)
+STAGES = ("tokenizer", "tokenize", "split", "chunk", "embed", "train_index", "add", "query")
 
 
 class DatabaseError(ValueError):
@@ -99,10 +80,7 @@ def content_checksum(data: dict) -> str:
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            data = f.read(block)
-            if not data:
-                break
+        for data in iter(lambda: f.read(block), b""):
             h.update(data)
     return h.hexdigest()
 
@@ -112,9 +90,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def atomic_save_npy(final: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_file(final) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    with atomic_file(final) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
@@ -125,11 +102,8 @@ def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("torch", "faiss", "tokenizers", "transformers"):
-        try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "unknown")
-        except Exception:  # an optional library that is not installed
-            pass
+        with contextlib.suppress(Exception):  # an optional library that is not installed
+            versions[name] = getattr(__import__(name), "__version__", "unknown")
     return versions
 
 
@@ -145,16 +119,8 @@ class Manifest:
 
     # --- reading -----------------------------------------------------------
     @classmethod
-    def path_in(cls, root: str | os.PathLike) -> Path:
-        return Path(root) / MANIFEST_NAME
-
-    @classmethod
-    def exists(cls, root: str | os.PathLike) -> bool:
-        return cls.path_in(root).is_file()
-
-    @classmethod
     def load(cls, root: str | os.PathLike) -> "Manifest":
-        path = cls.path_in(root)
+        path = Path(root) / MANIFEST_NAME
         if not Path(root).is_dir():
             raise DatabaseError(f"retrieval database directory {str(root)!r} does not exist")
         if not path.is_file():
@@ -188,15 +154,8 @@ class Manifest:
     @classmethod
     def new(cls, root: str | os.PathLike, config: dict[str, Any], inputs: dict[str, Any]) -> "Manifest":
         """``inputs``: the fingerprint of what the database is built from (its corpus)."""
-        return cls(root, {
-            "kind": KIND,
-            "format_version": FORMAT_VERSION,
-            "config": config,
-            "inputs": inputs,
-            "versions": library_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stages": {},
-        })
+        return cls(root, {"kind": KIND, "format_version": FORMAT_VERSION, "config": config, "inputs": inputs,
+                          "versions": library_versions(), "created": _now(), "stages": {}})
 
     @property
     def config(self) -> dict[str, Any]:
@@ -212,6 +171,11 @@ class Manifest:
     @property
     def inputs(self) -> dict[str, Any]:
         return self.data.get("inputs", {})
+
+    def tokens(self) -> np.memmap:
+        """``tokens.bin``, memory-mapped, as the tokenize stage recorded it."""
+        info = self.info("tokenize")
+        return np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
 
     def finished(self, stage: str) -> bool:
         return stage in self.stages
@@ -240,11 +204,11 @@ class Manifest:
     # --- writing -----------------------------------------------------------
     def save(self) -> None:
         self.data["checksum"] = content_checksum(self.data)
-        write_json_atomic(self.path_in(self.root), self.data)
+        write_json_atomic(self.root / MANIFEST_NAME, self.data)
 
     def record(self, stage: str, files: list[str], info: dict[str, Any] | None = None) -> None:
         """Record ``stage`` as finished, with checksums of ``files`` (relative paths), and save."""
-        entry = {"files": {}, "info": info or {}, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = {"files": {}, "info": info or {}, "finished": _now()}
         for rel in files:
             path = self.root / rel
             entry["files"][rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
@@ -254,11 +218,12 @@ class Manifest:
 
     def forget_from(self, stage: str) -> None:
         """Drop ``stage`` and every later stage from the manifest (they will be redone)."""
-        later = STAGES[STAGES.index(stage):]
-        changed = False
+        later = [name for name in STAGES[STAGES.index(stage):] if name in self.stages]
         for name in later:
-            if name in self.stages:
-                del self.stages[name]
-                changed = True
-        if changed:
+            del self.stages[name]
+        if later:
             self.save()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -11,6 +11,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..runtime import progress_bar
 from . import consistency
+from .embed import cached_embedder
 from .index import Searcher
 from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
@@ -19,13 +20,8 @@ SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
 
 
 class TokenStream:
-    """The token stream of one split (``"train"`` or ``"eval"``), cut into model sequences.
-
-    Every document starts on a chunk boundary and ends with ``<|endoftext|>``,
-    then ``<|pad|>`` up to the next boundary: train with ``ignore_index=db.pad_id``.
-    ``neighbours`` is the precomputed ``(num_chunks, K)`` table of database chunk
-    ids (-1: none), same-document neighbours excluded for the training split.
-    """
+    """The token stream of one split (``"train"`` or ``"eval"``; its layout: docs/retrieval.md), cut into model
+    sequences. ``neighbours``: the precomputed ``(num_chunks, K)`` table of database chunk ids (-1: none)."""
 
     def __init__(self, db: "RetrievalDatabase", split: str):
         self.db = db
@@ -93,7 +89,7 @@ class RetrievalDatabase:
     its index. Every table is memory-mapped, the index's inverted lists too."""
 
     def __init__(self, root: Path, manifest: Manifest, *, nprobe: int | None = None, rerank: int | None = None,
-                 embedder_device: str | None = None, embed_batch_size: int = 128):
+                 embedder_device: str | None = None):
         self.root = Path(root)
         self.manifest = manifest
         self.config: dict[str, Any] = dict(manifest.config)
@@ -104,8 +100,7 @@ class RetrievalDatabase:
         self.pad_id: int = self.tokenizer.token_to_id(PAD_TOKEN)
         self.vocab_size: int = self.tokenizer.get_vocab_size()
         consistency.check_declared(self)
-        info = manifest.info("tokenize")
-        self.tokens = np.memmap(self.root / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_tokens"],))
+        self.tokens = manifest.tokens()
         self.doc_offsets = load_npy(self.root / "doc_offsets.npy")
         self.doc_bytes = load_npy(self.root / "doc_bytes.npy")
         self.doc_names: list[str] = json.loads((self.root / "doc_names.json").read_text())
@@ -116,7 +111,6 @@ class RetrievalDatabase:
         self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
                               nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
         self._embedder_device = embedder_device
-        self._embed_batch_size = embed_batch_size
         consistency.check_loaded(self)
 
     # --- opening -------------------------------------------------------------------
@@ -197,15 +191,10 @@ class RetrievalDatabase:
         mask &= tokens != self.pad_id  # padding inside a document (``align_sections``) is not text
         return np.where(mask, tokens, self.pad_id), mask
 
-    @property
-    def embedder(self):
-        from .embed import cached_embedder  # (one per process and model)
-
-        return cached_embedder(self.config["embedder"], self._embedder_device, self._embed_batch_size)
-
     def embed_chunks(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """(n, dim) float32 keys of chunks of language-model token ids."""
-        return self.embedder.embed_token_chunks(self.tokenizer, chunks)
+        """(n, dim) float32 keys of chunks of language-model token ids (one embedder per process and model)."""
+        embedder = cached_embedder(self.config["embedder"], self._embedder_device, 128)
+        return embedder.embed_token_chunks(self.tokenizer, chunks)
 
     def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """K nearest database chunks (squared L2, ascending) of query vectors ``(n, dim)``.
@@ -274,25 +263,17 @@ class RetrievalDatabase:
             nxt_last = doc_ids[np.minimum((np.arange(n) + 2) * m, tokens.size) - 1]
             exclude = np.stack([first, nxt_last], axis=1)
 
-        def vectors(lo, hi):
-            return self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
-
         def fill(table):
-            bar = progress_bar(total=n, desc="neighbours", unit="chunk", enabled=progress)
-            for lo in range(0, n, SEARCH_BLOCK):
-                hi = min(lo + SEARCH_BLOCK, n)
-                _, ids = self.search(vectors(lo, hi), k, None if exclude is None else exclude[lo:hi])
-                table[lo:hi] = ids
-                bar.update(hi - lo)
-            bar.close()
+            with progress_bar(total=n, desc="neighbours", unit="chunk", enabled=progress) as bar:
+                for lo in range(0, n, SEARCH_BLOCK):
+                    hi = min(lo + SEARCH_BLOCK, n)
+                    vectors = self.embed_chunks([tokens[u * m:(u + 1) * m] for u in range(lo, hi)])
+                    table[lo:hi] = self.search(vectors, k, None if exclude is None else exclude[lo:hi])[1]
+                    bar.update(hi - lo)
+            return table
 
         if out is None:
-            table = np.empty((n, k), dtype=np.int64)
-            fill(table)
-            return table
+            return fill(np.empty((n, k), dtype=np.int64))
         with atomic_file(out) as tmp:
-            table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))
-            fill(table)
-            table.flush()
-            del table
+            fill(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k))).flush()
         return load_npy(out)

@@ -1,10 +1,5 @@
-"""The language model's tokenizer: a byte-level BPE trained with the `tokenizers` library.
-
-Byte-level means every string can be encoded (no unknown token) and decoding
-the ids of a whole document gives its text back. Two special tokens come first:
-``<|endoftext|>`` (id 0, between documents in a token stream) and ``<|pad|>``
-(id 1, padding of neighbour values; always masked out).
-"""
+"""The language model's tokenizer: a byte-level BPE (`tokenizers`; every string encodes, no unknown token),
+with ``<|endoftext|>`` (id 0, between documents in a stream) and ``<|pad|>`` (id 1, always masked out)."""
 from __future__ import annotations
 
 import os
@@ -28,13 +23,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 

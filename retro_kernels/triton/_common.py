@@ -162,6 +162,30 @@ def launch(kernel, n_programs: int, args, fixed: dict, configs: list[Config], ke
         kernel[(min(MAX_GRID_X, n_programs - pid_base),)](*args(pid_base), **meta)
 
 
+def launch_forward(kernel, q, rows: int, run: int, n_sets: int, args, consts: dict, key: tuple[str, ...]):
+    """Launch a forward `kernel` (module docstring's tiles) over n_sets key sets of `rows` query rows
+    and runs of `run` keys, one program per (key set, BLOCK_M rows); q gives head dim, dtype, device."""
+    fixed, configs = forward_tiles(rows, run, q.shape[-1], q.element_size())
+    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
+    with on_device(q):
+        launch(kernel, n_sets * triton.cdiv(rows, fixed["BLOCK_M"]), args, _meta(fixed, consts, q), configs,
+               ("HEAD_DIM", "HAS_MASK", *key))
+
+
+def launch_backward(kernel, q, rows: int, run: int, n_runs: int, n_sets: int, args, consts: dict,
+                    key: tuple[str, ...]):
+    """Launch a backward `kernel`, one program per key set, in the one or two launches that
+    `backward_plan` picks for key sets of `rows` query rows and n_runs runs of `run` keys."""
+    with on_device(q):
+        for fixed, configs in backward_plan(rows, run, n_runs, q.shape[-1], q.element_size()):
+            launch(kernel, n_sets, args, _meta(fixed, consts, q), configs,
+                   ("HEAD_DIM", "HAS_MASK", *key, "SWEEP", "DQ_TOO"))
+
+
+def _meta(fixed: dict, consts: dict, q: torch.Tensor) -> dict:
+    return dict(fixed, **consts, HEAD_DIM=q.shape[-1], IEEE_DOT=q.dtype == torch.float32)
+
+
 def prune_by_smem(configs: list[Config], smem_of, device: torch.device) -> list[Config]:
     """The configs whose estimated shared memory fits the device (the default is always kept)."""
     limit = max_shared_memory(device)

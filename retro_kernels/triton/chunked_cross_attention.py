@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
+from ._common import launch_backward, launch_forward, mask_as_bytes
 from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
@@ -167,18 +167,11 @@ def forward(q, k, v, neighbour_mask, chunk_size, scale, start_pos):
     first_chunk = (start_pos + 1) // chunk_size
     n_chunks = (start_pos + N) // chunk_size - first_chunk + 1
     group = Hq // Hkv
-    fixed, configs = forward_tiles(group * chunk_size, R, D, q.element_size())
-    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
     mask, mask_strides, has_mask = mask_as_bytes(neighbour_mask, q, 4)
-    n_programs = B * Hkv * n_chunks * triton.cdiv(group * chunk_size, fixed["BLOCK_M"])
-    with on_device(q):
-        launch(_cca_fwd_kernel, n_programs, lambda pid_base: (
-            q, k, v, mask, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            pid_base, N, start_pos, first_chunk, n_chunks, Hkv, Hq, K, R, scale * LOG2E,
-        ), dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
-                IEEE_DOT=q.dtype == torch.float32),
-            configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK"))
+    launch_forward(_cca_fwd_kernel, q, group * chunk_size, R, B * Hkv * n_chunks, lambda pid_base: (
+        q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        pid_base, N, start_pos, first_chunk, n_chunks, Hkv, Hq, K, R, scale * LOG2E,
+    ), dict(CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask), key=("CHUNK", "GROUP", "n_neighbours", "R"))
     return out, lse
 
 
@@ -199,11 +192,7 @@ def backward(dout, q, k, v, neighbour_mask, out, lse, chunk_size, scale, start_p
     # one program per query chunk c = 0 .. L: chunk 0 writes the zero rows of dq,
     # chunk c >= 1 the gradients of neighbour chunk c - 1 (zeros if no query reads it);
     # one launch, or two (dk and dv, then dq) when neither the rows nor the keys fit a tile
-    with on_device(q):
-        for fixed, configs in backward_plan(group * chunk_size, R, K, D, q.element_size()):
-            launch(_cca_bwd_kernel, B * Hkv * (L + 1),
-                   lambda pid_base: (*args, pid_base, N, start_pos, L, Hkv, Hq, K, R, scale, scale * LOG2E),
-                   dict(fixed, HEAD_DIM=D, CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask,
-                        IEEE_DOT=q.dtype == torch.float32),
-                   configs, key=("HEAD_DIM", "CHUNK", "GROUP", "n_neighbours", "R", "HAS_MASK", "SWEEP", "DQ_TOO"))
+    launch_backward(_cca_bwd_kernel, q, group * chunk_size, R, K, B * Hkv * (L + 1),
+                    lambda pid_base: (*args, pid_base, N, start_pos, L, Hkv, Hq, K, R, scale, scale * LOG2E),
+                    dict(CHUNK=chunk_size, GROUP=group, HAS_MASK=has_mask), key=("CHUNK", "GROUP", "n_neighbours", "R"))
     return dq, dk, dv

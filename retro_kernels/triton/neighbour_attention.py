@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import backward_plan, forward_smem, forward_tiles, launch, mask_as_bytes, on_device, prune_by_smem
+from ._common import launch_backward, launch_forward, mask_as_bytes
 from ._core import LOG2E, attend_keys, backward_sweeps, finish_rows, head_rows, load_row_tile, load_tile, store_tile
 
 
@@ -168,6 +168,9 @@ def _bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
+_KEY = ("R", "ROWS", "n_keys", "GROUP", "mask_queries")  # what the autotuners key on, besides the head dim
+
+
 def _shape(q, k):
     """(B, L, K, R, Hq, D), sets per chunk S, keys per set, Hkv, group, rows per key set and head."""
     B, L, K, R, Hq, D = q.shape
@@ -182,17 +185,11 @@ def _forward(q, k, v, mask, scale, mask_queries: bool):
     lse = torch.empty((B, Hq, L * K * R), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    fixed, configs = forward_tiles(group * rows, n_keys, D, q.element_size())
-    configs = prune_by_smem(configs, lambda c: forward_smem(fixed, c, q.element_size()), q.device)
     mask, mask_strides, has_mask = mask_as_bytes(mask, q, 4)
-    n_programs = B * Hkv * L * S * triton.cdiv(group * rows, fixed["BLOCK_M"])
-    with on_device(q):
-        launch(_fwd_kernel, n_programs, lambda pid_base: (
-            q, k, v, mask, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            pid_base, L * S, S, K, n_keys, Hkv, Hq, L * K * R, int(mask_queries), scale * LOG2E,
-        ), dict(fixed, HEAD_DIM=D, R=R, ROWS=rows, GROUP=group, HAS_MASK=has_mask, IEEE_DOT=q.dtype == torch.float32),
-            configs, key=("HEAD_DIM", "R", "ROWS", "n_keys", "GROUP", "HAS_MASK", "mask_queries"))
+    launch_forward(_fwd_kernel, q, group * rows, n_keys, B * Hkv * L * S, lambda pid_base: (
+        q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        pid_base, L * S, S, K, n_keys, Hkv, Hq, L * K * R, int(mask_queries), scale * LOG2E,
+    ), dict(R=R, ROWS=rows, GROUP=group, HAS_MASK=has_mask), key=_KEY)
     return out, lse
 
 
@@ -208,15 +205,10 @@ def _backward(dout, q, k, v, mask, out, lse, scale, mask_queries: bool):
     args = (q, k, v, mask, dout, out, lse, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *out.stride(),
             *dq.stride(), *dk.stride())
-    with on_device(q):
-        for fixed, configs in backward_plan(group * rows, n_keys, 1, D, q.element_size()):
-            launch(_bwd_kernel, B * Hkv * L * S,
-                   lambda pid_base: (*args, pid_base, L * S, S, K, n_keys, Hkv, Hq, L * K * R, int(mask_queries),
-                                     scale, scale * LOG2E),
-                   dict(fixed, HEAD_DIM=D, R=R, ROWS=rows, GROUP=group, HAS_MASK=has_mask,
-                        IEEE_DOT=q.dtype == torch.float32),
-                   configs, key=("HEAD_DIM", "R", "ROWS", "n_keys", "GROUP", "HAS_MASK", "mask_queries", "SWEEP",
-                                 "DQ_TOO"))
+    launch_backward(_bwd_kernel, q, group * rows, n_keys, 1, B * Hkv * L * S,
+                    lambda pid_base: (*args, pid_base, L * S, S, K, n_keys, Hkv, Hq, L * K * R, int(mask_queries),
+                                      scale, scale * LOG2E),
+                    dict(R=R, ROWS=rows, GROUP=group, HAS_MASK=has_mask), key=_KEY)
     return dq, dk, dv
 
 

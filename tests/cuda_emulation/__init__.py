@@ -1,9 +1,9 @@
 """The CUDA kernels of csrc/cuda, compiled as host C++ and run on the CPU (no GPU needed).
 
-csrc/cuda/emulation/ compiles the same .cu sources with RETRO_KERNELS_EMULATION: the
+The C++ files here compile the same .cu sources with RETRO_KERNELS_EMULATION: the
 kernels, the address arithmetic and the launchers are the real ones; the PTX
 instructions (mma.sync, ldmatrix, cp.async), the warp shuffles and the barriers are
-emulated (csrc/cuda/emulation/cuda_emulation.h). The library registers the same ops as
+emulated (cuda_emulation.h). The library registers the same ops as
 `torch.ops.retro_kernels_cuda_emulated`, for CPU tensors. It is slow (a few ms per CTA):
 tests keep the shapes small. It needs a C++ compiler and the CUDA headers cuda_fp16.h /
 cuda_bf16.h (a CUDA toolkit, or the copy that ships with Triton).
@@ -17,8 +17,8 @@ import shutil
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATION = os.path.join(ROOT, "csrc", "cuda", "emulation")
+EMULATION = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(os.path.dirname(os.path.dirname(EMULATION)), "csrc", "cuda")
 NAMESPACE = "retro_kernels_cuda_emulated"
 
 
@@ -57,7 +57,7 @@ def load():
     load_extension(
         name=NAMESPACE,
         sources=sorted(glob.glob(os.path.join(EMULATION, "*.cpp"))),
-        extra_include_paths=[include],
+        extra_include_paths=[EMULATION, KERNELS, include],
         # no _FORTIFY_SOURCE: its longjmp check rejects the emulator's jumps between stacks
         extra_cflags=["-O2", "-std=c++20", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas"],
         is_python_module=False,
