@@ -199,11 +199,12 @@ def peer_search(paths: list[str], keys_path: str, query_ids, mmap: bool, nprobe:
 
 def timed_queries(search, keys, query_ids, single: bool) -> dict:
     """Found ids of keys[query_ids] (excluded ones left out) and the time: per query (``single``) or in blocks."""
+    from models.retrieval.manifest import read_rows
     query_ids = np.asarray(query_ids)
     found, times = [], []
     step = 1 if single else 4096
     for lo in range(0, query_ids.size, step):
-        q = np.asarray(keys[query_ids[lo:lo + step]], dtype=np.float32)
+        q = read_rows(keys, query_ids[lo:lo + step]).astype(np.float32)
         t0 = time.perf_counter()
         found.append(search(q))
         times.append(time.perf_counter() - t0)

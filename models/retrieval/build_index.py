@@ -20,7 +20,7 @@ from . import engine as engine_mod
 from . import index as index_mod
 from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from .manifest import STREAM_SPLITS, atomic_save_npy, load_npy
+from .manifest import STREAM_SPLITS, atomic_save_npy, load_npy, read_rows
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -103,7 +103,7 @@ def _train_unit(keys: str, out: str, factory: str, sample: int, seed: int) -> fl
     vectors = load_npy(keys)
     n, dim = vectors.shape
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
-    index = index_mod.train_index(factory, dim, np.asarray(vectors[ids], dtype=np.float32))
+    index = index_mod.train_index(factory, dim, read_rows(vectors, ids).astype(np.float32))
     with atomic_file(Path(out) / "index_trained.faiss") as tmp:
         index_mod.write_index(index, tmp)
     return peak_rss_mb()
@@ -234,11 +234,11 @@ def _query_unit(spec: QuerySpec, lo: int, hi: int, part: str) -> float:
 def _query_vectors(spec: QuerySpec, searcher, a: int, b: int) -> np.ndarray:
     """Query chunks ``a:b``: stored keys, and (``spec.embed``) the stream chunks the database lacks embedded."""
     if spec.rows is None:
-        return np.asarray(searcher.keys[a:b], dtype=np.float32)
+        return read_rows(searcher.keys, np.arange(a, b)).astype(np.float32)
     rows = np.asarray(load_npy(spec.rows)[a:b])
     out = np.empty((b - a, searcher.dim), np.float32)
     known = rows >= 0
-    out[known] = searcher.keys[rows[known]]
+    out[known] = read_rows(searcher.keys, rows[known])
     new = np.flatnonzero(~known)
     if new.size:
         e = spec.embed

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import read_rows
+
 INDEX_TYPES = ("auto", "flat", "ivfpq")  # or an IVF factory string
 AUTO_FLAT_MAX = 200_000  # "auto" picks exact search up to this many chunks, IVF-PQ above
 RERANK_BLOCK = 64  # queries whose candidates are re-ranked at once (64 x rerank x dim floats)
@@ -203,11 +205,7 @@ class Searcher:
             return d, i
         for lo in range(0, len(queries), RERANK_BLOCK):
             ids = i[lo:lo + RERANK_BLOCK]
-            flat = np.maximum(ids, 0).reshape(-1)
-            order = np.argsort(flat, kind="stable")  # memory-mapped rows read in file order
-            vectors = np.empty((flat.size, self.dim), np.float32)
-            vectors[order] = self.keys[flat[order]]
-            diff = vectors.reshape(*ids.shape, -1) - queries[lo:lo + RERANK_BLOCK, None, :]
+            diff = read_rows(self.keys, np.maximum(ids, 0)).astype(np.float32) - queries[lo:lo + RERANK_BLOCK, None, :]
             d[lo:lo + RERANK_BLOCK] = np.where(ids >= 0, np.einsum("qcd,qcd->qc", diff, diff), np.inf)
         order = np.argsort(d, axis=1, kind="stable")
         return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -97,6 +98,26 @@ def atomic_save_npy(final: str | os.PathLike, array: np.ndarray) -> None:
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     """Load a .npy file without ever unpickling (object arrays are refused)."""
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def read_rows(array: np.ndarray, ids) -> np.ndarray:
+    """``array[ids]`` (rows of the first axis). From a memory-mapped .npy (`load_npy`) the rows are read with
+    positional reads, a run of consecutive rows at a time: a mapped file's touched pages count towards the
+    process's resident memory, so indexing the map would keep resident every page ever read."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not (isinstance(array.base, mmap.mmap) and array.flags.c_contiguous and ids.size):
+        return np.asarray(array[ids])
+    rows, back = np.unique(ids, return_inverse=True)
+    if rows[0] < 0 or rows[-1] >= array.shape[0]:
+        raise IndexError(f"row ids must lie in [0, {array.shape[0]}), got {rows[0]}..{rows[-1]}")
+    out = np.empty((rows.size, *array.shape[1:]), array.dtype)
+    size, flat = out[:1].nbytes, out.reshape(rows.size, -1).view(np.uint8)
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(array.filename, "rb") as f:
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, rows.size]):
+            if os.preadv(f.fileno(), [flat[a:b]], array.offset + int(rows[a]) * size) != (b - a) * size:
+                raise OSError(f"{array.filename}: rows {rows[a]}..{rows[b - 1]} could not be read whole")
+    return out[back.reshape(ids.shape)]
 
 
 def library_versions() -> dict[str, str]:
