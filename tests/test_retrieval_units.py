@@ -13,7 +13,7 @@ from models.retrieval import corpus as corpus_mod  # noqa: E402
 from models.retrieval import index as index_mod  # noqa: E402
 from models.retrieval import build_database, held_out, split_documents  # noqa: E402
 from models.retrieval.leakage import MinHasher, find_leaked  # noqa: E402
-from models.retrieval.manifest import DatabaseError, Manifest  # noqa: E402
+from models.retrieval.manifest import DatabaseError, Manifest, load_npy, read_rows  # noqa: E402
 from models.retrieval.tokenizer import load_tokenizer, train_bpe  # noqa: E402
 
 
@@ -384,3 +384,16 @@ def test_brought_in_embeddings_are_checked_before_they_are_used(tmp_path):
     np.save(tmp_path / "c.npy", np.ones((3, 4), np.int64))
     with pytest.raises(ValueError, match="holds int64"):
         check_embeddings(tmp_path / "c.npy", 4)
+
+
+def test_read_rows_matches_indexing_the_memory_map(tmp_path):
+    """Positional reads of a .npy's rows give what indexing it gives: repeats, any order, any id shape."""
+    keys, docs = np.random.default_rng(0).random((500, 6), dtype=np.float32), np.arange(300, dtype=np.int64) * 7
+    np.save(tmp_path / "keys.npy", keys), np.save(tmp_path / "docs.npy", docs)
+    mapped, mapped_docs = load_npy(tmp_path / "keys.npy"), load_npy(tmp_path / "docs.npy")
+    for ids in (np.array([7, 3, 3, 499, 0, 1, 2]), np.arange(40, 300), np.array([[5, 6], [480, 5]])):
+        assert np.array_equal(read_rows(mapped, ids), keys[ids])
+    assert np.array_equal(read_rows(mapped_docs, [299, 0, 1]), docs[[299, 0, 1]])
+    assert np.array_equal(read_rows(mapped[10:], [0, 2]), keys[[10, 12]])  # a view of the map: indexed
+    with pytest.raises(IndexError, match="row ids must lie in"):
+        read_rows(mapped, [500])
