@@ -38,7 +38,7 @@ def build_folder(keys, folder, num_leaves: int = 0, k: int = 10) -> int:
     vectors = load_npy(keys)
     leaves = num_leaves or max(1, int(math.sqrt(vectors.shape[0])))
     Path(folder).mkdir(parents=True, exist_ok=True)
-    build(vectors, leaves, k).serialize(str(folder))
+    build(vectors, leaves, k).serialize(str(folder), relative_path=True)  # the database can move
     return leaves
 
 
