@@ -56,6 +56,8 @@ class Searcher(index_mod.Searcher):
     def __init__(self, folder, keys: np.ndarray, chunk_doc: np.ndarray, leaves_to_search: int = 0, rerank: int = 0):
         from scann.scann_ops.py import scann_ops_pybind
 
+        if (Path(folder) / "scann_docids.pkl").exists():  # load_searcher would unpickle it
+            raise ValueError(f"{folder}: a ScaNN searcher with pickled document ids is not opened (untrusted pickle)")
         self.scann = scann_ops_pybind.load_searcher(str(folder))
         self.keys, self.chunk_doc, self.rerank, self.exact = keys, chunk_doc, int(rerank), True
         self.leaves = int(leaves_to_search) or None
