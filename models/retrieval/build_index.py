@@ -18,9 +18,9 @@ import numpy as np
 from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
+from . import scann_index
 from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from . import scann_index
 from .manifest import SCANN_FOLDER, STREAM_SPLITS, atomic_save_npy, load_npy
 
 STATS_FILE = "build_stats.jsonl"
@@ -258,17 +258,18 @@ def db_train_index(build) -> dict:
     """index_trained.faiss: the empty IVF index, trained on a sample of the keys."""
     cfg, keys = build.config, build.root / "embeddings.npy"
     n, dim = load_npy(keys).shape
-    if index_mod.resolve_index_type(cfg["index_type"], n) == "scann":
+    kind = index_mod.resolve_index_type(cfg["index_type"], n)
+    if kind == "scann":
         return {"factory": "scann"}  # trained with its keys by the add stage
-    factory = index_mod.factory_string(index_mod.resolve_index_type(cfg["index_type"], n),
-                                       min(n, cfg["train_sample"]), dim, cfg)
+    factory = index_mod.factory_string(kind, min(n, cfg["train_sample"]), dim, cfg)
     row = train_ivf(keys, build.root, factory, sample=cfg["train_sample"], seed=cfg["split_seed"], **build.engine)
     build.log(f"train_index: {factory} on {row['n_vectors']} vectors in {row['seconds']:.1f}s")
     return {"factory": factory, "train_vectors": row["n_vectors"]}
 
 
 def db_add(build) -> dict:
-    """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk."""
+    """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk (ScaNN:
+    scann/, built in one unit)."""
     keys, shard = build.root / "embeddings.npy", build.config["shard_size"]
     if build.config["index_type"] == "scann":  # one unit: ScaNN builds in RAM and cannot merge parts
         _prepare(**build.engine)
