@@ -339,3 +339,35 @@ def test_leaky_ivfpq_database_in_shards_merged_into_one_index(base_db, corpus, t
     # and never in the held-out database
     held = base.stream("eval")
     assert not np.isin(np.asarray(base.chunk_doc)[np.asarray(held.neighbours)], base.documents("eval")).any()
+
+
+def test_scann_database_agrees_with_exact_search(base_db, corpus, tmp_path):
+    """A database on a ScaNN index (the same keys brought in), its neighbours against the exact flat index's."""
+    pytest.importorskip("scann", reason="the scann package (retro_kernels[scann]) is not installed")
+    out = tmp_path / "scann"
+    cmd = [*_build_cmd(corpus, out), "--tokenizer", str(base_db / "tokenizer.json"), "--index-type", "scann",
+           "--embeddings", str(base_db / "embeddings.npy")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.move(out, tmp_path / "moved")  # the ScaNN folder holds no absolute paths
+    scann_db, flat = RetrievalDatabase.open(tmp_path / "moved"), RetrievalDatabase.open(base_db)
+    assert not (tmp_path / "moved" / "index.faiss").exists() and scann_db.index.ntotal == flat.num_chunks
+    got, want = np.asarray(scann_db.stream("train").neighbours), np.asarray(flat.stream("train").neighbours)
+    own = np.asarray(scann_db.stream("train").chunk_doc, dtype=np.int64)
+    nxt = np.append(own[1:], own[-1])
+    docs = np.asarray(scann_db.chunk_doc)[got]
+    assert (got >= 0).all() and not (docs == own[:, None]).any() and not (docs == nxt[:, None]).any()
+    agree = np.mean([np.isin(w, g).mean() for g, w in zip(got, want)])
+    assert agree >= 0.9, agree
+
+
+def test_scann_without_the_package_is_a_one_line_usage_error(corpus, tmp_path):
+    hidden = tmp_path / "hidden" / "scann"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('not installed')\n")
+    done = subprocess.run([*_build_cmd(corpus, tmp_path / "db"), "--index-type", "scann"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{hidden.parent}{os.pathsep}{REPO}"})
+    assert done.returncode == 2 and "needs the scann package: pip install 'retro_kernels[scann]'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "db").exists()

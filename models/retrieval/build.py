@@ -142,7 +142,7 @@ class Builder:
         t0 = time.perf_counter()
         info = dict(STAGE_STEPS[stage](self) or {})
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        self.manifest.record(stage, expected_files(stage), info)
+        self.manifest.record(stage, expected_files(stage, self.config["index_type"]), info)
         self.log(f"stage {stage} finished in {info['seconds']:.1f}s")
 
 

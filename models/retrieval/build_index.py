@@ -18,9 +18,10 @@ import numpy as np
 from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
+from . import scann_index
 from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from .manifest import STREAM_SPLITS, atomic_save_npy, load_npy, read_rows
+from .manifest import SCANN_FOLDER, STREAM_SPLITS, atomic_save_npy, load_npy, read_rows
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -164,6 +165,8 @@ def _merge_unit(out: str, shards: list[str]) -> float:
 def open_searcher(out, keys, chunk_doc, *, nprobe: int = 32, rerank: int = 0) -> index_mod.Searcher:
     """The merged index in ``out``, memory-mapped, with its keys and chunk documents for re-ranking and
     exclusion."""
+    if (Path(out) / SCANN_FOLDER).is_dir():  # nprobe: the ScaNN leaves searched
+        return scann_index.Searcher(Path(out) / SCANN_FOLDER, load_npy(keys), load_npy(chunk_doc), nprobe, rerank)
     return index_mod.Searcher(Path(out) / "index.faiss", load_npy(keys), load_npy(chunk_doc), nprobe, rerank)
 
 
@@ -203,7 +206,8 @@ def precompute_table(spec: QuerySpec, table: Path, *, range_size: int, engine: s
     workers, t0 = _prepare(engine, workers), time.perf_counter()
     out, n = Path(spec.out), spec.num_queries()
     spans = ranges(n, range_size)
-    key = inputs_key(out / "index.faiss", out / "index.ivfdata", Path(spec.keys), asdict(spec), range_size, table.name)
+    index_files = [out / f for f in ("index.faiss", "index.ivfdata", f"{SCANN_FOLDER}/dataset.npy") if (out / f).exists()]
+    key = inputs_key(*index_files, Path(spec.keys), asdict(spec), range_size, table.name)
     parts = Parts(out, "query", key, "npy")
     units = [(f"range {lo}:{hi}", (spec, lo, hi, str(parts.path(r)))) for r in parts.todo(len(spans))
              for lo, hi in [spans[r]]]
@@ -254,16 +258,25 @@ def db_train_index(build) -> dict:
     """index_trained.faiss: the empty IVF index, trained on a sample of the keys."""
     cfg, keys = build.config, build.root / "embeddings.npy"
     n, dim = load_npy(keys).shape
-    factory = index_mod.factory_string(index_mod.resolve_index_type(cfg["index_type"], n),
-                                       min(n, cfg["train_sample"]), dim, cfg)
+    kind = index_mod.resolve_index_type(cfg["index_type"], n)
+    if kind == "scann":
+        return {"factory": "scann"}  # trained with its keys by the add stage
+    factory = index_mod.factory_string(kind, min(n, cfg["train_sample"]), dim, cfg)
     row = train_ivf(keys, build.root, factory, sample=cfg["train_sample"], seed=cfg["split_seed"], **build.engine)
     build.log(f"train_index: {factory} on {row['n_vectors']} vectors in {row['seconds']:.1f}s")
     return {"factory": factory, "train_vectors": row["n_vectors"]}
 
 
 def db_add(build) -> dict:
-    """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk."""
+    """index.faiss + index.ivfdata: every key added (one unit per shard), the shards merged on disk (ScaNN:
+    scann/, built in one unit)."""
     keys, shard = build.root / "embeddings.npy", build.config["shard_size"]
+    if build.config["index_type"] == "scann":  # one unit: ScaNN builds in RAM and cannot merge parts
+        _prepare(**build.engine)
+        leaves = engine_mod.run_units(build.engine["engine"], scann_index.build_folder,
+                                      [("scann", (str(keys), str(build.root / SCANN_FOLDER), build.config["nlist"]))],
+                                      what="add")
+        return {"scann_leaves": leaves[0]}
     count = len(ranges(load_npy(keys).shape[0], shard))
     with build.progress(total=count, desc="add", unit="shard") as bar:
         add_shards(keys, build.root, shard_size=shard, progress=bar.update, **build.engine)

@@ -273,4 +273,5 @@ def _check_index_fits(cfg: dict, num_chunks: int) -> None:
     """The index options against the number of chunks, now: not after the (long) embedding (brought-in keys
     are counted by the next stage, before they are copied)."""
     kind = index_mod.resolve_index_type(cfg["index_type"], num_chunks)
-    index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)
+    if kind != "scann":  # ScaNN fits its leaves to the keys
+        index_mod.factory_string(kind, min(num_chunks, cfg["train_sample"]), embedding_dim(cfg["embedder"]), cfg)

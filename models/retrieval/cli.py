@@ -39,7 +39,7 @@ CONFIG_FLAGS = {
     "align_sections": "start every section heading and body on a chunk boundary (shared sections chunk alike)",
     "max_distance": "drop neighbours farther than this squared L2 distance (default: keep the K nearest)",
     "embeddings": "the chunks' keys from --embedder's model: a (chunks, dim) float16/32 .npy or a folder of parts",
-    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks), or a FAISS factory string IVF...",
+    "index_type": "flat (exact), ivfpq, auto (flat up to 200,000 chunks), scann, or a FAISS factory string IVF...",
     "nlist": "IVF lists (0: from the data)",
     "pq_m": "PQ sub-quantizers (0: from the data)",
     "pq_nbits": "bits per PQ code (0: from the data)",

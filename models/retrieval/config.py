@@ -28,7 +28,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "index_eval_docs": False,   # True: the evaluation documents are retrievable too
     "align_sections": False,    # True: every section heading and body starts on a chunk boundary
     "embeddings": None,         # a .npy (chunks, dim) or folder of parts: the keys, brought in (no embedding)
-    "index_type": "auto",       # auto / flat / ivfpq, or a FAISS factory string starting with IVF
+    "index_type": "auto",       # auto / flat / ivfpq / scann, or a FAISS factory string starting with IVF
     "nlist": 0, "pq_m": 0, "pq_nbits": 0,  # IVF-PQ sizes; 0 = chosen from the data
     "train_sample": 100_000,    # vectors the IVF index is trained on
     "shard_size": 1_000_000,    # keys per add unit, query chunks per neighbour-table unit

@@ -16,7 +16,7 @@ import numpy as np
 
 from .manifest import read_rows
 
-INDEX_TYPES = ("auto", "flat", "ivfpq")  # or an IVF factory string
+INDEX_TYPES = ("auto", "flat", "ivfpq", "scann")  # or an IVF factory string
 AUTO_FLAT_MAX = 200_000  # "auto" picks exact search up to this many chunks, IVF-PQ above
 RERANK_BLOCK = 64  # queries whose candidates are re-ranked at once (64 x rerank x dim floats)
 
@@ -49,6 +49,11 @@ def quiet_stdout():
 def resolve_index_type(index_type: str, num_vectors: int) -> str:
     if index_type == "auto":
         return "flat" if num_vectors <= AUTO_FLAT_MAX else "ivfpq"
+    if index_type == "scann":
+        try:
+            import scann  # noqa: F401
+        except ImportError:
+            raise ValueError("index_type: 'scann' needs the scann package: pip install 'retro_kernels[scann]'") from None
     if index_type in INDEX_TYPES or (isinstance(index_type, str) and index_type.startswith("IVF")):
         return index_type
     raise ValueError(f"index_type: expected one of {INDEX_TYPES} or a FAISS factory string starting with IVF, "

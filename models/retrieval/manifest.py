@@ -37,8 +37,15 @@ class DatabaseError(ValueError):
     """A retrieval database is missing, incomplete, corrupted, or does not match what was expected."""
 
 
-def expected_files(stage: str) -> list[str]:
-    """The files a finished stage makes."""
+SCANN_FOLDER = "scann"
+SCANN_FILES = ["ah_codebook.pb", "datapoint_to_token.npy", "dataset.npy", "hashed_dataset.npy", "scann_assets.pbtxt",
+               "scann_config.pb", "serialized_partitioner.pb"]
+
+
+def expected_files(stage: str, index_type: str = "auto") -> list[str]:
+    """The files a finished stage makes (ScaNN's: no trained index, a folder for the index)."""
+    if index_type == "scann" and stage in ("train_index", "add"):
+        return [] if stage == "train_index" else [f"{SCANN_FOLDER}/{f}" for f in SCANN_FILES]
     splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
@@ -55,7 +62,7 @@ def expected_files(stage: str) -> list[str]:
 
 def _file_names() -> list[str]:
     """Regular expressions of the names of the files a build makes in the database folder."""
-    fixed = [MANIFEST_NAME] + [f for stage in STAGES for f in expected_files(stage)]
+    fixed = [MANIFEST_NAME, SCANN_FOLDER] + [f for stage in STAGES for f in expected_files(stage)]
     return [re.escape(f) for f in fixed + ["build_stats.jsonl"]]
 
 
@@ -205,8 +212,8 @@ class Manifest:
         """Problems with a finished stage's files: not the files it makes, missing, wrong size,
         or (``full``) wrong sha256."""
         files = self.stages[stage]["files"]
-        expected = expected_files(stage)
-        if sorted(files) != sorted(expected) or not expected:
+        expected = expected_files(stage, self.config.get("index_type", "auto"))
+        if sorted(files) != sorted(expected):
             return [f"it records the files {sorted(files)}, but the stage makes {sorted(expected)}"]
         problems = []
         for rel, meta in files.items():

@@ -12,7 +12,7 @@ from ..atomic import atomic_file
 from ..runtime import progress_bar
 from . import consistency
 from .embed import cached_embedder
-from .index import Searcher
+from .build_index import open_searcher
 from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
@@ -108,8 +108,9 @@ class RetrievalDatabase:
         self.chunk_doc = load_npy(self.root / "chunk_doc.npy")
         self.chunk_start = load_npy(self.root / "chunk_start.npy")
         self.embeddings = load_npy(self.root / "embeddings.npy")
-        self.index = Searcher(self.root / "index.faiss", self.embeddings, self.chunk_doc,
-                              nprobe or self.config["nprobe"], self.config["rerank"] if rerank is None else rerank)
+        self.index = open_searcher(self.root, self.root / "embeddings.npy", self.root / "chunk_doc.npy",
+                                   nprobe=nprobe or self.config["nprobe"],
+                                   rerank=self.config["rerank"] if rerank is None else rerank)
         self._embedder_device = embedder_device
         consistency.check_loaded(self)
 

@@ -38,7 +38,7 @@ def build_folder(keys, folder, num_leaves: int = 0, k: int = 10) -> int:
     vectors = load_npy(keys)
     leaves = num_leaves or max(1, int(math.sqrt(vectors.shape[0])))
     Path(folder).mkdir(parents=True, exist_ok=True)
-    build(vectors, leaves, k).serialize(str(folder))
+    build(vectors, leaves, k).serialize(str(folder), relative_path=True)  # the database can move
     return leaves
 
 
@@ -56,6 +56,8 @@ class Searcher(index_mod.Searcher):
     def __init__(self, folder, keys: np.ndarray, chunk_doc: np.ndarray, leaves_to_search: int = 0, rerank: int = 0):
         from scann.scann_ops.py import scann_ops_pybind
 
+        if (Path(folder) / "scann_docids.pkl").exists():  # load_searcher would unpickle it
+            raise ValueError(f"{folder}: a ScaNN searcher with pickled document ids is not opened (untrusted pickle)")
         self.scann = scann_ops_pybind.load_searcher(str(folder))
         self.keys, self.chunk_doc, self.rerank, self.exact = keys, chunk_doc, int(rerank), True
         self.leaves = int(leaves_to_search) or None
