@@ -55,8 +55,7 @@ class Op:
         self.forward_op.register_fake(self.forward_fake)
         self.backward_op.register_fake(_backward_fake)
         self.forward_op.register_autograd(self.gradients, setup_context=_save_for_backward)
-        sharding.register(spec)  # DTensor inputs run each rank's shard
-        dispatch.SPECS[spec.name] = spec
+        dispatch.SPECS[spec.name] = spec  # for dispatch and for DTensor sharding strategies
 
     def scalars_by_name(self, values) -> dict:
         """The custom ops' scalars (in the spec's order, the one order they travel in) by name."""

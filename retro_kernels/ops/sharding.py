@@ -22,8 +22,6 @@ from typing import Callable
 
 import torch
 
-SPECS: dict = {}  # op name -> its spec, for the sharding strategies of its custom ops
-
 
 def distributed_types() -> tuple:
     """DTensor, and the DTensorSpec that strategies get; () until torch.distributed.tensor is
@@ -95,11 +93,6 @@ def _strategies(kinds, roles: tuple[str, ...], outputs: tuple[str, ...], tensors
             for kind in dict.fromkeys(kinds)]
 
 
-def register(spec) -> None:
-    """Note spec's op: its custom ops get sharding strategies when DTensors first reach an op."""
-    SPECS[spec.name] = spec
-
-
 @functools.cache
 def register_strategies() -> None:
     """Sharding strategies for every op's custom ops retro_kernels::<name>_fwd and _bwd.
@@ -108,7 +101,8 @@ def register_strategies() -> None:
     gradient, which DTensor places like the forward's output (as autograd does)."""
     from torch.distributed.tensor.experimental import register_sharding
 
-    for spec in SPECS.values():
+    from .. import dispatch  # every op's spec, noted as each op is defined
+    for spec in dispatch.SPECS.values():
         def forward(q, k, v, mask, *args, spec=spec):
             kinds = check_placements(q, k, v, mask, spec.mask)
             return _strategies(kinds, ("q", "kv", "kv", "mask"), ("q", "lse"), (q, k, v, mask), 4 + len(args))
