@@ -10,8 +10,9 @@ Peers in the same run, each stage in a process of its own:
   before      the single-process path with a list of in-RAM shards and no re-ranking
   inram       every shard's codes merged into one index in RAM (as Megatron-LM's RETRO
               preprocessing and autofaiss do), then searched in RAM
-  scann       ScaNN (tree + asymmetric hashing + exact reordering) against IVF-PQ with
-              re-ranking at equal recall@10; ScaNN builds and searches in RAM and has no merge
+  scann       ScaNN (tree + asymmetric hashing + exact reordering) against the merged IVF index,
+              IVF-SQ8 and IVF-PQ48, both re-ranked, at equal recall@10; ScaNN builds and searches
+              in RAM and has no merge
 
 Rows are appended, one JSON object per line, to <out>/retrieval_scale.jsonl.
 """
@@ -149,10 +150,14 @@ def in_process(fn, *args, threads: int | None = None) -> dict:
 
 # -- the peers: one process, shards in RAM (before); shards merged in RAM (inram) -------------
 
-def factory(n: int, dim: int = DIM) -> str:
-    """IVF-PQ sized to the database: about sqrt(n) lists (a power of two), 48 sub-quantizers."""
-    nlist = 1 << max(4, min(14, round(np.log2(np.sqrt(n)))))
-    return f"IVF{nlist},PQ48"
+def nlist_for(n: int) -> int:
+    """About 2 sqrt(n) inverted lists, a power of two."""
+    return 1 << max(4, min(14, round(np.log2(2 * np.sqrt(n)))))
+
+
+def factory(n: int, codes: str = "SQ8") -> str:
+    """IVF sized to the database, with SQ8 (one byte per dimension) or PQ48 (48 bytes a key) codes."""
+    return f"IVF{nlist_for(n)},{codes}"
 
 
 def peer_add(keys_path: str, trained: str, out: str, lo: int, hi: int) -> dict:
@@ -345,7 +350,7 @@ def engine_rows(engine: str, workers: int, work: Path, data: SizeData, p: dict, 
                               nprobe=p["nprobe"], threads=1)]
 
 
-# -- ScaNN against IVF-PQ at equal recall@10 ---------------------------------------------------
+# -- ScaNN against IVF-SQ8 and IVF-PQ at equal recall@10 ------------------------------------------------
 
 def scann_build(data: SizeData, folder: str, num_leaves: int) -> dict:
     from models.retrieval import scann_index
@@ -370,7 +375,7 @@ def sweep(searcher, data: SizeData, settings: list[int]) -> dict:
     return {"settings": out}
 
 
-def ivfpq_sweep(work: str, data: SizeData, nprobes: list[int], rerank: int) -> dict:
+def ivf_sweep(work: str, data: SizeData, nprobes: list[int], rerank: int) -> dict:
     from models.retrieval import build_index as bi
 
     return sweep(bi.open_searcher(work, data.keys, data.chunk_doc, rerank=rerank), data, nprobes)
@@ -386,20 +391,34 @@ def settings_for(nlist: int) -> list[int]:
     return [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s <= nlist]
 
 
-def scann_rows(data: SizeData, folder: Path, nlist: int, ivfpq: list[dict]) -> list[dict]:
-    """ScaNN's build and per-setting query rows; then, for each recall target, ScaNN's and the merged
-    IVF-PQ index's (``ivfpq``: its sweep's rows) fastest setting that reaches it."""
+def ivfpq_rows(data: SizeData, folder: Path, p: dict) -> list[dict]:
+    """The local engine's index with PQ48 codes instead (trained, added, merged) and its query sweep."""
+    work, p = folder / "ivfpq", {**p, "factory": factory(data.n, "PQ48")}
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [make_row(stage, "ivfpq", 1, data.n, m, m["n_vectors"], factory=p["factory"])
+            for stage in ("train_index", "add", "merge")
+            for m in [in_process(engine_stage, stage, "local", 1, str(work), data, p)]]
+    nlist = nlist_for(data.n)
+    return rows + sweep_rows("ivfpq", in_process(ivf_sweep, str(work), data, settings_for(nlist), p["rerank"],
+                                                 threads=1), "nprobe", data)
+
+
+def scann_rows(data: SizeData, folder: Path, nlist: int, p: dict, ivf: list[dict]) -> list[dict]:
+    """ScaNN's build and per-setting query rows, IVF-PQ's (`ivfpq_rows`); then, for each recall target,
+    the fastest setting of ScaNN, of the merged IVF-SQ8 index (``ivf``: its sweep's rows) and of IVF-PQ
+    that reaches it."""
+    ivfpq = ivfpq_rows(data, folder, p)
     b = in_process(scann_build, data, str(folder / "scann"), nlist)
     rows = [make_row("build", "scann", 1, data.n, b, data.n, in_ram=True, mergeable=False, num_leaves=nlist)]
     rows += sweep_rows("scann", in_process(scann_sweep, data, str(folder / "scann"), settings_for(nlist), threads=1),
                        "leaves_to_search", data)
     for target in (0.9, 0.95, 0.99):
-        for engine, candidates in (("scann", rows), ("ivfpq", ivfpq)):
+        for engine, candidates in (("scann", rows), ("ivfsq8", ivf), ("ivfpq", ivfpq)):
             ok = [r for r in candidates if r["stage"] == "query_sweep" and r["recall_at_10"] >= target]
             best = min(ok, key=lambda r: r["p50_ms"]) if ok else {"suite": "retrieval_scale", "engine": engine,
                                                                    "n_vectors": data.n}
             rows.append({**best, "stage": "equal_recall", "recall_target": target, "reached": bool(ok)})
-    return rows
+    return ivfpq + rows
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -423,9 +442,9 @@ def machine() -> dict:
 
 
 def params(n: int, quick: bool, shard_size: int, range_ids: int, max_workers: int) -> dict:
-    f = factory(n) + ("x4" if quick else "")  # 4-bit codebooks: seconds, not minutes, to train
-    return {"factory": f, "sample": min(n, 100_000), "shard_size": shard_size, "nprobe": 16 if quick else 32,
-            "rerank": 0, "range_size": -(-range_ids // (2 * max_workers))}
+    # faiss wants 39 training keys a list at least
+    return {"factory": factory(n), "sample": min(n, max(100_000, 40 * nlist_for(n))), "shard_size": shard_size,
+            "nprobe": 16 if quick else 32, "rerank": 0, "range_size": -(-range_ids // (2 * max_workers))}
 
 
 def run(args) -> int:
@@ -459,12 +478,12 @@ def size_rows(n: int, args, folder: Path):
     yield {"suite": "retrieval_scale", "stage": "data", "engine": "synthetic", "workers": 1, "n_vectors": n,
            "seconds": round(time.perf_counter() - t0, 3), "bytes_on_disk": disk_bytes(data.keys), "dim": DIM,
            "n_queries": int(data.range_ids.size), "n_truth": int(data.ids.size), **p}
-    nlist = int(p["factory"].split(",")[0][3:])
+    nlist = nlist_for(n)
     if "local" in args.engines:
         yield from engine_rows("local", 1, folder / "local_1", data, p)
-        ivfpq = sweep_rows("ivfpq", in_process(ivfpq_sweep, str(folder / "local_1"), data, settings_for(nlist),
+        ivf = sweep_rows("ivfsq8", in_process(ivf_sweep, str(folder / "local_1"), data, settings_for(nlist),
                                                p["rerank"], threads=1), "nprobe", data)
-        yield from ivfpq
+        yield from ivf
     if "before" in args.engines or "inram" in args.engines:
         peers = peer_rows(data, folder, max(args.workers), p, folder / "local_1" / "index_trained.faiss")
         yield from (r for r in peers if r["engine"] in args.engines)
@@ -473,7 +492,7 @@ def size_rows(n: int, args, folder: Path):
             first = folder / f"ray_{args.workers[0]}" / "index_trained.faiss"
             yield from engine_rows("ray", w, folder / f"ray_{w}", data, p, trained=first if i else None)
     if "scann" in args.engines and n == args.scann_size:
-        yield from scann_rows(data, folder, nlist, ivfpq)
+        yield from scann_rows(data, folder, nlist, p, ivf)
 
 
 def summary(r: dict) -> str:

@@ -55,7 +55,7 @@ def test_rows_at_tiny_sizes(tmp_path):
         assert 0 < r["p50_ms"] <= r["p99_ms"]
     local = {r["stage"]: r for r in measured if r["engine"] == "local"}
     assert local["merge"]["bytes_on_disk"] > 0 and local["precompute"]["n_queries"] == 200
-    assert {r["nprobe"] for r in searched if r["engine"] == "ivfpq"} == {1, 2, 4, 8, 16, 32}  # every nprobe up to nlist (32 at 1000 keys)
+    assert {r["nprobe"] for r in searched if r["engine"] == "ivfsq8"} == {1, 2, 4, 8, 16, 32, 64}  # every nprobe up to nlist (64 at 1000 keys)
     if "scann" in engines:
         scann = [r for r in rows if r["engine"] == "scann"]
         assert all(r["in_ram"] and not r["mergeable"] for r in scann if r["stage"] != "equal_recall")

@@ -21,7 +21,7 @@ from . import index as index_mod
 from . import scann_index
 from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
-from .manifest import SCANN_FOLDER, STREAM_SPLITS, atomic_save_npy, load_npy, read_rows
+from .manifest import SCANN_FOLDER, STREAM_SPLITS, atomic_save_npy, load_npy, read_rows, release_pages
 
 STATS_FILE = "build_stats.jsonl"
 SEARCH_BLOCK = 4096  # query vectors searched per FAISS call
@@ -231,6 +231,7 @@ def _query_unit(spec: QuerySpec, lo: int, hi: int, part: str) -> float:
         if spec.max_distance is not None:
             found = np.where(dist > spec.max_distance, -1, found)
         ids[a - lo:b - lo] = found
+        release_pages(docs)
     atomic_save_npy(part, ids)
     return peak_rss_mb()
 
@@ -344,6 +345,7 @@ def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> in
                 block = part[lo:lo + 65536]
                 joined[pos:pos + block.shape[0]] = block
                 pos += block.shape[0]
+                release_pages(joined, part)
         joined.flush()
         del joined
     return int(dim)

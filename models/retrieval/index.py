@@ -7,18 +7,22 @@ by exact L2 distance to the memory-mapped keys.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
+import mmap
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import read_rows
+from .manifest import read_rows, release_pages
 
 INDEX_TYPES = ("auto", "flat", "ivfpq", "scann")  # or an IVF factory string
 AUTO_FLAT_MAX = 200_000  # "auto" picks exact search up to this many chunks, IVF-PQ above
 RERANK_BLOCK = 64  # queries whose candidates are re-ranked at once (64 x rerank x dim floats)
+MAPPED_BLOCK_BYTES = 64 << 20  # of mapped inverted lists a search may touch before it unmaps them
 
 
 def _faiss():
@@ -119,6 +123,13 @@ def train_index(factory: str, dim: int, sample: np.ndarray, use_gpu: bool | None
     return index
 
 
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def _fp16_codes(ivf) -> bool:
     return isinstance(ivf, _faiss().IndexIVFScalarQuantizer) and ivf.sq.qtype == _faiss().ScalarQuantizer.QT_fp16
 
@@ -132,22 +143,56 @@ def add_shard(trained: Path, keys: np.ndarray, lo: int, hi: int, out: Path, bloc
     index = _faiss().read_index(str(trained))
     for start in range(lo, hi, block):
         end = min(start + block, hi)
-        index.add_with_ids(np.ascontiguousarray(keys[start:end], dtype=np.float32), np.arange(start, end))
+        index.add_with_ids(read_rows(keys, np.arange(start, end)).astype(np.float32), np.arange(start, end))
     write_index(index, out)
 
 
 def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: Path, data_tmp: Path) -> None:
     """The shards' lists merged into ``data_tmp`` (to be renamed ``data_out``), the index that reads them
-    written to ``index_out``."""
-    from faiss.contrib.ondisk import merge_ondisk
-
+    written to ``index_out``. The layout is faiss's on-disk lists (``OnDiskInvertedLists``: each list's codes,
+    then its ids, lists one after the other), as ``faiss.contrib.ondisk.merge_ondisk`` makes it; but written
+    with positional writes, one shard in RAM at a time, where merge_ondisk writes through a map of the whole
+    file and so keeps every page of it resident."""
     faiss = _faiss()
     index = faiss.read_index(str(trained))
+    ivf = faiss.extract_index_ivf(index)
+    if ivf.ntotal:
+        raise ValueError(f"merge: {trained} is not an empty trained index ({ivf.ntotal} vectors)")
+    sizes = np.stack([_list_sizes(s) for s in shards])           # (shards, nlist)
+    total = np.ascontiguousarray(sizes.sum(0), dtype=np.uint64)
     with quiet_stdout():
-        merge_ondisk(index, [str(s) for s in shards], str(data_tmp))
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data_tmp))
+    lists.set_all_lists_sizes(faiss.swig_ptr(total))             # offsets of lists of exactly these sizes
+    offsets = np.array([lists.lists.at(j).offset for j in range(ivf.nlist)], np.int64)
+    code, filled = ivf.code_size, np.zeros(ivf.nlist, np.int64)  # entries written so far, per list
+    with open(data_tmp, "wb") as f:
+        lists.totsize = int(offsets[-1] + int(total[-1]) * (code + 8)) if ivf.nlist else 0
+        f.truncate(lists.totsize)
+        for shard, shard_sizes in zip(shards, sizes):
+            part = faiss.read_index(str(shard))
+            src = faiss.extract_index_ivf(part).invlists
+            for j in map(int, np.flatnonzero(shard_sizes)):
+                n = int(shard_sizes[j])
+                os.pwrite(f.fileno(), faiss.rev_swig_ptr(src.get_codes(j), n * code), int(offsets[j] + filled[j] * code))
+                ids_at = offsets[j] + int(total[j]) * code + filled[j] * 8
+                os.pwrite(f.fileno(), faiss.rev_swig_ptr(src.get_ids(j), n).view(np.uint8), int(ids_at))
+                filled[j] += n
+            del src, part
+        os.fsync(f.fileno())
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    index.ntotal = ivf.ntotal = int(total.sum())
     # opened with IO_FLAG_ONDISK_SAME_DIR: the lists are found by this name beside index.faiss
-    faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = data_out.name
+    lists.filename = data_out.name
     write_index(index, index_out)
+
+
+def _list_sizes(shard: Path) -> np.ndarray:
+    """The length of every inverted list of a shard, its lists memory-mapped and not read."""
+    faiss = _faiss()
+    part = faiss.read_index(str(shard), faiss.IO_FLAG_MMAP)
+    lists = faiss.extract_index_ivf(part).invlists
+    return np.array([lists.list_size(j) for j in range(lists.nlist)], np.int64)
 
 
 class Searcher:
@@ -167,6 +212,8 @@ class Searcher:
         self.keys, self.chunk_doc, self.rerank = keys, chunk_doc, int(rerank)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
         self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        self.lists_map = (int(lists.ptr or 0), int(lists.totsize)) if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
     @property
     def ntotal(self) -> int:
@@ -186,8 +233,37 @@ class Searcher:
         """(distances, ids), each (n, k), ascending squared L2, id -1 where fewer than k are found.
         ``exclude``: (n, E) documents whose chunks query ``i`` may not return (-1: none).
 
-        Rows that lose too many candidates to the exclusion are searched again, 4 times as broadly."""
+        Queries go a block at a time, the touched pages of the mapped files unmapped after each
+        (`release_pages`): a process holds one block's lists, not every list it has ever searched."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n, step = queries.shape[0], self.queries_per_block()
+        dist, ids = [np.full((0, k), np.inf, np.float32)], [np.full((0, k), -1, np.int64)]
+        for lo in range(0, n, step):
+            d, i = self._search_block(queries[lo:lo + step], k, None if exclude is None else exclude[lo:lo + step])
+            dist.append(d)
+            ids.append(i)
+            self.release()
+        return np.concatenate(dist), np.concatenate(ids)
+
+    def queries_per_block(self) -> int:
+        """Queries whose probed lists fit MAPPED_BLOCK_BYTES, on average."""
+        if self.lists_map is None:
+            return 4096
+        ivf = _faiss().extract_index_ivf(self.index)
+        per_query = ivf.nprobe * self.lists_map[1] / max(1, ivf.nlist)
+        return int(max(1, min(4096, MAPPED_BLOCK_BYTES // max(1.0, per_query))))
+
+    def release(self) -> None:
+        """Unmap the pages this process has touched of the mapped lists and chunk table (`release_pages`)."""
+        release_pages(self.chunk_doc, self.keys)
+        if self.lists_map is not None and self.lists_map[1]:
+            if _libc().madvise(ctypes.c_void_p(self.lists_map[0]), ctypes.c_size_t(self.lists_map[1]),
+                               mmap.MADV_DONTNEED) != 0:
+                raise OSError(ctypes.get_errno(), "madvise of the mapped inverted lists failed")
+
+    def _search_block(self, queries: np.ndarray, k: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`search` of one block: rows that lose too many candidates to the exclusion are searched again, 4
+        times as broadly."""
         n = queries.shape[0]
         out_d, out_i = np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
         todo, fetch = np.arange(n), min(self.ntotal, self.breadth(k) + (k + 16 if exclude is not None else 0))

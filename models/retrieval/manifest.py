@@ -127,6 +127,15 @@ def read_rows(array: np.ndarray, ids) -> np.ndarray:
     return out[back.reshape(ids.shape)]
 
 
+def release_pages(*arrays: np.ndarray) -> None:
+    """Unmap the pages of memory-mapped arrays (`load_npy`) this process has touched; they stay in the page
+    cache, written pages included, and are mapped again when next read. Call it between blocks of work that
+    index a map, so the process's resident memory holds a block's pages, not every page ever read."""
+    for array in arrays:
+        if isinstance(getattr(array, "base", None), mmap.mmap):
+            array.base.madvise(mmap.MADV_DONTNEED)
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("torch", "faiss", "tokenizers", "transformers"):

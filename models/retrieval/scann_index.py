@@ -60,6 +60,7 @@ class Searcher(index_mod.Searcher):
             raise ValueError(f"{folder}: a ScaNN searcher with pickled document ids is not opened (untrusted pickle)")
         self.scann = scann_ops_pybind.load_searcher(str(folder))
         self.keys, self.chunk_doc, self.rerank, self.exact = keys, chunk_doc, int(rerank), True
+        self.lists_map = None  # in RAM
         self.leaves = int(leaves_to_search) or None
 
     @property
