@@ -245,6 +245,42 @@ def test_compressed_index_is_reranked_by_exact_distance(tmp_path):
     assert (searcher.search(q, 5)[1] == truth).mean() < 0.9
 
 
+def test_merged_lists_equal_one_index_of_every_key(tmp_path):
+    """Shards (one short) merged on disk with positional writes: the same lists, codes and ids in the same
+    order, as adding every key to one index; its searches the same."""
+    import faiss
+
+    x, q = _vectors(1000, d=32), _vectors(25, d=32, seed=1)
+    searcher = _merged(x, tmp_path, "IVF8,SQ8", 300)
+    one = faiss.read_index(str(tmp_path / "index_trained.faiss"))
+    one.add_with_ids(x, np.arange(len(x)))
+    merged, whole = (faiss.extract_index_ivf(i).invlists for i in (searcher.index, one))
+    assert faiss.downcast_InvertedLists(merged).filename == str(tmp_path / "index.ivfdata") and searcher.lists_map[1] > 0
+    for j in range(8):
+        n = whole.list_size(j)
+        assert merged.list_size(j) == n
+        assert np.array_equal(faiss.rev_swig_ptr(merged.get_ids(j), n), faiss.rev_swig_ptr(whole.get_ids(j), n))
+        assert np.array_equal(faiss.rev_swig_ptr(merged.get_codes(j), n * 32), faiss.rev_swig_ptr(whole.get_codes(j), n * 32))
+    searcher.set_nprobe(3)
+    faiss.extract_index_ivf(one).nprobe = 3
+    assert np.array_equal(searcher.index.search(q, 10)[1], one.search(q, 10)[1])
+
+
+def test_search_a_block_at_a_time_equals_one_block(tmp_path, monkeypatch):
+    """A search that unmaps the lists after every query finds what one search of every query finds,
+    exclusions and re-ranking included."""
+    x, q = _vectors(1500, d=32), _vectors(30, d=32, seed=1)
+    chunk_doc = np.arange(1500) // 3
+    searcher = _merged(x, tmp_path, "IVF8,SQ8", 600, chunk_doc)
+    exclude = np.stack([chunk_doc[:30], chunk_doc[:30] + 1], 1)
+    whole = searcher.search(q, 10, exclude)
+    monkeypatch.setattr(index_mod, "MAPPED_BLOCK_BYTES", 1)
+    assert searcher.queries_per_block() == 1
+    for got, want in zip(searcher.search(q, 10, exclude), whole):
+        assert np.array_equal(got, want)
+    assert [a.shape for a in searcher.search(q[:0], 10)] == [(0, 10), (0, 10)]
+
+
 def test_ivfpq_factory_adapts_and_refuses_too_little_data():
     assert index_mod.factory_string("ivfpq", 100_000, 384, {}) == "IVF1264,PQ48x8"
     f = index_mod.factory_string("ivfpq", 400, 384, {})

@@ -213,7 +213,12 @@ class Searcher:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
         self.exact = isinstance(ivf, faiss.IndexIVFFlat) or (_fp16_codes(ivf) and not ivf.by_residual)
         lists = faiss.downcast_InvertedLists(ivf.invlists)
-        self.lists_map = (int(lists.ptr or 0), int(lists.totsize)) if isinstance(lists, faiss.OnDiskInvertedLists) else None
+        self.lists_map = None
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            # faiss starts 32 threads per search to read the probed lists ahead: 2 ms a call, where the page
+            # cache serves the lists in 0.3 ms
+            lists.prefetch_nthread = 0
+            self.lists_map = (int(lists.ptr or 0), int(lists.totsize))
 
     @property
     def ntotal(self) -> int:
