@@ -30,6 +30,7 @@ from models import __main__ as models_cli  # noqa: E402
 from models import checkpoint as ckpt  # noqa: E402
 from models import outdir  # noqa: E402
 from models.retrieval import RetrievalDatabase, build_database  # noqa: E402
+from models.retrieval.doc_table import DocNames  # noqa: E402
 from models.retrieval.manifest import Manifest  # noqa: E402
 from models.retrieval.tokenizer import train_bpe  # noqa: E402
 from models.retrofit import load_retrofit, read_record, save_retrofit  # noqa: E402
@@ -174,17 +175,17 @@ def test_a_changed_corpus_is_noticed_and_the_database_never_reads_itself(tmp_pat
     out = corpus / "db"  # inside its own corpus
     build = ["build-db", "--corpus", corpus, "--out", out, "--stop-after", "tokenize", *DB_ARGS]
     assert cli(*build).rc == 0
-    names = json.loads((out / "doc_names.json").read_text())
+    names = list(DocNames(out))
     assert sorted(names) == sorted(p.name for p in corpus.glob("*.txt"))
     r = cli(*build)
     assert r.rc == 0 and "stage tokenize finished" not in r.err  # its own files are not a change
     (corpus / "added.txt").write_text("Another document. " * 50)
     r = cli(*build)
     assert_one_line_error(r, 1, "corpus", "changed", "added: added.txt", "--overwrite")
-    assert json.loads((out / "doc_names.json").read_text()) == names  # nothing was rebuilt
+    assert list(DocNames(out)) == names  # nothing was rebuilt
     r = cli(*build, "--overwrite")
     assert r.rc == 0, r.err
-    assert "added.txt" in json.loads((out / "doc_names.json").read_text())
+    assert "added.txt" in list(DocNames(out))
 
 
 def _edit_manifest(db: Path, edit, recompute: bool = True) -> None:

@@ -21,7 +21,7 @@ from tests.test_retrieval_db import topics_corpus  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=400, chunk_size=32, eval_fraction=0.25, k=3, shard_size=40)
 RUNTIME = {"embed_part_size": 48, "progress": False}
-SAME_FILES = ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json", "doc_split.npy",
+SAME_FILES = ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.bin", "doc_name_offsets.npy", "doc_split.npy",
               "chunk_doc.npy", "chunk_start.npy", "stream_train.bin", "stream_eval.bin", "stream_train_db_chunk.npy"]
 
 

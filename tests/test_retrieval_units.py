@@ -124,7 +124,7 @@ def test_split_is_stable_and_near_the_fraction():
 
 # --- leakage filter ----------------------------------------------------------------------
 
-def test_minhash_leakage_filter_removes_planted_near_duplicate():
+def test_minhash_leakage_filter_removes_planted_near_duplicate(tmp_path):
     topics = _topics(12, chars=6000)
     names = list(topics)
     eval_text = topics[names[0]]
@@ -138,9 +138,10 @@ def test_minhash_leakage_filter_removes_planted_near_duplicate():
     is_eval[0] = True
     hasher = MinHasher(seed=0)
     sigs = np.stack([hasher.signature(t) for t in texts])
-    leaked, matches = find_leaked(sigs, is_eval, 0.8)
-    assert leaked[1] and matches[1][0] == 0 and matches[1][1] >= 0.8
-    assert not leaked[2:].any()  # unrelated documents are kept
+    matches = find_leaked(sigs, np.flatnonzero(is_eval), 0.8)
+    assert list(matches) == [1] and matches[1][0] == 0 and matches[1][1] >= 0.8  # unrelated documents are kept
+    np.save(tmp_path / "sigs.npy", sigs)  # read from the memory map a block at a time: the same
+    assert find_leaked(load_npy(tmp_path / "sigs.npy"), [0], 0.8, block=3) == matches
     # The estimate tracks the true 13-gram Jaccard.
     def shingles(t):
         w = t.lower().split()
@@ -420,6 +421,32 @@ def test_brought_in_embeddings_are_checked_before_they_are_used(tmp_path):
     np.save(tmp_path / "c.npy", np.ones((3, 4), np.int64))
     with pytest.raises(ValueError, match="holds int64"):
         check_embeddings(tmp_path / "c.npy", 4)
+
+
+def test_document_table_is_written_as_it_goes_and_read_back(tmp_path):
+    """A continued piece extends the document before it; the tables are .npy files numpy reads (and maps),
+    the names come back one or a block at a time; a failed tokenize leaves no table behind."""
+    from types import SimpleNamespace
+
+    from models.retrieval.doc_table import DocNames, DocumentTable
+
+    sig = lambda *v: np.array(v, dtype=np.uint64)  # noqa: E731
+    with DocumentTable(tmp_path, 2) as table:
+        assert table.add(SimpleNamespace(doc_id="a", continued=False), 5, 10, sig(5, 5)) == 1
+        assert table.add(SimpleNamespace(doc_id="a", continued=True), 3, 4, sig(1, 9)) == 0
+        table.add(SimpleNamespace(doc_id="é/b", continued=False), 0, 0, sig(7, 7))
+        table.add(SimpleNamespace(doc_id="c", continued=False), 2, 1, sig(2, 2))
+    assert (table.num_docs, table.num_tokens, table.num_bytes, table.empty_docs) == (3, 10, 15, 1)
+    assert np.load(tmp_path / "doc_offsets.npy").tolist() == [0, 8, 8, 10]
+    assert load_npy(tmp_path / "doc_bytes.npy").tolist() == [14, 0, 1]
+    assert np.load(tmp_path / "doc_signatures.npy").tolist() == [[1, 5], [7, 7], [2, 2]]
+    names = DocNames(tmp_path)
+    assert len(names) == 3 and list(names) == ["a", "é/b", "c"] and names[1] == "é/b" and names[-1] == "c"
+    with pytest.raises(IndexError):
+        names[3]
+    with pytest.raises(ValueError, match="no documents"), DocumentTable(tmp_path / "failed", 2) as table:
+        raise ValueError("no documents")
+    assert list((tmp_path / "failed").iterdir()) == []
 
 
 def test_read_rows_matches_indexing_the_memory_map(tmp_path):

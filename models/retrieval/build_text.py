@@ -5,20 +5,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_file, write_json_atomic
+from ..atomic import atomic_file
 from . import corpus as corpus_mod
 from . import engine as engine_mod
 from . import index as index_mod
-from .config import held_out, split_documents
+from .config import held_out
+from .doc_table import DocNames, DocumentTable, NpyAppender
 from .embed import embedding_dim
 from .leakage import NUM_PERM, MinHasher, find_leaked
-from .manifest import SPLITS, STREAM_SPLITS, atomic_save_npy
+from .manifest import SPLITS, STREAM_SPLITS, read_rows, release_pages
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, token_dtype, train_bpe
 
 BATCH_DOCS, BATCH_CHARS = 256, 8 << 20  # documents encoded per tokenizer call, at most
@@ -53,47 +53,11 @@ def train_or_copy_tokenizer(build) -> dict:
 
 # -- tokenize -----------------------------------------------------------------------------
 
-class DocumentTable:
-    """What tokenizing learns of each document: its id, token offset, UTF-8 bytes, MinHash signature.
-    The pieces of a long document (``continued``) extend the document before them."""
-
-    def __init__(self):
-        self.names: list[str] = []
-        self.offsets = [0]
-        self.bytes: list[int] = []
-        self.signatures: list[np.ndarray] = []
-
-    @property
-    def num_tokens(self) -> int:
-        return self.offsets[-1]
-
-    def add(self, doc: corpus_mod.Document, num_tokens: int, size: int, signature: np.ndarray) -> int:
-        """Record a piece of ``num_tokens`` tokens; returns 1 for a new document, 0 for a continued one."""
-        end = self.num_tokens + num_tokens
-        if doc.continued and self.names:
-            self.offsets[-1] = end
-            self.bytes[-1] += size
-            self.signatures[-1] = np.minimum(self.signatures[-1], signature)
-            return 0
-        self.names.append(doc.doc_id)
-        self.offsets.append(end)
-        self.bytes.append(size)
-        self.signatures.append(signature)
-        return 1
-
-    def save(self, root) -> None:
-        atomic_save_npy(root / "doc_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
-        atomic_save_npy(root / "doc_bytes.npy", np.asarray(self.bytes, dtype=np.int64))
-        atomic_save_npy(root / "doc_signatures.npy", np.stack(self.signatures).astype(np.uint64))
-        write_json_atomic(root / "doc_names.json", self.names)
-
-
 def tokenize_corpus(build) -> dict:
     """tokens.bin (every document's token ids, concatenated) and the document table; batches of documents
     are encoded in parallel on the Ray engine, written in corpus order."""
     dtype = token_dtype(build.tokenizer.get_vocab_size())
-    table, stats, batches = DocumentTable(), corpus_mod.CorpusStats(), collections.deque()
-    cfg = build.config
+    stats, batches, cfg = corpus_mod.CorpusStats(), collections.deque(), build.config
 
     def units():
         for docs in _batches(build.corpus(stats=stats, warn=build.log)):
@@ -103,22 +67,19 @@ def tokenize_corpus(build) -> dict:
                 cfg["align_sections"], cfg["split_seed"])
 
     with build.progress(desc="tokenize", unit="doc") as bar, atomic_file(build.root / "tokens.bin") as tmp, \
-            open(tmp, "wb") as f:
+            open(tmp, "wb") as f, DocumentTable(build.root, NUM_PERM) as table:
         for encoded in engine_mod.map_units(**build.engine, fn=encode_unit, units=units(), what="tokenize batch"):
             for doc, ids, size, signature in zip(batches.popleft(), *encoded):
                 f.write(ids.tobytes())
                 bar.update(table.add(doc, ids.size, size, signature))
             bar.set_postfix(tokens=table.num_tokens, refresh=False)
-    if not table.names:
-        (build.root / "tokens.bin").unlink(missing_ok=True)
-        raise ValueError(f"corpus {build.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
-    table.save(build.root)
-    num_bytes = sum(table.bytes)
-    empty = int((np.diff(np.asarray(table.offsets)) == 0).sum())  # a document that encodes to nothing keeps its slot
-    build.log(f"tokenize: {len(table.names)} documents, {table.num_tokens} tokens, {num_bytes} bytes; "
+        if not table.num_docs:  # nothing is written
+            raise ValueError(f"corpus {build.config['corpus']!r} contains no usable documents ({stats.as_dict()})")
+    build.log(f"tokenize: {table.num_docs} documents, {table.num_tokens} tokens, {table.num_bytes} bytes; "
               f"corpus {stats.as_dict()}")
-    return {"dtype": dtype.name, "num_tokens": int(table.num_tokens), "num_docs": len(table.names),
-            "num_bytes": int(num_bytes), "empty_docs": empty, "corpus": stats.as_dict()}
+    # a document that encodes to nothing keeps its slot (empty_docs)
+    return {"dtype": dtype.name, "num_tokens": int(table.num_tokens), "num_docs": table.num_docs,
+            "num_bytes": int(table.num_bytes), "empty_docs": int(table.empty_docs), "corpus": stats.as_dict()}
 
 
 def encode_unit(tokenizer_path: str, texts: list[str], dtype: str, chunk_size: int, align_sections: bool,
@@ -171,20 +132,29 @@ def encode_documents(tokenizer, texts: list[str], dtype, chunk_size: int, align_
 
 def hold_out_documents(build) -> dict:
     """doc_split.npy: the evaluation documents (a hash of their id), and the training documents the
-    leakage filter removes (MinHash Jaccard >= leakage_threshold with an evaluation document)."""
-    names = json.loads((build.root / "doc_names.json").read_text())
-    cfg = build.config
-    is_eval = split_documents(names, cfg["eval_fraction"], cfg["split_seed"])
-    leaked, matches = find_leaked(np.asarray(build.npy("doc_signatures.npy")), is_eval, cfg["leakage_threshold"])
-    split = np.where(is_eval, SPLITS["eval"], np.where(leaked, SPLITS["removed"], SPLITS["train"])).astype(np.int8)
-    atomic_save_npy(build.root / "doc_split.npy", split)
+    leakage filter removes (MinHash Jaccard >= leakage_threshold with an evaluation document); the
+    names and signatures are read a block at a time, the split written a block at a time."""
+    cfg, names = build.config, DocNames(build.root)
+    eval_docs = np.array([d for d, name in enumerate(names) if held_out(name, cfg["eval_fraction"], cfg["split_seed"])],
+                         dtype=np.int64)
+    matches = find_leaked(build.npy("doc_signatures.npy"), eval_docs, cfg["leakage_threshold"])
+    leaked = np.array(sorted(matches), dtype=np.int64)
+    with atomic_file(build.root / "doc_split.npy") as tmp, open(tmp, "wb") as f:
+        split = NpyAppender(f, np.int8)
+        for lo in range(0, len(names), 1 << 20):
+            block = np.full(min(len(names) - lo, 1 << 20), SPLITS["train"], dtype=np.int8)
+            for docs, value in ((eval_docs, SPLITS["eval"]), (leaked, SPLITS["removed"])):
+                block[docs[(docs >= lo) & (docs < lo + block.size)] - lo] = value
+            split.append(block)
+        split.close()
     removed = [{"doc": names[d], "eval_doc": names[e], "jaccard": round(j, 3)} for d, (e, j) in sorted(matches.items())]
-    build.log(f"split: {int(is_eval.sum())} evaluation documents held out, {int((split == 0).sum())} training; "
+    train_docs = len(names) - eval_docs.size - leaked.size
+    build.log(f"split: {eval_docs.size} evaluation documents held out, {train_docs} training; "
               f"leakage filter removed {len(removed)} document(s) with Jaccard >= {cfg['leakage_threshold']} "
               f"to an evaluation document")
     for r in removed[:20]:
         build.log(f"  removed {r['doc']!r} (Jaccard {r['jaccard']} with eval doc {r['eval_doc']!r})")
-    return {"eval_docs": int(is_eval.sum()), "train_docs": int((split == 0).sum()),
+    return {"eval_docs": int(eval_docs.size), "train_docs": int(train_docs),
             "removed_leaked": len(removed), "removed": removed[:1000]}
 
 
@@ -209,6 +179,7 @@ def cut_chunks_and_streams(build) -> dict:
     with _tables(build.root, {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}, int(per_doc.sum())) as t:
         for lo, hi, doc, within in _doc_blocks(docs, per_doc):
             t["chunk_doc.npy"][lo:hi], t["chunk_start.npy"][lo:hi] = doc, offsets[doc] + within * m
+            release_pages(*t.values())
     info = {"num_chunks": int(per_doc.sum()), "retrieval_docs": int(docs.size)}
     for name in STREAM_SPLITS:
         info.update(write_stream(build, name, np.flatnonzero((split == SPLITS[name]) & (lengths > 0)), offsets,
@@ -254,17 +225,22 @@ def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_fi
             in_db = (doc_first_chunk[doc] >= 0) & (within * m < lengths[doc])
             t[f"stream_{name}_chunk_doc.npy"][lo:hi] = doc
             t[f"stream_{name}_db_chunk.npy"][lo:hi] = np.where(in_db, doc_first_chunk[doc] + within, -1)
+            release_pages(*t.values())
     with atomic_file(build.root / f"stream_{name}.bin") as tmp:
         out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
         out[:] = pad
-        pos = 0
+        pos, released = 0, 0
         for d, n in zip(docs, nchunks):
             out[pos:pos + lengths[d]] = tokens[offsets[d]:offsets[d + 1]]
             out[pos + lengths[d]] = eos
             pos += int(n) * m
+            if pos - released > 1 << 24:  # tokens written since the maps' pages were last unmapped
+                release_pages(out, tokens)
+                released = pos
         out.flush()
         del out
-    size = int(np.asarray(build.npy("doc_bytes.npy"))[docs].sum())
+    doc_bytes = build.npy("doc_bytes.npy")
+    size = sum(int(read_rows(doc_bytes, docs[lo:lo + (1 << 20)]).sum()) for lo in range(0, docs.size, 1 << 20))
     return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size),
             f"stream_{name}_bytes": size}
 

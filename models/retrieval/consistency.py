@@ -81,7 +81,7 @@ def _document_problems(db) -> list[str]:
         problems.append(f"doc_offsets.npy has {offsets.shape[0]} entries for {D!r} documents")
     elif offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != db.tokens.size:
         problems.append("document offsets do not match the token file")
-    for name, table in (("doc_bytes.npy", db.doc_bytes), ("doc_names.json", db.doc_names),
+    for name, table in (("doc_bytes.npy", db.doc_bytes), ("doc_name_offsets.npy", db.doc_names),
                         ("doc_split.npy", db.doc_split)):
         if len(table) != len(offsets) - 1:
             problems.append(f"{name} has {len(table)} entries for {len(offsets) - 1} documents")

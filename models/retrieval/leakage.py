@@ -9,6 +9,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .manifest import read_rows
+
 NGRAM = 13
 NUM_PERM = 128
 BANDS = 32          # 32 bands of 4 rows: a pair with J = 0.8 becomes a candidate with probability ~1 - 1e-7
@@ -47,32 +49,37 @@ class MinHasher:
         return sig
 
 
-def find_leaked(
-    signatures: np.ndarray, is_eval: np.ndarray, threshold: float = THRESHOLD
-) -> tuple[np.ndarray, dict[int, tuple[int, float]]]:
-    """Which non-evaluation documents are near-duplicates of an evaluation document.
+def find_leaked(signatures: np.ndarray, eval_docs, threshold: float = THRESHOLD,
+                block: int = 4096) -> dict[int, tuple[int, float]]:
+    """Which non-evaluation documents are near-duplicates of an evaluation document: {document: (the
+    evaluation document, Jaccard estimate)}.
 
-    signatures: (D, num_perm) uint64; is_eval: (D,) bool.
-    Returns a (D,) bool mask of leaked documents and, for each, (the eval doc, Jaccard estimate).
-    """
+    signatures: (D, num_perm) uint64 (memory-mapped: read a block at a time); eval_docs: the evaluation
+    documents' rows, whose bands are the only ones held in RAM."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold: expected a Jaccard similarity in (0, 1], got {threshold}")
     num_docs, num_perm = signatures.shape
-    rows = num_perm // BANDS
-    empty = np.all(signatures == _EMPTY, axis=1)
+    rows, eval_docs = num_perm // BANDS, np.unique(np.asarray(eval_docs, dtype=np.int64))
     buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(BANDS)]
-    for doc in np.flatnonzero(is_eval & ~empty):
-        for band in range(BANDS):
-            buckets[band][signatures[doc, band * rows:(band + 1) * rows].tobytes()].append(int(doc))
-    leaked = np.zeros(num_docs, dtype=bool)
+    for lo in range(0, eval_docs.size, block):
+        ids = eval_docs[lo:lo + block]
+        for doc, sig in zip(ids, read_rows(signatures, ids)):
+            if not (sig == _EMPTY).all():
+                for bucket, key in zip(buckets, _bands(sig, rows)):
+                    bucket[key].append(int(doc))
     matches: dict[int, tuple[int, float]] = {}
-    for doc in np.flatnonzero(~is_eval & ~empty):
-        candidates = set()
-        for band in range(BANDS):
-            candidates.update(buckets[band].get(signatures[doc, band * rows:(band + 1) * rows].tobytes(), ()))
-        best = max(((other, float(np.mean(signatures[doc] == signatures[other]))) for other in candidates),
-                   key=lambda match: match[1], default=(-1, 0.0))
-        if best[1] >= threshold:
-            leaked[doc] = True
-            matches[int(doc)] = best
-    return leaked, matches
+    for lo in range(0, num_docs, block):
+        docs = np.arange(lo, min(lo + block, num_docs))
+        for doc, sig, is_eval in zip(docs, read_rows(signatures, docs), np.isin(docs, eval_docs)):
+            if is_eval or (sig == _EMPTY).all():
+                continue
+            candidates = sorted(set().union(*(bucket.get(key, ()) for bucket, key in zip(buckets, _bands(sig, rows)))))
+            scores = np.mean(read_rows(signatures, candidates) == sig, axis=1) if candidates else []
+            if len(scores) and scores.max() >= threshold:
+                matches[int(doc)] = (candidates[int(np.argmax(scores))], float(scores.max()))
+    return matches
+
+
+def _bands(signature: np.ndarray, rows: int):
+    """The LSH keys of a signature: its BANDS bands of ``rows`` values, as bytes."""
+    return (signature[band * rows:(band + 1) * rows].tobytes() for band in range(BANDS))

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
 
-FORMAT_VERSION = 3  # 2: kind and checksum; 3: one merged on-disk index. Older databases are rebuilt (--overwrite)
+FORMAT_VERSION = 4  # 2: kind and checksum; 3: one merged on-disk index; 4: document names in a binary table.
+# Older databases are rebuilt (--overwrite)
 KIND = "retro_kernels/retrieval-db"
 MANIFEST_NAME = "manifest.json"
 
@@ -49,7 +50,8 @@ def expected_files(stage: str, index_type: str = "auto") -> list[str]:
     splits = STREAM_SPLITS
     return {
         "tokenizer": ["tokenizer.json"],
-        "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.json"],
+        "tokenize": ["tokens.bin", "doc_offsets.npy", "doc_bytes.npy", "doc_signatures.npy", "doc_names.bin",
+                     "doc_name_offsets.npy"],
         "split": ["doc_split.npy"],
         "chunk": ["chunk_doc.npy", "chunk_start.npy"]
                  + [f"stream_{s}{x}" for s in splits for x in (".bin", "_chunk_doc.npy", "_db_chunk.npy")],

@@ -13,6 +13,7 @@ from ..runtime import progress_bar
 from . import consistency
 from .embed import cached_embedder
 from .build_index import open_searcher
+from .doc_table import DocNames
 from .manifest import SPLITS, STREAM_SPLITS, DatabaseError, Manifest, load_npy, sha256_bytes
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
@@ -103,7 +104,7 @@ class RetrievalDatabase:
         self.tokens = manifest.tokens()
         self.doc_offsets = load_npy(self.root / "doc_offsets.npy")
         self.doc_bytes = load_npy(self.root / "doc_bytes.npy")
-        self.doc_names: list[str] = json.loads((self.root / "doc_names.json").read_text())
+        self.doc_names = DocNames(self.root)  # names[i], read from disk when asked
         self.doc_split = load_npy(self.root / "doc_split.npy")
         self.chunk_doc = load_npy(self.root / "chunk_doc.npy")
         self.chunk_start = load_npy(self.root / "chunk_start.npy")
