@@ -160,33 +160,92 @@ def hold_out_documents(build) -> dict:
 
 # -- chunk --------------------------------------------------------------------------------
 
+DOC_BLOCK = 4096  # documents the chunk stage reads, cuts and appends at a time
+
+
 def cut_chunks_and_streams(build) -> dict:
     """The chunk table of the retrieval documents (chunk_doc.npy, chunk_start.npy) and the token stream
-    of each split (stream_<split>.bin and its chunks' documents and database chunks); the per-chunk
-    tables are written a block of documents at a time."""
-    m, offsets = build.m, np.asarray(build.npy("doc_offsets.npy"))
-    split, lengths = np.asarray(build.npy("doc_split.npy")), np.diff(offsets)
-    retrievable = split == SPLITS["train"]
-    if build.config["index_eval_docs"]:
-        retrievable |= split == SPLITS["eval"]
-    docs = np.flatnonzero(retrievable & (lengths > 0))
-    if docs.size == 0:
-        raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
-    per_doc = -(-lengths[docs] // m)  # ceil: the last, partial chunk is kept (padded and masked)
-    # database chunk id of (doc, chunk-in-doc): chunks of a doc are consecutive
-    doc_first_chunk = np.full(len(lengths), -1, dtype=np.int64)
-    doc_first_chunk[docs] = np.cumsum(per_doc) - per_doc
-    with _tables(build.root, {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}, int(per_doc.sum())) as t:
-        for lo, hi, doc, within in _doc_blocks(docs, per_doc):
-            t["chunk_doc.npy"][lo:hi], t["chunk_start.npy"][lo:hi] = doc, offsets[doc] + within * m
-            release_pages(*t.values())
-    info = {"num_chunks": int(per_doc.sum()), "retrieval_docs": int(docs.size)}
+    of each split (stream_<split>.bin and its chunks' documents and database chunks), in one pass over
+    blocks of documents: the document tables are read and the chunk tables appended a block at a time."""
+    m, num_docs = build.m, build.npy("doc_split.npy").shape[0]
+    tables = {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}
     for name in STREAM_SPLITS:
-        info.update(write_stream(build, name, np.flatnonzero((split == SPLITS[name]) & (lengths > 0)), offsets,
-                                 doc_first_chunk))
-    build.log(f"chunk: {info['num_chunks']} retrieval chunks of {m} tokens from {docs.size} documents")
-    _check_index_fits(build.config, info["num_chunks"])
+        tables.update({f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64})
+    streams = {name: {"tokens": 0, "docs": 0, "bytes": 0} for name in STREAM_SPLITS}
+    with contextlib.ExitStack() as stack:
+        files = {n: stack.enter_context(open(stack.enter_context(atomic_file(build.root / n)), "wb"))
+                 for n in [*tables, *(f"stream_{name}.bin" for name in STREAM_SPLITS)]}
+        out = {n: NpyAppender(files[n], dtype) for n, dtype in tables.items()}
+        num_chunks = retrieval_docs = 0
+        for lo in range(0, num_docs, DOC_BLOCK):
+            block = _DocBlock(build, lo, min(lo + DOC_BLOCK, num_docs))
+            first = block.cut_chunks(out, num_chunks)
+            num_chunks, retrieval_docs = num_chunks + block.chunks, retrieval_docs + block.retrievable.sum()
+            for name in STREAM_SPLITS:
+                block.write_stream(name, first, out, files[f"stream_{name}.bin"], streams[name])
+        if num_chunks == 0:  # nothing is written
+            raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
+        for name in STREAM_SPLITS:
+            if streams[name]["tokens"] == 0:  # a stream file is never empty: it could not be mapped
+                files[f"stream_{name}.bin"].write(np.full(1, block.pad, build.manifest.tokens().dtype).tobytes())
+        for table in out.values():
+            table.close()
+    info = {"num_chunks": int(num_chunks), "retrieval_docs": int(retrieval_docs)}
+    info.update({f"stream_{name}_{key}": int(v) for name, counts in streams.items() for key, v in counts.items()})
+    build.log(f"chunk: {num_chunks} retrieval chunks of {m} tokens from {retrieval_docs} documents")
+    _check_index_fits(build.config, num_chunks)
     return info
+
+
+class _DocBlock:
+    """Documents ``lo:hi``: their offsets, lengths and split, read from the document tables."""
+
+    def __init__(self, build, lo: int, hi: int):
+        self.build, self.m, self.docs = build, build.m, np.arange(lo, hi)
+        self.offsets = read_rows(build.npy("doc_offsets.npy"), np.arange(lo, hi + 1))
+        self.split, self.lengths = read_rows(build.npy("doc_split.npy"), self.docs), np.diff(self.offsets)
+        kept = [SPLITS["train"]] + ([SPLITS["eval"]] if build.config["index_eval_docs"] else [])
+        self.retrievable = np.isin(self.split, kept) & (self.lengths > 0)
+        self.pad = build.tokenizer.token_to_id(PAD_TOKEN)
+
+    def cut_chunks(self, out: dict, base: int) -> np.ndarray:
+        """Append the block's database chunks (every 64 tokens of a retrievable document; the last,
+        partial one kept, padded and masked); returns each document's first chunk id (-1: none)."""
+        per_doc = np.where(self.retrievable, -(-self.lengths // self.m), 0)
+        first = np.where(self.retrievable, base + np.cumsum(per_doc) - per_doc, -1)
+        for _, _, doc, within in _doc_blocks(self.docs[self.retrievable], per_doc[self.retrievable]):
+            out["chunk_doc.npy"].append(doc)
+            out["chunk_start.npy"].append(self.offsets[doc - self.docs[0]] + within * self.m)
+        self.chunks = int(per_doc.sum())
+        return first
+
+    def write_stream(self, name: str, first: np.ndarray, out: dict, stream, counts: dict) -> None:
+        """Append the block's documents of split ``name`` to its stream: each from a chunk boundary, then
+        <|endoftext|>, then padding; with the document of each stream chunk and the database chunk holding
+        the same tokens (-1: none)."""
+        m, at = self.m, np.flatnonzero((self.split == SPLITS[name]) & (self.lengths > 0))
+        nchunks = -(-(self.lengths[at] + 1) // m)  # room for the document and its <|endoftext|>
+        for _, _, doc, within in _doc_blocks(self.docs[at], nchunks):
+            i = doc - self.docs[0]
+            # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
+            in_db = (first[i] >= 0) & (within * m < self.lengths[i])
+            out[f"stream_{name}_chunk_doc.npy"].append(doc)
+            out[f"stream_{name}_db_chunk.npy"].append(np.where(in_db, first[i] + within, -1))
+        if not at.size:
+            return
+        tokens = self.build.manifest.tokens()
+        eos = self.build.tokenizer.token_to_id(EOS_TOKEN)
+        text = np.array(tokens[self.offsets[at[0]]:self.offsets[at[-1] + 1]])  # the documents, and between them
+        release_pages(tokens)
+        buf, starts = np.full(int(nchunks.sum()) * m, self.pad, tokens.dtype), (np.cumsum(nchunks) - nchunks) * m
+        for i, start in zip(at, starts):
+            n = int(self.lengths[i])
+            buf[start:start + n] = text[self.offsets[i] - self.offsets[at[0]]:][:n]
+            buf[start + n] = eos
+        stream.write(buf.tobytes())
+        counts["tokens"] += buf.size
+        counts["docs"] += at.size
+        counts["bytes"] += int(read_rows(self.build.npy("doc_bytes.npy"), self.docs[at]).sum())
 
 
 def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):
@@ -197,52 +256,6 @@ def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):
         lo, n = int(first[a]), counts[a:a + block]
         hi = lo + int(n.sum())
         yield lo, hi, np.repeat(docs[a:a + block], n), np.arange(hi - lo) - np.repeat(first[a:a + block] - lo, n)
-
-
-@contextlib.contextmanager
-def _tables(root, dtypes: dict, rows: int):
-    """``{name: (rows,) memory-mapped .npy}`` written atomically when the block ends."""
-    with contextlib.ExitStack() as stack:
-        maps = {n: np.lib.format.open_memmap(stack.enter_context(atomic_file(root / n)), mode="w+", dtype=t,
-                                             shape=(rows,)) for n, t in dtypes.items()}
-        yield maps
-        for table in maps.values():
-            table.flush()
-        maps.clear()
-
-
-def write_stream(build, name: str, docs: np.ndarray, offsets: np.ndarray, doc_first_chunk: np.ndarray) -> dict:
-    """Stream ``name`` of documents ``docs``: each from a chunk boundary, then <|endoftext|>, then padding;
-    with the document of each stream chunk and the database chunk holding the same tokens (-1: none)."""
-    m, lengths = build.m, np.diff(offsets)
-    tokens, tokenizer = build.manifest.tokens(), build.tokenizer
-    eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
-    nchunks = -(-(lengths[docs] + 1) // m)  # room for the document and its <|endoftext|>
-    tables = {f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64}
-    with _tables(build.root, tables, int(nchunks.sum())) as t:
-        for lo, hi, doc, within in _doc_blocks(docs, nchunks):
-            # the chunk after a document's last token (only <|endoftext|> and padding) is not in the database
-            in_db = (doc_first_chunk[doc] >= 0) & (within * m < lengths[doc])
-            t[f"stream_{name}_chunk_doc.npy"][lo:hi] = doc
-            t[f"stream_{name}_db_chunk.npy"][lo:hi] = np.where(in_db, doc_first_chunk[doc] + within, -1)
-            release_pages(*t.values())
-    with atomic_file(build.root / f"stream_{name}.bin") as tmp:
-        out = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(1, int(nchunks.sum()) * m),))
-        out[:] = pad
-        pos, released = 0, 0
-        for d, n in zip(docs, nchunks):
-            out[pos:pos + lengths[d]] = tokens[offsets[d]:offsets[d + 1]]
-            out[pos + lengths[d]] = eos
-            pos += int(n) * m
-            if pos - released > 1 << 24:  # tokens written since the maps' pages were last unmapped
-                release_pages(out, tokens)
-                released = pos
-        out.flush()
-        del out
-    doc_bytes = build.npy("doc_bytes.npy")
-    size = sum(int(read_rows(doc_bytes, docs[lo:lo + (1 << 20)]).sum()) for lo in range(0, docs.size, 1 << 20))
-    return {f"stream_{name}_tokens": int(nchunks.sum()) * m, f"stream_{name}_docs": int(docs.size),
-            f"stream_{name}_bytes": size}
 
 
 def _check_index_fits(cfg: dict, num_chunks: int) -> None:
