@@ -167,7 +167,8 @@ def cut_chunks_and_streams(build) -> dict:
     """The chunk table of the retrieval documents (chunk_doc.npy, chunk_start.npy) and the token stream
     of each split (stream_<split>.bin and its chunks' documents and database chunks), in one pass over
     blocks of documents: the document tables are read and the chunk tables appended a block at a time."""
-    m, num_docs = build.m, build.npy("doc_split.npy").shape[0]
+    m, sources = build.m, _DocSources(build)
+    num_docs = sources.split.shape[0]
     tables = {"chunk_doc.npy": np.int32, "chunk_start.npy": np.int64}
     for name in STREAM_SPLITS:
         tables.update({f"stream_{name}_chunk_doc.npy": np.int32, f"stream_{name}_db_chunk.npy": np.int64})
@@ -178,7 +179,7 @@ def cut_chunks_and_streams(build) -> dict:
         out = {n: NpyAppender(files[n], dtype) for n, dtype in tables.items()}
         num_chunks = retrieval_docs = 0
         for lo in range(0, num_docs, DOC_BLOCK):
-            block = _DocBlock(build, lo, min(lo + DOC_BLOCK, num_docs))
+            block = _DocBlock(sources, lo, min(lo + DOC_BLOCK, num_docs))
             first = block.cut_chunks(out, num_chunks)
             num_chunks, retrieval_docs = num_chunks + block.chunks, retrieval_docs + block.retrievable.sum()
             for name in STREAM_SPLITS:
@@ -187,7 +188,7 @@ def cut_chunks_and_streams(build) -> dict:
             raise ValueError("no documents are left for the retrieval database (all held out, removed or empty)")
         for name in STREAM_SPLITS:
             if streams[name]["tokens"] == 0:  # a stream file is never empty: it could not be mapped
-                files[f"stream_{name}.bin"].write(np.full(1, block.pad, build.manifest.tokens().dtype).tobytes())
+                files[f"stream_{name}.bin"].write(np.full(1, sources.pad, sources.tokens.dtype).tobytes())
         for table in out.values():
             table.close()
     info = {"num_chunks": int(num_chunks), "retrieval_docs": int(retrieval_docs)}
@@ -197,16 +198,24 @@ def cut_chunks_and_streams(build) -> dict:
     return info
 
 
+class _DocSources:
+    """What the chunk stage reads: the document tables and tokens (memory-mapped), the special tokens."""
+
+    def __init__(self, build):
+        self.m, self.offsets, self.split = build.m, build.npy("doc_offsets.npy"), build.npy("doc_split.npy")
+        self.bytes, self.tokens = build.npy("doc_bytes.npy"), build.manifest.tokens()
+        self.pad, self.eos = build.tokenizer.token_to_id(PAD_TOKEN), build.tokenizer.token_to_id(EOS_TOKEN)
+        self.kept = [SPLITS["train"]] + ([SPLITS["eval"]] if build.config["index_eval_docs"] else [])
+
+
 class _DocBlock:
     """Documents ``lo:hi``: their offsets, lengths and split, read from the document tables."""
 
-    def __init__(self, build, lo: int, hi: int):
-        self.build, self.m, self.docs = build, build.m, np.arange(lo, hi)
-        self.offsets = read_rows(build.npy("doc_offsets.npy"), np.arange(lo, hi + 1))
-        self.split, self.lengths = read_rows(build.npy("doc_split.npy"), self.docs), np.diff(self.offsets)
-        kept = [SPLITS["train"]] + ([SPLITS["eval"]] if build.config["index_eval_docs"] else [])
-        self.retrievable = np.isin(self.split, kept) & (self.lengths > 0)
-        self.pad = build.tokenizer.token_to_id(PAD_TOKEN)
+    def __init__(self, sources: _DocSources, lo: int, hi: int):
+        self.sources, self.m, self.docs = sources, sources.m, np.arange(lo, hi)
+        self.offsets = read_rows(sources.offsets, np.arange(lo, hi + 1))
+        self.split, self.lengths = read_rows(sources.split, self.docs), np.diff(self.offsets)
+        self.retrievable = np.isin(self.split, sources.kept) & (self.lengths > 0)
 
     def cut_chunks(self, out: dict, base: int) -> np.ndarray:
         """Append the block's database chunks (every 64 tokens of a retrievable document; the last,
@@ -233,19 +242,18 @@ class _DocBlock:
             out[f"stream_{name}_db_chunk.npy"].append(np.where(in_db, first[i] + within, -1))
         if not at.size:
             return
-        tokens = self.build.manifest.tokens()
-        eos = self.build.tokenizer.token_to_id(EOS_TOKEN)
+        tokens = self.sources.tokens
         text = np.array(tokens[self.offsets[at[0]]:self.offsets[at[-1] + 1]])  # the documents, and between them
         release_pages(tokens)
-        buf, starts = np.full(int(nchunks.sum()) * m, self.pad, tokens.dtype), (np.cumsum(nchunks) - nchunks) * m
+        buf, starts = np.full(int(nchunks.sum()) * m, self.sources.pad, tokens.dtype), (np.cumsum(nchunks) - nchunks) * m
         for i, start in zip(at, starts):
             n = int(self.lengths[i])
             buf[start:start + n] = text[self.offsets[i] - self.offsets[at[0]]:][:n]
-            buf[start + n] = eos
+            buf[start + n] = self.sources.eos
         stream.write(buf.tobytes())
         counts["tokens"] += buf.size
         counts["docs"] += at.size
-        counts["bytes"] += int(read_rows(self.build.npy("doc_bytes.npy"), self.docs[at]).sum())
+        counts["bytes"] += int(read_rows(self.sources.bytes, self.docs[at]).sum())
 
 
 def _doc_blocks(docs: np.ndarray, counts: np.ndarray, block: int = 4096):

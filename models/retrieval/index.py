@@ -166,7 +166,7 @@ def merge_shards(trained: Path, shards: list[Path], index_out: Path, data_out: P
     offsets = np.array([lists.lists.at(j).offset for j in range(ivf.nlist)], np.int64)
     code, filled = ivf.code_size, np.zeros(ivf.nlist, np.int64)  # entries written so far, per list
     with open(data_tmp, "wb") as f:
-        lists.totsize = int(offsets[-1] + int(total[-1]) * (code + 8)) if ivf.nlist else 0
+        lists.totsize = int(offsets[-1] + int(total[-1]) * (code + 8))
         f.truncate(lists.totsize)
         for shard, shard_sizes in zip(shards, sizes):
             part = faiss.read_index(str(shard))
