@@ -19,6 +19,7 @@ from ..atomic import TEMP_SUFFIX, atomic_file
 from . import engine as engine_mod
 from . import index as index_mod
 from . import scann_index
+from .doc_table import NpyAppender
 from .embed import EmbedParts, cached_embedder, chunk_tokens, embed_on_ray, embedding_dim
 from .engine import peak_rss_mb
 from .manifest import SCANN_FOLDER, STREAM_SPLITS, atomic_save_npy, load_npy, read_rows, release_pages
@@ -334,20 +335,17 @@ def db_embed(build) -> dict:
 
 
 def _join_parts(files: list[Path], out: Path, rows: int, dtype=np.float16) -> int:
-    """The .npy ``files`` (consecutive rows) copied into ``out`` a block at a time; returns the width."""
+    """The .npy ``files`` (consecutive rows, ``rows`` in all) copied into ``out`` a block at a time, read and
+    written with positional reads and writes (no map keeps their pages resident); returns the width."""
     dim = load_npy(files[0]).shape[1]
-    with atomic_file(out) as tmp:
-        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
-        pos = 0
-        for f in files:
-            part = load_npy(f)
+    with atomic_file(out) as tmp, open(tmp, "wb") as f:
+        joined = NpyAppender(f, dtype, (dim,))
+        for part in map(load_npy, files):
             for lo in range(0, part.shape[0], 65536):
-                block = part[lo:lo + 65536]
-                joined[pos:pos + block.shape[0]] = block
-                pos += block.shape[0]
-                release_pages(joined, part)
-        joined.flush()
-        del joined
+                joined.append(read_rows(part, np.arange(lo, min(lo + 65536, part.shape[0]))))
+        if joined.rows != rows:
+            raise ValueError(f"{out.name}: its parts hold {joined.rows} rows, not {rows}")
+        joined.close()
     return int(dim)
 
 
